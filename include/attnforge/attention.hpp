@@ -1,0 +1,345 @@
+// Attention: the KempnerForge module. q/k/v/o projections, optional QK-norm, RoPE,
+// an optional KV cache and causal (bottom-right) SDPA with GQA, doc_ids and padding.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "attnforge/detail/linear.hpp"
+#include "attnforge/kv_cache.hpp"
+#include "attnforge/mask.hpp"
+#include "attnforge/rope.hpp"
+#include "attnforge/sdpa.hpp"
+#include "attnforge/tensor.hpp"
+
+namespace attnforge {
+
+// Read-only views of the parameters, torch.nn.Linear layout (out_features, in_features).
+template <typename T>
+struct AttentionWeights {
+  ConstView<T, 2> wq;  // (H * D, dim)
+  ConstView<T, 2> wk;  // (Hkv * D, dim)
+  ConstView<T, 2> wv;  // (Hkv * D, dim)
+  ConstView<T, 2> wo;  // (dim, H * D)
+  ConstView<T, 1> q_norm;  // (D), only with qk_norm
+  ConstView<T, 1> k_norm;  // (D), only with qk_norm
+};
+
+template <typename T>
+class Attention {
+ public:
+  using Acc = acc_t<T>;
+
+  // head_dim = 0 means dim / n_heads.
+  Attention(Index dim, Index n_heads, Index n_kv_heads, Index head_dim = 0, bool qk_norm = false,
+            double norm_eps = 1e-5)
+      : dim_(dim),
+        n_heads_(n_heads),
+        n_kv_heads_(n_kv_heads),
+        head_dim_(head_dim == 0 && n_heads > 0 ? dim / n_heads : head_dim),
+        qk_norm_(qk_norm),
+        norm_eps_(norm_eps) {
+    constexpr const char* kWhere = "Attention";
+    if (dim <= 0 || n_heads <= 0 || n_kv_heads <= 0 || head_dim_ <= 0) {
+      detail::throw_invalid_argument(kWhere, ": sizes must be positive, got dim ", dim,
+                                     ", n_heads ", n_heads, ", n_kv_heads ", n_kv_heads,
+                                     ", head_dim ", head_dim_);
+    }
+    if (n_heads % n_kv_heads != 0) {
+      detail::throw_invalid_argument(kWhere, ": n_heads ", n_heads,
+                                     " is not a multiple of n_kv_heads ", n_kv_heads);
+    }
+    if (head_dim_ % 2 != 0) {
+      detail::throw_invalid_argument(kWhere, ": head_dim must be even for RoPE, got ", head_dim_);
+    }
+    if (!(norm_eps > 0.0) || !std::isfinite(norm_eps)) {
+      detail::throw_invalid_argument(kWhere, ": norm_eps must be positive, got ", norm_eps);
+    }
+    wq_ = Tensor<T, 2>(n_heads_ * head_dim_, dim_);
+    wk_ = Tensor<T, 2>(n_kv_heads_ * head_dim_, dim_);
+    wv_ = Tensor<T, 2>(n_kv_heads_ * head_dim_, dim_);
+    wo_ = Tensor<T, 2>(dim_, n_heads_ * head_dim_);
+    q_norm_ = Tensor<T, 1>(head_dim_);
+    k_norm_ = Tensor<T, 1>(head_dim_);
+    q_norm_.setConstant(T(1));
+    k_norm_.setConstant(T(1));
+    reset_parameters(0);
+  }
+
+  Index dim() const { return dim_; }
+  Index n_heads() const { return n_heads_; }
+  Index n_kv_heads() const { return n_kv_heads_; }
+  Index head_dim() const { return head_dim_; }
+  Index n_rep() const { return n_heads_ / n_kv_heads_; }
+  bool qk_norm() const { return qk_norm_; }
+  double norm_eps() const { return norm_eps_; }
+
+  // The module's own parameters, to fill from a state dict. Writing them has no
+  // effect while external weights are bound (see bind_weights).
+  Tensor<T, 2>& wq() { return wq_; }
+  Tensor<T, 2>& wk() { return wk_; }
+  Tensor<T, 2>& wv() { return wv_; }
+  Tensor<T, 2>& wo() { return wo_; }
+  Tensor<T, 1>& q_norm() { return q_norm_; }
+  Tensor<T, 1>& k_norm() { return k_norm_; }
+
+  // torch.nn.Linear's default initialisation, U(-1/sqrt(in), 1/sqrt(in)), from a
+  // portable generator (same weights on every platform for a seed); norms set to 1.
+  void reset_parameters(std::uint64_t seed) {
+    std::uint64_t state = seed;
+    for (Tensor<T, 2>* w : {&wq_, &wk_, &wv_, &wo_}) {
+      const double bound = 1.0 / std::sqrt(static_cast<double>(w->dimension(1)));
+      for (Index i = 0; i < w->size(); ++i) {
+        w->data()[i] = static_cast<T>((2.0 * uniform01(state) - 1.0) * bound);
+      }
+    }
+    q_norm_.setConstant(T(1));
+    k_norm_.setConstant(T(1));
+  }
+
+  // Uses caller-owned parameters (e.g. a memory-mapped checkpoint) without copying.
+  // They must outlive the module's use of them. q_norm/k_norm may be absent (= ones)
+  // and are ignored without qk_norm.
+  void bind_weights(const AttentionWeights<T>& weights) {
+    constexpr const char* kWhere = "Attention::bind_weights";
+    const Index q_width = n_heads_ * head_dim_;
+    const Index kv_width = n_kv_heads_ * head_dim_;
+    detail::check_shape(kWhere, "wq", weights.wq, {q_width, dim_}, "(n_heads * head_dim, dim)");
+    detail::check_shape(kWhere, "wk", weights.wk, {kv_width, dim_}, "(n_kv_heads * head_dim, dim)");
+    detail::check_shape(kWhere, "wv", weights.wv, {kv_width, dim_}, "(n_kv_heads * head_dim, dim)");
+    detail::check_shape(kWhere, "wo", weights.wo, {dim_, q_width}, "(dim, n_heads * head_dim)");
+    for (const auto* norm : {&weights.q_norm, &weights.k_norm}) {
+      if (norm->has_value()) {
+        detail::check_shape(kWhere, norm == &weights.q_norm ? "q_norm" : "k_norm", *norm,
+                            {head_dim_}, "(head_dim)");
+      }
+    }
+    external_ = weights;
+  }
+  // Returns to the module's own parameters.
+  void unbind_weights() { external_.reset(); }
+
+  AttentionWeights<T> weights() const {
+    if (external_) {
+      AttentionWeights<T> w = *external_;
+      if (!w.q_norm.has_value()) w.q_norm = ConstView<T, 1>(q_norm_);
+      if (!w.k_norm.has_value()) w.k_norm = ConstView<T, 1>(k_norm_);
+      return w;
+    }
+    return {wq_, wk_, wv_, wo_, q_norm_, k_norm_};
+  }
+
+  RopeStyle rope_style() const { return rope_style_; }
+  void set_rope_style(RopeStyle style) { rope_style_ = style; }
+  const Eigen::ThreadPoolDevice* device() const { return device_; }
+  void set_device(const Eigen::ThreadPoolDevice* device) { device_ = device; }
+
+  // x (B, S, dim) -> (B, S, dim). rope_cos/rope_sin are the (S, head_dim / 2) rows of
+  // the tables for the absolute positions of x's tokens. With a kv_cache, this step's
+  // keys and values are appended and attention runs over the whole cached prefix.
+  Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                       const ConstView<T, 2>& rope_sin, KVCache<T>* kv_cache = nullptr,
+                       const ConstView<DocId, 2>& doc_ids = {},
+                       const ConstView<bool, 2>& key_padding_mask = {}) {
+    Tensor<T, 3> out(x.dimension(0), x.dimension(1), dim_);
+    forward_into(x, rope_cos, rope_sin, StridedView<T, 3>(out), kv_cache, doc_ids,
+                 key_padding_mask);
+    return out;
+  }
+
+  // As forward, rotating with `rope` at absolute positions [start_pos, start_pos + S).
+  Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
+                       KVCache<T>* kv_cache = nullptr, const ConstView<DocId, 2>& doc_ids = {},
+                       const ConstView<bool, 2>& key_padding_mask = {}) {
+    if (rope.head_dim() != head_dim_) {
+      detail::throw_invalid_argument("Attention::forward: rope has head_dim ", rope.head_dim(),
+                                     " but the module has head_dim ", head_dim_);
+    }
+    const RopeStyle saved = rope_style_;
+    rope_style_ = rope.style();
+    const Index seq_len = x.dimension(1);
+    try {
+      Tensor<T, 3> out = forward(x, rope.cos_rows(start_pos, seq_len),
+                                 rope.sin_rows(start_pos, seq_len), kv_cache, doc_ids,
+                                 key_padding_mask);
+      rope_style_ = saved;
+      return out;
+    } catch (...) {
+      rope_style_ = saved;
+      throw;
+    }
+  }
+
+  // forward() writing into a caller-owned out (B, S, dim).
+  void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                    const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
+                    KVCache<T>* kv_cache = nullptr, const ConstView<DocId, 2>& doc_ids = {},
+                    const ConstView<bool, 2>& key_padding_mask = {}) {
+    const Index batch = x.dimension(0);
+    const Index seq_len = x.dimension(1);
+    validate_forward(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
+    const AttentionWeights<T> w = weights();
+    const Index q_width = n_heads_ * head_dim_;
+    const Index kv_width = n_kv_heads_ * head_dim_;
+    const Index rows = batch * seq_len;
+
+    // 1. Projections into (B, S, heads, D) buffers.
+    const ConstView<T, 3> x_rows = contiguous_rows(x);
+    q_buf_.resize(static_cast<std::size_t>(rows * q_width));
+    k_buf_.resize(static_cast<std::size_t>(rows * kv_width));
+    v_buf_.resize(static_cast<std::size_t>(rows * kv_width));
+    o_buf_.resize(static_cast<std::size_t>(rows * q_width));
+    const Index ldx = x_rows.stride(1);
+    detail::linear(x_rows.data(), rows, dim_, ldx, w.wq.data(), q_width, w.wq.stride(0),
+                   q_buf_.data(), q_width, device_);
+    detail::linear(x_rows.data(), rows, dim_, ldx, w.wk.data(), kv_width, w.wk.stride(0),
+                   k_buf_.data(), kv_width, device_);
+    detail::linear(x_rows.data(), rows, dim_, ldx, w.wv.data(), kv_width, w.wv.stride(0),
+                   v_buf_.data(), kv_width, device_);
+
+    // (B, S, heads, D) storage seen as (B, heads, S, D): transposes are free.
+    const StridedView<T, 4> q = heads_view(q_buf_.data(), batch, seq_len, n_heads_);
+    const StridedView<T, 4> k = heads_view(k_buf_.data(), batch, seq_len, n_kv_heads_);
+    const StridedView<T, 4> v = heads_view(v_buf_.data(), batch, seq_len, n_kv_heads_);
+
+    // 2. QK-norm, 3. RoPE.
+    if (qk_norm_) {
+      rms_norm_rows(q_buf_.data(), rows * n_heads_, w.q_norm);
+      rms_norm_rows(k_buf_.data(), rows * n_kv_heads_, w.k_norm);
+    }
+    apply_rope_inplace(q, rope_cos, rope_sin, rope_style_);
+    apply_rope_inplace(k, rope_cos, rope_sin, rope_style_);
+
+    // 4. Cache, 5. SDPA (always causal, bottom-right aligned).
+    ConstView<T, 4> keys = k;
+    ConstView<T, 4> values = v;
+    if (kv_cache != nullptr) {
+      const KVPrefix<T> prefix = kv_cache->update(k, v);
+      keys = prefix.keys;
+      values = prefix.values;
+    }
+    Masks masks;
+    masks.doc_ids = doc_ids;
+    masks.key_padding_mask = key_padding_mask;
+    SdpaOptions options = sdpa_.options();
+    options.causal = true;
+    sdpa_.set_options(options);
+    sdpa_.set_device(device_);
+    const StridedView<T, 4> o = heads_view(o_buf_.data(), batch, seq_len, n_heads_);
+    sdpa_(q, keys, values, o, masks);
+
+    // 6. (B, S, H * D) -> out = o wo^T.
+    if (out.stride(0) == seq_len * out.stride(1)) {
+      detail::linear(o_buf_.data(), rows, q_width, q_width, w.wo.data(), dim_, w.wo.stride(0),
+                     out.data(), out.stride(1), device_);
+    } else {
+      for (Index b = 0; b < batch; ++b) {
+        detail::linear(o_buf_.data() + b * seq_len * q_width, seq_len, q_width, q_width,
+                       w.wo.data(), dim_, w.wo.stride(0), out.row(b, 0), out.stride(1), device_);
+      }
+    }
+  }
+
+  // Options of the inner SDPA other than causal (always on): softcap, window, empty-row
+  // policy, path. Lets a model use e.g. Gemma's logit softcap or a sliding window.
+  void set_sdpa_options(const SdpaOptions& options) { sdpa_.set_options(options); }
+  const SdpaOptions& sdpa_options() const { return sdpa_.options(); }
+
+ private:
+  void validate_forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                        const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
+                        const KVCache<T>* kv_cache, const ConstView<DocId, 2>& doc_ids,
+                        const ConstView<bool, 2>& key_padding_mask) const {
+    constexpr const char* kWhere = "Attention::forward";
+    detail::check_shape(kWhere, "x", x, {-1, -1, dim_}, "(B, S, dim)");
+    const Index batch = x.dimension(0);
+    const Index seq_len = x.dimension(1);
+    detail::check_shape(kWhere, "out", out, {batch, seq_len, dim_}, "(B, S, dim)");
+    detail::check_shape(kWhere, "rope_cos", rope_cos, {seq_len, head_dim_ / 2}, "(S, head_dim / 2)");
+    detail::check_shape(kWhere, "rope_sin", rope_sin, {seq_len, head_dim_ / 2}, "(S, head_dim / 2)");
+    Index kv_len = seq_len;
+    if (kv_cache != nullptr) {
+      if (kv_cache->batch_size() != batch || kv_cache->n_kv_heads() != n_kv_heads_ ||
+          kv_cache->head_dim() != head_dim_) {
+        detail::throw_invalid_argument(
+            kWhere, ": kv_cache holds (batch_size ", kv_cache->batch_size(), ", n_kv_heads ",
+            kv_cache->n_kv_heads(), ", head_dim ", kv_cache->head_dim(), ") but x ",
+            detail::shape_string(x.dimensions()), " needs (", batch, ", ", n_kv_heads_, ", ",
+            head_dim_, ")");
+      }
+      if (seq_len > kv_cache->max_seq_len() - kv_cache->seq_len()) {
+        std::ostringstream os;
+        os << kWhere << ": cache overflow: " << kv_cache->seq_len() << " cached + " << seq_len
+           << " new positions exceed max_seq_len " << kv_cache->max_seq_len();
+        throw std::length_error(os.str());
+      }
+      kv_len += kv_cache->seq_len();
+      if (doc_ids.has_value()) {
+        detail::throw_invalid_argument(
+            kWhere, ": doc_ids ", detail::shape_string(doc_ids.dimensions()),
+            " together with a kv_cache needs a cache that records document ids; this cache "
+            "does not");
+      }
+    }
+    Masks masks;
+    masks.doc_ids = doc_ids;
+    masks.key_padding_mask = key_padding_mask;
+    detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_.options().window}, masks, batch,
+                           seq_len, kv_len);
+  }
+
+  // x with rows [b, s] addressable as one (B * S, dim) matrix of row stride stride(1).
+  ConstView<T, 3> contiguous_rows(const ConstView<T, 3>& x) {
+    if (x.stride(0) == x.dimension(1) * x.stride(1) || x.dimension(0) == 1) return x;
+    x_buf_ = x.to_tensor();
+    return ConstView<T, 3>(x_buf_);
+  }
+
+  StridedView<T, 4> heads_view(T* data, Index batch, Index seq_len, Index heads) const {
+    return StridedView<T, 4>(data, {batch, seq_len, heads, head_dim_}).transpose(1, 2);
+  }
+
+  // RMSNorm over each row of head_dim values, in the accumulator type.
+  void rms_norm_rows(T* data, Index n_rows, const ConstView<T, 1>& weight) const {
+    for (Index r = 0; r < n_rows; ++r) {
+      T* row = data + r * head_dim_;
+      Acc sum_sq = 0;
+      for (Index d = 0; d < head_dim_; ++d) sum_sq += static_cast<Acc>(row[d]) * static_cast<Acc>(row[d]);
+      const Acc inv_rms =
+          Acc(1) / std::sqrt(sum_sq / static_cast<Acc>(head_dim_) + static_cast<Acc>(norm_eps_));
+      for (Index d = 0; d < head_dim_; ++d) {
+        row[d] = static_cast<T>(static_cast<Acc>(row[d]) * inv_rms * static_cast<Acc>(weight(d)));
+      }
+    }
+  }
+
+  // splitmix64, mapped to [0, 1) with 53 random bits.
+  static double uniform01(std::uint64_t& state) {
+    std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return static_cast<double>(z >> 11) * 0x1.0p-53;
+  }
+
+  Index dim_;
+  Index n_heads_;
+  Index n_kv_heads_;
+  Index head_dim_;
+  bool qk_norm_;
+  double norm_eps_;
+  RopeStyle rope_style_ = RopeStyle::kHalfSplit;
+  const Eigen::ThreadPoolDevice* device_ = nullptr;
+
+  Tensor<T, 2> wq_, wk_, wv_, wo_;
+  Tensor<T, 1> q_norm_, k_norm_;
+  std::optional<AttentionWeights<T>> external_;
+
+  ScaledDotProductAttention<T> sdpa_;
+  std::vector<T> q_buf_, k_buf_, v_buf_, o_buf_;
+  Tensor<T, 3> x_buf_;
+};
+
+}  // namespace attnforge

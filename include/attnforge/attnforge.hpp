@@ -1,0 +1,10 @@
+// attnforge: grouped-query attention with RoPE, a KV cache and fused SDPA on the CPU.
+#pragma once
+
+#include "attnforge/attention.hpp"
+#include "attnforge/kv_cache.hpp"
+#include "attnforge/mask.hpp"
+#include "attnforge/rope.hpp"
+#include "attnforge/sdpa.hpp"
+#include "attnforge/sdpa_options.hpp"
+#include "attnforge/tensor.hpp"

@@ -1,0 +1,182 @@
+// scaled_dot_product_attention: validate the inputs, resolve the options, choose a path.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "attnforge/detail/sdpa_reference.hpp"
+#include "attnforge/mask.hpp"
+#include "attnforge/sdpa_options.hpp"
+#include "attnforge/tensor.hpp"
+
+namespace attnforge {
+
+namespace detail {
+
+// Checks q (B, H, Sq, D), k and v (B, Hkv, Skv, D), the options and the masks, and
+// returns the resolved parameters. Nothing is written before this succeeds.
+template <typename T, typename KV>
+SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const ConstView<KV, 4>& k,
+                         const ConstView<KV, 4>& v, const SdpaOptions& options,
+                         const Masks& masks) {
+  if (!q.has_value() && q.size() != 0) throw_invalid_argument(where, ": q is missing");
+  const auto shape = [](const auto& t) { return shape_string(t.dimensions()); };
+  for (const auto& [name, view] : {std::pair<const char*, const ConstView<KV, 4>*>{"k", &k},
+                                   std::pair<const char*, const ConstView<KV, 4>*>{"v", &v}}) {
+    if (view->dimension(0) != q.dimension(0)) {
+      throw_invalid_argument(where, ": ", name, " has batch size ", view->dimension(0),
+                             " but q has ", q.dimension(0), " (q ", shape(q), ", ", name, " ",
+                             shape(*view), ")");
+    }
+    if (view->dimension(3) != q.dimension(3)) {
+      throw_invalid_argument(where, ": ", name, " has head_dim ", view->dimension(3),
+                             " but q has ", q.dimension(3), " (q ", shape(q), ", ", name, " ",
+                             shape(*view), ")");
+    }
+    if (view->stride(3) != 1) {
+      throw_invalid_argument(where, ": ", name, " needs a contiguous last dimension");
+    }
+  }
+  if (q.stride(3) != 1) throw_invalid_argument(where, ": q needs a contiguous last dimension");
+  if (k.dimensions() != v.dimensions()) {
+    throw_invalid_argument(where, ": k has shape ", shape(k), " but v has shape ", shape(v));
+  }
+  if (q.dimension(3) <= 0) throw_invalid_argument(where, ": head_dim must be positive, q is ", shape(q));
+  if (k.dimension(1) <= 0 || q.dimension(1) % k.dimension(1) != 0) {
+    throw_invalid_argument(where, ": k has ", k.dimension(1), " heads, which does not divide q's ",
+                           q.dimension(1), " heads (q ", shape(q), ", k ", shape(k), ")");
+  }
+  SdpaParams params;
+  params.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.dimension(3))));
+  if (!std::isfinite(params.scale)) {
+    throw_invalid_argument(where, ": scale must be finite, got ", params.scale);
+  }
+  if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap)) {
+    throw_invalid_argument(where, ": softcap must be >= 0 and finite (0 = off), got ",
+                           options.softcap);
+  }
+  params.softcap = options.softcap;
+  params.rules = MaskRules{options.causal, options.window};
+  params.empty_rows = options.empty_rows;
+  validate_masks(where, params.rules, masks, q.dimension(0), q.dimension(2), k.dimension(2));
+  return params;
+}
+
+}  // namespace detail
+
+// The attention operator with its options and reusable scratch. One instance per
+// thread (or per layer) is the intended use; operator() is not safe to call
+// concurrently on the same instance.
+template <typename T>
+class ScaledDotProductAttention {
+ public:
+  using Acc = acc_t<T>;
+
+  explicit ScaledDotProductAttention(SdpaOptions options = {},
+                                     const Eigen::ThreadPoolDevice* device = nullptr)
+      : options_(options), device_(device) {}
+
+  const SdpaOptions& options() const { return options_; }
+  void set_options(const SdpaOptions& options) { options_ = options; }
+  const Eigen::ThreadPoolDevice* device() const { return device_; }
+  void set_device(const Eigen::ThreadPoolDevice* device) { device_ = device; }
+
+  // q (B, H, Sq, D), k and v (B, Hkv, Skv, D) -> out (B, H, Sq, D); any of them may be a
+  // strided view (a KVCache prefix, a projection seen through transpose()).
+  // lse (B, H, Sq) is written when given.
+  void operator()(const ConstView<T, 4>& q, const ConstView<T, 4>& k, const ConstView<T, 4>& v,
+                  const StridedView<T, 4>& out, const Masks& masks = {},
+                  const StridedView<Acc, 3>& lse = {}) {
+    constexpr const char* kWhere = "scaled_dot_product_attention";
+    const detail::SdpaParams params = detail::validate_sdpa(kWhere, q, k, v, options_, masks);
+    detail::check_shape(kWhere, "out", out, q.dimensions(), "q's shape (B, H, Sq, D)");
+    if (lse.has_value()) {
+      detail::check_shape(kWhere, "lse", lse, {q.dimension(0), q.dimension(1), q.dimension(2)},
+                          "(B, H, Sq)");
+    }
+    detail::sdpa_reference(q, k, v, out, lse, StridedView<Acc, 4>(), params, masks, device_);
+  }
+
+  Tensor<T, 4> operator()(const ConstView<T, 4>& q, const ConstView<T, 4>& k,
+                          const ConstView<T, 4>& v, const Masks& masks = {}) {
+    Tensor<T, 4> out(q.dimensions());
+    (*this)(q, k, v, StridedView<T, 4>(out), masks);
+    return out;
+  }
+
+ private:
+  SdpaOptions options_;
+  const Eigen::ThreadPoolDevice* device_ = nullptr;
+};
+
+template <typename T>
+using Sdpa = ScaledDotProductAttention<T>;
+
+template <typename T>
+struct SdpaResult {
+  Tensor<T, 4> out;         // (B, H, Sq, D)
+  Tensor<acc_t<T>, 3> lse;  // (B, H, Sq); -inf for rows with no allowed key
+};
+
+namespace detail {
+template <typename X>
+using scalar_of_t = typename view_of_t<X>::Scalar;
+template <typename X, int Rank>
+inline constexpr bool is_rank_v = std::tuple_size_v<typename view_of_t<X>::Dims> == Rank;
+template <typename Q, typename K, typename V>
+using enable_if_qkv_t =
+    std::enable_if_t<is_rank_v<Q, 4> && is_rank_v<K, 4> && is_rank_v<V, 4> &&
+                     std::is_same_v<scalar_of_t<Q>, scalar_of_t<K>> &&
+                     std::is_same_v<scalar_of_t<Q>, scalar_of_t<V>>>;
+}  // namespace detail
+
+// out[b,h,i,:] = sum_j softmax_j(scale * <q[b,h,i], k[b,h/n_rep,j]>) v[b,h/n_rep,j,:]
+// over the keys the options and masks allow. q, k, v may be Tensors, TensorMaps or views.
+template <typename Q, typename K, typename V, typename = detail::enable_if_qkv_t<Q, K, V>>
+Tensor<detail::scalar_of_t<Q>, 4> scaled_dot_product_attention(
+    const Q& q, const K& k, const V& v, const SdpaOptions& options = {}, const Masks& masks = {},
+    const Eigen::ThreadPoolDevice* device = nullptr) {
+  using T = detail::scalar_of_t<Q>;
+  ScaledDotProductAttention<T> sdpa(options, device);
+  return sdpa(as_const_view(q), as_const_view(k), as_const_view(v), masks);
+}
+
+// As scaled_dot_product_attention, also returning the log-sum-exp of the allowed scores
+// of every row, so results over disjoint key ranges can be merged exactly.
+template <typename Q, typename K, typename V, typename = detail::enable_if_qkv_t<Q, K, V>>
+SdpaResult<detail::scalar_of_t<Q>> scaled_dot_product_attention_with_lse(
+    const Q& q, const K& k, const V& v, const SdpaOptions& options = {}, const Masks& masks = {},
+    const Eigen::ThreadPoolDevice* device = nullptr) {
+  using T = detail::scalar_of_t<Q>;
+  const auto q_view = as_const_view(q);
+  SdpaResult<T> result{Tensor<T, 4>(q_view.dimensions()),
+                       Tensor<acc_t<T>, 3>(q_view.dimension(0), q_view.dimension(1),
+                                           q_view.dimension(2))};
+  ScaledDotProductAttention<T> sdpa(options, device);
+  sdpa(q_view, as_const_view(k), as_const_view(v), StridedView<T, 4>(result.out), masks,
+       StridedView<acc_t<T>, 3>(result.lse));
+  return result;
+}
+
+// The attention probabilities (B, H, Sq, Skv) through the reference path, for analysis
+// (KempnerForge's capture_attention_weights). This is the one call that builds an
+// Sq x Skv result, because that result is what it returns.
+template <typename Q, typename K, typename = detail::enable_if_qkv_t<Q, K, K>>
+Tensor<acc_t<detail::scalar_of_t<Q>>, 4> attention_weights(
+    const Q& q, const K& k, const SdpaOptions& options = {}, const Masks& masks = {},
+    const Eigen::ThreadPoolDevice* device = nullptr) {
+  using T = detail::scalar_of_t<Q>;
+  using Acc = acc_t<T>;
+  const auto q_view = as_const_view(q);
+  const auto k_view = as_const_view(k);
+  const detail::SdpaParams params =
+      detail::validate_sdpa("attention_weights", q_view, k_view, k_view, options, masks);
+  Tensor<Acc, 4> probs(q_view.dimension(0), q_view.dimension(1), q_view.dimension(2),
+                       k_view.dimension(2));
+  detail::sdpa_reference(q_view, k_view, k_view, StridedView<T, 4>(),
+                         StridedView<Acc, 3>(), StridedView<Acc, 4>(probs), params, masks, device);
+  return probs;
+}
+
+}  // namespace attnforge

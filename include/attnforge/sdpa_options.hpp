@@ -1,0 +1,41 @@
+// Options of scaled_dot_product_attention that are not per-token data.
+#pragma once
+
+#include <optional>
+
+#include "attnforge/tensor.hpp"
+
+namespace attnforge {
+
+// What a query row with no allowed key produces (possible with key_padding_mask or
+// doc_ids that do not cover a query's own position).
+enum class EmptyRowPolicy {
+  // Output 0 and lse = -inf, as FlashAttention and FlexAttention do. A softmax over an
+  // empty set has no value; 0 is the additive identity that merges correctly with other
+  // partial results, where NaN would poison them.
+  kZeros,
+  // KempnerForge's guard: such a row attends to all Skv keys with no mask at all.
+  kAttendAll,
+};
+
+// Which implementation computes the attention. kAuto picks the fastest one that
+// supports the inputs; the others exist so tests and benchmarks can compare paths.
+enum class SdpaPath {
+  kAuto,
+  kReference,  // plain loops, double accumulation (the baseline the kernels are tested against)
+};
+
+struct SdpaOptions {
+  // Multiplies <q, k>; default 1 / sqrt(head_dim).
+  std::optional<double> scale;
+  // Bottom-right aligned: query i (absolute position Skv - Sq + i) sees keys j <= its position.
+  bool causal = false;
+  // > 0: additionally requires position(i) - j < window.
+  Index window = 0;
+  // > 0: scores become softcap * tanh(score / softcap) after scaling, before masking.
+  double softcap = 0.0;
+  EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
+  SdpaPath path = SdpaPath::kAuto;
+};
+
+}  // namespace attnforge

@@ -1,0 +1,252 @@
+// Tensor vocabulary of attnforge: Eigen tensor aliases (always RowMajor, PyTorch's
+// order), a non-owning strided view that every entry point accepts, the accumulator
+// type per element type, and the helpers that build validation messages.
+#pragma once
+
+#ifndef EIGEN_USE_THREADS
+#define EIGEN_USE_THREADS
+#endif
+#include <unsupported/Eigen/CXX11/Tensor>
+
+#include <array>
+#include <cstdint>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace attnforge {
+
+using Index = Eigen::Index;
+// Document ids are int64 so a PyTorch LongTensor maps onto them without a copy.
+using DocId = std::int64_t;
+
+template <typename T, int Rank>
+using Tensor = Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>;
+template <typename T, int Rank>
+using TensorMap = Eigen::TensorMap<Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>>;
+template <typename T, int Rank>
+using ConstTensorMap = Eigen::TensorMap<const Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>>;
+
+// Scores, softmax statistics and output accumulators use at least float, and double
+// for double tensors (SPEC: "accumulation is in float, or double for double tensors").
+template <typename T>
+struct Accumulator {
+  using type = float;
+};
+template <>
+struct Accumulator<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Accumulator<std::remove_const_t<T>>::type;
+
+// A non-owning view of a row-major tensor whose innermost dimension is contiguous and
+// whose outer dimensions may have any stride. It is what lets the library read a
+// KVCache prefix, a (B, S, H, D) projection seen as (B, H, S, D), or an engine's own
+// buffer without copying. `T` may be const. A default-constructed view is "absent"
+// (used for optional inputs such as masks).
+template <typename T, int Rank>
+class StridedView {
+  static_assert(Rank >= 1, "StridedView needs at least one dimension");
+
+ public:
+  using Scalar = std::remove_const_t<T>;
+  using Dims = std::array<Index, Rank>;
+
+  StridedView() = default;
+
+  StridedView(T* data, const Dims& dims, const Dims& strides)
+      : data_(data), dims_(dims), strides_(strides) {}
+
+  StridedView(T* data, const Dims& dims) : data_(data), dims_(dims), strides_(row_major(dims)) {}
+
+  // Implicit from Eigen tensors and maps (RowMajor only: a ColMajor tensor does not
+  // convert, so a layout mistake is a compile error rather than wrong numbers).
+  template <typename U, typename = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  StridedView(Eigen::Tensor<U, Rank, Eigen::RowMajor, Index>& t)  // NOLINT(runtime/explicit)
+      : StridedView(t.data(), to_dims(t.dimensions())) {}
+
+  template <typename U, typename = std::enable_if_t<std::is_const_v<T> &&
+                                                    std::is_same_v<std::remove_const_t<U>, Scalar>>>
+  StridedView(const Eigen::Tensor<U, Rank, Eigen::RowMajor, Index>& t)  // NOLINT(runtime/explicit)
+      : StridedView(t.data(), to_dims(t.dimensions())) {}
+
+  template <typename PlainT, typename = std::enable_if_t<std::is_convertible_v<
+                                 decltype(std::declval<Eigen::TensorMap<PlainT>&>().data()), T*>>>
+  StridedView(const Eigen::TensorMap<PlainT>& m)  // NOLINT(runtime/explicit)
+      : StridedView(m.data(), to_dims(m.dimensions())) {
+    static_assert(PlainT::NumIndices == Rank, "rank of the TensorMap does not match the view");
+    static_assert(static_cast<int>(PlainT::Layout) == static_cast<int>(Eigen::RowMajor),
+                  "attnforge takes RowMajor tensors (PyTorch's layout)");
+  }
+
+  // Mutable view -> const view.
+  template <typename U, typename = std::enable_if_t<std::is_const_v<T> &&
+                                                    std::is_same_v<U, std::remove_const_t<T>>>>
+  StridedView(const StridedView<U, Rank>& other)  // NOLINT(runtime/explicit)
+      : data_(other.data()), dims_(other.dimensions()), strides_(other.strides()) {}
+
+  T* data() const { return data_; }
+  const Dims& dimensions() const { return dims_; }
+  const Dims& strides() const { return strides_; }
+  Index dimension(int i) const { return dims_[static_cast<std::size_t>(i)]; }
+  Index stride(int i) const { return strides_[static_cast<std::size_t>(i)]; }
+  bool has_value() const { return data_ != nullptr; }
+  Index size() const {
+    Index n = 1;
+    for (Index d : dims_) n *= d;
+    return n;
+  }
+  bool is_contiguous() const { return strides_ == row_major(dims_); }
+
+  template <typename... Ix>
+  T& operator()(Ix... ix) const {
+    static_assert(sizeof...(Ix) == Rank, "wrong number of indices");
+    const std::array<Index, Rank> idx{static_cast<Index>(ix)...};
+    Index off = 0;
+    for (int i = 0; i < Rank; ++i) off += idx[i] * strides_[i];
+    return data_[off];
+  }
+
+  // Pointer to the innermost row at the given outer index (Rank - 1 indices).
+  template <typename... Ix>
+  T* row(Ix... ix) const {
+    static_assert(sizeof...(Ix) == Rank - 1, "row() takes all but the last index");
+    const std::array<Index, Rank - 1> idx{static_cast<Index>(ix)...};
+    Index off = 0;
+    for (int i = 0; i < Rank - 1; ++i) off += idx[i] * strides_[i];
+    return data_ + off;
+  }
+
+  // Sub-range [start, start + length) of dimension `dim`, as torch.narrow.
+  StridedView narrow(int dim, Index start, Index length) const {
+    StridedView out = *this;
+    out.data_ = data_ + start * strides_[dim];
+    out.dims_[dim] = length;
+    return out;
+  }
+
+  // The same memory with two dimensions exchanged (no copy), as torch.transpose.
+  StridedView transpose(int a, int b) const {
+    StridedView out = *this;
+    std::swap(out.dims_[a], out.dims_[b]);
+    std::swap(out.strides_[a], out.strides_[b]);
+    return out;
+  }
+
+  // Copies the viewed elements into a new contiguous tensor.
+  Tensor<Scalar, Rank> to_tensor() const {
+    Tensor<Scalar, Rank> out(dims_);
+    Scalar* dst = out.data();
+    for_each_row([&](T* src) {
+      for (Index d = 0; d < dims_[Rank - 1]; ++d) *dst++ = src[d];
+    });
+    return out;
+  }
+
+  // Calls f(row_pointer) for every innermost row, in row-major order.
+  template <typename F>
+  void for_each_row(F&& f) const {
+    if (size() == 0) return;
+    std::array<Index, Rank> idx{};
+    for (;;) {
+      Index off = 0;
+      for (int i = 0; i < Rank - 1; ++i) off += idx[i] * strides_[i];
+      f(data_ + off);
+      int i = Rank - 2;
+      for (; i >= 0; --i) {
+        if (++idx[i] < dims_[i]) break;
+        idx[i] = 0;
+      }
+      if (i < 0) return;
+    }
+  }
+
+  static Dims row_major(const Dims& dims) {
+    Dims s{};
+    Index acc = 1;
+    for (int i = Rank - 1; i >= 0; --i) {
+      s[i] = acc;
+      acc *= dims[i];
+    }
+    return s;
+  }
+
+ private:
+  template <typename EigenDims>
+  static Dims to_dims(const EigenDims& d) {
+    Dims out{};
+    for (int i = 0; i < Rank; ++i) out[i] = static_cast<Index>(d[i]);
+    return out;
+  }
+
+  T* data_ = nullptr;
+  Dims dims_{};
+  Dims strides_{};
+};
+
+template <typename T, int Rank>
+using ConstView = StridedView<const T, Rank>;
+
+// Turns any accepted tensor argument (Tensor, TensorMap, StridedView) into a const view,
+// so the free functions can deduce the element type from their arguments.
+template <typename T, int Rank>
+ConstView<T, Rank> as_const_view(const Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>& t) {
+  return ConstView<T, Rank>(t);
+}
+template <typename PlainT>
+auto as_const_view(const Eigen::TensorMap<PlainT>& m) {
+  using T = std::remove_const_t<typename PlainT::Scalar>;
+  return ConstView<T, PlainT::NumIndices>(m);
+}
+template <typename T, int Rank>
+ConstView<std::remove_const_t<T>, Rank> as_const_view(const StridedView<T, Rank>& v) {
+  return v;
+}
+
+template <typename X>
+using view_of_t = decltype(as_const_view(std::declval<const X&>()));
+
+namespace detail {
+
+template <typename Dims>
+std::string shape_string(const Dims& dims) {
+  std::ostringstream os;
+  os << '(';
+  for (std::size_t i = 0; i < dims.size(); ++i) os << (i ? ", " : "") << dims[i];
+  os << ')';
+  return os.str();
+}
+
+template <typename... Parts>
+[[noreturn]] void throw_invalid_argument(const Parts&... parts) {
+  std::ostringstream os;
+  (os << ... << parts);
+  throw std::invalid_argument(os.str());
+}
+
+// Checks that `view` has the expected sizes; -1 in `expected` accepts any size.
+// `where` is the entry point, `name` the argument, `layout` its symbolic shape.
+template <typename T, int Rank>
+void check_shape(const char* where, const char* name, const StridedView<T, Rank>& view,
+                 const typename StridedView<T, Rank>::Dims& expected, const char* layout) {
+  if (!view.has_value() && view.size() != 0) {
+    throw_invalid_argument(where, ": ", name, " is missing (expected ", layout, ")");
+  }
+  for (int i = 0; i < Rank; ++i) {
+    if (expected[i] >= 0 && view.dimension(i) != expected[i]) {
+      throw_invalid_argument(where, ": ", name, " has shape ", shape_string(view.dimensions()),
+                             ", expected ", layout, " = ", shape_string(expected),
+                             " (-1: any size)");
+    }
+  }
+  if (view.stride(Rank - 1) != 1) {
+    throw_invalid_argument(where, ": ", name, " must have a contiguous last dimension, got stride ",
+                           view.stride(Rank - 1));
+  }
+}
+
+}  // namespace detail
+}  // namespace attnforge
