@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# The one test command of attnforge:  bash scripts/test.sh
+#
+# Runs, stopping at the first failure:
+#   deps        install missing Debian packages (scripts/install_deps.sh)
+#   release     configure + build the `release` preset (tests, benchmarks, examples)
+#   ctest       ctest --preset release (unit tests + installed-package consumer test)
+#   bench       every bench/bench_*.cpp binary once, briefly
+#   examples    every examples/*.cpp binary once, with --quick
+#   asan        configure + build + ctest the `asan` preset (ASan + UBSan)
+#
+# `bash scripts/test.sh STEP...` runs only the named steps, e.g. `bash scripts/test.sh ctest`.
+# JOBS=<n> sets build parallelism (default 2).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+JOBS="${JOBS:-2}"
+
+# Benchmark filter per binary for the brief run (default '.' = everything).
+# Narrow a binary here when its full sweep is too slow for CI, e.g.
+#   [bench_prefill]='/(128|512)/'
+declare -A BENCH_FILTER=(
+)
+BENCH_MIN_TIME=0.01
+
+# --- Plumbing ---------------------------------------------------------------
+
+start_time=$SECONDS
+current_step="(setup)"
+
+banner() {
+  printf '\n==================== %s ====================\n' "$*"
+}
+
+on_exit() {
+  local rc=$?
+  local elapsed=$((SECONDS - start_time))
+  if [ "$rc" -eq 0 ]; then
+    banner "ALL PASSED in ${elapsed}s"
+  else
+    banner "FAILED in step '${current_step}' (exit ${rc}) after ${elapsed}s"
+  fi
+}
+trap on_exit EXIT
+
+run_step() {
+  current_step="$1"
+  local step_start=$SECONDS
+  banner "STEP ${current_step}"
+  "step_${current_step}"
+  echo "---- step ${current_step} done in $((SECONDS - step_start))s"
+}
+
+# --- Steps ------------------------------------------------------------------
+
+step_deps() {
+  bash scripts/install_deps.sh
+}
+
+step_release() {
+  cmake --preset release
+  cmake --build --preset release -j "$JOBS"
+}
+
+step_ctest() {
+  ctest --preset release
+}
+
+step_bench() {
+  local found=0 source name exe filter
+  for source in bench/bench_*.cpp; do
+    [ -e "$source" ] || continue
+    found=1
+    name="$(basename "$source" .cpp)"
+    exe="build/release/bench/${name}"
+    if [ ! -x "$exe" ]; then
+      echo "missing benchmark binary ${exe} (was the release step run?)" >&2
+      return 1
+    fi
+    filter="${BENCH_FILTER[$name]:-.}"
+    echo "---- ${exe} (filter '${filter}')"
+    "$exe" --benchmark_min_time="$BENCH_MIN_TIME" --benchmark_repetitions=1 \
+      --benchmark_filter="$filter"
+  done
+  [ "$found" -eq 1 ] || echo "no bench/bench_*.cpp sources; nothing to run"
+}
+
+step_examples() {
+  local found=0 source name exe
+  for source in examples/*.cpp; do
+    [ -e "$source" ] || continue
+    found=1
+    name="$(basename "$source" .cpp)"
+    exe="build/release/examples/${name}"
+    if [ ! -x "$exe" ]; then
+      echo "missing example binary ${exe} (was the release step run?)" >&2
+      return 1
+    fi
+    echo "---- ${exe} --quick"
+    "$exe" --quick
+  done
+  [ "$found" -eq 1 ] || echo "no examples/*.cpp sources; nothing to run"
+}
+
+step_asan() {
+  cmake --preset asan
+  cmake --build --preset asan -j "$JOBS"
+  ctest --preset asan
+}
+
+# EXTENSION POINT (TSan): define step_tsan here, e.g.
+#   step_tsan() {
+#     cmake --preset tsan
+#     cmake --build --preset tsan -j "$JOBS"
+#     ctest --preset tsan
+#   }
+# and add `tsan` to ALL_STEPS below.
+
+# EXTENSION POINT (fuzz): define step_fuzz here (a bounded run, e.g. a fixed number of
+# iterations or -max_total_time), and add `fuzz` to ALL_STEPS below.
+
+# --- Main -------------------------------------------------------------------
+
+ALL_STEPS=(deps release ctest bench examples asan)
+
+steps=("$@")
+if [ "${#steps[@]}" -eq 0 ]; then
+  steps=("${ALL_STEPS[@]}")
+fi
+for step in "${steps[@]}"; do
+  if ! declare -F "step_${step}" >/dev/null; then
+    echo "unknown step '${step}'; known steps: ${ALL_STEPS[*]}" >&2
+    exit 2
+  fi
+done
+
+for step in "${steps[@]}"; do
+  run_step "$step"
+done
