@@ -3,6 +3,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
+#include <utility>
+#include <vector>
 
 #include "attnforge/tensor.hpp"
 
@@ -100,6 +103,143 @@ inline void validate_masks(const char* where, const MaskRules& rules, const Mask
     check_shape(where, "key_padding_mask", masks.key_padding_mask, {batch, kv_len}, "(B, Skv)");
   }
 }
+
+
+// How a (query tile, key tile) pair relates to the mask: skipped entirely, computed
+// with no per-element mask work, or computed and then masked element by element.
+enum class TileClass : std::uint8_t { kEmpty, kFull, kPartial };
+
+// Classifies the tiles of an attention problem from O(B * (Sq + Skv)) metadata: the
+// positional rules are arithmetic, documents are summarised per tile by their id range
+// (two tiles whose ranges are disjoint cannot share a document, however the ids are
+// ordered), padding by the count of allowed keys per key tile. Query tile qt covers
+// query positions [qt * q_tile_positions, ...), key tile kt keys [kt * key_tile, ...).
+class TilePlan {
+ public:
+  TilePlan() = default;
+
+  void build(const MaskRules& rules, const Masks& masks, Index batch, Index q_len, Index kv_len,
+             Index q_tile_positions, Index key_tile) {
+    rules_ = rules;
+    q_len_ = q_len;
+    kv_len_ = kv_len;
+    q_offset_ = kv_len - q_len;
+    q_tile_positions_ = q_tile_positions;
+    key_tile_ = key_tile;
+    n_q_tiles_ = (q_len + q_tile_positions - 1) / q_tile_positions;
+    n_key_tiles_ = (kv_len + key_tile - 1) / key_tile;
+    has_docs_ = masks.doc_ids.has_value();
+    has_padding_ = masks.key_padding_mask.has_value();
+    q_docs_.clear();
+    k_docs_.clear();
+    allowed_keys_.clear();
+    if (has_docs_) {
+      q_docs_.resize(static_cast<std::size_t>(batch * n_q_tiles_));
+      k_docs_.resize(static_cast<std::size_t>(batch * n_key_tiles_));
+      for (Index b = 0; b < batch; ++b) {
+        const BatchMask m = batch_mask(rules, masks, b, q_len, kv_len);
+        summarise(m.q_docs, q_len, q_tile_positions, &q_docs_[static_cast<std::size_t>(b * n_q_tiles_)]);
+        summarise(m.kv_docs, kv_len, key_tile, &k_docs_[static_cast<std::size_t>(b * n_key_tiles_)]);
+      }
+    }
+    if (has_padding_) {
+      allowed_keys_.assign(static_cast<std::size_t>(batch * n_key_tiles_), 0);
+      for (Index b = 0; b < batch; ++b) {
+        const bool* allowed = masks.key_padding_mask.row(b);
+        for (Index j = 0; j < kv_len; ++j) {
+          allowed_keys_[static_cast<std::size_t>(b * n_key_tiles_ + j / key_tile)] += allowed[j];
+        }
+      }
+    }
+  }
+
+  Index q_tiles() const { return n_q_tiles_; }
+  Index key_tiles() const { return n_key_tiles_; }
+  Index q_tile_positions() const { return q_tile_positions_; }
+  Index key_tile() const { return key_tile_; }
+
+  // Key tiles [first, last) that the positional rules (causal, window) leave for qt.
+  std::pair<Index, Index> key_tile_range(Index qt) const {
+    const auto [p_first, p_last] = positions(qt);
+    Index first = 0;
+    Index last = n_key_tiles_;
+    if (rules_.window > 0) {
+      first = std::clamp<Index>(q_offset_ + p_first - rules_.window + 1, 0, kv_len_) / key_tile_;
+    }
+    if (rules_.causal) {
+      last = (std::clamp<Index>(q_offset_ + p_last + 1, 0, kv_len_) + key_tile_ - 1) / key_tile_;
+    }
+    return {first, std::max(first, last)};
+  }
+
+  TileClass classify(Index b, Index qt, Index kt) const {
+    const auto [p_first, p_last] = positions(qt);
+    const Index k_first = kt * key_tile_;
+    const Index k_last = std::min(kv_len_, k_first + key_tile_) - 1;
+    bool partial = false;
+    if (rules_.causal) {
+      if (k_first > q_offset_ + p_last) return TileClass::kEmpty;
+      partial |= k_last > q_offset_ + p_first;
+    }
+    if (rules_.window > 0) {
+      if (k_last < q_offset_ + p_first - rules_.window + 1) return TileClass::kEmpty;
+      partial |= k_first < q_offset_ + p_last - rules_.window + 1;
+    }
+    if (has_docs_) {
+      const DocRange& q = q_docs_[static_cast<std::size_t>(b * n_q_tiles_ + qt)];
+      const DocRange& k = k_docs_[static_cast<std::size_t>(b * n_key_tiles_ + kt)];
+      if (q.max < k.min || k.max < q.min) return TileClass::kEmpty;
+      partial |= !(q.min == q.max && k.min == k.max);
+    }
+    if (has_padding_) {
+      const Index allowed = allowed_keys_[static_cast<std::size_t>(b * n_key_tiles_ + kt)];
+      if (allowed == 0) return TileClass::kEmpty;
+      partial |= allowed != k_last - k_first + 1;
+    }
+    return partial ? TileClass::kPartial : TileClass::kFull;
+  }
+
+  // Number of key tiles that query tile qt of batch row b computes (its cost).
+  Index active_key_tiles(Index b, Index qt) const {
+    const auto [first, last] = key_tile_range(qt);
+    Index n = 0;
+    for (Index kt = first; kt < last; ++kt) n += classify(b, qt, kt) != TileClass::kEmpty;
+    return n;
+  }
+
+ private:
+  struct DocRange {
+    DocId min;
+    DocId max;
+  };
+
+  std::pair<Index, Index> positions(Index qt) const {
+    const Index p_first = qt * q_tile_positions_;
+    return {p_first, std::min(q_len_, p_first + q_tile_positions_) - 1};
+  }
+
+  static void summarise(const DocId* ids, Index len, Index tile, DocRange* out) {
+    for (Index first = 0, t = 0; first < len; first += tile, ++t) {
+      const Index last = std::min(len, first + tile);
+      const auto [lo, hi] = std::minmax_element(ids + first, ids + last);
+      out[t] = DocRange{*lo, *hi};
+    }
+  }
+
+  MaskRules rules_;
+  Index q_len_ = 0;
+  Index kv_len_ = 0;
+  Index q_offset_ = 0;
+  Index q_tile_positions_ = 1;
+  Index key_tile_ = 1;
+  Index n_q_tiles_ = 0;
+  Index n_key_tiles_ = 0;
+  bool has_docs_ = false;
+  bool has_padding_ = false;
+  std::vector<DocRange> q_docs_;
+  std::vector<DocRange> k_docs_;
+  std::vector<Index> allowed_keys_;
+};
 
 }  // namespace detail
 }  // namespace attnforge

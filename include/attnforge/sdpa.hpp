@@ -5,6 +5,7 @@
 #include <limits>
 #include <utility>
 
+#include "attnforge/detail/sdpa_kernel.hpp"
 #include "attnforge/detail/sdpa_reference.hpp"
 #include "attnforge/mask.hpp"
 #include "attnforge/sdpa_options.hpp"
@@ -95,7 +96,13 @@ class ScaledDotProductAttention {
       detail::check_shape(kWhere, "lse", lse, {q.dimension(0), q.dimension(1), q.dimension(2)},
                           "(B, H, Sq)");
     }
-    detail::sdpa_reference(q, k, v, out, lse, StridedView<Acc, 4>(), params, masks, device_);
+    if (options_.path == SdpaPath::kReference || detail::kPacketSize<T> == 1) {
+      detail::sdpa_reference(q, k, v, out, lse, StridedView<Acc, 4>(), params, masks, device_);
+      return;
+    }
+    detail::flash_attention(detail::KernelProblem<T>{q, k, v, out, lse, params, masks}, device_,
+                            workspace_, key_tile_);
+    if (params.empty_rows == EmptyRowPolicy::kAttendAll) attend_all_in_empty_rows(q, k, v, out, lse, params);
   }
 
   Tensor<T, 4> operator()(const ConstView<T, 4>& q, const ConstView<T, 4>& k,
@@ -105,9 +112,35 @@ class ScaledDotProductAttention {
     return out;
   }
 
+  // Keys per key tile of the fused kernel; 0 = the measured default. For tuning only:
+  // every value gives the same result up to rounding.
+  void set_key_tile(Index key_tile) { key_tile_ = std::max<Index>(0, key_tile); }
+
  private:
+  // KempnerForge's guard for rows whose mask allows no key: such a row attends to every
+  // key with no mask. Rare, so these rows are redone one by one on the reference path.
+  void attend_all_in_empty_rows(const ConstView<T, 4>& q, const ConstView<T, 4>& k,
+                                const ConstView<T, 4>& v, const StridedView<T, 4>& out,
+                                const StridedView<Acc, 3>& lse, detail::SdpaParams params) {
+    params.rules = detail::MaskRules{};
+    const Index n_rep = q.dimension(1) / k.dimension(1);
+    for (const auto& worker : workspace_.workers) {
+      for (const auto& [b, h, i] : worker.empty_rows) {
+        const ConstView<T, 4> kv_slice_k = k.narrow(0, b, 1).narrow(1, h / n_rep, 1);
+        const ConstView<T, 4> kv_slice_v = v.narrow(0, b, 1).narrow(1, h / n_rep, 1);
+        const StridedView<Acc, 3> row_lse =
+            lse.has_value() ? lse.narrow(0, b, 1).narrow(1, h, 1).narrow(2, i, 1) : lse;
+        detail::sdpa_reference(q.narrow(0, b, 1).narrow(1, h, 1).narrow(2, i, 1), kv_slice_k,
+                               kv_slice_v, out.narrow(0, b, 1).narrow(1, h, 1).narrow(2, i, 1),
+                               row_lse, StridedView<Acc, 4>(), params, Masks{}, nullptr);
+      }
+    }
+  }
+
   SdpaOptions options_;
   const Eigen::ThreadPoolDevice* device_ = nullptr;
+  Index key_tile_ = 0;
+  detail::KernelWorkspace<T> workspace_;
 };
 
 template <typename T>

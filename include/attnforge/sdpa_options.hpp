@@ -3,6 +3,7 @@
 
 #include <optional>
 
+#include "attnforge/mask.hpp"
 #include "attnforge/tensor.hpp"
 
 namespace attnforge {
@@ -23,6 +24,7 @@ enum class EmptyRowPolicy {
 enum class SdpaPath {
   kAuto,
   kReference,  // plain loops, double accumulation (the baseline the kernels are tested against)
+  kFused,      // the blocked online-softmax kernel (detail/sdpa_kernel.hpp)
 };
 
 struct SdpaOptions {
@@ -38,4 +40,15 @@ struct SdpaOptions {
   SdpaPath path = SdpaPath::kAuto;
 };
 
+namespace detail {
+
+// Options after defaults are resolved and validated; what the kernels receive.
+struct SdpaParams {
+  double scale = 1.0;
+  double softcap = 0.0;
+  MaskRules rules;
+  EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
+};
+
+}  // namespace detail
 }  // namespace attnforge

@@ -17,14 +17,6 @@
 
 namespace attnforge::detail {
 
-// Options after defaults are resolved and validated.
-struct SdpaParams {
-  double scale = 1.0;
-  double softcap = 0.0;
-  MaskRules rules;
-  EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
-};
-
 // q (B, H, Sq, D); k, v (B, Hkv, Skv, D); out (B, H, Sq, D). out, lse (B, H, Sq) and
 // probs (B, H, Sq, Skv) are each optional (absent views are neither computed nor written).
 template <typename T, typename KV, typename Acc>

@@ -1,0 +1,431 @@
+// The blocked online-softmax SDPA kernel (the hot path).
+//
+// Layout: a query tile holds `lanes` query rows, the n_rep heads that share one KV
+// head at `positions` consecutive positions (lane = position * heads + head), stored
+// transposed so queries run along the SIMD lanes:
+//   Qt (D x lanes)   queries, pre-scaled so scores come out in log2 units
+//   St (Nk x lanes)  scores of one key tile, then their softmax weights P
+//   Ot (D x lanes)   the unnormalised output accumulator
+// With queries along the lanes, both tile products are the same register-blocked
+// micro-kernel (a broadcast of K or V from its own row-major storage times a row of
+// Qt or Pt), K and V are read in place (a KVCache prefix included; nothing is packed or
+// repeated for GQA), and the softmax statistics of every query are plain vector ops.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attnforge/detail/parallel.hpp"
+#include "attnforge/detail/vec_math.hpp"
+#include "attnforge/mask.hpp"
+#include "attnforge/sdpa_options.hpp"
+#include "attnforge/tensor.hpp"
+
+#if defined(__clang__)
+#define ATTNFORGE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ATTNFORGE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define ATTNFORGE_UNROLL
+#endif
+
+namespace attnforge::detail {
+
+// Register blocking: kRows rows of K (or of V^T) times kLaneVectors packets of lanes,
+// kRows * kLaneVectors accumulators plus kLaneVectors operands in registers.
+template <typename T>
+struct Blocking {
+  using Packet = packet_t<T>;
+  static constexpr int kPacket = kPacketSize<T>;
+  static constexpr int kLaneVectors = 4;
+  static constexpr int kLanes = kLaneVectors * kPacket;
+  static constexpr int kRows = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 6 : 3;
+};
+
+// st[r][:] = sum_d k[r * ldk + d] * qt[d][:] for the R key rows at k.
+template <typename T, int R>
+EIGEN_ALWAYS_INLINE void score_block(const T* k, Index ldk, const T* qt, Index head_dim, T* st) {
+  using B = Blocking<T>;
+  using Packet = typename B::Packet;
+  Packet acc[R][B::kLaneVectors];
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) acc[r][c] = ei::pset1<Packet>(T(0));
+  }
+  for (Index d = 0; d < head_dim; ++d) {
+    Packet q[B::kLaneVectors];
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) q[c] = ei::pload<Packet>(qt + d * B::kLanes + c * B::kPacket);
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const Packet key = ei::pset1<Packet>(k[r * ldk + d]);
+      ATTNFORGE_UNROLL
+      for (int c = 0; c < B::kLaneVectors; ++c) acc[r][c] = ei::pmadd(key, q[c], acc[r][c]);
+    }
+  }
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) ei::pstore(st + r * B::kLanes + c * B::kPacket, acc[r][c]);
+  }
+}
+
+// ot[r][:] += sum_n v[n * ldv + r] * pt[n][:] for the R output dimensions at v.
+template <typename T, int R>
+EIGEN_ALWAYS_INLINE void accumulate_block(const T* v, Index ldv, const T* pt, Index n_keys, T* ot) {
+  using B = Blocking<T>;
+  using Packet = typename B::Packet;
+  Packet acc[R][B::kLaneVectors];
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) acc[r][c] = ei::pload<Packet>(ot + r * B::kLanes + c * B::kPacket);
+  }
+  for (Index n = 0; n < n_keys; ++n) {
+    Packet p[B::kLaneVectors];
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) p[c] = ei::pload<Packet>(pt + n * B::kLanes + c * B::kPacket);
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const Packet value = ei::pset1<Packet>(v[n * ldv + r]);
+      ATTNFORGE_UNROLL
+      for (int c = 0; c < B::kLaneVectors; ++c) acc[r][c] = ei::pmadd(value, p[c], acc[r][c]);
+    }
+  }
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) ei::pstore(ot + r * B::kLanes + c * B::kPacket, acc[r][c]);
+  }
+}
+
+// Calls f(std::integral_constant<int, rows>, first) over [0, n) in blocks of R rows,
+// the tail with the exact remainder so no row past n is read.
+template <int R, typename F>
+EIGEN_ALWAYS_INLINE void for_each_row_block(Index n, F&& f) {
+  Index first = 0;
+  for (; first + R <= n; first += R) f(std::integral_constant<int, R>{}, first);
+  if constexpr (R > 1) {
+    if (first < n) {
+      const Index rest = n - first;
+      if (rest == R - 1) {
+        f(std::integral_constant<int, R - 1>{}, first);
+      } else {
+        for_each_row_block<R - 1>(rest, [&](auto rows, Index offset) { f(rows, first + offset); });
+      }
+    }
+  }
+}
+
+// Where one query tile sits: its batch row, KV head, first head and first position.
+struct QueryTile {
+  Index batch;
+  Index kv_head;
+  Index head_group;
+  Index q_tile;
+};
+
+// Tiling of one call: derived from n_rep and the lane count (query side) and from the
+// measured key tile (key side).
+struct TileGeometry {
+  Index heads_per_tile;  // query heads of one KV group in a tile
+  Index head_groups;     // tiles needed to cover all n_rep heads (1 unless n_rep > lanes)
+  Index positions;       // query positions per tile
+  Index key_tile;        // keys per key tile
+};
+
+// Keys per key tile. Sweeping {32, 48, 64, 96, 128, 192, 256} on S = 2048, D = 128
+// (bench_prefill) put the optimum at 64-96; the St tile (key_tile x lanes) and a
+// K/V tile stay within L1/L2 at these sizes.
+inline Index default_key_tile(Index /*head_dim*/) { return 64; }
+
+template <typename T>
+TileGeometry tile_geometry(Index n_rep, Index head_dim, Index key_tile = 0) {
+  constexpr Index kLanes = Blocking<T>::kLanes;
+  TileGeometry g;
+  g.heads_per_tile = std::min(n_rep, kLanes);
+  g.head_groups = (n_rep + g.heads_per_tile - 1) / g.heads_per_tile;
+  g.positions = std::max<Index>(1, kLanes / g.heads_per_tile);
+  g.key_tile = key_tile > 0 ? key_tile : default_key_tile(head_dim);
+  return g;
+}
+
+// Per-worker scratch, sized once per call and reused across calls.
+template <typename T>
+struct KernelScratch {
+  using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+  Buffer q_tile;      // Qt, D x lanes
+  Buffer scores;      // St, key_tile x lanes
+  Buffer out_tile;    // Ot, D x lanes
+  Buffer row_max;     // lanes, running max in log2 units
+  Buffer row_sum;     // lanes
+  Buffer alpha;       // lanes, rescale factor of the current tile
+  std::vector<DocId> lane_docs;
+  std::vector<std::array<Index, 3>> empty_rows;  // (b, h, i) with no allowed key
+
+  void reserve(Index head_dim, Index key_tile) {
+    constexpr Index kLanes = Blocking<T>::kLanes;
+    q_tile.resize(static_cast<std::size_t>(head_dim * kLanes));
+    out_tile.resize(static_cast<std::size_t>(head_dim * kLanes));
+    scores.resize(static_cast<std::size_t>(key_tile * kLanes));
+    row_max.resize(kLanes);
+    row_sum.resize(kLanes);
+    alpha.resize(kLanes);
+    lane_docs.resize(kLanes);
+    empty_rows.clear();
+  }
+};
+
+// Everything a call needs, kept by the ScaledDotProductAttention object between calls.
+template <typename T>
+struct KernelWorkspace {
+  TilePlan plan;
+  std::vector<QueryTile> items;
+  std::vector<Index> item_cost;
+  std::vector<KernelScratch<T>> workers;
+};
+
+template <typename T>
+struct KernelProblem {
+  ConstView<T, 4> q;  // (B, H, Sq, D)
+  ConstView<T, 4> k;  // (B, Hkv, Skv, D)
+  ConstView<T, 4> v;  // (B, Hkv, Skv, D)
+  StridedView<T, 4> out;
+  StridedView<acc_t<T>, 3> lse;  // optional
+  SdpaParams params;
+  Masks masks;
+};
+
+// One query tile against all the key tiles its mask leaves.
+template <typename T, bool kSoftcap, bool kDocs, bool kPadding>
+void process_query_tile(const KernelProblem<T>& pb, const TilePlan& plan, const TileGeometry& geo,
+                        const QueryTile& tile, KernelScratch<T>& s) {
+  using B = Blocking<T>;
+  using Packet = typename B::Packet;
+  constexpr Index kLanes = B::kLanes;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr double kLog2e = 1.4426950408889634074;
+
+  const Index head_dim = pb.q.dimension(3);
+  const Index q_len = pb.q.dimension(2);
+  const Index kv_len = pb.k.dimension(2);
+  const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
+  const Index hpt = geo.heads_per_tile;
+  const Index first_head = tile.kv_head * n_rep + tile.head_group * hpt;
+  const Index heads = std::min(hpt, n_rep - tile.head_group * hpt);
+  const Index p0 = tile.q_tile * geo.positions;
+  const Index n_positions = std::min(geo.positions, q_len - p0);
+  const Index q_offset = kv_len - q_len;
+  const BatchMask mask = batch_mask(pb.params.rules, pb.masks, tile.batch, q_len, kv_len);
+
+  // 1. Qt. Without softcap the log2(e) factor of exp -> exp2 is folded into the scale.
+  const T q_scale = static_cast<T>(kSoftcap ? pb.params.scale : pb.params.scale * kLog2e);
+  T* qt = s.q_tile.data();
+  for (Index lane = 0; lane < kLanes; ++lane) {
+    const Index p = lane / hpt;
+    const Index hl = lane % hpt;
+    if (p < n_positions && hl < heads && lane < geo.positions * hpt) {
+      const T* q_row = pb.q.row(tile.batch, first_head + hl, p0 + p);
+      for (Index d = 0; d < head_dim; ++d) qt[d * kLanes + lane] = q_row[d] * q_scale;
+      if constexpr (kDocs) s.lane_docs[lane] = mask.q_docs[p0 + p];
+    } else {
+      for (Index d = 0; d < head_dim; ++d) qt[d * kLanes + lane] = T(0);
+    }
+  }
+  T* ot = s.out_tile.data();
+  std::fill(s.out_tile.begin(), s.out_tile.end(), T(0));
+  std::fill(s.row_max.begin(), s.row_max.end(), kNegInf);
+  std::fill(s.row_sum.begin(), s.row_sum.end(), T(0));
+
+  T* st = s.scores.data();
+  const Index ldk = pb.k.stride(2);
+  const Index ldv = pb.v.stride(2);
+  const auto [kt_first, kt_last] = plan.key_tile_range(tile.q_tile);
+  for (Index kt = kt_first; kt < kt_last; ++kt) {
+    const TileClass cls = plan.classify(tile.batch, tile.q_tile, kt);
+    if (cls == TileClass::kEmpty) continue;
+    const Index n0 = kt * geo.key_tile;
+    const Index n_keys = std::min(geo.key_tile, kv_len - n0);
+
+    // 2. St = K Qt.
+    const T* k_tile = pb.k.row(tile.batch, tile.kv_head, n0);
+    for_each_row_block<B::kRows>(n_keys, [&](auto rows, Index r0) {
+      score_block<T, decltype(rows)::value>(k_tile + r0 * ldk, ldk, qt, head_dim, st + r0 * kLanes);
+    });
+    if constexpr (kSoftcap) {
+      const Packet inv_cap = ei::pset1<Packet>(static_cast<T>(1.0 / pb.params.softcap));
+      const Packet cap = ei::pset1<Packet>(static_cast<T>(pb.params.softcap * kLog2e));
+      for (Index i = 0; i < n_keys * kLanes; i += B::kPacket) {
+        ei::pstore(st + i, ei::pmul(cap, tanh(ei::pmul(ei::pload<Packet>(st + i), inv_cap))));
+      }
+    }
+
+    // 3. Mask (partial tiles only). Lanes are position-major, so the positional rules
+    // leave each key row one contiguous lane interval [lane_lo, lane_hi).
+    if (cls == TileClass::kPartial) {
+      for (Index n = 0; n < n_keys; ++n) {
+        const Index j = n0 + n;
+        T* row = st + n * kLanes;
+        Index lane_lo = 0;
+        Index lane_hi = geo.positions * hpt;
+        if (mask.causal) lane_lo = std::clamp<Index>(j - q_offset - p0, 0, geo.positions) * hpt;
+        if (mask.window > 0) {
+          lane_hi = std::clamp<Index>(j - q_offset + mask.window - p0, 0, geo.positions) * hpt;
+        }
+        if constexpr (kPadding) {
+          if (!mask.key_allowed[j]) lane_hi = 0;
+        }
+        lane_lo = std::min(lane_lo, lane_hi);
+        std::fill(row, row + lane_lo, kNegInf);
+        std::fill(row + lane_hi, row + kLanes, kNegInf);
+        if constexpr (kDocs) {
+          const DocId key_doc = mask.kv_docs[j];
+          for (Index lane = lane_lo; lane < lane_hi; ++lane) {
+            if (s.lane_docs[lane] != key_doc) row[lane] = kNegInf;
+          }
+        }
+      }
+    }
+
+    // 4. Online softmax. A lane that has seen no allowed key yet has max -inf; its
+    // exponentials are taken relative to 0 instead, so exp2(-inf - 0) = 0 and no
+    // -inf - (-inf) = NaN arises; its sum stays 0 until an allowed key arrives.
+    bool rescale = false;
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) {
+      const Index lane = c * B::kPacket;
+      Packet tile_max = ei::pset1<Packet>(kNegInf);
+      for (Index n = 0; n < n_keys; ++n) tile_max = ei::pmax(tile_max, ei::pload<Packet>(st + n * kLanes + lane));
+      const Packet old_max = ei::pload<Packet>(s.row_max.data() + lane);
+      const Packet new_max = ei::pmax(old_max, tile_max);
+      const Packet neg_inf = ei::pset1<Packet>(kNegInf);
+      const Packet ref = ei::pselect(ei::pcmp_eq(new_max, neg_inf), ei::pzero(new_max), new_max);
+      const Packet alpha = exp2(ei::psub(old_max, ref));
+      Packet sum = ei::pzero(new_max);
+      for (Index n = 0; n < n_keys; ++n) {
+        T* p = st + n * kLanes + lane;
+        const Packet weight = exp2(ei::psub(ei::pload<Packet>(p), ref));
+        ei::pstore(p, weight);
+        sum = ei::padd(sum, weight);
+      }
+      ei::pstore(s.row_sum.data() + lane, ei::pmadd(ei::pload<Packet>(s.row_sum.data() + lane), alpha, sum));
+      ei::pstore(s.row_max.data() + lane, new_max);
+      ei::pstore(s.alpha.data() + lane, alpha);
+      rescale |= ei::predux_any(ei::pcmp_lt(old_max, new_max));
+    }
+    if (rescale) {
+      for (Index d = 0; d < head_dim; ++d) {
+        ATTNFORGE_UNROLL
+        for (int c = 0; c < B::kLaneVectors; ++c) {
+          T* o = ot + d * kLanes + c * B::kPacket;
+          ei::pstore(o, ei::pmul(ei::pload<Packet>(o), ei::pload<Packet>(s.alpha.data() + c * B::kPacket)));
+        }
+      }
+    }
+
+    // 5. Ot += V^T Pt.
+    const T* v_tile = pb.v.row(tile.batch, tile.kv_head, n0);
+    for_each_row_block<B::kRows>(head_dim, [&](auto rows, Index d0) {
+      accumulate_block<T, decltype(rows)::value>(v_tile + d0, ldv, st, n_keys, ot + d0 * kLanes);
+    });
+  }
+
+  // 6. out = Ot^T / row_sum; lse = ln 2 * (max + log2(sum)). A row with no allowed key
+  // has sum 0: output 0 and lse -inf (the kZeros policy), recorded for kAttendAll.
+  using Acc = acc_t<T>;
+  for (Index lane = 0; lane < geo.positions * hpt; ++lane) {
+    const Index p = lane / hpt;
+    const Index hl = lane % hpt;
+    if (p >= n_positions || hl >= heads) continue;
+    const Index h = first_head + hl;
+    const Index i = p0 + p;
+    T* o = pb.out.row(tile.batch, h, i);
+    const T sum = s.row_sum[lane];
+    if (sum > T(0)) {
+      const T inv_sum = T(1) / sum;
+      for (Index d = 0; d < head_dim; ++d) o[d] = ot[d * kLanes + lane] * inv_sum;
+      if (pb.lse.has_value()) {
+        pb.lse(tile.batch, h, i) = static_cast<Acc>(
+            (static_cast<double>(s.row_max[lane]) + std::log2(static_cast<double>(sum))) /
+            kLog2e);
+      }
+    } else {
+      std::fill(o, o + head_dim, T(0));
+      if (pb.lse.has_value()) pb.lse(tile.batch, h, i) = -std::numeric_limits<Acc>::infinity();
+      s.empty_rows.push_back({tile.batch, h, i});
+    }
+  }
+}
+
+// Runs the kernel over all query tiles on the caller's pool. Returns, through
+// ws.workers[*].empty_rows, the rows that had no allowed key.
+template <typename T>
+void flash_attention(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* device,
+                     KernelWorkspace<T>& ws, Index key_tile = 0) {
+  const Index batch = pb.q.dimension(0);
+  const Index q_len = pb.q.dimension(2);
+  const Index head_dim = pb.q.dimension(3);
+  const Index n_kv_heads = pb.k.dimension(1);
+  const Index n_rep = pb.q.dimension(1) / n_kv_heads;
+  const TileGeometry geo = tile_geometry<T>(n_rep, head_dim, key_tile);
+  ws.plan.build(pb.params.rules, pb.masks, batch, q_len, pb.k.dimension(2), geo.positions,
+                geo.key_tile);
+
+  // Work items ordered by cost (non-empty key tiles), most expensive first, so uneven
+  // causal/document work balances across workers. Each item is computed the same way
+  // whichever worker takes it: the result does not depend on the thread count.
+  ws.items.clear();
+  ws.item_cost.clear();
+  for (Index b = 0; b < batch; ++b) {
+    for (Index qt = 0; qt < ws.plan.q_tiles(); ++qt) {
+      const Index cost = ws.plan.active_key_tiles(b, qt);
+      for (Index kv_head = 0; kv_head < n_kv_heads; ++kv_head) {
+        for (Index group = 0; group < geo.head_groups; ++group) {
+          ws.items.push_back({b, kv_head, group, qt});
+          ws.item_cost.push_back(cost);
+        }
+      }
+    }
+  }
+  std::vector<Index> order(ws.items.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = static_cast<Index>(i);
+  std::stable_sort(order.begin(), order.end(),
+                   [&](Index a, Index b) { return ws.item_cost[a] > ws.item_cost[b]; });
+
+  ws.workers.resize(static_cast<std::size_t>(worker_count(device)));
+  for (KernelScratch<T>& s : ws.workers) s.reserve(head_dim, geo.key_tile);
+
+  const auto run = [&](auto softcap, auto docs, auto padding) {
+    parallel_for_items(device, static_cast<Index>(order.size()), [&](int worker, Index item) {
+      process_query_tile<T, decltype(softcap)::value, decltype(docs)::value, decltype(padding)::value>(
+          pb, ws.plan, geo, ws.items[static_cast<std::size_t>(order[item])],
+          ws.workers[static_cast<std::size_t>(worker)]);
+    });
+  };
+  const auto with_padding = [&](auto softcap, auto docs) {
+    if (pb.masks.key_padding_mask.has_value()) {
+      run(softcap, docs, std::true_type{});
+    } else {
+      run(softcap, docs, std::false_type{});
+    }
+  };
+  const auto with_docs = [&](auto softcap) {
+    if (pb.masks.doc_ids.has_value()) {
+      with_padding(softcap, std::true_type{});
+    } else {
+      with_padding(softcap, std::false_type{});
+    }
+  };
+  if (pb.params.softcap > 0.0) {
+    with_docs(std::true_type{});
+  } else {
+    with_docs(std::false_type{});
+  }
+}
+
+}  // namespace attnforge::detail

@@ -1,0 +1,87 @@
+// Vectorized math on Eigen packets (AVX-512, AVX2, SSE, NEON, or scalar), with the
+// accuracy each function guarantees. tests/test_vec_math.cpp checks every claim.
+#pragma once
+
+#include <Eigen/Core>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+namespace attnforge::detail {
+
+namespace ei = Eigen::internal;
+
+// The widest packet Eigen uses for T under the current compiler flags.
+template <typename T>
+using packet_t = typename ei::packet_traits<T>::type;
+template <typename T>
+inline constexpr int kPacketSize = ei::unpacket_traits<packet_t<T>>::size;
+
+// Degree of the Taylor polynomial of 2^f = e^(f ln 2) on f in [-1/2, 1/2]. The
+// truncation error is (ln2 / 2)^(n+1) / (n+1)! * sqrt(2): 7.3e-9 for float with n = 7
+// (0.06 ulp), 4e-18 for double with n = 13, so the result is limited by rounding in
+// Horner's scheme, not by the polynomial.
+template <typename T>
+inline constexpr int kExp2Degree = sizeof(T) == 4 ? 7 : 13;
+
+// ln2^k / k!
+constexpr double exp2_taylor_coefficient(int k) {
+  double c = 1.0;
+  for (int i = 1; i <= k; ++i) c *= 0.693147180559945309417232121458 / i;
+  return c;
+}
+
+// exp2(x) for a packet.
+//   float:  max relative error 1 ulp (1.2e-7) for x in [-126, 128);
+//   double: max relative error 1 ulp (2.2e-16) for x in [-1022, 1024).
+// Below the normal range (x < -126, resp. -1022, including -inf) the result is exactly
+// 0: softmax weights that small are below the precision of any sum they join, and
+// exp2(-inf) == 0 is what masked scores rely on. Above the range the result is +inf.
+// NaN gives an unspecified value (no trap, no out-of-range access).
+template <typename Packet>
+EIGEN_STRONG_INLINE Packet exp2(const Packet& x) {
+  using Scalar = typename ei::unpacket_traits<Packet>::type;
+  constexpr Scalar kMaxExponent = Scalar(std::numeric_limits<Scalar>::max_exponent);  // 128
+  constexpr Scalar kMinExponent = Scalar(std::numeric_limits<Scalar>::min_exponent - 1);  // -126
+  const Packet lo = ei::pset1<Packet>(kMinExponent);
+  const Packet clamped = ei::pmin(ei::pmax(x, lo), ei::pset1<Packet>(kMaxExponent));
+  const Packet n = ei::print(clamped);
+  const Packet f = ei::psub(clamped, n);
+  Packet poly = ei::pset1<Packet>(Scalar(exp2_taylor_coefficient(kExp2Degree<Scalar>)));
+  for (int k = kExp2Degree<Scalar> - 1; k >= 0; --k) {
+    poly = ei::pmadd(poly, f, ei::pset1<Packet>(Scalar(exp2_taylor_coefficient(k))));
+  }
+  Packet result;
+  if constexpr (std::is_same_v<Scalar, float>) {
+    // 2^n built directly in the exponent field; n = 128 (overflow) is split as
+    // 2^(n-1) * 2 so the biased exponent stays representable.
+    using PacketI = typename ei::unpacket_traits<Packet>::integer_packet;
+    const Packet n_low = ei::pmin(n, ei::pset1<Packet>(kMaxExponent - 1));
+    const PacketI biased = ei::pcast<Packet, PacketI>(ei::padd(n_low, ei::pset1<Packet>(127.0f)));
+    const Packet two_n = ei::preinterpret<Packet>(ei::plogical_shift_left<23>(biased));
+    result = ei::pmul(ei::pmul(poly, two_n), ei::padd(ei::pset1<Packet>(1.0f), ei::psub(n, n_low)));
+  } else {
+    result = ei::pldexp(poly, n);  // Eigen has no integer packet for double
+  }
+  // Flush everything below the normal range (and -inf) to exactly 0.
+  return ei::pselect(ei::pcmp_lt(x, lo), ei::pzero(x), result);
+}
+
+// tanh(x) for a packet. For float this is Eigen's rational approximation
+// (generic_fast_tanh_float): max absolute error 2e-7 (checked by the test), and it is
+// what the softcap uses; other types evaluate std::tanh lane by lane.
+template <typename Packet>
+EIGEN_STRONG_INLINE Packet tanh(const Packet& x) {
+  using Scalar = typename ei::unpacket_traits<Packet>::type;
+  if constexpr (std::is_same_v<Scalar, float>) {
+    return ei::ptanh(x);
+  } else {
+    constexpr int kSize = ei::unpacket_traits<Packet>::size;
+    alignas(64) Scalar lanes[kSize];
+    ei::pstoreu(lanes, x);
+    for (int i = 0; i < kSize; ++i) lanes[i] = std::tanh(lanes[i]);
+    return ei::ploadu<Packet>(lanes);
+  }
+}
+
+}  // namespace attnforge::detail
