@@ -25,6 +25,12 @@
 #include "attnforge/sdpa_options.hpp"
 #include "attnforge/tensor.hpp"
 
+// PacketBlock<__m512> drops the vector type's alignment attribute in the template
+// argument; harmless here (the blocks live in registers), and Eigen silences it too.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
 #if defined(__clang__)
 #define ATTNFORGE_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
@@ -118,6 +124,60 @@ EIGEN_ALWAYS_INLINE void for_each_row_block(Index n, F&& f) {
       } else {
         for_each_row_block<R - 1>(rest, [&](auto rows, Index offset) { f(rows, first + offset); });
       }
+    }
+  }
+}
+
+// qt[d][lane] = rows[lane][d] * scale for d < head_dim (0 for lanes whose row is null),
+// transposing one packet-square block at a time.
+template <typename T>
+void pack_transposed(const T* const* rows, Index head_dim, T scale, T* qt) {
+  using B = Blocking<T>;
+  using Packet = typename B::Packet;
+  constexpr int kP = B::kPacket;
+  const Packet scale_p = ei::pset1<Packet>(scale);
+  Index d = 0;
+  for (; d + kP <= head_dim; d += kP) {
+    for (int c = 0; c < B::kLaneVectors; ++c) {
+      ei::PacketBlock<Packet, kP> block;
+      for (int i = 0; i < kP; ++i) {
+        const T* row = rows[c * kP + i];
+        block.packet[i] = row ? ei::ploadu<Packet>(row + d) : ei::pzero(scale_p);
+      }
+      ei::ptranspose(block);
+      for (int i = 0; i < kP; ++i) {
+        ei::pstore(qt + (d + i) * B::kLanes + c * kP, ei::pmul(block.packet[i], scale_p));
+      }
+    }
+  }
+  for (; d < head_dim; ++d) {
+    for (int lane = 0; lane < B::kLanes; ++lane) {
+      qt[d * B::kLanes + lane] = rows[lane] ? rows[lane][d] * scale : T(0);
+    }
+  }
+}
+
+// rows[lane][d] = ot[d][lane] * inv_sum[lane] for the lanes whose row is not null.
+template <typename T>
+void unpack_transposed(const T* ot, Index head_dim, const T* inv_sum, T* const* rows) {
+  using B = Blocking<T>;
+  using Packet = typename B::Packet;
+  constexpr int kP = B::kPacket;
+  Index d = 0;
+  for (; d + kP <= head_dim; d += kP) {
+    for (int c = 0; c < B::kLaneVectors; ++c) {
+      ei::PacketBlock<Packet, kP> block;
+      for (int i = 0; i < kP; ++i) block.packet[i] = ei::pload<Packet>(ot + (d + i) * B::kLanes + c * kP);
+      ei::ptranspose(block);
+      for (int i = 0; i < kP; ++i) {
+        T* row = rows[c * kP + i];
+        if (row) ei::pstoreu(row + d, ei::pmul(block.packet[i], ei::pset1<Packet>(inv_sum[c * kP + i])));
+      }
+    }
+  }
+  for (; d < head_dim; ++d) {
+    for (int lane = 0; lane < B::kLanes; ++lane) {
+      if (rows[lane]) rows[lane][d] = ot[d * B::kLanes + lane] * inv_sum[lane];
     }
   }
 }
@@ -226,17 +286,15 @@ void process_query_tile(const KernelProblem<T>& pb, const TilePlan& plan, const 
   // 1. Qt. Without softcap the log2(e) factor of exp -> exp2 is folded into the scale.
   const T q_scale = static_cast<T>(kSoftcap ? pb.params.scale : pb.params.scale * kLog2e);
   T* qt = s.q_tile.data();
+  const T* lane_rows[kLanes];
   for (Index lane = 0; lane < kLanes; ++lane) {
     const Index p = lane / hpt;
     const Index hl = lane % hpt;
-    if (p < n_positions && hl < heads && lane < geo.positions * hpt) {
-      const T* q_row = pb.q.row(tile.batch, first_head + hl, p0 + p);
-      for (Index d = 0; d < head_dim; ++d) qt[d * kLanes + lane] = q_row[d] * q_scale;
-      if constexpr (kDocs) s.lane_docs[lane] = mask.q_docs[p0 + p];
-    } else {
-      for (Index d = 0; d < head_dim; ++d) qt[d * kLanes + lane] = T(0);
-    }
+    const bool valid = p < n_positions && hl < heads && lane < geo.positions * hpt;
+    lane_rows[lane] = valid ? pb.q.row(tile.batch, first_head + hl, p0 + p) : nullptr;
+    if constexpr (kDocs) s.lane_docs[lane] = valid ? mask.q_docs[p0 + p] : DocId(0);
   }
+  pack_transposed<T>(lane_rows, head_dim, q_scale, qt);
   T* ot = s.out_tile.data();
   std::fill(s.out_tile.begin(), s.out_tile.end(), T(0));
   std::fill(s.row_max.begin(), s.row_max.end(), kNegInf);
@@ -292,31 +350,33 @@ void process_query_tile(const KernelProblem<T>& pb, const TilePlan& plan, const 
       }
     }
 
-    // 4. Online softmax. A lane that has seen no allowed key yet has max -inf; its
-    // exponentials are taken relative to 0 instead, so exp2(-inf - 0) = 0 and no
-    // -inf - (-inf) = NaN arises; its sum stays 0 until an allowed key arrives.
+    // 4. Online softmax with a lazily moved reference. Weights are exp2(score - ref);
+    // ref only moves (and Ot, row_sum are rescaled by exp2(old - new)) when a lane's
+    // tile max exceeds it by more than kRescaleThreshold, so weights stay <= 2^8 and
+    // cannot overflow, and the rescale pass over Ot is rare after the first tiles.
+    // Out and lse use the same ref, so the result is the exact softmax either way.
+    // A lane that has seen no allowed key has ref -inf; its exponentials are taken
+    // relative to 0 instead, so exp2(-inf - 0) = 0 and no -inf - (-inf) = NaN arises.
+    constexpr T kRescaleThreshold = T(8);
     bool rescale = false;
     ATTNFORGE_UNROLL
     for (int c = 0; c < B::kLaneVectors; ++c) {
       const Index lane = c * B::kPacket;
       Packet tile_max = ei::pset1<Packet>(kNegInf);
       for (Index n = 0; n < n_keys; ++n) tile_max = ei::pmax(tile_max, ei::pload<Packet>(st + n * kLanes + lane));
-      const Packet old_max = ei::pload<Packet>(s.row_max.data() + lane);
-      const Packet new_max = ei::pmax(old_max, tile_max);
-      const Packet neg_inf = ei::pset1<Packet>(kNegInf);
-      const Packet ref = ei::pselect(ei::pcmp_eq(new_max, neg_inf), ei::pzero(new_max), new_max);
-      const Packet alpha = exp2(ei::psub(old_max, ref));
-      Packet sum = ei::pzero(new_max);
-      for (Index n = 0; n < n_keys; ++n) {
-        T* p = st + n * kLanes + lane;
-        const Packet weight = exp2(ei::psub(ei::pload<Packet>(p), ref));
-        ei::pstore(p, weight);
-        sum = ei::padd(sum, weight);
+      const Packet old_ref = ei::pload<Packet>(s.row_max.data() + lane);
+      const Packet moves = ei::pcmp_lt(ei::padd(old_ref, ei::pset1<Packet>(kRescaleThreshold)), tile_max);
+      if (ei::predux_any(moves)) {
+        const Packet new_ref = ei::pselect(moves, tile_max, old_ref);
+        const Packet base = ei::pselect(ei::pcmp_eq(new_ref, ei::pset1<Packet>(kNegInf)), ei::pzero(new_ref), new_ref);
+        const Packet alpha = exp2(ei::psub(old_ref, base));
+        ei::pstore(s.row_sum.data() + lane, ei::pmul(ei::pload<Packet>(s.row_sum.data() + lane), alpha));
+        ei::pstore(s.row_max.data() + lane, new_ref);
+        ei::pstore(s.alpha.data() + lane, alpha);
+        rescale = true;
+      } else {
+        ei::pstore(s.alpha.data() + lane, ei::pset1<Packet>(T(1)));
       }
-      ei::pstore(s.row_sum.data() + lane, ei::pmadd(ei::pload<Packet>(s.row_sum.data() + lane), alpha, sum));
-      ei::pstore(s.row_max.data() + lane, new_max);
-      ei::pstore(s.alpha.data() + lane, alpha);
-      rescale |= ei::predux_any(ei::pcmp_lt(old_max, new_max));
     }
     if (rescale) {
       for (Index d = 0; d < head_dim; ++d) {
@@ -327,6 +387,20 @@ void process_query_tile(const KernelProblem<T>& pb, const TilePlan& plan, const 
         }
       }
     }
+    ATTNFORGE_UNROLL
+    for (int c = 0; c < B::kLaneVectors; ++c) {
+      const Index lane = c * B::kPacket;
+      const Packet ref = ei::pload<Packet>(s.row_max.data() + lane);
+      const Packet base = ei::pselect(ei::pcmp_eq(ref, ei::pset1<Packet>(kNegInf)), ei::pzero(ref), ref);
+      Packet sum = ei::pzero(ref);
+      for (Index n = 0; n < n_keys; ++n) {
+        T* p = st + n * kLanes + lane;
+        const Packet weight = exp2(ei::psub(ei::pload<Packet>(p), base));
+        ei::pstore(p, weight);
+        sum = ei::padd(sum, weight);
+      }
+      ei::pstore(s.row_sum.data() + lane, ei::padd(ei::pload<Packet>(s.row_sum.data() + lane), sum));
+    }
 
     // 5. Ot += V^T Pt.
     const T* v_tile = pb.v.row(tile.batch, tile.kv_head, n0);
@@ -335,31 +409,33 @@ void process_query_tile(const KernelProblem<T>& pb, const TilePlan& plan, const 
     });
   }
 
-  // 6. out = Ot^T / row_sum; lse = ln 2 * (max + log2(sum)). A row with no allowed key
+  // 6. out = Ot^T / row_sum; lse = ln 2 * (ref + log2(sum)). A row with no allowed key
   // has sum 0: output 0 and lse -inf (the kZeros policy), recorded for kAttendAll.
   using Acc = acc_t<T>;
-  for (Index lane = 0; lane < geo.positions * hpt; ++lane) {
+  T* out_rows[kLanes];
+  T inv_sum[kLanes];
+  for (Index lane = 0; lane < kLanes; ++lane) {
     const Index p = lane / hpt;
     const Index hl = lane % hpt;
-    if (p >= n_positions || hl >= heads) continue;
+    out_rows[lane] = nullptr;
+    inv_sum[lane] = T(0);
+    if (p >= n_positions || hl >= heads || lane >= geo.positions * hpt) continue;
     const Index h = first_head + hl;
     const Index i = p0 + p;
-    T* o = pb.out.row(tile.batch, h, i);
+    out_rows[lane] = pb.out.row(tile.batch, h, i);
     const T sum = s.row_sum[lane];
     if (sum > T(0)) {
-      const T inv_sum = T(1) / sum;
-      for (Index d = 0; d < head_dim; ++d) o[d] = ot[d * kLanes + lane] * inv_sum;
+      inv_sum[lane] = T(1) / sum;
       if (pb.lse.has_value()) {
         pb.lse(tile.batch, h, i) = static_cast<Acc>(
-            (static_cast<double>(s.row_max[lane]) + std::log2(static_cast<double>(sum))) /
-            kLog2e);
+            (static_cast<double>(s.row_max[lane]) + std::log2(static_cast<double>(sum))) / kLog2e);
       }
     } else {
-      std::fill(o, o + head_dim, T(0));
       if (pb.lse.has_value()) pb.lse(tile.batch, h, i) = -std::numeric_limits<Acc>::infinity();
       s.empty_rows.push_back({tile.batch, h, i});
     }
   }
+  unpack_transposed<T>(ot, head_dim, inv_sum, out_rows);
 }
 
 // Runs the kernel over all query tiles on the caller's pool. Returns, through
