@@ -47,9 +47,14 @@ template <typename T>
 struct Blocking {
   using Packet = packet_t<T>;
   static constexpr int kPacket = kPacketSize<T>;
+#ifdef ATTNFORGE_LANE_VECTORS
+  static constexpr int kLaneVectors = ATTNFORGE_LANE_VECTORS;
+  static constexpr int kRows = ATTNFORGE_ROWS;
+#else
   static constexpr int kLaneVectors = 4;
-  static constexpr int kLanes = kLaneVectors * kPacket;
   static constexpr int kRows = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS >= 32 ? 6 : 3;
+#endif
+  static constexpr int kLanes = kLaneVectors * kPacket;
 };
 
 // st[r][:] = sum_d k[r * ldk + d] * qt[d][:] for the R key rows at k.
@@ -110,21 +115,25 @@ EIGEN_ALWAYS_INLINE void accumulate_block(const T* v, Index ldv, const T* pt, In
   }
 }
 
-// Calls f(std::integral_constant<int, rows>, first) over [0, n) in blocks of R rows,
-// the tail with the exact remainder so no row past n is read.
+// Calls f(std::integral_constant<int, rows>, first) over [0, n) in blocks of at most R
+// rows. The blocks are balanced (sizes R and R - 1 where possible, e.g. 128 = 18 x 6 +
+// 4 x 5) because a short tail block runs its FMAs at a fraction of the rate.
 template <int R, typename F>
 EIGEN_ALWAYS_INLINE void for_each_row_block(Index n, F&& f) {
+  const Index blocks = (n + R - 1) / R;
   Index first = 0;
-  for (; first + R <= n; first += R) f(std::integral_constant<int, R>{}, first);
   if constexpr (R > 1) {
-    if (first < n) {
-      const Index rest = n - first;
-      if (rest == R - 1) {
-        f(std::integral_constant<int, R - 1>{}, first);
-      } else {
-        for_each_row_block<R - 1>(rest, [&](auto rows, Index offset) { f(rows, first + offset); });
-      }
+    // blocks * R - n blocks of R - 1 rows (when that many exist), the rest of R rows.
+    const Index short_blocks = std::min(blocks * R - n, blocks);
+    if (short_blocks * (R - 1) + (blocks - short_blocks) * R == n) {
+      for (Index b = 0; b < blocks - short_blocks; ++b, first += R) f(std::integral_constant<int, R>{}, first);
+      for (Index b = 0; b < short_blocks; ++b, first += R - 1) f(std::integral_constant<int, R - 1>{}, first);
+      return;
     }
+    for (; first + R <= n; first += R) f(std::integral_constant<int, R>{}, first);
+    if (first < n) for_each_row_block<R - 1>(n - first, [&](auto rows, Index offset) { f(rows, first + offset); });
+  } else {
+    for (; first < n; ++first) f(std::integral_constant<int, 1>{}, first);
   }
 }
 

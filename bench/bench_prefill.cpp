@@ -1,0 +1,179 @@
+// Prefill attention (Sq = Skv = S, causal), fp32, B = 1, H = 32, Hkv = 8: the fused
+// kernel against the reference path, a materialised-scores Eigen baseline, an Eigen
+// GEMM of one head's Q K^T shape and the FMA peak, all in the same run.
+//
+//   bench_prefill --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+//
+// Every row reports GFLOP/s; for attention rows it is the effective rate
+// 4 * H * D * (allowed query-key pairs) / time, so masked-out work never counts.
+#include <cmath>
+#include <limits>
+#include <memory>
+
+#include "bench_util.hpp"
+
+namespace {
+
+using attnforge::Index;
+using attnforge::Tensor;
+namespace af = attnforge;
+namespace bench = attnforge::bench;
+
+constexpr Index kHeads = 32;
+constexpr Index kKvHeads = 8;
+
+struct Inputs {
+  Index seq_len = 0;
+  Index head_dim = 0;
+  Tensor<float, 4> q, k, v, out;
+};
+
+// Inputs of the current shape, kept between benchmarks of the same shape (S = 8192 is
+// 320 MiB of q, k, v and out).
+Inputs& inputs_for(Index seq_len, Index head_dim) {
+  static std::unique_ptr<Inputs> cached;
+  if (!cached || cached->seq_len != seq_len || cached->head_dim != head_dim) {
+    cached.reset();
+    cached = std::make_unique<Inputs>();
+    cached->seq_len = seq_len;
+    cached->head_dim = head_dim;
+    cached->q = bench::random_tensor<float, 4>({1, kHeads, seq_len, head_dim}, 1);
+    cached->k = bench::random_tensor<float, 4>({1, kKvHeads, seq_len, head_dim}, 2);
+    cached->v = bench::random_tensor<float, 4>({1, kKvHeads, seq_len, head_dim}, 3);
+    cached->out = Tensor<float, 4>(1, kHeads, seq_len, head_dim);
+  }
+  return *cached;
+}
+
+double inputs_mib(const Inputs& in) {
+  return static_cast<double>(in.q.size() + in.k.size() + in.v.size() + in.out.size()) *
+         sizeof(float) / (1024.0 * 1024.0);
+}
+
+void set_attention_counters(benchmark::State& state, Index seq_len, Index head_dim) {
+  const double flops = 4.0 * kHeads * static_cast<double>(head_dim) *
+                       bench::causal_pairs(seq_len, seq_len);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9 * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+}
+
+void run_sdpa(benchmark::State& state, Index seq_len, Index head_dim, int threads,
+              af::SdpaPath path) {
+  Inputs& in = inputs_for(seq_len, head_dim);
+  af::SdpaOptions options;
+  options.causal = true;
+  options.path = path;
+  af::Sdpa<float> sdpa(options, bench::device_for(threads));
+  sdpa(in.q, in.k, in.v, af::StridedView<float, 4>(in.out));  // sizes the scratch once
+  bench::reset_peak_memory();
+  for (auto _ : state) {
+    sdpa(in.q, in.k, in.v, af::StridedView<float, 4>(in.out));
+    benchmark::ClobberMemory();
+  }
+  set_attention_counters(state, seq_len, head_dim);
+  state.counters["peak_MiB"] = bench::peak_memory_mib();
+  state.counters["inputs_MiB"] = inputs_mib(in);
+}
+
+// What a user would write with Eigen alone: per head, the full S x S score matrix by
+// an Eigen product, the causal mask, a row softmax, then the product with V.
+void run_eigen_naive(benchmark::State& state, Index seq_len, Index head_dim) {
+  using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using ConstMap = Eigen::Map<const Matrix>;
+  Inputs& in = inputs_for(seq_len, head_dim);
+  const Index n_rep = kHeads / kKvHeads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  const Index head_size = seq_len * head_dim;
+  Matrix scores(seq_len, seq_len);
+  bench::reset_peak_memory();
+  for (auto _ : state) {
+    for (Index h = 0; h < kHeads; ++h) {
+      const ConstMap q(in.q.data() + h * head_size, seq_len, head_dim);
+      const ConstMap k(in.k.data() + (h / n_rep) * head_size, seq_len, head_dim);
+      const ConstMap v(in.v.data() + (h / n_rep) * head_size, seq_len, head_dim);
+      Eigen::Map<Matrix> out(in.out.data() + h * head_size, seq_len, head_dim);
+      scores.noalias() = q * k.transpose();
+      scores *= scale;
+      for (Index i = 0; i < seq_len; ++i) {
+        auto row = scores.row(i);
+        row.tail(seq_len - i - 1).setConstant(-std::numeric_limits<float>::infinity());
+        const float row_max = row.maxCoeff();
+        row = (row.array() - row_max).exp().matrix();
+        row /= row.sum();
+      }
+      out.noalias() = scores * v;
+    }
+    benchmark::ClobberMemory();
+  }
+  set_attention_counters(state, seq_len, head_dim);
+  state.counters["peak_MiB"] = bench::peak_memory_mib();
+  state.counters["inputs_MiB"] = inputs_mib(in);
+}
+
+// One head's Q K^T shape (S x D by D x S) as a plain Eigen GEMM: the "just call GEMM"
+// yardstick. GFLOP/s here are real FLOPs, 2 * S * S * D.
+void run_gemm_yardstick(benchmark::State& state, Index seq_len, Index head_dim) {
+  using Matrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Inputs& in = inputs_for(seq_len, head_dim);
+  const Eigen::Map<const Matrix> q(in.q.data(), seq_len, head_dim);
+  const Eigen::Map<const Matrix> k(in.k.data(), seq_len, head_dim);
+  Matrix scores(seq_len, seq_len);
+  for (auto _ : state) {
+    scores.noalias() = q * k.transpose();
+    benchmark::DoNotOptimize(scores.data());
+    benchmark::ClobberMemory();
+  }
+  const double flops = 2.0 * static_cast<double>(seq_len) * static_cast<double>(seq_len) *
+                       static_cast<double>(head_dim);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9 * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
+}
+
+std::string shape(Index seq_len, Index head_dim) {
+  return "/S:" + std::to_string(seq_len) + "/D:" + std::to_string(head_dim);
+}
+
+void register_all() {
+  bench::register_fma_peak();
+  const std::pair<Index, Index> shapes[] = {{512, 128}, {2048, 128}, {2048, 64}, {8192, 128}};
+  for (const auto& [seq_len, head_dim] : shapes) {
+    for (int threads : {1, 2}) {
+      benchmark::RegisterBenchmark(
+          ("fused" + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads)).c_str(),
+          [=](benchmark::State& s) { run_sdpa(s, seq_len, head_dim, threads, af::SdpaPath::kFused); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+    // The reference is scalar double arithmetic (~10 s per call at S = 2048); at
+    // S = 8192 one call would take minutes, so it is timed up to S = 2048.
+    if (seq_len <= 2048) {
+      benchmark::RegisterBenchmark(
+          ("reference" + shape(seq_len, head_dim)).c_str(),
+          [=](benchmark::State& s) { run_sdpa(s, seq_len, head_dim, 1, af::SdpaPath::kReference); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(1);
+    }
+    benchmark::RegisterBenchmark(("eigen_naive" + shape(seq_len, head_dim)).c_str(),
+                                 [=](benchmark::State& s) { run_eigen_naive(s, seq_len, head_dim); })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(("gemm_yardstick" + shape(seq_len, head_dim)).c_str(),
+                                 [=](benchmark::State& s) { run_gemm_yardstick(s, seq_len, head_dim); })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,128 @@
+// Shared pieces of the benchmark binaries: inputs, thread pools, yardsticks measured
+// in the same run (FMA peak, streaming read), and memory counters.
+#pragma once
+
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <attnforge/attnforge.hpp>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace attnforge::bench {
+
+// Deterministic N(0, 1) tensor.
+template <typename T, int Rank>
+Tensor<T, Rank> random_tensor(const std::array<Index, Rank>& dims, unsigned seed) {
+  Tensor<T, Rank> t(dims);
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(normal(rng));
+  return t;
+}
+
+// A pool per thread count, created once per process (pool start-up is not what we time).
+inline const Eigen::ThreadPoolDevice* device_for(int threads) {
+  if (threads <= 1) return nullptr;
+  struct Pool {
+    explicit Pool(int n) : pool(n), device(&pool, n) {}
+    Eigen::ThreadPool pool;
+    Eigen::ThreadPoolDevice device;
+  };
+  static std::vector<std::unique_ptr<Pool>> pools(16);
+  auto& slot = pools[static_cast<std::size_t>(threads)];
+  if (!slot) slot = std::make_unique<Pool>(threads);
+  return &slot->device;
+}
+
+// Memory high-water mark of the process, in MiB. reset_peak_memory() sets it back to the
+// current resident size (Linux: /proc/self/clear_refs), so the peak of one benchmark
+// can be read after it. Returns -1 where unsupported.
+inline void reset_peak_memory() {
+  std::ofstream clear("/proc/self/clear_refs");
+  if (clear) clear << "5";
+}
+inline double peak_memory_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string key;
+  while (status >> key) {
+    if (key == "VmHWM:") {
+      double kib = 0;
+      status >> kib;
+      return kib / 1024.0;
+    }
+    status.ignore(1 << 20, '\n');
+  }
+  return -1.0;
+}
+
+// Keeps a packet in a register and opaque to the optimiser, without the store to
+// memory that benchmark::DoNotOptimize would force on a vector.
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define ATTNFORGE_BENCH_OPAQUE(x) asm volatile("" : "+v"(x))
+#elif defined(__GNUC__) && defined(__aarch64__)
+#define ATTNFORGE_BENCH_OPAQUE(x) asm volatile("" : "+w"(x))
+#else
+#define ATTNFORGE_BENCH_OPAQUE(x) benchmark::DoNotOptimize(x)
+#endif
+
+// Twelve independent multiply-add chains on the widest packet: the FMA peak of this
+// machine (12 chains cover a 4-6 cycle FMA latency at 2 FMAs per cycle). Named
+// variables, not an array, so every chain lives in its own register.
+inline double fma_chains(long iterations) {
+  using Packet = detail::packet_t<float>;
+  namespace ei = Eigen::internal;
+  const Packet a = ei::pset1<Packet>(0.999999f);
+  const Packet b = ei::pset1<Packet>(1e-7f);
+  Packet c0 = ei::pset1<Packet>(1.00f), c1 = ei::pset1<Packet>(1.01f), c2 = ei::pset1<Packet>(1.02f),
+         c3 = ei::pset1<Packet>(1.03f), c4 = ei::pset1<Packet>(1.04f), c5 = ei::pset1<Packet>(1.05f),
+         c6 = ei::pset1<Packet>(1.06f), c7 = ei::pset1<Packet>(1.07f), c8 = ei::pset1<Packet>(1.08f),
+         c9 = ei::pset1<Packet>(1.09f), c10 = ei::pset1<Packet>(1.10f), c11 = ei::pset1<Packet>(1.11f);
+  for (long it = 0; it < iterations; ++it) {
+#define ATTNFORGE_BENCH_CHAIN(c) \
+  c = ei::pmadd(c, a, b);        \
+  ATTNFORGE_BENCH_OPAQUE(c);
+    ATTNFORGE_BENCH_CHAIN(c0) ATTNFORGE_BENCH_CHAIN(c1) ATTNFORGE_BENCH_CHAIN(c2)
+    ATTNFORGE_BENCH_CHAIN(c3) ATTNFORGE_BENCH_CHAIN(c4) ATTNFORGE_BENCH_CHAIN(c5)
+    ATTNFORGE_BENCH_CHAIN(c6) ATTNFORGE_BENCH_CHAIN(c7) ATTNFORGE_BENCH_CHAIN(c8)
+    ATTNFORGE_BENCH_CHAIN(c9) ATTNFORGE_BENCH_CHAIN(c10) ATTNFORGE_BENCH_CHAIN(c11)
+#undef ATTNFORGE_BENCH_CHAIN
+  }
+  const Packet sum = ei::padd(ei::padd(ei::padd(ei::padd(c0, c1), ei::padd(c2, c3)),
+                                       ei::padd(ei::padd(c4, c5), ei::padd(c6, c7))),
+                              ei::padd(ei::padd(c8, c9), ei::padd(c10, c11)));
+  return static_cast<double>(ei::predux(sum));
+}
+inline constexpr int kFmaChains = 12;
+
+inline void register_fma_peak() {
+  for (int threads : {1, 2}) {
+    const std::string name = "fma_peak/threads:" + std::to_string(threads);
+    benchmark::RegisterBenchmark(name.c_str(), [threads](benchmark::State& state) {
+      constexpr long kIterations = 1 << 22;
+      constexpr double kFlops = 2.0 * kFmaChains * detail::kPacketSize<float> * kIterations;
+      for (auto _ : state) {
+        std::vector<std::thread> workers;
+        for (int t = 1; t < threads; ++t) workers.emplace_back([] { fma_chains(kIterations); });
+        benchmark::DoNotOptimize(fma_chains(kIterations));
+        for (auto& w : workers) w.join();
+      }
+      state.counters["GFLOP/s"] = benchmark::Counter(kFlops * threads * 1e-9 * state.iterations(),
+                                                     benchmark::Counter::kIsRate);
+    })->UseRealTime()->Unit(benchmark::kMillisecond);
+  }
+}
+
+// Number of (query, key) pairs a causal mask allows for Sq queries over Skv keys.
+inline double causal_pairs(Index q_len, Index kv_len) {
+  const double offset = static_cast<double>(kv_len - q_len);
+  const double n = static_cast<double>(q_len);
+  return n * offset + n * (n + 1) / 2;
+}
+
+}  // namespace attnforge::bench

@@ -1,0 +1,249 @@
+// The fused kernel (detail/sdpa_kernel.hpp) and the tile classification it relies on
+// (TilePlan in mask.hpp), against the dense brute force of test_util.hpp.
+#include <gtest/gtest.h>
+
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "test_util.hpp"
+
+namespace attnforge::test {
+namespace {
+
+// Counts, for every (batch, query tile, key tile), how many (query, key) pairs the dense
+// mask allows, and checks the plan's class against it: empty => none allowed, full =>
+// all allowed, and no allowed pair lies outside key_tile_range.
+void expect_plan_matches_dense(const DenseMasks& dense, Index batch, Index q_len, Index kv_len,
+                               Index positions, Index key_tile) {
+  const Masks masks = library_masks(dense);
+  detail::TilePlan plan;
+  plan.build(detail::MaskRules{dense.causal, dense.window}, masks, batch, q_len, kv_len,
+             positions, key_tile);
+  for (Index b = 0; b < batch; ++b) {
+    const auto allowed = dense_allowed(dense, b, q_len, kv_len);
+    for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
+      const auto [first, last] = plan.key_tile_range(qt);
+      for (Index kt = 0; kt < plan.key_tiles(); ++kt) {
+        Index n_allowed = 0, n_pairs = 0;
+        for (Index i = qt * positions; i < std::min(q_len, (qt + 1) * positions); ++i) {
+          for (Index j = kt * key_tile; j < std::min(kv_len, (kt + 1) * key_tile); ++j) {
+            n_allowed += allowed[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)];
+            ++n_pairs;
+          }
+        }
+        const std::string where = "b " + std::to_string(b) + " qt " + std::to_string(qt) +
+                                  " kt " + std::to_string(kt);
+        if (kt < first || kt >= last) {
+          EXPECT_EQ(n_allowed, 0) << "allowed pairs outside key_tile_range at " << where;
+          continue;
+        }
+        switch (plan.classify(b, qt, kt)) {
+          case detail::TileClass::kEmpty:
+            EXPECT_EQ(n_allowed, 0) << where;
+            break;
+          case detail::TileClass::kFull:
+            EXPECT_EQ(n_allowed, n_pairs) << where;
+            break;
+          case detail::TileClass::kPartial:
+            break;
+        }
+      }
+    }
+  }
+}
+
+Tensor<DocId, 2> packed_doc_ids(Index batch, Index len, const std::vector<Index>& doc_lengths) {
+  Tensor<DocId, 2> ids(batch, len);
+  for (Index b = 0; b < batch; ++b) {
+    Index pos = 0;
+    DocId doc = 0;
+    while (pos < len) {
+      const Index n = doc_lengths[static_cast<std::size_t>((doc + b) % doc_lengths.size())];
+      for (Index j = 0; j < n && pos < len; ++j) ids(b, pos++) = doc;
+      ++doc;
+    }
+  }
+  return ids;
+}
+
+TEST(TilePlan, ClassesAgreeWithDenseMaskForEveryRule) {
+  const Index batch = 2;
+  for (const auto& [q_len, kv_len] : {std::pair<Index, Index>{37, 37}, {5, 70}, {64, 64}}) {
+    for (const auto& [positions, key_tile] : {std::pair<Index, Index>{4, 8}, {16, 64}, {3, 7}}) {
+      for (int variant = 0; variant < 6; ++variant) {
+        DenseMasks dense;
+        dense.causal = variant != 1;
+        dense.window = (variant == 1 || variant == 5) ? 11 : 0;
+        if (variant >= 2) {
+          Tensor<DocId, 2> kv_docs = variant == 3
+              ? random_uniform<DocId, 2>({batch, kv_len}, 7, 0, 3)  // unsorted, repeated
+              : packed_doc_ids(batch, kv_len, {9, 1, 20});
+          Tensor<DocId, 2> q_docs(batch, q_len);
+          for (Index b = 0; b < batch; ++b) {
+            for (Index i = 0; i < q_len; ++i) q_docs(b, i) = kv_docs(b, kv_len - q_len + i);
+          }
+          dense.q_docs = q_docs;
+          dense.kv_docs = kv_docs;
+        }
+        if (variant >= 4) {
+          Tensor<bool, 2> padding(batch, kv_len);
+          for (Index j = 0; j < kv_len; ++j) {
+            padding(0, j) = j % 5 != 0;
+            padding(1, j) = j < kv_len / 3;  // a run of padded tiles
+          }
+          dense.key_padding = padding;
+        }
+        SCOPED_TRACE("Sq " + std::to_string(q_len) + " Skv " + std::to_string(kv_len) +
+                     " tile " + std::to_string(positions) + "x" + std::to_string(key_tile) +
+                     " variant " + std::to_string(variant));
+        expect_plan_matches_dense(dense, batch, q_len, kv_len, positions, key_tile);
+      }
+    }
+  }
+}
+
+TEST(TilePlan, DocMaskSkipsTilesOutsideDiagonal) {
+  // 8 packed documents of 64 tokens, tiles aligned with them: every query tile touches
+  // exactly the key tiles of its own document, causally.
+  const Index len = 512;
+  const Tensor<DocId, 2> ids = packed_doc_ids(1, len, {64});
+  Masks masks;
+  masks.doc_ids = ids;
+  detail::TilePlan plan;
+  plan.build(detail::MaskRules{true, 0}, masks, 1, len, len, 16, 32);
+  Index active = 0;
+  for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
+    const Index within_doc = (qt * 16 % 64) / 32 + 1;  // causal key tiles inside the document
+    EXPECT_EQ(plan.active_key_tiles(0, qt), within_doc) << "query tile " << qt;
+    active += plan.active_key_tiles(0, qt);
+  }
+  // Dense causal touches sum over query tiles of (qt * 16 / 32 + 1) = 272 tiles; the
+  // documents 48.
+  Index dense_causal = 0;
+  for (Index qt = 0; qt < plan.q_tiles(); ++qt) dense_causal += qt * 16 / 32 + 1;
+  EXPECT_EQ(active, 48);
+  EXPECT_EQ(dense_causal, 272);
+}
+
+struct KernelCase {
+  Index batch, n_heads, n_kv_heads, q_len, kv_len, head_dim;
+  bool causal;
+  Index window;
+  double softcap;
+  int docs;  // 0 none, 1 packed sorted, 2 unsorted
+  bool padding;
+  bool attend_all;
+};
+
+class FusedKernel : public ::testing::TestWithParam<std::tuple<KernelCase, Index>> {};
+
+// Float kernel vs the double brute force: errors are float rounding of D-term dot
+// products and of the softmax sums (~sqrt(Skv) * 6e-8 relative), well under 1e-5.
+TEST_P(FusedKernel, MatchesDenseReferenceForAnyKeyTileAndThreadCount) {
+  const auto& [c, key_tile] = GetParam();
+  auto q = random_normal<float, 4>({c.batch, c.n_heads, c.q_len, c.head_dim}, 11);
+  auto k = random_normal<float, 4>({c.batch, c.n_kv_heads, c.kv_len, c.head_dim}, 12);
+  auto v = random_normal<float, 4>({c.batch, c.n_kv_heads, c.kv_len, c.head_dim}, 13);
+  DenseMasks dense;
+  dense.causal = c.causal;
+  dense.window = c.window;
+  if (c.docs) {
+    Tensor<DocId, 2> kv_docs = c.docs == 1 ? packed_doc_ids(c.batch, c.kv_len, {13, 40, 2})
+                                           : random_uniform<DocId, 2>({c.batch, c.kv_len}, 5, 0, 3);
+    Tensor<DocId, 2> q_docs(c.batch, c.q_len);
+    for (Index b = 0; b < c.batch; ++b) {
+      for (Index i = 0; i < c.q_len; ++i) q_docs(b, i) = kv_docs(b, c.kv_len - c.q_len + i);
+    }
+    dense.q_docs = q_docs;
+    dense.kv_docs = kv_docs;
+  }
+  if (c.padding) {
+    Tensor<bool, 2> padding(c.batch, c.kv_len);
+    for (Index b = 0; b < c.batch; ++b) {
+      for (Index j = 0; j < c.kv_len; ++j) padding(b, j) = (j * 7 + b) % 4 != 0;
+    }
+    dense.key_padding = padding;
+  }
+  DenseOptions dense_options;
+  dense_options.softcap = c.softcap;
+  dense_options.attend_all_when_empty = c.attend_all;
+  const DenseResult ref = dense_sdpa(to_double(q), to_double(k), to_double(v), dense, dense_options);
+
+  const Masks masks = library_masks(dense);
+  Tensor<float, 4> first_out;
+  for (int threads : {1, 2, 3}) {
+    Sdpa<float> sdpa(library_options(dense, dense_options, SdpaPath::kFused),
+                     threads == 1 ? nullptr : &pool_device(threads));
+    sdpa.set_key_tile(key_tile);
+    Tensor<float, 4> out(q.dimensions());
+    Tensor<float, 3> lse(c.batch, c.n_heads, c.q_len);
+    sdpa(q, k, v, StridedView<float, 4>(out), masks, StridedView<float, 3>(lse));
+    EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
+    EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
+    EXPECT_FALSE(has_nan(out));
+    if (threads == 1) {
+      first_out = out;
+    } else {
+      EXPECT_TRUE(bitwise_equal(out, first_out)) << threads << " threads differ from 1";
+    }
+  }
+}
+
+const KernelCase kKernelCases[] = {
+    // batch, H, Hkv, Sq, Skv, D, causal, window, softcap, docs, padding, attend_all
+    {1, 4, 4, 70, 70, 64, true, 0, 0.0, 0, false, false},      // MHA, more than one tile
+    {2, 8, 2, 33, 33, 80, true, 0, 0.0, 0, false, false},      // GQA, D not a packet multiple of 16
+    {1, 6, 1, 19, 45, 128, true, 0, 0.0, 0, false, false},     // MQA, chunk on a cache
+    {1, 4, 2, 1, 77, 64, true, 0, 0.0, 0, false, false},       // decode step
+    {1, 4, 2, 40, 40, 64, false, 0, 0.0, 0, false, false},     // not causal
+    {1, 4, 2, 50, 61, 64, true, 17, 0.0, 0, false, false},     // sliding window
+    {1, 4, 2, 50, 50, 64, false, 9, 0.0, 0, false, false},     // window without causal
+    {1, 4, 2, 45, 45, 64, true, 0, 30.0, 0, false, false},     // Gemma-style softcap
+    {2, 4, 2, 55, 55, 64, true, 0, 0.0, 1, false, false},      // packed documents
+    {2, 4, 2, 30, 30, 64, true, 0, 0.0, 2, false, false},      // unsorted doc ids
+    {2, 4, 2, 30, 39, 64, true, 0, 0.0, 0, true, false},       // padding
+    {2, 4, 2, 30, 39, 64, false, 0, 0.0, 2, true, true},       // empty rows attend all
+    {2, 8, 2, 37, 41, 80, true, 13, 20.0, 1, true, false},     // everything at once
+    {1, 68, 1, 3, 20, 64, true, 0, 0.0, 0, false, false},      // n_rep larger than the lanes
+};
+
+std::string kernel_case_name(const ::testing::TestParamInfo<std::tuple<KernelCase, Index>>& info) {
+  const auto& [c, key_tile] = info.param;
+  std::string name = "H" + std::to_string(c.n_heads) + "kv" + std::to_string(c.n_kv_heads) +
+                     "_Sq" + std::to_string(c.q_len) + "_Skv" + std::to_string(c.kv_len) + "_D" +
+                     std::to_string(c.head_dim);
+  if (c.causal) name += "_causal";
+  if (c.window) name += "_window" + std::to_string(c.window);
+  if (c.softcap > 0) name += "_softcap";
+  if (c.docs) name += c.docs == 1 ? "_packed" : "_unsorted";
+  if (c.padding) name += "_padding";
+  if (c.attend_all) name += "_attendall";
+  return name + "_keytile" + std::to_string(key_tile);
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, FusedKernel,
+                         ::testing::Combine(::testing::ValuesIn(kKernelCases),
+                                            ::testing::Values<Index>(1, 7, 0)),
+                         kernel_case_name);
+
+TEST(FusedKernelScratch, DoesNotGrowWithSequenceLength) {
+  detail::KernelWorkspace<float> ws;
+  std::vector<std::size_t> sizes;
+  for (Index len : {64, 1024}) {
+    auto q = random_normal<float, 4>({1, 4, len, 64}, 1);
+    auto k = random_normal<float, 4>({1, 2, len, 64}, 2);
+    Tensor<float, 4> out(q.dimensions());
+    detail::SdpaParams params;
+    params.scale = 0.125;
+    params.rules.causal = true;
+    detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params, Masks{}},
+                            nullptr, ws);
+    const auto& s = ws.workers.at(0);
+    sizes.push_back(s.q_tile.size() + s.scores.size() + s.out_tile.size());
+  }
+  EXPECT_EQ(sizes[0], sizes[1]);
+}
+
+}  // namespace
+}  // namespace attnforge::test
