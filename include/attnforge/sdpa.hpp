@@ -5,6 +5,7 @@
 #include <limits>
 #include <utility>
 
+#include "attnforge/detail/sdpa_decode.hpp"
 #include "attnforge/detail/sdpa_kernel.hpp"
 #include "attnforge/detail/sdpa_reference.hpp"
 #include "attnforge/mask.hpp"
@@ -100,8 +101,20 @@ class ScaledDotProductAttention {
       detail::sdpa_reference(q, k, v, out, lse, StridedView<Acc, 4>(), params, masks, device_);
       return;
     }
-    detail::flash_attention(detail::KernelProblem<T>{q, k, v, out, lse, params, masks}, device_,
-                            workspace_, key_tile_);
+    empty_rows_.clear();
+    if (q.size() == 0) return;
+    const detail::KernelProblem<T> problem{q, k, v, out, lse, params, masks};
+    const Index n_rep = q.dimension(1) / k.dimension(1);
+    const bool decode = options_.path == SdpaPath::kDecode ||
+                        (options_.path == SdpaPath::kAuto && detail::decode_applies<T>(q.dimension(2), n_rep));
+    if (decode) {
+      detail::flash_decode(problem, device_, decode_workspace_, empty_rows_);
+    } else {
+      detail::flash_attention(problem, device_, workspace_, key_tile_);
+      for (const auto& worker : workspace_.workers) {
+        empty_rows_.insert(empty_rows_.end(), worker.empty_rows.begin(), worker.empty_rows.end());
+      }
+    }
     if (params.empty_rows == EmptyRowPolicy::kAttendAll) attend_all_in_empty_rows(q, k, v, out, lse, params);
   }
 
@@ -124,16 +137,14 @@ class ScaledDotProductAttention {
                                 const StridedView<Acc, 3>& lse, detail::SdpaParams params) {
     params.rules = detail::MaskRules{};
     const Index n_rep = q.dimension(1) / k.dimension(1);
-    for (const auto& worker : workspace_.workers) {
-      for (const auto& [b, h, i] : worker.empty_rows) {
-        const ConstView<T, 4> kv_slice_k = k.narrow(0, b, 1).narrow(1, h / n_rep, 1);
-        const ConstView<T, 4> kv_slice_v = v.narrow(0, b, 1).narrow(1, h / n_rep, 1);
-        const StridedView<Acc, 3> row_lse =
-            lse.has_value() ? lse.narrow(0, b, 1).narrow(1, h, 1).narrow(2, i, 1) : lse;
-        detail::sdpa_reference(q.narrow(0, b, 1).narrow(1, h, 1).narrow(2, i, 1), kv_slice_k,
-                               kv_slice_v, out.narrow(0, b, 1).narrow(1, h, 1).narrow(2, i, 1),
-                               row_lse, StridedView<Acc, 4>(), params, Masks{}, nullptr);
-      }
+    for (const auto& [b, h, i] : empty_rows_) {
+      const auto one = [&](const auto& view, Index index1) {
+        return view.narrow(0, b, 1).narrow(1, index1, 1);
+      };
+      const StridedView<Acc, 3> row_lse = lse.has_value() ? one(lse, h).narrow(2, i, 1) : lse;
+      detail::sdpa_reference(one(q, h).narrow(2, i, 1), one(k, h / n_rep), one(v, h / n_rep),
+                             one(out, h).narrow(2, i, 1), row_lse, StridedView<Acc, 4>(), params,
+                             Masks{}, nullptr);
     }
   }
 
@@ -141,6 +152,8 @@ class ScaledDotProductAttention {
   const Eigen::ThreadPoolDevice* device_ = nullptr;
   Index key_tile_ = 0;
   detail::KernelWorkspace<T> workspace_;
+  detail::DecodeWorkspace<T> decode_workspace_;
+  std::vector<std::array<Index, 3>> empty_rows_;  // rows with no allowed key, last call
 };
 
 template <typename T>

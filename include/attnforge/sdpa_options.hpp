@@ -19,12 +19,14 @@ enum class EmptyRowPolicy {
   kAttendAll,
 };
 
-// Which implementation computes the attention. kAuto picks the fastest one that
-// supports the inputs; the others exist so tests and benchmarks can compare paths.
+// Which implementation computes the attention. kAuto picks the decode kernel when
+// Sq * n_rep is small (a decode step, a few speculative tokens) and the fused prefill
+// kernel otherwise; the others exist so tests and benchmarks can compare paths.
 enum class SdpaPath {
   kAuto,
   kReference,  // plain loops, double accumulation (the baseline the kernels are tested against)
   kFused,      // the blocked online-softmax kernel (detail/sdpa_kernel.hpp)
+  kDecode,     // the split-KV decode kernel for few query rows (detail/sdpa_decode.hpp)
 };
 
 struct SdpaOptions {

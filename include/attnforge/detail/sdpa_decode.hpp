@@ -1,0 +1,325 @@
+// The decode kernel: few query rows (Sq * n_rep small) against a long KV cache.
+//
+// Such a step does ~1 FMA per byte of K/V, so its limit is how fast the cache streams
+// from memory. The kernel therefore reads every K and V row exactly once per KV head
+// (all n_rep query heads of the group and all Sq positions share it), straight from
+// the cache's storage, with the SIMD lanes along head_dim:
+//   scores: for a block of P keys (P = packet size), each query row accumulates one
+//           packet per key, and a transpose-add turns the P packets into one packet of
+//           P scores;
+//   output: out[r] += p[r][j] * v[j], register-blocked over rows and head_dim.
+// Split-KV (flash-decoding): the keys are cut into chunks of kDecodeChunk, computed in
+// parallel, each giving a normalised partial output and its log-sum-exp, merged exactly
+// in chunk order. The chunking depends on Skv only, so any thread count gives the same
+// bits.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attnforge/detail/parallel.hpp"
+#include "attnforge/detail/sdpa_kernel.hpp"
+#include "attnforge/detail/vec_math.hpp"
+#include "attnforge/mask.hpp"
+#include "attnforge/sdpa_options.hpp"
+#include "attnforge/tensor.hpp"
+
+namespace attnforge::detail {
+
+// Keys per split-KV chunk. Long enough that the merge (one FMA per chunk and output
+// element) is noise, short enough that B * Hkv * chunks gives a pool enough items:
+// at Skv = 4096 a KV head is 4 items.
+inline constexpr Index kDecodeChunk = 1024;
+
+// The decode path takes query groups of at most this many rows (Sq * n_rep); beyond
+// that the prefill kernel fills enough of its lanes to be the better choice.
+template <typename T>
+inline constexpr Index kDecodeMaxRows = Blocking<T>::kLanes / 4;
+
+template <typename T>
+struct DecodeScratch {
+  using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+  Buffer q_rows;     // rows x D, pre-scaled queries
+  Buffer out_rows;   // rows x D, unnormalised output accumulator
+  Buffer weights;    // rows x P, softmax weights of the current key block
+  Buffer row_ref;    // rows, exponent reference (lazily moved running max, log2 units)
+  Buffer row_sum;    // rows
+};
+
+template <typename T>
+struct DecodeWorkspace {
+  std::vector<DecodeScratch<T>> workers;
+  // Per (b, kv_head, chunk): rows x D normalised partial outputs and rows lse (log2).
+  std::vector<T, Eigen::aligned_allocator<T>> partial_out;
+  std::vector<T, Eigen::aligned_allocator<T>> partial_lse;
+};
+
+// Scores of one query row against n_keys (<= P) consecutive keys: one packet whose lane
+// j is <q, k_j>. Lanes past n_keys read key 0 again and must be masked by the caller.
+template <typename T>
+EIGEN_ALWAYS_INLINE packet_t<T> block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
+                                             Index head_dim) {
+  using Packet = packet_t<T>;
+  constexpr int kP = kPacketSize<T>;
+  ei::PacketBlock<Packet, kP> acc;
+  const T* rows[kP];
+  for (int j = 0; j < kP; ++j) {
+    acc.packet[j] = ei::pset1<Packet>(T(0));
+    rows[j] = keys + (j < n_keys ? j : 0) * ldk;
+  }
+  Index d = 0;
+  for (; d + kP <= head_dim; d += kP) {
+    const Packet qv = ei::ploadu<Packet>(q + d);
+    ATTNFORGE_UNROLL
+    for (int j = 0; j < kP; ++j) acc.packet[j] = ei::pmadd(qv, ei::ploadu<Packet>(rows[j] + d), acc.packet[j]);
+  }
+  ei::ptranspose(acc);
+  Packet sum = acc.packet[0];
+  for (int j = 1; j < kP; ++j) sum = ei::padd(sum, acc.packet[j]);
+  if (d < head_dim) {  // head_dim not a multiple of the packet: finish lane by lane
+    alignas(64) T tail[kP];
+    ei::pstore(tail, sum);
+    for (int j = 0; j < kP; ++j) {
+      for (Index e = d; e < head_dim; ++e) tail[j] += q[e] * rows[j][e];
+    }
+    sum = ei::pload<Packet>(tail);
+  }
+  return sum;
+}
+
+// out[r][:] += sum_j weights[r][j] * v_j[:] for R rows (row stride ldo), the n_keys
+// keys of the block.
+template <typename T, int R>
+EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, Index ldv,
+                                           Index n_keys, Index head_dim, T* out, Index ldo) {
+  using Packet = packet_t<T>;
+  constexpr int kP = kPacketSize<T>;
+  constexpr int kChunk = 4;  // packets of head_dim per register block
+  Index d = 0;
+  for (; d + kChunk * kP <= head_dim; d += kChunk * kP) {
+    Packet acc[R][kChunk];
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      ATTNFORGE_UNROLL
+      for (int c = 0; c < kChunk; ++c) acc[r][c] = ei::pload<Packet>(out + r * ldo + d + c * kP);
+    }
+    for (Index j = 0; j < n_keys; ++j) {
+      Packet v[kChunk];
+      ATTNFORGE_UNROLL
+      for (int c = 0; c < kChunk; ++c) v[c] = ei::ploadu<Packet>(values + j * ldv + d + c * kP);
+      ATTNFORGE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        const Packet w = ei::pset1<Packet>(weights[r * kP + j]);
+        ATTNFORGE_UNROLL
+        for (int c = 0; c < kChunk; ++c) acc[r][c] = ei::pmadd(w, v[c], acc[r][c]);
+      }
+    }
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      ATTNFORGE_UNROLL
+      for (int c = 0; c < kChunk; ++c) ei::pstore(out + r * ldo + d + c * kP, acc[r][c]);
+    }
+  }
+  for (; d < head_dim; ++d) {
+    for (int r = 0; r < R; ++r) {
+      T sum = out[r * ldo + d];
+      for (Index j = 0; j < n_keys; ++j) sum += weights[r * kP + j] * values[j * ldv + d];
+      out[r * ldo + d] = sum;
+    }
+  }
+}
+
+// Scratch rows are padded to a multiple of the packet so every row starts aligned.
+inline Index padded_head_dim(Index head_dim, Index packet) {
+  return (head_dim + packet - 1) / packet * packet;
+}
+
+// One (batch row, KV head, key chunk) item: all rows of the group against the chunk's
+// keys, leaving normalised outputs and lse (log2 units) in the partial slots.
+template <typename T, bool kSoftcap, bool kMasked>
+void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chunk,
+                  DecodeScratch<T>& s, T* partial_out, T* partial_lse) {
+  using Packet = packet_t<T>;
+  constexpr int kP = kPacketSize<T>;
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  constexpr double kLog2e = 1.4426950408889634074;
+  constexpr T kRescaleThreshold = T(8);  // as in the prefill kernel: weights <= 2^8
+
+  const Index head_dim = pb.q.dimension(3);
+  const Index hd = padded_head_dim(head_dim, kP);
+  const Index q_len = pb.q.dimension(2);
+  const Index kv_len = pb.k.dimension(2);
+  const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
+  const Index rows = q_len * n_rep;  // row r: position r / n_rep, head kv_head * n_rep + r % n_rep
+  const Index key_first = chunk * kDecodeChunk;
+  const Index key_last = std::min(kv_len, key_first + kDecodeChunk);
+  const BatchMask mask = batch_mask(pb.params.rules, pb.masks, b, q_len, kv_len);
+
+  const T q_scale = static_cast<T>(kSoftcap ? pb.params.scale : pb.params.scale * kLog2e);
+  for (Index r = 0; r < rows; ++r) {
+    const T* q = pb.q.row(b, kv_head * n_rep + r % n_rep, r / n_rep);
+    T* dst = s.q_rows.data() + r * hd;
+    for (Index d = 0; d < head_dim; ++d) dst[d] = q[d] * q_scale;
+    s.row_ref[r] = kNegInf;
+    s.row_sum[r] = T(0);
+  }
+  std::fill(s.out_rows.begin(), s.out_rows.begin() + rows * hd, T(0));
+
+  // Keys every row may see by position: a block inside [all_first, all_last) needs no
+  // positional mask (causal and window are monotone in the position).
+  const Index all_first = mask.key_begin(rows > 0 ? q_len - 1 : 0);
+  const Index all_last = mask.key_end(0);
+  const Index ldk = pb.k.stride(2);
+  const Index ldv = pb.v.stride(2);
+  const Packet inv_cap = ei::pset1<Packet>(static_cast<T>(kSoftcap ? 1.0 / pb.params.softcap : 1.0));
+  const Packet cap = ei::pset1<Packet>(static_cast<T>(pb.params.softcap * kLog2e));
+  alignas(64) T lanes[kP];
+
+  for (Index j0 = key_first; j0 < key_last; j0 += kP) {
+    const Index n_keys = std::min<Index>(kP, key_last - j0);
+    const T* keys = pb.k.row(b, kv_head, j0);
+    const bool positional_full = j0 >= all_first && j0 + n_keys <= all_last;
+    for (Index r = 0; r < rows; ++r) {
+      Packet scores = block_scores(s.q_rows.data() + r * hd, keys, ldk, n_keys, head_dim);
+      if constexpr (kSoftcap) scores = ei::pmul(cap, tanh(ei::pmul(scores, inv_cap)));
+      if (kMasked || !positional_full || n_keys < kP) {
+        ei::pstore(lanes, scores);
+        const Index i = r / n_rep;
+        for (Index j = 0; j < kP; ++j) {
+          if (j >= n_keys || !mask.allowed(i, j0 + j)) lanes[j] = kNegInf;
+        }
+        scores = ei::pload<Packet>(lanes);
+      }
+      // Online softmax of this row (see the prefill kernel for the lazy reference).
+      const T block_max = ei::predux_max(scores);
+      T ref = s.row_ref[r];
+      if (block_max > ref + kRescaleThreshold) {
+        const T base_old = ref;
+        ref = block_max;
+        const T alpha = base_old == kNegInf ? T(0) : ei::pfirst(exp2(ei::pset1<Packet>(base_old - ref)));
+        s.row_sum[r] *= alpha;
+        T* out = s.out_rows.data() + r * hd;
+        for (Index d = 0; d < hd; d += kP) ei::pstore(out + d, ei::pmul(ei::pload<Packet>(out + d), ei::pset1<Packet>(alpha)));
+        s.row_ref[r] = ref;
+      }
+      const T base = ref == kNegInf ? T(0) : ref;
+      const Packet weights = exp2(ei::psub(scores, ei::pset1<Packet>(base)));
+      s.row_sum[r] += ei::predux(weights);
+      ei::pstore(s.weights.data() + r * kP, weights);
+    }
+    const T* values = pb.v.row(b, kv_head, j0);
+    Index r0 = 0;
+    for (; r0 + 4 <= rows; r0 += 4) {
+      decode_accumulate<T, 4>(s.weights.data() + r0 * kP, values, ldv, n_keys, head_dim,
+                              s.out_rows.data() + r0 * hd, hd);
+    }
+    for (; r0 < rows; ++r0) {
+      decode_accumulate<T, 1>(s.weights.data() + r0 * kP, values, ldv, n_keys, head_dim,
+                              s.out_rows.data() + r0 * hd, hd);
+    }
+  }
+
+  for (Index r = 0; r < rows; ++r) {
+    const T sum = s.row_sum[r];
+    const T inv = sum > T(0) ? T(1) / sum : T(0);
+    const T* src = s.out_rows.data() + r * hd;
+    T* dst = partial_out + r * hd;
+    for (Index d = 0; d < head_dim; ++d) dst[d] = src[d] * inv;
+    partial_lse[r] = sum > T(0) ? s.row_ref[r] + std::log2(sum) : kNegInf;
+  }
+}
+
+// Writes out (and lse) of one (b, kv_head) from its chunks' partials, in chunk order:
+// lse = log2 sum_c 2^lse_c, out = sum_c 2^(lse_c - lse) out_c. Returns the rows with no
+// allowed key through `empty_rows`.
+template <typename T>
+void merge_chunks(const KernelProblem<T>& pb, Index b, Index kv_head, Index n_chunks,
+                  const T* partial_out, const T* partial_lse,
+                  std::vector<std::array<Index, 3>>& empty_rows) {
+  constexpr double kLog2e = 1.4426950408889634074;
+  const Index head_dim = pb.q.dimension(3);
+  const Index hd = padded_head_dim(head_dim, kPacketSize<T>);
+  const Index q_len = pb.q.dimension(2);
+  const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
+  const Index rows = q_len * n_rep;
+  using Acc = acc_t<T>;
+  for (Index r = 0; r < rows; ++r) {
+    const Index h = kv_head * n_rep + r % n_rep;
+    const Index i = r / n_rep;
+    T max_lse = -std::numeric_limits<T>::infinity();
+    for (Index c = 0; c < n_chunks; ++c) max_lse = std::max(max_lse, partial_lse[c * rows + r]);
+    T* out = pb.out.row(b, h, i);
+    if (max_lse == -std::numeric_limits<T>::infinity()) {
+      std::fill(out, out + head_dim, T(0));
+      if (pb.lse.has_value()) pb.lse(b, h, i) = -std::numeric_limits<Acc>::infinity();
+      empty_rows.push_back({b, h, i});
+      continue;
+    }
+    T total = 0;
+    for (Index c = 0; c < n_chunks; ++c) total += std::exp2(partial_lse[c * rows + r] - max_lse);
+    const T lse = max_lse + std::log2(total);
+    std::fill(out, out + head_dim, T(0));
+    for (Index c = 0; c < n_chunks; ++c) {
+      const T weight = std::exp2(partial_lse[c * rows + r] - lse);
+      if (weight == T(0)) continue;
+      const T* part = partial_out + (c * rows + r) * hd;
+      for (Index d = 0; d < head_dim; ++d) out[d] += weight * part[d];
+    }
+    if (pb.lse.has_value()) pb.lse(b, h, i) = static_cast<Acc>(static_cast<double>(lse) / kLog2e);
+  }
+}
+
+template <typename T>
+bool decode_applies(Index q_len, Index n_rep) {
+  return q_len * n_rep <= kDecodeMaxRows<T>;
+}
+
+template <typename T>
+void flash_decode(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* device,
+                  DecodeWorkspace<T>& ws, std::vector<std::array<Index, 3>>& empty_rows) {
+  const Index batch = pb.q.dimension(0);
+  const Index n_kv_heads = pb.k.dimension(1);
+  const Index kv_len = pb.k.dimension(2);
+  const Index rows = pb.q.dimension(2) * (pb.q.dimension(1) / n_kv_heads);
+  const Index hd = padded_head_dim(pb.q.dimension(3), kPacketSize<T>);
+  const Index n_chunks = std::max<Index>(1, (kv_len + kDecodeChunk - 1) / kDecodeChunk);
+  const Index groups = batch * n_kv_heads;
+
+  ws.workers.resize(static_cast<std::size_t>(worker_count(device)));
+  for (DecodeScratch<T>& s : ws.workers) {
+    s.q_rows.resize(static_cast<std::size_t>(rows * hd));
+    s.out_rows.resize(static_cast<std::size_t>(rows * hd));
+    s.weights.resize(static_cast<std::size_t>(rows * kPacketSize<T>));
+    s.row_ref.resize(static_cast<std::size_t>(rows));
+    s.row_sum.resize(static_cast<std::size_t>(rows));
+  }
+  ws.partial_out.resize(static_cast<std::size_t>(groups * n_chunks * rows * hd));
+  ws.partial_lse.resize(static_cast<std::size_t>(groups * n_chunks * rows));
+  const bool masked = pb.masks.doc_ids.has_value() || pb.masks.key_padding_mask.has_value();
+
+  const auto run = [&](auto softcap, auto with_masks) {
+    parallel_for_items(device, groups * n_chunks, [&](int worker, Index item) {
+      const Index group = item / n_chunks;
+      const Index chunk = item % n_chunks;
+      decode_chunk<T, decltype(softcap)::value, decltype(with_masks)::value>(
+          pb, group / n_kv_heads, group % n_kv_heads, chunk, ws.workers[static_cast<std::size_t>(worker)],
+          ws.partial_out.data() + (item * rows) * hd, ws.partial_lse.data() + item * rows);
+    });
+  };
+  const bool softcap = pb.params.softcap > 0.0;
+  if (softcap && masked) run(std::true_type{}, std::true_type{});
+  if (softcap && !masked) run(std::true_type{}, std::false_type{});
+  if (!softcap && masked) run(std::false_type{}, std::true_type{});
+  if (!softcap && !masked) run(std::false_type{}, std::false_type{});
+
+  // The merge is one pass over rows * D * chunks values per group: done on the caller.
+  for (Index group = 0; group < groups; ++group) {
+    merge_chunks(pb, group / n_kv_heads, group % n_kv_heads, n_chunks,
+                 ws.partial_out.data() + group * n_chunks * rows * hd,
+                 ws.partial_lse.data() + group * n_chunks * rows, empty_rows);
+  }
+}
+
+}  // namespace attnforge::detail
