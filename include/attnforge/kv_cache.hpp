@@ -71,6 +71,16 @@ class KVCache {
             ConstView<T, 4>(values_).narrow(2, 0, seq_len_)};
   }
 
+  // Drops the positions from seq_len on, keeping [0, seq_len): e.g. the rejected tokens
+  // of a speculative decoding step.
+  void truncate(Index seq_len) {
+    if (seq_len < 0 || seq_len > seq_len_) {
+      detail::throw_invalid_argument("KVCache::truncate: seq_len ", seq_len,
+                                     " is outside [0, ", seq_len_, "] (the cached length)");
+    }
+    seq_len_ = seq_len;
+  }
+
   // Empties the cache for reuse; the storage is kept (and not cleared: positions past
   // seq_len are never read).
   void reset() { seq_len_ = 0; }

@@ -76,8 +76,11 @@ EIGEN_ALWAYS_INLINE packet_t<T> block_scores(const T* q, const T* keys, Index ld
     for (int j = 0; j < kP; ++j) acc.packet[j] = ei::pmadd(qv, ei::ploadu<Packet>(rows[j] + d), acc.packet[j]);
   }
   ei::ptranspose(acc);
+  // Pairwise, so the adds form a tree of depth log2(P) rather than a chain of P - 1.
+  for (int width = kP / 2; width >= 1; width /= 2) {
+    for (int j = 0; j < width; ++j) acc.packet[j] = ei::padd(acc.packet[j], acc.packet[j + width]);
+  }
   Packet sum = acc.packet[0];
-  for (int j = 1; j < kP; ++j) sum = ei::padd(sum, acc.packet[j]);
   if (d < head_dim) {  // head_dim not a multiple of the packet: finish lane by lane
     alignas(64) T tail[kP];
     ei::pstore(tail, sum);
@@ -131,6 +134,19 @@ EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, In
   }
 }
 
+// Asks for rows [0, n_rows) of a row-major matrix (row stride ld, `width` elements per
+// row) to be brought into L2.
+template <typename T>
+EIGEN_ALWAYS_INLINE void prefetch_rows(const T* rows, Index ld, Index n_rows, Index width) {
+  constexpr Index kLine = 64 / sizeof(T);
+  for (Index r = 0; r < n_rows; ++r) {
+    for (Index e = 0; e < width; e += kLine) __builtin_prefetch(rows + r * ld + e, 0, 2);
+  }
+}
+
+// How many key blocks ahead the decode kernel prefetches K and V.
+inline constexpr Index kPrefetchBlocks = 2;
+
 // Scratch rows are padded to a multiple of the packet so every row starts aligned.
 inline Index padded_head_dim(Index head_dim, Index packet) {
   return (head_dim + packet - 1) / packet * packet;
@@ -180,7 +196,18 @@ void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chun
   for (Index j0 = key_first; j0 < key_last; j0 += kP) {
     const Index n_keys = std::min<Index>(kP, key_last - j0);
     const T* keys = pb.k.row(b, kv_head, j0);
+    // The block after next, into L2: each block reads P rows at once (P streams per
+    // matrix), more than the hardware prefetchers follow, so the rows are asked for
+    // explicitly, far enough ahead to hide DRAM latency.
+    const Index ahead = j0 + kPrefetchBlocks * kP;
+    if (ahead < key_last) {
+      const Index n_ahead = std::min<Index>(kP, key_last - ahead);
+      prefetch_rows(pb.k.row(b, kv_head, ahead), ldk, n_ahead, head_dim);
+      prefetch_rows(pb.v.row(b, kv_head, ahead), ldv, n_ahead, head_dim);
+    }
     const bool positional_full = j0 >= all_first && j0 + n_keys <= all_last;
+    // All rows' scores first, then their softmax: the rows are independent, and keeping
+    // each phase in its own loop lets the core overlap their latency chains.
     for (Index r = 0; r < rows; ++r) {
       Packet scores = block_scores(s.q_rows.data() + r * hd, keys, ldk, n_keys, head_dim);
       if constexpr (kSoftcap) scores = ei::pmul(cap, tanh(ei::pmul(scores, inv_cap)));
@@ -192,6 +219,10 @@ void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chun
         }
         scores = ei::pload<Packet>(lanes);
       }
+      ei::pstore(s.weights.data() + r * kP, scores);
+    }
+    for (Index r = 0; r < rows; ++r) {
+      const Packet scores = ei::pload<Packet>(s.weights.data() + r * kP);
       // Online softmax of this row (see the prefill kernel for the lazy reference).
       const T block_max = ei::predux_max(scores);
       T ref = s.row_ref[r];

@@ -1,0 +1,191 @@
+// Decode steps (Sq = 1) against a long KV cache, fp32, H = 32, Hkv = 8, D = 128: the
+// decode kernel against the prefill kernel forced on the same inputs, the reference
+// path, and a streaming read of as many bytes as the K/V cache holds, all in one run.
+// Then a whole Attention::forward decode step at dim = 4096 against a streaming read
+// of its bytes (weights + cache).
+//
+//   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <memory>
+#include <numeric>
+
+#include "bench_util.hpp"
+
+namespace {
+
+using attnforge::Index;
+using attnforge::Tensor;
+namespace af = attnforge;
+namespace bench = attnforge::bench;
+
+constexpr Index kHeads = 32;
+constexpr Index kKvHeads = 8;
+constexpr Index kHeadDim = 128;
+constexpr Index kModelDim = 4096;
+
+struct DecodeInputs {
+  Index batch = 0;
+  Index kv_len = 0;
+  std::unique_ptr<af::KVCache<float>> cache;
+  Tensor<float, 4> q, out;
+};
+
+// A cache filled to kv_len (one spare position, so its prefix is a strided view as in
+// a real engine) and one query token per batch row.
+DecodeInputs& decode_inputs(Index batch, Index kv_len) {
+  static std::unique_ptr<DecodeInputs> cached;
+  if (!cached || cached->batch != batch || cached->kv_len != kv_len) {
+    cached.reset();
+    cached = std::make_unique<DecodeInputs>();
+    cached->batch = batch;
+    cached->kv_len = kv_len;
+    cached->cache = std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+    const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 2);
+    const auto v = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 3);
+    cached->cache->update(k, v);
+    cached->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
+    cached->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
+  }
+  return *cached;
+}
+
+double kv_bytes(Index batch, Index kv_len) {
+  return 2.0 * static_cast<double>(batch * kKvHeads * kv_len * kHeadDim) * sizeof(float);
+}
+
+// Bytes a decode step must move at least once: the four weight matrices and the K/V
+// cache it attends over.
+double attention_step_bytes(Index kv_len) {
+  const double weights = 2.0 * kModelDim * kHeads * kHeadDim + 2.0 * kModelDim * kKvHeads * kHeadDim;
+  return weights * sizeof(float) + kv_bytes(1, kv_len);
+}
+
+
+void set_bytes_counter(benchmark::State& state, double bytes) {
+  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9 * static_cast<double>(state.iterations()),
+                                              benchmark::Counter::kIsRate);
+}
+
+void run_sdpa(benchmark::State& state, Index batch, Index kv_len, int threads, af::SdpaPath path) {
+  DecodeInputs& in = decode_inputs(batch, kv_len);
+  af::SdpaOptions options;
+  options.causal = true;
+  options.path = path;
+  af::Sdpa<float> sdpa(options, bench::device_for(threads));
+  const af::KVPrefix<float> kv = in.cache->prefix();
+  sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
+  for (auto _ : state) {
+    sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
+    benchmark::ClobberMemory();
+  }
+  set_bytes_counter(state, kv_bytes(batch, kv_len));
+}
+
+// Sums `floats` floats of a buffer with independent packet accumulators, split into
+// fixed 1 MiB pieces over the pool: how fast this machine streams that many bytes.
+double stream_sum(const float* data, Index floats, const Eigen::ThreadPoolDevice* device,
+                  std::vector<double>& partial) {
+  using Packet = af::detail::packet_t<float>;
+  namespace ei = Eigen::internal;
+  constexpr Index kPacket = af::detail::kPacketSize<float>;
+  constexpr Index kPiece = (1 << 20) / sizeof(float);
+  const Index pieces = (floats + kPiece - 1) / kPiece;
+  partial.assign(static_cast<std::size_t>(pieces), 0.0);
+  af::detail::parallel_for_items(device, pieces, [&](int, Index piece) {
+    const float* p = data + piece * kPiece;
+    const Index n = std::min(kPiece, floats - piece * kPiece);
+    Packet a0 = ei::pzero(Packet{}), a1 = a0, a2 = a0, a3 = a0;
+    Index i = 0;
+    for (; i + 4 * kPacket <= n; i += 4 * kPacket) {
+      a0 = ei::padd(a0, ei::ploadu<Packet>(p + i));
+      a1 = ei::padd(a1, ei::ploadu<Packet>(p + i + kPacket));
+      a2 = ei::padd(a2, ei::ploadu<Packet>(p + i + 2 * kPacket));
+      a3 = ei::padd(a3, ei::ploadu<Packet>(p + i + 3 * kPacket));
+    }
+    float tail = 0;
+    for (; i < n; ++i) tail += p[i];
+    partial[static_cast<std::size_t>(piece)] =
+        ei::predux(ei::padd(ei::padd(a0, a1), ei::padd(a2, a3))) + tail;
+  });
+  return std::accumulate(partial.begin(), partial.end(), 0.0);
+}
+
+void run_stream(benchmark::State& state, double bytes, int threads) {
+  const Index floats = static_cast<Index>(bytes / sizeof(float));
+  const auto buffer = bench::random_tensor<float, 1>({floats}, 9);
+  std::vector<double> partial;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(stream_sum(buffer.data(), floats, bench::device_for(threads), partial));
+  }
+  set_bytes_counter(state, bytes);
+}
+
+// One decode token through Attention::forward at dim 4096 with a cache of kv_len - 1
+// positions: four projections (matrix-vector products) plus attention over kv_len keys.
+void run_attention_step(benchmark::State& state, Index kv_len, int threads) {
+  af::Attention<float> attention(kModelDim, kHeads, kKvHeads);
+  attention.reset_parameters(7);
+  attention.set_device(bench::device_for(threads));
+  af::RotaryEmbedding<float> rope(kHeadDim, kv_len);
+  af::KVCache<float> cache(1, kv_len, kKvHeads, kHeadDim);
+  {
+    const auto k = bench::random_tensor<float, 4>({1, kKvHeads, kv_len - 1, kHeadDim}, 2);
+    cache.update(k, k);
+  }
+  const auto x = bench::random_tensor<float, 3>({1, 1, kModelDim}, 4);
+  Tensor<float, 3> out(1, 1, kModelDim);
+  for (auto _ : state) {
+    cache.truncate(kv_len - 1);
+    attention.forward_into(x, rope.cos_rows(kv_len - 1, 1), rope.sin_rows(kv_len - 1, 1),
+                           af::StridedView<float, 3>(out), &cache);
+    benchmark::ClobberMemory();
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  set_bytes_counter(state, attention_step_bytes(kv_len));
+}
+
+std::string shape(Index batch, Index kv_len) {
+  return "/Skv:" + std::to_string(kv_len) + "/B:" + std::to_string(batch);
+}
+
+void register_all() {
+  const std::pair<Index, Index> shapes[] = {{1, 4096}, {1, 32768}, {8, 4096}};
+  for (const auto& [batch, kv_len] : shapes) {
+    for (int threads : {1, 2}) {
+      const std::string suffix = shape(batch, kv_len) + "/threads:" + std::to_string(threads);
+      const std::pair<const char*, af::SdpaPath> paths[] = {{"decode", af::SdpaPath::kAuto},
+                                                             {"prefill_forced", af::SdpaPath::kFused}};
+      for (const auto& [name, path] : paths) {
+        benchmark::RegisterBenchmark((name + suffix).c_str(), [=](benchmark::State& s) {
+          run_sdpa(s, batch, kv_len, threads, path);
+        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+      }
+      benchmark::RegisterBenchmark(("stream_yardstick" + suffix).c_str(), [=](benchmark::State& s) {
+        run_stream(s, kv_bytes(batch, kv_len), threads);
+      })->UseRealTime()->Unit(benchmark::kMicrosecond);
+    }
+    benchmark::RegisterBenchmark(("reference" + shape(batch, kv_len)).c_str(), [=](benchmark::State& s) {
+      run_sdpa(s, batch, kv_len, 1, af::SdpaPath::kReference);
+    })->UseRealTime()->Unit(benchmark::kMicrosecond);
+  }
+  for (int threads : {1, 2}) {
+    const std::string suffix = "/dim:4096" + shape(1, 4096) + "/threads:" + std::to_string(threads);
+    benchmark::RegisterBenchmark(("attention_step" + suffix).c_str(), [=](benchmark::State& s) {
+      run_attention_step(s, 4096, threads);
+    })->UseRealTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("step_bytes_yardstick" + suffix).c_str(), [=](benchmark::State& s) {
+      run_stream(s, attention_step_bytes(4096), threads);
+    })->UseRealTime()->Unit(benchmark::kMicrosecond);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
