@@ -283,6 +283,8 @@ class Attention {
             "does not");
       }
     }
+    // The SDPA options too: nothing may fail after the cache has been appended to.
+    detail::resolve_options(kWhere, sdpa_.options(), head_dim_);
     Masks masks;
     masks.doc_ids = doc_ids;
     masks.key_padding_mask = key_padding_mask;

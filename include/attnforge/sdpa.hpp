@@ -16,6 +16,26 @@ namespace attnforge {
 
 namespace detail {
 
+// Checks the option values and resolves the defaults (scale = 1 / sqrt(head_dim)).
+inline SdpaParams resolve_options(const char* where, const SdpaOptions& options, Index head_dim) {
+  SdpaParams params;
+  params.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  if (!std::isfinite(params.scale)) {
+    throw_invalid_argument(where, ": scale must be finite, got ", params.scale);
+  }
+  if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap)) {
+    throw_invalid_argument(where, ": softcap must be >= 0 and finite (0 = off), got ",
+                           options.softcap);
+  }
+  if (options.window < 0) {
+    throw_invalid_argument(where, ": window must be >= 0 (0 = no window), got ", options.window);
+  }
+  params.softcap = options.softcap;
+  params.rules = MaskRules{options.causal, options.window};
+  params.empty_rows = options.empty_rows;
+  return params;
+}
+
 // Checks q (B, H, Sq, D), k and v (B, Hkv, Skv, D), the options and the masks, and
 // returns the resolved parameters. Nothing is written before this succeeds.
 template <typename T, typename KV>
@@ -49,18 +69,7 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
     throw_invalid_argument(where, ": k has ", k.dimension(1), " heads, which does not divide q's ",
                            q.dimension(1), " heads (q ", shape(q), ", k ", shape(k), ")");
   }
-  SdpaParams params;
-  params.scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.dimension(3))));
-  if (!std::isfinite(params.scale)) {
-    throw_invalid_argument(where, ": scale must be finite, got ", params.scale);
-  }
-  if (!(options.softcap >= 0.0) || !std::isfinite(options.softcap)) {
-    throw_invalid_argument(where, ": softcap must be >= 0 and finite (0 = off), got ",
-                           options.softcap);
-  }
-  params.softcap = options.softcap;
-  params.rules = MaskRules{options.causal, options.window};
-  params.empty_rows = options.empty_rows;
+  SdpaParams params = resolve_options(where, options, q.dimension(3));
   validate_masks(where, params.rules, masks, q.dimension(0), q.dimension(2), k.dimension(2));
   return params;
 }

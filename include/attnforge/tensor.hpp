@@ -73,14 +73,14 @@ class StridedView {
   StridedView(const Eigen::Tensor<U, Rank, Eigen::RowMajor, Index>& t)  // NOLINT(runtime/explicit)
       : StridedView(t.data(), to_dims(t.dimensions())) {}
 
-  template <typename PlainT, typename = std::enable_if_t<std::is_convertible_v<
-                                 decltype(std::declval<Eigen::TensorMap<PlainT>&>().data()), T*>>>
+  template <typename PlainT,
+            typename = std::enable_if_t<
+                PlainT::NumIndices == Rank &&
+                static_cast<int>(PlainT::Layout) == static_cast<int>(Eigen::RowMajor) &&
+                std::is_convertible_v<decltype(std::declval<Eigen::TensorMap<PlainT>&>().data()),
+                                      T*>>>
   StridedView(const Eigen::TensorMap<PlainT>& m)  // NOLINT(runtime/explicit)
-      : StridedView(m.data(), to_dims(m.dimensions())) {
-    static_assert(PlainT::NumIndices == Rank, "rank of the TensorMap does not match the view");
-    static_assert(static_cast<int>(PlainT::Layout) == static_cast<int>(Eigen::RowMajor),
-                  "attnforge takes RowMajor tensors (PyTorch's layout)");
-  }
+      : StridedView(m.data(), to_dims(m.dimensions())) {}
 
   // Mutable view -> const view.
   template <typename U, typename = std::enable_if_t<std::is_const_v<T> &&

@@ -59,7 +59,9 @@ void sdpa_reference(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const C
         s.allowed[j] = ok;
         n_allowed += ok;
       }
-      const bool attend_all = n_allowed == 0 && params.empty_rows == EmptyRowPolicy::kAttendAll;
+      // With Skv = 0 "attend to all keys" is the same empty softmax as kZeros.
+      const bool attend_all =
+          n_allowed == 0 && kv_len > 0 && params.empty_rows == EmptyRowPolicy::kAttendAll;
       double row_max = neg_inf;
       for (Index j = 0; j < kv_len; ++j) {
         if (!s.allowed[j] && !attend_all) continue;
