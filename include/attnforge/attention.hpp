@@ -139,6 +139,10 @@ class Attention {
   // x (B, S, dim) -> (B, S, dim). rope_cos/rope_sin are the (S, head_dim / 2) rows of
   // the tables for the absolute positions of x's tokens. With a kv_cache, this step's
   // keys and values are appended and attention runs over the whole cached prefix.
+  // doc_ids (B, S) are the documents of x's tokens; with a kv_cache they need a cache
+  // that records document ids, which then appends them too: a query sees the cached and
+  // new keys of its own document up to its position, so a packed stream can be fed in
+  // chunks of any size (a document may start mid-chunk) and gives the one-shot result.
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                        const ConstView<T, 2>& rope_sin, KVCache<T>* kv_cache = nullptr,
                        const ConstView<DocId, 2>& doc_ids = {},
@@ -215,14 +219,16 @@ class Attention {
     // 4. Cache, 5. SDPA (always causal, bottom-right aligned).
     ConstView<T, 4> keys = k;
     ConstView<T, 4> values = v;
-    if (kv_cache != nullptr) {
-      const KVPrefix<T> prefix = kv_cache->update(k, v);
-      keys = prefix.keys;
-      values = prefix.values;
-    }
     Masks masks;
     masks.doc_ids = doc_ids;
     masks.key_padding_mask = key_padding_mask;
+    if (kv_cache != nullptr) {
+      const KVPrefix<T> prefix =
+          doc_ids.has_value() ? kv_cache->update(k, v, doc_ids) : kv_cache->update(k, v);
+      keys = prefix.keys;
+      values = prefix.values;
+      if (doc_ids.has_value()) masks.kv_doc_ids = kv_cache->doc_ids();
+    }
     SdpaOptions options = sdpa_.options();
     options.causal = true;
     sdpa_.set_options(options);
@@ -276,18 +282,28 @@ class Attention {
         throw std::length_error(os.str());
       }
       kv_len += kv_cache->seq_len();
-      if (doc_ids.has_value()) {
+      if (doc_ids.has_value() && !kv_cache->records_doc_ids()) {
         detail::throw_invalid_argument(
             kWhere, ": doc_ids ", detail::shape_string(doc_ids.dimensions()),
-            " together with a kv_cache needs a cache that records document ids; this cache "
-            "does not");
+            " together with a kv_cache needs a cache that records document ids (KVCache(..., "
+            "record_doc_ids = true)); this cache does not");
+      }
+      if (!doc_ids.has_value() && kv_cache->records_doc_ids()) {
+        detail::throw_invalid_argument(
+            kWhere, ": kv_cache records document ids, so doc_ids (B, S) = (", batch, ", ",
+            seq_len, ") are needed for x ", detail::shape_string(x.dimensions()));
       }
     }
     // The SDPA options too: nothing may fail after the cache has been appended to.
     detail::resolve_options(kWhere, sdpa_.options(), head_dim_);
     Masks masks;
-    masks.doc_ids = doc_ids;
     masks.key_padding_mask = key_padding_mask;
+    if (kv_cache != nullptr && doc_ids.has_value()) {
+      // The keys' ids will be the cache's after the update: (B, Skv) by construction.
+      detail::check_shape(kWhere, "doc_ids", doc_ids, {batch, seq_len}, "(B, Sq)");
+    } else {
+      masks.doc_ids = doc_ids;
+    }
     detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_.options().window}, masks, batch,
                            seq_len, kv_len);
   }

@@ -1,4 +1,5 @@
-// KVCache: pre-allocated key/value storage for incremental decoding.
+// KVCache: pre-allocated key/value storage for incremental decoding, optionally with the
+// document id of every cached position (packed streams continued chunk by chunk).
 #pragma once
 
 #include <algorithm>
@@ -20,11 +21,19 @@ struct KVPrefix {
 template <typename T>
 class KVCache {
  public:
-  KVCache(Index batch_size, Index max_seq_len, Index n_kv_heads, Index head_dim)
+  // With record_doc_ids, every update also takes the document ids (B, new_len) of the new
+  // positions, and doc_ids() returns those of the cached prefix: the keys' ids a packed
+  // stream needs when it is continued through the cache (Attention::forward with doc_ids).
+  KVCache(Index batch_size, Index max_seq_len, Index n_kv_heads, Index head_dim,
+          bool record_doc_ids = false)
       : keys_(checked_dims(batch_size, max_seq_len, n_kv_heads, head_dim)),
         values_(keys_.dimensions()) {
     keys_.setZero();
     values_.setZero();
+    if (record_doc_ids) {
+      doc_ids_ = Tensor<DocId, 2>(batch_size, max_seq_len);
+      doc_ids_.setZero();
+    }
   }
 
   Index batch_size() const { return keys_.dimension(0); }
@@ -32,36 +41,40 @@ class KVCache {
   Index max_seq_len() const { return keys_.dimension(2); }
   Index head_dim() const { return keys_.dimension(3); }
   Index seq_len() const { return seq_len_; }
+  bool records_doc_ids() const { return doc_ids_.size() > 0; }
 
   // Appends k_new, v_new (B, Hkv, new_len, D) at positions [seq_len, seq_len + new_len)
   // and returns the whole filled prefix. All checks run before the first write, so a
-  // rejected update leaves the cache exactly as it was.
+  // rejected update leaves the cache exactly as it was. A cache that records document
+  // ids needs the overload below.
   KVPrefix<T> update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new) {
-    constexpr const char* kWhere = "KVCache::update";
-    const std::array<Index, 4> expected{batch_size(), n_kv_heads(), -1, head_dim()};
-    detail::check_shape(kWhere, "k_new", k_new, expected, "(batch_size, n_kv_heads, new_len, head_dim)");
-    detail::check_shape(kWhere, "v_new", v_new, expected, "(batch_size, n_kv_heads, new_len, head_dim)");
-    const Index new_len = k_new.dimension(2);
-    if (v_new.dimension(2) != new_len) {
-      detail::throw_invalid_argument(kWhere, ": k_new has shape ",
-                                     detail::shape_string(k_new.dimensions()), " but v_new has shape ",
-                                     detail::shape_string(v_new.dimensions()));
+    const Index new_len = check_update(k_new, v_new);
+    if (records_doc_ids()) {
+      detail::throw_invalid_argument(
+          kUpdate, ": this cache records document ids; pass doc_ids_new (batch_size, new_len) = (",
+          batch_size(), ", ", new_len, ") with k_new ", detail::shape_string(k_new.dimensions()));
     }
-    if (new_len > max_seq_len() - seq_len_) {
-      std::ostringstream os;
-      os << kWhere << ": cache overflow: " << seq_len_ << " cached + " << new_len
-         << " new positions exceed max_seq_len " << max_seq_len();
-      throw std::length_error(os.str());
+    append(k_new, v_new, new_len);
+    return prefix();
+  }
+
+  // As update(k_new, v_new), also recording doc_ids_new (B, new_len), the document id of
+  // each new position. Only for a cache constructed with record_doc_ids.
+  KVPrefix<T> update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new,
+                     const ConstView<DocId, 2>& doc_ids_new) {
+    const Index new_len = check_update(k_new, v_new);
+    if (!records_doc_ids()) {
+      detail::throw_invalid_argument(
+          kUpdate, ": doc_ids_new ", detail::shape_string(doc_ids_new.dimensions()),
+          " given, but this cache does not record document ids (construct it with "
+          "record_doc_ids = true)");
     }
+    detail::check_shape(kUpdate, "doc_ids_new", doc_ids_new, {batch_size(), new_len},
+                        "(batch_size, new_len)");
     for (Index b = 0; b < batch_size(); ++b) {
-      for (Index h = 0; h < n_kv_heads(); ++h) {
-        for (Index s = 0; s < new_len; ++s) {
-          std::copy_n(k_new.row(b, h, s), head_dim(), &keys_(b, h, seq_len_ + s, 0));
-          std::copy_n(v_new.row(b, h, s), head_dim(), &values_(b, h, seq_len_ + s, 0));
-        }
-      }
+      std::copy_n(doc_ids_new.row(b), new_len, &doc_ids_(b, seq_len_));
     }
-    seq_len_ += new_len;
+    append(k_new, v_new, new_len);
     return prefix();
   }
 
@@ -69,6 +82,13 @@ class KVCache {
   KVPrefix<T> prefix() const {
     return {ConstView<T, 4>(keys_).narrow(2, 0, seq_len_),
             ConstView<T, 4>(values_).narrow(2, 0, seq_len_)};
+  }
+
+  // The document ids (B, seq_len) of the cached positions, viewing the cache's storage;
+  // absent (has_value() false) when the cache does not record them.
+  ConstView<DocId, 2> doc_ids() const {
+    if (!records_doc_ids()) return {};
+    return ConstView<DocId, 2>(doc_ids_).narrow(1, 0, seq_len_);
   }
 
   // Drops the positions from seq_len on, keeping [0, seq_len): e.g. the rejected tokens
@@ -82,14 +102,50 @@ class KVCache {
   }
 
   // Empties the cache for reuse; the storage is kept (and not cleared: positions past
-  // seq_len are never read).
+  // seq_len, document ids included, are never read).
   void reset() { seq_len_ = 0; }
 
   // The whole pre-allocated storage (B, Hkv, max_seq_len, D).
   const Tensor<T, 4>& key_storage() const { return keys_; }
   const Tensor<T, 4>& value_storage() const { return values_; }
+  // (B, max_seq_len) with record_doc_ids; an empty tensor without.
+  const Tensor<DocId, 2>& doc_id_storage() const { return doc_ids_; }
 
  private:
+  static constexpr const char* kUpdate = "KVCache::update";
+
+  // Checks k_new and v_new and that they fit; returns new_len.
+  Index check_update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new) const {
+    const std::array<Index, 4> expected{batch_size(), n_kv_heads(), -1, head_dim()};
+    detail::check_shape(kUpdate, "k_new", k_new, expected, "(batch_size, n_kv_heads, new_len, head_dim)");
+    detail::check_shape(kUpdate, "v_new", v_new, expected, "(batch_size, n_kv_heads, new_len, head_dim)");
+    const Index new_len = k_new.dimension(2);
+    if (v_new.dimension(2) != new_len) {
+      detail::throw_invalid_argument(kUpdate, ": k_new has shape ",
+                                     detail::shape_string(k_new.dimensions()), " but v_new has shape ",
+                                     detail::shape_string(v_new.dimensions()));
+    }
+    if (new_len > max_seq_len() - seq_len_) {
+      std::ostringstream os;
+      os << kUpdate << ": cache overflow: " << seq_len_ << " cached + " << new_len
+         << " new positions exceed max_seq_len " << max_seq_len();
+      throw std::length_error(os.str());
+    }
+    return new_len;
+  }
+
+  void append(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new, Index new_len) {
+    for (Index b = 0; b < batch_size(); ++b) {
+      for (Index h = 0; h < n_kv_heads(); ++h) {
+        for (Index s = 0; s < new_len; ++s) {
+          std::copy_n(k_new.row(b, h, s), head_dim(), &keys_(b, h, seq_len_ + s, 0));
+          std::copy_n(v_new.row(b, h, s), head_dim(), &values_(b, h, seq_len_ + s, 0));
+        }
+      }
+    }
+    seq_len_ += new_len;
+  }
+
   static std::array<Index, 4> checked_dims(Index batch_size, Index max_seq_len, Index n_kv_heads,
                                            Index head_dim) {
     if (batch_size <= 0 || max_seq_len <= 0 || n_kv_heads <= 0 || head_dim <= 0) {
@@ -102,6 +158,7 @@ class KVCache {
 
   Tensor<T, 4> keys_;
   Tensor<T, 4> values_;
+  Tensor<DocId, 2> doc_ids_;  // (B, max_seq_len) with record_doc_ids, else empty
   Index seq_len_ = 0;
 };
 

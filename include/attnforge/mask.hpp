@@ -109,11 +109,27 @@ inline void validate_masks(const char* where, const MaskRules& rules, const Mask
 // with no per-element mask work, or computed and then masked element by element.
 enum class TileClass : std::uint8_t { kEmpty, kFull, kPartial };
 
+// Keys [first, last) of one key tile that some query of a query tile may see; empty when
+// first >= last.
+struct KeySpan {
+  Index first;
+  Index last;
+};
+
 // Classifies the tiles of an attention problem from O(B * (Sq + Skv)) metadata: the
 // positional rules are arithmetic, documents are summarised per tile by their id range
 // (two tiles whose ranges are disjoint cannot share a document, however the ids are
 // ordered), padding by the count of allowed keys per key tile. Query tile qt covers
 // query positions [qt * q_tile_positions, ...), key tile kt keys [kt * key_tile, ...).
+//
+// Each query tile also gets the one key interval outside which none of its queries may
+// attend: the positional rules bound it, and so do documents when a row's key ids are
+// sorted (packed documents): the keys whose id lies in the tile's query id range
+// [min, max] are then one run, from the first key of id >= min to the last of id <= max,
+// found by binary search. So a query tile visits only the key tiles of its own
+// documents, and the cost of a packed row is what its documents cost, not O(S^2 / tiles).
+// Unsorted or repeated ids keep the positional interval; the per-tile id ranges still
+// make them correct.
 class TilePlan {
  public:
   TilePlan() = default;
@@ -133,13 +149,28 @@ class TilePlan {
     q_docs_.clear();
     k_docs_.clear();
     allowed_keys_.clear();
+    spans_.resize(static_cast<std::size_t>(batch * n_q_tiles_));
+    for (Index qt = 0; qt < n_q_tiles_; ++qt) {
+      const KeySpan span = positional_span(qt);
+      for (Index b = 0; b < batch; ++b) spans_[static_cast<std::size_t>(b * n_q_tiles_ + qt)] = span;
+    }
     if (has_docs_) {
       q_docs_.resize(static_cast<std::size_t>(batch * n_q_tiles_));
       k_docs_.resize(static_cast<std::size_t>(batch * n_key_tiles_));
       for (Index b = 0; b < batch; ++b) {
         const BatchMask m = batch_mask(rules, masks, b, q_len, kv_len);
-        summarise(m.q_docs, q_len, q_tile_positions, &q_docs_[static_cast<std::size_t>(b * n_q_tiles_)]);
+        const std::size_t q_row = static_cast<std::size_t>(b * n_q_tiles_);
+        summarise(m.q_docs, q_len, q_tile_positions, &q_docs_[q_row]);
         summarise(m.kv_docs, kv_len, key_tile, &k_docs_[static_cast<std::size_t>(b * n_key_tiles_)]);
+        if (std::is_sorted(m.kv_docs, m.kv_docs + kv_len)) {
+          for (Index qt = 0; qt < n_q_tiles_; ++qt) {
+            const DocRange& q = q_docs_[q_row + static_cast<std::size_t>(qt)];
+            const Index doc_first = std::lower_bound(m.kv_docs, m.kv_docs + kv_len, q.min) - m.kv_docs;
+            const Index doc_last = std::upper_bound(m.kv_docs, m.kv_docs + kv_len, q.max) - m.kv_docs;
+            KeySpan& span = spans_[q_row + static_cast<std::size_t>(qt)];
+            span = {std::max(span.first, doc_first), std::min(span.last, doc_last)};
+          }
+        }
       }
     }
     if (has_padding_) {
@@ -158,18 +189,23 @@ class TilePlan {
   Index q_tile_positions() const { return q_tile_positions_; }
   Index key_tile() const { return key_tile_; }
 
-  // Key tiles [first, last) that the positional rules (causal, window) leave for qt.
-  std::pair<Index, Index> key_tile_range(Index qt) const {
-    const auto [p_first, p_last] = positions(qt);
-    Index first = 0;
-    Index last = n_key_tiles_;
-    if (rules_.window > 0) {
-      first = std::clamp<Index>(q_offset_ + p_first - rules_.window + 1, 0, kv_len_) / key_tile_;
-    }
-    if (rules_.causal) {
-      last = (std::clamp<Index>(q_offset_ + p_last + 1, 0, kv_len_) + key_tile_ - 1) / key_tile_;
-    }
-    return {first, std::max(first, last)};
+  // Key tiles [first, last) that the positional rules (causal, window) leave for qt, in
+  // any batch row.
+  std::pair<Index, Index> key_tile_range(Index qt) const { return tiles_of(positional_span(qt)); }
+
+  // Key tiles [first, last) that query tile qt of batch row b may touch: the positional
+  // range, narrowed to the tile's documents when the row's key ids are sorted. Every
+  // tile in it intersects key_span(b, qt, kt).
+  std::pair<Index, Index> key_tile_range(Index b, Index qt) const { return tiles_of(span(b, qt)); }
+
+  // The keys of key tile kt that some query of query tile qt in row b may see (a subset
+  // of the tile, never empty for kt in key_tile_range(b, qt)). The kernel computes only
+  // these, so a document shorter than a key tile, or the causal diagonal, does not pay
+  // for the whole tile; the keys trimmed off are masked keys, so the result is unchanged.
+  KeySpan key_span(Index b, Index qt, Index kt) const {
+    const KeySpan& s = span(b, qt);
+    const Index tile_first = kt * key_tile_;
+    return {std::max(s.first, tile_first), std::min(s.last, tile_first + key_tile_)};
   }
 
   TileClass classify(Index b, Index qt, Index kt) const {
@@ -201,7 +237,7 @@ class TilePlan {
 
   // Number of key tiles that query tile qt of batch row b computes (its cost).
   Index active_key_tiles(Index b, Index qt) const {
-    const auto [first, last] = key_tile_range(qt);
+    const auto [first, last] = key_tile_range(b, qt);
     Index n = 0;
     for (Index kt = first; kt < last; ++kt) n += classify(b, qt, kt) != TileClass::kEmpty;
     return n;
@@ -216,6 +252,26 @@ class TilePlan {
   std::pair<Index, Index> positions(Index qt) const {
     const Index p_first = qt * q_tile_positions_;
     return {p_first, std::min(q_len_, p_first + q_tile_positions_) - 1};
+  }
+
+  // Keys that the positional rules leave for some query of qt.
+  KeySpan positional_span(Index qt) const {
+    const auto [p_first, p_last] = positions(qt);
+    KeySpan s{0, kv_len_};
+    if (rules_.window > 0) {
+      s.first = std::clamp<Index>(q_offset_ + p_first - rules_.window + 1, 0, kv_len_);
+    }
+    if (rules_.causal) s.last = std::clamp<Index>(q_offset_ + p_last + 1, 0, kv_len_);
+    return s;
+  }
+
+  const KeySpan& span(Index b, Index qt) const {
+    return spans_[static_cast<std::size_t>(b * n_q_tiles_ + qt)];
+  }
+
+  std::pair<Index, Index> tiles_of(const KeySpan& s) const {
+    if (s.first >= s.last) return {0, 0};
+    return {s.first / key_tile_, (s.last + key_tile_ - 1) / key_tile_};
   }
 
   static void summarise(const DocId* ids, Index len, Index tile, DocRange* out) {
@@ -239,6 +295,7 @@ class TilePlan {
   std::vector<DocRange> q_docs_;
   std::vector<DocRange> k_docs_;
   std::vector<Index> allowed_keys_;
+  std::vector<KeySpan> spans_;  // per (b, qt): keys outside it are masked for every query
 };
 
 }  // namespace detail

@@ -191,12 +191,13 @@ void unpack_transposed(const T* ot, Index head_dim, const T* inv_sum, T* const* 
   }
 }
 
-// Where one query tile sits: its batch row, KV head, first head and first position.
+// A work item: where its query tiles sit (batch row, KV head, head group, first tile).
 struct QueryTile {
   Index batch;
   Index kv_head;
   Index head_group;
-  Index q_tile;
+  Index q_tile;  // the first of `count` consecutive query tiles
+  Index count;
 };
 
 // Tiling of one call: derived from n_rep and the lane count (query side) and from the
@@ -206,12 +207,20 @@ struct TileGeometry {
   Index head_groups;     // tiles needed to cover all n_rep heads (1 unless n_rep > lanes)
   Index positions;       // query positions per tile
   Index key_tile;        // keys per key tile
+  Index q_tiles_per_item;  // query tiles that share each K/V tile load
 };
 
 // Keys per key tile. Sweeping {32, 48, 64, 96, 128, 192, 256} on S = 2048, D = 128
 // (bench_prefill) put the optimum at 64-96; the St tile (key_tile x lanes) and a
 // K/V tile stay within L1/L2 at these sizes.
 inline Index default_key_tile(Index /*head_dim*/) { return 64; }
+
+// Query tiles per work item, sharing each K/V tile while it is in L1/L2. Their states
+// (Qt and Ot, 2 * D * lanes values each) must fit in L2 next to a K and a V tile.
+#ifndef ATTNFORGE_Q_TILES_PER_ITEM
+#define ATTNFORGE_Q_TILES_PER_ITEM 8
+#endif
+inline constexpr Index kQueryTilesPerItem = ATTNFORGE_Q_TILES_PER_ITEM;
 
 template <typename T>
 TileGeometry tile_geometry(Index n_rep, Index head_dim, Index key_tile = 0) {
@@ -221,31 +230,45 @@ TileGeometry tile_geometry(Index n_rep, Index head_dim, Index key_tile = 0) {
   g.head_groups = (n_rep + g.heads_per_tile - 1) / g.heads_per_tile;
   g.positions = std::max<Index>(1, kLanes / g.heads_per_tile);
   g.key_tile = key_tile > 0 ? key_tile : default_key_tile(head_dim);
+  g.q_tiles_per_item = kQueryTilesPerItem;
   return g;
 }
 
-// Per-worker scratch, sized once per call and reused across calls.
+// The running state of one query tile: its Qt, Ot and softmax statistics.
+template <typename T>
+struct QueryTileState {
+  using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+  Buffer q_tile;    // Qt, D x lanes
+  Buffer out_tile;  // Ot, D x lanes
+  Buffer row_max;   // lanes, exponent reference (lazily moved running max, log2 units)
+  Buffer row_sum;   // lanes
+  Buffer alpha;     // lanes, rescale factor of the current key tile
+  std::vector<DocId> lane_docs;
+  Index q_tile_index = 0;
+  Index p0 = 0;           // first query position
+  Index n_positions = 0;  // positions of the tile inside the sequence
+};
+
+// Per-worker scratch, sized once per call and reused across calls: the states of the
+// query tiles of one work item and the St buffer they take turns with.
 template <typename T>
 struct KernelScratch {
-  using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
-  Buffer q_tile;      // Qt, D x lanes
-  Buffer scores;      // St, key_tile x lanes
-  Buffer out_tile;    // Ot, D x lanes
-  Buffer row_max;     // lanes, running max in log2 units
-  Buffer row_sum;     // lanes
-  Buffer alpha;       // lanes, rescale factor of the current tile
-  std::vector<DocId> lane_docs;
-  std::vector<std::array<Index, 3>> empty_rows;  // (b, h, i) with no allowed key
+  std::vector<QueryTileState<T>> tiles;
+  std::vector<T, Eigen::aligned_allocator<T>> scores;  // St, key_tile x lanes
+  std::vector<std::array<Index, 3>> empty_rows;        // (b, h, i) with no allowed key
 
-  void reserve(Index head_dim, Index key_tile) {
+  void reserve(Index head_dim, Index key_tile, Index tiles_per_item) {
     constexpr Index kLanes = Blocking<T>::kLanes;
-    q_tile.resize(static_cast<std::size_t>(head_dim * kLanes));
-    out_tile.resize(static_cast<std::size_t>(head_dim * kLanes));
+    tiles.resize(static_cast<std::size_t>(tiles_per_item));
+    for (QueryTileState<T>& t : tiles) {
+      t.q_tile.resize(static_cast<std::size_t>(head_dim * kLanes));
+      t.out_tile.resize(static_cast<std::size_t>(head_dim * kLanes));
+      t.row_max.resize(kLanes);
+      t.row_sum.resize(kLanes);
+      t.alpha.resize(kLanes);
+      t.lane_docs.resize(kLanes);
+    }
     scores.resize(static_cast<std::size_t>(key_tile * kLanes));
-    row_max.resize(kLanes);
-    row_sum.resize(kLanes);
-    alpha.resize(kLanes);
-    lane_docs.resize(kLanes);
     empty_rows.clear();
   }
 };
@@ -270,156 +293,190 @@ struct KernelProblem {
   Masks masks;
 };
 
-// One query tile against all the key tiles its mask leaves.
+// The per-call context every query tile of a work item shares.
+template <typename T>
+struct TileContext {
+  const KernelProblem<T>& pb;
+  const TilePlan& plan;
+  const TileGeometry& geo;
+  BatchMask mask;
+  Index batch;
+  Index kv_head;
+  Index first_head;  // of the head group
+  Index heads;       // query heads in the group
+  Index head_dim;
+  Index q_len;
+  Index kv_len;
+};
+
+// 1. Qt of one query tile and its fresh softmax state. Without softcap the log2(e)
+// factor of exp -> exp2 is folded into the scale.
+template <typename T, bool kSoftcap, bool kDocs>
+void begin_query_tile(const TileContext<T>& ctx, Index q_tile, QueryTileState<T>& state) {
+  constexpr Index kLanes = Blocking<T>::kLanes;
+  constexpr double kLog2e = 1.4426950408889634074;
+  const Index hpt = ctx.geo.heads_per_tile;
+  state.q_tile_index = q_tile;
+  state.p0 = q_tile * ctx.geo.positions;
+  state.n_positions = std::min(ctx.geo.positions, ctx.q_len - state.p0);
+  const T q_scale = static_cast<T>(kSoftcap ? ctx.pb.params.scale : ctx.pb.params.scale * kLog2e);
+  const T* lane_rows[kLanes];
+  for (Index lane = 0; lane < kLanes; ++lane) {
+    const Index p = lane / hpt;
+    const Index hl = lane % hpt;
+    const bool valid = p < state.n_positions && hl < ctx.heads && lane < ctx.geo.positions * hpt;
+    lane_rows[lane] = valid ? ctx.pb.q.row(ctx.batch, ctx.first_head + hl, state.p0 + p) : nullptr;
+    if constexpr (kDocs) state.lane_docs[lane] = valid ? ctx.mask.q_docs[state.p0 + p] : DocId(0);
+  }
+  pack_transposed<T>(lane_rows, ctx.head_dim, q_scale, state.q_tile.data());
+  std::fill(state.out_tile.begin(), state.out_tile.end(), T(0));
+  std::fill(state.row_max.begin(), state.row_max.end(), -std::numeric_limits<T>::infinity());
+  std::fill(state.row_sum.begin(), state.row_sum.end(), T(0));
+}
+
+// 2-5. One query tile against key tile kt (not empty): scores, mask, online softmax,
+// output update. `scores` is the worker's St buffer.
 template <typename T, bool kSoftcap, bool kDocs, bool kPadding>
-void process_query_tile(const KernelProblem<T>& pb, const TilePlan& plan, const TileGeometry& geo,
-                        const QueryTile& tile, KernelScratch<T>& s) {
+void attend_key_tile(const TileContext<T>& ctx, Index kt, TileClass cls, QueryTileState<T>& state,
+                     T* scores) {
   using B = Blocking<T>;
   using Packet = typename B::Packet;
   constexpr Index kLanes = B::kLanes;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr double kLog2e = 1.4426950408889634074;
-
-  const Index head_dim = pb.q.dimension(3);
-  const Index q_len = pb.q.dimension(2);
-  const Index kv_len = pb.k.dimension(2);
-  const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
+  const KernelProblem<T>& pb = ctx.pb;
+  const TileGeometry& geo = ctx.geo;
+  const BatchMask& mask = ctx.mask;
+  const Index head_dim = ctx.head_dim;
   const Index hpt = geo.heads_per_tile;
-  const Index first_head = tile.kv_head * n_rep + tile.head_group * hpt;
-  const Index heads = std::min(hpt, n_rep - tile.head_group * hpt);
-  const Index p0 = tile.q_tile * geo.positions;
-  const Index n_positions = std::min(geo.positions, q_len - p0);
-  const Index q_offset = kv_len - q_len;
-  const BatchMask mask = batch_mask(pb.params.rules, pb.masks, tile.batch, q_len, kv_len);
-
-  // 1. Qt. Without softcap the log2(e) factor of exp -> exp2 is folded into the scale.
-  const T q_scale = static_cast<T>(kSoftcap ? pb.params.scale : pb.params.scale * kLog2e);
-  T* qt = s.q_tile.data();
-  const T* lane_rows[kLanes];
-  for (Index lane = 0; lane < kLanes; ++lane) {
-    const Index p = lane / hpt;
-    const Index hl = lane % hpt;
-    const bool valid = p < n_positions && hl < heads && lane < geo.positions * hpt;
-    lane_rows[lane] = valid ? pb.q.row(tile.batch, first_head + hl, p0 + p) : nullptr;
-    if constexpr (kDocs) s.lane_docs[lane] = valid ? mask.q_docs[p0 + p] : DocId(0);
-  }
-  pack_transposed<T>(lane_rows, head_dim, q_scale, qt);
-  T* ot = s.out_tile.data();
-  std::fill(s.out_tile.begin(), s.out_tile.end(), T(0));
-  std::fill(s.row_max.begin(), s.row_max.end(), kNegInf);
-  std::fill(s.row_sum.begin(), s.row_sum.end(), T(0));
-
-  T* st = s.scores.data();
+  const Index p0 = state.p0;
+  const Index q_offset = ctx.kv_len - ctx.q_len;
   const Index ldk = pb.k.stride(2);
   const Index ldv = pb.v.stride(2);
-  const auto [kt_first, kt_last] = plan.key_tile_range(tile.q_tile);
-  for (Index kt = kt_first; kt < kt_last; ++kt) {
-    const TileClass cls = plan.classify(tile.batch, tile.q_tile, kt);
-    if (cls == TileClass::kEmpty) continue;
-    const Index n0 = kt * geo.key_tile;
-    const Index n_keys = std::min(geo.key_tile, kv_len - n0);
+  T* qt = state.q_tile.data();
+  T* ot = state.out_tile.data();
+  T* st = scores;
+  // Only the keys some query of the tile may see (the rest would be masked anyway).
+  const KeySpan keys = ctx.plan.key_span(ctx.batch, state.q_tile_index, kt);
+  const Index n0 = keys.first;
+  const Index n_keys = keys.last - keys.first;
 
-    // 2. St = K Qt.
-    const T* k_tile = pb.k.row(tile.batch, tile.kv_head, n0);
-    for_each_row_block<B::kRows>(n_keys, [&](auto rows, Index r0) {
-      score_block<T, decltype(rows)::value>(k_tile + r0 * ldk, ldk, qt, head_dim, st + r0 * kLanes);
-    });
-    if constexpr (kSoftcap) {
-      const Packet inv_cap = ei::pset1<Packet>(static_cast<T>(1.0 / pb.params.softcap));
-      const Packet cap = ei::pset1<Packet>(static_cast<T>(pb.params.softcap * kLog2e));
-      for (Index i = 0; i < n_keys * kLanes; i += B::kPacket) {
-        ei::pstore(st + i, ei::pmul(cap, tanh(ei::pmul(ei::pload<Packet>(st + i), inv_cap))));
-      }
+  // 2. St = K Qt.
+  const T* k_tile = pb.k.row(ctx.batch, ctx.kv_head, n0);
+  for_each_row_block<B::kRows>(n_keys, [&](auto rows, Index r0) {
+    score_block<T, decltype(rows)::value>(k_tile + r0 * ldk, ldk, qt, head_dim, st + r0 * kLanes);
+  });
+  if constexpr (kSoftcap) {
+    const Packet inv_cap = ei::pset1<Packet>(static_cast<T>(1.0 / pb.params.softcap));
+    const Packet cap = ei::pset1<Packet>(static_cast<T>(pb.params.softcap * kLog2e));
+    for (Index i = 0; i < n_keys * kLanes; i += B::kPacket) {
+      ei::pstore(st + i, ei::pmul(cap, tanh(ei::pmul(ei::pload<Packet>(st + i), inv_cap))));
     }
-
-    // 3. Mask (partial tiles only). Lanes are position-major, so the positional rules
-    // leave each key row one contiguous lane interval [lane_lo, lane_hi).
-    if (cls == TileClass::kPartial) {
-      for (Index n = 0; n < n_keys; ++n) {
-        const Index j = n0 + n;
-        T* row = st + n * kLanes;
-        Index lane_lo = 0;
-        Index lane_hi = geo.positions * hpt;
-        if (mask.causal) lane_lo = std::clamp<Index>(j - q_offset - p0, 0, geo.positions) * hpt;
-        if (mask.window > 0) {
-          lane_hi = std::clamp<Index>(j - q_offset + mask.window - p0, 0, geo.positions) * hpt;
-        }
-        if constexpr (kPadding) {
-          if (!mask.key_allowed[j]) lane_hi = 0;
-        }
-        lane_lo = std::min(lane_lo, lane_hi);
-        std::fill(row, row + lane_lo, kNegInf);
-        std::fill(row + lane_hi, row + kLanes, kNegInf);
-        if constexpr (kDocs) {
-          const DocId key_doc = mask.kv_docs[j];
-          for (Index lane = lane_lo; lane < lane_hi; ++lane) {
-            if (s.lane_docs[lane] != key_doc) row[lane] = kNegInf;
-          }
-        }
-      }
-    }
-
-    // 4. Online softmax with a lazily moved reference. Weights are exp2(score - ref);
-    // ref only moves (and Ot, row_sum are rescaled by exp2(old - new)) when a lane's
-    // tile max exceeds it by more than kRescaleThreshold, so weights stay <= 2^8 and
-    // cannot overflow, and the rescale pass over Ot is rare after the first tiles.
-    // Out and lse use the same ref, so the result is the exact softmax either way.
-    // A lane that has seen no allowed key has ref -inf; its exponentials are taken
-    // relative to 0 instead, so exp2(-inf - 0) = 0 and no -inf - (-inf) = NaN arises.
-    constexpr T kRescaleThreshold = T(8);
-    bool rescale = false;
-    ATTNFORGE_UNROLL
-    for (int c = 0; c < B::kLaneVectors; ++c) {
-      const Index lane = c * B::kPacket;
-      Packet tile_max = ei::pset1<Packet>(kNegInf);
-      for (Index n = 0; n < n_keys; ++n) tile_max = ei::pmax(tile_max, ei::pload<Packet>(st + n * kLanes + lane));
-      const Packet old_ref = ei::pload<Packet>(s.row_max.data() + lane);
-      const Packet moves = ei::pcmp_lt(ei::padd(old_ref, ei::pset1<Packet>(kRescaleThreshold)), tile_max);
-      if (ei::predux_any(moves)) {
-        const Packet new_ref = ei::pselect(moves, tile_max, old_ref);
-        const Packet base = ei::pselect(ei::pcmp_eq(new_ref, ei::pset1<Packet>(kNegInf)), ei::pzero(new_ref), new_ref);
-        const Packet alpha = exp2(ei::psub(old_ref, base));
-        ei::pstore(s.row_sum.data() + lane, ei::pmul(ei::pload<Packet>(s.row_sum.data() + lane), alpha));
-        ei::pstore(s.row_max.data() + lane, new_ref);
-        ei::pstore(s.alpha.data() + lane, alpha);
-        rescale = true;
-      } else {
-        ei::pstore(s.alpha.data() + lane, ei::pset1<Packet>(T(1)));
-      }
-    }
-    if (rescale) {
-      for (Index d = 0; d < head_dim; ++d) {
-        ATTNFORGE_UNROLL
-        for (int c = 0; c < B::kLaneVectors; ++c) {
-          T* o = ot + d * kLanes + c * B::kPacket;
-          ei::pstore(o, ei::pmul(ei::pload<Packet>(o), ei::pload<Packet>(s.alpha.data() + c * B::kPacket)));
-        }
-      }
-    }
-    ATTNFORGE_UNROLL
-    for (int c = 0; c < B::kLaneVectors; ++c) {
-      const Index lane = c * B::kPacket;
-      const Packet ref = ei::pload<Packet>(s.row_max.data() + lane);
-      const Packet base = ei::pselect(ei::pcmp_eq(ref, ei::pset1<Packet>(kNegInf)), ei::pzero(ref), ref);
-      Packet sum = ei::pzero(ref);
-      for (Index n = 0; n < n_keys; ++n) {
-        T* p = st + n * kLanes + lane;
-        const Packet weight = exp2(ei::psub(ei::pload<Packet>(p), base));
-        ei::pstore(p, weight);
-        sum = ei::padd(sum, weight);
-      }
-      ei::pstore(s.row_sum.data() + lane, ei::padd(ei::pload<Packet>(s.row_sum.data() + lane), sum));
-    }
-
-    // 5. Ot += V^T Pt.
-    const T* v_tile = pb.v.row(tile.batch, tile.kv_head, n0);
-    for_each_row_block<B::kRows>(head_dim, [&](auto rows, Index d0) {
-      accumulate_block<T, decltype(rows)::value>(v_tile + d0, ldv, st, n_keys, ot + d0 * kLanes);
-    });
   }
 
-  // 6. out = Ot^T / row_sum; lse = ln 2 * (ref + log2(sum)). A row with no allowed key
-  // has sum 0: output 0 and lse -inf (the kZeros policy), recorded for kAttendAll.
+  // 3. Mask (partial tiles only). Lanes are position-major, so the positional rules
+  // leave each key row one contiguous lane interval [lane_lo, lane_hi).
+  if (cls == TileClass::kPartial) {
+    for (Index n = 0; n < n_keys; ++n) {
+      const Index j = n0 + n;
+      T* row = st + n * kLanes;
+      Index lane_lo = 0;
+      Index lane_hi = geo.positions * hpt;
+      if (mask.causal) lane_lo = std::clamp<Index>(j - q_offset - p0, 0, geo.positions) * hpt;
+      if (mask.window > 0) {
+        lane_hi = std::clamp<Index>(j - q_offset + mask.window - p0, 0, geo.positions) * hpt;
+      }
+      if constexpr (kPadding) {
+        if (!mask.key_allowed[j]) lane_hi = 0;
+      }
+      lane_lo = std::min(lane_lo, lane_hi);
+      std::fill(row, row + lane_lo, kNegInf);
+      std::fill(row + lane_hi, row + kLanes, kNegInf);
+      if constexpr (kDocs) {
+        const DocId key_doc = mask.kv_docs[j];
+        for (Index lane = lane_lo; lane < lane_hi; ++lane) {
+          if (state.lane_docs[lane] != key_doc) row[lane] = kNegInf;
+        }
+      }
+    }
+  }
+
+  // 4. Online softmax with a lazily moved reference. Weights are exp2(score - ref);
+  // ref only moves (and Ot, row_sum are rescaled by exp2(old - new)) when a lane's
+  // tile max exceeds it by more than kRescaleThreshold, so weights stay <= 2^8 and
+  // cannot overflow, and the rescale pass over Ot is rare after the first tiles.
+  // Out and lse use the same ref, so the result is the exact softmax either way.
+  // A lane that has seen no allowed key has ref -inf; its exponentials are taken
+  // relative to 0 instead, so exp2(-inf - 0) = 0 and no -inf - (-inf) = NaN arises.
+  constexpr T kRescaleThreshold = T(8);
+  bool rescale = false;
+  ATTNFORGE_UNROLL
+  for (int c = 0; c < B::kLaneVectors; ++c) {
+    const Index lane = c * B::kPacket;
+    Packet tile_max = ei::pset1<Packet>(kNegInf);
+    for (Index n = 0; n < n_keys; ++n) tile_max = ei::pmax(tile_max, ei::pload<Packet>(st + n * kLanes + lane));
+    const Packet old_ref = ei::pload<Packet>(state.row_max.data() + lane);
+    const Packet moves = ei::pcmp_lt(ei::padd(old_ref, ei::pset1<Packet>(kRescaleThreshold)), tile_max);
+    if (ei::predux_any(moves)) {
+      const Packet new_ref = ei::pselect(moves, tile_max, old_ref);
+      const Packet base = ei::pselect(ei::pcmp_eq(new_ref, ei::pset1<Packet>(kNegInf)), ei::pzero(new_ref), new_ref);
+      const Packet alpha = exp2(ei::psub(old_ref, base));
+      ei::pstore(state.row_sum.data() + lane, ei::pmul(ei::pload<Packet>(state.row_sum.data() + lane), alpha));
+      ei::pstore(state.row_max.data() + lane, new_ref);
+      ei::pstore(state.alpha.data() + lane, alpha);
+      rescale = true;
+    } else {
+      ei::pstore(state.alpha.data() + lane, ei::pset1<Packet>(T(1)));
+    }
+  }
+  if (rescale) {
+    for (Index d = 0; d < head_dim; ++d) {
+      ATTNFORGE_UNROLL
+      for (int c = 0; c < B::kLaneVectors; ++c) {
+        T* o = ot + d * kLanes + c * B::kPacket;
+        ei::pstore(o, ei::pmul(ei::pload<Packet>(o), ei::pload<Packet>(state.alpha.data() + c * B::kPacket)));
+      }
+    }
+  }
+  ATTNFORGE_UNROLL
+  for (int c = 0; c < B::kLaneVectors; ++c) {
+    const Index lane = c * B::kPacket;
+    const Packet ref = ei::pload<Packet>(state.row_max.data() + lane);
+    const Packet base = ei::pselect(ei::pcmp_eq(ref, ei::pset1<Packet>(kNegInf)), ei::pzero(ref), ref);
+    Packet sum = ei::pzero(ref);
+    for (Index n = 0; n < n_keys; ++n) {
+      T* p = st + n * kLanes + lane;
+      const Packet weight = exp2(ei::psub(ei::pload<Packet>(p), base));
+      ei::pstore(p, weight);
+      sum = ei::padd(sum, weight);
+    }
+    ei::pstore(state.row_sum.data() + lane, ei::padd(ei::pload<Packet>(state.row_sum.data() + lane), sum));
+  }
+
+  // 5. Ot += V^T Pt.
+  const T* v_tile = pb.v.row(ctx.batch, ctx.kv_head, n0);
+  for_each_row_block<B::kRows>(head_dim, [&](auto rows, Index d0) {
+    accumulate_block<T, decltype(rows)::value>(v_tile + d0, ldv, st, n_keys, ot + d0 * kLanes);
+  });
+}
+
+
+// 6. out = Ot^T / row_sum; lse = ln 2 * (ref + log2(sum)). A row with no allowed key
+// has sum 0: output 0 and lse -inf (the kZeros policy), recorded for kAttendAll.
+template <typename T>
+void finish_query_tile(const TileContext<T>& ctx, QueryTileState<T>& state,
+                       std::vector<std::array<Index, 3>>& empty_rows) {
+  constexpr Index kLanes = Blocking<T>::kLanes;
+  constexpr double kLog2e = 1.4426950408889634074;
+  const KernelProblem<T>& pb = ctx.pb;
+  const TileGeometry& geo = ctx.geo;
+  const Index hpt = geo.heads_per_tile;
+  const Index heads = ctx.heads;
+  const Index first_head = ctx.first_head;
+  const Index n_positions = state.n_positions;
+  const Index p0 = state.p0;
+  const Index head_dim = ctx.head_dim;
+  T* ot = state.out_tile.data();
   using Acc = acc_t<T>;
   T* out_rows[kLanes];
   T inv_sum[kLanes];
@@ -431,20 +488,63 @@ void process_query_tile(const KernelProblem<T>& pb, const TilePlan& plan, const 
     if (p >= n_positions || hl >= heads || lane >= geo.positions * hpt) continue;
     const Index h = first_head + hl;
     const Index i = p0 + p;
-    out_rows[lane] = pb.out.row(tile.batch, h, i);
-    const T sum = s.row_sum[lane];
+    out_rows[lane] = pb.out.row(ctx.batch, h, i);
+    const T sum = state.row_sum[lane];
     if (sum > T(0)) {
       inv_sum[lane] = T(1) / sum;
       if (pb.lse.has_value()) {
-        pb.lse(tile.batch, h, i) = static_cast<Acc>(
-            (static_cast<double>(s.row_max[lane]) + std::log2(static_cast<double>(sum))) / kLog2e);
+        pb.lse(ctx.batch, h, i) = static_cast<Acc>(
+            (static_cast<double>(state.row_max[lane]) + std::log2(static_cast<double>(sum))) / kLog2e);
       }
     } else {
-      if (pb.lse.has_value()) pb.lse(tile.batch, h, i) = -std::numeric_limits<Acc>::infinity();
-      s.empty_rows.push_back({tile.batch, h, i});
+      if (pb.lse.has_value()) pb.lse(ctx.batch, h, i) = -std::numeric_limits<Acc>::infinity();
+      empty_rows.push_back({ctx.batch, h, i});
     }
   }
   unpack_transposed<T>(ot, head_dim, inv_sum, out_rows);
+}
+
+// A work item: `count` consecutive query tiles of one (batch row, KV head group). Each
+// K/V tile is loaded once for all of them while it is in cache, which is what keeps
+// long sequences (K/V of a head beyond L2) from running at L3 speed.
+template <typename T, bool kSoftcap, bool kDocs, bool kPadding>
+void process_query_tiles(const KernelProblem<T>& pb, const TilePlan& plan, const TileGeometry& geo,
+                         const QueryTile& item, KernelScratch<T>& s) {
+  const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
+  const Index hpt = geo.heads_per_tile;
+  const TileContext<T> ctx{pb,
+                           plan,
+                           geo,
+                           batch_mask(pb.params.rules, pb.masks, item.batch, pb.q.dimension(2),
+                                      pb.k.dimension(2)),
+                           item.batch,
+                           item.kv_head,
+                           item.kv_head * n_rep + item.head_group * hpt,
+                           std::min(hpt, n_rep - item.head_group * hpt),
+                           pb.q.dimension(3),
+                           pb.q.dimension(2),
+                           pb.k.dimension(2)};
+  const Index count = std::min(item.count, plan.q_tiles() - item.q_tile);
+  Index kt_first = plan.key_tiles();
+  Index kt_last = 0;
+  for (Index t = 0; t < count; ++t) {
+    begin_query_tile<T, kSoftcap, kDocs>(ctx, item.q_tile + t, s.tiles[t]);
+    const auto [first, last] = plan.key_tile_range(item.batch, item.q_tile + t);
+    if (first < last) {
+      kt_first = std::min(kt_first, first);
+      kt_last = std::max(kt_last, last);
+    }
+  }
+  for (Index kt = kt_first; kt < kt_last; ++kt) {
+    for (Index t = 0; t < count; ++t) {
+      const auto [first, last] = plan.key_tile_range(item.batch, item.q_tile + t);
+      if (kt < first || kt >= last) continue;
+      const TileClass cls = plan.classify(item.batch, item.q_tile + t, kt);
+      if (cls == TileClass::kEmpty) continue;
+      attend_key_tile<T, kSoftcap, kDocs, kPadding>(ctx, kt, cls, s.tiles[t], s.scores.data());
+    }
+  }
+  for (Index t = 0; t < count; ++t) finish_query_tile(ctx, s.tiles[t], s.empty_rows);
 }
 
 // Runs the kernel over all query tiles on the caller's pool. Returns, through
@@ -466,12 +566,16 @@ void flash_attention(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* 
   // whichever worker takes it: the result does not depend on the thread count.
   ws.items.clear();
   ws.item_cost.clear();
+  const Index per_item = geo.q_tiles_per_item;
   for (Index b = 0; b < batch; ++b) {
-    for (Index qt = 0; qt < ws.plan.q_tiles(); ++qt) {
-      const Index cost = ws.plan.active_key_tiles(b, qt);
+    for (Index qt = 0; qt < ws.plan.q_tiles(); qt += per_item) {
+      Index cost = 0;
+      for (Index t = qt; t < std::min(qt + per_item, ws.plan.q_tiles()); ++t) {
+        cost += ws.plan.active_key_tiles(b, t);
+      }
       for (Index kv_head = 0; kv_head < n_kv_heads; ++kv_head) {
         for (Index group = 0; group < geo.head_groups; ++group) {
-          ws.items.push_back({b, kv_head, group, qt});
+          ws.items.push_back({b, kv_head, group, qt, per_item});
           ws.item_cost.push_back(cost);
         }
       }
@@ -483,11 +587,11 @@ void flash_attention(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* 
                    [&](Index a, Index b) { return ws.item_cost[a] > ws.item_cost[b]; });
 
   ws.workers.resize(static_cast<std::size_t>(worker_count(device)));
-  for (KernelScratch<T>& s : ws.workers) s.reserve(head_dim, geo.key_tile);
+  for (KernelScratch<T>& s : ws.workers) s.reserve(head_dim, geo.key_tile, per_item);
 
   const auto run = [&](auto softcap, auto docs, auto padding) {
     parallel_for_items(device, static_cast<Index>(order.size()), [&](int worker, Index item) {
-      process_query_tile<T, decltype(softcap)::value, decltype(docs)::value, decltype(padding)::value>(
+      process_query_tiles<T, decltype(softcap)::value, decltype(docs)::value, decltype(padding)::value>(
           pb, ws.plan, geo, ws.items[static_cast<std::size_t>(order[item])],
           ws.workers[static_cast<std::size_t>(worker)]);
     });
