@@ -240,7 +240,9 @@ TEST(FusedKernelScratch, DoesNotGrowWithSequenceLength) {
     detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params, Masks{}},
                             nullptr, ws);
     const auto& s = ws.workers.at(0);
-    sizes.push_back(s.q_tile.size() + s.scores.size() + s.out_tile.size());
+    std::size_t total = s.scores.size();
+    for (const auto& tile : s.tiles) total += tile.q_tile.size() + tile.out_tile.size();
+    sizes.push_back(total);
   }
   EXPECT_EQ(sizes[0], sizes[1]);
 }
