@@ -20,6 +20,7 @@ JOBS="${JOBS:-2}"
 # Narrow a binary here when its full sweep is too slow for CI, e.g.
 #   [bench_prefill]='/(128|512)/'
 declare -A BENCH_FILTER=(
+  [bench_packed]='^(packed|separate|metadata)/'  # dense/ and mixed/ take seconds per call
 )
 BENCH_MIN_TIME=0.01
 
