@@ -176,14 +176,17 @@ struct SdpaResult {
 
 namespace detail {
 template <typename X>
-using scalar_of_t = typename view_of_t<X>::Scalar;
-template <typename X, int Rank>
-inline constexpr bool is_rank_v = std::tuple_size_v<typename view_of_t<X>::Dims> == Rank;
+using scalar_of_t = typename view_traits<X>::scalar;
+template <typename Q, typename K, typename V, typename = void>
+struct is_qkv : std::false_type {};
 template <typename Q, typename K, typename V>
-using enable_if_qkv_t =
-    std::enable_if_t<is_rank_v<Q, 4> && is_rank_v<K, 4> && is_rank_v<V, 4> &&
-                     std::is_same_v<scalar_of_t<Q>, scalar_of_t<K>> &&
-                     std::is_same_v<scalar_of_t<Q>, scalar_of_t<V>>>;
+struct is_qkv<Q, K, V,
+              std::enable_if_t<view_traits<Q>::rank == 4 && view_traits<K>::rank == 4 &&
+                               view_traits<V>::rank == 4>>
+    : std::bool_constant<std::is_same_v<scalar_of_t<Q>, scalar_of_t<K>> &&
+                         std::is_same_v<scalar_of_t<Q>, scalar_of_t<V>>> {};
+template <typename Q, typename K, typename V>
+using enable_if_qkv_t = std::enable_if_t<is_qkv<Q, K, V>::value>;
 }  // namespace detail
 
 // out[b,h,i,:] = sum_j softmax_j(scale * <q[b,h,i], k[b,h/n_rep,j]>) v[b,h/n_rep,j,:]

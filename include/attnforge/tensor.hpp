@@ -196,10 +196,11 @@ template <typename T, int Rank>
 ConstView<T, Rank> as_const_view(const Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>& t) {
   return ConstView<T, Rank>(t);
 }
-template <typename PlainT>
-auto as_const_view(const Eigen::TensorMap<PlainT>& m) {
-  using T = std::remove_const_t<typename PlainT::Scalar>;
-  return ConstView<T, PlainT::NumIndices>(m);
+template <typename PlainT, typename = std::enable_if_t<static_cast<int>(PlainT::Layout) ==
+                                                        static_cast<int>(Eigen::RowMajor)>>
+ConstView<std::remove_const_t<typename PlainT::Scalar>, PlainT::NumIndices> as_const_view(
+    const Eigen::TensorMap<PlainT>& m) {
+  return ConstView<std::remove_const_t<typename PlainT::Scalar>, PlainT::NumIndices>(m);
 }
 template <typename T, int Rank>
 ConstView<std::remove_const_t<T>, Rank> as_const_view(const StridedView<T, Rank>& v) {
@@ -208,6 +209,21 @@ ConstView<std::remove_const_t<T>, Rank> as_const_view(const StridedView<T, Rank>
 
 template <typename X>
 using view_of_t = decltype(as_const_view(std::declval<const X&>()));
+
+// Whether X is an accepted tensor argument, and its view type when it is; usable in
+// SFINAE (a ColMajor tensor or a non-tensor just makes `valid` false).
+template <typename X, typename = void>
+struct view_traits {
+  static constexpr bool valid = false;
+  static constexpr int rank = -1;
+};
+template <typename X>
+struct view_traits<X, std::void_t<view_of_t<X>>> {
+  using view = view_of_t<X>;
+  using scalar = typename view::Scalar;
+  static constexpr bool valid = true;
+  static constexpr int rank = static_cast<int>(std::tuple_size_v<typename view::Dims>);
+};
 
 namespace detail {
 

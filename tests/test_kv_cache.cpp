@@ -1,0 +1,249 @@
+// Tests of kv_cache.hpp: storage, appending updates that return views (no copy), reset,
+// and rejected updates that leave the cache exactly as it was.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "attnforge/kv_cache.hpp"
+#include "test_util.hpp"
+
+namespace attnforge {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr Index kBatch = 2, kMaxLen = 10, kKvHeads = 3, kHeadDim = 4;
+
+Tensor<float, 4> new_entries(Index len, std::uint32_t seed) {
+  return test::random_normal<float, 4>({kBatch, kKvHeads, len, kHeadDim}, seed);
+}
+
+// The whole observable state of a cache: seq_len and every byte of both buffers.
+struct Snapshot {
+  explicit Snapshot(const KVCache<float>& cache)
+      : seq_len(cache.seq_len()), keys(cache.key_storage()), values(cache.value_storage()) {}
+  Index seq_len;
+  Tensor<float, 4> keys;
+  Tensor<float, 4> values;
+};
+
+void expect_unchanged(const KVCache<float>& cache, const Snapshot& before) {
+  EXPECT_EQ(cache.seq_len(), before.seq_len);
+  EXPECT_TRUE(test::bitwise_equal(cache.key_storage(), before.keys));
+  EXPECT_TRUE(test::bitwise_equal(cache.value_storage(), before.values));
+}
+
+TEST(KVCache, StartsEmptyWithZeroFilledStorageOfTheRequestedShape) {
+  const KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  EXPECT_EQ(cache.seq_len(), 0);
+  EXPECT_EQ(cache.batch_size(), kBatch);
+  EXPECT_EQ(cache.max_seq_len(), kMaxLen);
+  EXPECT_EQ(cache.n_kv_heads(), kKvHeads);
+  EXPECT_EQ(cache.head_dim(), kHeadDim);
+  // Storage is (B, Hkv, max_seq_len, D), as in KempnerForge.
+  const auto& keys = cache.key_storage();
+  EXPECT_EQ(keys.dimension(0), kBatch);
+  EXPECT_EQ(keys.dimension(1), kKvHeads);
+  EXPECT_EQ(keys.dimension(2), kMaxLen);
+  EXPECT_EQ(keys.dimension(3), kHeadDim);
+  EXPECT_EQ(test::max_abs(cache.key_storage()), 0.0);
+  EXPECT_EQ(test::max_abs(cache.value_storage()), 0.0);
+  EXPECT_EQ(cache.prefix().keys.dimension(2), 0);
+}
+
+TEST(KVCache, UpdateReturnsViewsIntoTheCacheStorage) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  const Tensor<float, 4> k = new_entries(3, 1), v = new_entries(3, 2);
+  const KVPrefix<float> prefix = cache.update(k, v);
+  EXPECT_EQ(cache.seq_len(), 3);
+  EXPECT_EQ(prefix.keys.dimensions(), (std::array<Index, 4>{kBatch, kKvHeads, 3, kHeadDim}));
+  EXPECT_EQ(prefix.values.dimensions(), (std::array<Index, 4>{kBatch, kKvHeads, 3, kHeadDim}));
+  // No copy: the views address the storage with its own strides.
+  const std::array<Index, 4> storage_strides{kKvHeads * kMaxLen * kHeadDim, kMaxLen * kHeadDim,
+                                             kHeadDim, 1};
+  EXPECT_EQ(prefix.keys.data(), cache.key_storage().data());
+  EXPECT_EQ(prefix.values.data(), cache.value_storage().data());
+  EXPECT_EQ(prefix.keys.strides(), storage_strides);
+  EXPECT_EQ(prefix.values.strides(), storage_strides);
+  EXPECT_TRUE(test::bitwise_equal(prefix.keys.to_tensor(), k));
+  EXPECT_TRUE(test::bitwise_equal(prefix.values.to_tensor(), v));
+  // Positions past seq_len are still zero.
+  for (Index b = 0; b < kBatch; ++b) {
+    for (Index h = 0; h < kKvHeads; ++h) {
+      for (Index s = 3; s < kMaxLen; ++s) {
+        for (Index d = 0; d < kHeadDim; ++d) EXPECT_EQ(cache.key_storage()(b, h, s, d), 0.0f);
+      }
+    }
+  }
+}
+
+TEST(KVCache, SuccessiveUpdatesAppendAtSeqLenAndEarlierViewsStayValid) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  const Tensor<float, 4> k1 = new_entries(4, 3), v1 = new_entries(4, 4);
+  const Tensor<float, 4> k2 = new_entries(1, 5), v2 = new_entries(1, 6);
+  const Tensor<float, 4> k3 = new_entries(5, 7), v3 = new_entries(5, 8);
+  const KVPrefix<float> first = cache.update(k1, v1);
+  cache.update(k2, v2);
+  const KVPrefix<float> all = cache.update(k3, v3);  // fills max_seq_len exactly
+  EXPECT_EQ(cache.seq_len(), 10);
+  EXPECT_EQ(all.keys.dimension(2), 10);
+  EXPECT_EQ(all.keys.data(), first.keys.data());
+  EXPECT_TRUE(test::bitwise_equal(first.keys.to_tensor(), k1));
+  for (Index b = 0; b < kBatch; ++b) {
+    for (Index h = 0; h < kKvHeads; ++h) {
+      for (Index d = 0; d < kHeadDim; ++d) {
+        for (Index s = 0; s < 4; ++s) {
+          EXPECT_EQ(all.keys(b, h, s, d), k1(b, h, s, d));
+          EXPECT_EQ(all.values(b, h, s, d), v1(b, h, s, d));
+        }
+        EXPECT_EQ(all.keys(b, h, 4, d), k2(b, h, 0, d));
+        EXPECT_EQ(all.values(b, h, 4, d), v2(b, h, 0, d));
+        for (Index s = 0; s < 5; ++s) {
+          EXPECT_EQ(all.keys(b, h, 5 + s, d), k3(b, h, s, d));
+          EXPECT_EQ(all.values(b, h, 5 + s, d), v3(b, h, s, d));
+        }
+      }
+    }
+  }
+}
+
+TEST(KVCache, UpdateAcceptsStridedInputsSuchAsTransposedProjections) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  // (B, S, Hkv, D) projection buffers seen as (B, Hkv, S, D).
+  Tensor<float, 4> k_bshd = test::random_normal<float, 4>({kBatch, 3, kKvHeads, kHeadDim}, 9);
+  Tensor<float, 4> v_bshd = test::random_normal<float, 4>({kBatch, 3, kKvHeads, kHeadDim}, 10);
+  const ConstView<float, 4> k = ConstView<float, 4>(k_bshd).transpose(1, 2);
+  const ConstView<float, 4> v = ConstView<float, 4>(v_bshd).transpose(1, 2);
+  const KVPrefix<float> prefix = cache.update(k, v);
+  EXPECT_TRUE(test::bitwise_equal(prefix.keys.to_tensor(), k.to_tensor()));
+  EXPECT_TRUE(test::bitwise_equal(prefix.values.to_tensor(), v.to_tensor()));
+}
+
+TEST(KVCache, ResetEmptiesTheCacheAndKeepsItsStorage) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  cache.update(new_entries(6, 11), new_entries(6, 12));
+  const float* storage = cache.key_storage().data();
+  cache.reset();
+  EXPECT_EQ(cache.seq_len(), 0);
+  EXPECT_EQ(cache.key_storage().data(), storage);
+  const Tensor<float, 4> k = new_entries(2, 13), v = new_entries(2, 14);
+  const KVPrefix<float> prefix = cache.update(k, v);  // writes at position 0 again
+  EXPECT_EQ(cache.seq_len(), 2);
+  EXPECT_EQ(prefix.keys.data(), storage);
+  EXPECT_TRUE(test::bitwise_equal(prefix.keys.to_tensor(), k));
+  EXPECT_TRUE(test::bitwise_equal(prefix.values.to_tensor(), v));
+  // The full capacity is available again.
+  EXPECT_NO_THROW(cache.update(new_entries(8, 15), new_entries(8, 16)));
+}
+
+TEST(KVCache, TruncateDropsTheTailAndTheNextUpdateOverwritesIt) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  const Tensor<float, 4> k1 = new_entries(4, 32), v1 = new_entries(4, 33);
+  cache.update(k1, v1);
+  cache.update(new_entries(3, 34), new_entries(3, 35));  // e.g. rejected draft tokens
+  cache.truncate(4);
+  EXPECT_EQ(cache.seq_len(), 4);
+  EXPECT_TRUE(test::bitwise_equal(cache.prefix().keys.to_tensor(), k1));
+  const Tensor<float, 4> k2 = new_entries(2, 36), v2 = new_entries(2, 37);
+  const KVPrefix<float> prefix = cache.update(k2, v2);
+  EXPECT_EQ(prefix.keys.dimension(2), 6);
+  for (Index b = 0; b < kBatch; ++b) {
+    for (Index h = 0; h < kKvHeads; ++h) {
+      for (Index d = 0; d < kHeadDim; ++d) {
+        EXPECT_EQ(prefix.keys(b, h, 4, d), k2(b, h, 0, d));
+        EXPECT_EQ(prefix.values(b, h, 5, d), v2(b, h, 1, d));
+      }
+    }
+  }
+}
+
+TEST(KVCache, TruncateOutsideTheCachedLengthIsRejectedAndLeavesTheCacheUnchanged) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  cache.update(new_entries(3, 38), new_entries(3, 39));
+  const Snapshot before(cache);
+  for (Index bad : {Index{-1}, Index{4}}) {
+    try {
+      cache.truncate(bad);
+      ADD_FAILURE() << "expected std::invalid_argument";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_THAT(e.what(), HasSubstr("KVCache::truncate: seq_len " + std::to_string(bad)));
+    }
+    expect_unchanged(cache, before);
+  }
+}
+
+TEST(KVCache, OverflowThrowsLengthErrorAndLeavesTheCacheUnchanged) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  cache.update(new_entries(7, 17), new_entries(7, 18));
+  const Snapshot before(cache);
+  try {
+    cache.update(new_entries(4, 19), new_entries(4, 20));  // 7 + 4 > 10
+    FAIL() << "expected std::length_error";
+  } catch (const std::length_error& e) {
+    EXPECT_THAT(e.what(), HasSubstr("KVCache::update"));
+    EXPECT_THAT(e.what(), HasSubstr("max_seq_len 10"));
+  }
+  expect_unchanged(cache, before);
+  EXPECT_NO_THROW(cache.update(new_entries(3, 21), new_entries(3, 22)));  // 7 + 3 fits
+}
+
+TEST(KVCache, BadShapesThrowInvalidArgumentNamingTheArgumentAndLeaveTheCacheUnchanged) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  cache.update(new_entries(2, 23), new_entries(2, 24));
+  const Snapshot before(cache);
+  const Tensor<float, 4> good = new_entries(2, 25);
+  struct Case {
+    Tensor<float, 4> k, v;
+    const char* fragment;
+  };
+  const Case cases[] = {
+      {test::random_normal<float, 4>({3, kKvHeads, 2, kHeadDim}, 26), good,
+       "k_new has shape (3, 3, 2, 4)"},
+      {test::random_normal<float, 4>({kBatch, 2, 2, kHeadDim}, 27), good,
+       "k_new has shape (2, 2, 2, 4)"},
+      {test::random_normal<float, 4>({kBatch, kKvHeads, 2, 6}, 28), good,
+       "k_new has shape (2, 3, 2, 6)"},
+      {good, test::random_normal<float, 4>({kBatch, kKvHeads, 2, 5}, 29),
+       "v_new has shape (2, 3, 2, 5)"},
+      {good, test::random_normal<float, 4>({kBatch, 4, 2, kHeadDim}, 30),
+       "v_new has shape (2, 4, 2, 4)"},
+      {good, new_entries(3, 31), "v_new has shape (2, 3, 3, 4)"},
+  };
+  for (const Case& c : cases) {
+    try {
+      cache.update(c.k, c.v);
+      ADD_FAILURE() << "expected std::invalid_argument containing " << c.fragment;
+    } catch (const std::invalid_argument& e) {
+      EXPECT_THAT(e.what(), HasSubstr("KVCache::update"));
+      EXPECT_THAT(e.what(), HasSubstr(c.fragment));
+    }
+    expect_unchanged(cache, before);
+  }
+}
+
+TEST(KVCache, ConstructorRejectsNonPositiveSizes) {
+  EXPECT_THROW(KVCache<float>(0, 4, 2, 8), std::invalid_argument);
+  EXPECT_THROW(KVCache<float>(1, 0, 2, 8), std::invalid_argument);
+  EXPECT_THROW(KVCache<float>(1, 4, -2, 8), std::invalid_argument);
+  try {
+    KVCache<float>(1, 4, 2, 0);
+    FAIL() << "expected std::invalid_argument";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_THAT(e.what(), HasSubstr("head_dim 0"));
+  }
+}
+
+TEST(KVCache, DoubleCacheStoresExactValues) {
+  KVCache<double> cache(1, 4, 1, 2);
+  Tensor<double, 4> k(1, 1, 2, 2), v(1, 1, 2, 2);
+  k.setValues({{{{1.0 / 3.0, 2.0}, {3.0, 4.0}}}});
+  v.setValues({{{{5.0, 6.0}, {7.0, 1e-300}}}});
+  const KVPrefix<double> prefix = cache.update(k, v);
+  EXPECT_EQ(prefix.keys(0, 0, 0, 0), 1.0 / 3.0);
+  EXPECT_EQ(prefix.values(0, 0, 1, 1), 1e-300);
+}
+
+}  // namespace
+}  // namespace attnforge

@@ -1,0 +1,297 @@
+// Helpers shared by the attnforge tests: deterministic random tensors, error measures,
+// caller thread pools, and an independent brute-force attention in double precision.
+//
+// The brute force is written from SPEC.md's formulas alone, as plainly as possible: it
+// builds the whole (Sq, Skv) allowed-matrix of every batch row, then a softmax over the
+// allowed keys. Tests may build dense masks (they are the independent check); the
+// library itself never does.
+#pragma once
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <optional>
+#include <random>
+#include <vector>
+
+#include "attnforge/attnforge.hpp"
+
+namespace attnforge::test {
+
+inline constexpr double kInf = std::numeric_limits<double>::infinity();
+
+// ---------------------------------------------------------------------------------------
+// Deterministic random tensors: std::mt19937 is specified bit-exactly, and the mappings
+// below are written out (the std:: distributions are implementation-defined), so every
+// platform draws the same values for a seed. They are also several times faster, which
+// matters for the large cases under ASan.
+
+// Uniform in [0, 1) from one 32-bit draw.
+inline double uniform01(std::mt19937& gen) { return static_cast<double>(gen()) * 0x1.0p-32; }
+
+template <typename T, int Rank>
+Tensor<T, Rank> random_uniform(const std::array<Index, Rank>& dims, std::uint32_t seed,
+                               double lo = -1.0, double hi = 1.0) {
+  Tensor<T, Rank> t(dims);
+  std::mt19937 gen(seed);
+  for (Index i = 0; i < t.size(); ++i)
+    t.data()[i] = static_cast<T>(lo + (hi - lo) * uniform01(gen));
+  return t;
+}
+
+// Normal(0, stddev^2) by the Box-Muller transform.
+template <typename T, int Rank>
+Tensor<T, Rank> random_normal(const std::array<Index, Rank>& dims, std::uint32_t seed,
+                              double stddev = 1.0) {
+  constexpr double kTwoPi = 6.283185307179586477;
+  Tensor<T, Rank> t(dims);
+  std::mt19937 gen(seed);
+  for (Index i = 0; i < t.size(); i += 2) {
+    const double radius = stddev * std::sqrt(-2.0 * std::log(1.0 - uniform01(gen)));  // 1 - u > 0
+    const double angle = kTwoPi * uniform01(gen);
+    t.data()[i] = static_cast<T>(radius * std::cos(angle));
+    if (i + 1 < t.size()) t.data()[i + 1] = static_cast<T>(radius * std::sin(angle));
+  }
+  return t;
+}
+
+template <typename T, int Rank>
+Tensor<double, Rank> to_double(const Tensor<T, Rank>& t) {
+  Tensor<double, Rank> out(t.dimensions());
+  for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<double>(t.data()[i]);
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Error measures. Each returns +inf when the shapes differ, so a shape bug fails loudly.
+
+template <typename A, typename B>
+bool same_dims(const A& a, const B& b) {
+  if (a.dimensions().size() != b.dimensions().size()) return false;
+  for (std::size_t i = 0; i < a.dimensions().size(); ++i) {
+    if (static_cast<Index>(a.dimensions()[i]) != static_cast<Index>(b.dimensions()[i])) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// max |a - b| over all elements; NaN anywhere counts as an infinite error.
+template <typename A, typename B>
+double max_abs_diff(const A& a, const B& b) {
+  if (!same_dims(a, b)) return kInf;
+  double worst = 0.0;
+  for (Index i = 0; i < a.size(); ++i) {
+    const double x = static_cast<double>(a.data()[i]);
+    const double y = static_cast<double>(b.data()[i]);
+    if (x == y) continue;  // also equal infinities
+    const double d = std::abs(x - y);
+    if (!(d <= worst)) worst = std::isnan(d) ? kInf : d;
+  }
+  return worst;
+}
+
+// The output's scale: max |t|.
+template <typename A>
+double max_abs(const A& t) {
+  double m = 0.0;
+  for (Index i = 0; i < t.size(); ++i) m = std::max(m, std::abs(static_cast<double>(t.data()[i])));
+  return m;
+}
+
+// max |actual - reference| relative to the reference's scale max |reference|. An all-zero
+// reference (e.g. every row empty) makes this the absolute error over a tiny floor.
+template <typename A, typename B>
+double error_relative_to_scale(const A& actual, const B& reference) {
+  constexpr double kTiny = 1e-30;
+  return max_abs_diff(actual, reference) / std::max(max_abs(reference), kTiny);
+}
+
+// For log-sum-exp values: -inf must match -inf exactly; finite values are compared
+// relative to max(1, |reference|).
+template <typename A, typename B>
+double lse_error(const A& actual, const B& reference) {
+  if (!same_dims(actual, reference)) return kInf;
+  double worst = 0.0;
+  for (Index i = 0; i < actual.size(); ++i) {
+    const double x = static_cast<double>(actual.data()[i]);
+    const double r = static_cast<double>(reference.data()[i]);
+    if (std::isinf(r) || std::isinf(x) || std::isnan(x)) {
+      if (x != r) return kInf;
+      continue;
+    }
+    worst = std::max(worst, std::abs(x - r) / std::max(1.0, std::abs(r)));
+  }
+  return worst;
+}
+
+template <typename A>
+bool has_nan(const A& t) {
+  for (Index i = 0; i < t.size(); ++i) {
+    if (std::isnan(static_cast<double>(t.data()[i]))) return true;
+  }
+  return false;
+}
+
+// Same shape and the same bytes (so -inf == -inf, and +0 != -0 would be caught).
+template <typename A, typename B>
+bool bitwise_equal(const A& a, const B& b) {
+  using Sa = std::remove_const_t<std::remove_pointer_t<decltype(a.data())>>;
+  using Sb = std::remove_const_t<std::remove_pointer_t<decltype(b.data())>>;
+  static_assert(std::is_same_v<Sa, Sb>, "bitwise_equal compares tensors of one element type");
+  if (!same_dims(a, b)) return false;
+  return a.size() == 0 ||
+         std::memcmp(a.data(), b.data(), static_cast<std::size_t>(a.size()) * sizeof(Sa)) == 0;
+}
+
+// ---------------------------------------------------------------------------------------
+// Caller-owned thread pools, created once per process (threads are costly under ASan).
+
+inline const Eigen::ThreadPoolDevice& pool_device(int n_threads) {
+  struct Pool {
+    explicit Pool(int n) : pool(n), device(&pool, n) {}
+    Eigen::ThreadPool pool;
+    Eigen::ThreadPoolDevice device;
+  };
+  static std::array<std::unique_ptr<Pool>, 8> pools;
+  auto& slot = pools.at(static_cast<std::size_t>(n_threads));
+  if (!slot) slot = std::make_unique<Pool>(n_threads);
+  return slot->device;
+}
+
+// ---------------------------------------------------------------------------------------
+// The brute-force reference.
+
+struct DenseMasks {
+  bool causal = false;
+  Index window = 0;                            // 0: none
+  std::optional<Tensor<DocId, 2>> q_docs;      // (B, Sq)
+  std::optional<Tensor<DocId, 2>> kv_docs;     // (B, Skv); absent: q_docs are the key ids too
+  std::optional<Tensor<bool, 2>> key_padding;  // (B, Skv), true = may attend
+};
+
+struct DenseOptions {
+  std::optional<double> scale;  // default 1 / sqrt(D)
+  double softcap = 0.0;         // 0: off
+  bool attend_all_when_empty = false;
+};
+
+struct DenseResult {
+  Tensor<double, 4> out;    // (B, H, Sq, D)
+  Tensor<double, 3> lse;    // (B, H, Sq)
+  Tensor<double, 4> probs;  // (B, H, Sq, Skv)
+  Index empty_rows = 0;     // (b, h, i) rows with no allowed key, before any policy
+};
+
+// SPEC.md: query i sits at pos(i) = Skv - Sq + i; causal allows j <= pos(i); a window W
+// requires pos(i) - j < W; doc ids must be equal; padding must be true.
+inline std::vector<std::vector<bool>> dense_allowed(const DenseMasks& m, Index b, Index q_len,
+                                                    Index kv_len) {
+  std::vector<std::vector<bool>> allowed(static_cast<std::size_t>(q_len),
+                                         std::vector<bool>(static_cast<std::size_t>(kv_len)));
+  for (Index i = 0; i < q_len; ++i) {
+    const Index pos = kv_len - q_len + i;
+    for (Index j = 0; j < kv_len; ++j) {
+      bool ok = true;
+      if (m.causal && !(j <= pos)) ok = false;
+      if (m.window > 0 && !(pos - j < m.window)) ok = false;
+      if (m.q_docs) {
+        const DocId kv_doc = m.kv_docs ? (*m.kv_docs)(b, j) : (*m.q_docs)(b, j);
+        if ((*m.q_docs)(b, i) != kv_doc) ok = false;
+      }
+      if (m.key_padding && !(*m.key_padding)(b, j)) ok = false;
+      allowed[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)] = ok;
+    }
+  }
+  return allowed;
+}
+
+inline DenseResult dense_sdpa(const Tensor<double, 4>& q, const Tensor<double, 4>& k,
+                              const Tensor<double, 4>& v, const DenseMasks& masks = {},
+                              const DenseOptions& options = {}) {
+  const Index batch = q.dimension(0), n_heads = q.dimension(1), q_len = q.dimension(2);
+  const Index head_dim = q.dimension(3), n_kv_heads = k.dimension(1), kv_len = k.dimension(2);
+  const Index n_rep = n_heads / n_kv_heads;
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(head_dim)));
+  DenseResult r;
+  r.out = Tensor<double, 4>(batch, n_heads, q_len, head_dim);
+  r.lse = Tensor<double, 3>(batch, n_heads, q_len);
+  r.probs = Tensor<double, 4>(batch, n_heads, q_len, kv_len);
+  r.out.setZero();
+  r.probs.setZero();
+  std::vector<double> scores(static_cast<std::size_t>(kv_len));
+  for (Index b = 0; b < batch; ++b) {
+    const auto allowed = dense_allowed(masks, b, q_len, kv_len);
+    for (Index h = 0; h < n_heads; ++h) {
+      const Index g = h / n_rep;  // repeat_interleave(n_rep, dim=1)
+      for (Index i = 0; i < q_len; ++i) {
+        std::vector<bool> row = allowed[static_cast<std::size_t>(i)];
+        const bool empty = std::none_of(row.begin(), row.end(), [](bool x) { return x; });
+        if (empty) {
+          ++r.empty_rows;
+          if (!options.attend_all_when_empty) {
+            r.lse(b, h, i) = -kInf;  // out and probs stay 0
+            continue;
+          }
+          row.assign(row.size(), true);
+        }
+        const double* q_row = &q(b, h, i, 0);
+        double row_max = -kInf;
+        for (Index j = 0; j < kv_len; ++j) {
+          if (!row[static_cast<std::size_t>(j)]) continue;
+          const double* k_row = &k(b, g, j, 0);
+          double dot = 0.0;
+          for (Index d = 0; d < head_dim; ++d) dot += q_row[d] * k_row[d];
+          double s = scale * dot;
+          if (options.softcap > 0.0) s = options.softcap * std::tanh(s / options.softcap);
+          scores[static_cast<std::size_t>(j)] = s;
+          row_max = std::max(row_max, s);
+        }
+        double sum = 0.0;
+        for (Index j = 0; j < kv_len; ++j) {
+          if (row[static_cast<std::size_t>(j)]) {
+            sum += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
+          }
+        }
+        r.lse(b, h, i) = row_max + std::log(sum);
+        for (Index j = 0; j < kv_len; ++j) {
+          if (!row[static_cast<std::size_t>(j)]) continue;
+          const double p = std::exp(scores[static_cast<std::size_t>(j)] - row_max) / sum;
+          r.probs(b, h, i, j) = p;
+          const double* v_row = &v(b, g, j, 0);
+          double* out_row = &r.out(b, h, i, 0);
+          for (Index d = 0; d < head_dim; ++d) out_row[d] += p * v_row[d];
+        }
+      }
+    }
+  }
+  return r;
+}
+
+// The library's mask arguments viewing the tensors held by `m` (which must outlive them).
+inline Masks library_masks(const DenseMasks& m) {
+  Masks masks;
+  if (m.q_docs) masks.doc_ids = *m.q_docs;
+  if (m.kv_docs) masks.kv_doc_ids = *m.kv_docs;
+  if (m.key_padding) masks.key_padding_mask = *m.key_padding;
+  return masks;
+}
+
+inline SdpaOptions library_options(const DenseMasks& m, const DenseOptions& o,
+                                   SdpaPath path = SdpaPath::kAuto) {
+  SdpaOptions options;
+  options.scale = o.scale;
+  options.causal = m.causal;
+  options.window = m.window;
+  options.softcap = o.softcap;
+  options.empty_rows =
+      o.attend_all_when_empty ? EmptyRowPolicy::kAttendAll : EmptyRowPolicy::kZeros;
+  options.path = path;
+  return options;
+}
+
+}  // namespace attnforge::test
