@@ -290,8 +290,8 @@ class Attention {
       }
       if (!doc_ids.has_value() && kv_cache->records_doc_ids()) {
         detail::throw_invalid_argument(
-            kWhere, ": kv_cache records document ids, so doc_ids (B, S) = (", batch, ", ",
-            seq_len, ") are needed for x ", detail::shape_string(x.dimensions()));
+            kWhere, ": kv_cache records document ids, so doc_ids (B, S) = (", batch, ", ", seq_len,
+            ") are needed for x ", detail::shape_string(x.dimensions()));
       }
     }
     // The SDPA options too: nothing may fail after the cache has been appended to.

@@ -117,13 +117,15 @@ class KVCache {
   // Checks k_new and v_new and that they fit; returns new_len.
   Index check_update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new) const {
     const std::array<Index, 4> expected{batch_size(), n_kv_heads(), -1, head_dim()};
-    detail::check_shape(kUpdate, "k_new", k_new, expected, "(batch_size, n_kv_heads, new_len, head_dim)");
-    detail::check_shape(kUpdate, "v_new", v_new, expected, "(batch_size, n_kv_heads, new_len, head_dim)");
+    detail::check_shape(kUpdate, "k_new", k_new, expected,
+                        "(batch_size, n_kv_heads, new_len, head_dim)");
+    detail::check_shape(kUpdate, "v_new", v_new, expected,
+                        "(batch_size, n_kv_heads, new_len, head_dim)");
     const Index new_len = k_new.dimension(2);
     if (v_new.dimension(2) != new_len) {
-      detail::throw_invalid_argument(kUpdate, ": k_new has shape ",
-                                     detail::shape_string(k_new.dimensions()), " but v_new has shape ",
-                                     detail::shape_string(v_new.dimensions()));
+      detail::throw_invalid_argument(
+          kUpdate, ": k_new has shape ", detail::shape_string(k_new.dimensions()),
+          " but v_new has shape ", detail::shape_string(v_new.dimensions()));
     }
     if (new_len > max_seq_len() - seq_len_) {
       std::ostringstream os;

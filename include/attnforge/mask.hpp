@@ -152,7 +152,9 @@ class TilePlan {
     spans_.resize(static_cast<std::size_t>(batch * n_q_tiles_));
     for (Index qt = 0; qt < n_q_tiles_; ++qt) {
       const KeySpan span = positional_span(qt);
-      for (Index b = 0; b < batch; ++b) spans_[static_cast<std::size_t>(b * n_q_tiles_ + qt)] = span;
+      for (Index b = 0; b < batch; ++b) {
+        spans_[static_cast<std::size_t>(b * n_q_tiles_ + qt)] = span;
+      }
     }
     if (has_docs_) {
       q_docs_.resize(static_cast<std::size_t>(batch * n_q_tiles_));
@@ -161,12 +163,15 @@ class TilePlan {
         const BatchMask m = batch_mask(rules, masks, b, q_len, kv_len);
         const std::size_t q_row = static_cast<std::size_t>(b * n_q_tiles_);
         summarise(m.q_docs, q_len, q_tile_positions, &q_docs_[q_row]);
-        summarise(m.kv_docs, kv_len, key_tile, &k_docs_[static_cast<std::size_t>(b * n_key_tiles_)]);
+        summarise(m.kv_docs, kv_len, key_tile,
+                  &k_docs_[static_cast<std::size_t>(b * n_key_tiles_)]);
         if (std::is_sorted(m.kv_docs, m.kv_docs + kv_len)) {
           for (Index qt = 0; qt < n_q_tiles_; ++qt) {
             const DocRange& q = q_docs_[q_row + static_cast<std::size_t>(qt)];
-            const Index doc_first = std::lower_bound(m.kv_docs, m.kv_docs + kv_len, q.min) - m.kv_docs;
-            const Index doc_last = std::upper_bound(m.kv_docs, m.kv_docs + kv_len, q.max) - m.kv_docs;
+            const Index doc_first =
+                std::lower_bound(m.kv_docs, m.kv_docs + kv_len, q.min) - m.kv_docs;
+            const Index doc_last =
+                std::upper_bound(m.kv_docs, m.kv_docs + kv_len, q.max) - m.kv_docs;
             KeySpan& span = spans_[q_row + static_cast<std::size_t>(qt)];
             span = {std::max(span.first, doc_first), std::min(span.last, doc_last)};
           }
