@@ -1,10 +1,11 @@
 // Tests of kv_cache.hpp: storage, appending updates that return views (no copy), reset,
-// and rejected updates that leave the cache exactly as it was.
+// and rejected updates that leave the cache exactly as it was; recorded document ids.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "attnforge/kv_cache.hpp"
 #include "test_util.hpp"
@@ -243,6 +244,112 @@ TEST(KVCache, DoubleCacheStoresExactValues) {
   const KVPrefix<double> prefix = cache.update(k, v);
   EXPECT_EQ(prefix.keys(0, 0, 0, 0), 1.0 / 3.0);
   EXPECT_EQ(prefix.values(0, 0, 1, 1), 1e-300);
+}
+
+// ---------------------------------------------------------------------------------------
+// Recorded document ids (KVCache(..., record_doc_ids = true)).
+
+// Document ids of len new positions: row b gets first + 100 b, two positions per id.
+Tensor<DocId, 2> new_ids(Index len, DocId first) {
+  Tensor<DocId, 2> ids(kBatch, len);
+  for (Index b = 0; b < kBatch; ++b) {
+    for (Index i = 0; i < len; ++i) ids(b, i) = first + b * 100 + i / 2;
+  }
+  return ids;
+}
+
+template <typename Exception, typename F>
+void expect_rejected_with_ids(KVCache<float>& cache, F&& call,
+                              const std::vector<std::string>& fragments) {
+  const Snapshot before(cache);
+  const Tensor<DocId, 2> ids_before = cache.doc_id_storage();
+  try {
+    call();
+    ADD_FAILURE() << "expected an exception";
+  } catch (const Exception& e) {
+    for (const std::string& fragment : fragments) EXPECT_THAT(e.what(), HasSubstr(fragment));
+  }
+  expect_unchanged(cache, before);
+  EXPECT_TRUE(test::bitwise_equal(cache.doc_id_storage(), ids_before));
+}
+
+TEST(KVCacheDocIds, RecordsTheIdsOfEveryUpdateAsAPrefixView) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
+  EXPECT_TRUE(cache.records_doc_ids());
+  ASSERT_TRUE(cache.doc_ids().has_value());
+  EXPECT_EQ(cache.doc_ids().dimension(0), kBatch);
+  EXPECT_EQ(cache.doc_ids().dimension(1), 0);
+  const Tensor<DocId, 2> ids1 = new_ids(4, 0), ids2 = new_ids(3, 7);
+  cache.update(new_entries(4, 1), new_entries(4, 2), ids1);
+  cache.update(new_entries(3, 3), new_entries(3, 4), ids2);
+  const ConstView<DocId, 2> ids = cache.doc_ids();
+  ASSERT_EQ(ids.dimension(0), kBatch);
+  ASSERT_EQ(ids.dimension(1), 7);
+  EXPECT_EQ(ids.data(), cache.doc_id_storage().data());  // a view, no copy
+  for (Index b = 0; b < kBatch; ++b) {
+    for (Index i = 0; i < 4; ++i) EXPECT_EQ(ids(b, i), ids1(b, i));
+    for (Index i = 0; i < 3; ++i) EXPECT_EQ(ids(b, 4 + i), ids2(b, i));
+  }
+  // truncate keeps the ids of the kept positions; the next update writes after them.
+  cache.truncate(5);
+  EXPECT_EQ(cache.doc_ids().dimension(1), 5);
+  EXPECT_EQ(cache.doc_ids()(1, 4), ids2(1, 0));
+  const Tensor<DocId, 2> ids3 = new_ids(2, 50);
+  cache.update(new_entries(2, 5), new_entries(2, 6), ids3);
+  EXPECT_EQ(cache.doc_ids()(0, 5), ids3(0, 0));
+  EXPECT_EQ(cache.doc_ids()(1, 6), ids3(1, 1));
+  // reset empties it; the first update after it writes position 0 again.
+  cache.reset();
+  EXPECT_EQ(cache.doc_ids().dimension(1), 0);
+  cache.update(new_entries(1, 7), new_entries(1, 8), new_ids(1, 90));
+  EXPECT_EQ(cache.doc_ids()(1, 0), 190);
+}
+
+TEST(KVCacheDocIds, ACacheThatDoesNotRecordHasNoIds) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  EXPECT_FALSE(cache.records_doc_ids());
+  EXPECT_FALSE(cache.doc_ids().has_value());
+  EXPECT_EQ(cache.doc_id_storage().size(), 0);
+  cache.update(new_entries(2, 1), new_entries(2, 2));
+  EXPECT_FALSE(cache.doc_ids().has_value());
+}
+
+TEST(KVCacheDocIds, RejectedUpdatesLeaveKeysValuesAndIdsUnchanged) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
+  cache.update(new_entries(6, 1), new_entries(6, 2), new_ids(6, 0));
+  const Tensor<float, 4> k = new_entries(3, 3), v = new_entries(3, 4);
+  // Ids of the wrong length, the wrong batch, or missing.
+  expect_rejected_with_ids<std::invalid_argument>(
+      cache, [&] { cache.update(k, v, new_ids(2, 9)); },
+      {"KVCache::update: doc_ids_new has shape (2, 2)", "(batch_size, new_len) = (2, 3)"});
+  const Tensor<DocId, 2> one_row(1, 3);
+  expect_rejected_with_ids<std::invalid_argument>(cache, [&] { cache.update(k, v, one_row); },
+                                                  {"doc_ids_new has shape (1, 3)", "(2, 3)"});
+  expect_rejected_with_ids<std::invalid_argument>(
+      cache, [&] { cache.update(k, v); },
+      {"KVCache::update", "records document ids", "doc_ids_new (batch_size, new_len) = (2, 3)"});
+  // Keys or values of the wrong shape, with good ids.
+  const Tensor<float, 4> k_bad(kBatch, kKvHeads + 1, 3, kHeadDim);
+  expect_rejected_with_ids<std::invalid_argument>(
+      cache, [&] { cache.update(k_bad, v, new_ids(3, 9)); }, {"k_new has shape (2, 4, 3, 4)"});
+  expect_rejected_with_ids<std::invalid_argument>(
+      cache, [&] { cache.update(k, new_entries(2, 5), new_ids(3, 9)); },
+      {"k_new has shape (2, 3, 3, 4) but v_new has shape (2, 3, 2, 4)"});
+  // Overflow: 6 + 5 > 10.
+  expect_rejected_with_ids<std::length_error>(
+      cache, [&] { cache.update(new_entries(5, 6), new_entries(5, 7), new_ids(5, 9)); },
+      {"6 cached + 5 new positions exceed max_seq_len 10"});
+  // Still usable after all that.
+  EXPECT_NO_THROW(cache.update(k, v, new_ids(3, 9)));
+  EXPECT_EQ(cache.seq_len(), 9);
+}
+
+TEST(KVCacheDocIds, IdsGivenToACacheThatDoesNotRecordAreRejected) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
+  cache.update(new_entries(2, 1), new_entries(2, 2));
+  expect_rejected_with_ids<std::invalid_argument>(
+      cache, [&] { cache.update(new_entries(3, 3), new_entries(3, 4), new_ids(3, 0)); },
+      {"KVCache::update: doc_ids_new (2, 3)", "does not record document ids", "record_doc_ids"});
 }
 
 }  // namespace

@@ -1,7 +1,7 @@
 // Packed documents end to end: the tile plan's narrowing to a query tile's own documents
-// (mask.hpp), packed SDPA against each document run alone, a KVCache that records
-// document ids (kv_cache.hpp), and Attention::forward continuing a packed stream through
-// such a cache in chunks of any size (attention.hpp).
+// (mask.hpp), packed SDPA against each document run alone, and Attention::forward
+// continuing a packed stream through a KVCache that records document ids, in chunks of any
+// size (attention.hpp). The cache's own doc-id tests are in test_kv_cache.cpp.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -264,24 +264,7 @@ TEST(PackedSdpaWithCachedKeys, MatchesDenseReferenceForSortedAndRepeatedIds) {
   EXPECT_LE(test::error_relative_to_scale(out, expected.out), kPackedTol);
 }
 
-// ---------------------------------------------------------------------------------------
-// KVCache with recorded document ids.
-
-constexpr Index kBatch = 2, kMaxLen = 10, kKvHeads = 2, kHeadDim = 4;
-
-Tensor<float, 4> new_entries(Index len, std::uint32_t seed) {
-  return test::random_normal<float, 4>({kBatch, kKvHeads, len, kHeadDim}, seed);
-}
-
-Tensor<DocId, 2> new_ids(Index len, DocId first) {
-  Tensor<DocId, 2> ids(kBatch, len);
-  for (Index b = 0; b < kBatch; ++b) {
-    for (Index i = 0; i < len; ++i) ids(b, i) = first + b * 100 + i / 2;
-  }
-  return ids;
-}
-
-// Everything observable: seq_len and every byte of the keys, values and ids.
+// Everything observable of a cache: seq_len and every byte of the keys, values and ids.
 struct CacheSnapshot {
   explicit CacheSnapshot(const KVCache<float>& cache)
       : seq_len(cache.seq_len()),
@@ -293,13 +276,6 @@ struct CacheSnapshot {
   Tensor<DocId, 2> ids;
 };
 
-void expect_unchanged(const KVCache<float>& cache, const CacheSnapshot& before) {
-  EXPECT_EQ(cache.seq_len(), before.seq_len);
-  EXPECT_TRUE(test::bitwise_equal(cache.key_storage(), before.keys));
-  EXPECT_TRUE(test::bitwise_equal(cache.value_storage(), before.values));
-  EXPECT_TRUE(test::bitwise_equal(cache.doc_id_storage(), before.ids));
-}
-
 template <typename Exception, typename F>
 void expect_rejected(KVCache<float>& cache, F&& call, const std::vector<std::string>& fragments) {
   const CacheSnapshot before(cache);
@@ -309,86 +285,10 @@ void expect_rejected(KVCache<float>& cache, F&& call, const std::vector<std::str
   } catch (const Exception& e) {
     for (const std::string& fragment : fragments) EXPECT_THAT(e.what(), HasSubstr(fragment));
   }
-  expect_unchanged(cache, before);
-}
-
-TEST(KVCacheDocIds, RecordsTheIdsOfEveryUpdateAsAPrefixView) {
-  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
-  EXPECT_TRUE(cache.records_doc_ids());
-  ASSERT_TRUE(cache.doc_ids().has_value());
-  EXPECT_EQ(cache.doc_ids().dimension(0), kBatch);
-  EXPECT_EQ(cache.doc_ids().dimension(1), 0);
-  const Tensor<DocId, 2> ids1 = new_ids(4, 0), ids2 = new_ids(3, 7);
-  cache.update(new_entries(4, 1), new_entries(4, 2), ids1);
-  cache.update(new_entries(3, 3), new_entries(3, 4), ids2);
-  const ConstView<DocId, 2> ids = cache.doc_ids();
-  ASSERT_EQ(ids.dimension(0), kBatch);
-  ASSERT_EQ(ids.dimension(1), 7);
-  EXPECT_EQ(ids.data(), cache.doc_id_storage().data());  // a view, no copy
-  for (Index b = 0; b < kBatch; ++b) {
-    for (Index i = 0; i < 4; ++i) EXPECT_EQ(ids(b, i), ids1(b, i));
-    for (Index i = 0; i < 3; ++i) EXPECT_EQ(ids(b, 4 + i), ids2(b, i));
-  }
-  // truncate keeps the ids of the kept positions; the next update writes after them.
-  cache.truncate(5);
-  EXPECT_EQ(cache.doc_ids().dimension(1), 5);
-  EXPECT_EQ(cache.doc_ids()(1, 4), ids2(1, 0));
-  const Tensor<DocId, 2> ids3 = new_ids(2, 50);
-  cache.update(new_entries(2, 5), new_entries(2, 6), ids3);
-  EXPECT_EQ(cache.doc_ids()(0, 5), ids3(0, 0));
-  EXPECT_EQ(cache.doc_ids()(1, 6), ids3(1, 1));
-  // reset empties it; the first update after it writes position 0 again.
-  cache.reset();
-  EXPECT_EQ(cache.doc_ids().dimension(1), 0);
-  cache.update(new_entries(1, 7), new_entries(1, 8), new_ids(1, 90));
-  EXPECT_EQ(cache.doc_ids()(1, 0), 190);
-}
-
-TEST(KVCacheDocIds, ACacheThatDoesNotRecordHasNoIds) {
-  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
-  EXPECT_FALSE(cache.records_doc_ids());
-  EXPECT_FALSE(cache.doc_ids().has_value());
-  EXPECT_EQ(cache.doc_id_storage().size(), 0);
-  cache.update(new_entries(2, 1), new_entries(2, 2));
-  EXPECT_FALSE(cache.doc_ids().has_value());
-}
-
-TEST(KVCacheDocIds, RejectedUpdatesLeaveKeysValuesAndIdsUnchanged) {
-  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
-  cache.update(new_entries(6, 1), new_entries(6, 2), new_ids(6, 0));
-  const Tensor<float, 4> k = new_entries(3, 3), v = new_entries(3, 4);
-  // Ids of the wrong length, the wrong batch, or missing.
-  expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(k, v, new_ids(2, 9)); },
-      {"KVCache::update: doc_ids_new has shape (2, 2)", "(batch_size, new_len) = (2, 3)"});
-  const Tensor<DocId, 2> one_row(1, 3);
-  expect_rejected<std::invalid_argument>(cache, [&] { cache.update(k, v, one_row); },
-                                         {"doc_ids_new has shape (1, 3)", "(2, 3)"});
-  expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(k, v); },
-      {"KVCache::update", "records document ids", "doc_ids_new (batch_size, new_len) = (2, 3)"});
-  // Keys or values of the wrong shape, with good ids.
-  const Tensor<float, 4> k_bad(kBatch, kKvHeads + 1, 3, kHeadDim);
-  expect_rejected<std::invalid_argument>(cache, [&] { cache.update(k_bad, v, new_ids(3, 9)); },
-                                         {"k_new has shape (2, 3, 3, 4)"});
-  expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(k, new_entries(2, 5), new_ids(3, 9)); },
-      {"k_new has shape (2, 2, 3, 4) but v_new has shape (2, 2, 2, 4)"});
-  // Overflow: 6 + 5 > 10.
-  expect_rejected<std::length_error>(
-      cache, [&] { cache.update(new_entries(5, 6), new_entries(5, 7), new_ids(5, 9)); },
-      {"6 cached + 5 new positions exceed max_seq_len 10"});
-  // Still usable after all that.
-  EXPECT_NO_THROW(cache.update(k, v, new_ids(3, 9)));
-  EXPECT_EQ(cache.seq_len(), 9);
-}
-
-TEST(KVCacheDocIds, IdsGivenToACacheThatDoesNotRecordAreRejected) {
-  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
-  cache.update(new_entries(2, 1), new_entries(2, 2));
-  expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(new_entries(3, 3), new_entries(3, 4), new_ids(3, 0)); },
-      {"KVCache::update: doc_ids_new (2, 3)", "does not record document ids", "record_doc_ids"});
+  EXPECT_EQ(cache.seq_len(), before.seq_len);
+  EXPECT_TRUE(test::bitwise_equal(cache.key_storage(), before.keys));
+  EXPECT_TRUE(test::bitwise_equal(cache.value_storage(), before.values));
+  EXPECT_TRUE(test::bitwise_equal(cache.doc_id_storage(), before.ids));
 }
 
 // ---------------------------------------------------------------------------------------
