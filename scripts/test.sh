@@ -20,6 +20,8 @@ JOBS="${JOBS:-2}"
 # Narrow a binary here when its full sweep is too slow for CI, e.g.
 #   [bench_prefill]='/(128|512)/'
 declare -A BENCH_FILTER=(
+  [bench_prefill]='^(fma_peak/|(fused|eigen_naive|gemm_yardstick)/S:512/)'  # reference/S:2048 takes ~8 s a call
+  [bench_decode]='^(decode|prefill_forced|stream_yardstick)/Skv:4096/B:1/'
   [bench_packed]='^(packed|separate|metadata)/'  # dense/ and mixed/ take seconds per call
 )
 BENCH_MIN_TIME=0.01
