@@ -138,56 +138,88 @@ EIGEN_ALWAYS_INLINE void for_each_row_block(Index n, F&& f) {
 }
 
 // qt[d][lane] = rows[lane][d] * scale for d < head_dim (0 for lanes whose row is null),
-// transposing one packet-square block at a time.
-template <typename T>
-void pack_transposed(const T* const* rows, Index head_dim, T scale, T* qt) {
+// transposing one packet-square block at a time. Rows of another storage type than the
+// compute type T are converted element by element.
+template <typename T, typename S>
+void pack_transposed(const S* const* rows, Index head_dim, T scale, T* qt) {
   using B = Blocking<T>;
   using Packet = typename B::Packet;
   constexpr int kP = B::kPacket;
-  const Packet scale_p = ei::pset1<Packet>(scale);
   Index d = 0;
-  for (; d + kP <= head_dim; d += kP) {
-    for (int c = 0; c < B::kLaneVectors; ++c) {
-      ei::PacketBlock<Packet, kP> block;
-      for (int i = 0; i < kP; ++i) {
-        const T* row = rows[c * kP + i];
-        block.packet[i] = row ? ei::ploadu<Packet>(row + d) : ei::pzero(scale_p);
-      }
-      ei::ptranspose(block);
-      for (int i = 0; i < kP; ++i) {
-        ei::pstore(qt + (d + i) * B::kLanes + c * kP, ei::pmul(block.packet[i], scale_p));
+  if constexpr (std::is_same_v<S, T>) {
+    const Packet scale_p = ei::pset1<Packet>(scale);
+    for (; d + kP <= head_dim; d += kP) {
+      for (int c = 0; c < B::kLaneVectors; ++c) {
+        ei::PacketBlock<Packet, kP> block;
+        for (int i = 0; i < kP; ++i) {
+          const T* row = rows[c * kP + i];
+          block.packet[i] = row ? ei::ploadu<Packet>(row + d) : ei::pzero(scale_p);
+        }
+        ei::ptranspose(block);
+        for (int i = 0; i < kP; ++i) {
+          ei::pstore(qt + (d + i) * B::kLanes + c * kP, ei::pmul(block.packet[i], scale_p));
+        }
       }
     }
   }
   for (; d < head_dim; ++d) {
     for (int lane = 0; lane < B::kLanes; ++lane) {
-      qt[d * B::kLanes + lane] = rows[lane] ? rows[lane][d] * scale : T(0);
+      qt[d * B::kLanes + lane] = rows[lane] ? static_cast<T>(rows[lane][d]) * scale : T(0);
     }
   }
 }
 
-// rows[lane][d] = ot[d][lane] * inv_sum[lane] for the lanes whose row is not null.
-template <typename T>
-void unpack_transposed(const T* ot, Index head_dim, const T* inv_sum, T* const* rows) {
+// rows[lane][d] = ot[d][lane] * inv_sum[lane] for the lanes whose row is not null,
+// converted to the rows' storage type S.
+template <typename T, typename S>
+void unpack_transposed(const T* ot, Index head_dim, const T* inv_sum, S* const* rows) {
   using B = Blocking<T>;
   using Packet = typename B::Packet;
   constexpr int kP = B::kPacket;
   Index d = 0;
-  for (; d + kP <= head_dim; d += kP) {
-    for (int c = 0; c < B::kLaneVectors; ++c) {
-      ei::PacketBlock<Packet, kP> block;
-      for (int i = 0; i < kP; ++i) block.packet[i] = ei::pload<Packet>(ot + (d + i) * B::kLanes + c * kP);
-      ei::ptranspose(block);
-      for (int i = 0; i < kP; ++i) {
-        T* row = rows[c * kP + i];
-        if (row) ei::pstoreu(row + d, ei::pmul(block.packet[i], ei::pset1<Packet>(inv_sum[c * kP + i])));
+  if constexpr (std::is_same_v<S, T>) {
+    for (; d + kP <= head_dim; d += kP) {
+      for (int c = 0; c < B::kLaneVectors; ++c) {
+        ei::PacketBlock<Packet, kP> block;
+        for (int i = 0; i < kP; ++i) block.packet[i] = ei::pload<Packet>(ot + (d + i) * B::kLanes + c * kP);
+        ei::ptranspose(block);
+        for (int i = 0; i < kP; ++i) {
+          T* row = rows[c * kP + i];
+          if (row) ei::pstoreu(row + d, ei::pmul(block.packet[i], ei::pset1<Packet>(inv_sum[c * kP + i])));
+        }
       }
     }
   }
   for (; d < head_dim; ++d) {
     for (int lane = 0; lane < B::kLanes; ++lane) {
-      if (rows[lane]) rows[lane][d] = ot[d * B::kLanes + lane] * inv_sum[lane];
+      if (rows[lane]) rows[lane][d] = static_cast<S>(ot[d * B::kLanes + lane] * inv_sum[lane]);
     }
+  }
+}
+
+// A key/value tile as the micro-kernels read it: rows of the compute type, either the
+// caller's own storage (same type) or a converted copy in scratch.
+template <typename T>
+struct KeyValueTile {
+  const T* keys;
+  Index key_stride;
+  const T* values;
+  Index value_stride;
+};
+
+// Rows [first, first + n) of one (batch row, KV head) of a (B, Hkv, Skv, D) view, as a
+// tile of type T: the storage itself when it already is T, else converted into `buffer`.
+template <typename T, typename S>
+const T* tile_rows(const ConstView<S, 4>& view, Index b, Index head, Index first, Index n,
+                   std::vector<T, Eigen::aligned_allocator<T>>& buffer, Index& stride) {
+  if constexpr (std::is_same_v<S, T>) {
+    stride = view.stride(2);
+    return view.row(b, head, first);
+  } else {
+    const Index width = view.dimension(3);
+    for (Index r = 0; r < n; ++r) convert(view.row(b, head, first + r), buffer.data() + r * width, width);
+    stride = width;
+    return buffer.data();
   }
 }
 
@@ -255,9 +287,11 @@ template <typename T>
 struct KernelScratch {
   std::vector<QueryTileState<T>> tiles;
   std::vector<T, Eigen::aligned_allocator<T>> scores;  // St, key_tile x lanes
-  std::vector<std::array<Index, 3>> empty_rows;        // (b, h, i) with no allowed key
+  // K and V tiles converted to T, when the caller's storage is another type.
+  std::vector<T, Eigen::aligned_allocator<T>> keys, values;
+  std::vector<std::array<Index, 3>> empty_rows;  // (b, h, i) with no allowed key
 
-  void reserve(Index head_dim, Index key_tile, Index tiles_per_item) {
+  void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv) {
     constexpr Index kLanes = Blocking<T>::kLanes;
     tiles.resize(static_cast<std::size_t>(tiles_per_item));
     for (QueryTileState<T>& t : tiles) {
@@ -269,6 +303,8 @@ struct KernelScratch {
       t.lane_docs.resize(kLanes);
     }
     scores.resize(static_cast<std::size_t>(key_tile * kLanes));
+    keys.resize(convert_kv ? static_cast<std::size_t>(key_tile * head_dim) : 0);
+    values.resize(convert_kv ? static_cast<std::size_t>(key_tile * head_dim) : 0);
     empty_rows.clear();
   }
 };
@@ -282,11 +318,17 @@ struct KernelWorkspace {
   std::vector<KernelScratch<T>> workers;
 };
 
-template <typename T>
+// The inputs of one call: q and out of element type T, k and v of KV (e.g. a bf16
+// cache under float activations). The kernels compute in Compute = acc_t<T>; other
+// storage types are converted as tiles are loaded and stored.
+template <typename T, typename KV = T>
 struct KernelProblem {
-  ConstView<T, 4> q;  // (B, H, Sq, D)
-  ConstView<T, 4> k;  // (B, Hkv, Skv, D)
-  ConstView<T, 4> v;  // (B, Hkv, Skv, D)
+  using Scalar = T;
+  using KVScalar = KV;
+  using Compute = acc_t<T>;
+  ConstView<T, 4> q;   // (B, H, Sq, D)
+  ConstView<KV, 4> k;  // (B, Hkv, Skv, D)
+  ConstView<KV, 4> v;  // (B, Hkv, Skv, D)
   StridedView<T, 4> out;
   StridedView<acc_t<T>, 3> lse;  // optional
   SdpaParams params;
@@ -294,9 +336,9 @@ struct KernelProblem {
 };
 
 // The per-call context every query tile of a work item shares.
-template <typename T>
+template <typename P>
 struct TileContext {
-  const KernelProblem<T>& pb;
+  const P& pb;
   const TilePlan& plan;
   const TileGeometry& geo;
   BatchMask mask;
@@ -311,8 +353,10 @@ struct TileContext {
 
 // 1. Qt of one query tile and its fresh softmax state. Without softcap the log2(e)
 // factor of exp -> exp2 is folded into the scale.
-template <typename T, bool kSoftcap, bool kDocs>
-void begin_query_tile(const TileContext<T>& ctx, Index q_tile, QueryTileState<T>& state) {
+template <typename P, bool kSoftcap, bool kDocs>
+void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
+                      QueryTileState<typename P::Compute>& state) {
+  using T = typename P::Compute;
   constexpr Index kLanes = Blocking<T>::kLanes;
   constexpr double kLog2e = 1.4426950408889634074;
   const Index hpt = ctx.geo.heads_per_tile;
@@ -320,7 +364,7 @@ void begin_query_tile(const TileContext<T>& ctx, Index q_tile, QueryTileState<T>
   state.p0 = q_tile * ctx.geo.positions;
   state.n_positions = std::min(ctx.geo.positions, ctx.q_len - state.p0);
   const T q_scale = static_cast<T>(kSoftcap ? ctx.pb.params.scale : ctx.pb.params.scale * kLog2e);
-  const T* lane_rows[kLanes];
+  const typename P::Scalar* lane_rows[kLanes];
   for (Index lane = 0; lane < kLanes; ++lane) {
     const Index p = lane / hpt;
     const Index hl = lane % hpt;
@@ -328,7 +372,7 @@ void begin_query_tile(const TileContext<T>& ctx, Index q_tile, QueryTileState<T>
     lane_rows[lane] = valid ? ctx.pb.q.row(ctx.batch, ctx.first_head + hl, state.p0 + p) : nullptr;
     if constexpr (kDocs) state.lane_docs[lane] = valid ? ctx.mask.q_docs[state.p0 + p] : DocId(0);
   }
-  pack_transposed<T>(lane_rows, ctx.head_dim, q_scale, state.q_tile.data());
+  pack_transposed(lane_rows, ctx.head_dim, q_scale, state.q_tile.data());
   std::fill(state.out_tile.begin(), state.out_tile.end(), T(0));
   std::fill(state.row_max.begin(), state.row_max.end(), -std::numeric_limits<T>::infinity());
   std::fill(state.row_sum.begin(), state.row_sum.end(), T(0));
@@ -336,23 +380,23 @@ void begin_query_tile(const TileContext<T>& ctx, Index q_tile, QueryTileState<T>
 
 // 2-5. One query tile against key tile kt (not empty): scores, mask, online softmax,
 // output update. `scores` is the worker's St buffer.
-template <typename T, bool kSoftcap, bool kDocs, bool kPadding>
-void attend_key_tile(const TileContext<T>& ctx, Index kt, TileClass cls, QueryTileState<T>& state,
-                     T* scores) {
+template <typename P, bool kSoftcap, bool kDocs, bool kPadding>
+void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
+                     QueryTileState<typename P::Compute>& state, typename P::Compute* scores,
+                     const KeyValueTile<typename P::Compute>& kv) {
+  using T = typename P::Compute;
   using B = Blocking<T>;
   using Packet = typename B::Packet;
   constexpr Index kLanes = B::kLanes;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   constexpr double kLog2e = 1.4426950408889634074;
-  const KernelProblem<T>& pb = ctx.pb;
+  const P& pb = ctx.pb;
   const TileGeometry& geo = ctx.geo;
   const BatchMask& mask = ctx.mask;
   const Index head_dim = ctx.head_dim;
   const Index hpt = geo.heads_per_tile;
   const Index p0 = state.p0;
   const Index q_offset = ctx.kv_len - ctx.q_len;
-  const Index ldk = pb.k.stride(2);
-  const Index ldv = pb.v.stride(2);
   T* qt = state.q_tile.data();
   T* ot = state.out_tile.data();
   T* st = scores;
@@ -362,7 +406,8 @@ void attend_key_tile(const TileContext<T>& ctx, Index kt, TileClass cls, QueryTi
   const Index n_keys = keys.last - keys.first;
 
   // 2. St = K Qt.
-  const T* k_tile = pb.k.row(ctx.batch, ctx.kv_head, n0);
+  const Index ldk = kv.key_stride;
+  const T* k_tile = kv.keys + (n0 - kt * geo.key_tile) * ldk;  // kv starts at the tile's first key
   for_each_row_block<B::kRows>(n_keys, [&](auto rows, Index r0) {
     score_block<T, decltype(rows)::value>(k_tile + r0 * ldk, ldk, qt, head_dim, st + r0 * kLanes);
   });
@@ -454,7 +499,8 @@ void attend_key_tile(const TileContext<T>& ctx, Index kt, TileClass cls, QueryTi
   }
 
   // 5. Ot += V^T Pt.
-  const T* v_tile = pb.v.row(ctx.batch, ctx.kv_head, n0);
+  const Index ldv = kv.value_stride;
+  const T* v_tile = kv.values + (n0 - kt * geo.key_tile) * ldv;
   for_each_row_block<B::kRows>(head_dim, [&](auto rows, Index d0) {
     accumulate_block<T, decltype(rows)::value>(v_tile + d0, ldv, st, n_keys, ot + d0 * kLanes);
   });
@@ -463,12 +509,13 @@ void attend_key_tile(const TileContext<T>& ctx, Index kt, TileClass cls, QueryTi
 
 // 6. out = Ot^T / row_sum; lse = ln 2 * (ref + log2(sum)). A row with no allowed key
 // has sum 0: output 0 and lse -inf (the kZeros policy), recorded for kAttendAll.
-template <typename T>
-void finish_query_tile(const TileContext<T>& ctx, QueryTileState<T>& state,
+template <typename P>
+void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Compute>& state,
                        std::vector<std::array<Index, 3>>& empty_rows) {
+  using T = typename P::Compute;
   constexpr Index kLanes = Blocking<T>::kLanes;
   constexpr double kLog2e = 1.4426950408889634074;
-  const KernelProblem<T>& pb = ctx.pb;
+  const P& pb = ctx.pb;
   const TileGeometry& geo = ctx.geo;
   const Index hpt = geo.heads_per_tile;
   const Index heads = ctx.heads;
@@ -478,7 +525,7 @@ void finish_query_tile(const TileContext<T>& ctx, QueryTileState<T>& state,
   const Index head_dim = ctx.head_dim;
   T* ot = state.out_tile.data();
   using Acc = acc_t<T>;
-  T* out_rows[kLanes];
+  typename P::Scalar* out_rows[kLanes];
   T inv_sum[kLanes];
   for (Index lane = 0; lane < kLanes; ++lane) {
     const Index p = lane / hpt;
@@ -501,18 +548,19 @@ void finish_query_tile(const TileContext<T>& ctx, QueryTileState<T>& state,
       empty_rows.push_back({ctx.batch, h, i});
     }
   }
-  unpack_transposed<T>(ot, head_dim, inv_sum, out_rows);
+  unpack_transposed(ot, head_dim, inv_sum, out_rows);
 }
 
 // A work item: `count` consecutive query tiles of one (batch row, KV head group). Each
 // K/V tile is loaded once for all of them while it is in cache, which is what keeps
 // long sequences (K/V of a head beyond L2) from running at L3 speed.
-template <typename T, bool kSoftcap, bool kDocs, bool kPadding>
-void process_query_tiles(const KernelProblem<T>& pb, const TilePlan& plan, const TileGeometry& geo,
-                         const QueryTile& item, KernelScratch<T>& s) {
+template <typename P, bool kSoftcap, bool kDocs, bool kPadding>
+void process_query_tiles(const P& pb, const TilePlan& plan, const TileGeometry& geo,
+                         const QueryTile& item, KernelScratch<typename P::Compute>& s) {
+  using T = typename P::Compute;
   const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
   const Index hpt = geo.heads_per_tile;
-  const TileContext<T> ctx{pb,
+  const TileContext<P> ctx{pb,
                            plan,
                            geo,
                            batch_mask(pb.params.rules, pb.masks, item.batch, pb.q.dimension(2),
@@ -528,7 +576,7 @@ void process_query_tiles(const KernelProblem<T>& pb, const TilePlan& plan, const
   Index kt_first = plan.key_tiles();
   Index kt_last = 0;
   for (Index t = 0; t < count; ++t) {
-    begin_query_tile<T, kSoftcap, kDocs>(ctx, item.q_tile + t, s.tiles[t]);
+    begin_query_tile<P, kSoftcap, kDocs>(ctx, item.q_tile + t, s.tiles[t]);
     const auto [first, last] = plan.key_tile_range(item.batch, item.q_tile + t);
     if (first < last) {
       kt_first = std::min(kt_first, first);
@@ -536,12 +584,19 @@ void process_query_tiles(const KernelProblem<T>& pb, const TilePlan& plan, const
     }
   }
   for (Index kt = kt_first; kt < kt_last; ++kt) {
+    KeyValueTile<T> kv{nullptr, 0, nullptr, 0};
     for (Index t = 0; t < count; ++t) {
       const auto [first, last] = plan.key_tile_range(item.batch, item.q_tile + t);
       if (kt < first || kt >= last) continue;
       const TileClass cls = plan.classify(item.batch, item.q_tile + t, kt);
       if (cls == TileClass::kEmpty) continue;
-      attend_key_tile<T, kSoftcap, kDocs, kPadding>(ctx, kt, cls, s.tiles[t], s.scores.data());
+      if (kv.keys == nullptr) {  // loaded (converted) once for all the item's query tiles
+        const Index n0 = kt * geo.key_tile;
+        const Index n_keys = std::min(geo.key_tile, ctx.kv_len - n0);
+        kv.keys = tile_rows(pb.k, item.batch, item.kv_head, n0, n_keys, s.keys, kv.key_stride);
+        kv.values = tile_rows(pb.v, item.batch, item.kv_head, n0, n_keys, s.values, kv.value_stride);
+      }
+      attend_key_tile<P, kSoftcap, kDocs, kPadding>(ctx, kt, cls, s.tiles[t], s.scores.data(), kv);
     }
   }
   for (Index t = 0; t < count; ++t) finish_query_tile(ctx, s.tiles[t], s.empty_rows);
@@ -549,9 +604,10 @@ void process_query_tiles(const KernelProblem<T>& pb, const TilePlan& plan, const
 
 // Runs the kernel over all query tiles on the caller's pool. Returns, through
 // ws.workers[*].empty_rows, the rows that had no allowed key.
-template <typename T>
-void flash_attention(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* device,
-                     KernelWorkspace<T>& ws, Index key_tile = 0) {
+template <typename P>
+void flash_attention(const P& pb, const Eigen::ThreadPoolDevice* device,
+                     KernelWorkspace<typename P::Compute>& ws, Index key_tile = 0) {
+  using T = typename P::Compute;
   const Index batch = pb.q.dimension(0);
   const Index q_len = pb.q.dimension(2);
   const Index head_dim = pb.q.dimension(3);
@@ -587,11 +643,12 @@ void flash_attention(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* 
                    [&](Index a, Index b) { return ws.item_cost[a] > ws.item_cost[b]; });
 
   ws.workers.resize(static_cast<std::size_t>(worker_count(device)));
-  for (KernelScratch<T>& s : ws.workers) s.reserve(head_dim, geo.key_tile, per_item);
+  const bool convert_kv = !std::is_same_v<typename P::KVScalar, T>;
+  for (KernelScratch<T>& s : ws.workers) s.reserve(head_dim, geo.key_tile, per_item, convert_kv);
 
   const auto run = [&](auto softcap, auto docs, auto padding) {
     parallel_for_items(device, static_cast<Index>(order.size()), [&](int worker, Index item) {
-      process_query_tiles<T, decltype(softcap)::value, decltype(docs)::value, decltype(padding)::value>(
+      process_query_tiles<P, decltype(softcap)::value, decltype(docs)::value, decltype(padding)::value>(
           pb, ws.plan, geo, ws.items[static_cast<std::size_t>(order[item])],
           ws.workers[static_cast<std::size_t>(worker)]);
     });

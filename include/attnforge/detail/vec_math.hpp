@@ -102,4 +102,22 @@ EIGEN_STRONG_INLINE Packet tanh(const Packet& x) {
   }
 }
 
+// dst[i] = static_cast<D>(src[i]) for i < n: the storage-to-compute conversion of
+// bf16/fp16 tiles (exact: every bf16 and fp16 value is a float), vectorised where
+// Eigen has the packet cast.
+template <typename S, typename D>
+void convert(const S* src, D* dst, Eigen::Index n) {
+  Eigen::Index i = 0;
+  if constexpr (std::is_same_v<D, float> &&
+                (std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half>)) {
+    using PacketS = packet_t<S>;
+    using PacketD = packet_t<float>;
+    constexpr int kSize = ei::unpacket_traits<PacketS>::size;
+    if constexpr (kSize > 1 && kSize == ei::unpacket_traits<PacketD>::size) {
+      for (; i + kSize <= n; i += kSize) ei::pstoreu(dst + i, ei::pcast<PacketS, PacketD>(ei::ploadu<PacketS>(src + i)));
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+}
+
 }  // namespace attnforge::detail
