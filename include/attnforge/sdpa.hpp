@@ -1,6 +1,7 @@
 // scaled_dot_product_attention: validate the inputs, resolve the options, choose a path.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -71,6 +72,10 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
   }
   SdpaParams params = resolve_options(where, options, q.dimension(3));
   validate_masks(where, params.rules, masks, q.dimension(0), q.dimension(2), k.dimension(2));
+  // A window of Skv or more excludes nothing (pos(i) - j <= Skv - 1 for every key), so
+  // it is clamped there: the same mask, and the kernels' position +- window arithmetic
+  // cannot overflow Index for a window such as INT64_MAX.
+  params.rules.window = std::min(params.rules.window, std::max<Index>(k.dimension(2), 1));
   return params;
 }
 
@@ -79,10 +84,13 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
 // The attention operator with its options and reusable scratch. One instance per
 // thread (or per layer) is the intended use; operator() is not safe to call
 // concurrently on the same instance.
-template <typename T>
+// T is the element type of q and out, KV that of k and v (e.g. a bf16 KVCache under
+// float activations); both are computed in acc_t<T>.
+template <typename T, typename KV = T>
 class ScaledDotProductAttention {
  public:
   using Acc = acc_t<T>;
+  using Compute = acc_t<T>;
 
   explicit ScaledDotProductAttention(SdpaOptions options = {},
                                      const Eigen::ThreadPoolDevice* device = nullptr)
@@ -96,7 +104,7 @@ class ScaledDotProductAttention {
   // q (B, H, Sq, D), k and v (B, Hkv, Skv, D) -> out (B, H, Sq, D); any of them may be a
   // strided view (a KVCache prefix, a projection seen through transpose()).
   // lse (B, H, Sq) is written when given.
-  void operator()(const ConstView<T, 4>& q, const ConstView<T, 4>& k, const ConstView<T, 4>& v,
+  void operator()(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const ConstView<KV, 4>& v,
                   const StridedView<T, 4>& out, const Masks& masks = {},
                   const StridedView<Acc, 3>& lse = {}) {
     constexpr const char* kWhere = "scaled_dot_product_attention";
@@ -106,16 +114,17 @@ class ScaledDotProductAttention {
       detail::check_shape(kWhere, "lse", lse, {q.dimension(0), q.dimension(1), q.dimension(2)},
                           "(B, H, Sq)");
     }
-    if (options_.path == SdpaPath::kReference || detail::kPacketSize<T> == 1) {
+    if (options_.path == SdpaPath::kReference || detail::kPacketSize<Compute> == 1) {
       detail::sdpa_reference(q, k, v, out, lse, StridedView<Acc, 4>(), params, masks, device_);
       return;
     }
     empty_rows_.clear();
     if (q.size() == 0) return;
-    const detail::KernelProblem<T> problem{q, k, v, out, lse, params, masks};
+    const detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params, masks};
     const Index n_rep = q.dimension(1) / k.dimension(1);
     const bool decode = options_.path == SdpaPath::kDecode ||
-                        (options_.path == SdpaPath::kAuto && detail::decode_applies<T>(q.dimension(2), n_rep));
+                        (options_.path == SdpaPath::kAuto &&
+                         detail::decode_applies<Compute>(q.dimension(2), n_rep));
     if (decode) {
       detail::flash_decode(problem, device_, decode_workspace_, empty_rows_);
     } else {
@@ -127,8 +136,8 @@ class ScaledDotProductAttention {
     if (params.empty_rows == EmptyRowPolicy::kAttendAll) attend_all_in_empty_rows(q, k, v, out, lse, params);
   }
 
-  Tensor<T, 4> operator()(const ConstView<T, 4>& q, const ConstView<T, 4>& k,
-                          const ConstView<T, 4>& v, const Masks& masks = {}) {
+  Tensor<T, 4> operator()(const ConstView<T, 4>& q, const ConstView<KV, 4>& k,
+                          const ConstView<KV, 4>& v, const Masks& masks = {}) {
     Tensor<T, 4> out(q.dimensions());
     (*this)(q, k, v, StridedView<T, 4>(out), masks);
     return out;
@@ -141,8 +150,8 @@ class ScaledDotProductAttention {
  private:
   // KempnerForge's guard for rows whose mask allows no key: such a row attends to every
   // key with no mask. Rare, so these rows are redone one by one on the reference path.
-  void attend_all_in_empty_rows(const ConstView<T, 4>& q, const ConstView<T, 4>& k,
-                                const ConstView<T, 4>& v, const StridedView<T, 4>& out,
+  void attend_all_in_empty_rows(const ConstView<T, 4>& q, const ConstView<KV, 4>& k,
+                                const ConstView<KV, 4>& v, const StridedView<T, 4>& out,
                                 const StridedView<Acc, 3>& lse, detail::SdpaParams params) {
     params.rules = detail::MaskRules{};
     const Index n_rep = q.dimension(1) / k.dimension(1);
@@ -160,13 +169,13 @@ class ScaledDotProductAttention {
   SdpaOptions options_;
   const Eigen::ThreadPoolDevice* device_ = nullptr;
   Index key_tile_ = 0;
-  detail::KernelWorkspace<T> workspace_;
-  detail::DecodeWorkspace<T> decode_workspace_;
+  detail::KernelWorkspace<Compute> workspace_;
+  detail::DecodeWorkspace<Compute> decode_workspace_;
   std::vector<std::array<Index, 3>> empty_rows_;  // rows with no allowed key, last call
 };
 
-template <typename T>
-using Sdpa = ScaledDotProductAttention<T>;
+template <typename T, typename KV = T>
+using Sdpa = ScaledDotProductAttention<T, KV>;
 
 template <typename T>
 struct SdpaResult {
@@ -177,14 +186,20 @@ struct SdpaResult {
 namespace detail {
 template <typename X>
 using scalar_of_t = typename view_traits<X>::scalar;
+// The one mixed combination: float activations over a 16-bit (bf16/fp16) cache.
+template <typename T, typename KV>
+inline constexpr bool is_mixed_precision_v =
+    std::is_same_v<T, float> &&
+    (std::is_same_v<KV, Eigen::bfloat16> || std::is_same_v<KV, Eigen::half>);
 template <typename Q, typename K, typename V, typename = void>
 struct is_qkv : std::false_type {};
 template <typename Q, typename K, typename V>
 struct is_qkv<Q, K, V,
               std::enable_if_t<view_traits<Q>::rank == 4 && view_traits<K>::rank == 4 &&
                                view_traits<V>::rank == 4>>
-    : std::bool_constant<std::is_same_v<scalar_of_t<Q>, scalar_of_t<K>> &&
-                         std::is_same_v<scalar_of_t<Q>, scalar_of_t<V>>> {};
+    : std::bool_constant<std::is_same_v<scalar_of_t<K>, scalar_of_t<V>> &&
+                         (std::is_same_v<scalar_of_t<Q>, scalar_of_t<K>> ||
+                          is_mixed_precision_v<scalar_of_t<Q>, scalar_of_t<K>>)> {};
 template <typename Q, typename K, typename V>
 using enable_if_qkv_t = std::enable_if_t<is_qkv<Q, K, V>::value>;
 }  // namespace detail
@@ -196,7 +211,7 @@ Tensor<detail::scalar_of_t<Q>, 4> scaled_dot_product_attention(
     const Q& q, const K& k, const V& v, const SdpaOptions& options = {}, const Masks& masks = {},
     const Eigen::ThreadPoolDevice* device = nullptr) {
   using T = detail::scalar_of_t<Q>;
-  ScaledDotProductAttention<T> sdpa(options, device);
+  ScaledDotProductAttention<T, detail::scalar_of_t<K>> sdpa(options, device);
   return sdpa(as_const_view(q), as_const_view(k), as_const_view(v), masks);
 }
 
@@ -211,7 +226,7 @@ SdpaResult<detail::scalar_of_t<Q>> scaled_dot_product_attention_with_lse(
   SdpaResult<T> result{Tensor<T, 4>(q_view.dimensions()),
                        Tensor<acc_t<T>, 3>(q_view.dimension(0), q_view.dimension(1),
                                            q_view.dimension(2))};
-  ScaledDotProductAttention<T> sdpa(options, device);
+  ScaledDotProductAttention<T, detail::scalar_of_t<K>> sdpa(options, device);
   sdpa(q_view, as_const_view(k), as_const_view(v), StridedView<T, 4>(result.out), masks,
        StridedView<acc_t<T>, 3>(result.lse));
   return result;

@@ -26,6 +26,14 @@
 #include "attnforge/sdpa_options.hpp"
 #include "attnforge/tensor.hpp"
 
+// Eigen's packet types (__m512 ...) lose their alignment attribute as template
+// arguments (PacketBlock<Packet16f, 16>, unpacket_traits<...>); harmless here, and Eigen
+// silences the same warning in its own headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
 namespace attnforge::detail {
 
 // Keys per split-KV chunk. Long enough that the merge (one FMA per chunk and output
@@ -41,6 +49,8 @@ inline constexpr Index kDecodeMaxRows = Blocking<T>::kLanes / 4;
 template <typename T>
 struct DecodeScratch {
   using Buffer = std::vector<T, Eigen::aligned_allocator<T>>;
+  Buffer keys, values;  // P x D, a key block converted to T (when stored as another type)
+  Buffer merged;        // D, one output row being merged
   Buffer q_rows;     // rows x D, pre-scaled queries
   Buffer out_rows;   // rows x D, unnormalised output accumulator
   Buffer weights;    // rows x P, softmax weights of the current key block
@@ -138,9 +148,9 @@ EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, In
 
 // Asks for rows [0, n_rows) of a row-major matrix (row stride ld, `width` elements per
 // row) to be brought into L2.
-template <typename T>
-EIGEN_ALWAYS_INLINE void prefetch_rows(const T* rows, Index ld, Index n_rows, Index width) {
-  constexpr Index kLine = 64 / sizeof(T);
+template <typename S>
+EIGEN_ALWAYS_INLINE void prefetch_rows(const S* rows, Index ld, Index n_rows, Index width) {
+  constexpr Index kLine = 64 / sizeof(S);
   for (Index r = 0; r < n_rows; ++r) {
     for (Index e = 0; e < width; e += kLine) __builtin_prefetch(rows + r * ld + e, 0, 2);
   }
@@ -156,9 +166,11 @@ inline Index padded_head_dim(Index head_dim, Index packet) {
 
 // One (batch row, KV head, key chunk) item: all rows of the group against the chunk's
 // keys, leaving normalised outputs and lse (log2 units) in the partial slots.
-template <typename T, bool kSoftcap, bool kMasked>
-void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chunk,
-                  DecodeScratch<T>& s, T* partial_out, T* partial_lse) {
+template <typename P, bool kSoftcap, bool kMasked>
+void decode_chunk(const P& pb, Index b, Index kv_head, Index chunk,
+                  DecodeScratch<typename P::Compute>& s, typename P::Compute* partial_out,
+                  typename P::Compute* partial_lse) {
+  using T = typename P::Compute;
   using Packet = packet_t<T>;
   constexpr int kP = kPacketSize<T>;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -177,9 +189,9 @@ void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chun
 
   const T q_scale = static_cast<T>(kSoftcap ? pb.params.scale : pb.params.scale * kLog2e);
   for (Index r = 0; r < rows; ++r) {
-    const T* q = pb.q.row(b, kv_head * n_rep + r % n_rep, r / n_rep);
+    const auto* q = pb.q.row(b, kv_head * n_rep + r % n_rep, r / n_rep);
     T* dst = s.q_rows.data() + r * hd;
-    for (Index d = 0; d < head_dim; ++d) dst[d] = q[d] * q_scale;
+    for (Index d = 0; d < head_dim; ++d) dst[d] = static_cast<T>(q[d]) * q_scale;
     s.row_ref[r] = kNegInf;
     s.row_sum[r] = T(0);
   }
@@ -189,23 +201,23 @@ void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chun
   // positional mask (causal and window are monotone in the position).
   const Index all_first = mask.key_begin(rows > 0 ? q_len - 1 : 0);
   const Index all_last = mask.key_end(0);
-  const Index ldk = pb.k.stride(2);
-  const Index ldv = pb.v.stride(2);
+  Index ldk = pb.k.stride(2);
+  Index ldv = pb.v.stride(2);
   const Packet inv_cap = ei::pset1<Packet>(static_cast<T>(kSoftcap ? 1.0 / pb.params.softcap : 1.0));
   const Packet cap = ei::pset1<Packet>(static_cast<T>(pb.params.softcap * kLog2e));
   alignas(64) T lanes[kP];
 
   for (Index j0 = key_first; j0 < key_last; j0 += kP) {
     const Index n_keys = std::min<Index>(kP, key_last - j0);
-    const T* keys = pb.k.row(b, kv_head, j0);
+    const T* keys = tile_rows(pb.k, b, kv_head, j0, n_keys, s.keys, ldk);
     // The block after next, into L2: each block reads P rows at once (P streams per
     // matrix), more than the hardware prefetchers follow, so the rows are asked for
     // explicitly, far enough ahead to hide DRAM latency.
     const Index ahead = j0 + kPrefetchBlocks * kP;
     if (ahead < key_last) {
       const Index n_ahead = std::min<Index>(kP, key_last - ahead);
-      prefetch_rows(pb.k.row(b, kv_head, ahead), ldk, n_ahead, head_dim);
-      prefetch_rows(pb.v.row(b, kv_head, ahead), ldv, n_ahead, head_dim);
+      prefetch_rows(pb.k.row(b, kv_head, ahead), pb.k.stride(2), n_ahead, head_dim);
+      prefetch_rows(pb.v.row(b, kv_head, ahead), pb.v.stride(2), n_ahead, head_dim);
     }
     const bool positional_full = j0 >= all_first && j0 + n_keys <= all_last;
     // All rows' scores first, then their softmax: the rows are independent, and keeping
@@ -247,7 +259,7 @@ void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chun
       s.row_sum[r] += ei::predux(weights);
       ei::pstore(s.weights.data() + r * kP, weights);
     }
-    const T* values = pb.v.row(b, kv_head, j0);
+    const T* values = tile_rows(pb.v, b, kv_head, j0, n_keys, s.values, ldv);
     Index r0 = 0;
     for (; r0 + 4 <= rows; r0 += 4) {
       decode_accumulate<T, 4>(s.weights.data() + r0 * kP, values, ldv, n_keys, head_dim,
@@ -261,21 +273,26 @@ void decode_chunk(const KernelProblem<T>& pb, Index b, Index kv_head, Index chun
 
   for (Index r = 0; r < rows; ++r) {
     const T sum = s.row_sum[r];
-    const T inv = sum > T(0) ? T(1) / sum : T(0);
+    // Only sum == 0 means no allowed key in the chunk. A NaN sum (a NaN or infinite score
+    // or query) must stay NaN, not pass for an empty chunk that the merge would drop.
+    const bool empty = sum == T(0);
+    const T inv = empty ? T(0) : T(1) / sum;
     const T* src = s.out_rows.data() + r * hd;
     T* dst = partial_out + r * hd;
     for (Index d = 0; d < head_dim; ++d) dst[d] = src[d] * inv;
-    partial_lse[r] = sum > T(0) ? s.row_ref[r] + std::log2(sum) : kNegInf;
+    partial_lse[r] = empty ? kNegInf : s.row_ref[r] + std::log2(sum);
   }
 }
 
 // Writes out (and lse) of one (b, kv_head) from its chunks' partials, in chunk order:
 // lse = log2 sum_c 2^lse_c, out = sum_c 2^(lse_c - lse) out_c. Returns the rows with no
 // allowed key through `empty_rows`.
-template <typename T>
-void merge_chunks(const KernelProblem<T>& pb, Index b, Index kv_head, Index n_chunks,
-                  const T* partial_out, const T* partial_lse,
-                  std::vector<std::array<Index, 3>>& empty_rows) {
+template <typename P>
+void merge_chunks(const P& pb, Index b, Index kv_head, Index n_chunks,
+                  const typename P::Compute* partial_out, const typename P::Compute* partial_lse,
+                  typename P::Compute* merged, std::vector<std::array<Index, 3>>& empty_rows) {
+  using T = typename P::Compute;
+  using Out = typename P::Scalar;
   constexpr double kLog2e = 1.4426950408889634074;
   const Index head_dim = pb.q.dimension(3);
   const Index hd = padded_head_dim(head_dim, kPacketSize<T>);
@@ -287,10 +304,13 @@ void merge_chunks(const KernelProblem<T>& pb, Index b, Index kv_head, Index n_ch
     const Index h = kv_head * n_rep + r % n_rep;
     const Index i = r / n_rep;
     T max_lse = -std::numeric_limits<T>::infinity();
-    for (Index c = 0; c < n_chunks; ++c) max_lse = std::max(max_lse, partial_lse[c * rows + r]);
-    T* out = pb.out.row(b, h, i);
+    for (Index c = 0; c < n_chunks; ++c) {
+      const T chunk_lse = partial_lse[c * rows + r];
+      if (std::isnan(chunk_lse) || chunk_lse > max_lse) max_lse = chunk_lse;  // NaN sticks
+    }
+    Out* out = pb.out.row(b, h, i);
     if (max_lse == -std::numeric_limits<T>::infinity()) {
-      std::fill(out, out + head_dim, T(0));
+      std::fill(out, out + head_dim, Out(0));
       if (pb.lse.has_value()) pb.lse(b, h, i) = -std::numeric_limits<Acc>::infinity();
       empty_rows.push_back({b, h, i});
       continue;
@@ -298,13 +318,14 @@ void merge_chunks(const KernelProblem<T>& pb, Index b, Index kv_head, Index n_ch
     T total = 0;
     for (Index c = 0; c < n_chunks; ++c) total += std::exp2(partial_lse[c * rows + r] - max_lse);
     const T lse = max_lse + std::log2(total);
-    std::fill(out, out + head_dim, T(0));
+    std::fill(merged, merged + head_dim, T(0));
     for (Index c = 0; c < n_chunks; ++c) {
       const T weight = std::exp2(partial_lse[c * rows + r] - lse);
       if (weight == T(0)) continue;
       const T* part = partial_out + (c * rows + r) * hd;
-      for (Index d = 0; d < head_dim; ++d) out[d] += weight * part[d];
+      for (Index d = 0; d < head_dim; ++d) merged[d] += weight * part[d];
     }
+    for (Index d = 0; d < head_dim; ++d) out[d] = static_cast<Out>(merged[d]);
     if (pb.lse.has_value()) pb.lse(b, h, i) = static_cast<Acc>(static_cast<double>(lse) / kLog2e);
   }
 }
@@ -314,9 +335,11 @@ bool decode_applies(Index q_len, Index n_rep) {
   return q_len * n_rep <= kDecodeMaxRows<T>;
 }
 
-template <typename T>
-void flash_decode(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* device,
-                  DecodeWorkspace<T>& ws, std::vector<std::array<Index, 3>>& empty_rows) {
+template <typename P>
+void flash_decode(const P& pb, const Eigen::ThreadPoolDevice* device,
+                  DecodeWorkspace<typename P::Compute>& ws,
+                  std::vector<std::array<Index, 3>>& empty_rows) {
+  using T = typename P::Compute;
   const Index batch = pb.q.dimension(0);
   const Index n_kv_heads = pb.k.dimension(1);
   const Index kv_len = pb.k.dimension(2);
@@ -332,6 +355,10 @@ void flash_decode(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* dev
     s.weights.resize(static_cast<std::size_t>(rows * kPacketSize<T>));
     s.row_ref.resize(static_cast<std::size_t>(rows));
     s.row_sum.resize(static_cast<std::size_t>(rows));
+    const bool convert_kv = !std::is_same_v<typename P::KVScalar, T>;
+    s.keys.resize(convert_kv ? static_cast<std::size_t>(kPacketSize<T> * pb.q.dimension(3)) : 0);
+    s.values.resize(s.keys.size());
+    s.merged.resize(static_cast<std::size_t>(hd));
   }
   ws.partial_out.resize(static_cast<std::size_t>(groups * n_chunks * rows * hd));
   ws.partial_lse.resize(static_cast<std::size_t>(groups * n_chunks * rows));
@@ -341,7 +368,7 @@ void flash_decode(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* dev
     parallel_for_items(device, groups * n_chunks, [&](int worker, Index item) {
       const Index group = item / n_chunks;
       const Index chunk = item % n_chunks;
-      decode_chunk<T, decltype(softcap)::value, decltype(with_masks)::value>(
+      decode_chunk<P, decltype(softcap)::value, decltype(with_masks)::value>(
           pb, group / n_kv_heads, group % n_kv_heads, chunk, ws.workers[static_cast<std::size_t>(worker)],
           ws.partial_out.data() + (item * rows) * hd, ws.partial_lse.data() + item * rows);
     });
@@ -356,8 +383,13 @@ void flash_decode(const KernelProblem<T>& pb, const Eigen::ThreadPoolDevice* dev
   for (Index group = 0; group < groups; ++group) {
     merge_chunks(pb, group / n_kv_heads, group % n_kv_heads, n_chunks,
                  ws.partial_out.data() + group * n_chunks * rows * hd,
-                 ws.partial_lse.data() + group * n_chunks * rows, empty_rows);
+                 ws.partial_lse.data() + group * n_chunks * rows, ws.workers[0].merged.data(),
+                 empty_rows);
   }
 }
 
 }  // namespace attnforge::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -25,18 +25,20 @@
 #include "attnforge/sdpa_options.hpp"
 #include "attnforge/tensor.hpp"
 
-// PacketBlock<__m512> drops the vector type's alignment attribute in the template
-// argument; harmless here (the blocks live in registers), and Eigen silences it too.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wignored-attributes"
-#endif
-
 #if defined(__clang__)
 #define ATTNFORGE_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)
 #define ATTNFORGE_UNROLL _Pragma("GCC unroll 16")
 #else
 #define ATTNFORGE_UNROLL
+#endif
+
+// Eigen's packet types (__m512 ...) lose their alignment attribute as template
+// arguments (PacketBlock<Packet16f, 16>, unpacket_traits<...>); harmless here, and Eigen
+// silences the same warning in its own headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
 #endif
 
 namespace attnforge::detail {
@@ -675,3 +677,7 @@ void flash_attention(const P& pb, const Eigen::ThreadPoolDevice* device,
 }
 
 }  // namespace attnforge::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

@@ -7,6 +7,14 @@
 #include <limits>
 #include <type_traits>
 
+// Eigen's packet types (__m512 ...) lose their alignment attribute as template
+// arguments (PacketBlock<Packet16f, 16>, unpacket_traits<...>); harmless here, and Eigen
+// silences the same warning in its own headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
 namespace attnforge::detail {
 
 namespace ei = Eigen::internal;
@@ -121,3 +129,7 @@ void convert(const S* src, D* dst, Eigen::Index n) {
 }
 
 }  // namespace attnforge::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

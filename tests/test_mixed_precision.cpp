@@ -1,0 +1,133 @@
+// bf16 and fp16 element types, and float activations over a bf16/fp16 cache, on every
+// SDPA path, against the double reference evaluated on the same (already rounded) inputs.
+#include <gtest/gtest.h>
+
+#include <string>
+
+#include "test_util.hpp"
+
+namespace attnforge::test {
+namespace {
+
+using Eigen::bfloat16;
+using Eigen::half;
+
+template <typename T, int Rank>
+Tensor<T, Rank> rounded_normal(const std::array<Index, Rank>& dims, std::uint32_t seed) {
+  const Tensor<float, Rank> f = random_normal<float, Rank>(dims, seed);
+  Tensor<T, Rank> t(dims);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(f.data()[i]);
+  return t;
+}
+
+template <typename T, int Rank>
+Tensor<double, Rank> widen(const Tensor<T, Rank>& t) {
+  Tensor<double, Rank> out(t.dimensions());
+  for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<double>(t.data()[i]);
+  return out;
+}
+
+// Error bounds relative to the output's scale. Inputs are exact in both computations
+// (the reference widens the same rounded values), accumulation is float (~1e-6), so the
+// error is the final rounding of each output to T: half an ulp, 2^-9 relative for bf16
+// (8 significant bits) and 2^-12 for fp16 (11 bits); the bounds leave 2-4x margin. With
+// float outputs over a 16-bit cache nothing is rounded but the float arithmetic.
+template <typename T>
+double bound() {
+  if constexpr (std::is_same_v<T, bfloat16>) return 1e-2;
+  if constexpr (std::is_same_v<T, half>) return 2e-3;
+  return 1e-5;
+}
+
+template <typename T, typename KV>
+void expect_matches_reference(SdpaPath path, Index q_len, Index kv_len, bool with_docs) {
+  const Index batch = 2, n_heads = 8, n_kv_heads = 2, head_dim = 80;
+  const auto q = rounded_normal<T, 4>({batch, n_heads, q_len, head_dim}, 1);
+  const auto k = rounded_normal<KV, 4>({batch, n_kv_heads, kv_len, head_dim}, 2);
+  const auto v = rounded_normal<KV, 4>({batch, n_kv_heads, kv_len, head_dim}, 3);
+  DenseMasks dense;
+  dense.causal = true;
+  if (with_docs) {
+    Tensor<DocId, 2> docs(batch, kv_len);
+    for (Index b = 0; b < batch; ++b) {
+      for (Index j = 0; j < kv_len; ++j) docs(b, j) = (j + 7 * b) / 29;
+    }
+    Tensor<DocId, 2> q_docs(batch, q_len);
+    for (Index b = 0; b < batch; ++b) {
+      for (Index i = 0; i < q_len; ++i) q_docs(b, i) = docs(b, kv_len - q_len + i);
+    }
+    dense.q_docs = q_docs;
+    dense.kv_docs = docs;
+  }
+  const DenseResult ref = dense_sdpa(widen(q), widen(k), widen(v), dense);
+  const Masks masks = library_masks(dense);
+  Tensor<T, 4> first;
+  for (int threads : {1, 2}) {
+    Sdpa<T, KV> sdpa(library_options(dense, {}, path), threads == 1 ? nullptr : &pool_device(threads));
+    Tensor<T, 4> out(q.dimensions());
+    Tensor<float, 3> lse(batch, n_heads, q_len);
+    sdpa(q, k, v, StridedView<T, 4>(out), masks, StridedView<float, 3>(lse));
+    EXPECT_LT(error_relative_to_scale(out, ref.out), bound<T>()) << threads << " threads";
+    EXPECT_LT(lse_error(lse, ref.lse), 1e-4) << threads << " threads";  // lse stays float
+    if (threads == 1) {
+      first = out;
+    } else {
+      EXPECT_TRUE(bitwise_equal(out, first)) << "2 threads differ from 1";
+    }
+  }
+}
+
+struct PathCase {
+  SdpaPath path;
+  Index q_len, kv_len;
+  const char* name;
+};
+const PathCase kPathCases[] = {{SdpaPath::kFused, 70, 70, "fused"},
+                               {SdpaPath::kDecode, 3, 1100, "decode_split_kv"},
+                               {SdpaPath::kReference, 9, 40, "reference"},
+                               {SdpaPath::kAuto, 1, 300, "auto"}};
+
+class LowPrecision : public ::testing::TestWithParam<PathCase> {};
+
+TEST_P(LowPrecision, Bfloat16MatchesReferenceWithinOutputRounding) {
+  const PathCase& c = GetParam();
+  expect_matches_reference<bfloat16, bfloat16>(c.path, c.q_len, c.kv_len, false);
+  expect_matches_reference<bfloat16, bfloat16>(c.path, c.q_len, c.kv_len, true);
+}
+
+TEST_P(LowPrecision, HalfMatchesReferenceWithinOutputRounding) {
+  const PathCase& c = GetParam();
+  expect_matches_reference<half, half>(c.path, c.q_len, c.kv_len, false);
+  expect_matches_reference<half, half>(c.path, c.q_len, c.kv_len, true);
+}
+
+TEST_P(LowPrecision, FloatActivationsOverBfloat16AndHalfCacheMatchAtFloatAccuracy) {
+  const PathCase& c = GetParam();
+  expect_matches_reference<float, bfloat16>(c.path, c.q_len, c.kv_len, true);
+  expect_matches_reference<float, half>(c.path, c.q_len, c.kv_len, false);
+}
+
+INSTANTIATE_TEST_SUITE_P(Paths, LowPrecision, ::testing::ValuesIn(kPathCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// Which element-type combinations the free functions accept (compile-time).
+template <typename Q, typename K, typename V, typename = void>
+struct Invocable : std::false_type {};
+template <typename Q, typename K, typename V>
+struct Invocable<Q, K, V,
+                 std::void_t<decltype(scaled_dot_product_attention(
+                     std::declval<const Q&>(), std::declval<const K&>(), std::declval<const V&>()))>>
+    : std::true_type {};
+using F4 = Tensor<float, 4>;
+using B4 = Tensor<bfloat16, 4>;
+using H4 = Tensor<half, 4>;
+static_assert(Invocable<B4, B4, B4>::value);
+static_assert(Invocable<H4, H4, H4>::value);
+static_assert(Invocable<F4, B4, B4>::value, "float activations over a bf16 cache");
+static_assert(Invocable<F4, H4, H4>::value, "float activations over an fp16 cache");
+static_assert(!Invocable<F4, B4, H4>::value, "k and v of different types");
+static_assert(!Invocable<B4, F4, F4>::value, "bf16 queries over a float cache");
+static_assert(!Invocable<F4, Tensor<double, 4>, Tensor<double, 4>>::value);
+
+}  // namespace
+}  // namespace attnforge::test
