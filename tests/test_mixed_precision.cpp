@@ -40,7 +40,8 @@ double bound() {
 }
 
 template <typename T, typename KV>
-void expect_matches_reference(SdpaPath path, Index q_len, Index kv_len, bool with_docs) {
+void expect_matches_reference(SdpaPath path, Index q_len, Index kv_len, bool with_docs,
+                              Bf16Kernel bf16_kernel = Bf16Kernel::kAuto) {
   const Index batch = 2, n_heads = 8, n_kv_heads = 2, head_dim = 80;
   const auto q = rounded_normal<T, 4>({batch, n_heads, q_len, head_dim}, 1);
   const auto k = rounded_normal<KV, 4>({batch, n_kv_heads, kv_len, head_dim}, 2);
@@ -63,7 +64,9 @@ void expect_matches_reference(SdpaPath path, Index q_len, Index kv_len, bool wit
   const Masks masks = library_masks(dense);
   Tensor<T, 4> first;
   for (int threads : {1, 2}) {
-    Sdpa<T, KV> sdpa(library_options(dense, {}, path), threads == 1 ? nullptr : &pool_device(threads));
+    SdpaOptions options = library_options(dense, {}, path);
+    options.bf16_kernel = bf16_kernel;
+    Sdpa<T, KV> sdpa(options, threads == 1 ? nullptr : &pool_device(threads));
     Tensor<T, 4> out(q.dimensions());
     Tensor<float, 3> lse(batch, n_heads, q_len);
     sdpa(q, k, v, StridedView<T, 4>(out), masks, StridedView<float, 3>(lse));
@@ -105,6 +108,37 @@ TEST_P(LowPrecision, FloatActivationsOverBfloat16AndHalfCacheMatchAtFloatAccurac
   const PathCase& c = GetParam();
   expect_matches_reference<float, bfloat16>(c.path, c.q_len, c.kv_len, true);
   expect_matches_reference<float, half>(c.path, c.q_len, c.kv_len, false);
+}
+
+// The AVX512-BF16 dot products round the softmax weights to bf16 before P V (relative
+// error 2^-9 per weight, averaging out over the keys), so the same bf16 bound holds.
+TEST(LowPrecisionKernels, Bfloat16DotProductsAndConversionBothMatchTheReference) {
+  for (const Index key_len : {Index{70}, Index{133}}) {
+    expect_matches_reference<bfloat16, bfloat16>(SdpaPath::kFused, 70, key_len, true,
+                                                 Bf16Kernel::kConvert);
+    if (detail::kHasBf16DotKernel && detail::cpu_has_avx512_bf16()) {
+      expect_matches_reference<bfloat16, bfloat16>(SdpaPath::kFused, 70, key_len, true,
+                                                   Bf16Kernel::kDotProduct);
+      expect_matches_reference<bfloat16, bfloat16>(SdpaPath::kFused, 70, key_len, false,
+                                                   Bf16Kernel::kDotProduct);
+    } else {
+      // Asking for the dot products where the CPU lacks them is an error, not a silent
+      // fallback.
+      EXPECT_THROW((expect_matches_reference<bfloat16, bfloat16>(SdpaPath::kFused, 70, key_len,
+                                                                 false, Bf16Kernel::kDotProduct)),
+                   std::invalid_argument);
+    }
+  }
+}
+
+TEST(LowPrecisionKernels, Bfloat16DotProductsRejectAnOddHeadDim) {
+  const auto q = rounded_normal<bfloat16, 4>({1, 2, 20, 7}, 1);
+  SdpaOptions options;
+  options.path = SdpaPath::kFused;
+  options.bf16_kernel = Bf16Kernel::kDotProduct;
+  EXPECT_THROW(scaled_dot_product_attention(q, q, q, options), std::invalid_argument);
+  options.bf16_kernel = Bf16Kernel::kAuto;  // falls back to conversion
+  EXPECT_NO_THROW(scaled_dot_product_attention(q, q, q, options));
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, LowPrecision, ::testing::ValuesIn(kPathCases),

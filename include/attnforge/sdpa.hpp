@@ -2,6 +2,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <utility>
@@ -120,7 +121,8 @@ class ScaledDotProductAttention {
     }
     empty_rows_.clear();
     if (q.size() == 0) return;
-    const detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params, masks};
+    detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params, masks};
+    problem.params.bf16_dot = use_bf16_dot(q.dimension(3));
     const Index n_rep = q.dimension(1) / k.dimension(1);
     const bool decode = options_.path == SdpaPath::kDecode ||
                         (options_.path == SdpaPath::kAuto &&
@@ -148,6 +150,21 @@ class ScaledDotProductAttention {
   void set_key_tile(Index key_tile) { key_tile_ = std::max<Index>(0, key_tile); }
 
  private:
+  // Whether this call multiplies bf16 tiles with the AVX512-BF16 dot products (see
+  // Bf16Kernel). Needs bf16 q, k and v, an even head_dim and the CPU feature.
+  bool use_bf16_dot(Index head_dim) const {
+    constexpr bool kBf16 = std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
+    const bool available = kBf16 && detail::kHasBf16DotKernel &&
+                           detail::Blocking<Compute>::kLanes % 16 == 0 &&
+                           detail::cpu_has_avx512_bf16() && head_dim % 2 == 0;
+    if (options_.bf16_kernel == Bf16Kernel::kDotProduct && kBf16 && !available) {
+      detail::throw_invalid_argument(
+          "scaled_dot_product_attention: Bf16Kernel::kDotProduct needs AVX512-BF16 and an even "
+          "head_dim (head_dim ", head_dim, ")");
+    }
+    return available && options_.bf16_kernel != Bf16Kernel::kConvert;
+  }
+
   // KempnerForge's guard for rows whose mask allows no key: such a row attends to every
   // key with no mask. Rare, so these rows are redone one by one on the reference path.
   void attend_all_in_empty_rows(const ConstView<T, 4>& q, const ConstView<KV, 4>& k,
@@ -155,7 +172,10 @@ class ScaledDotProductAttention {
                                 const StridedView<Acc, 3>& lse, detail::SdpaParams params) {
     params.rules = detail::MaskRules{};
     const Index n_rep = q.dimension(1) / k.dimension(1);
-    for (const auto& [b, h, i] : empty_rows_) {
+    for (const std::array<Index, 3>& row : empty_rows_) {
+      // Named copies, not a structured binding: a C++17 lambda cannot capture one (clang
+      // rejects it; C++20 allows it).
+      const Index b = row[0], h = row[1], i = row[2];
       const auto one = [&](const auto& view, Index index1) {
         return view.narrow(0, b, 1).narrow(1, index1, 1);
       };

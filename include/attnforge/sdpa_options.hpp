@@ -29,6 +29,12 @@ enum class SdpaPath {
   kDecode,     // the split-KV decode kernel for few query rows (detail/sdpa_decode.hpp)
 };
 
+// How the prefill kernel multiplies bf16 tiles. kAuto takes the AVX512-BF16 dot
+// products when the CPU has them (checked once at run time), kConvert always converts
+// the tiles to float and uses the float kernel; kDotProduct insists on the dot products
+// (std::invalid_argument where the CPU lacks them). Other element types ignore it.
+enum class Bf16Kernel { kAuto, kDotProduct, kConvert };
+
 struct SdpaOptions {
   // Multiplies <q, k>; default 1 / sqrt(head_dim).
   std::optional<double> scale;
@@ -40,6 +46,7 @@ struct SdpaOptions {
   double softcap = 0.0;
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
   SdpaPath path = SdpaPath::kAuto;
+  Bf16Kernel bf16_kernel = Bf16Kernel::kAuto;
 };
 
 namespace detail {
@@ -50,6 +57,7 @@ struct SdpaParams {
   double softcap = 0.0;
   MaskRules rules;
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
+  bool bf16_dot = false;  // use the AVX512-BF16 tile products (bf16 q, k, v only)
 };
 
 }  // namespace detail

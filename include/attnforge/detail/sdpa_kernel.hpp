@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "attnforge/detail/bf16_dot.hpp"
 #include "attnforge/detail/parallel.hpp"
 #include "attnforge/detail/vec_math.hpp"
 #include "attnforge/mask.hpp"
@@ -207,6 +208,9 @@ struct KeyValueTile {
   Index key_stride;
   const T* values;
   Index value_stride;
+  // bf16 dot products: K straight from storage (bits), V regrouped as key pairs.
+  const std::uint16_t* key_bits = nullptr;
+  const std::uint32_t* value_pairs = nullptr;
 };
 
 // Rows [first, first + n) of one (batch row, KV head) of a (B, Hkv, Skv, D) view, as a
@@ -277,6 +281,7 @@ struct QueryTileState {
   Buffer row_max;   // lanes, exponent reference (lazily moved running max, log2 units)
   Buffer row_sum;   // lanes
   Buffer alpha;     // lanes, rescale factor of the current key tile
+  std::vector<std::uint32_t, Eigen::aligned_allocator<std::uint32_t>> q_pairs;  // bf16 dot: Qt as pairs
   std::vector<DocId> lane_docs;
   Index q_tile_index = 0;
   Index p0 = 0;           // first query position
@@ -291,9 +296,12 @@ struct KernelScratch {
   std::vector<T, Eigen::aligned_allocator<T>> scores;  // St, key_tile x lanes
   // K and V tiles converted to T, when the caller's storage is another type.
   std::vector<T, Eigen::aligned_allocator<T>> keys, values;
+  // bf16 dot products: V regrouped as key pairs, and the weights P as bf16 pairs.
+  std::vector<std::uint32_t, Eigen::aligned_allocator<std::uint32_t>> value_pairs, weight_pairs;
   std::vector<std::array<Index, 3>> empty_rows;  // (b, h, i) with no allowed key
 
-  void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv) {
+  void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv,
+               bool bf16_dot) {
     constexpr Index kLanes = Blocking<T>::kLanes;
     tiles.resize(static_cast<std::size_t>(tiles_per_item));
     for (QueryTileState<T>& t : tiles) {
@@ -303,7 +311,11 @@ struct KernelScratch {
       t.row_sum.resize(kLanes);
       t.alpha.resize(kLanes);
       t.lane_docs.resize(kLanes);
+      t.q_pairs.resize(bf16_dot ? static_cast<std::size_t>(head_dim / 2 * kLanes) : 0);
     }
+    const Index key_pairs = (key_tile + 2) / 2;  // one extra: spans are widened to even starts
+    value_pairs.resize(bf16_dot ? static_cast<std::size_t>(key_pairs * head_dim) : 0);
+    weight_pairs.resize(bf16_dot ? static_cast<std::size_t>(key_pairs * kLanes) : 0);
     scores.resize(static_cast<std::size_t>(key_tile * kLanes));
     keys.resize(convert_kv ? static_cast<std::size_t>(key_tile * head_dim) : 0);
     values.resize(convert_kv ? static_cast<std::size_t>(key_tile * head_dim) : 0);
@@ -355,7 +367,7 @@ struct TileContext {
 
 // 1. Qt of one query tile and its fresh softmax state. Without softcap the log2(e)
 // factor of exp -> exp2 is folded into the scale.
-template <typename P, bool kSoftcap, bool kDocs>
+template <typename P, bool kSoftcap, bool kDocs, bool kBf16Dot>
 void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
                       QueryTileState<typename P::Compute>& state) {
   using T = typename P::Compute;
@@ -374,7 +386,13 @@ void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
     lane_rows[lane] = valid ? ctx.pb.q.row(ctx.batch, ctx.first_head + hl, state.p0 + p) : nullptr;
     if constexpr (kDocs) state.lane_docs[lane] = valid ? ctx.mask.q_docs[state.p0 + p] : DocId(0);
   }
-  pack_transposed(lane_rows, ctx.head_dim, q_scale, state.q_tile.data());
+  if constexpr (kBf16Dot) {
+    // The scale is applied to the scores instead: scaling bf16 queries would round them.
+    pair_query_rows(reinterpret_cast<const std::uint16_t* const*>(lane_rows), kLanes,
+                    ctx.head_dim / 2, state.q_pairs.data());
+  } else {
+    pack_transposed(lane_rows, ctx.head_dim, q_scale, state.q_tile.data());
+  }
   std::fill(state.out_tile.begin(), state.out_tile.end(), T(0));
   std::fill(state.row_max.begin(), state.row_max.end(), -std::numeric_limits<T>::infinity());
   std::fill(state.row_sum.begin(), state.row_sum.end(), T(0));
@@ -382,10 +400,10 @@ void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
 
 // 2-5. One query tile against key tile kt (not empty): scores, mask, online softmax,
 // output update. `scores` is the worker's St buffer.
-template <typename P, bool kSoftcap, bool kDocs, bool kPadding>
+template <typename P, bool kSoftcap, bool kDocs, bool kPadding, bool kBf16Dot>
 void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
                      QueryTileState<typename P::Compute>& state, typename P::Compute* scores,
-                     const KeyValueTile<typename P::Compute>& kv) {
+                     std::uint32_t* state_weight_pairs, const KeyValueTile<typename P::Compute>& kv) {
   using T = typename P::Compute;
   using B = Blocking<T>;
   using Packet = typename B::Packet;
@@ -404,15 +422,37 @@ void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
   T* st = scores;
   // Only the keys some query of the tile may see (the rest would be masked anyway).
   const KeySpan keys = ctx.plan.key_span(ctx.batch, state.q_tile_index, kt);
-  const Index n0 = keys.first;
-  const Index n_keys = keys.last - keys.first;
+  const Index tile_first = kt * geo.key_tile;
+  // The bf16 dot products take keys in pairs counted from the tile's first key: an odd
+  // span start moves one key back (that key is masked like any key outside the span).
+  const Index n0 = kBf16Dot ? tile_first + (keys.first - tile_first) / 2 * 2 : keys.first;
+  const Index n_keys = keys.last - n0;
 
   // 2. St = K Qt.
-  const Index ldk = kv.key_stride;
-  const T* k_tile = kv.keys + (n0 - kt * geo.key_tile) * ldk;  // kv starts at the tile's first key
-  for_each_row_block<B::kRows>(n_keys, [&](auto rows, Index r0) {
-    score_block<T, decltype(rows)::value>(k_tile + r0 * ldk, ldk, qt, head_dim, st + r0 * kLanes);
-  });
+  if constexpr (kBf16Dot) {
+#if ATTNFORGE_BF16_DOT
+    constexpr int kC = kLanes / 16;
+    constexpr int kR = kC >= 4 ? 6 : 12;
+    const Index ldk = pb.k.stride(2);
+    const std::uint16_t* k_bits = kv.key_bits + (n0 - tile_first) * ldk;
+    for_each_row_block<kR>(n_keys, [&](auto rows, Index r0) {
+      pair_dot_block<decltype(rows)::value, kC, false>(k_bits + r0 * ldk, ldk, 2, state.q_pairs.data(),
+                                                      head_dim / 2, st + r0 * kLanes);
+    });
+    // Scale (and log2 e, without softcap) here, the queries having stayed bf16.
+    const Packet score_scale = ei::pset1<Packet>(
+        static_cast<T>(kSoftcap ? pb.params.scale : pb.params.scale * kLog2e));
+    for (Index i = 0; i < n_keys * kLanes; i += B::kPacket) {
+      ei::pstore(st + i, ei::pmul(ei::pload<Packet>(st + i), score_scale));
+    }
+#endif
+  } else {
+    const Index ldk = kv.key_stride;
+    const T* k_tile = kv.keys + (n0 - tile_first) * ldk;  // kv starts at the tile's first key
+    for_each_row_block<B::kRows>(n_keys, [&](auto rows, Index r0) {
+      score_block<T, decltype(rows)::value>(k_tile + r0 * ldk, ldk, qt, head_dim, st + r0 * kLanes);
+    });
+  }
   if constexpr (kSoftcap) {
     const Packet inv_cap = ei::pset1<Packet>(static_cast<T>(1.0 / pb.params.softcap));
     const Packet cap = ei::pset1<Packet>(static_cast<T>(pb.params.softcap * kLog2e));
@@ -501,11 +541,26 @@ void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
   }
 
   // 5. Ot += V^T Pt.
-  const Index ldv = kv.value_stride;
-  const T* v_tile = kv.values + (n0 - kt * geo.key_tile) * ldv;
-  for_each_row_block<B::kRows>(head_dim, [&](auto rows, Index d0) {
-    accumulate_block<T, decltype(rows)::value>(v_tile + d0, ldv, st, n_keys, ot + d0 * kLanes);
-  });
+  if constexpr (kBf16Dot) {
+#if ATTNFORGE_BF16_DOT
+    constexpr int kC = kLanes / 16;
+    constexpr int kR = kC >= 4 ? 6 : 12;
+    std::uint32_t* weight_pairs = state_weight_pairs;
+    pair_rows_to_bf16(st, n_keys, kLanes, weight_pairs);
+    const std::uint32_t* value_pairs = kv.value_pairs + (n0 - tile_first) / 2 * head_dim;
+    for_each_row_block<kR>(head_dim, [&](auto rows, Index d0) {
+      pair_dot_block<decltype(rows)::value, kC, true>(
+          reinterpret_cast<const std::uint16_t*>(value_pairs + d0), 2, 2 * head_dim, weight_pairs,
+          (n_keys + 1) / 2, ot + d0 * kLanes);
+    });
+#endif
+  } else {
+    const Index ldv = kv.value_stride;
+    const T* v_tile = kv.values + (n0 - tile_first) * ldv;
+    for_each_row_block<B::kRows>(head_dim, [&](auto rows, Index d0) {
+      accumulate_block<T, decltype(rows)::value>(v_tile + d0, ldv, st, n_keys, ot + d0 * kLanes);
+    });
+  }
 }
 
 
@@ -556,7 +611,7 @@ void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Com
 // A work item: `count` consecutive query tiles of one (batch row, KV head group). Each
 // K/V tile is loaded once for all of them while it is in cache, which is what keeps
 // long sequences (K/V of a head beyond L2) from running at L3 speed.
-template <typename P, bool kSoftcap, bool kDocs, bool kPadding>
+template <typename P, bool kSoftcap, bool kDocs, bool kPadding, bool kBf16Dot>
 void process_query_tiles(const P& pb, const TilePlan& plan, const TileGeometry& geo,
                          const QueryTile& item, KernelScratch<typename P::Compute>& s) {
   using T = typename P::Compute;
@@ -578,7 +633,7 @@ void process_query_tiles(const P& pb, const TilePlan& plan, const TileGeometry& 
   Index kt_first = plan.key_tiles();
   Index kt_last = 0;
   for (Index t = 0; t < count; ++t) {
-    begin_query_tile<P, kSoftcap, kDocs>(ctx, item.q_tile + t, s.tiles[t]);
+    begin_query_tile<P, kSoftcap, kDocs, kBf16Dot>(ctx, item.q_tile + t, s.tiles[t]);
     const auto [first, last] = plan.key_tile_range(item.batch, item.q_tile + t);
     if (first < last) {
       kt_first = std::min(kt_first, first);
@@ -587,18 +642,28 @@ void process_query_tiles(const P& pb, const TilePlan& plan, const TileGeometry& 
   }
   for (Index kt = kt_first; kt < kt_last; ++kt) {
     KeyValueTile<T> kv{nullptr, 0, nullptr, 0};
+    bool loaded = false;
     for (Index t = 0; t < count; ++t) {
       const auto [first, last] = plan.key_tile_range(item.batch, item.q_tile + t);
       if (kt < first || kt >= last) continue;
       const TileClass cls = plan.classify(item.batch, item.q_tile + t, kt);
       if (cls == TileClass::kEmpty) continue;
-      if (kv.keys == nullptr) {  // loaded (converted) once for all the item's query tiles
+      if (!loaded) {  // loaded (converted, paired) once for all the item's query tiles
         const Index n0 = kt * geo.key_tile;
         const Index n_keys = std::min(geo.key_tile, ctx.kv_len - n0);
-        kv.keys = tile_rows(pb.k, item.batch, item.kv_head, n0, n_keys, s.keys, kv.key_stride);
-        kv.values = tile_rows(pb.v, item.batch, item.kv_head, n0, n_keys, s.values, kv.value_stride);
+        if constexpr (kBf16Dot) {
+          kv.key_bits = reinterpret_cast<const std::uint16_t*>(pb.k.row(item.batch, item.kv_head, n0));
+          pair_value_rows(reinterpret_cast<const std::uint16_t*>(pb.v.row(item.batch, item.kv_head, n0)),
+                          pb.v.stride(2), n_keys, ctx.head_dim, s.value_pairs.data());
+          kv.value_pairs = s.value_pairs.data();
+        } else {
+          kv.keys = tile_rows(pb.k, item.batch, item.kv_head, n0, n_keys, s.keys, kv.key_stride);
+          kv.values = tile_rows(pb.v, item.batch, item.kv_head, n0, n_keys, s.values, kv.value_stride);
+        }
+        loaded = true;
       }
-      attend_key_tile<P, kSoftcap, kDocs, kPadding>(ctx, kt, cls, s.tiles[t], s.scores.data(), kv);
+      attend_key_tile<P, kSoftcap, kDocs, kPadding, kBf16Dot>(ctx, kt, cls, s.tiles[t], s.scores.data(),
+                                                              s.weight_pairs.data(), kv);
     }
   }
   for (Index t = 0; t < count; ++t) finish_query_tile(ctx, s.tiles[t], s.empty_rows);
@@ -645,15 +710,27 @@ void flash_attention(const P& pb, const Eigen::ThreadPoolDevice* device,
                    [&](Index a, Index b) { return ws.item_cost[a] > ws.item_cost[b]; });
 
   ws.workers.resize(static_cast<std::size_t>(worker_count(device)));
-  const bool convert_kv = !std::is_same_v<typename P::KVScalar, T>;
-  for (KernelScratch<T>& s : ws.workers) s.reserve(head_dim, geo.key_tile, per_item, convert_kv);
+  constexpr bool kBf16Storage = std::is_same_v<typename P::Scalar, Eigen::bfloat16> &&
+                                std::is_same_v<typename P::KVScalar, Eigen::bfloat16>;
+  const bool bf16_dot = kBf16Storage && pb.params.bf16_dot;
+  const bool convert_kv = !std::is_same_v<typename P::KVScalar, T> && !bf16_dot;
+  for (KernelScratch<T>& s : ws.workers) {
+    s.reserve(head_dim, geo.key_tile, per_item, convert_kv, bf16_dot);
+  }
 
-  const auto run = [&](auto softcap, auto docs, auto padding) {
+  const auto run_with = [&](auto softcap, auto docs, auto padding, auto dot) {
     parallel_for_items(device, static_cast<Index>(order.size()), [&](int worker, Index item) {
-      process_query_tiles<P, decltype(softcap)::value, decltype(docs)::value, decltype(padding)::value>(
+      process_query_tiles<P, decltype(softcap)::value, decltype(docs)::value,
+                          decltype(padding)::value, decltype(dot)::value>(
           pb, ws.plan, geo, ws.items[static_cast<std::size_t>(order[item])],
           ws.workers[static_cast<std::size_t>(worker)]);
     });
+  };
+  const auto run = [&](auto softcap, auto docs, auto padding) {
+    if constexpr (kBf16Storage && kHasBf16DotKernel && Blocking<T>::kLanes % 16 == 0) {
+      if (bf16_dot) return run_with(softcap, docs, padding, std::true_type{});
+    }
+    run_with(softcap, docs, padding, std::false_type{});
   };
   const auto with_padding = [&](auto softcap, auto docs) {
     if (pb.masks.key_padding_mask.has_value()) {
