@@ -1,0 +1,154 @@
+// The stated accuracy of scaled-dot-product attention against the exact (double) result,
+// as a function of the problem, for every SdpaPath and element type. README.md tabulates
+// it; tests/test_accuracy.cpp enforces it per dtype and mask type; test_robustness.cpp
+// and the fuzz target (tests/fuzz/) hold every output they check to it.
+//
+// Notation: u is the unit roundoff of the accumulator (2^-24 for float, 2^-53 for
+// double); D = head_dim; N = the most keys any row may attend to; S = the largest score
+// magnitude the kernel forms before the softmax, bounded by
+//   S = scale * max_{i,j} sum_d |q[i,d] k[j,d]|   (the sum of |products|, not |<q, k>|).
+//
+// 1. Scores. A float score is D products summed by fused multiply-adds after q is
+//    multiplied by scale (* log2(e), folded in by the kernels): gamma_(D+2) * S. The
+//    exponent is taken of (score - running max), one more rounding of a value <= 2S, and
+//    the exp2 of vec_math.hpp adds 1 ulp (its stated bound); the decode path's merge of
+//    chunk log-sum-exps adds two more roundings of values <= S + log2(N). So every
+//    exponent is off by at most
+//        delta = (D + 8) u S   (+ c (tanh_err + 4u) with a softcap c: tanh's stated error
+//                                and the multiplications around it).
+// 2. Softmax. Perturbing each exponent by at most delta changes each weight p_j by a
+//    factor in [e^(-2 delta), e^(2 delta)] after normalisation, so the output
+//    sum_j p_j v_j moves by at most (e^(2 delta) - 1) max|v|.
+// 3. Sums. The weight sum and the N-term output sum of positive weights times values are
+//    accumulated in the accumulator type: gamma_N each, relative to the weight sum, i.e.
+//    N u max|v| each; the lazy rescales (at most one per key tile) and the final
+//    division add at most N u more. Total (3N + 16) u max|v|, the 16 covering the
+//    roundings of the final scaling and of the decode path's chunk merge.
+// So, in units of max|v| (the output is a convex combination of value rows):
+//        |out - exact| <= (e^(2 delta) - 1) + (3N + 16) u                        (E_out)
+//        |lse - exact| <= delta + (N + 8) u + u |lse|                            (E_lse)
+// kReference accumulates in double and rounds once to T: E_out = u_T + E_out(double).
+// Against the double brute force (tests/test_util.hpp), which has the same error
+// structure in double, a double result is held to twice the double bound.
+//
+// These are worst-case bounds (errors adding up in one direction); random inputs land
+// 100-1000x below them (README.md lists both). They are what a caller can rely on.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attnforge/attnforge.hpp"
+#include "test_util.hpp"
+
+namespace attnforge::test {
+
+struct AccuracyBudget {
+  double out;  // max |out - exact| / max |v|
+  double lse;  // max |lse - exact| (natural log units)
+};
+
+// The problem quantities the bound depends on.
+struct BudgetInputs {
+  Index head_dim = 1;
+  Index max_keys = 0;        // N: most allowed keys of any row (Skv bounds it)
+  double max_score = 0.0;    // S: scale * max_ij sum_d |q_id k_jd|
+  double softcap = 0.0;      // c, 0 = off
+  double max_abs_lse = 0.0;  // max |lse| of the exact result over non-empty rows
+};
+
+namespace budget_detail {
+
+// E_out and E_lse of a computation whose accumulator has unit roundoff u.
+inline AccuracyBudget bound(const BudgetInputs& in, double u, double tanh_err) {
+  const double d = static_cast<double>(in.head_dim);
+  const double n = static_cast<double>(in.max_keys);
+  double delta = (d + 8.0) * u * in.max_score;
+  if (in.softcap > 0.0) delta += in.softcap * (tanh_err + 4.0 * u);
+  return {std::expm1(2.0 * delta) + (3.0 * n + 16.0) * u,
+          delta + (n + 8.0) * u + u * in.max_abs_lse};
+}
+
+inline constexpr double kFloatU = 0x1.0p-24;
+inline constexpr double kDoubleU = 0x1.0p-53;
+// vec_math.hpp: float tanh max absolute error 1.5e-7; double uses std::tanh (1 ulp-ish,
+// taken as 2u).
+inline constexpr double kFloatTanhErr = 1.5e-7;
+inline constexpr double kDoubleTanhErr = 2.0 * kDoubleU;
+
+}  // namespace budget_detail
+
+// The bound for element type T on `path`, against the exact result (the double brute
+// force dense_sdpa).
+template <typename T>
+AccuracyBudget sdpa_budget(SdpaPath path, const BudgetInputs& in) {
+  using budget_detail::bound;
+  const AccuracyBudget in_double =
+      bound(in, budget_detail::kDoubleU, budget_detail::kDoubleTanhErr);
+  if constexpr (std::is_same_v<T, double>) {
+    // The library's double error plus the brute force's own, of the same form.
+    return {2.0 * in_double.out, 2.0 * in_double.lse};
+  } else {
+    static_assert(std::is_same_v<T, float>, "budgets are stated for float and double");
+    if (path == SdpaPath::kReference) {
+      // Double accumulation, one rounding of out (|out| <= max|v|) and of lse to float.
+      return {budget_detail::kFloatU + 2.0 * in_double.out,
+              budget_detail::kFloatU * std::max(1.0, in.max_abs_lse) + 2.0 * in_double.lse};
+    }
+    return bound(in, budget_detail::kFloatU, budget_detail::kFloatTanhErr);
+  }
+}
+
+// S = scale * max over (b, h, i) and (b, h / n_rep, j) of sum_d |q k|: every pair, masked
+// or not (an upper bound of the allowed pairs' maximum).
+template <typename T>
+double max_score_magnitude(const Tensor<T, 4>& q, const Tensor<T, 4>& k, double scale) {
+  const Index n_rep = q.dimension(1) / std::max<Index>(1, k.dimension(1));
+  double worst = 0.0;
+  for (Index b = 0; b < q.dimension(0); ++b) {
+    for (Index h = 0; h < q.dimension(1); ++h) {
+      for (Index i = 0; i < q.dimension(2); ++i) {
+        for (Index j = 0; j < k.dimension(2); ++j) {
+          double sum = 0.0;
+          for (Index d = 0; d < q.dimension(3); ++d) {
+            sum += std::abs(static_cast<double>(q(b, h, i, d)) *
+                            static_cast<double>(k(b, h / n_rep, j, d)));
+          }
+          worst = std::max(worst, sum);
+        }
+      }
+    }
+  }
+  return std::abs(scale) * worst;
+}
+
+// The BudgetInputs of a problem: N counted from the mask (rows with no allowed key count
+// Skv under kAttendAll, 0 otherwise), max |lse| from the exact result.
+template <typename T>
+BudgetInputs budget_inputs(const Tensor<T, 4>& q, const Tensor<T, 4>& k, const DenseMasks& masks,
+                           const DenseOptions& options, const DenseResult& exact) {
+  BudgetInputs in;
+  in.head_dim = q.dimension(3);
+  const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.dimension(3))));
+  in.max_score = max_score_magnitude(q, k, scale);
+  in.softcap = options.softcap;
+  const Index q_len = q.dimension(2);
+  const Index kv_len = k.dimension(2);
+  for (Index b = 0; b < q.dimension(0); ++b) {
+    for (const std::vector<bool>& row : dense_allowed(masks, b, q_len, kv_len)) {
+      Index n = std::count(row.begin(), row.end(), true);
+      if (n == 0 && options.attend_all_when_empty) n = kv_len;
+      in.max_keys = std::max(in.max_keys, n);
+    }
+  }
+  for (Index i = 0; i < exact.lse.size(); ++i) {
+    const double l = exact.lse.data()[i];
+    if (std::isfinite(l)) in.max_abs_lse = std::max(in.max_abs_lse, std::abs(l));
+  }
+  return in;
+}
+
+}  // namespace attnforge::test
