@@ -165,3 +165,89 @@ static_assert(!Invocable<F4, Tensor<double, 4>, Tensor<double, 4>>::value);
 
 }  // namespace
 }  // namespace attnforge::test
+
+namespace attnforge::test {
+namespace {
+
+TEST(MixedPrecisionCache, FloatUpdatesAreRoundedIntoABfloat16Cache) {
+  KVCache<bfloat16> cache(1, 8, 2, 16);
+  const auto k = random_normal<float, 4>({1, 2, 3, 16}, 4);
+  const auto v = random_normal<float, 4>({1, 2, 3, 16}, 5);
+  const KVPrefix<bfloat16> prefix = cache.update(k, v);
+  ASSERT_EQ(prefix.keys.dimension(2), 3);
+  for (Index h = 0; h < 2; ++h) {
+    for (Index s = 0; s < 3; ++s) {
+      for (Index d = 0; d < 16; ++d) {
+        // Round to nearest even, as Eigen's (and PyTorch's) float -> bf16 cast.
+        EXPECT_EQ(static_cast<float>(prefix.keys(0, h, s, d)),
+                  static_cast<float>(static_cast<bfloat16>(k(0, h, s, d))));
+        EXPECT_EQ(static_cast<float>(prefix.values(0, h, s, d)),
+                  static_cast<float>(static_cast<bfloat16>(v(0, h, s, d))));
+      }
+    }
+  }
+}
+
+// Decoding through a bf16 cache equals the float forward up to the rounding of the
+// cached keys and values: 2^-9 relative each, which moves scores by ~2^-9 * |q||k| and
+// the output by a few times 2^-9 of its scale.
+TEST(MixedPrecisionCache, AttentionDecodesThroughABfloat16AndHalfCache) {
+  const Index dim = 64, len = 12;
+  Attention<float> attn(dim, 4, 2);
+  attn.reset_parameters(3);
+  RotaryEmbedding<float> rope(attn.head_dim(), 64);
+  const auto x = random_normal<float, 3>({2, len, dim}, 6);
+  const Tensor<float, 3> full = attn.forward(x, rope, 0);
+  const auto run = [&](auto cache) {
+    Tensor<float, 3> steps(2, len, dim);
+    const ConstView<float, 3> xv(x);
+    for (Index start = 0; start < len;) {
+      const Index n = start == 0 ? 5 : 1;  // a prefill chunk, then single tokens
+      const Tensor<float, 3> y = attn.forward(xv.narrow(1, start, n), rope, start, &cache);
+      for (Index b = 0; b < 2; ++b) {
+        for (Index s = 0; s < n; ++s) {
+          for (Index d = 0; d < dim; ++d) steps(b, start + s, d) = y(b, s, d);
+        }
+      }
+      start += n;
+    }
+    return steps;
+  };
+  const Tensor<float, 3> bf16_steps = run(KVCache<bfloat16>(2, len, 2, attn.head_dim()));
+  const Tensor<float, 3> half_steps = run(KVCache<half>(2, len, 2, attn.head_dim()));
+  EXPECT_LT(error_relative_to_scale(bf16_steps, full), 1e-2);
+  EXPECT_LT(error_relative_to_scale(half_steps, full), 2e-3);
+  EXPECT_GT(error_relative_to_scale(bf16_steps, full), 0.0);  // the cache really is bf16
+}
+
+// A whole bf16 module against the float module with the same (bf16-representable)
+// weights and input: bf16 rounds q, k, v, the attention output and the projections'
+// results (2^-9 each), a few times 2^-9 overall.
+TEST(LowPrecisionAttention, Bfloat16ModuleTracksTheFloatModule) {
+  const Index dim = 64, len = 10;
+  Attention<float> reference(dim, 4, 2, 0, /*qk_norm=*/true);
+  reference.reset_parameters(8);
+  Attention<bfloat16> attn(dim, 4, 2, 0, /*qk_norm=*/true);
+  const auto round_weights = [](Tensor<float, 2>& w, Tensor<bfloat16, 2>& out) {
+    for (Index i = 0; i < w.size(); ++i) {
+      out.data()[i] = static_cast<bfloat16>(w.data()[i]);
+      w.data()[i] = static_cast<float>(out.data()[i]);
+    }
+  };
+  round_weights(reference.wq(), attn.wq());
+  round_weights(reference.wk(), attn.wk());
+  round_weights(reference.wv(), attn.wv());
+  round_weights(reference.wo(), attn.wo());
+  const auto xb = rounded_normal<bfloat16, 3>({1, len, dim}, 9);
+  Tensor<float, 3> xf(xb.dimensions());
+  for (Index i = 0; i < xb.size(); ++i) xf.data()[i] = static_cast<float>(xb.data()[i]);
+  RotaryEmbedding<float> rope_f(16, 32);
+  RotaryEmbedding<bfloat16> rope_b(16, 32);
+  KVCache<bfloat16> cache(1, 32, 2, 16);
+  const Tensor<bfloat16, 3> yb = attn.forward(xb, rope_b, 0, &cache);
+  const Tensor<float, 3> yf = reference.forward(xf, rope_f, 0);
+  EXPECT_LT(error_relative_to_scale(yb, yf), 3e-2);
+}
+
+}  // namespace
+}  // namespace attnforge::test

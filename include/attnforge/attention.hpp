@@ -5,6 +5,8 @@
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "attnforge/detail/linear.hpp"
@@ -31,6 +33,10 @@ template <typename T>
 class Attention {
  public:
   using Acc = acc_t<T>;
+  // A bf16/fp16 cache under float activations (the one mixed-precision combination).
+  template <typename CacheT>
+  using enable_if_mixed_t =
+      std::enable_if_t<std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>>;
 
   // head_dim = 0 means dim / n_heads.
   Attention(Index dim, Index n_heads, Index n_kv_heads, Index head_dim = 0, bool qk_norm = false,
@@ -143,20 +149,68 @@ class Attention {
   // that records document ids, which then appends them too: a query sees the cached and
   // new keys of its own document up to its position, so a packed stream can be fed in
   // chunks of any size (a document may start mid-chunk) and gives the one-shot result.
+  //
+  // The cache holds T, or bf16/fp16 under float activations (mixed precision: keys and
+  // values are rounded as they are appended, attention computes in float).
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                        const ConstView<T, 2>& rope_sin, KVCache<T>* kv_cache = nullptr,
                        const ConstView<DocId, 2>& doc_ids = {},
                        const ConstView<bool, 2>& key_padding_mask = {}) {
-    Tensor<T, 3> out(x.dimension(0), x.dimension(1), dim_);
-    forward_into(x, rope_cos, rope_sin, StridedView<T, 3>(out), kv_cache, doc_ids,
-                 key_padding_mask);
-    return out;
+    return forward_tables(x, rope_cos, rope_sin, kv_cache, doc_ids, key_padding_mask);
+  }
+  template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
+  Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                       const ConstView<T, 2>& rope_sin, KVCache<CacheT>* kv_cache,
+                       const ConstView<DocId, 2>& doc_ids = {},
+                       const ConstView<bool, 2>& key_padding_mask = {}) {
+    return forward_tables(x, rope_cos, rope_sin, kv_cache, doc_ids, key_padding_mask);
   }
 
   // As forward, rotating with `rope` at absolute positions [start_pos, start_pos + S).
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
                        KVCache<T>* kv_cache = nullptr, const ConstView<DocId, 2>& doc_ids = {},
                        const ConstView<bool, 2>& key_padding_mask = {}) {
+    return forward_rope(x, rope, start_pos, kv_cache, doc_ids, key_padding_mask);
+  }
+  template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
+  Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
+                       KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids = {},
+                       const ConstView<bool, 2>& key_padding_mask = {}) {
+    return forward_rope(x, rope, start_pos, kv_cache, doc_ids, key_padding_mask);
+  }
+
+  // forward() writing into a caller-owned out (B, S, dim).
+  void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                    const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
+                    KVCache<T>* kv_cache = nullptr, const ConstView<DocId, 2>& doc_ids = {},
+                    const ConstView<bool, 2>& key_padding_mask = {}) {
+    forward_impl(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
+  }
+  template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
+  void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                    const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
+                    KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids = {},
+                    const ConstView<bool, 2>& key_padding_mask = {}) {
+    forward_impl(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
+  }
+
+ private:
+  template <typename CacheT>
+  Tensor<T, 3> forward_tables(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                              const ConstView<T, 2>& rope_sin, KVCache<CacheT>* kv_cache,
+                              const ConstView<DocId, 2>& doc_ids,
+                              const ConstView<bool, 2>& key_padding_mask) {
+    Tensor<T, 3> out(x.dimension(0), x.dimension(1), dim_);
+    forward_impl(x, rope_cos, rope_sin, StridedView<T, 3>(out), kv_cache, doc_ids,
+                 key_padding_mask);
+    return out;
+  }
+
+  template <typename CacheT>
+  Tensor<T, 3> forward_rope(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope,
+                            Index start_pos, KVCache<CacheT>* kv_cache,
+                            const ConstView<DocId, 2>& doc_ids,
+                            const ConstView<bool, 2>& key_padding_mask) {
     if (rope.head_dim() != head_dim_) {
       detail::throw_invalid_argument("Attention::forward: rope has head_dim ", rope.head_dim(),
                                      " but the module has head_dim ", head_dim_);
@@ -165,9 +219,9 @@ class Attention {
     rope_style_ = rope.style();
     const Index seq_len = x.dimension(1);
     try {
-      Tensor<T, 3> out = forward(x, rope.cos_rows(start_pos, seq_len),
-                                 rope.sin_rows(start_pos, seq_len), kv_cache, doc_ids,
-                                 key_padding_mask);
+      Tensor<T, 3> out = forward_tables(x, rope.cos_rows(start_pos, seq_len),
+                                        rope.sin_rows(start_pos, seq_len), kv_cache, doc_ids,
+                                        key_padding_mask);
       rope_style_ = saved;
       return out;
     } catch (...) {
@@ -176,11 +230,14 @@ class Attention {
     }
   }
 
-  // forward() writing into a caller-owned out (B, S, dim).
-  void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+  template <typename CacheT>
+  void forward_impl(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                    KVCache<T>* kv_cache = nullptr, const ConstView<DocId, 2>& doc_ids = {},
-                    const ConstView<bool, 2>& key_padding_mask = {}) {
+                    KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids,
+                    const ConstView<bool, 2>& key_padding_mask) {
+    static_assert(std::is_same_v<CacheT, T> ||
+                      (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
+                  "the cache holds T, or bf16/fp16 under float activations");
     const Index batch = x.dimension(0);
     const Index seq_len = x.dimension(1);
     validate_forward(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
@@ -217,24 +274,18 @@ class Attention {
     apply_rope_inplace(k, rope_cos, rope_sin, rope_style_);
 
     // 4. Cache, 5. SDPA (always causal, bottom-right aligned).
-    ConstView<T, 4> keys = k;
-    ConstView<T, 4> values = v;
     Masks masks;
     masks.doc_ids = doc_ids;
     masks.key_padding_mask = key_padding_mask;
-    if (kv_cache != nullptr) {
-      const KVPrefix<T> prefix =
-          doc_ids.has_value() ? kv_cache->update(k, v, doc_ids) : kv_cache->update(k, v);
-      keys = prefix.keys;
-      values = prefix.values;
-      if (doc_ids.has_value()) masks.kv_doc_ids = kv_cache->doc_ids();
-    }
-    SdpaOptions options = sdpa_.options();
-    options.causal = true;
-    sdpa_.set_options(options);
-    sdpa_.set_device(device_);
     const StridedView<T, 4> o = heads_view(o_buf_.data(), batch, seq_len, n_heads_);
-    sdpa_(q, keys, values, o, masks);
+    if (kv_cache != nullptr) {
+      const KVPrefix<CacheT> prefix =
+          doc_ids.has_value() ? kv_cache->update(k, v, doc_ids) : kv_cache->update(k, v);
+      if (doc_ids.has_value()) masks.kv_doc_ids = kv_cache->doc_ids();
+      causal_sdpa<CacheT>()(q, prefix.keys, prefix.values, o, masks);
+    } else {
+      causal_sdpa<T>()(q, k, v, o, masks);
+    }
 
     // 6. (B, S, H * D) -> out = o wo^T.
     if (out.stride(0) == seq_len * out.stride(1)) {
@@ -248,15 +299,18 @@ class Attention {
     }
   }
 
+
+ public:
   // Options of the inner SDPA other than causal (always on): softcap, window, empty-row
   // policy, path. Lets a model use e.g. Gemma's logit softcap or a sliding window.
-  void set_sdpa_options(const SdpaOptions& options) { sdpa_.set_options(options); }
-  const SdpaOptions& sdpa_options() const { return sdpa_.options(); }
+  void set_sdpa_options(const SdpaOptions& options) { sdpa_options_ = options; }
+  const SdpaOptions& sdpa_options() const { return sdpa_options_; }
 
  private:
+  template <typename CacheT>
   void validate_forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                         const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                        const KVCache<T>* kv_cache, const ConstView<DocId, 2>& doc_ids,
+                        const KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids,
                         const ConstView<bool, 2>& key_padding_mask) const {
     constexpr const char* kWhere = "Attention::forward";
     detail::check_shape(kWhere, "x", x, {-1, -1, dim_}, "(B, S, dim)");
@@ -295,7 +349,7 @@ class Attention {
       }
     }
     // The SDPA options too: nothing may fail after the cache has been appended to.
-    detail::resolve_options(kWhere, sdpa_.options(), head_dim_);
+    detail::resolve_options(kWhere, sdpa_options_, head_dim_);
     Masks masks;
     masks.key_padding_mask = key_padding_mask;
     if (kv_cache != nullptr && doc_ids.has_value()) {
@@ -304,7 +358,7 @@ class Attention {
     } else {
       masks.doc_ids = doc_ids;
     }
-    detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_.options().window}, masks, batch,
+    detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_options_.window}, masks, batch,
                            seq_len, kv_len);
   }
 
@@ -355,7 +409,25 @@ class Attention {
   Tensor<T, 1> q_norm_, k_norm_;
   std::optional<AttentionWeights<T>> external_;
 
-  ScaledDotProductAttention<T> sdpa_;
+  // The inner SDPA for the cache's element type (each keeps its own scratch), with the
+  // module's options, causal forced on, and the module's device.
+  template <typename KV>
+  ScaledDotProductAttention<T, KV>& causal_sdpa() {
+    auto& sdpa = std::get<ScaledDotProductAttention<T, KV>>(sdpas_);
+    SdpaOptions options = sdpa_options_;
+    options.causal = true;
+    sdpa.set_options(options);
+    sdpa.set_device(device_);
+    return sdpa;
+  }
+
+  SdpaOptions sdpa_options_;
+  std::conditional_t<std::is_same_v<T, float>,
+                     std::tuple<ScaledDotProductAttention<T>,
+                                ScaledDotProductAttention<T, Eigen::bfloat16>,
+                                ScaledDotProductAttention<T, Eigen::half>>,
+                     std::tuple<ScaledDotProductAttention<T>>>
+      sdpas_;
   std::vector<T> q_buf_, k_buf_, v_buf_, o_buf_;
   Tensor<T, 3> x_buf_;
 };

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "attnforge/detail/vec_math.hpp"
 #include "attnforge/tensor.hpp"
 
 namespace attnforge {
@@ -48,34 +49,26 @@ class KVCache {
   // rejected update leaves the cache exactly as it was. A cache that records document
   // ids needs the overload below.
   KVPrefix<T> update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new) {
-    const Index new_len = check_update(k_new, v_new);
-    if (records_doc_ids()) {
-      detail::throw_invalid_argument(
-          kUpdate, ": this cache records document ids; pass doc_ids_new (batch_size, new_len) = (",
-          batch_size(), ", ", new_len, ") with k_new ", detail::shape_string(k_new.dimensions()));
-    }
-    append(k_new, v_new, new_len);
-    return prefix();
+    return update_from(k_new, v_new);
   }
 
   // As update(k_new, v_new), also recording doc_ids_new (B, new_len), the document id of
   // each new position. Only for a cache constructed with record_doc_ids.
   KVPrefix<T> update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new,
                      const ConstView<DocId, 2>& doc_ids_new) {
-    const Index new_len = check_update(k_new, v_new);
-    if (!records_doc_ids()) {
-      detail::throw_invalid_argument(
-          kUpdate, ": doc_ids_new ", detail::shape_string(doc_ids_new.dimensions()),
-          " given, but this cache does not record document ids (construct it with "
-          "record_doc_ids = true)");
-    }
-    detail::check_shape(kUpdate, "doc_ids_new", doc_ids_new, {batch_size(), new_len},
-                        "(batch_size, new_len)");
-    for (Index b = 0; b < batch_size(); ++b) {
-      std::copy_n(doc_ids_new.row(b), new_len, &doc_ids_(b, seq_len_));
-    }
-    append(k_new, v_new, new_len);
-    return prefix();
+    return update_from(k_new, v_new, doc_ids_new);
+  }
+
+  // Mixed precision: a bf16/fp16 cache under float activations takes float keys and
+  // values and rounds them as they are appended (half the memory and decode traffic).
+  template <typename U = T, typename = std::enable_if_t<detail::is_16bit_float_v<U>>>
+  KVPrefix<T> update(const ConstView<float, 4>& k_new, const ConstView<float, 4>& v_new) {
+    return update_from(k_new, v_new);
+  }
+  template <typename U = T, typename = std::enable_if_t<detail::is_16bit_float_v<U>>>
+  KVPrefix<T> update(const ConstView<float, 4>& k_new, const ConstView<float, 4>& v_new,
+                     const ConstView<DocId, 2>& doc_ids_new) {
+    return update_from(k_new, v_new, doc_ids_new);
   }
 
   // The filled prefix without appending anything.
@@ -115,7 +108,8 @@ class KVCache {
   static constexpr const char* kUpdate = "KVCache::update";
 
   // Checks k_new and v_new and that they fit; returns new_len.
-  Index check_update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new) const {
+  template <typename S>
+  Index check_update(const ConstView<S, 4>& k_new, const ConstView<S, 4>& v_new) const {
     const std::array<Index, 4> expected{batch_size(), n_kv_heads(), -1, head_dim()};
     detail::check_shape(kUpdate, "k_new", k_new, expected,
                         "(batch_size, n_kv_heads, new_len, head_dim)");
@@ -136,16 +130,51 @@ class KVCache {
     return new_len;
   }
 
-  void append(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new, Index new_len) {
+  // Copies (converting, for float activations into a 16-bit cache: rounded to nearest
+  // even) the new rows behind the cached ones.
+  template <typename S>
+  void append(const ConstView<S, 4>& k_new, const ConstView<S, 4>& v_new, Index new_len) {
     for (Index b = 0; b < batch_size(); ++b) {
       for (Index h = 0; h < n_kv_heads(); ++h) {
         for (Index s = 0; s < new_len; ++s) {
-          std::copy_n(k_new.row(b, h, s), head_dim(), &keys_(b, h, seq_len_ + s, 0));
-          std::copy_n(v_new.row(b, h, s), head_dim(), &values_(b, h, seq_len_ + s, 0));
+          detail::convert(k_new.row(b, h, s), &keys_(b, h, seq_len_ + s, 0), head_dim());
+          detail::convert(v_new.row(b, h, s), &values_(b, h, seq_len_ + s, 0), head_dim());
         }
       }
     }
     seq_len_ += new_len;
+  }
+
+  // The appending half of the update overloads, whatever the input element type.
+  template <typename S>
+  KVPrefix<T> update_from(const ConstView<S, 4>& k_new, const ConstView<S, 4>& v_new) {
+    const Index new_len = check_update(k_new, v_new);
+    if (records_doc_ids()) {
+      detail::throw_invalid_argument(
+          kUpdate, ": this cache records document ids; pass doc_ids_new (batch_size, new_len) = (",
+          batch_size(), ", ", new_len, ") with k_new ", detail::shape_string(k_new.dimensions()));
+    }
+    append(k_new, v_new, new_len);
+    return prefix();
+  }
+
+  template <typename S>
+  KVPrefix<T> update_from(const ConstView<S, 4>& k_new, const ConstView<S, 4>& v_new,
+                          const ConstView<DocId, 2>& doc_ids_new) {
+    const Index new_len = check_update(k_new, v_new);
+    if (!records_doc_ids()) {
+      detail::throw_invalid_argument(
+          kUpdate, ": doc_ids_new ", detail::shape_string(doc_ids_new.dimensions()),
+          " given, but this cache does not record document ids (construct it with "
+          "record_doc_ids = true)");
+    }
+    detail::check_shape(kUpdate, "doc_ids_new", doc_ids_new, {batch_size(), new_len},
+                        "(batch_size, new_len)");
+    for (Index b = 0; b < batch_size(); ++b) {
+      std::copy_n(doc_ids_new.row(b), new_len, &doc_ids_(b, seq_len_));
+    }
+    append(k_new, v_new, new_len);
+    return prefix();
   }
 
   static std::array<Index, 4> checked_dims(Index batch_size, Index max_seq_len, Index n_kv_heads,

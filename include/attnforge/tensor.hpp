@@ -42,6 +42,13 @@ struct Accumulator<double> {
 template <typename T>
 using acc_t = typename Accumulator<std::remove_const_t<T>>::type;
 
+namespace detail {
+// bf16 and fp16: storage types that compute in float.
+template <typename T>
+inline constexpr bool is_16bit_float_v =
+    std::is_same_v<T, Eigen::bfloat16> || std::is_same_v<T, Eigen::half>;
+}  // namespace detail
+
 // A non-owning view of a row-major tensor whose innermost dimension is contiguous and
 // whose outer dimensions may have any stride. It is what lets the library read a
 // KVCache prefix, a (B, S, H, D) projection seen as (B, H, S, D), or an engine's own
