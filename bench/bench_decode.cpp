@@ -26,6 +26,7 @@ struct DecodeInputs {
   Index batch = 0;
   Index kv_len = 0;
   std::unique_ptr<af::KVCache<float>> cache;
+  std::unique_ptr<af::KVCache<Eigen::bfloat16>> bf16_cache;  // same keys and values, rounded
   Tensor<float, 4> q, out;
 };
 
@@ -42,6 +43,9 @@ DecodeInputs& decode_inputs(Index batch, Index kv_len) {
     const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 2);
     const auto v = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 3);
     cached->cache->update(k, v);
+    cached->bf16_cache =
+        std::make_unique<af::KVCache<Eigen::bfloat16>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+    cached->bf16_cache->update(k, v);
     cached->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
     cached->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
   }
@@ -78,6 +82,21 @@ void run_sdpa(benchmark::State& state, Index batch, Index kv_len, int threads, a
     benchmark::ClobberMemory();
   }
   set_bytes_counter(state, kv_bytes(batch, kv_len));
+}
+
+// Float queries over a bf16 cache (mixed precision): half the bytes of K and V.
+void run_bf16_cache(benchmark::State& state, Index batch, Index kv_len, int threads) {
+  DecodeInputs& in = decode_inputs(batch, kv_len);
+  af::SdpaOptions options;
+  options.causal = true;
+  af::Sdpa<float, Eigen::bfloat16> sdpa(options, bench::device_for(threads));
+  const af::KVPrefix<Eigen::bfloat16> kv = in.bf16_cache->prefix();
+  sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
+  for (auto _ : state) {
+    sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
+    benchmark::ClobberMemory();
+  }
+  set_bytes_counter(state, kv_bytes(batch, kv_len) / 2);
 }
 
 // Sums `floats` floats of a buffer with independent packet accumulators, split into
@@ -158,6 +177,11 @@ void register_all() {
       for (const auto& [name, path] : paths) {
         benchmark::RegisterBenchmark((name + suffix).c_str(), [=](benchmark::State& s) {
           run_sdpa(s, batch, kv_len, threads, path);
+        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+      }
+      if (batch == 1 && kv_len == 32768) {
+        benchmark::RegisterBenchmark(("decode_bf16_cache" + suffix).c_str(), [=](benchmark::State& s) {
+          run_bf16_cache(s, batch, kv_len, threads);
         })->UseRealTime()->Unit(benchmark::kMicrosecond);
       }
       benchmark::RegisterBenchmark(("stream_yardstick" + suffix).c_str(), [=](benchmark::State& s) {

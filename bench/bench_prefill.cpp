@@ -131,6 +131,35 @@ void run_gemm_yardstick(benchmark::State& state, Index seq_len, Index head_dim) 
                          benchmark::Counter::kIsRate);
 }
 
+// The same causal prefill with bf16 q, k, v and out (accumulation in float), on the
+// AVX512-BF16 dot products (kDotProduct) or converting tiles to float (kConvert).
+void run_bf16(benchmark::State& state, Index seq_len, Index head_dim, int threads,
+              af::Bf16Kernel kernel) {
+  if (kernel == af::Bf16Kernel::kDotProduct && !af::detail::cpu_has_avx512_bf16()) {
+    state.SkipWithError("this CPU has no AVX512-BF16");
+    return;
+  }
+  using Bf16 = Eigen::bfloat16;
+  Inputs& in = inputs_for(seq_len, head_dim);
+  const auto to_bf16 = [](const Tensor<float, 4>& t) {
+    Tensor<Bf16, 4> out(t.dimensions());
+    for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<Bf16>(t.data()[i]);
+    return out;
+  };
+  const Tensor<Bf16, 4> q = to_bf16(in.q), k = to_bf16(in.k), v = to_bf16(in.v);
+  Tensor<Bf16, 4> out(q.dimensions());
+  af::SdpaOptions options;
+  options.causal = true;
+  options.bf16_kernel = kernel;
+  af::Sdpa<Bf16> sdpa(options, bench::device_for(threads));
+  sdpa(q, k, v, af::StridedView<Bf16, 4>(out));
+  for (auto _ : state) {
+    sdpa(q, k, v, af::StridedView<Bf16, 4>(out));
+    benchmark::ClobberMemory();
+  }
+  set_attention_counters(state, seq_len, head_dim);
+}
+
 std::string shape(Index seq_len, Index head_dim) {
   return "/S:" + std::to_string(seq_len) + "/D:" + std::to_string(head_dim);
 }
@@ -145,6 +174,19 @@ void register_all() {
           [=](benchmark::State& s) { run_sdpa(s, seq_len, head_dim, threads, af::SdpaPath::kFused); })
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
+    }
+    if (seq_len == 2048 && head_dim == 128) {
+      // bf16 rows beside the fp32 kernel. There is no AMX row: AMX-BF16 tiles are not
+      // implemented (no CPU here has them to test on); AVX512-BF16 is the fast path.
+      const std::pair<const char*, af::Bf16Kernel> kernels[] = {
+          {"bf16_dot", af::Bf16Kernel::kDotProduct}, {"bf16_fallback", af::Bf16Kernel::kConvert}};
+      for (const auto& [name, kernel] : kernels) {
+        benchmark::RegisterBenchmark(
+            (name + shape(seq_len, head_dim) + "/threads:1").c_str(),
+            [=](benchmark::State& s) { run_bf16(s, seq_len, head_dim, 1, kernel); })
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
+      }
     }
     // The reference is scalar double arithmetic (~10 s per call at S = 2048); at
     // S = 8192 one call would take minutes, so it is timed up to S = 2048.
