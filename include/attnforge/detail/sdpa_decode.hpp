@@ -73,34 +73,45 @@ struct DecodeWorkspace {
 template <typename T>
 using score_packet_t = typename ei::packet_traits<T>::half;
 
-// Scores of one query row against keys [first, first + S) of a block of n_keys keys
-// (S = size of the score packet), written to out[0, S). Keys past n_keys read the
-// block's key 0 again; the caller masks them.
-template <typename T>
-EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
-                                      Index first, Index head_dim, T* out) {
+// Scores of M query rows (row stride ldq) against keys [first, first + S) of a block of
+// n_keys keys (S = size of the score packet), written to out + m * out_stride. Keys past
+// n_keys read the block's key 0 again; the caller masks them. Two rows at a time share
+// every K load and give the core twice the independent FMA chains.
+template <typename T, int M>
+EIGEN_ALWAYS_INLINE void block_scores(const T* q, Index ldq, const T* keys, Index ldk,
+                                      Index n_keys, Index first, Index head_dim, T* out,
+                                      Index out_stride) {
   using Packet = score_packet_t<T>;
   constexpr int kS = ei::unpacket_traits<Packet>::size;
-  ei::PacketBlock<Packet, kS> acc;
+  ei::PacketBlock<Packet, kS> acc[M];
   const T* rows[kS];
   for (int j = 0; j < kS; ++j) {
-    acc.packet[j] = ei::pset1<Packet>(T(0));
+    for (int m = 0; m < M; ++m) acc[m].packet[j] = ei::pset1<Packet>(T(0));
     rows[j] = keys + (first + j < n_keys ? first + j : 0) * ldk;
   }
   Index d = 0;
   for (; d + kS <= head_dim; d += kS) {
-    const Packet qv = ei::ploadu<Packet>(q + d);
+    Packet qv[M];
     ATTNFORGE_UNROLL
-    for (int j = 0; j < kS; ++j) acc.packet[j] = ei::pmadd(qv, ei::ploadu<Packet>(rows[j] + d), acc.packet[j]);
+    for (int m = 0; m < M; ++m) qv[m] = ei::ploadu<Packet>(q + m * ldq + d);
+    ATTNFORGE_UNROLL
+    for (int j = 0; j < kS; ++j) {
+      const Packet key = ei::ploadu<Packet>(rows[j] + d);
+      ATTNFORGE_UNROLL
+      for (int m = 0; m < M; ++m) acc[m].packet[j] = ei::pmadd(qv[m], key, acc[m].packet[j]);
+    }
   }
-  ei::ptranspose(acc);
-  // Pairwise, so the adds form a tree of depth log2(S) rather than a chain of S - 1.
-  for (int width = kS / 2; width >= 1; width /= 2) {
-    for (int j = 0; j < width; ++j) acc.packet[j] = ei::padd(acc.packet[j], acc.packet[j + width]);
-  }
-  ei::pstoreu(out, acc.packet[0]);
-  for (; d < head_dim; ++d) {  // head_dim not a multiple of the packet: lane by lane
-    for (int j = 0; j < kS; ++j) out[j] += q[d] * rows[j][d];
+  for (int m = 0; m < M; ++m) {
+    ei::ptranspose(acc[m]);
+    // Pairwise, so the adds form a tree of depth log2(S) rather than a chain of S - 1.
+    for (int width = kS / 2; width >= 1; width /= 2) {
+      for (int j = 0; j < width; ++j) acc[m].packet[j] = ei::padd(acc[m].packet[j], acc[m].packet[j + width]);
+    }
+    T* row_out = out + m * out_stride;
+    ei::pstoreu(row_out, acc[m].packet[0]);
+    for (Index e = d; e < head_dim; ++e) {  // head_dim not a multiple of the packet
+      for (int j = 0; j < kS; ++j) row_out[j] += q[m * ldq + e] * rows[j][e];
+    }
   }
 }
 
@@ -214,20 +225,25 @@ void decode_chunk(const P& pb, Index b, Index kv_head, Index chunk,
     // matrix), more than the hardware prefetchers follow, so the rows are asked for
     // explicitly, far enough ahead to hide DRAM latency.
     const Index ahead = j0 + kPrefetchBlocks * kP;
-    if (ahead < key_last) {
-      const Index n_ahead = std::min<Index>(kP, key_last - ahead);
-      prefetch_rows(pb.k.row(b, kv_head, ahead), pb.k.stride(2), n_ahead, head_dim);
-      prefetch_rows(pb.v.row(b, kv_head, ahead), pb.v.stride(2), n_ahead, head_dim);
-    }
+    const Index n_ahead = ahead < key_last ? std::min<Index>(kP, key_last - ahead) : 0;
+    if (n_ahead > 0) prefetch_rows(pb.k.row(b, kv_head, ahead), pb.k.stride(2), n_ahead, head_dim);
     const bool positional_full = j0 >= all_first && j0 + n_keys <= all_last;
     // All rows' scores first, then their softmax: the rows are independent, and keeping
     // each phase in its own loop lets the core overlap their latency chains.
-    for (Index r = 0; r < rows; ++r) {
-      constexpr int kS = ei::unpacket_traits<score_packet_t<T>>::size;
-      T* row_scores = s.weights.data() + r * kP;
-      for (int first = 0; first < kP; first += kS) {
-        block_scores(s.q_rows.data() + r * hd, keys, ldk, n_keys, first, head_dim, row_scores + first);
+    constexpr int kS = ei::unpacket_traits<score_packet_t<T>>::size;
+    for (int first = 0; first < kP; first += kS) {
+      Index r = 0;
+      for (; r + 2 <= rows; r += 2) {
+        block_scores<T, 2>(s.q_rows.data() + r * hd, hd, keys, ldk, n_keys, first, head_dim,
+                           s.weights.data() + r * kP + first, kP);
       }
+      if (r < rows) {
+        block_scores<T, 1>(s.q_rows.data() + r * hd, hd, keys, ldk, n_keys, first, head_dim,
+                           s.weights.data() + r * kP + first, kP);
+      }
+    }
+    for (Index r = 0; r < rows; ++r) {
+      T* row_scores = s.weights.data() + r * kP;
       Packet scores = ei::pload<Packet>(row_scores);
       if constexpr (kSoftcap) scores = ei::pmul(cap, tanh(ei::pmul(scores, inv_cap)));
       if (kMasked || !positional_full || n_keys < kP) {
@@ -259,6 +275,9 @@ void decode_chunk(const P& pb, Index b, Index kv_head, Index chunk,
       s.row_sum[r] += ei::predux(weights);
       ei::pstore(s.weights.data() + r * kP, weights);
     }
+    // V's prefetch apart from K's: one burst per phase keeps the miss queues from
+    // overflowing (dropped prefetches).
+    if (n_ahead > 0) prefetch_rows(pb.v.row(b, kv_head, ahead), pb.v.stride(2), n_ahead, head_dim);
     const T* values = tile_rows(pb.v, b, kv_head, j0, n_keys, s.values, ldv);
     Index r0 = 0;
     for (; r0 + 4 <= rows; r0 += 4) {
