@@ -106,17 +106,26 @@ AccuracyBudget sdpa_budget(SdpaPath path, const BudgetInputs& in) {
 // or not (an upper bound of the allowed pairs' maximum).
 template <typename T>
 double max_score_magnitude(const Tensor<T, 4>& q, const Tensor<T, 4>& k, double scale) {
-  const Index n_rep = q.dimension(1) / std::max<Index>(1, k.dimension(1));
+  const Index batch = q.dimension(0), n_heads = q.dimension(1), q_len = q.dimension(2);
+  const Index head_dim = q.dimension(3), n_kv_heads = k.dimension(1), kv_len = k.dimension(2);
+  const Index n_rep = n_heads / std::max<Index>(1, n_kv_heads);
+  // |q| and |k| once, in double; then the pairwise sums on contiguous rows.
+  std::vector<double> abs_q(static_cast<std::size_t>(q.size())),
+      abs_k(static_cast<std::size_t>(k.size()));
+  for (Index i = 0; i < q.size(); ++i)
+    abs_q[static_cast<std::size_t>(i)] = std::abs(static_cast<double>(q.data()[i]));
+  for (Index i = 0; i < k.size(); ++i)
+    abs_k[static_cast<std::size_t>(i)] = std::abs(static_cast<double>(k.data()[i]));
   double worst = 0.0;
-  for (Index b = 0; b < q.dimension(0); ++b) {
-    for (Index h = 0; h < q.dimension(1); ++h) {
-      for (Index i = 0; i < q.dimension(2); ++i) {
-        for (Index j = 0; j < k.dimension(2); ++j) {
+  for (Index b = 0; b < batch; ++b) {
+    for (Index h = 0; h < n_heads; ++h) {
+      const double* k_head = abs_k.data() + ((b * n_kv_heads + h / n_rep) * kv_len) * head_dim;
+      for (Index i = 0; i < q_len; ++i) {
+        const double* q_row = abs_q.data() + ((b * n_heads + h) * q_len + i) * head_dim;
+        for (Index j = 0; j < kv_len; ++j) {
+          const double* k_row = k_head + j * head_dim;
           double sum = 0.0;
-          for (Index d = 0; d < q.dimension(3); ++d) {
-            sum += std::abs(static_cast<double>(q(b, h, i, d)) *
-                            static_cast<double>(k(b, h / n_rep, j, d)));
-          }
+          for (Index d = 0; d < head_dim; ++d) sum += q_row[d] * k_row[d];
           worst = std::max(worst, sum);
         }
       }
