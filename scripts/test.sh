@@ -8,6 +8,7 @@
 #   bench       every bench/bench_*.cpp binary once, briefly
 #   examples    every examples/*.cpp binary once, with --quick
 #   asan        configure + build + ctest the `asan` preset (ASan + UBSan)
+#   tsan        configure + build the `tsan` preset, run the unit tests under ThreadSanitizer
 #
 # `bash scripts/test.sh STEP...` runs only the named steps, e.g. `bash scripts/test.sh ctest`.
 # JOBS=<n> sets build parallelism (default 2).
@@ -111,20 +112,23 @@ step_asan() {
   ctest --preset asan
 }
 
-# EXTENSION POINT (TSan): define step_tsan here, e.g.
-#   step_tsan() {
-#     cmake --preset tsan
-#     cmake --build --preset tsan -j "$JOBS"
-#     ctest --preset tsan
-#   }
-# and add `tsan` to ALL_STEPS below.
+# ThreadSanitizer over the whole unit-test binary in one process: the concurrency tests
+# (several callers, one shared Eigen::ThreadPoolDevice), every thread-count test (pools of
+# 2 and 3 threads) and everything else that runs on a pool. Eigen's ThreadPool is
+# header-only, so it is instrumented as well (README.md, "Reliability").
+step_tsan() {
+  cmake --preset tsan
+  cmake --build --preset tsan -j "$JOBS" --target attnforge_tests
+  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" \
+    build/tsan/tests/attnforge_tests --gtest_brief=1
+}
 
 # EXTENSION POINT (fuzz): define step_fuzz here (a bounded run, e.g. a fixed number of
 # iterations or -max_total_time), and add `fuzz` to ALL_STEPS below.
 
 # --- Main -------------------------------------------------------------------
 
-ALL_STEPS=(deps release ctest bench examples asan)
+ALL_STEPS=(deps release ctest bench examples asan tsan)
 
 steps=("$@")
 if [ "${#steps[@]}" -eq 0 ]; then
