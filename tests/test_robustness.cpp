@@ -465,6 +465,9 @@ TYPED_TEST(Robustness, NonFiniteQueryMakesOnlyItsOwnRowNaN) {
           for (Index i = 0; i < s.q_len; ++i) {
             if (h == h0 && i == i0) {
               EXPECT_TRUE(row_is_nan(r.out, 0, h, i));
+              // NaN, not -inf: an lse of -inf would let a merge of partial results
+              // (split-KV, ring attention) drop the row's NaN as an empty part.
+              EXPECT_TRUE(std::isnan(r.lse(0, h, i)));
             } else {
               ASSERT_TRUE(row_equal(r.out, clean.out, 0, h, i)) << h << "," << i;
               ASSERT_EQ(r.lse(0, h, i), clean.lse(0, h, i)) << h << "," << i;
@@ -497,6 +500,7 @@ TYPED_TEST(Robustness, NaNKeyAffectsOnlyTheRowsThatMaySeeIt) {
           const bool sees = h / n_rep == 0 && s.kv_len - s.q_len + i >= j0;
           if (sees) {
             EXPECT_TRUE(row_is_nan(r.out, 0, h, i)) << h << "," << i;
+            EXPECT_TRUE(std::isnan(r.lse(0, h, i))) << h << "," << i;
           } else {
             ASSERT_TRUE(row_equal(r.out, clean.out, 0, h, i)) << h << "," << i;
           }

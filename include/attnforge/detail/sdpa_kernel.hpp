@@ -594,7 +594,9 @@ void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Com
     const Index i = p0 + p;
     out_rows[lane] = pb.out.row(ctx.batch, h, i);
     const T sum = state.row_sum[lane];
-    if (sum > T(0)) {
+    // Only sum == 0 means no allowed key. A NaN sum (a NaN or infinite score) is not an
+    // empty row: it keeps out and lse NaN, so a merge of partial results cannot drop it.
+    if (sum != T(0)) {
       inv_sum[lane] = T(1) / sum;
       if (pb.lse.has_value()) {
         pb.lse(ctx.batch, h, i) = static_cast<Acc>(
