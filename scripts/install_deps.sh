@@ -12,6 +12,11 @@ packages=(
   libgmock-dev
   googletest
   libbenchmark-dev
+  # The fuzz step of scripts/test.sh: clang and its libFuzzer/sanitizer runtimes (Debian
+  # 12 names: clang is clang 14 there, and its runtimes are only a recommendation of it,
+  # which --no-install-recommends skips).
+  clang
+  libclang-rt-14-dev
   "$@"
 )
 

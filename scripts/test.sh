@@ -9,6 +9,8 @@
 #   examples    every examples/*.cpp binary once, with --quick
 #   asan        configure + build + ctest the `asan` preset (ASan + UBSan)
 #   tsan        configure + build the `tsan` preset, run the unit tests under ThreadSanitizer
+#   fuzz        build the libFuzzer target (`fuzz` preset, clang), replay its seed corpus,
+#               then fuzz for FUZZ_SECONDS (default 60)
 #
 # `bash scripts/test.sh STEP...` runs only the named steps, e.g. `bash scripts/test.sh ctest`.
 # JOBS=<n> sets build parallelism (default 2).
@@ -123,12 +125,35 @@ step_tsan() {
     build/tsan/tests/attnforge_tests --gtest_brief=1
 }
 
-# EXTENSION POINT (fuzz): define step_fuzz here (a bounded run, e.g. a fixed number of
-# iterations or -max_total_time), and add `fuzz` to ALL_STEPS below.
+# The libFuzzer target (tests/fuzz): every checked-in seed once, then FUZZ_SECONDS of
+# fuzzing from them on a scratch copy of the corpus (new inputs land in build/, not in the
+# repository). A failed check, a sanitizer report or an input running over 20 s stops it
+# and leaves the input in build/fuzz/artifacts/.
+FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
+step_fuzz() {
+  cmake --preset fuzz
+  cmake --build --preset fuzz -j "$JOBS"
+  local exe=build/fuzz/tests/fuzz/fuzz_attention
+  local corpus=build/fuzz/corpus-run artifacts=build/fuzz/artifacts log=build/fuzz/fuzz.log
+  echo "---- seed corpus replay ($(ls tests/fuzz/corpus | wc -l) inputs)"
+  ctest --preset fuzz
+  rm -rf "$corpus" && mkdir -p "$corpus" "$artifacts" && cp tests/fuzz/corpus/* "$corpus"/
+  echo "---- fuzzing for ${FUZZ_SECONDS} s (log: ${log})"
+  if ! ATTNFORGE_FUZZ_STATS=1 "$exe" "$corpus" -max_total_time="$FUZZ_SECONDS" -max_len=512 \
+      -len_control=0 -timeout=20 -artifact_prefix="$artifacts/" -print_final_stats=1 \
+      >"$log" 2>&1; then
+    tail -n 60 "$log"
+    echo "fuzz: FAILED; the input is in ${artifacts}/ (replay: ${exe} <file>)" >&2
+    return 1
+  fi
+  grep -E '^(Done|stat::number_of_executed_units|stat::new_units_added|fuzz_attention)' "$log"
+  echo "fuzz: $(awk '/^stat::number_of_executed_units/ {print $2}' "$log") inputs executed" \
+    "in ${FUZZ_SECONDS} s, no failure"
+}
 
 # --- Main -------------------------------------------------------------------
 
-ALL_STEPS=(deps release ctest bench examples asan tsan)
+ALL_STEPS=(deps release ctest bench examples asan tsan fuzz)
 
 steps=("$@")
 if [ "${#steps[@]}" -eq 0 ]; then

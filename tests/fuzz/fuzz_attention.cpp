@@ -1,0 +1,790 @@
+// libFuzzer target for the validating entry points of attnforge.
+//
+// Each input is decoded (FuzzedDataProvider) into one of three scenarios, with small
+// shapes so an input runs in well under a millisecond:
+//   SDPA       shapes, options (scale, causal, window, softcap, empty-row policy, path),
+//              doc ids, kv doc ids, padding, an optional thread pool, and at most one
+//              deliberately broken argument; called through scaled_dot_product_attention,
+//              scaled_dot_product_attention_with_lse and a reused Sdpa object writing
+//              into caller buffers.
+//   KVCache    a cache (with or without document ids) and a sequence of updates (some of
+//              wrong shape or overflowing), truncates and resets, against a shadow model.
+//   Attention  a module (some constructor arguments invalid), options, and forward steps
+//              with and without a cache, doc ids and padding, some invalid.
+// Every call must either throw std::invalid_argument / std::length_error exactly when the
+// harness's own reading of SPEC.md says the arguments are invalid, leaving outputs and
+// the cache untouched, or succeed with a result within the stated accuracy budget
+// (tests/accuracy_budget.hpp) of the double brute force (tests/test_util.hpp). Inputs
+// may contain NaN/Inf; then only the absence of crashes, hangs and out-of-bounds access
+// (ASan/UBSan) and the shape of the result are checked. A failed check aborts, so
+// libFuzzer keeps the input as a crash.
+//
+// Build: the `fuzz` CMake preset (clang, -fsanitize=fuzzer,address,undefined);
+// run: scripts/test.sh fuzz (README.md, "Reliability").
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "accuracy_budget.hpp"
+#include "attnforge/attnforge.hpp"
+#include "test_util.hpp"
+
+namespace af = attnforge;
+using af::Index;
+
+namespace {
+
+// Per-scenario counts, printed at exit when ATTNFORGE_FUZZ_STATS is set (how many calls
+// were checked against the brute force, how many were rightly rejected).
+struct Stats {
+  long calls[3] = {0, 0, 0};
+  long compared[3] = {0, 0, 0};
+  long rejected[3] = {0, 0, 0};
+  ~Stats() {
+    if (std::getenv("ATTNFORGE_FUZZ_STATS") == nullptr) return;
+    const char* names[3] = {"sdpa", "kv_cache", "attention"};
+    for (int i = 0; i < 3; ++i) {
+      std::fprintf(
+          stderr,
+          "fuzz_attention stats: %-9s calls %ld, checked against the reference %ld, rejected %ld\n",
+          names[i], calls[i], compared[i], rejected[i]);
+    }
+  }
+};
+Stats stats;
+enum Scenario { kSdpaScenario, kCacheScenario, kAttentionScenario };
+
+std::string sci(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3e", x);
+  return buf;
+}
+
+[[noreturn]] void fail(const std::string& what) {
+  std::fprintf(stderr, "fuzz_attention: CHECK FAILED: %s\n", what.c_str());
+  std::fflush(stderr);
+  std::abort();
+}
+
+void check(bool ok, const std::string& what) {
+  if (!ok) fail(what);
+}
+
+const Eigen::ThreadPoolDevice& pool_device() {
+  // No spinning: idle workers would take the CPU from the fuzzing thread.
+  static Eigen::ThreadPool pool(2, /*allow_spinning=*/false);
+  static Eigen::ThreadPoolDevice device(&pool, 2);
+  return device;
+}
+
+// What a call did: returned, or threw one of the two documented exceptions (anything
+// else propagates to libFuzzer as a crash).
+enum class Outcome { kOk, kInvalid, kLength };
+
+template <typename F>
+Outcome outcome_of(F&& call) {
+  try {
+    call();
+    return Outcome::kOk;
+  } catch (const std::invalid_argument&) {
+    return Outcome::kInvalid;
+  } catch (const std::length_error&) {
+    return Outcome::kLength;
+  }
+}
+
+const char* outcome_name(Outcome o) {
+  return o == Outcome::kOk        ? "success"
+         : o == Outcome::kInvalid ? "invalid_argument"
+                                  : "length_error";
+}
+
+// The harness's verdict on a call: which exception (if any) the arguments call for. With
+// several problems at once any of their exceptions is acceptable.
+struct Expected {
+  bool invalid = false;
+  bool overflow = false;
+  std::string why;
+
+  void bad(bool condition, const char* reason) {
+    if (condition && !invalid) why = reason;
+    invalid |= condition;
+  }
+  bool accepts(Outcome o) const {
+    if (!invalid && !overflow) return o == Outcome::kOk;
+    return (invalid && o == Outcome::kInvalid) || (overflow && o == Outcome::kLength);
+  }
+};
+
+void check_outcome(const Expected& e, Outcome o, const char* where) {
+  if (e.accepts(o)) return;
+  fail(std::string(where) + ": got " + outcome_name(o) + ", expected " +
+       (e.invalid    ? "invalid_argument (" + e.why + ")"
+        : e.overflow ? std::string("length_error")
+                     : std::string("success")));
+}
+
+template <typename T>
+T pick(FuzzedDataProvider& fdp, std::initializer_list<T> values) {
+  const std::size_t i = fdp.ConsumeIntegralInRange<std::size_t>(0, values.size() - 1);
+  return *(values.begin() + i);
+}
+
+// Fills t from a seeded generator at the given magnitude; with `specials`, a few
+// elements become NaN, +-Inf or huge.
+template <typename T, int Rank>
+void fill(af::Tensor<T, Rank>& t, std::uint32_t seed, double magnitude, bool specials,
+          FuzzedDataProvider& fdp) {
+  // splitmix64: cheaper than std::mt19937 under the sanitizers' instrumentation.
+  std::uint64_t state = seed;
+  for (Index i = 0; i < t.size(); ++i) {
+    std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    const double u = static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
+    t.data()[i] = static_cast<T>(magnitude * (2.0 * u - 1.0));
+  }
+  if (!specials || t.size() == 0) return;
+  const int n = fdp.ConsumeIntegralInRange<int>(1, 4);
+  for (int s = 0; s < n; ++s) {
+    const T value =
+        pick<T>(fdp, {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                      -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::max(), T(0)});
+    t.data()[fdp.ConsumeIntegralInRange<Index>(0, t.size() - 1)] = value;
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// SDPA.
+
+template <typename T>
+std::string describe(const af::SdpaOptions& o, const af::Tensor<T, 4>& q, const af::Tensor<T, 4>& k,
+                     int entry, bool pooled) {
+  const char* paths[] = {"kAuto", "kReference", "kFused", "kDecode"};
+  return std::string(sizeof(T) == 4 ? "float" : "double") + " q " +
+         af::detail::shape_string(q.dimensions()) + " k " +
+         af::detail::shape_string(k.dimensions()) + " path " + paths[static_cast<int>(o.path)] +
+         " causal " + std::to_string(o.causal) + " window " + std::to_string(o.window) +
+         " softcap " + sci(o.softcap) + " scale " +
+         (o.scale ? sci(*o.scale) : std::string("default")) + " attend_all " +
+         std::to_string(o.empty_rows == af::EmptyRowPolicy::kAttendAll) + " entry " +
+         std::to_string(entry) + " pooled " + std::to_string(pooled);
+}
+
+enum class Break {
+  kNone,
+  kKBatch,
+  kKHeadDim,
+  kHeadsNotDividing,
+  kVShape,
+  kDocIdsShape,
+  kKvDocIdsShape,
+  kKvDocIdsAlone,
+  kPaddingShape,
+  kQStride,
+  kOutShape,
+  kLseShape,
+  kCount
+};
+
+template <typename T>
+void fuzz_sdpa(FuzzedDataProvider& fdp) {
+  using Acc = af::acc_t<T>;
+  const Index batch = pick<Index>(fdp, {1, 1, 1, 2, 2, 0});
+  Index n_kv_heads = fdp.ConsumeIntegralInRange<Index>(1, 3);
+  const Index n_rep = fdp.ConsumeIntegralInRange<Index>(1, 5);
+  const Index head_dim = fdp.ConsumeIntegralInRange<Index>(1, 24);
+  const bool long_kv = fdp.ConsumeIntegralInRange<int>(0, 15) == 0;  // several decode chunks
+  const Index q_len = fdp.ConsumeIntegralInRange<Index>(0, long_kv ? 2 : 24);
+  const Index kv_len = long_kv ? fdp.ConsumeIntegralInRange<Index>(1000, 2100)
+                               : fdp.ConsumeIntegralInRange<Index>(0, 40);
+  const Break broken = fdp.ConsumeIntegralInRange<int>(0, 3) != 0
+                           ? Break::kNone
+                           : static_cast<Break>(fdp.ConsumeIntegralInRange<int>(
+                                 0, static_cast<int>(Break::kCount) - 1));
+  if (broken == Break::kHeadsNotDividing && n_kv_heads == 1) n_kv_heads = 2;
+  const Index n_heads = n_kv_heads * n_rep + (broken == Break::kHeadsNotDividing ? 1 : 0);
+
+  // Options: valid values mostly; one input in four draws from lists with invalid ones.
+  af::SdpaOptions options;
+  const bool free_options = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  constexpr Index kMaxIndex = std::numeric_limits<Index>::max();
+  if (fdp.ConsumeIntegralInRange<int>(0, 9) > 0) {
+    options.scale = free_options ? pick<double>(fdp, {0.0, 0.3, 1.0, -0.7, 1e3, kNaN, kInf})
+                                 : pick<double>(fdp, {0.0, 0.05, 0.3, 1.0, 3.0, -0.7});
+  }
+  options.causal = fdp.ConsumeBool() && (free_options || q_len <= kv_len);
+  options.window = free_options ? pick<Index>(fdp, {0, 1, 5, 1500, kMaxIndex, -1})
+                                : pick<Index>(fdp, {0, 0, 0, 1, 2, 3, 5, 17, 64, 1500, kMaxIndex});
+  options.softcap = free_options ? pick<double>(fdp, {0.0, 2.0, 1e6, -1.0, kNaN, kInf})
+                                 : pick<double>(fdp, {0.0, 0.0, 0.0, 0.5, 2.0, 30.0, 1e6});
+  options.empty_rows =
+      fdp.ConsumeBool() ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
+  options.path = pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kReference,
+                                          af::SdpaPath::kFused, af::SdpaPath::kDecode});
+
+  // Shapes of k and v (one of them possibly broken).
+  const Index k_batch = batch + (broken == Break::kKBatch ? 1 : 0);
+  const Index k_head_dim = head_dim + (broken == Break::kKHeadDim ? 1 : 0);
+  af::Tensor<T, 4> q(batch, n_heads, q_len, head_dim);
+  af::Tensor<T, 4> k(k_batch, n_kv_heads, kv_len, k_head_dim);
+  af::Tensor<T, 4> v(k_batch, n_kv_heads, kv_len + (broken == Break::kVShape ? 1 : 0), k_head_dim);
+  const bool specials = fdp.ConsumeIntegralInRange<int>(0, 7) == 0;
+  const double magnitude = pick<double>(fdp, {1.0, 1.0, 1.0, 4.0, 30.0, 100.0});
+  const std::uint32_t seed = fdp.ConsumeIntegral<std::uint32_t>();
+  fill(q, seed, magnitude, specials, fdp);
+  fill(k, seed + 1, magnitude, specials, fdp);
+  fill(v, seed + 2, 1.0, specials, fdp);
+
+  // Masks. Key ids: runs of equal ids (packed documents) or small random ids, sometimes at
+  // the int64 limits; the queries' ids are the keys' at the queries' positions, or random.
+  af::test::DenseMasks dense;
+  dense.causal = options.causal;
+  dense.window = options.window;
+  const int docs = fdp.ConsumeIntegralInRange<int>(0, 3);  // 0: none
+  af::Tensor<af::DocId, 2> q_ids, kv_ids;
+  af::Masks masks;
+  if (docs > 0) {
+    const af::DocId base = fdp.ConsumeBool() ? 0 : std::numeric_limits<af::DocId>::max() - 1000;
+    kv_ids = af::Tensor<af::DocId, 2>(batch, kv_len + (broken == Break::kKvDocIdsShape ? 1 : 0));
+    for (Index i = 0; i < kv_ids.size(); ++i) {
+      kv_ids.data()[i] = base + (docs == 1 ? (i % std::max<Index>(1, kv_ids.dimension(1))) / 7
+                                           : fdp.ConsumeIntegralInRange<af::DocId>(0, 3));
+    }
+    q_ids = af::Tensor<af::DocId, 2>(batch, q_len + (broken == Break::kDocIdsShape ? 1 : 0));
+    for (Index b = 0; b < q_ids.dimension(0); ++b) {
+      for (Index i = 0; i < q_ids.dimension(1); ++i) {
+        const Index j = kv_len - q_len + i;
+        q_ids(b, i) = docs != 3 && j >= 0 && j < kv_ids.dimension(1)
+                          ? kv_ids(b, j)
+                          : base + fdp.ConsumeIntegralInRange<af::DocId>(0, 4);
+      }
+    }
+    const bool pass_kv_ids =
+        q_len != kv_len || fdp.ConsumeBool() || broken == Break::kKvDocIdsShape;
+    if (broken != Break::kKvDocIdsAlone) masks.doc_ids = q_ids;
+    if (pass_kv_ids || broken == Break::kKvDocIdsAlone) masks.kv_doc_ids = kv_ids;
+    // A mask tensor without elements is indistinguishable from an absent one (a view is
+    // present when it has data): the library treats it as absent, and so does the model.
+    if (masks.doc_ids.has_value()) dense.q_docs = q_ids;
+    if (masks.doc_ids.has_value() && masks.kv_doc_ids.has_value()) dense.kv_docs = kv_ids;
+  }
+  af::Tensor<bool, 2> padding;
+  if (fdp.ConsumeBool() || broken == Break::kPaddingShape) {
+    padding = af::Tensor<bool, 2>(batch, kv_len + (broken == Break::kPaddingShape ? 2 : 0));
+    const int density = fdp.ConsumeIntegralInRange<int>(0, 4);  // 0: all padded
+    std::mt19937 gen(seed + 3);
+    for (Index i = 0; i < padding.size(); ++i)
+      padding.data()[i] = static_cast<int>(gen() % 4) < density;
+    masks.key_padding_mask = padding;
+    if (masks.key_padding_mask.has_value()) dense.key_padding = padding;
+  }
+
+  // The harness's own reading of SPEC.md's validation rules.
+  Expected expected;
+  expected.bad(k_batch != batch || v.dimension(0) != batch, "batch sizes differ");
+  expected.bad(k_head_dim != head_dim, "head_dim differs");
+  expected.bad(v.dimensions() != k.dimensions(), "k and v shapes differ");
+  expected.bad(n_heads % n_kv_heads != 0 || n_heads == 0, "kv heads do not divide heads");
+  expected.bad(options.scale && !std::isfinite(*options.scale), "non-finite scale");
+  expected.bad(!(options.softcap >= 0.0) || !std::isfinite(options.softcap), "bad softcap");
+  expected.bad(options.window < 0, "negative window");
+  expected.bad(options.causal && q_len > kv_len, "causal with Sq > Skv");
+  const bool has_q_ids = masks.doc_ids.has_value(), has_kv_ids = masks.kv_doc_ids.has_value();
+  expected.bad(!has_q_ids && has_kv_ids, "kv_doc_ids without doc_ids");
+  expected.bad(has_q_ids && broken == Break::kDocIdsShape, "doc_ids shape");
+  expected.bad(has_q_ids && has_kv_ids && broken == Break::kKvDocIdsShape, "kv_doc_ids shape");
+  expected.bad(has_q_ids && !has_kv_ids && q_len != kv_len, "doc_ids without kv ids, Sq != Skv");
+  expected.bad(masks.key_padding_mask.has_value() && broken == Break::kPaddingShape,
+               "padding shape");
+  // An empty q skips the q-side checks only where the library documents it; here every
+  // listed rule applies whatever the sizes, so the verdict stands for empty tensors too.
+
+  const bool use_device = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  const Eigen::ThreadPoolDevice* device = use_device ? &pool_device() : nullptr;
+  const int entry = fdp.ConsumeIntegralInRange<int>(0, 2);
+
+  af::Tensor<T, 4> out;
+  af::Tensor<Acc, 3> lse;
+  bool have_lse = false;
+  Outcome outcome = Outcome::kOk;
+  if (entry == 0) {
+    outcome = outcome_of(
+        [&] { out = af::scaled_dot_product_attention(q, k, v, options, masks, device); });
+  } else if (entry == 1) {
+    outcome = outcome_of([&] {
+      auto r = af::scaled_dot_product_attention_with_lse(q, k, v, options, masks, device);
+      out = r.out;
+      lse = r.lse;
+    });
+    have_lse = true;
+  } else {
+    // A reused object (scratch sized by an earlier, different call) writing into caller
+    // buffers filled with a sentinel; a rejected call must leave them as they were.
+    af::Sdpa<T> sdpa(options, device);
+    af::SdpaOptions warm = options;
+    warm.causal = false;
+    warm.window = 0;
+    warm.softcap = 0.0;
+    warm.scale.reset();
+    sdpa.set_options(warm);
+    const af::Tensor<T, 4> wq = af::test::random_normal<T, 4>({1, 2, 9, 4}, 5);
+    const af::Tensor<T, 4> wkv = af::test::random_normal<T, 4>({1, 1, 70, 4}, 6);
+    (void)sdpa(wq, wkv, wkv);
+    sdpa.set_options(options);
+    out = af::Tensor<T, 4>(batch, n_heads, q_len + (broken == Break::kOutShape ? 1 : 0), head_dim);
+    lse = af::Tensor<Acc, 3>(batch, n_heads, q_len + (broken == Break::kLseShape ? 1 : 0));
+    out.setConstant(T(7));
+    lse.setConstant(Acc(7));
+    expected.bad(broken == Break::kOutShape, "out shape");
+    // lse is optional: without elements it counts as absent (as the masks do).
+    expected.bad(broken == Break::kLseShape && lse.size() > 0, "lse shape");
+    if (broken == Break::kQStride && q.size() > 0) {
+      // q seen with a last-dimension stride of 2: must be rejected, not read.
+      const af::ConstView<T, 4> strided(
+          q.data(), {batch, n_heads, q_len, (head_dim + 1) / 2},
+          {n_heads * q_len * head_dim, q_len * head_dim, head_dim, 2});
+      const Outcome o = outcome_of([&] { sdpa(strided, k, v, af::StridedView<T, 4>(out), masks); });
+      check(o == Outcome::kInvalid, "q with a strided last dimension was not rejected");
+      return;
+    }
+    outcome = outcome_of(
+        [&] { sdpa(q, k, v, af::StridedView<T, 4>(out), masks, af::StridedView<Acc, 3>(lse)); });
+    have_lse = true;
+    if (outcome != Outcome::kOk) {
+      for (Index i = 0; i < out.size(); ++i)
+        check(out.data()[i] == T(7), "rejected call wrote out");
+      for (Index i = 0; i < lse.size(); ++i)
+        check(lse.data()[i] == Acc(7), "rejected call wrote lse");
+    }
+  }
+  check_outcome(expected, outcome, "sdpa");
+  ++stats.calls[kSdpaScenario];
+  if (outcome != Outcome::kOk) {
+    ++stats.rejected[kSdpaScenario];
+    return;
+  }
+
+  check(out.dimension(0) == batch && out.dimension(1) == n_heads && out.dimension(2) == q_len &&
+            out.dimension(3) == head_dim,
+        "out has the wrong shape");
+  if (out.size() == 0) return;
+  if (specials) {
+    // NaN never turns into a number: a row whose query, or the key of a key it may attend
+    // to, holds a NaN has a NaN score, so its output and lse must be NaN on every path
+    // (README.md, "NaN and Inf inputs").
+    const Index n_rep_ok = n_heads / n_kv_heads;
+    const auto has_nan = [](const T* row, Index n) {
+      for (Index d = 0; d < n; ++d) {
+        if (std::isnan(row[d])) return true;
+      }
+      return false;
+    };
+    const bool attend_all = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+    for (Index b = 0; b < batch; ++b) {
+      const auto allowed = af::test::dense_allowed(dense, b, q_len, kv_len);
+      for (Index h = 0; h < n_heads; ++h) {
+        for (Index i = 0; i < q_len; ++i) {
+          const auto& row = allowed[static_cast<std::size_t>(i)];
+          const bool empty = std::none_of(row.begin(), row.end(), [](bool x) { return x; });
+          if (empty && (!attend_all || kv_len == 0)) continue;  // no score at all
+          bool reads_nan = has_nan(&q(b, h, i, 0), head_dim);
+          for (Index j = 0; j < kv_len && !reads_nan; ++j) {
+            if (empty || row[static_cast<std::size_t>(j)]) {
+              reads_nan = has_nan(&k(b, h / n_rep_ok, j, 0), head_dim);
+            }
+          }
+          if (!reads_nan) continue;
+          for (Index d = 0; d < head_dim; ++d) {
+            if (!std::isnan(out(b, h, i, d))) {
+              fail("row (" + std::to_string(b) + ", " + std::to_string(h) + ", " +
+                   std::to_string(i) + ") has a NaN score but out[" + std::to_string(d) + "] = " +
+                   sci(out(b, h, i, d)) + "; " + describe(options, q, k, entry, device != nullptr));
+            }
+          }
+          if (have_lse) check(std::isnan(lse(b, h, i)), "a row with a NaN score has a non-NaN lse");
+        }
+      }
+    }
+    return;
+  }
+
+  // Against the brute force, within the stated budget.
+  af::test::DenseOptions dense_options;
+  dense_options.scale = options.scale;
+  dense_options.softcap = options.softcap;
+  dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+  const af::test::DenseResult exact = af::test::dense_sdpa(
+      af::test::to_double(q), af::test::to_double(k), af::test::to_double(v), dense, dense_options);
+  const af::test::AccuracyBudget budget = af::test::sdpa_budget<T>(
+      options.path, af::test::budget_inputs(q, k, dense, dense_options, exact));
+  const double v_scale = std::max(af::test::max_abs(v), 1e-300);
+  const double out_err = af::test::max_abs_diff(out, exact.out) / v_scale;
+  if (!(out_err <= budget.out)) {
+    fail("out error " + sci(out_err) + " > budget " + sci(budget.out));
+  }
+  if (have_lse) {
+    const double lse_err = af::test::max_abs_diff(lse, exact.lse);
+    if (!(lse_err <= budget.lse)) {
+      fail("lse error " + sci(lse_err) + " > budget " + sci(budget.lse));
+    }
+  }
+  ++stats.compared[kSdpaScenario];
+  // Rows with no allowed key: exactly 0 under kZeros.
+  if (!dense_options.attend_all_when_empty) {
+    for (Index r = 0; r < exact.lse.size(); ++r) {
+      if (exact.lse.data()[r] != -af::test::kInf) continue;
+      for (Index d = 0; d < head_dim; ++d)
+        check(out.data()[r * head_dim + d] == T(0), "empty row not 0");
+    }
+  }
+  // The thread count changes nothing.
+  if (device != nullptr) {
+    const af::Tensor<T, 4> serial = af::scaled_dot_product_attention(q, k, v, options, masks);
+    check(af::test::bitwise_equal(serial, out), "pooled result differs from the serial one");
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// KVCache against a shadow model.
+
+void fuzz_kv_cache(FuzzedDataProvider& fdp) {
+  using T = float;
+  const Index batch = fdp.ConsumeIntegralInRange<Index>(-1, 2);
+  const Index n_kv_heads = fdp.ConsumeIntegralInRange<Index>(0, 3);
+  const Index head_dim = fdp.ConsumeIntegralInRange<Index>(0, 6);
+  const Index max_len = fdp.ConsumeIntegralInRange<Index>(-1, 20);
+  const bool record = fdp.ConsumeBool();
+  std::optional<af::KVCache<T>> cache;
+  const Outcome made =
+      outcome_of([&] { cache.emplace(batch, max_len, n_kv_heads, head_dim, record); });
+  Expected ctor;
+  ctor.bad(batch <= 0 || n_kv_heads <= 0 || head_dim <= 0 || max_len <= 0, "non-positive size");
+  check_outcome(ctor, made, "KVCache constructor");
+  if (made != Outcome::kOk) return;
+
+  // Shadow: what the first seq_len positions must hold.
+  std::vector<T> keys, values;
+  std::vector<af::DocId> ids;
+  Index seq_len = 0;
+  const auto at = [&](Index b, Index h, Index s) {
+    return ((b * n_kv_heads + h) * max_len + s) * head_dim;
+  };
+  keys.assign(static_cast<std::size_t>(batch * n_kv_heads * max_len * head_dim), T(0));
+  values = keys;
+  ids.assign(static_cast<std::size_t>(batch * max_len), 0);
+
+  std::uint32_t seed = fdp.ConsumeIntegral<std::uint32_t>();
+  const int n_ops = fdp.ConsumeIntegralInRange<int>(1, 10);
+  for (int op = 0; op < n_ops && fdp.remaining_bytes() > 0; ++op) {
+    const af::Tensor<T, 4> key_snapshot = cache->key_storage();
+    const af::Tensor<T, 4> value_snapshot = cache->value_storage();
+    const af::Tensor<af::DocId, 2> id_snapshot = cache->doc_id_storage();
+    const Index len_before = cache->seq_len();
+    const int kind = fdp.ConsumeIntegralInRange<int>(0, 5);
+    Expected e;
+    Outcome o = Outcome::kOk;
+    if (kind <= 3) {
+      // update, with at most one broken part.
+      const Index new_len = fdp.ConsumeIntegralInRange<Index>(0, 8);
+      const int broken = fdp.ConsumeIntegralInRange<int>(0, 12);
+      const Index kb = batch + (broken == 1), kh = n_kv_heads + (broken == 2),
+                  kd = head_dim + (broken == 3);
+      const Index v_len = new_len + (broken == 4);
+      af::Tensor<T, 4> k_new = af::test::random_uniform<T, 4>({kb, kh, new_len, kd}, ++seed);
+      af::Tensor<T, 4> v_new = af::test::random_uniform<T, 4>({kb, kh, v_len, kd}, ++seed);
+      const bool give_ids = broken == 5 ? !record : record;
+      af::Tensor<af::DocId, 2> ids_new(batch, new_len + (broken == 6));
+      for (Index i = 0; i < ids_new.size(); ++i)
+        ids_new.data()[i] = static_cast<af::DocId>(++seed % 5);
+      e.bad(broken >= 1 && broken <= 4, "k_new/v_new shape");
+      e.bad(give_ids != record, "doc ids given iff the cache records them");
+      e.bad(give_ids && broken == 6, "doc_ids_new shape");
+      e.overflow = len_before + new_len > max_len;
+      // Strided inputs (a transposed projection buffer) are valid too.
+      const bool transposed = fdp.ConsumeBool() && broken == 0;
+      af::Tensor<T, 4> k_bshd;
+      af::ConstView<T, 4> k_view(k_new);
+      if (transposed) {
+        k_bshd = af::Tensor<T, 4>(kb, new_len, kh, kd);
+        for (Index b = 0; b < kb; ++b)
+          for (Index h = 0; h < kh; ++h)
+            for (Index s = 0; s < new_len; ++s)
+              for (Index d = 0; d < kd; ++d) k_bshd(b, s, h, d) = k_new(b, h, s, d);
+        k_view = af::ConstView<T, 4>(k_bshd).transpose(1, 2);
+      }
+      af::KVPrefix<T> prefix;
+      o = outcome_of([&] {
+        prefix = give_ids ? cache->update(k_view, v_new, ids_new) : cache->update(k_view, v_new);
+      });
+      check_outcome(e, o, "KVCache::update");
+      if (o == Outcome::kOk) {
+        for (Index b = 0; b < batch; ++b) {
+          for (Index h = 0; h < n_kv_heads; ++h) {
+            for (Index s = 0; s < new_len; ++s) {
+              std::memcpy(&keys[static_cast<std::size_t>(at(b, h, seq_len + s))],
+                          &k_new(b, h, s, 0), sizeof(T) * head_dim);
+              std::memcpy(&values[static_cast<std::size_t>(at(b, h, seq_len + s))],
+                          &v_new(b, h, s, 0), sizeof(T) * head_dim);
+            }
+          }
+          for (Index s = 0; s < new_len && record; ++s)
+            ids[static_cast<std::size_t>(b * max_len + seq_len + s)] = ids_new(b, s);
+        }
+        seq_len += new_len;
+        check(prefix.keys.dimension(2) == seq_len &&
+                  prefix.keys.data() == cache->key_storage().data(),
+              "update did not return the filled prefix of the cache's storage");
+      }
+    } else if (kind == 4) {
+      const Index to = fdp.ConsumeIntegralInRange<Index>(-2, max_len + 2);
+      e.bad(to < 0 || to > len_before, "truncate outside [0, seq_len]");
+      o = outcome_of([&] { cache->truncate(to); });
+      check_outcome(e, o, "KVCache::truncate");
+      if (o == Outcome::kOk) seq_len = to;
+    } else {
+      cache->reset();
+      seq_len = 0;
+    }
+    ++stats.calls[kCacheScenario];
+    if (o == Outcome::kOk) ++stats.compared[kCacheScenario];
+    if (o != Outcome::kOk) {
+      ++stats.rejected[kCacheScenario];
+      check(cache->seq_len() == len_before, "a rejected call changed seq_len");
+      check(af::test::bitwise_equal(cache->key_storage(), key_snapshot) &&
+                af::test::bitwise_equal(cache->value_storage(), value_snapshot) &&
+                af::test::bitwise_equal(cache->doc_id_storage(), id_snapshot),
+            "a rejected call changed the cache's storage");
+    }
+    // The filled prefix always equals the shadow.
+    check(cache->seq_len() == seq_len, "seq_len differs from the shadow");
+    const af::KVPrefix<T> p = cache->prefix();
+    for (Index b = 0; b < batch; ++b) {
+      for (Index h = 0; h < n_kv_heads; ++h) {
+        for (Index s = 0; s < seq_len; ++s) {
+          check(
+              std::memcmp(p.keys.row(b, h, s), &keys[static_cast<std::size_t>(at(b, h, s))],
+                          sizeof(T) * head_dim) == 0 &&
+                  std::memcmp(p.values.row(b, h, s), &values[static_cast<std::size_t>(at(b, h, s))],
+                              sizeof(T) * head_dim) == 0,
+              "cached keys/values differ from the shadow");
+        }
+      }
+      for (Index s = 0; s < seq_len && record; ++s) {
+        check(cache->doc_ids()(b, s) == ids[static_cast<std::size_t>(b * max_len + s)],
+              "cached doc ids differ");
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention.
+
+// max over rows of sum |w[r, :]| (the infinity norm: |W x|_max <= it * |x|_max).
+double row_norm(const af::ConstView<float, 2>& w) {
+  double worst = 0.0;
+  for (Index r = 0; r < w.dimension(0); ++r) {
+    double sum = 0.0;
+    for (Index c = 0; c < w.dimension(1); ++c) sum += std::abs(static_cast<double>(w(r, c)));
+    worst = std::max(worst, sum);
+  }
+  return worst;
+}
+
+void fuzz_attention(FuzzedDataProvider& fdp) {
+  using T = float;
+  // Mostly a valid module (so forward is exercised); one input in four draws every
+  // constructor argument freely, invalid combinations included.
+  const bool free_args = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  const Index n_kv_heads = fdp.ConsumeIntegralInRange<Index>(free_args ? 0 : 1, 3);
+  const Index n_heads = free_args ? fdp.ConsumeIntegralInRange<Index>(0, 6)
+                                  : n_kv_heads * fdp.ConsumeIntegralInRange<Index>(1, 3);
+  const Index head_dim_arg =
+      free_args ? pick<Index>(fdp, {0, 0, 2, 4, 6, 8, 3, -2}) : pick<Index>(fdp, {2, 4, 6, 8, 0});
+  const Index dim = head_dim_arg == 0 && !free_args
+                        ? n_heads * 2 * fdp.ConsumeIntegralInRange<Index>(1, 4)
+                        : fdp.ConsumeIntegralInRange<Index>(free_args ? 0 : 1, 40);
+  const bool qk_norm = fdp.ConsumeBool();
+  const double norm_eps =
+      free_args
+          ? pick<double>(fdp, {1e-5, 1e-5, 0.0, -1.0, std::numeric_limits<double>::quiet_NaN()})
+          : 1e-5;
+  Expected ctor;
+  const Index head_dim = head_dim_arg == 0 && n_heads > 0 ? dim / n_heads : head_dim_arg;
+  ctor.bad(dim <= 0 || n_heads <= 0 || n_kv_heads <= 0 || head_dim <= 0, "non-positive size");
+  ctor.bad(n_kv_heads > 0 && n_heads % n_kv_heads != 0, "heads not a multiple of kv heads");
+  ctor.bad(head_dim % 2 != 0, "odd head_dim");
+  ctor.bad(!(norm_eps > 0.0), "norm_eps");
+  std::optional<af::Attention<T>> fast, ref;
+  const Outcome made =
+      outcome_of([&] { fast.emplace(dim, n_heads, n_kv_heads, head_dim_arg, qk_norm, norm_eps); });
+  check_outcome(ctor, made, "Attention constructor");
+  if (made != Outcome::kOk) return;
+  ref.emplace(dim, n_heads, n_kv_heads, head_dim_arg, qk_norm, norm_eps);
+  const std::uint64_t seed = fdp.ConsumeIntegral<std::uint32_t>();
+  fast->reset_parameters(seed);
+  ref->reset_parameters(seed);
+
+  af::SdpaOptions options;
+  const bool free_options = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  options.window = free_options
+                       ? pick<Index>(fdp, {0, 3, std::numeric_limits<Index>::max(), -2})
+                       : pick<Index>(fdp, {0, 0, 0, 1, 3, 9, std::numeric_limits<Index>::max()});
+  options.softcap = free_options ? pick<double>(fdp, {0.0, 5.0, -1.0})
+                                 : pick<double>(fdp, {0.0, 0.0, 0.0, 5.0, 50.0});
+  if (fdp.ConsumeBool()) {
+    options.scale = free_options ? pick<double>(fdp, {0.1, std::numeric_limits<double>::infinity()})
+                                 : pick<double>(fdp, {0.1, 1.0});
+  }
+  options.empty_rows =
+      fdp.ConsumeBool() ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
+  options.path =
+      pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kFused, af::SdpaPath::kDecode});
+  fast->set_sdpa_options(options);
+  af::SdpaOptions ref_options = options;
+  ref_options.path = af::SdpaPath::kReference;
+  ref->set_sdpa_options(ref_options);
+  if (fdp.ConsumeBool()) fast->set_device(&pool_device());
+  const bool bad_options = options.window < 0 || options.softcap < 0 ||
+                           (options.scale && !std::isfinite(*options.scale));
+
+  // The cache (sometimes of the wrong geometry) and the session's steps.
+  const Index batch = fdp.ConsumeIntegralInRange<Index>(1, 2);
+  const int cache_kind =
+      pick<int>(fdp, {0, 1, 2, 0, 1, 2, 3});  // none, plain, records ids, mismatched
+  const Index max_len = fdp.ConsumeIntegralInRange<Index>(1, 16);
+  std::optional<af::KVCache<T>> fast_cache, ref_cache;
+  if (cache_kind > 0) {
+    const Index cache_heads = n_kv_heads + (cache_kind == 3 ? 1 : 0);
+    fast_cache.emplace(batch, max_len, cache_heads, head_dim, cache_kind == 2);
+    ref_cache.emplace(batch, max_len, cache_heads, head_dim, cache_kind == 2);
+  }
+  const af::RotaryEmbedding<T> rope(
+      head_dim + (fdp.ConsumeIntegralInRange<int>(0, 15) == 0 ? 2 : 0), 24);
+  double x_max = 0.0;  // over every step so far: bounds the cached values too
+  const double wv_norm = row_norm(fast->weights().wv), wo_norm = row_norm(fast->weights().wo);
+  const double wq_norm = row_norm(fast->weights().wq), wk_norm = row_norm(fast->weights().wk);
+  Index pos = 0;
+  const int steps = fdp.ConsumeIntegralInRange<int>(1, 3);
+  for (int step = 0; step < steps && fdp.remaining_bytes() > 0; ++step) {
+    const Index seq_len = fdp.ConsumeIntegralInRange<Index>(0, 6);
+    // Mostly consistent arguments; one step in four may break any of them.
+    const bool free_step = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+    const Index x_dim = dim + (free_step && fdp.ConsumeBool() ? 1 : 0);
+    const Index start = free_step && fdp.ConsumeBool() ? 20 : pos;
+    af::Tensor<T, 3> x = af::test::random_uniform<T, 3>({batch, seq_len, x_dim},
+                                                        static_cast<std::uint32_t>(seed + step));
+    const bool give_ids =
+        free_step || !fast_cache ? fdp.ConsumeBool() : fast_cache->records_doc_ids();
+    const bool give_padding = fdp.ConsumeBool();
+    const Index cached = fast_cache ? fast_cache->seq_len() : 0;
+    const Index pad_len = cached + seq_len + (free_step && fdp.ConsumeBool() ? 1 : 0);
+    af::Tensor<af::DocId, 2> ids(batch, seq_len);
+    for (Index i = 0; i < ids.size(); ++i) ids.data()[i] = (pos * batch + i) / 5;
+    af::Tensor<bool, 2> padding(batch, pad_len);
+    for (Index i = 0; i < padding.size(); ++i) padding.data()[i] = (i * 7 + step) % 5 != 0;
+    const af::ConstView<af::DocId, 2> ids_arg =
+        give_ids ? af::ConstView<af::DocId, 2>(ids) : af::ConstView<af::DocId, 2>();
+    const af::ConstView<bool, 2> pad_arg =
+        give_padding ? af::ConstView<bool, 2>(padding) : af::ConstView<bool, 2>();
+    // Empty mask tensors count as absent (see fuzz_sdpa).
+    const bool has_ids = ids_arg.has_value(), has_padding = pad_arg.has_value();
+
+    Expected e;
+    e.bad(rope.head_dim() != head_dim, "rope head_dim");
+    e.bad(start + seq_len > rope.cos().dimension(0), "positions beyond the rope table");
+    e.bad(x_dim != dim, "x's last dimension");
+    e.bad(bad_options, "sdpa options");
+    e.bad(has_padding && pad_len != cached + seq_len, "padding length");
+    if (fast_cache) {
+      e.bad(fast_cache->n_kv_heads() != n_kv_heads, "cache geometry");
+      e.bad(has_ids != fast_cache->records_doc_ids(), "doc ids iff the cache records them");
+      e.overflow = cached + seq_len > max_len;
+    }
+    const af::Tensor<T, 4> keys_before =
+        fast_cache ? fast_cache->key_storage() : af::Tensor<T, 4>();
+    const Index len_before = fast_cache ? fast_cache->seq_len() : 0;
+    af::Tensor<T, 3> out_fast, out_ref;
+    const Outcome o = outcome_of([&] {
+      out_fast =
+          fast->forward(x, rope, start, fast_cache ? &*fast_cache : nullptr, ids_arg, pad_arg);
+    });
+    check_outcome(e, o, "Attention::forward");
+    ++stats.calls[kAttentionScenario];
+    if (o != Outcome::kOk) {
+      ++stats.rejected[kAttentionScenario];
+      if (fast_cache) {
+        check(fast_cache->seq_len() == len_before &&
+                  af::test::bitwise_equal(fast_cache->key_storage(), keys_before),
+              "a rejected forward changed the cache");
+      }
+      continue;
+    }
+    out_ref = ref->forward(x, rope, start, ref_cache ? &*ref_cache : nullptr, ids_arg, pad_arg);
+    if (fast_cache) {
+      // Keys and values are computed before the SDPA path matters: identical caches.
+      check(af::test::bitwise_equal(fast_cache->key_storage(), ref_cache->key_storage()) &&
+                af::test::bitwise_equal(fast_cache->value_storage(), ref_cache->value_storage()),
+            "caches of the fast and the reference module differ");
+    }
+    pos = start + seq_len;
+    x_max = std::max(x_max, af::test::max_abs(x));
+    // Bound on the SDPA difference, carried through wo: |q_d|, |k_d| <= |x| * ||w||_inf
+    // (with QK-norm <= sqrt(D) * max|norm weight| = sqrt(D), the weights being ones),
+    // times sqrt(2) for RoPE's rotation of a pair; |v| <= |x| * ||wv||_inf.
+    const double d = static_cast<double>(head_dim);
+    const double q_max = std::sqrt(2.0) * (qk_norm ? std::sqrt(d) : x_max * wq_norm);
+    const double k_max = std::sqrt(2.0) * (qk_norm ? std::sqrt(d) : x_max * wk_norm);
+    const double scale = options.scale.value_or(1.0 / std::sqrt(d));
+    af::test::BudgetInputs in;
+    in.head_dim = head_dim;
+    in.max_keys = (fast_cache ? fast_cache->seq_len() : seq_len);
+    in.max_score = std::abs(scale) * d * q_max * k_max;
+    in.softcap = options.softcap;
+    in.max_abs_lse = in.max_score + std::log(static_cast<double>(std::max<Index>(1, in.max_keys)));
+    const double sdpa_bound = af::test::sdpa_budget<T>(options.path, in).out +
+                              af::test::sdpa_budget<T>(af::SdpaPath::kReference, in).out;
+    // The output projection itself is the same float code in both modules.
+    const double bound = sdpa_bound * x_max * wv_norm * wo_norm;
+    ++stats.compared[kAttentionScenario];
+    const double err = af::test::max_abs_diff(out_fast, out_ref);
+    if (!(err <= bound)) {
+      fail("Attention::forward differs from the reference path by " + sci(err) + " > " +
+           sci(bound));
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  FuzzedDataProvider fdp(data, size);
+  switch (fdp.ConsumeIntegralInRange<int>(0, 3)) {
+    case 0:
+      fuzz_sdpa<float>(fdp);
+      break;
+    case 1:
+      fuzz_sdpa<double>(fdp);
+      break;
+    case 2:
+      fuzz_kv_cache(fdp);
+      break;
+    default:
+      fuzz_attention(fdp);
+      break;
+  }
+  return 0;
+}
