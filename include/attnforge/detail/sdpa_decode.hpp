@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -58,8 +59,32 @@ struct DecodeScratch {
   Buffer row_sum;    // rows
 };
 
+// The keys one batch row's queries can see at all: the union of their positional
+// ranges, narrowed to their documents when the key ids are sorted (packed sequences, a
+// cache continuing a packed stream). With a single query document and sorted ids every
+// key inside has that document, so no per-key document check is left.
+struct DecodeKeyRange {
+  Index first = 0;
+  Index last = 0;
+  bool docs_resolved = false;
+};
+
+inline DecodeKeyRange decode_key_range(const BatchMask& mask, Index q_len) {
+  DecodeKeyRange range{mask.key_begin(0), mask.key_end(q_len - 1), mask.q_docs == nullptr};
+  if (mask.q_docs == nullptr || range.first >= range.last) return range;
+  const DocId* kv_first = mask.kv_docs + range.first;
+  const DocId* kv_last = mask.kv_docs + range.last;
+  if (!std::is_sorted(kv_first, kv_last)) return range;
+  const auto [q_min, q_max] = std::minmax_element(mask.q_docs, mask.q_docs + q_len);
+  range.first = std::lower_bound(kv_first, kv_last, *q_min) - mask.kv_docs;
+  range.last = std::upper_bound(kv_first, kv_last, *q_max) - mask.kv_docs;
+  range.docs_resolved = *q_min == *q_max;
+  return range;
+}
+
 template <typename T>
 struct DecodeWorkspace {
+  std::vector<DecodeKeyRange> key_ranges;  // per batch row
   std::vector<DecodeScratch<T>> workers;
   // Per (b, kv_head, chunk): rows x D normalised partial outputs and rows lse (log2).
   std::vector<T, Eigen::aligned_allocator<T>> partial_out;
@@ -178,7 +203,7 @@ inline Index padded_head_dim(Index head_dim, Index packet) {
 // One (batch row, KV head, key chunk) item: all rows of the group against the chunk's
 // keys, leaving normalised outputs and lse (log2 units) in the partial slots.
 template <typename P, bool kSoftcap, bool kMasked>
-void decode_chunk(const P& pb, Index b, Index kv_head, Index chunk,
+void decode_chunk(const P& pb, Index b, Index kv_head, Index chunk, const DecodeKeyRange& range,
                   DecodeScratch<typename P::Compute>& s, typename P::Compute* partial_out,
                   typename P::Compute* partial_lse) {
   using T = typename P::Compute;
@@ -194,9 +219,11 @@ void decode_chunk(const P& pb, Index b, Index kv_head, Index chunk,
   const Index kv_len = pb.k.dimension(2);
   const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
   const Index rows = q_len * n_rep;  // row r: position r / n_rep, head kv_head * n_rep + r % n_rep
-  const Index key_first = chunk * kDecodeChunk;
-  const Index key_last = std::min(kv_len, key_first + kDecodeChunk);
+  // The chunk's keys that some row may see (possibly none: the chunk then gives lse -inf).
+  const Index key_first = std::max(chunk * kDecodeChunk, range.first);
+  const Index key_last = std::min(std::min(kv_len, (chunk + 1) * kDecodeChunk), range.last);
   const BatchMask mask = batch_mask(pb.params.rules, pb.masks, b, q_len, kv_len);
+  const bool per_key_mask = kMasked && (mask.key_allowed != nullptr || !range.docs_resolved);
 
   const T q_scale = static_cast<T>(kSoftcap ? pb.params.scale : pb.params.scale * kLog2e);
   for (Index r = 0; r < rows; ++r) {
@@ -246,7 +273,7 @@ void decode_chunk(const P& pb, Index b, Index kv_head, Index chunk,
       T* row_scores = s.weights.data() + r * kP;
       Packet scores = ei::pload<Packet>(row_scores);
       if constexpr (kSoftcap) scores = ei::pmul(cap, tanh(ei::pmul(scores, inv_cap)));
-      if (kMasked || !positional_full || n_keys < kP) {
+      if (per_key_mask || !positional_full || n_keys < kP) {
         ei::pstore(lanes, scores);
         const Index i = r / n_rep;
         for (Index j = 0; j < kP; ++j) {
@@ -382,13 +409,19 @@ void flash_decode(const P& pb, const Eigen::ThreadPoolDevice* device,
   ws.partial_out.resize(static_cast<std::size_t>(groups * n_chunks * rows * hd));
   ws.partial_lse.resize(static_cast<std::size_t>(groups * n_chunks * rows));
   const bool masked = pb.masks.doc_ids.has_value() || pb.masks.key_padding_mask.has_value();
+  ws.key_ranges.resize(static_cast<std::size_t>(batch));
+  for (Index b = 0; b < batch; ++b) {
+    ws.key_ranges[static_cast<std::size_t>(b)] = decode_key_range(
+        batch_mask(pb.params.rules, pb.masks, b, pb.q.dimension(2), kv_len), pb.q.dimension(2));
+  }
 
   const auto run = [&](auto softcap, auto with_masks) {
     parallel_for_items(device, groups * n_chunks, [&](int worker, Index item) {
       const Index group = item / n_chunks;
       const Index chunk = item % n_chunks;
       decode_chunk<P, decltype(softcap)::value, decltype(with_masks)::value>(
-          pb, group / n_kv_heads, group % n_kv_heads, chunk, ws.workers[static_cast<std::size_t>(worker)],
+          pb, group / n_kv_heads, group % n_kv_heads, chunk,
+          ws.key_ranges[static_cast<std::size_t>(group / n_kv_heads)], ws.workers[static_cast<std::size_t>(worker)],
           ws.partial_out.data() + (item * rows) * hd, ws.partial_lse.data() + item * rows);
     });
   };
