@@ -18,8 +18,8 @@ void expect_plan_matches_dense(const DenseMasks& dense, Index batch, Index q_len
                                Index positions, Index key_tile) {
   const Masks masks = library_masks(dense);
   detail::TilePlan plan;
-  plan.build(detail::MaskRules{dense.causal, dense.window}, masks, batch, q_len, kv_len,
-             positions, key_tile);
+  plan.build(detail::MaskRules{dense.causal, dense.window}, masks, batch, q_len, kv_len, positions,
+             key_tile);
   for (Index b = 0; b < batch; ++b) {
     const auto allowed = dense_allowed(dense, b, q_len, kv_len);
     for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
@@ -32,8 +32,8 @@ void expect_plan_matches_dense(const DenseMasks& dense, Index batch, Index q_len
             ++n_pairs;
           }
         }
-        const std::string where = "b " + std::to_string(b) + " qt " + std::to_string(qt) +
-                                  " kt " + std::to_string(kt);
+        const std::string where =
+            "b " + std::to_string(b) + " qt " + std::to_string(qt) + " kt " + std::to_string(kt);
         if (kt < first || kt >= last) {
           EXPECT_EQ(n_allowed, 0) << "allowed pairs outside key_tile_range at " << where;
           continue;
@@ -76,9 +76,10 @@ TEST(TilePlan, ClassesAgreeWithDenseMaskForEveryRule) {
         dense.causal = variant != 1;
         dense.window = (variant == 1 || variant == 5) ? 11 : 0;
         if (variant >= 2) {
-          Tensor<DocId, 2> kv_docs = variant == 3
-              ? random_uniform<DocId, 2>({batch, kv_len}, 7, 0, 3)  // unsorted, repeated
-              : packed_doc_ids(batch, kv_len, {9, 1, 20});
+          Tensor<DocId, 2> kv_docs =
+              variant == 3
+                  ? random_uniform<DocId, 2>({batch, kv_len}, 7, 0, 3)  // unsorted, repeated
+                  : packed_doc_ids(batch, kv_len, {9, 1, 20});
           Tensor<DocId, 2> q_docs(batch, q_len);
           for (Index b = 0; b < batch; ++b) {
             for (Index i = 0; i < q_len; ++i) q_docs(b, i) = kv_docs(b, kv_len - q_len + i);
@@ -94,9 +95,9 @@ TEST(TilePlan, ClassesAgreeWithDenseMaskForEveryRule) {
           }
           dense.key_padding = padding;
         }
-        SCOPED_TRACE("Sq " + std::to_string(q_len) + " Skv " + std::to_string(kv_len) +
-                     " tile " + std::to_string(positions) + "x" + std::to_string(key_tile) +
-                     " variant " + std::to_string(variant));
+        SCOPED_TRACE("Sq " + std::to_string(q_len) + " Skv " + std::to_string(kv_len) + " tile " +
+                     std::to_string(positions) + "x" + std::to_string(key_tile) + " variant " +
+                     std::to_string(variant));
         expect_plan_matches_dense(dense, batch, q_len, kv_len, positions, key_tile);
       }
     }
@@ -168,7 +169,8 @@ TEST_P(FusedKernel, MatchesDenseReferenceForAnyKeyTileAndThreadCount) {
   DenseOptions dense_options;
   dense_options.softcap = c.softcap;
   dense_options.attend_all_when_empty = c.attend_all;
-  const DenseResult ref = dense_sdpa(to_double(q), to_double(k), to_double(v), dense, dense_options);
+  const DenseResult ref =
+      dense_sdpa(to_double(q), to_double(k), to_double(v), dense, dense_options);
 
   const Masks masks = library_masks(dense);
   Tensor<float, 4> first_out;
@@ -192,26 +194,26 @@ TEST_P(FusedKernel, MatchesDenseReferenceForAnyKeyTileAndThreadCount) {
 
 const KernelCase kKernelCases[] = {
     // batch, H, Hkv, Sq, Skv, D, causal, window, softcap, docs, padding, attend_all
-    {1, 4, 4, 70, 70, 64, true, 0, 0.0, 0, false, false},      // MHA, more than one tile
-    {2, 8, 2, 33, 33, 80, true, 0, 0.0, 0, false, false},      // GQA, D not a packet multiple of 16
-    {1, 6, 1, 19, 45, 128, true, 0, 0.0, 0, false, false},     // MQA, chunk on a cache
-    {1, 4, 2, 1, 77, 64, true, 0, 0.0, 0, false, false},       // decode step
-    {1, 4, 2, 40, 40, 64, false, 0, 0.0, 0, false, false},     // not causal
-    {1, 4, 2, 50, 61, 64, true, 17, 0.0, 0, false, false},     // sliding window
-    {1, 4, 2, 50, 50, 64, false, 9, 0.0, 0, false, false},     // window without causal
-    {1, 4, 2, 45, 45, 64, true, 0, 30.0, 0, false, false},     // Gemma-style softcap
-    {2, 4, 2, 55, 55, 64, true, 0, 0.0, 1, false, false},      // packed documents
-    {2, 4, 2, 30, 30, 64, true, 0, 0.0, 2, false, false},      // unsorted doc ids
-    {2, 4, 2, 30, 39, 64, true, 0, 0.0, 0, true, false},       // padding
-    {2, 4, 2, 30, 39, 64, false, 0, 0.0, 2, true, true},       // empty rows attend all
-    {2, 8, 2, 37, 41, 80, true, 13, 20.0, 1, true, false},     // everything at once
-    {1, 68, 1, 3, 20, 64, true, 0, 0.0, 0, false, false},      // n_rep larger than the lanes
+    {1, 4, 4, 70, 70, 64, true, 0, 0.0, 0, false, false},   // MHA, more than one tile
+    {2, 8, 2, 33, 33, 80, true, 0, 0.0, 0, false, false},   // GQA, D not a packet multiple of 16
+    {1, 6, 1, 19, 45, 128, true, 0, 0.0, 0, false, false},  // MQA, chunk on a cache
+    {1, 4, 2, 1, 77, 64, true, 0, 0.0, 0, false, false},    // decode step
+    {1, 4, 2, 40, 40, 64, false, 0, 0.0, 0, false, false},  // not causal
+    {1, 4, 2, 50, 61, 64, true, 17, 0.0, 0, false, false},  // sliding window
+    {1, 4, 2, 50, 50, 64, false, 9, 0.0, 0, false, false},  // window without causal
+    {1, 4, 2, 45, 45, 64, true, 0, 30.0, 0, false, false},  // Gemma-style softcap
+    {2, 4, 2, 55, 55, 64, true, 0, 0.0, 1, false, false},   // packed documents
+    {2, 4, 2, 30, 30, 64, true, 0, 0.0, 2, false, false},   // unsorted doc ids
+    {2, 4, 2, 30, 39, 64, true, 0, 0.0, 0, true, false},    // padding
+    {2, 4, 2, 30, 39, 64, false, 0, 0.0, 2, true, true},    // empty rows attend all
+    {2, 8, 2, 37, 41, 80, true, 13, 20.0, 1, true, false},  // everything at once
+    {1, 68, 1, 3, 20, 64, true, 0, 0.0, 0, false, false},   // n_rep larger than the lanes
 };
 
 std::string kernel_case_name(const ::testing::TestParamInfo<std::tuple<KernelCase, Index>>& info) {
   const auto& [c, key_tile] = info.param;
-  std::string name = "H" + std::to_string(c.n_heads) + "kv" + std::to_string(c.n_kv_heads) +
-                     "_Sq" + std::to_string(c.q_len) + "_Skv" + std::to_string(c.kv_len) + "_D" +
+  std::string name = "H" + std::to_string(c.n_heads) + "kv" + std::to_string(c.n_kv_heads) + "_Sq" +
+                     std::to_string(c.q_len) + "_Skv" + std::to_string(c.kv_len) + "_D" +
                      std::to_string(c.head_dim);
   if (c.causal) name += "_causal";
   if (c.window) name += "_window" + std::to_string(c.window);
@@ -226,6 +228,41 @@ INSTANTIATE_TEST_SUITE_P(Cases, FusedKernel,
                          ::testing::Combine(::testing::ValuesIn(kKernelCases),
                                             ::testing::Values<Index>(1, 7, 0)),
                          kernel_case_name);
+
+// The decode kernel holds a query row in registers a fixed number of packets at a time
+// and the output a whole value row at a time: every head_dim that leaves a tail of
+// packets (or of elements) behind, and odd row counts (rows taken two at a time), against
+// the double brute force on 1 and 2 threads, with a key count that ends mid-block.
+class DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {};
+
+TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
+  const auto& [head_dim, n_rep] = GetParam();
+  const Index n_kv_heads = 2, kv_len = 1100 + head_dim % 13;
+  auto q = random_normal<float, 4>({1, n_kv_heads * n_rep, 1, head_dim}, 21);
+  auto k = random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 22);
+  auto v = random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 23);
+  DenseMasks dense;
+  dense.causal = true;
+  const DenseResult ref = dense_sdpa(to_double(q), to_double(k), to_double(v), dense);
+  for (int threads : {1, 2}) {
+    Sdpa<float> sdpa(library_options(dense, {}, SdpaPath::kDecode),
+                     threads == 1 ? nullptr : &pool_device(threads));
+    Tensor<float, 4> out(q.dimensions());
+    Tensor<float, 3> lse(1, q.dimension(1), 1);
+    sdpa(q, k, v, StridedView<float, 4>(out), {}, StridedView<float, 3>(lse));
+    EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
+    EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Tails, DecodeKernel,
+                         ::testing::Combine(::testing::Values<Index>(2, 6, 10, 24, 40, 72, 136, 200,
+                                                                     264),
+                                            ::testing::Values<Index>(1, 3, 4)),
+                         [](const ::testing::TestParamInfo<std::tuple<Index, Index>>& info) {
+                           return "D" + std::to_string(std::get<0>(info.param)) + "_rep" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
 
 TEST(FusedKernelScratch, DoesNotGrowWithSequenceLength) {
   detail::KernelWorkspace<float> ws;
