@@ -25,6 +25,8 @@ namespace {
 using test::DenseMasks;
 using test::DenseOptions;
 using test::DenseResult;
+using test::kAllPaths;
+using test::path_name;
 
 enum class MaskKind { kNone, kCausal, kWindow, kDocs, kPadding, kSoftcap };
 
@@ -42,19 +44,6 @@ const char* mask_name(MaskKind m) {
       return "causal+padding";
     default:
       return "causal+softcap";
-  }
-}
-
-const char* path_name(SdpaPath path) {
-  switch (path) {
-    case SdpaPath::kReference:
-      return "kReference";
-    case SdpaPath::kFused:
-      return "kFused";
-    case SdpaPath::kDecode:
-      return "kDecode";
-    default:
-      return "kAuto";
   }
 }
 

@@ -297,7 +297,7 @@ void expect_rejected(KVCache<float>& cache, F&& call, const std::vector<std::str
 // Attention in float vs float: projections over dim = 256 inputs, RoPE tables at other
 // angles and the attention sums each add rounding of a few 1e-7 relative; 1e-5 leaves a
 // margin while any leak between documents or wrong position is off by > 1e-2.
-constexpr double kForwardTol = 1e-5;
+constexpr double kPackedForwardTol = 1e-5;
 
 class PackedAttention : public ::testing::Test {
  protected:
@@ -324,7 +324,7 @@ TEST_F(PackedAttention, EachDocumentEqualsItRunAlone) {
       const Tensor<float, 3> alone = attn_.forward(document(x_, b, start, doc_len), rope_, 0);
       EXPECT_LE(
           test::error_relative_to_scale(document(packed, b, start, doc_len).to_tensor(), alone),
-          kForwardTol)
+          kPackedForwardTol)
           << "row " << b << " document [" << start << ", " << start + doc_len << ")";
       start += doc_len;
     }
@@ -349,7 +349,7 @@ TEST_F(PackedAttention, ChunkedPrefillThroughACacheWithRecordedIdsEqualsOneShot)
     }
     EXPECT_EQ(cache.seq_len(), kLen);
     EXPECT_TRUE(test::bitwise_equal(cache.doc_ids().to_tensor(), ids_));
-    EXPECT_LE(test::error_relative_to_scale(chunked, one_shot), kForwardTol) << "chunk " << chunk;
+    EXPECT_LE(test::error_relative_to_scale(chunked, one_shot), kPackedForwardTol) << "chunk " << chunk;
   }
 }
 

@@ -26,22 +26,8 @@ namespace {
 using test::DenseMasks;
 using test::DenseOptions;
 using test::DenseResult;
-
-constexpr SdpaPath kPaths[] = {SdpaPath::kAuto, SdpaPath::kReference, SdpaPath::kFused,
-                               SdpaPath::kDecode};
-
-const char* path_name(SdpaPath path) {
-  switch (path) {
-    case SdpaPath::kReference:
-      return "kReference";
-    case SdpaPath::kFused:
-      return "kFused";
-    case SdpaPath::kDecode:
-      return "kDecode";
-    default:
-      return "kAuto";
-  }
-}
+using test::kAllPaths;
+using test::path_name;
 
 // Shapes that put the work on different kernels and tile boundaries: a prefill over
 // several key tiles (kAuto: fused kernel), a decode step over two split-KV chunks of the
@@ -146,7 +132,7 @@ TYPED_TEST(Robustness, LogitsOfMagnitude1e4WithOneKeyAheadGiveItsValueExactly) {
       std::vector<double> k0(static_cast<std::size_t>(s.kv_len), 100.0 - 2.0 * sign);
       k0[static_cast<std::size_t>(winner)] = 100.0;
       const Qkv<T> x = exact_logits<T>(s, sign, k0, 11);
-      for (SdpaPath path : kPaths) {
+      for (SdpaPath path : kAllPaths) {
         SCOPED_TRACE(::testing::Message()
                      << path_name(path) << " Skv " << s.kv_len << " sign " << sign);
         const auto r = scaled_dot_product_attention_with_lse(x.q, x.k, x.v, options_for<T>(path));
@@ -178,7 +164,7 @@ TYPED_TEST(Robustness, AllEqualLogitsOfMagnitude1e4AverageTheAllowedValues) {
       o.scale = 1.0;
       const DenseResult exact =
           test::dense_sdpa(test::to_double(x.q), test::to_double(x.k), test::to_double(x.v), m, o);
-      for (SdpaPath path : kPaths) {
+      for (SdpaPath path : kAllPaths) {
         SCOPED_TRACE(::testing::Message()
                      << path_name(path) << " Skv " << s.kv_len << " sign " << sign);
         const auto r = scaled_dot_product_attention_with_lse(
@@ -207,7 +193,7 @@ TYPED_TEST(Robustness, LogitsNear1e4WithAGenuineSpreadStayWithinTheBudget) {
     o.scale = 1.0;
     const DenseResult exact =
         test::dense_sdpa(test::to_double(x.q), test::to_double(x.k), test::to_double(x.v), m, o);
-    for (SdpaPath path : kPaths) {
+    for (SdpaPath path : kAllPaths) {
       SCOPED_TRACE(::testing::Message() << path_name(path) << " Skv " << s.kv_len);
       const auto r =
           scaled_dot_product_attention_with_lse(x.q, x.k, x.v, test::library_options(m, o, path));
@@ -235,7 +221,7 @@ void expect_single_key(const Shape& s, const DenseMasks& m, double softcap,
   o.softcap = softcap;
   const DenseResult exact =
       test::dense_sdpa(test::to_double(x.q), test::to_double(x.k), test::to_double(x.v), m, o);
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const auto r = scaled_dot_product_attention_with_lse(
         x.q, x.k, x.v, test::library_options(m, o, path), test::library_masks(m));
@@ -329,7 +315,7 @@ TYPED_TEST(Robustness, RowsWithNoAllowedKeyAreZeroWithMinusInfLseNextToHugeLogit
       const DenseResult exact =
           test::dense_sdpa(test::to_double(x.q), test::to_double(x.k), test::to_double(x.v), m, o);
       ASSERT_GT(exact.empty_rows, 0);
-      for (SdpaPath path : kPaths) {
+      for (SdpaPath path : kAllPaths) {
         SCOPED_TRACE(::testing::Message() << path_name(path) << " Skv " << s.kv_len
                                           << (attend_all ? " kAttendAll" : " kZeros"));
         const auto r = scaled_dot_product_attention_with_lse(
@@ -371,7 +357,7 @@ TYPED_TEST(Robustness, HugeWindowEqualsNoWindowWithoutOverflow) {
     for (bool causal : {false, true}) {
       if (causal && s.q_len > s.kv_len) continue;
       for (Index window : {std::numeric_limits<Index>::max(), s.kv_len}) {
-        for (SdpaPath path : kPaths) {
+        for (SdpaPath path : kAllPaths) {
           SCOPED_TRACE(::testing::Message()
                        << path_name(path) << " causal " << causal << " window " << window);
           SdpaOptions o;
@@ -453,7 +439,7 @@ TYPED_TEST(Robustness, NonFiniteQueryMakesOnlyItsOwnRowNaN) {
     Clean<T> c = clean_inputs<T>(s);
     const Index h0 = 1, i0 = s.q_len - 1;
     for (T bad : non_finite_values<T>()) {
-      for (SdpaPath path : kPaths) {
+      for (SdpaPath path : kAllPaths) {
         SCOPED_TRACE(::testing::Message()
                      << path_name(path) << " Skv " << s.kv_len << " q = " << bad);
         const SdpaOptions o = test::library_options(c.masks, {}, path);
@@ -487,7 +473,7 @@ TYPED_TEST(Robustness, NaNKeyAffectsOnlyTheRowsThatMaySeeIt) {
   for (const Shape& s : kNonFiniteShapes) {
     const Clean<T> c = clean_inputs<T>(s);
     const Index j0 = s.kv_len - 20;  // seen by the last 20 positions only (causal)
-    for (SdpaPath path : kPaths) {
+    for (SdpaPath path : kAllPaths) {
       SCOPED_TRACE(::testing::Message() << path_name(path) << " Skv " << s.kv_len);
       const SdpaOptions o = test::library_options(c.masks, {}, path);
       const auto clean = scaled_dot_product_attention_with_lse(c.q, c.k, c.v, o);
@@ -519,7 +505,7 @@ TYPED_TEST(Robustness, NonFiniteValueMakesTheRowsThatSeeItNonFinite) {
     const Clean<T> c = clean_inputs<T>(s);
     const Index j0 = s.kv_len - 20;
     for (T bad : non_finite_values<T>()) {
-      for (SdpaPath path : kPaths) {
+      for (SdpaPath path : kAllPaths) {
         SCOPED_TRACE(::testing::Message()
                      << path_name(path) << " Skv " << s.kv_len << " v = " << bad);
         Tensor<T, 4> v = c.v;
@@ -562,7 +548,7 @@ TYPED_TEST(Robustness, NonFiniteInputsBehindTheMaskAreIgnoredWhereStated) {
           }
         }
       }
-      for (SdpaPath path : kPaths) {
+      for (SdpaPath path : kAllPaths) {
         SCOPED_TRACE(::testing::Message() << path_name(path) << " Skv " << s.kv_len << " " << bad);
         const SdpaOptions o = test::library_options(m, {}, path);
         const Masks masks = test::library_masks(m);
@@ -604,7 +590,7 @@ TEST(RobustnessNonFinite, SprinkledNaNAndInfNeverThrowOrHang) {
   masks.doc_ids = q_ids;
   masks.kv_doc_ids = kv_ids;
   masks.key_padding_mask = pad;
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     for (double softcap : {0.0, 30.0}) {
       for (EmptyRowPolicy policy : {EmptyRowPolicy::kZeros, EmptyRowPolicy::kAttendAll}) {
         SdpaOptions o;

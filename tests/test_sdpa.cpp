@@ -20,6 +20,8 @@ namespace {
 using test::DenseMasks;
 using test::DenseOptions;
 using test::DenseResult;
+using test::kAllPaths;
+using test::path_name;
 using ::testing::HasSubstr;
 
 // Float results vs the double brute force, relative to the output's scale. The reference
@@ -29,24 +31,6 @@ using ::testing::HasSubstr;
 constexpr double kFloatTol = 1e-5;
 // Double results: only summation order differs from the brute force (~1e-15 relative).
 constexpr double kDoubleTol = 1e-12;
-
-// The default path, the reference, and each fast kernel explicitly (so each stays covered
-// whatever kAuto picks for a size; the decode kernel is correct for any Sq, only slower).
-constexpr SdpaPath kPaths[] = {SdpaPath::kAuto, SdpaPath::kReference, SdpaPath::kFused,
-                               SdpaPath::kDecode};
-
-const char* path_name(SdpaPath path) {
-  switch (path) {
-    case SdpaPath::kReference:
-      return "kReference";
-    case SdpaPath::kFused:
-      return "kFused";
-    case SdpaPath::kDecode:
-      return "kDecode";
-    default:
-      return "kAuto";
-  }
-}
 
 SdpaOptions with_path(SdpaOptions options, SdpaPath path) {
   options.path = path;
@@ -134,7 +118,7 @@ TEST(SdpaHandComputed, SingleQueryTwoKeysWithExplicitScale) {
   v.setValues({{{{1.0, 2.0}, {5.0, -2.0}}}});
   SdpaOptions options;
   options.scale = 1.0;
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const auto d = scaled_dot_product_attention_with_lse(q, k, v, with_path(options, path));
     EXPECT_NEAR(d.out(0, 0, 0, 0), 2.0, 1e-14);
@@ -157,7 +141,7 @@ TEST(SdpaHandComputed, DefaultScaleIsOneOverSqrtHeadDim) {
   q.setValues({{{{std::sqrt(2.0) * std::log(3.0), 0.0}}}});
   k.setValues({{{{1.0, 0.0}, {0.0, 1.0}}}});
   v.setValues({{{{1.0, 2.0}, {5.0, -2.0}}}});
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     SdpaOptions options;
     options.path = path;
@@ -176,7 +160,7 @@ TEST(SdpaHandComputed, CausalFirstRowReturnsTheFirstValueExactly) {
   SdpaOptions options;
   options.scale = 1.0;
   options.causal = true;
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const auto r = scaled_dot_product_attention_with_lse(q, k, v, with_path(options, path));
     EXPECT_EQ(r.out(0, 0, 0, 0), 1.0f);
@@ -199,7 +183,7 @@ TEST(SdpaHandComputed, SoftcapSquashesScoresBeforeTheSoftmax) {
   options.scale = 1.0;
   options.softcap = 2.0;
   const double p0 = std::exp(kCapped) / (std::exp(kCapped) + 1.0);
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const auto r = scaled_dot_product_attention_with_lse(q, k, v, with_path(options, path));
     EXPECT_NEAR(r.out(0, 0, 0, 0), p0, 1e-14);
@@ -222,7 +206,7 @@ TEST(SdpaHandComputed, QueryHeadReadsKvHeadHOverNRep) {
       }
     }
   }
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const Tensor<float, 4> out = scaled_dot_product_attention(q, k, v, with_path({}, path));
     for (Index b = 0; b < 2; ++b) {
@@ -249,7 +233,7 @@ TEST(SdpaEmptyRows, ZerosPolicyGivesZeroOutputAndMinusInfLseNeverNaN) {
   masks.key_padding_mask = pad;
   SdpaOptions options;
   options.causal = true;
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const auto r = scaled_dot_product_attention_with_lse(q, k, v, with_path(options, path), masks);
     EXPECT_FALSE(test::has_nan(r.out));
@@ -291,7 +275,7 @@ TEST(SdpaEmptyRows, AttendAllPolicyAttendsEveryKeyUnmaskedInEmptyRowsOnly) {
       scaled_dot_product_attention_with_lse(q, k, v, with_path({}, SdpaPath::kReference));
   const auto masked =
       scaled_dot_product_attention_with_lse(q, k, v, with_path(zeros, SdpaPath::kReference), masks);
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const auto r = scaled_dot_product_attention_with_lse(q, k, v, with_path(options, path), masks);
     for (Index h = 0; h < 2; ++h) {
@@ -318,7 +302,7 @@ TEST(SdpaEmptyRows, NoKeysAtAllGiveZerosNotNaNUnderEitherPolicy) {
   const Tensor<float, 4> q = test::random_normal<float, 4>({1, 2, 3, 8}, 9);
   const Tensor<float, 4> kv(1, 1, 0, 8);
   for (EmptyRowPolicy policy : {EmptyRowPolicy::kZeros, EmptyRowPolicy::kAttendAll}) {
-    for (SdpaPath path : kPaths) {
+    for (SdpaPath path : kAllPaths) {
       SCOPED_TRACE(std::string(path_name(path)) +
                    (policy == EmptyRowPolicy::kZeros ? " kZeros" : " kAttendAll"));
       SdpaOptions options;
@@ -343,7 +327,7 @@ TEST(SdpaLse, PartialResultsOverDisjointKeyRangesMergeToTheFullResult) {
   const Tensor<double, 4> k = test::random_normal<double, 4>({2, 2, 23, 16}, 11);
   const Tensor<double, 4> v = test::random_normal<double, 4>({2, 2, 23, 16}, 12);
   const ConstView<double, 4> kv_k(k), kv_v(v);
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     const SdpaOptions options = with_path({}, path);
     const auto full = scaled_dot_product_attention_with_lse(q, k, v, options);
@@ -397,7 +381,7 @@ struct SweepCase {
       return {SdpaPath::kAuto, SdpaPath::kReference, SdpaPath::kDecode};
     }
     if (q_len > 33) return {SdpaPath::kAuto, SdpaPath::kReference, SdpaPath::kFused};
-    return {std::begin(kPaths), std::end(kPaths)};
+    return {std::begin(kAllPaths), std::end(kAllPaths)};
   }
 
   std::string name() const {
@@ -706,7 +690,7 @@ TEST(SdpaShapes, UnusualGroupSizesAndHeadDimsMatchTheBruteForce) {
     m.causal = true;
     const DenseResult ref =
         test::dense_sdpa(test::to_double(q), test::to_double(k), test::to_double(v), m);
-    for (SdpaPath path : kPaths) {
+    for (SdpaPath path : kAllPaths) {
       SCOPED_TRACE(path_name(path));
       const SdpaOptions options = test::library_options(m, {}, path);
       const auto r = scaled_dot_product_attention_with_lse(q, k, v, options);
@@ -723,7 +707,7 @@ TEST(SdpaShapes, EmptyBatchOrQueryGiveEmptyResults) {
   for (const auto& [b, sq] : {std::pair<Index, Index>{0, 3}, std::pair<Index, Index>{2, 0}}) {
     const Tensor<float, 4> q(b, 4, sq, 8);
     const Tensor<float, 4> kv = test::random_normal<float, 4>({b, 2, 5, 8}, 70);
-    for (SdpaPath path : kPaths) {
+    for (SdpaPath path : kAllPaths) {
       SCOPED_TRACE(path_name(path));
       const auto r = scaled_dot_product_attention_with_lse(q, kv, kv, with_path({}, path));
       EXPECT_EQ(r.out.size(), 0);
@@ -787,7 +771,7 @@ class SdpaInputForms : public ::testing::Test {
   // Same values as the Tensor inputs, whatever form they came in.
   template <typename Q, typename K, typename V>
   void expect_matches(const Q& q, const K& k, const V& v) {
-    for (SdpaPath path : kPaths) {
+    for (SdpaPath path : kAllPaths) {
       SCOPED_TRACE(path_name(path));
       const Tensor<float, 4> out = scaled_dot_product_attention(q, k, v, with_path(options_, path));
       EXPECT_LT(test::error_relative_to_scale(out, ref_.out), kFloatTol);
@@ -851,7 +835,7 @@ TEST_F(SdpaInputForms, TransposedBSHDBuffers) {
 TEST_F(SdpaInputForms, OutputIntoAStridedCallerBuffer) {
   Tensor<float, 4> out_bshd(kB, kSq, kH, kD);
   const StridedView<float, 4> out = StridedView<float, 4>(out_bshd).transpose(1, 2);
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     out_bshd.setConstant(std::nanf(""));
     ScaledDotProductAttention<float> sdpa(with_path(options_, path));
@@ -867,7 +851,7 @@ TEST(SdpaClass, ReusedInstanceGivesTheSameResultsAsFreshOnesAcrossShapes) {
   };
   const Shape shapes[] = {
       {2, 4, 2, 33, 40, 64}, {1, 2, 1, 1, 7, 16}, {1, 8, 2, 17, 17, 128}, {2, 4, 2, 33, 40, 64}};
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     SdpaOptions options;
     options.causal = true;
@@ -1004,7 +988,7 @@ TEST(SdpaValidation, NonContiguousLastDimensionIsRejected) {
 TEST(SdpaValidation, OutAndLseOfWrongShapeAreRejectedBeforeAnythingIsWritten) {
   const Tensor<float, 4> q = test::random_normal<float, 4>({1, 2, 3, 8}, 40);
   const Tensor<float, 4> kv = test::random_normal<float, 4>({1, 1, 5, 8}, 41);
-  for (SdpaPath path : kPaths) {
+  for (SdpaPath path : kAllPaths) {
     SCOPED_TRACE(path_name(path));
     ScaledDotProductAttention<float> sdpa(with_path({}, path));
     Tensor<float, 4> bad_out(1, 2, 3, 7);

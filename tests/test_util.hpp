@@ -294,4 +294,22 @@ inline SdpaOptions library_options(const DenseMasks& m, const DenseOptions& o,
   return options;
 }
 
+// The default path, the reference, and each fast kernel explicitly (so each stays covered
+// whatever kAuto picks for a size; the decode kernel is correct for any Sq, only slower).
+inline constexpr SdpaPath kAllPaths[] = {SdpaPath::kAuto, SdpaPath::kReference, SdpaPath::kFused,
+                                         SdpaPath::kDecode};
+
+inline const char* path_name(SdpaPath path) {
+  switch (path) {
+    case SdpaPath::kReference:
+      return "kReference";
+    case SdpaPath::kFused:
+      return "kFused";
+    case SdpaPath::kDecode:
+      return "kDecode";
+    default:
+      return "kAuto";
+  }
+}
+
 }  // namespace attnforge::test
