@@ -12,12 +12,13 @@
 #include <vector>
 
 #include "attnforge/attention.hpp"
+#include "test_expect.hpp"
 #include "test_util.hpp"
 
 namespace attnforge {
 namespace {
 
-using ::testing::HasSubstr;
+using test::expect_invalid;
 
 // Forward in float vs the double computation, relative to the output's scale: float
 // projections over <= 64 inputs, float RoPE tables (2^-24) and float attention each add
@@ -205,16 +206,6 @@ TEST(AttentionConstruction, ExplicitHeadDimSetsProjectionWidths) {
   EXPECT_EQ(attn.wk().dimension(0), 16);
   EXPECT_EQ(attn.wo().dimension(0), 40);
   EXPECT_EQ(attn.wo().dimension(1), 64);
-}
-
-template <typename F>
-void expect_invalid(F&& call, const std::vector<std::string>& fragments) {
-  try {
-    call();
-    ADD_FAILURE() << "expected std::invalid_argument";
-  } catch (const std::invalid_argument& e) {
-    for (const std::string& f : fragments) EXPECT_THAT(e.what(), HasSubstr(f));
-  }
 }
 
 TEST(AttentionConstruction, RejectsHeadCountsThatDoNotDivide) {
@@ -566,12 +557,9 @@ TEST_F(AttentionValidation, KvCacheOfWrongBatchHeadsOrHeadDimIsRejected) {
 TEST_F(AttentionValidation, CacheOverflowThroughForwardThrowsLengthErrorAndLeavesTheCache) {
   const Tensor<float, 3> x_long =
       test::random_uniform<float, 3>({kBatch, 6, kDim}, 54);  // 5 + 6 > 10
-  try {
-    attn_.forward(x_long, cos(kCached, 6), sin(kCached, 6), &cache_);
-    ADD_FAILURE() << "expected std::length_error";
-  } catch (const std::length_error& e) {
-    EXPECT_THAT(e.what(), HasSubstr("max_seq_len 10"));
-  }
+  test::expect_throws<std::length_error>(
+      [&] { attn_.forward(x_long, cos(kCached, 6), sin(kCached, 6), &cache_); },
+      {"max_seq_len 10"});
   expect_cache_unchanged();
 }
 

@@ -12,12 +12,11 @@
 #include <vector>
 
 #include "attnforge/attnforge.hpp"
+#include "test_expect.hpp"
 #include "test_util.hpp"
 
 namespace attnforge {
 namespace {
-
-using ::testing::HasSubstr;
 
 // Document lengths of each batch row (one vector per row); each row sums to the same S.
 using Layouts = std::vector<std::vector<Index>>;
@@ -264,33 +263,6 @@ TEST(PackedSdpaWithCachedKeys, MatchesDenseReferenceForSortedAndRepeatedIds) {
   EXPECT_LE(test::error_relative_to_scale(out, expected.out), kPackedTol);
 }
 
-// Everything observable of a cache: seq_len and every byte of the keys, values and ids.
-struct CacheSnapshot {
-  explicit CacheSnapshot(const KVCache<float>& cache)
-      : seq_len(cache.seq_len()),
-        keys(cache.key_storage()),
-        values(cache.value_storage()),
-        ids(cache.doc_id_storage()) {}
-  Index seq_len;
-  Tensor<float, 4> keys, values;
-  Tensor<DocId, 2> ids;
-};
-
-template <typename Exception, typename F>
-void expect_rejected(KVCache<float>& cache, F&& call, const std::vector<std::string>& fragments) {
-  const CacheSnapshot before(cache);
-  try {
-    call();
-    ADD_FAILURE() << "expected an exception";
-  } catch (const Exception& e) {
-    for (const std::string& fragment : fragments) EXPECT_THAT(e.what(), HasSubstr(fragment));
-  }
-  EXPECT_EQ(cache.seq_len(), before.seq_len);
-  EXPECT_TRUE(test::bitwise_equal(cache.key_storage(), before.keys));
-  EXPECT_TRUE(test::bitwise_equal(cache.value_storage(), before.values));
-  EXPECT_TRUE(test::bitwise_equal(cache.doc_id_storage(), before.ids));
-}
-
 // ---------------------------------------------------------------------------------------
 // Attention::forward over packed documents, with and without a cache.
 
@@ -349,7 +321,8 @@ TEST_F(PackedAttention, ChunkedPrefillThroughACacheWithRecordedIdsEqualsOneShot)
     }
     EXPECT_EQ(cache.seq_len(), kLen);
     EXPECT_TRUE(test::bitwise_equal(cache.doc_ids().to_tensor(), ids_));
-    EXPECT_LE(test::error_relative_to_scale(chunked, one_shot), kPackedForwardTol) << "chunk " << chunk;
+    EXPECT_LE(test::error_relative_to_scale(chunked, one_shot), kPackedForwardTol)
+        << "chunk " << chunk;
   }
 }
 
@@ -362,7 +335,7 @@ TEST_F(PackedAttention, DocIdsWithACacheAreValidatedBeforeTheCacheIsTouched) {
   const ConstView<DocId, 2> ids = ConstView<DocId, 2>(ids_).narrow(1, 10, 4);
   const auto expect_invalid = [&](KVCache<float>& cache, auto&& call,
                                   const std::vector<std::string>& fragments) {
-    expect_rejected<std::invalid_argument>(cache, call, fragments);
+    test::expect_rejected<std::invalid_argument>(cache, call, fragments);
   };
   // Ids of the wrong shape, or none although the cache records them.
   expect_invalid(
@@ -380,8 +353,8 @@ TEST_F(PackedAttention, DocIdsWithACacheAreValidatedBeforeTheCacheIsTouched) {
   const Tensor<float, 4> cached =
       test::random_normal<float, 4>({2, kKvHeadsA, 10, attn_.head_dim()}, 42);
   small.update(cached, cached, ConstView<DocId, 2>(ids_).narrow(1, 0, 10));
-  expect_rejected<std::length_error>(small, [&] { attn_.forward(x, rope_, 10, &small, ids); },
-                                     {"10 cached + 4 new positions exceed max_seq_len 12"});
+  test::expect_rejected<std::length_error>(small, [&] { attn_.forward(x, rope_, 10, &small, ids); },
+                                           {"10 cached + 4 new positions exceed max_seq_len 12"});
   // A cache that does not record ids keeps rejecting doc_ids (SPEC.md), as before.
   KVCache<float> plain(2, kLen, kKvHeadsA, attn_.head_dim());
   expect_invalid(plain, [&] { attn_.forward(x, rope_, 0, &plain, ids); },

@@ -7,12 +7,11 @@
 #include <stdexcept>
 
 #include "attnforge/rope.hpp"
+#include "test_expect.hpp"
 #include "test_util.hpp"
 
 namespace attnforge {
 namespace {
-
-using ::testing::HasSubstr;
 
 constexpr double kPi = 3.14159265358979323846;
 // Hand values of the angles used below (not computed by the library or by std::cos).
@@ -27,12 +26,7 @@ const double kQuarterTurnTheta = 4.0 / (kPi * kPi);
 
 template <typename E>
 void expect_invalid_argument(E&& call, const char* fragment) {
-  try {
-    call();
-    ADD_FAILURE() << "expected std::invalid_argument containing \"" << fragment << "\"";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_THAT(e.what(), HasSubstr(fragment));
-  }
+  test::expect_invalid(call, {fragment});
 }
 
 TEST(RopeTables, HaveMaxSeqLenRowsAndHalfHeadDimColumns) {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "attnforge/sdpa.hpp"
+#include "test_expect.hpp"
 #include "test_util.hpp"
 
 namespace attnforge {
@@ -20,9 +21,9 @@ namespace {
 using test::DenseMasks;
 using test::DenseOptions;
 using test::DenseResult;
+using test::expect_invalid;
 using test::kAllPaths;
 using test::path_name;
-using ::testing::HasSubstr;
 
 // Float results vs the double brute force, relative to the output's scale. The reference
 // path rounds once (2^-24); a float-accumulating kernel adds errors of order
@@ -906,16 +907,6 @@ TEST(SdpaClass, KeyTileSizeChangesResultsOnlyWithinRounding) {
 
 // ---------------------------------------------------------------------------------------
 // Validation: std::invalid_argument naming the argument and showing the shapes.
-
-template <typename F>
-void expect_invalid(F&& call, const std::vector<std::string>& fragments) {
-  try {
-    call();
-    ADD_FAILURE() << "expected std::invalid_argument";
-  } catch (const std::invalid_argument& e) {
-    for (const std::string& f : fragments) EXPECT_THAT(e.what(), HasSubstr(f));
-  }
-}
 
 TEST(SdpaValidation, MismatchedBatchIsRejectedWithBothShapes) {
   const Tensor<float, 4> q(2, 4, 5, 8), k(3, 2, 5, 8), v(3, 2, 5, 8), v_bad(1, 2, 5, 8);

@@ -8,12 +8,11 @@
 #include <vector>
 
 #include "attnforge/tensor.hpp"
+#include "test_expect.hpp"
 #include "test_util.hpp"
 
 namespace attnforge {
 namespace {
-
-using ::testing::HasSubstr;
 
 // ---- Compile-time: ranks and layouts are part of the type. ----
 static_assert(std::is_constructible_v<StridedView<const float, 4>, Tensor<float, 4>&>);
@@ -164,24 +163,21 @@ TEST(CheckShape, AcceptsMatchingShapeAndWildcards) {
 
 TEST(CheckShape, MessageNamesEntryPointArgumentAndBothShapes) {
   Tensor<float, 3> t(2, 3, 5);
-  try {
-    detail::check_shape("my_function", "x", ConstView<float, 3>(t), {2, -1, 4}, "(B, S, D)");
-    FAIL() << "expected std::invalid_argument";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_THAT(e.what(), HasSubstr("my_function: x has shape (2, 3, 5)"));
-    EXPECT_THAT(e.what(), HasSubstr("(B, S, D) = (2, -1, 4)"));
-  }
+  test::expect_invalid(
+      [&] {
+        detail::check_shape("my_function", "x", ConstView<float, 3>(t), {2, -1, 4}, "(B, S, D)");
+      },
+      {"my_function: x has shape (2, 3, 5)", "(B, S, D) = (2, -1, 4)"});
 }
 
 TEST(CheckShape, RejectsNonContiguousLastDimension) {
   Tensor<float, 2> t(4, 4);
   const ConstView<float, 2> column_major = ConstView<float, 2>(t).transpose(0, 1);
-  try {
-    detail::check_shape("f", "weights", column_major, {4, 4}, "(out, in)");
-    FAIL() << "expected std::invalid_argument";
-  } catch (const std::invalid_argument& e) {
-    EXPECT_THAT(e.what(), HasSubstr("f: weights must have a contiguous last dimension"));
-  }
+  test::expect_invalid(
+      [&] {
+        detail::check_shape("f", "weights", column_major, {4, 4}, "(out, in)");
+      },
+      {"f: weights must have a contiguous last dimension"});
 }
 
 TEST(CheckShape, ShapeStringListsDimensionsInParentheses) {
