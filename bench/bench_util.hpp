@@ -125,4 +125,13 @@ inline double causal_pairs(Index q_len, Index kv_len) {
   return n * offset + n * (n + 1) / 2;
 }
 
+// The body of every benchmark binary's main, after it has registered its rows.
+inline int run_registered_benchmarks(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}
+
 }  // namespace attnforge::bench
