@@ -20,13 +20,6 @@ Tensor<T, Rank> rounded_normal(const std::array<Index, Rank>& dims, std::uint32_
   return t;
 }
 
-template <typename T, int Rank>
-Tensor<double, Rank> widen(const Tensor<T, Rank>& t) {
-  Tensor<double, Rank> out(t.dimensions());
-  for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<double>(t.data()[i]);
-  return out;
-}
-
 // Error bounds relative to the output's scale. Inputs are exact in both computations
 // (the reference widens the same rounded values), accumulation is float (~1e-6), so the
 // error is the final rounding of each output to T: half an ulp, 2^-9 relative for bf16
@@ -60,7 +53,7 @@ void expect_matches_reference(SdpaPath path, Index q_len, Index kv_len, bool wit
     dense.q_docs = q_docs;
     dense.kv_docs = docs;
   }
-  const DenseResult ref = dense_sdpa(widen(q), widen(k), widen(v), dense);
+  const DenseResult ref = dense_sdpa(to_double(q), to_double(k), to_double(v), dense);
   const Masks masks = library_masks(dense);
   Tensor<T, 4> first;
   for (int threads : {1, 2}) {
