@@ -33,16 +33,7 @@ float uniform_pm1(std::uint64_t& state) {
 
 // RMSNorm without weights, as Llama's pre-norm: every layer sees unit-scale inputs however
 // large the residual stream grows.
-af::Tensor<float, 3> rms_norm(const af::Tensor<float, 3>& x) {
-  af::Tensor<float, 3> y(x.dimensions());
-  const af::Index dim = x.dimension(2);
-  Eigen::Map<const RowMatrix> in(x.data(), x.size() / dim, dim);
-  Eigen::Map<RowMatrix>(y.data(), x.size() / dim, dim) =
-      in.array().colwise() * (in.rowwise().squaredNorm().array() / dim + 1e-5f).rsqrt();
-  return y;
-}
-
-// A Llama-like stack without MLPs: x += attention(rms_norm(x)) per layer, and the output
+// A Llama-like stack without MLPs: x += attention(attention_norm(x)) per layer, and the output
 // projection tied to the token embedding.
 class TinyModel {
  public:
@@ -59,7 +50,8 @@ class TinyModel {
       layer.reset_parameters(1000 + l);
       // The default init gives near-uniform attention, whose context average hardly moves
       // between steps (greedy decoding would repeat one token); sharper queries fix that.
-      layer.wq() = layer.wq() * 8.0f;
+      layer.wq() = layer.wq().tensor() * 8.0f;
+      norms_.emplace_back(c.dim);
       layer.set_device(device);
     }
   }
@@ -74,7 +66,8 @@ class TinyModel {
       std::copy_n(&embedding_(tokens[s], 0), dim, &x(0, s, 0));
     }
     for (std::size_t l = 0; l < layers_.size(); ++l) {
-      x += layers_[l].forward(rms_norm(x), rope_, start_pos, caches ? &(*caches)[l] : nullptr);
+      const af::Tensor<float, 3> normed = norms_[l].forward(x);
+      x += layers_[l].forward(normed, rope_, start_pos, caches ? &(*caches)[l] : nullptr);
     }
     return x;
   }
@@ -93,6 +86,7 @@ class TinyModel {
   af::Tensor<float, 2> embedding_;  // (vocab, dim)
   af::RotaryEmbedding<float> rope_;
   std::vector<af::Attention<float>> layers_;
+  std::vector<af::RMSNorm<float>> norms_;  // the attention_norm of each layer (weight 1)
 };
 
 double seconds_since(std::chrono::steady_clock::time_point start) {

@@ -88,8 +88,7 @@ int main(int argc, char** argv) {
       const af::Tensor<float, 4> sdpa_alone =
           af::scaled_dot_product_attention(document(q, b, start, len), document(k, b, start, len),
                                            document(v, b, start, len), causal);
-      const af::Tensor<float, 3> attn_alone =
-          attention.forward(document(x, b, start, len), rope, 0);
+      const af::Tensor<float, 3> attn_alone = attention.forward(document(x, b, start, len), rope, 0);
       const float sdpa_diff = max_abs_diff(sdpa_alone, document(sdpa_packed, b, start, len));
       const float attn_diff = max_abs_diff(attn_alone, document(attn_packed, b, start, len));
       const float leak_diff = max_abs_diff(sdpa_alone, document(sdpa_leaky, b, start, len));

@@ -50,9 +50,9 @@ struct DoubleWeights {
 };
 
 DoubleWeights weights_of(Attention<float>& attn) {
-  return {test::to_double(attn.wq()),     test::to_double(attn.wk()),
-          test::to_double(attn.wv()),     test::to_double(attn.wo()),
-          test::to_double(attn.q_norm()), test::to_double(attn.k_norm())};
+  return {test::to_double(attn.wq().tensor()),     test::to_double(attn.wk().tensor()),
+          test::to_double(attn.wv().tensor()),     test::to_double(attn.wo().tensor()),
+          test::to_double(attn.q_norm().tensor()), test::to_double(attn.k_norm().tensor())};
 }
 
 struct ReferenceConfig {
@@ -258,6 +258,7 @@ TEST_P(AttentionForward, MatchesDoubleComputationOfTheSpec) {
   if (c.qk_norm) randomize_norms(attn, 8);
   attn.set_rope_style(c.style);
   SdpaOptions sdpa_options;
+  sdpa_options.causal = true;
   sdpa_options.window = c.window;
   sdpa_options.softcap = c.softcap;
   attn.set_sdpa_options(sdpa_options);
@@ -390,10 +391,10 @@ TEST(AttentionCallerMemory, BoundWeightsInCallerMemoryGiveTheSameResultAsCopiedW
   std::vector<float> q_norm_mem(attn.q_norm().data(), attn.q_norm().data() + kHeadDim);
   std::vector<float> k_norm_mem(attn.k_norm().data(), attn.k_norm().data() + kHeadDim);
   AttentionWeights<float> bound;
-  bound.wq = strided_copy(attn.wq(), kLd, wq_mem);
-  bound.wk = strided_copy(attn.wk(), kLd, wk_mem);
-  bound.wv = strided_copy(attn.wv(), kLd, wv_mem);
-  bound.wo = strided_copy(attn.wo(), kHeads * kHeadDim + 3, wo_mem);
+  bound.wq = strided_copy(attn.wq().tensor(), kLd, wq_mem);
+  bound.wk = strided_copy(attn.wk().tensor(), kLd, wk_mem);
+  bound.wv = strided_copy(attn.wv().tensor(), kLd, wv_mem);
+  bound.wo = strided_copy(attn.wo().tensor(), kHeads * kHeadDim + 3, wo_mem);
   bound.q_norm = ConstTensorMap<float, 1>(q_norm_mem.data(), kHeadDim);
   bound.k_norm = ConstTensorMap<float, 1>(k_norm_mem.data(), kHeadDim);
   attn.bind_weights(bound);
@@ -595,28 +596,32 @@ TEST_F(AttentionValidation, OutOfWrongShapeIsRejected) {
 
 // SPEC: every entry point checks option values before touching any output or state. The
 // module's SDPA options are checked when forward runs, so that must happen before the update.
-TEST_F(AttentionValidation, NegativeSoftcapIsRejectedBeforeTheCacheIsTouched) {
-  SdpaOptions bad;
-  bad.softcap = -1.0;
-  attn_.set_sdpa_options(bad);
-  expect_rejected_and_cache_unchanged(
-      [&] { attn_.forward(x_, cos(kCached, kSeq), sin(kCached, kSeq), &cache_); }, {"softcap"});
-}
-
-TEST_F(AttentionValidation, NonFiniteScaleIsRejectedBeforeTheCacheIsTouched) {
-  SdpaOptions bad;
-  bad.scale = std::nan("");
-  attn_.set_sdpa_options(bad);
-  expect_rejected_and_cache_unchanged(
-      [&] { attn_.forward(x_, cos(kCached, kSeq), sin(kCached, kSeq), &cache_); }, {"scale"});
-}
-
-TEST_F(AttentionValidation, NegativeWindowIsRejectedBeforeTheCacheIsTouched) {
-  SdpaOptions bad;
-  bad.window = -2;
-  attn_.set_sdpa_options(bad);
-  expect_rejected_and_cache_unchanged(
-      [&] { attn_.forward(x_, cos(kCached, kSeq), sin(kCached, kSeq), &cache_); }, {"window"});
+// set_sdpa_options validates the options itself: a rejected set keeps the previous
+// options, and the module (and its cache) keep working with them.
+TEST_F(AttentionValidation, BadSdpaOptionsAreRejectedBySetSdpaOptionsAndChangeNothing) {
+  SdpaOptions good;
+  good.causal = true;
+  good.softcap = 30.0;
+  attn_.set_sdpa_options(good);
+  const auto bad_with = [&](auto change) {
+    SdpaOptions bad = good;
+    change(bad);
+    return bad;
+  };
+  const std::pair<SdpaOptions, const char*> cases[] = {
+      {bad_with([](SdpaOptions& o) { o.softcap = -1.0; }), "softcap must be >= 0"},
+      {bad_with([](SdpaOptions& o) { o.scale = std::nan(""); }), "scale must be finite"},
+      {bad_with([](SdpaOptions& o) { o.window = -2; }), "window must be >= 0"},
+      {bad_with([](SdpaOptions& o) { o.causal = false; }), "options.causal is false"},
+  };
+  for (const auto& [bad, fragment] : cases) {
+    test::expect_invalid([&] { attn_.set_sdpa_options(bad); },
+                         {"Attention::set_sdpa_options", fragment});
+    EXPECT_TRUE(attn_.sdpa_options().causal);
+    EXPECT_EQ(attn_.sdpa_options().softcap, 30.0);
+    EXPECT_EQ(attn_.sdpa_options().window, 0);
+  }
+  EXPECT_NO_THROW(attn_.forward(x_, cos(kCached, kSeq), sin(kCached, kSeq), &cache_));
 }
 
 }  // namespace

@@ -71,10 +71,10 @@ class ConcurrentAttention : public ::testing::Test {
     // The shared weights: drawn once (through a module's initialisation) and then only read.
     Attention<float> source(kDim, kHeads, kKvHeads, kHeadDim, /*qk_norm=*/true);
     source.reset_parameters(7);
-    wq_ = source.wq();
-    wk_ = source.wk();
-    wv_ = source.wv();
-    wo_ = source.wo();
+    wq_ = source.wq().tensor();
+    wk_ = source.wk().tensor();
+    wv_ = source.wv().tensor();
+    wo_ = source.wo().tensor();
     q_norm_ = test::random_uniform<float, 1>({kHeadDim}, 8, 0.5, 1.5);
     k_norm_ = test::random_uniform<float, 1>({kHeadDim}, 9, 0.5, 1.5);
     for (int caller = 0; caller < kCallers; ++caller) {
@@ -205,8 +205,9 @@ TEST(ConcurrentSdpa, CallersWithOwnSdpaObjectsSharingOneDeviceMatchSequentialRun
 TEST(ConcurrentSdpa, ReadersOfOneSharedCachePrefixMatchSequentialRuns) {
   constexpr Index kLen = 50;
   KVCache<float> shared(1, kLen, 2, 16);
-  shared.update(test::random_normal<float, 4>({1, 2, kLen, 16}, 21),
-                test::random_normal<float, 4>({1, 2, kLen, 16}, 22));
+  const Tensor<float, 4> keys = test::random_normal<float, 4>({1, 2, kLen, 16}, 21);
+  const Tensor<float, 4> values = test::random_normal<float, 4>({1, 2, kLen, 16}, 22);
+  shared.update(keys, values);
   const KVPrefix<float> prefix = shared.prefix();
   std::vector<Tensor<float, 4>> queries;
   for (int caller = 0; caller < kCallers; ++caller) {

@@ -20,6 +20,20 @@ Tensor<float, 4> new_entries(Index len, std::uint32_t seed) {
   return test::random_normal<float, 4>({kBatch, kKvHeads, len, kHeadDim}, seed);
 }
 
+// Appends len random positions (keys from seed_k, values from seed_v). The entries are
+// named tensors: a view, and so KVCache::update, never binds to a temporary.
+KVPrefix<float> append_random(KVCache<float>& cache, Index len, std::uint32_t seed_k,
+                              std::uint32_t seed_v) {
+  const Tensor<float, 4> k = new_entries(len, seed_k), v = new_entries(len, seed_v);
+  return cache.update(k, v);
+}
+// The same with recorded document ids.
+KVPrefix<float> append_random(KVCache<float>& cache, Index len, std::uint32_t seed_k,
+                              std::uint32_t seed_v, const Tensor<DocId, 2>& ids) {
+  const Tensor<float, 4> k = new_entries(len, seed_k), v = new_entries(len, seed_v);
+  return cache.update(k, v, ids);
+}
+
 // The whole observable state of a cache: seq_len and every byte of both buffers.
 TEST(KVCache, StartsEmptyWithZeroFilledStorageOfTheRequestedShape) {
   const KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
@@ -109,7 +123,7 @@ TEST(KVCache, UpdateAcceptsStridedInputsSuchAsTransposedProjections) {
 
 TEST(KVCache, ResetEmptiesTheCacheAndKeepsItsStorage) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
-  cache.update(new_entries(6, 11), new_entries(6, 12));
+  append_random(cache, 6, 11, 12);
   const float* storage = cache.key_storage().data();
   cache.reset();
   EXPECT_EQ(cache.seq_len(), 0);
@@ -121,14 +135,14 @@ TEST(KVCache, ResetEmptiesTheCacheAndKeepsItsStorage) {
   EXPECT_TRUE(test::bitwise_equal(prefix.keys.to_tensor(), k));
   EXPECT_TRUE(test::bitwise_equal(prefix.values.to_tensor(), v));
   // The full capacity is available again.
-  EXPECT_NO_THROW(cache.update(new_entries(8, 15), new_entries(8, 16)));
+  EXPECT_NO_THROW(append_random(cache, 8, 15, 16));
 }
 
 TEST(KVCache, TruncateDropsTheTailAndTheNextUpdateOverwritesIt) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
   const Tensor<float, 4> k1 = new_entries(4, 32), v1 = new_entries(4, 33);
   cache.update(k1, v1);
-  cache.update(new_entries(3, 34), new_entries(3, 35));  // e.g. rejected draft tokens
+  append_random(cache, 3, 34, 35);  // e.g. rejected draft tokens
   cache.truncate(4);
   EXPECT_EQ(cache.seq_len(), 4);
   EXPECT_TRUE(test::bitwise_equal(cache.prefix().keys.to_tensor(), k1));
@@ -147,7 +161,7 @@ TEST(KVCache, TruncateDropsTheTailAndTheNextUpdateOverwritesIt) {
 
 TEST(KVCache, TruncateOutsideTheCachedLengthIsRejectedAndLeavesTheCacheUnchanged) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
-  cache.update(new_entries(3, 38), new_entries(3, 39));
+  append_random(cache, 3, 38, 39);
   for (Index bad : {Index{-1}, Index{4}}) {
     test::expect_rejected<std::invalid_argument>(
         cache, [&] { cache.truncate(bad); }, {"KVCache::truncate: seq_len " + std::to_string(bad)});
@@ -156,16 +170,16 @@ TEST(KVCache, TruncateOutsideTheCachedLengthIsRejectedAndLeavesTheCacheUnchanged
 
 TEST(KVCache, OverflowThrowsLengthErrorAndLeavesTheCacheUnchanged) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
-  cache.update(new_entries(7, 17), new_entries(7, 18));
+  append_random(cache, 7, 17, 18);
   test::expect_rejected<std::length_error>(
-      cache, [&] { cache.update(new_entries(4, 19), new_entries(4, 20)); },  // 7 + 4 > 10
+      cache, [&] { append_random(cache, 4, 19, 20); },  // 7 + 4 > 10
       {"KVCache::update", "max_seq_len 10"});
-  EXPECT_NO_THROW(cache.update(new_entries(3, 21), new_entries(3, 22)));  // 7 + 3 fits
+  EXPECT_NO_THROW(append_random(cache, 3, 21, 22));  // 7 + 3 fits
 }
 
 TEST(KVCache, BadShapesThrowInvalidArgumentNamingTheArgumentAndLeaveTheCacheUnchanged) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
-  cache.update(new_entries(2, 23), new_entries(2, 24));
+  append_random(cache, 2, 23, 24);
   const Tensor<float, 4> good = new_entries(2, 25);
   struct Case {
     Tensor<float, 4> k, v;
@@ -226,8 +240,8 @@ TEST(KVCacheDocIds, RecordsTheIdsOfEveryUpdateAsAPrefixView) {
   EXPECT_EQ(cache.doc_ids().dimension(0), kBatch);
   EXPECT_EQ(cache.doc_ids().dimension(1), 0);
   const Tensor<DocId, 2> ids1 = new_ids(4, 0), ids2 = new_ids(3, 7);
-  cache.update(new_entries(4, 1), new_entries(4, 2), ids1);
-  cache.update(new_entries(3, 3), new_entries(3, 4), ids2);
+  append_random(cache, 4, 1, 2, ids1);
+  append_random(cache, 3, 3, 4, ids2);
   const ConstView<DocId, 2> ids = cache.doc_ids();
   ASSERT_EQ(ids.dimension(0), kBatch);
   ASSERT_EQ(ids.dimension(1), 7);
@@ -241,13 +255,13 @@ TEST(KVCacheDocIds, RecordsTheIdsOfEveryUpdateAsAPrefixView) {
   EXPECT_EQ(cache.doc_ids().dimension(1), 5);
   EXPECT_EQ(cache.doc_ids()(1, 4), ids2(1, 0));
   const Tensor<DocId, 2> ids3 = new_ids(2, 50);
-  cache.update(new_entries(2, 5), new_entries(2, 6), ids3);
+  append_random(cache, 2, 5, 6, ids3);
   EXPECT_EQ(cache.doc_ids()(0, 5), ids3(0, 0));
   EXPECT_EQ(cache.doc_ids()(1, 6), ids3(1, 1));
   // reset empties it; the first update after it writes position 0 again.
   cache.reset();
   EXPECT_EQ(cache.doc_ids().dimension(1), 0);
-  cache.update(new_entries(1, 7), new_entries(1, 8), new_ids(1, 90));
+  append_random(cache, 1, 7, 8, new_ids(1, 90));
   EXPECT_EQ(cache.doc_ids()(1, 0), 190);
 }
 
@@ -256,17 +270,19 @@ TEST(KVCacheDocIds, ACacheThatDoesNotRecordHasNoIds) {
   EXPECT_FALSE(cache.records_doc_ids());
   EXPECT_FALSE(cache.doc_ids().has_value());
   EXPECT_EQ(cache.doc_id_storage().size(), 0);
-  cache.update(new_entries(2, 1), new_entries(2, 2));
+  append_random(cache, 2, 1, 2);
   EXPECT_FALSE(cache.doc_ids().has_value());
 }
 
 TEST(KVCacheDocIds, RejectedUpdatesLeaveKeysValuesAndIdsUnchanged) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
-  cache.update(new_entries(6, 1), new_entries(6, 2), new_ids(6, 0));
-  const Tensor<float, 4> k = new_entries(3, 3), v = new_entries(3, 4);
+  append_random(cache, 6, 1, 2, new_ids(6, 0));
+  const Tensor<float, 4> k = new_entries(3, 3), v = new_entries(3, 4), short_v = new_entries(2, 5);
+  const Tensor<DocId, 2> ids3 = new_ids(3, 9);
   // Ids of the wrong length, the wrong batch, or missing.
   test::expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(k, v, new_ids(2, 9)); },
+      cache, [&] { const Tensor<DocId, 2> short_ids = new_ids(2, 9);
+        cache.update(k, v, short_ids); },
       {"KVCache::update: doc_ids_new has shape (2, 2)", "(batch_size, new_len) = (2, 3)"});
   const Tensor<DocId, 2> one_row(1, 3);
   test::expect_rejected<std::invalid_argument>(cache, [&] { cache.update(k, v, one_row); },
@@ -277,24 +293,24 @@ TEST(KVCacheDocIds, RejectedUpdatesLeaveKeysValuesAndIdsUnchanged) {
   // Keys or values of the wrong shape, with good ids.
   const Tensor<float, 4> k_bad(kBatch, kKvHeads + 1, 3, kHeadDim);
   test::expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(k_bad, v, new_ids(3, 9)); }, {"k_new has shape (2, 4, 3, 4)"});
+      cache, [&] { cache.update(k_bad, v, ids3); }, {"k_new has shape (2, 4, 3, 4)"});
   test::expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(k, new_entries(2, 5), new_ids(3, 9)); },
+      cache, [&] { cache.update(k, short_v, ids3); },
       {"k_new has shape (2, 3, 3, 4) but v_new has shape (2, 3, 2, 4)"});
   // Overflow: 6 + 5 > 10.
   test::expect_rejected<std::length_error>(
-      cache, [&] { cache.update(new_entries(5, 6), new_entries(5, 7), new_ids(5, 9)); },
+      cache, [&] { append_random(cache, 5, 6, 7, new_ids(5, 9)); },
       {"6 cached + 5 new positions exceed max_seq_len 10"});
   // Still usable after all that.
-  EXPECT_NO_THROW(cache.update(k, v, new_ids(3, 9)));
+  EXPECT_NO_THROW(cache.update(k, v, ids3));
   EXPECT_EQ(cache.seq_len(), 9);
 }
 
 TEST(KVCacheDocIds, IdsGivenToACacheThatDoesNotRecordAreRejected) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
-  cache.update(new_entries(2, 1), new_entries(2, 2));
+  append_random(cache, 2, 1, 2);
   test::expect_rejected<std::invalid_argument>(
-      cache, [&] { cache.update(new_entries(3, 3), new_entries(3, 4), new_ids(3, 0)); },
+      cache, [&] { append_random(cache, 3, 3, 4, new_ids(3, 0)); },
       {"KVCache::update: doc_ids_new (2, 3)", "does not record document ids", "record_doc_ids"});
 }
 

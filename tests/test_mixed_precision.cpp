@@ -221,7 +221,7 @@ TEST(LowPrecisionAttention, Bfloat16ModuleTracksTheFloatModule) {
   Attention<float> reference(dim, 4, 2, 0, /*qk_norm=*/true);
   reference.reset_parameters(8);
   Attention<bfloat16> attn(dim, 4, 2, 0, /*qk_norm=*/true);
-  const auto round_weights = [](Tensor<float, 2>& w, Tensor<bfloat16, 2>& out) {
+  const auto round_weights = [](ParameterRef<float, 2> w, ParameterRef<bfloat16, 2> out) {
     for (Index i = 0; i < w.size(); ++i) {
       out.data()[i] = static_cast<bfloat16>(w.data()[i]);
       w.data()[i] = static_cast<float>(out.data()[i]);

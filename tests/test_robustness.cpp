@@ -382,6 +382,7 @@ TEST(RobustnessAttention, HugeWindowThroughAttentionEqualsNoWindow) {
   KVCache<float> cache(2, 16, 2, 8);
   const Tensor<float, 3> plain = attn.forward(x, rope, 0);
   SdpaOptions o;
+  o.causal = true;
   o.window = std::numeric_limits<Index>::max();
   attn.set_sdpa_options(o);
   EXPECT_TRUE(test::bitwise_equal(attn.forward(x, rope, 0), plain));

@@ -12,6 +12,8 @@
 #include "attnforge/detail/linear.hpp"
 #include "attnforge/kv_cache.hpp"
 #include "attnforge/mask.hpp"
+#include "attnforge/norm.hpp"
+#include "attnforge/parameter.hpp"
 #include "attnforge/rope.hpp"
 #include "attnforge/sdpa.hpp"
 #include "attnforge/tensor.hpp"
@@ -82,14 +84,29 @@ class Attention {
   bool qk_norm() const { return qk_norm_; }
   double norm_eps() const { return norm_eps_; }
 
-  // The module's own parameters, to fill from a state dict. Writing them has no
-  // effect while external weights are bound (see bind_weights).
-  Tensor<T, 2>& wq() { return wq_; }
-  Tensor<T, 2>& wk() { return wk_; }
-  Tensor<T, 2>& wv() { return wv_; }
-  Tensor<T, 2>& wo() { return wo_; }
-  Tensor<T, 1>& q_norm() { return q_norm_; }
-  Tensor<T, 1>& k_norm() { return k_norm_; }
+  // The module's own parameters, to fill from a state dict: `attn.wq() = tensor;` copies
+  // after checking the shape (std::invalid_argument naming the weight otherwise; see
+  // ParameterRef). Writing them has no effect while external weights are bound (see
+  // bind_weights). On a const module they are read-only tensors.
+  ParameterRef<T, 2> wq() & { return {wq_, "Attention::wq", "(n_heads * head_dim, dim)"}; }
+  ParameterRef<T, 2> wk() & { return {wk_, "Attention::wk", "(n_kv_heads * head_dim, dim)"}; }
+  ParameterRef<T, 2> wv() & { return {wv_, "Attention::wv", "(n_kv_heads * head_dim, dim)"}; }
+  ParameterRef<T, 2> wo() & { return {wo_, "Attention::wo", "(dim, n_heads * head_dim)"}; }
+  ParameterRef<T, 1> q_norm() & { return {q_norm_, "Attention::q_norm", "(head_dim)"}; }
+  ParameterRef<T, 1> k_norm() & { return {k_norm_, "Attention::k_norm", "(head_dim)"}; }
+  const Tensor<T, 2>& wq() const& { return wq_; }
+  const Tensor<T, 2>& wk() const& { return wk_; }
+  const Tensor<T, 2>& wv() const& { return wv_; }
+  const Tensor<T, 2>& wo() const& { return wo_; }
+  const Tensor<T, 1>& q_norm() const& { return q_norm_; }
+  const Tensor<T, 1>& k_norm() const& { return k_norm_; }
+  // A reference into a temporary module would dangle.
+  void wq() && = delete;
+  void wk() && = delete;
+  void wv() && = delete;
+  void wo() && = delete;
+  void q_norm() && = delete;
+  void k_norm() && = delete;
 
   // torch.nn.Linear's default initialisation, U(-1/sqrt(in), 1/sqrt(in)), from a
   // portable generator (same weights on every platform for a seed); norms set to 1.
@@ -127,7 +144,9 @@ class Attention {
   // Returns to the module's own parameters.
   void unbind_weights() { external_.reset(); }
 
-  AttentionWeights<T> weights() const {
+  // Views of the weights in use (bound or own); valid while the module lives.
+  AttentionWeights<T> weights() const&& = delete;  // would dangle
+  AttentionWeights<T> weights() const& {
     if (external_) {
       AttentionWeights<T> w = *external_;
       if (!w.q_norm.has_value()) w.q_norm = ConstView<T, 1>(q_norm_);
@@ -154,43 +173,43 @@ class Attention {
   // values are rounded as they are appended, attention computes in float).
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                        const ConstView<T, 2>& rope_sin, KVCache<T>* kv_cache = nullptr,
-                       const ConstView<DocId, 2>& doc_ids = {},
-                       const ConstView<bool, 2>& key_padding_mask = {}) {
+                       const DocIdView& doc_ids = {},
+                       const KeyMaskView& key_padding_mask = {}) {
     return forward_tables(x, rope_cos, rope_sin, kv_cache, doc_ids, key_padding_mask);
   }
   template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                        const ConstView<T, 2>& rope_sin, KVCache<CacheT>* kv_cache,
-                       const ConstView<DocId, 2>& doc_ids = {},
-                       const ConstView<bool, 2>& key_padding_mask = {}) {
+                       const DocIdView& doc_ids = {},
+                       const KeyMaskView& key_padding_mask = {}) {
     return forward_tables(x, rope_cos, rope_sin, kv_cache, doc_ids, key_padding_mask);
   }
 
   // As forward, rotating with `rope` at absolute positions [start_pos, start_pos + S).
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
-                       KVCache<T>* kv_cache = nullptr, const ConstView<DocId, 2>& doc_ids = {},
-                       const ConstView<bool, 2>& key_padding_mask = {}) {
+                       KVCache<T>* kv_cache = nullptr, const DocIdView& doc_ids = {},
+                       const KeyMaskView& key_padding_mask = {}) {
     return forward_rope(x, rope, start_pos, kv_cache, doc_ids, key_padding_mask);
   }
   template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
-                       KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids = {},
-                       const ConstView<bool, 2>& key_padding_mask = {}) {
+                       KVCache<CacheT>* kv_cache, const DocIdView& doc_ids = {},
+                       const KeyMaskView& key_padding_mask = {}) {
     return forward_rope(x, rope, start_pos, kv_cache, doc_ids, key_padding_mask);
   }
 
   // forward() writing into a caller-owned out (B, S, dim).
   void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                    KVCache<T>* kv_cache = nullptr, const ConstView<DocId, 2>& doc_ids = {},
-                    const ConstView<bool, 2>& key_padding_mask = {}) {
+                    KVCache<T>* kv_cache = nullptr, const DocIdView& doc_ids = {},
+                    const KeyMaskView& key_padding_mask = {}) {
     forward_impl(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
   }
   template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
   void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                    KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids = {},
-                    const ConstView<bool, 2>& key_padding_mask = {}) {
+                    KVCache<CacheT>* kv_cache, const DocIdView& doc_ids = {},
+                    const KeyMaskView& key_padding_mask = {}) {
     forward_impl(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
   }
 
@@ -198,8 +217,8 @@ class Attention {
   template <typename CacheT>
   Tensor<T, 3> forward_tables(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                               const ConstView<T, 2>& rope_sin, KVCache<CacheT>* kv_cache,
-                              const ConstView<DocId, 2>& doc_ids,
-                              const ConstView<bool, 2>& key_padding_mask) {
+                              const DocIdView& doc_ids,
+                              const KeyMaskView& key_padding_mask) {
     Tensor<T, 3> out(x.dimension(0), x.dimension(1), dim_);
     forward_impl(x, rope_cos, rope_sin, StridedView<T, 3>(out), kv_cache, doc_ids,
                  key_padding_mask);
@@ -209,8 +228,8 @@ class Attention {
   template <typename CacheT>
   Tensor<T, 3> forward_rope(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope,
                             Index start_pos, KVCache<CacheT>* kv_cache,
-                            const ConstView<DocId, 2>& doc_ids,
-                            const ConstView<bool, 2>& key_padding_mask) {
+                            const DocIdView& doc_ids,
+                            const KeyMaskView& key_padding_mask) {
     if (rope.head_dim() != head_dim_) {
       detail::throw_invalid_argument("Attention::forward: rope has head_dim ", rope.head_dim(),
                                      " but the module has head_dim ", head_dim_);
@@ -233,8 +252,8 @@ class Attention {
   template <typename CacheT>
   void forward_impl(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                    KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids,
-                    const ConstView<bool, 2>& key_padding_mask) {
+                    KVCache<CacheT>* kv_cache, const DocIdView& doc_ids,
+                    const KeyMaskView& key_padding_mask) {
     static_assert(std::is_same_v<CacheT, T> ||
                       (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
                   "the cache holds T, or bf16/fp16 under float activations");
@@ -267,8 +286,10 @@ class Attention {
 
     // 2. QK-norm, 3. RoPE.
     if (qk_norm_) {
-      rms_norm_rows(q_buf_.data(), rows * n_heads_, w.q_norm);
-      rms_norm_rows(k_buf_.data(), rows * n_kv_heads_, w.k_norm);
+      detail::rms_norm_rows(StridedView<T, 2>(q_buf_.data(), {rows * n_heads_, head_dim_}),
+                            w.q_norm.data(), norm_eps_);
+      detail::rms_norm_rows(StridedView<T, 2>(k_buf_.data(), {rows * n_kv_heads_, head_dim_}),
+                            w.k_norm.data(), norm_eps_);
     }
     apply_rope_inplace(q, rope_cos, rope_sin, rope_style_);
     apply_rope_inplace(k, rope_cos, rope_sin, rope_style_);
@@ -301,17 +322,30 @@ class Attention {
 
 
  public:
-  // Options of the inner SDPA other than causal (always on): softcap, window, empty-row
-  // policy, path. Lets a model use e.g. Gemma's logit softcap or a sliding window.
-  void set_sdpa_options(const SdpaOptions& options) { sdpa_options_ = options; }
+  // Options of the inner SDPA: softcap, window, empty-row policy, path, scale. Lets a
+  // model use e.g. Gemma's logit softcap or a sliding window. The module is always causal,
+  // as KempnerForge's is, so options.causal must be true (std::invalid_argument
+  // otherwise, rather than ignoring it); invalid values are rejected here, before
+  // anything changes.
+  void set_sdpa_options(const SdpaOptions& options) {
+    constexpr const char* kWhere = "Attention::set_sdpa_options";
+    if (!options.causal) {
+      detail::throw_invalid_argument(
+          kWhere, ": options.causal is false, but Attention is always causal (bottom-right "
+                  "aligned); set causal = true, or call scaled_dot_product_attention for "
+                  "non-causal attention");
+    }
+    detail::resolve_options(kWhere, options, head_dim_);
+    sdpa_options_ = options;
+  }
   const SdpaOptions& sdpa_options() const { return sdpa_options_; }
 
  private:
   template <typename CacheT>
   void validate_forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                         const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                        const KVCache<CacheT>* kv_cache, const ConstView<DocId, 2>& doc_ids,
-                        const ConstView<bool, 2>& key_padding_mask) const {
+                        const KVCache<CacheT>* kv_cache, const DocIdView& doc_ids,
+                        const KeyMaskView& key_padding_mask) const {
     constexpr const char* kWhere = "Attention::forward";
     detail::check_shape(kWhere, "x", x, {-1, -1, dim_}, "(B, S, dim)");
     const Index batch = x.dimension(0);
@@ -373,20 +407,6 @@ class Attention {
     return StridedView<T, 4>(data, {batch, seq_len, heads, head_dim_}).transpose(1, 2);
   }
 
-  // RMSNorm over each row of head_dim values, in the accumulator type.
-  void rms_norm_rows(T* data, Index n_rows, const ConstView<T, 1>& weight) const {
-    for (Index r = 0; r < n_rows; ++r) {
-      T* row = data + r * head_dim_;
-      Acc sum_sq = 0;
-      for (Index d = 0; d < head_dim_; ++d) sum_sq += static_cast<Acc>(row[d]) * static_cast<Acc>(row[d]);
-      const Acc inv_rms =
-          Acc(1) / std::sqrt(sum_sq / static_cast<Acc>(head_dim_) + static_cast<Acc>(norm_eps_));
-      for (Index d = 0; d < head_dim_; ++d) {
-        row[d] = static_cast<T>(static_cast<Acc>(row[d]) * inv_rms * static_cast<Acc>(weight(d)));
-      }
-    }
-  }
-
   // splitmix64, mapped to [0, 1) with 53 random bits.
   static double uniform01(std::uint64_t& state) {
     std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
@@ -410,18 +430,21 @@ class Attention {
   std::optional<AttentionWeights<T>> external_;
 
   // The inner SDPA for the cache's element type (each keeps its own scratch), with the
-  // module's options, causal forced on, and the module's device.
+  // module's options (always causal) and the module's device.
   template <typename KV>
   ScaledDotProductAttention<T, KV>& causal_sdpa() {
     auto& sdpa = std::get<ScaledDotProductAttention<T, KV>>(sdpas_);
-    SdpaOptions options = sdpa_options_;
-    options.causal = true;
-    sdpa.set_options(options);
+    sdpa.set_options(sdpa_options_);
     sdpa.set_device(device_);
     return sdpa;
   }
 
-  SdpaOptions sdpa_options_;
+  SdpaOptions sdpa_options_ = causal_options();
+  static SdpaOptions causal_options() {
+    SdpaOptions options;
+    options.causal = true;
+    return options;
+  }
   std::conditional_t<std::is_same_v<T, float>,
                      std::tuple<ScaledDotProductAttention<T>,
                                 ScaledDotProductAttention<T, Eigen::bfloat16>,

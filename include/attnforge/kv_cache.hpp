@@ -6,6 +6,7 @@
 #include <stdexcept>
 
 #include "attnforge/detail/vec_math.hpp"
+#include "attnforge/mask.hpp"
 #include "attnforge/tensor.hpp"
 
 namespace attnforge {
@@ -48,38 +49,46 @@ class KVCache {
   // and returns the whole filled prefix. All checks run before the first write, so a
   // rejected update leaves the cache exactly as it was. A cache that records document
   // ids needs the overload below.
-  KVPrefix<T> update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new) {
+  KVPrefix<T> update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new) & {
     return update_from(k_new, v_new);
   }
 
   // As update(k_new, v_new), also recording doc_ids_new (B, new_len), the document id of
   // each new position. Only for a cache constructed with record_doc_ids.
   KVPrefix<T> update(const ConstView<T, 4>& k_new, const ConstView<T, 4>& v_new,
-                     const ConstView<DocId, 2>& doc_ids_new) {
+                     const DocIdView& doc_ids_new) & {
     return update_from(k_new, v_new, doc_ids_new);
   }
 
   // Mixed precision: a bf16/fp16 cache under float activations takes float keys and
   // values and rounds them as they are appended (half the memory and decode traffic).
   template <typename U = T, typename = std::enable_if_t<detail::is_16bit_float_v<U>>>
-  KVPrefix<T> update(const ConstView<float, 4>& k_new, const ConstView<float, 4>& v_new) {
+  KVPrefix<T> update(const ConstView<float, 4>& k_new, const ConstView<float, 4>& v_new) & {
     return update_from(k_new, v_new);
   }
   template <typename U = T, typename = std::enable_if_t<detail::is_16bit_float_v<U>>>
   KVPrefix<T> update(const ConstView<float, 4>& k_new, const ConstView<float, 4>& v_new,
-                     const ConstView<DocId, 2>& doc_ids_new) {
+                     const DocIdView& doc_ids_new) & {
     return update_from(k_new, v_new, doc_ids_new);
   }
 
+  // The views below point into the cache's storage, so on a temporary cache they would
+  // dangle: those calls do not compile (update() is &-qualified for the same reason).
+  KVPrefix<T> prefix() const&& = delete;
+  ConstView<DocId, 2> doc_ids() const&& = delete;
+  const Tensor<T, 4>& key_storage() const&& = delete;
+  const Tensor<T, 4>& value_storage() const&& = delete;
+  const Tensor<DocId, 2>& doc_id_storage() const&& = delete;
+
   // The filled prefix without appending anything.
-  KVPrefix<T> prefix() const {
+  KVPrefix<T> prefix() const& {
     return {ConstView<T, 4>(keys_).narrow(2, 0, seq_len_),
             ConstView<T, 4>(values_).narrow(2, 0, seq_len_)};
   }
 
   // The document ids (B, seq_len) of the cached positions, viewing the cache's storage;
   // absent (has_value() false) when the cache does not record them.
-  ConstView<DocId, 2> doc_ids() const {
+  ConstView<DocId, 2> doc_ids() const& {
     if (!records_doc_ids()) return {};
     return ConstView<DocId, 2>(doc_ids_).narrow(1, 0, seq_len_);
   }
@@ -99,10 +108,10 @@ class KVCache {
   void reset() { seq_len_ = 0; }
 
   // The whole pre-allocated storage (B, Hkv, max_seq_len, D).
-  const Tensor<T, 4>& key_storage() const { return keys_; }
-  const Tensor<T, 4>& value_storage() const { return values_; }
+  const Tensor<T, 4>& key_storage() const& { return keys_; }
+  const Tensor<T, 4>& value_storage() const& { return values_; }
   // (B, max_seq_len) with record_doc_ids; an empty tensor without.
-  const Tensor<DocId, 2>& doc_id_storage() const { return doc_ids_; }
+  const Tensor<DocId, 2>& doc_id_storage() const& { return doc_ids_; }
 
  private:
   static constexpr const char* kUpdate = "KVCache::update";
@@ -160,7 +169,7 @@ class KVCache {
 
   template <typename S>
   KVPrefix<T> update_from(const ConstView<S, 4>& k_new, const ConstView<S, 4>& v_new,
-                          const ConstView<DocId, 2>& doc_ids_new) {
+                          const DocIdView& doc_ids_new) {
     const Index new_len = check_update(k_new, v_new);
     if (!records_doc_ids()) {
       detail::throw_invalid_argument(
@@ -171,7 +180,7 @@ class KVCache {
     detail::check_shape(kUpdate, "doc_ids_new", doc_ids_new, {batch_size(), new_len},
                         "(batch_size, new_len)");
     for (Index b = 0; b < batch_size(); ++b) {
-      std::copy_n(doc_ids_new.row(b), new_len, &doc_ids_(b, seq_len_));
+      doc_ids_new.visit([&](const auto& ids) { std::copy_n(ids.row(b), new_len, &doc_ids_(b, seq_len_)); });
     }
     append(k_new, v_new, new_len);
     return prefix();

@@ -11,19 +11,59 @@
 
 namespace attnforge {
 
+// Document ids (B, S): int64 (a PyTorch LongTensor) or int32, read in place.
+using DocIdView = EitherView<std::int64_t, std::int32_t, 2>;
+// Key masks (B, S): bool or uint8_t (nonzero = may attend), read in place.
+using KeyMaskView = EitherView<bool, std::uint8_t, 2>;
+
 // Per-token mask data; every field is optional (a default view is "absent").
 struct Masks {
   // (B, Sq) document id of each query. Key j is allowed for query i only when
   // doc_ids[b, i] == kv_doc_ids[b, j].
-  ConstView<DocId, 2> doc_ids;
+  DocIdView doc_ids;
   // (B, Skv) document id of each key; when absent, doc_ids is used for the keys too,
   // which needs Sq == Skv (the no-cache case).
-  ConstView<DocId, 2> kv_doc_ids;
-  // (B, Skv), true = the key may be attended to.
-  ConstView<bool, 2> key_padding_mask;
+  DocIdView kv_doc_ids;
+  // (B, Skv), true (nonzero) = the key may be attended to.
+  KeyMaskView key_padding_mask;
 };
 
 namespace detail {
+
+// One batch row of document ids, whichever integer type holds them. The kernels read
+// an id per key only on tiles that a document boundary crosses, where the (perfectly
+// predicted) type branch costs nothing next to the scores.
+class DocIdRow {
+ public:
+  DocIdRow() = default;
+  explicit DocIdRow(const std::int64_t* ids) : wide_(ids) {}
+  explicit DocIdRow(const std::int32_t* ids) : narrow_(ids) {}
+
+  bool has_value() const { return wide_ != nullptr || narrow_ != nullptr; }
+  DocId operator[](Index j) const { return narrow_ != nullptr ? DocId(narrow_[j]) : wide_[j]; }
+  // f(pointer) with the row's own pointer type, for the algorithms over whole rows.
+  template <typename F>
+  decltype(auto) visit(F&& f) const {
+    return narrow_ != nullptr ? f(narrow_) : f(wide_);
+  }
+
+ private:
+  const std::int64_t* wide_ = nullptr;
+  const std::int32_t* narrow_ = nullptr;
+};
+
+inline DocIdRow doc_id_row(const DocIdView& ids, Index b) {
+  if (!ids.has_value()) return {};
+  return ids.visit([b](const auto& view) { return DocIdRow(view.row(b)); });
+}
+
+// Row b of a key mask as bytes: a bool and a uint8_t mask are both one byte per key,
+// nonzero = allowed.
+inline const unsigned char* key_mask_row(const KeyMaskView& mask, Index b) {
+  if (!mask.has_value()) return nullptr;
+  return mask.visit(
+      [b](const auto& view) { return reinterpret_cast<const unsigned char*>(view.row(b)); });
+}
 
 // The mask of one batch row: the positional rules (causal, window) plus the per-token
 // data. Query i sits at absolute position pos(i) = Skv - Sq + i (bottom-right
@@ -33,9 +73,9 @@ struct BatchMask {
   Index window = 0;  // 0: no window
   Index q_offset = 0;  // Skv - Sq
   Index kv_len = 0;
-  const DocId* q_docs = nullptr;
-  const DocId* kv_docs = nullptr;
-  const bool* key_allowed = nullptr;
+  DocIdRow q_docs;
+  DocIdRow kv_docs;
+  const unsigned char* key_allowed = nullptr;
 
   Index position(Index i) const { return q_offset + i; }
 
@@ -49,8 +89,8 @@ struct BatchMask {
 
   bool allowed(Index i, Index j) const {
     if (j < key_begin(i) || j >= key_end(i)) return false;
-    if (q_docs != nullptr && q_docs[i] != kv_docs[j]) return false;
-    if (key_allowed != nullptr && !key_allowed[j]) return false;
+    if (q_docs.has_value() && q_docs[i] != kv_docs[j]) return false;
+    if (key_allowed != nullptr && key_allowed[j] == 0) return false;
     return true;
   }
 };
@@ -69,10 +109,10 @@ inline BatchMask batch_mask(const MaskRules& rules, const Masks& masks, Index b,
   m.q_offset = kv_len - q_len;
   m.kv_len = kv_len;
   if (masks.doc_ids.has_value()) {
-    m.q_docs = masks.doc_ids.row(b);
-    m.kv_docs = masks.kv_doc_ids.has_value() ? masks.kv_doc_ids.row(b) : m.q_docs;
+    m.q_docs = doc_id_row(masks.doc_ids, b);
+    m.kv_docs = masks.kv_doc_ids.has_value() ? doc_id_row(masks.kv_doc_ids, b) : m.q_docs;
   }
-  if (masks.key_padding_mask.has_value()) m.key_allowed = masks.key_padding_mask.row(b);
+  m.key_allowed = key_mask_row(masks.key_padding_mask, b);
   return m;
 }
 
@@ -165,25 +205,24 @@ class TilePlan {
         summarise(m.q_docs, q_len, q_tile_positions, &q_docs_[q_row]);
         summarise(m.kv_docs, kv_len, key_tile,
                   &k_docs_[static_cast<std::size_t>(b * n_key_tiles_)]);
-        if (std::is_sorted(m.kv_docs, m.kv_docs + kv_len)) {
+        m.kv_docs.visit([&](const auto* kv_docs) {
+          if (!std::is_sorted(kv_docs, kv_docs + kv_len)) return;
           for (Index qt = 0; qt < n_q_tiles_; ++qt) {
             const DocRange& q = q_docs_[q_row + static_cast<std::size_t>(qt)];
-            const Index doc_first =
-                std::lower_bound(m.kv_docs, m.kv_docs + kv_len, q.min) - m.kv_docs;
-            const Index doc_last =
-                std::upper_bound(m.kv_docs, m.kv_docs + kv_len, q.max) - m.kv_docs;
+            const Index doc_first = std::lower_bound(kv_docs, kv_docs + kv_len, q.min) - kv_docs;
+            const Index doc_last = std::upper_bound(kv_docs, kv_docs + kv_len, q.max) - kv_docs;
             KeySpan& span = spans_[q_row + static_cast<std::size_t>(qt)];
             span = {std::max(span.first, doc_first), std::min(span.last, doc_last)};
           }
-        }
+        });
       }
     }
     if (has_padding_) {
       allowed_keys_.assign(static_cast<std::size_t>(batch * n_key_tiles_), 0);
       for (Index b = 0; b < batch; ++b) {
-        const bool* allowed = masks.key_padding_mask.row(b);
+        const unsigned char* allowed = key_mask_row(masks.key_padding_mask, b);
         for (Index j = 0; j < kv_len; ++j) {
-          allowed_keys_[static_cast<std::size_t>(b * n_key_tiles_ + j / key_tile)] += allowed[j];
+          allowed_keys_[static_cast<std::size_t>(b * n_key_tiles_ + j / key_tile)] += allowed[j] != 0;
         }
       }
     }
@@ -279,12 +318,14 @@ class TilePlan {
     return {s.first / key_tile_, (s.last + key_tile_ - 1) / key_tile_};
   }
 
-  static void summarise(const DocId* ids, Index len, Index tile, DocRange* out) {
-    for (Index first = 0, t = 0; first < len; first += tile, ++t) {
-      const Index last = std::min(len, first + tile);
-      const auto [lo, hi] = std::minmax_element(ids + first, ids + last);
-      out[t] = DocRange{*lo, *hi};
-    }
+  static void summarise(const DocIdRow& row, Index len, Index tile, DocRange* out) {
+    row.visit([&](const auto* ids) {
+      for (Index first = 0, t = 0; first < len; first += tile, ++t) {
+        const Index last = std::min(len, first + tile);
+        const auto [lo, hi] = std::minmax_element(ids + first, ids + last);
+        out[t] = DocRange{*lo, *hi};
+      }
+    });
   }
 
   MaskRules rules_;

@@ -100,26 +100,47 @@ inline void rotate_row(T* x, const TableT* cos_row, const TableT* sin_row, Index
 
 }  // namespace detail
 
+namespace detail {
+
 // Rotates x (..., S, D) in place; row s of cos/sin is the rotation of row s of x.
 template <typename T, int Rank, typename TableT>
-void apply_rope_inplace(const StridedView<T, Rank>& x, const ConstView<TableT, 2>& cos,
-                        const ConstView<TableT, 2>& sin, RopeStyle style = RopeStyle::kHalfSplit) {
+void rotate_inplace(const char* where, const StridedView<T, Rank>& x, const ConstView<TableT, 2>& cos,
+                    const ConstView<TableT, 2>& sin, RopeStyle style) {
   static_assert(Rank >= 2, "apply_rope: x must be (..., S, D)");
   static_assert(!std::is_const_v<T>, "apply_rope_inplace needs a mutable x");
   const Index seq_len = x.dimension(Rank - 2);
   const Index head_dim = x.dimension(Rank - 1);
-  detail::check_rope_tables("apply_rope", seq_len, head_dim, cos.dimension(0), cos.dimension(1),
-                            sin.dimension(0), sin.dimension(1));
+  check_rope_tables(where, seq_len, head_dim, cos.dimension(0), cos.dimension(1),
+                    sin.dimension(0), sin.dimension(1));
   if (x.stride(Rank - 1) != 1 || cos.stride(1) != 1 || sin.stride(1) != 1) {
-    detail::throw_invalid_argument("apply_rope: x, cos and sin need a contiguous last dimension");
+    throw_invalid_argument(where, ": x, cos and sin need a contiguous last dimension");
   }
   const Index half = head_dim / 2;
   // Every row of x is visited in row-major order; its position is its index along S.
   Index row_index = 0;
   x.for_each_row([&](T* row) {
     const Index s = row_index++ % seq_len;
-    detail::rotate_row(row, cos.row(s), sin.row(s), half, style);
+    rotate_row(row, cos.row(s), sin.row(s), half, style);
   });
+}
+
+// A writable tensor argument for the in-place functions: an lvalue Tensor, a TensorMap
+// over mutable memory or a mutable view, of rank >= 2. Rotating a temporary Tensor in
+// place would lose the result, so it does not compile.
+template <typename X>
+inline constexpr bool is_rotatable_v =
+    !(std::is_rvalue_reference_v<X&&> && is_owning_tensor_v<std::decay_t<X>>);
+
+}  // namespace detail
+
+// Rotates x (..., S, D) in place (a Tensor, a TensorMap or a mutable StridedView, any rank
+// >= 2); row s of cos/sin (S, D/2) is the rotation of row s of x.
+template <typename X, typename C, typename S, typename = mutable_view_of_t<X>>
+void apply_rope_inplace(X&& x, const C& cos, const S& sin, RopeStyle style = RopeStyle::kHalfSplit) {
+  static_assert(detail::is_rotatable_v<X>,
+                "apply_rope_inplace: x is a temporary Tensor; the rotation would be lost");
+  detail::rotate_inplace("apply_rope", as_mutable_view(x), as_const_view(cos), as_const_view(sin),
+                         style);
 }
 
 // Returns a rotated copy of x (..., S, D), as the Python apply_rope does.
@@ -127,9 +148,8 @@ template <typename X, typename C, typename S>
 auto apply_rope(const X& x, const C& cos, const S& sin, RopeStyle style = RopeStyle::kHalfSplit) {
   const auto x_view = as_const_view(x);
   auto out = x_view.to_tensor();
-  using T = typename decltype(x_view)::Scalar;
-  constexpr int kRank = std::tuple_size_v<typename decltype(x_view)::Dims>;
-  apply_rope_inplace(StridedView<T, kRank>(out), as_const_view(cos), as_const_view(sin), style);
+  detail::rotate_inplace("apply_rope", as_mutable_view(out), as_const_view(cos), as_const_view(sin),
+                         style);
   return out;
 }
 
@@ -150,55 +170,77 @@ class RotaryEmbedding {
   Index max_seq_len() const { return cos_.dimension(0); }
   double theta() const { return theta_; }
   RopeStyle style() const { return style_; }
-  const Tensor<T, 2>& cos() const { return cos_; }
-  const Tensor<T, 2>& sin() const { return sin_; }
+  const Tensor<T, 2>& cos() const& { return cos_; }
+  const Tensor<T, 2>& sin() const& { return sin_; }
 
   // Rows [start_pos, start_pos + length) of the tables, as views.
-  ConstView<T, 2> cos_rows(Index start_pos, Index length) const {
+  ConstView<T, 2> cos_rows(Index start_pos, Index length) const& {
     check_range(start_pos, length);
     return ConstView<T, 2>(cos_).narrow(0, start_pos, length);
   }
-  ConstView<T, 2> sin_rows(Index start_pos, Index length) const {
+  ConstView<T, 2> sin_rows(Index start_pos, Index length) const& {
     check_range(start_pos, length);
     return ConstView<T, 2>(sin_).narrow(0, start_pos, length);
   }
+  // The tables of a temporary RotaryEmbedding would dangle.
+  const Tensor<T, 2>& cos() const&& = delete;
+  const Tensor<T, 2>& sin() const&& = delete;
+  ConstView<T, 2> cos_rows(Index, Index) const&& = delete;
+  ConstView<T, 2> sin_rows(Index, Index) const&& = delete;
 
-  // Rotates x (B, heads, S, D) in place for absolute positions [start_pos, start_pos + S).
-  void apply(const StridedView<T, 4>& x, Index start_pos = 0) const {
-    if (x.dimension(3) != head_dim_) {
-      detail::throw_invalid_argument("RotaryEmbedding::apply: x has shape ",
-                                     detail::shape_string(x.dimensions()), ", expected head_dim ",
-                                     head_dim_, " in the last dimension");
-    }
-    const Index seq_len = x.dimension(2);
-    apply_rope_inplace(x, cos_rows(start_pos, seq_len), sin_rows(start_pos, seq_len), style_);
+  // Rotates x (..., S, head_dim) in place (any rank >= 2: e.g. (B, heads, S, D) or
+  // (S, D)) for absolute positions [start_pos, start_pos + S).
+  template <typename X, typename = mutable_view_of_t<X>>
+  void apply(X&& x, Index start_pos = 0) const {
+    static_assert(detail::is_rotatable_v<X>,
+                  "RotaryEmbedding::apply: x is a temporary Tensor; the rotation would be lost");
+    const auto view = as_mutable_view(x);
+    check_head_dim(view.dimensions());
+    const Index seq_len = view.dimension(static_cast<int>(view.dimensions().size()) - 2);
+    detail::rotate_inplace("RotaryEmbedding::apply", view, cos_rows(start_pos, seq_len),
+                           sin_rows(start_pos, seq_len), style_);
   }
 
-  // Writes the rotation of x into out (both (B, heads, S, D)).
-  void apply(const ConstView<T, 4>& x, const StridedView<T, 4>& out, Index start_pos = 0) const {
-    if (x.dimensions() != out.dimensions()) {
+  // Writes the rotation of x into out (the same shape, any rank >= 2).
+  template <typename X, typename Out, typename = std::enable_if_t<view_traits<X>::valid>,
+            typename = mutable_view_of_t<Out>>
+  void apply(const X& x, Out&& out, Index start_pos = 0) const {
+    const auto x_view = as_const_view(x);
+    const auto out_view = as_mutable_view(out);
+    static_assert(std::is_same_v<typename decltype(x_view)::Scalar,
+                                 typename decltype(out_view)::Scalar> &&
+                      std::tuple_size_v<typename decltype(x_view)::Dims> ==
+                          std::tuple_size_v<typename decltype(out_view)::Dims>,
+                  "RotaryEmbedding::apply: x and out need the same element type and rank");
+    if (x_view.dimensions() != out_view.dimensions()) {
       detail::throw_invalid_argument(
-          "RotaryEmbedding::apply: out has shape ", detail::shape_string(out.dimensions()),
-          " but x has shape ", detail::shape_string(x.dimensions()));
+          "RotaryEmbedding::apply: out has shape ", detail::shape_string(out_view.dimensions()),
+          " but x has shape ", detail::shape_string(x_view.dimensions()));
     }
     // Check before writing anything into out.
-    if (x.dimension(3) != head_dim_) {
-      detail::throw_invalid_argument("RotaryEmbedding::apply: x has shape ",
-                                     detail::shape_string(x.dimensions()), ", expected head_dim ",
-                                     head_dim_, " in the last dimension");
+    check_head_dim(x_view.dimensions());
+    constexpr int kRank = static_cast<int>(std::tuple_size_v<typename decltype(x_view)::Dims>);
+    check_range(start_pos, x_view.dimension(kRank - 2));
+    if (x_view.stride(kRank - 1) != 1) {
+      detail::throw_invalid_argument("RotaryEmbedding::apply: x needs a contiguous last dimension");
     }
-    check_range(start_pos, x.dimension(2));
-    for (Index b = 0; b < x.dimension(0); ++b) {
-      for (Index h = 0; h < x.dimension(1); ++h) {
-        for (Index s = 0; s < x.dimension(2); ++s) {
-          std::copy_n(x.row(b, h, s), head_dim_, out.row(b, h, s));
-        }
-      }
-    }
-    apply(out, start_pos);
+    const Index width = x_view.dimension(kRank - 1);
+    x_view.for_each_row_index(
+        [&](const auto& idx) { std::copy_n(x_view.row_at(idx), width, out_view.row_at(idx)); });
+    apply(out_view, start_pos);
   }
 
  private:
+  template <typename Dims>
+  void check_head_dim(const Dims& dims) const {
+    static_assert(std::tuple_size_v<Dims> >= 2, "RotaryEmbedding::apply: x must be (..., S, D)");
+    if (dims[dims.size() - 1] != head_dim_) {
+      detail::throw_invalid_argument("RotaryEmbedding::apply: x has shape ",
+                                     detail::shape_string(dims), ", expected head_dim ",
+                                     head_dim_, " in the last dimension");
+    }
+  }
+
   void check_range(Index start_pos, Index length) const {
     if (start_pos < 0 || length < 0 || start_pos + length > cos_.dimension(0)) {
       detail::throw_invalid_argument("RotaryEmbedding: positions [", start_pos, ", ",

@@ -80,6 +80,12 @@ class StridedView {
   StridedView(const Eigen::Tensor<U, Rank, Eigen::RowMajor, Index>& t)  // NOLINT(runtime/explicit)
       : StridedView(t.data(), to_dims(t.dimensions())) {}
 
+  // A view of a temporary tensor would dangle as soon as the statement ends (e.g.
+  // `masks.doc_ids = make_ids();`), so binding one is a compile error: keep the tensor
+  // in a named variable that outlives the view.
+  template <typename U>
+  StridedView(const Eigen::Tensor<U, Rank, Eigen::RowMajor, Index>&& t) = delete;
+
   template <typename PlainT,
             typename = std::enable_if_t<
                 PlainT::NumIndices == Rank &&
@@ -153,15 +159,22 @@ class StridedView {
     return out;
   }
 
-  // Calls f(row_pointer) for every innermost row, in row-major order.
+  using OuterIndex = std::array<Index, Rank - 1>;
+
+  // Pointer to the innermost row at an outer index.
+  T* row_at(const OuterIndex& idx) const {
+    Index off = 0;
+    for (int i = 0; i < Rank - 1; ++i) off += idx[i] * strides_[i];
+    return data_ + off;
+  }
+
+  // Calls f(outer_index) for every innermost row, in row-major order.
   template <typename F>
-  void for_each_row(F&& f) const {
+  void for_each_row_index(F&& f) const {
     if (size() == 0) return;
-    std::array<Index, Rank> idx{};
+    OuterIndex idx{};
     for (;;) {
-      Index off = 0;
-      for (int i = 0; i < Rank - 1; ++i) off += idx[i] * strides_[i];
-      f(data_ + off);
+      f(static_cast<const OuterIndex&>(idx));
       int i = Rank - 2;
       for (; i >= 0; --i) {
         if (++idx[i] < dims_[i]) break;
@@ -169,6 +182,12 @@ class StridedView {
       }
       if (i < 0) return;
     }
+  }
+
+  // Calls f(row_pointer) for every innermost row, in row-major order.
+  template <typename F>
+  void for_each_row(F&& f) const {
+    for_each_row_index([&](const OuterIndex& idx) { f(row_at(idx)); });
   }
 
   static Dims row_major(const Dims& dims) {
@@ -203,6 +222,9 @@ template <typename T, int Rank>
 ConstView<T, Rank> as_const_view(const Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>& t) {
   return ConstView<T, Rank>(t);
 }
+// A view of a temporary would dangle (see StridedView).
+template <typename T, int Rank>
+ConstView<T, Rank> as_const_view(const Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>&& t) = delete;
 template <typename PlainT, typename = std::enable_if_t<static_cast<int>(PlainT::Layout) ==
                                                         static_cast<int>(Eigen::RowMajor)>>
 ConstView<std::remove_const_t<typename PlainT::Scalar>, PlainT::NumIndices> as_const_view(
@@ -230,6 +252,81 @@ struct view_traits<X, std::void_t<view_of_t<X>>> {
   using scalar = typename view::Scalar;
   static constexpr bool valid = true;
   static constexpr int rank = static_cast<int>(std::tuple_size_v<typename view::Dims>);
+};
+
+// Turns a writable tensor argument (a Tensor lvalue, a TensorMap over non-const memory, a
+// mutable StridedView) into a mutable view, for the functions that work in place. A
+// temporary Tensor does not convert: writing into it in place would be lost.
+template <typename T, int Rank>
+StridedView<T, Rank> as_mutable_view(Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>& t) {
+  return StridedView<T, Rank>(t);
+}
+template <typename PlainT, typename = std::enable_if_t<
+                               static_cast<int>(PlainT::Layout) == static_cast<int>(Eigen::RowMajor) &&
+                               !std::is_const_v<PlainT>>>
+StridedView<typename PlainT::Scalar, PlainT::NumIndices> as_mutable_view(const Eigen::TensorMap<PlainT>& m) {
+  return StridedView<typename PlainT::Scalar, PlainT::NumIndices>(m.data(), [&] {
+    typename StridedView<typename PlainT::Scalar, PlainT::NumIndices>::Dims dims{};
+    for (int i = 0; i < PlainT::NumIndices; ++i) dims[i] = static_cast<Index>(m.dimension(i));
+    return dims;
+  }());
+}
+template <typename T, int Rank, typename = std::enable_if_t<!std::is_const_v<T>>>
+StridedView<T, Rank> as_mutable_view(const StridedView<T, Rank>& v) {
+  return v;
+}
+
+template <typename X>
+using mutable_view_of_t = decltype(as_mutable_view(std::declval<X&>()));
+
+namespace detail {
+template <typename X>
+inline constexpr bool is_owning_tensor_v = false;
+template <typename S, int R, int O, typename I>
+inline constexpr bool is_owning_tensor_v<Eigen::Tensor<S, R, O, I>> = true;
+}  // namespace detail
+
+// A read-only view of per-token data that a caller may hold in either of two element
+// types (document ids as int64 or int32, masks as bool or uint8), read in place: engines
+// keep whichever their framework produced, and converting would cost a copy per call.
+// It accepts the same arguments as ConstView (Tensors, TensorMaps, views) of A or B;
+// default-constructed it is absent.
+template <typename A, typename B, int Rank>
+class EitherView {
+ public:
+  using Dims = std::array<Index, Rank>;
+
+  EitherView() = default;
+  template <typename X,
+            typename = std::enable_if_t<view_traits<X>::rank == Rank &&
+                                        (std::is_same_v<typename view_traits<X>::scalar, A> ||
+                                         std::is_same_v<typename view_traits<X>::scalar, B>)>>
+  EitherView(const X& x) {  // NOLINT(runtime/explicit)
+    if constexpr (std::is_same_v<typename view_traits<X>::scalar, A>) {
+      a_ = as_const_view(x);
+    } else {
+      b_ = as_const_view(x);
+    }
+  }
+  // A view of a temporary would dangle (see StridedView).
+  template <typename X, typename = std::enable_if_t<detail::is_owning_tensor_v<X>>>
+  EitherView(const X&& x) = delete;
+
+  bool has_value() const { return a_.has_value() || b_.has_value(); }
+  const Dims& dimensions() const { return b_.has_value() ? b_.dimensions() : a_.dimensions(); }
+  Index dimension(int i) const { return dimensions()[static_cast<std::size_t>(i)]; }
+  Index size() const { return b_.has_value() ? b_.size() : a_.size(); }
+
+  // f(view) with the view of the type actually held (f is called with the A view when
+  // the whole thing is absent).
+  template <typename F>
+  decltype(auto) visit(F&& f) const {
+    return b_.has_value() ? f(b_) : f(a_);
+  }
+
+ private:
+  ConstView<A, Rank> a_;
+  ConstView<B, Rank> b_;
 };
 
 namespace detail {
@@ -269,6 +366,13 @@ void check_shape(const char* where, const char* name, const StridedView<T, Rank>
     throw_invalid_argument(where, ": ", name, " must have a contiguous last dimension, got stride ",
                            view.stride(Rank - 1));
   }
+}
+
+// The same check for data held as either of two types.
+template <typename A, typename B, int Rank>
+void check_shape(const char* where, const char* name, const EitherView<A, B, Rank>& view,
+                 const std::array<Index, Rank>& expected, const char* layout) {
+  view.visit([&](const auto& v) { check_shape(where, name, v, expected, layout); });
 }
 
 }  // namespace detail

@@ -653,13 +653,28 @@ void fuzz_attention(FuzzedDataProvider& fdp) {
       fdp.ConsumeBool() ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
   options.path =
       pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kFused, af::SdpaPath::kDecode});
-  fast->set_sdpa_options(options);
+  // The module is always causal: set_sdpa_options rejects causal = false.
+  options.causal = !free_options || fdp.ConsumeIntegralInRange<int>(0, 3) != 0;
+  // set_sdpa_options validates: it throws exactly for bad options and keeps the old ones.
+  Expected option_check;
+  option_check.bad(!options.causal, "causal = false");
+  option_check.bad(options.window < 0, "window");
+  option_check.bad(options.softcap < 0, "softcap");
+  option_check.bad(options.scale && !std::isfinite(*options.scale), "scale");
+  const af::SdpaOptions before = fast->sdpa_options();
+  const Outcome set = outcome_of([&] { fast->set_sdpa_options(options); });
+  check_outcome(option_check, set, "Attention::set_sdpa_options");
+  if (set != Outcome::kOk) {
+    if (fast->sdpa_options().causal != before.causal || fast->sdpa_options().window != before.window ||
+        fast->sdpa_options().softcap != before.softcap) {
+      fail("Attention::set_sdpa_options changed the options it rejected");
+    }
+    return;
+  }
   af::SdpaOptions ref_options = options;
   ref_options.path = af::SdpaPath::kReference;
   ref->set_sdpa_options(ref_options);
   if (fdp.ConsumeBool()) fast->set_device(&pool_device());
-  const bool bad_options = options.window < 0 || options.softcap < 0 ||
-                           (options.scale && !std::isfinite(*options.scale));
 
   // The cache (sometimes of the wrong geometry) and the session's steps.
   const Index batch = fdp.ConsumeIntegralInRange<Index>(1, 2);
@@ -707,7 +722,6 @@ void fuzz_attention(FuzzedDataProvider& fdp) {
     e.bad(rope.head_dim() != head_dim, "rope head_dim");
     e.bad(start + seq_len > rope.cos().dimension(0), "positions beyond the rope table");
     e.bad(x_dim != dim, "x's last dimension");
-    e.bad(bad_options, "sdpa options");
     e.bad(has_padding && pad_len != cached + seq_len, "padding length");
     if (fast_cache) {
       e.bad(fast_cache->n_kv_heads() != n_kv_heads, "cache geometry");

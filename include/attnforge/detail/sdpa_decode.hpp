@@ -70,15 +70,20 @@ struct DecodeKeyRange {
 };
 
 inline DecodeKeyRange decode_key_range(const BatchMask& mask, Index q_len) {
-  DecodeKeyRange range{mask.key_begin(0), mask.key_end(q_len - 1), mask.q_docs == nullptr};
-  if (mask.q_docs == nullptr || range.first >= range.last) return range;
-  const DocId* kv_first = mask.kv_docs + range.first;
-  const DocId* kv_last = mask.kv_docs + range.last;
-  if (!std::is_sorted(kv_first, kv_last)) return range;
-  const auto [q_min, q_max] = std::minmax_element(mask.q_docs, mask.q_docs + q_len);
-  range.first = std::lower_bound(kv_first, kv_last, *q_min) - mask.kv_docs;
-  range.last = std::upper_bound(kv_first, kv_last, *q_max) - mask.kv_docs;
-  range.docs_resolved = *q_min == *q_max;
+  DecodeKeyRange range{mask.key_begin(0), mask.key_end(q_len - 1), !mask.q_docs.has_value()};
+  if (!mask.q_docs.has_value() || range.first >= range.last) return range;
+  const auto [q_min, q_max] = mask.q_docs.visit([q_len](const auto* q_docs) {
+    const auto [lo, hi] = std::minmax_element(q_docs, q_docs + q_len);
+    return std::pair<DocId, DocId>(*lo, *hi);
+  });
+  mask.kv_docs.visit([&, q_min = q_min, q_max = q_max](const auto* kv_docs) {
+    const auto* kv_first = kv_docs + range.first;
+    const auto* kv_last = kv_docs + range.last;
+    if (!std::is_sorted(kv_first, kv_last)) return;
+    range.first = std::lower_bound(kv_first, kv_last, q_min) - kv_docs;
+    range.last = std::upper_bound(kv_first, kv_last, q_max) - kv_docs;
+    range.docs_resolved = q_min == q_max;
+  });
   return range;
 }
 
