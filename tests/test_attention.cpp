@@ -281,6 +281,18 @@ TEST_P(AttentionForward, MatchesDoubleComputationOfTheSpec) {
       c.padding ? ConstView<bool, 2>(pad) : ConstView<bool, 2>());
   EXPECT_LT(test::error_relative_to_scale(out, expected), kForwardTol);
   EXPECT_FALSE(test::has_nan(out));
+
+  // int32 ids and a uint8 mask, read in place, give the same bits; so does a prefill into
+  // a recording cache, which stores the ids as int64.
+  if (c.docs || c.padding) {
+    Tensor<std::int32_t, 2> ids32 = doc_ids.cast<std::int32_t>();
+    Tensor<std::uint8_t, 2> pad8 = pad.cast<std::uint8_t>();
+    const DocIdView ids_arg = c.docs ? DocIdView(ids32) : DocIdView();
+    const KeyMaskView pad_arg = c.padding ? KeyMaskView(pad8) : KeyMaskView();
+    EXPECT_TRUE(test::bitwise_equal(attn.forward(x, cos, sin, nullptr, ids_arg, pad_arg), out));
+    KVCache<float> cache(kBatch, kSeq, attn.n_kv_heads(), attn.head_dim(), c.docs);
+    EXPECT_TRUE(test::bitwise_equal(attn.forward(x, cos, sin, &cache, ids_arg, pad_arg), out));
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

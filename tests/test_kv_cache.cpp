@@ -265,6 +265,17 @@ TEST(KVCacheDocIds, RecordsTheIdsOfEveryUpdateAsAPrefixView) {
   EXPECT_EQ(cache.doc_ids()(1, 0), 190);
 }
 
+TEST(KVCacheDocIds, Int32IdsAreRecordedAsTheirInt64Values) {
+  KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
+  Tensor<std::int32_t, 2> ids(kBatch, 3);
+  ids.setValues({{7, 7, -3}, {2147483647, 0, -2147483647 - 1}});
+  const Tensor<float, 4> k = new_entries(3, 1), v = new_entries(3, 2);
+  cache.update(k, v, ids);
+  for (Index b = 0; b < kBatch; ++b) {
+    for (Index i = 0; i < 3; ++i) EXPECT_EQ(cache.doc_ids()(b, i), DocId{ids(b, i)});
+  }
+}
+
 TEST(KVCacheDocIds, ACacheThatDoesNotRecordHasNoIds) {
   KVCache<float> cache(kBatch, kMaxLen, kKvHeads, kHeadDim);
   EXPECT_FALSE(cache.records_doc_ids());

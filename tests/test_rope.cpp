@@ -199,6 +199,26 @@ TEST(ApplyRope, InPlaceOnTransposedViewRotatesEachRowByItsOwnPosition) {
   EXPECT_TRUE(test::bitwise_equal(bhsd.to_tensor(), expected));
 }
 
+TEST(ApplyRope, InPlaceTakesPlainTensorsAndMapsOfAnyRankFromTwoUp) {
+  constexpr Index kS = 5, kD = 8;
+  const auto [cos, sin] = precompute_rope_frequencies<float>(kD, kS);
+  Tensor<float, 2> x2 = test::random_normal<float, 2>({kS, kD}, 16);
+  Tensor<float, 3> x3 = test::random_normal<float, 3>({3, kS, kD}, 17);
+  Tensor<float, 5> x5 = test::random_normal<float, 5>({2, 1, 3, kS, kD}, 18);
+  const Tensor<float, 2> e2 = apply_rope(x2, cos, sin);
+  const Tensor<float, 3> e3 = apply_rope(x3, cos, sin);
+  const Tensor<float, 5> e5 = apply_rope(x5, cos, sin);
+  // Rank 2 rows are positions 0..S-1: hand-check one pair against the formula.
+  EXPECT_NEAR(e2(3, 1), x2(3, 1) * cos(3, 1) - x2(3, 5) * sin(3, 1), 1e-6);
+  apply_rope_inplace(x2, cos, sin);
+  apply_rope_inplace(x3, cos, sin);
+  TensorMap<float, 5> map5(x5.data(), 2, 1, 3, kS, kD);
+  apply_rope_inplace(map5, cos, sin);
+  EXPECT_TRUE(test::bitwise_equal(x2, e2));
+  EXPECT_TRUE(test::bitwise_equal(x3, e3));
+  EXPECT_TRUE(test::bitwise_equal(x5, e5));
+}
+
 TEST(RotaryEmbedding, TablesEqualPrecomputedFrequencies) {
   const RotaryEmbedding<float> rope(32, 40, 500000.0);
   const auto [cos, sin] = precompute_rope_frequencies<float>(32, 40, 500000.0);
@@ -230,6 +250,57 @@ TEST(RotaryEmbedding, ApplyAtStartPosEqualsApplyRopeWithTableRowsFromStartPos) {
     EXPECT_GT(test::max_abs_diff(expected,
                                  apply_rope(x, rope.cos_rows(0, kS), rope.sin_rows(0, kS), style)),
               0.1);
+  }
+}
+
+TEST(RotaryEmbedding, ApplyTakesAnyRankFromTwoUpInPlaceAndIntoAnOutput) {
+  constexpr Index kStart = 9, kS = 4, kD = 8;
+  const RotaryEmbedding<float> rope(kD, 16);
+  const Tensor<float, 4> x4 = test::random_normal<float, 4>({2, 3, kS, kD}, 19);
+  Tensor<float, 4> expected = x4;
+  rope.apply(expected, kStart);
+  // (S, D): one head of one batch row.
+  Tensor<float, 2> x2 = ConstView<float, 4>(x4).narrow(0, 1, 1).narrow(1, 2, 1).to_tensor().reshape(std::array<Index, 2>{kS, kD});
+  rope.apply(x2, kStart);
+  for (Index s = 0; s < kS; ++s) {
+    for (Index d = 0; d < kD; ++d) EXPECT_EQ(x2(s, d), expected(1, 2, s, d));
+  }
+  // (B * H, S, D) and (B, 1, H, S, D): the same rows, reshaped.
+  const Tensor<float, 3> x3 = x4.reshape(std::array<Index, 3>{6, kS, kD});
+  Tensor<float, 3> out3(x3.dimensions());
+  rope.apply(x3, out3, kStart);
+  EXPECT_TRUE(test::bitwise_equal(Tensor<float, 4>(out3.reshape(x4.dimensions())), expected));
+  Tensor<float, 5> x5 = x4.reshape(std::array<Index, 5>{2, 1, 3, kS, kD});
+  rope.apply(x5, kStart);
+  EXPECT_TRUE(test::bitwise_equal(Tensor<float, 4>(x5.reshape(x4.dimensions())), expected));
+}
+
+// KempnerForge forms the angles in float32 (freqs = 1 / theta^(2i/D) in float, then
+// position * freq in float); these tables form them in double. The float angle is off by
+// up to half an ulp of itself (2^-24 * position) plus the float frequency's rounding, so
+// the two tables drift apart linearly in the position: measured ~5e-8 x position for
+// D = 64 and ~8e-8 x position for D = 128 (2.4e-4 by position 4096), while these tables
+// stay within float rounding of the exact rotation at any position (test above).
+TEST(RopeTables, DriftFromFloat32AnglesGrowsLinearlyWithThePosition) {
+  for (Index head_dim : {Index{64}, Index{128}}) {
+    const auto [cos, sin] = precompute_rope_frequencies<float>(head_dim, 4097);
+    double worst_ratio = 0.0, at_4096 = 0.0;
+    for (Index p = 1; p <= 4096; ++p) {
+      double row = 0.0;
+      for (Index i = 0; i < head_dim / 2; ++i) {
+        const float exponent = static_cast<float>(2 * i) / static_cast<float>(head_dim);
+        const float freq = 1.0f / std::pow(10000.0f, exponent);
+        const float angle = static_cast<float>(p) * freq;
+        row = std::max({row, std::abs(cos(p, i) - static_cast<double>(static_cast<float>(std::cos(double{angle})))),
+                        std::abs(sin(p, i) - static_cast<double>(static_cast<float>(std::sin(double{angle}))))});
+      }
+      worst_ratio = std::max(worst_ratio, row / static_cast<double>(p));
+      if (p > 3500) at_4096 = std::max(at_4096, row);
+    }
+    // Bound: half an ulp of the angle and one ulp of the frequency, 1.8e-7 x position.
+    EXPECT_LE(worst_ratio, 1.8e-7) << "head_dim " << head_dim;
+    // And it really is that large (the README once said ~1e-6 for thousands of positions).
+    EXPECT_GE(at_4096, 1e-4) << "head_dim " << head_dim;
   }
 }
 

@@ -845,6 +845,58 @@ TEST_F(SdpaInputForms, OutputIntoAStridedCallerBuffer) {
   }
 }
 
+// Document ids as int32 and padding masks as uint8_t (what PyTorch engines often hold)
+// are read in place and give exactly the int64 / bool result, on every path, also with
+// int32 query ids against int64 key ids (a recording cache stores int64).
+TEST(SdpaMaskTypes, Int32IdsAndUint8MasksGiveTheInt64AndBoolResultBitForBit) {
+  constexpr Index kB = 2, kH = 4, kKvH = 2, kSq = 7, kSkv = 150, kD = 16;
+  const Tensor<float, 4> q = test::random_normal<float, 4>({kB, kH, kSq, kD}, 30);
+  const Tensor<float, 4> k = test::random_normal<float, 4>({kB, kKvH, kSkv, kD}, 31);
+  const Tensor<float, 4> v = test::random_normal<float, 4>({kB, kKvH, kSkv, kD}, 32);
+  Tensor<DocId, 2> q_ids64(kB, kSq), kv_ids64(kB, kSkv);
+  Tensor<std::int32_t, 2> q_ids32(kB, kSq), kv_ids32(kB, kSkv);
+  Tensor<bool, 2> pad_bool(kB, kSkv);
+  Tensor<std::uint8_t, 2> pad_u8(kB, kSkv);
+  for (Index b = 0; b < kB; ++b) {
+    for (Index j = 0; j < kSkv; ++j) {
+      kv_ids64(b, j) = kv_ids32(b, j) = static_cast<std::int32_t>(j / 40 + b);
+      pad_bool(b, j) = (j * 7 + b) % 5 != 0;
+      pad_u8(b, j) = pad_bool(b, j) ? static_cast<std::uint8_t>(1 + j % 200) : 0;  // any nonzero
+    }
+    for (Index i = 0; i < kSq; ++i) q_ids64(b, i) = q_ids32(b, i) = kv_ids32(b, kSkv - kSq + i);
+  }
+  DenseMasks dense;
+  dense.causal = true;
+  dense.q_docs = q_ids64;
+  dense.kv_docs = kv_ids64;
+  dense.key_padding = pad_bool;
+  const DenseResult ref = test::dense_sdpa(test::to_double(q), test::to_double(k), test::to_double(v), dense);
+  Masks wide;
+  wide.doc_ids = q_ids64;
+  wide.kv_doc_ids = kv_ids64;
+  wide.key_padding_mask = pad_bool;
+  Masks narrow;
+  narrow.doc_ids = q_ids32;
+  narrow.kv_doc_ids = kv_ids32;
+  narrow.key_padding_mask = pad_u8;
+  Masks mixed = narrow;
+  mixed.kv_doc_ids = kv_ids64;  // int32 queries against int64 keys
+  for (SdpaPath path : kAllPaths) {
+    SCOPED_TRACE(path_name(path));
+    const SdpaOptions options = with_path(test::library_options(dense, {}), path);
+    const Tensor<float, 4> expected = scaled_dot_product_attention(q, k, v, options, wide);
+    EXPECT_LT(test::error_relative_to_scale(expected, ref.out), kFloatTol);
+    EXPECT_TRUE(test::bitwise_equal(scaled_dot_product_attention(q, k, v, options, narrow), expected));
+    EXPECT_TRUE(test::bitwise_equal(scaled_dot_product_attention(q, k, v, options, mixed), expected));
+  }
+  // Validation reads the shapes of either type.
+  const Tensor<std::int32_t, 2> short_ids(kB, kSq - 1);
+  Masks bad = narrow;
+  bad.doc_ids = short_ids;
+  expect_invalid([&] { scaled_dot_product_attention(q, k, v, test::library_options(dense, {}), bad); },
+                 {"doc_ids has shape (2, 6)", "(B, Sq) = (2, 7)"});
+}
+
 TEST(SdpaClass, ReusedInstanceGivesTheSameResultsAsFreshOnesAcrossShapes) {
   // The instance keeps scratch between calls; shrinking and growing must not leak state.
   struct Shape {
