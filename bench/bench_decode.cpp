@@ -103,27 +103,27 @@ void run_bf16_cache(benchmark::State& state, Index batch, Index kv_len, int thre
 // fixed 1 MiB pieces over the pool: how fast this machine streams that many bytes.
 double stream_sum(const float* data, Index floats, const Eigen::ThreadPoolDevice* device,
                   std::vector<double>& partial) {
-  using Packet = af::detail::packet_t<float>;
-  namespace ei = Eigen::internal;
-  constexpr Index kPacket = af::detail::kPacketSize<float>;
+  namespace simd = af::detail::simd;
+  using Packet = simd::Packet<float>;
+  constexpr Index kPacket = simd::kWidth<float>;
   constexpr Index kPiece = (1 << 20) / sizeof(float);
   const Index pieces = (floats + kPiece - 1) / kPiece;
   partial.assign(static_cast<std::size_t>(pieces), 0.0);
   af::detail::parallel_for_items(device, pieces, [&](int, Index piece) {
     const float* p = data + piece * kPiece;
     const Index n = std::min(kPiece, floats - piece * kPiece);
-    Packet a0 = ei::pzero(Packet{}), a1 = a0, a2 = a0, a3 = a0;
+    Packet a0 = simd::zero<Packet>(), a1 = a0, a2 = a0, a3 = a0;
     Index i = 0;
     for (; i + 4 * kPacket <= n; i += 4 * kPacket) {
-      a0 = ei::padd(a0, ei::ploadu<Packet>(p + i));
-      a1 = ei::padd(a1, ei::ploadu<Packet>(p + i + kPacket));
-      a2 = ei::padd(a2, ei::ploadu<Packet>(p + i + 2 * kPacket));
-      a3 = ei::padd(a3, ei::ploadu<Packet>(p + i + 3 * kPacket));
+      a0 = simd::add(a0, simd::load<Packet>(p + i));
+      a1 = simd::add(a1, simd::load<Packet>(p + i + kPacket));
+      a2 = simd::add(a2, simd::load<Packet>(p + i + 2 * kPacket));
+      a3 = simd::add(a3, simd::load<Packet>(p + i + 3 * kPacket));
     }
     float tail = 0;
     for (; i < n; ++i) tail += p[i];
     partial[static_cast<std::size_t>(piece)] =
-        ei::predux(ei::padd(ei::padd(a0, a1), ei::padd(a2, a3))) + tail;
+        simd::sum(simd::add(simd::add(a0, a1), simd::add(a2, a3))) + tail;
   });
   return std::accumulate(partial.begin(), partial.end(), 0.0);
 }

@@ -142,12 +142,11 @@ void run_metadata(benchmark::State& state, const std::vector<Index>& lengths) {
   const Tensor<DocId, 2> ids = doc_ids_for(lengths);
   af::Masks masks;
   masks.doc_ids = ids;
-  const af::detail::TileGeometry geo =
-      af::detail::tile_geometry<float>(kHeads / kKvHeads, kHeadDim);
+  const af::detail::TileGeometry geo = af::detail::tile_geometry<float>(kHeads / kKvHeads);
   af::detail::TilePlan plan;
   for (auto _ : state) {
-    plan.build(af::detail::MaskRules{true, 0}, masks, 1, kTotal, kTotal, geo.positions,
-               geo.key_tile);
+    const af::detail::MaskPolicy policy(af::detail::MaskRules{true, 0}, masks, 1, kHeads, kTotal, kTotal);
+    plan.build(policy, geo.positions, geo.key_tile);
     Index cost = 0;
     for (Index qt = 0; qt < plan.q_tiles(); ++qt) cost += plan.active_key_tiles(0, qt);
     benchmark::DoNotOptimize(cost);

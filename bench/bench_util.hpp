@@ -75,17 +75,17 @@ inline double peak_memory_mib() {
 // machine (12 chains cover a 4-6 cycle FMA latency at 2 FMAs per cycle). Named
 // variables, not an array, so every chain lives in its own register.
 inline double fma_chains(long iterations) {
-  using Packet = detail::packet_t<float>;
-  namespace ei = Eigen::internal;
-  const Packet a = ei::pset1<Packet>(0.999999f);
-  const Packet b = ei::pset1<Packet>(1e-7f);
-  Packet c0 = ei::pset1<Packet>(1.00f), c1 = ei::pset1<Packet>(1.01f), c2 = ei::pset1<Packet>(1.02f),
-         c3 = ei::pset1<Packet>(1.03f), c4 = ei::pset1<Packet>(1.04f), c5 = ei::pset1<Packet>(1.05f),
-         c6 = ei::pset1<Packet>(1.06f), c7 = ei::pset1<Packet>(1.07f), c8 = ei::pset1<Packet>(1.08f),
-         c9 = ei::pset1<Packet>(1.09f), c10 = ei::pset1<Packet>(1.10f), c11 = ei::pset1<Packet>(1.11f);
+  namespace simd = detail::simd;
+  using Packet = simd::Packet<float>;
+  const Packet a = simd::splat<Packet>(0.999999f);
+  const Packet b = simd::splat<Packet>(1e-7f);
+  Packet c0 = simd::splat<Packet>(1.00f), c1 = simd::splat<Packet>(1.01f), c2 = simd::splat<Packet>(1.02f),
+         c3 = simd::splat<Packet>(1.03f), c4 = simd::splat<Packet>(1.04f), c5 = simd::splat<Packet>(1.05f),
+         c6 = simd::splat<Packet>(1.06f), c7 = simd::splat<Packet>(1.07f), c8 = simd::splat<Packet>(1.08f),
+         c9 = simd::splat<Packet>(1.09f), c10 = simd::splat<Packet>(1.10f), c11 = simd::splat<Packet>(1.11f);
   for (long it = 0; it < iterations; ++it) {
 #define ATTNFORGE_BENCH_CHAIN(c) \
-  c = ei::pmadd(c, a, b);        \
+  c = simd::fma(c, a, b);        \
   ATTNFORGE_BENCH_OPAQUE(c);
     ATTNFORGE_BENCH_CHAIN(c0) ATTNFORGE_BENCH_CHAIN(c1) ATTNFORGE_BENCH_CHAIN(c2)
     ATTNFORGE_BENCH_CHAIN(c3) ATTNFORGE_BENCH_CHAIN(c4) ATTNFORGE_BENCH_CHAIN(c5)
@@ -93,10 +93,10 @@ inline double fma_chains(long iterations) {
     ATTNFORGE_BENCH_CHAIN(c9) ATTNFORGE_BENCH_CHAIN(c10) ATTNFORGE_BENCH_CHAIN(c11)
 #undef ATTNFORGE_BENCH_CHAIN
   }
-  const Packet sum = ei::padd(ei::padd(ei::padd(ei::padd(c0, c1), ei::padd(c2, c3)),
-                                       ei::padd(ei::padd(c4, c5), ei::padd(c6, c7))),
-                              ei::padd(ei::padd(c8, c9), ei::padd(c10, c11)));
-  return static_cast<double>(ei::predux(sum));
+  const Packet sum = simd::add(simd::add(simd::add(simd::add(c0, c1), simd::add(c2, c3)),
+                                         simd::add(simd::add(c4, c5), simd::add(c6, c7))),
+                               simd::add(simd::add(c8, c9), simd::add(c10, c11)));
+  return static_cast<double>(simd::sum(sum));
 }
 inline constexpr int kFmaChains = 12;
 
@@ -105,7 +105,7 @@ inline void register_fma_peak() {
     const std::string name = "fma_peak/threads:" + std::to_string(threads);
     benchmark::RegisterBenchmark(name.c_str(), [threads](benchmark::State& state) {
       constexpr long kIterations = 1 << 22;
-      constexpr double kFlops = 2.0 * kFmaChains * detail::kPacketSize<float> * kIterations;
+      constexpr double kFlops = 2.0 * kFmaChains * detail::simd::kWidth<float> * kIterations;
       for (auto _ : state) {
         std::vector<std::thread> workers;
         for (int t = 1; t < threads; ++t) workers.emplace_back([] { fma_chains(kIterations); });

@@ -52,7 +52,7 @@ Pattern batch_mask_pattern(const MaskSetup& s) {
   const test::DenseMasks m = dense_masks(s);
   const Masks masks = test::library_masks(m);
   const detail::BatchMask mask =
-      detail::batch_mask(detail::MaskRules{s.causal, s.window}, masks, 0, s.q_len, s.kv_len);
+      detail::MaskPolicy(detail::MaskRules{s.causal, s.window}, masks, 1, 1, s.q_len, s.kv_len).row(0);
   Pattern p;
   for (Index i = 0; i < s.q_len; ++i) {
     std::string row;
@@ -236,10 +236,7 @@ TEST(MaskRules, BatchMaskAgreesWithTheDenseSpecMatrixOnRandomMasks) {
 
 detail::TilePlan tile_plan(const MaskSetup& s, const test::DenseMasks& m, Index q_tile,
                            Index key_tile) {
-  detail::TilePlan plan;
-  plan.build(detail::MaskRules{s.causal, s.window}, test::library_masks(m), 1, s.q_len, s.kv_len,
-             q_tile, key_tile);
-  return plan;
+  return test::tile_plan(m, test::library_masks(m), 1, s.q_len, s.kv_len, q_tile, key_tile);
 }
 
 TEST(TilePlan, NeverSkipsAnAllowedPairNorCallsATileWithAMaskedPairFull) {
@@ -270,7 +267,7 @@ TEST(TilePlan, NeverSkipsAnAllowedPairNorCallsATileWithAMaskedPairFull) {
     ASSERT_EQ(plan.q_tiles(), (s.q_len + q_tile - 1) / q_tile);
     ASSERT_EQ(plan.key_tiles(), (s.kv_len + key_tile - 1) / key_tile);
     for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
-      const auto [first, last] = plan.key_tile_range(qt);
+      const auto [first, last] = plan.key_tile_range(0, qt);
       for (Index kt = 0; kt < plan.key_tiles(); ++kt) {
         bool any = false, all = true;
         for (Index i = qt * q_tile; i < std::min(s.q_len, (qt + 1) * q_tile); ++i) {
@@ -304,7 +301,7 @@ TEST(TilePlan, DocMaskSkipsTilesOutsideTheDiagonalBlocks) {
   const detail::TilePlan plan = tile_plan(s, m, 4, 4);
   using detail::TileClass;
   for (Index qt = 0; qt < 6; ++qt) {
-    const auto [first, last] = plan.key_tile_range(qt);
+    const auto [first, last] = plan.key_tile_range(0, qt);
     EXPECT_EQ(last, qt + 1) << "causal: no key tile after the diagonal";
     for (Index kt = first; kt < last; ++kt) {
       const TileClass expected = kt / 2 != qt / 2 ? TileClass::kEmpty
@@ -322,7 +319,7 @@ TEST(TilePlan, CausalChunkOnTopOfCacheKeepsEveryEarlierKeyTileFull) {
   MaskSetup s{4, 12, true, 0, {}, {}, {}};
   const test::DenseMasks m = dense_masks(s);
   const detail::TilePlan plan = tile_plan(s, m, 4, 4);
-  const auto [first, last] = plan.key_tile_range(0);
+  const auto [first, last] = plan.key_tile_range(0, 0);
   EXPECT_EQ(first, 0);
   EXPECT_EQ(last, 3);
   EXPECT_EQ(plan.classify(0, 0, 0), detail::TileClass::kFull);
@@ -336,7 +333,7 @@ TEST(TilePlan, WindowSkipsKeyTilesTooFarBack) {
   MaskSetup s{16, 16, true, 4, {}, {}, {}};
   const test::DenseMasks m = dense_masks(s);
   const detail::TilePlan plan = tile_plan(s, m, 4, 4);
-  const auto [first, last] = plan.key_tile_range(3);
+  const auto [first, last] = plan.key_tile_range(0, 3);
   EXPECT_EQ(first, 2);
   EXPECT_EQ(last, 4);
   EXPECT_EQ(plan.active_key_tiles(0, 3), 2);

@@ -57,14 +57,14 @@ ConstView<T, Rank> document(const Tensor<T, Rank>& t, Index b, Index start, Inde
 void expect_spans_cover_allowed_pairs(const test::DenseMasks& dense, Index batch, Index q_len,
                                       Index kv_len, Index positions, Index key_tile) {
   const Masks masks = test::library_masks(dense);
-  detail::TilePlan plan;
-  plan.build(detail::MaskRules{dense.causal, dense.window}, masks, batch, q_len, kv_len, positions,
-             key_tile);
+  const detail::TilePlan plan = test::tile_plan(dense, masks, batch, q_len, kv_len, positions, key_tile);
+  // The same rules without documents or padding: the positional key tiles.
+  const detail::TilePlan positional = test::tile_plan(dense, Masks{}, batch, q_len, kv_len, positions, key_tile);
   for (Index b = 0; b < batch; ++b) {
     const auto allowed = test::dense_allowed(dense, b, q_len, kv_len);
     for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
       const auto [first, last] = plan.key_tile_range(b, qt);
-      const auto [pos_first, pos_last] = plan.key_tile_range(qt);
+      const auto [pos_first, pos_last] = positional.key_tile_range(b, qt);
       const std::string where = "b " + std::to_string(b) + " qt " + std::to_string(qt);
       if (first < last) {
         EXPECT_GE(first, pos_first) << where;
@@ -143,8 +143,9 @@ TEST(PackedTilePlan, QueryTileOfSortedDocumentsGetsOnlyItsDocumentsKeyTiles) {
   const Index positions = 16, key_tile = 64;
   Masks masks;
   masks.doc_ids = ids;
-  detail::TilePlan plan;
-  plan.build(detail::MaskRules{true, 0}, masks, 2, len, len, positions, key_tile);
+  test::DenseMasks causal;
+  causal.causal = true;
+  const detail::TilePlan plan = test::tile_plan(causal, masks, 2, len, len, positions, key_tile);
   for (Index b = 0; b < 2; ++b) {
     for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
       // The tile's keys: from the start of its first query's document to its last query
@@ -169,10 +170,12 @@ TEST(PackedTilePlan, UnsortedIdsKeepThePositionalKeyTiles) {
   for (Index j = 100; j < 128; ++j) ids(0, j) = 0;  // document 0 resumes: not sorted
   Masks masks;
   masks.doc_ids = ids;
-  detail::TilePlan plan;
-  plan.build(detail::MaskRules{true, 0}, masks, 1, 128, 128, 16, 32);
+  test::DenseMasks causal;
+  causal.causal = true;
+  const detail::TilePlan plan = test::tile_plan(causal, masks, 1, 128, 128, 16, 32);
+  const detail::TilePlan positional = test::tile_plan(causal, Masks{}, 1, 128, 128, 16, 32);
   for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
-    EXPECT_EQ(plan.key_tile_range(0, qt), plan.key_tile_range(qt)) << "query tile " << qt;
+    EXPECT_EQ(plan.key_tile_range(0, qt), positional.key_tile_range(0, qt)) << "query tile " << qt;
   }
 }
 

@@ -730,20 +730,19 @@ TEST(SdpaReference, ComputesEachRequestedOutputAloneAndLeavesAbsentOnesUnwritten
   params.scale = 0.25;  // 1 / sqrt(16)
   params.rules = detail::MaskRules{true, 5};
   const ConstView<double, 4> qv(q), kv(k), vv(v);
+  const detail::MaskPolicy policy(params.rules, Masks{}, 2, 4, 6, 9);
+  using Outputs = detail::ReferenceOutputs<double, double>;
 
   Tensor<double, 4> out(2, 4, 6, 16);
-  detail::sdpa_reference(qv, kv, vv, StridedView<double, 4>(out), StridedView<double, 3>(),
-                         StridedView<double, 4>(), params, Masks{}, nullptr);
+  detail::sdpa_reference(qv, kv, vv, Outputs{StridedView<double, 4>(out), {}, {}}, params, policy, nullptr);
   EXPECT_LT(test::error_relative_to_scale(out, ref.out), kDoubleTol);
 
   Tensor<double, 3> lse(2, 4, 6);
-  detail::sdpa_reference(qv, kv, vv, StridedView<double, 4>(), StridedView<double, 3>(lse),
-                         StridedView<double, 4>(), params, Masks{}, nullptr);
+  detail::sdpa_reference(qv, kv, vv, Outputs{{}, StridedView<double, 3>(lse), {}}, params, policy, nullptr);
   EXPECT_LT(test::lse_error(lse, ref.lse), kDoubleTol);
 
   Tensor<double, 4> probs(2, 4, 6, 9);
-  detail::sdpa_reference(qv, kv, vv, StridedView<double, 4>(), StridedView<double, 3>(),
-                         StridedView<double, 4>(probs), params, Masks{}, nullptr);
+  detail::sdpa_reference(qv, kv, vv, Outputs{{}, {}, StridedView<double, 4>(probs)}, params, policy, nullptr);
   EXPECT_LT(test::max_abs_diff(probs, ref.probs), kDoubleTol);
 }
 

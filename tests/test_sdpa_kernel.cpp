@@ -17,13 +17,11 @@ namespace {
 void expect_plan_matches_dense(const DenseMasks& dense, Index batch, Index q_len, Index kv_len,
                                Index positions, Index key_tile) {
   const Masks masks = library_masks(dense);
-  detail::TilePlan plan;
-  plan.build(detail::MaskRules{dense.causal, dense.window}, masks, batch, q_len, kv_len, positions,
-             key_tile);
+  const detail::TilePlan plan = tile_plan(dense, masks, batch, q_len, kv_len, positions, key_tile);
   for (Index b = 0; b < batch; ++b) {
     const auto allowed = dense_allowed(dense, b, q_len, kv_len);
     for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
-      const auto [first, last] = plan.key_tile_range(qt);
+      const auto [first, last] = plan.key_tile_range(b, qt);
       for (Index kt = 0; kt < plan.key_tiles(); ++kt) {
         Index n_allowed = 0, n_pairs = 0;
         for (Index i = qt * positions; i < std::min(q_len, (qt + 1) * positions); ++i) {
@@ -111,8 +109,9 @@ TEST(TilePlan, DocMaskSkipsTilesOutsideDiagonal) {
   const Tensor<DocId, 2> ids = packed_doc_ids(1, len, {64});
   Masks masks;
   masks.doc_ids = ids;
-  detail::TilePlan plan;
-  plan.build(detail::MaskRules{true, 0}, masks, 1, len, len, 16, 32);
+  DenseMasks causal;
+  causal.causal = true;
+  const detail::TilePlan plan = tile_plan(causal, masks, 1, len, len, 16, 32);
   Index active = 0;
   for (Index qt = 0; qt < plan.q_tiles(); ++qt) {
     const Index within_doc = (qt * 16 % 64) / 32 + 1;  // causal key tiles inside the document
@@ -274,7 +273,8 @@ TEST(FusedKernelScratch, DoesNotGrowWithSequenceLength) {
     detail::SdpaParams params;
     params.scale = 0.125;
     params.rules.causal = true;
-    detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params, Masks{}},
+    const detail::MaskPolicy policy(params.rules, Masks{}, 1, 4, len, len);
+    detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params, Masks{}}, policy,
                             nullptr, ws);
     const auto& s = ws.workers.at(0);
     std::size_t total = s.scores.size();

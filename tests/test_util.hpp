@@ -281,6 +281,16 @@ inline Masks library_masks(const DenseMasks& m) {
   return masks;
 }
 
+// The fused kernel's tile plan of a problem with H = 1 (tile classes and key spans do
+// not depend on the heads without element masks).
+inline detail::TilePlan tile_plan(const DenseMasks& m, const Masks& masks, Index batch, Index q_len,
+                                  Index kv_len, Index positions, Index key_tile) {
+  detail::TilePlan plan;
+  plan.build(detail::MaskPolicy(detail::MaskRules{m.causal, m.window}, masks, batch, 1, q_len, kv_len),
+             positions, key_tile);
+  return plan;
+}
+
 inline SdpaOptions library_options(const DenseMasks& m, const DenseOptions& o,
                                    SdpaPath path = SdpaPath::kAuto) {
   SdpaOptions options;

@@ -392,8 +392,9 @@ class Attention {
     } else {
       masks.doc_ids = doc_ids;
     }
+    detail::check_per_head_options(kWhere, sdpa_options_, n_heads_);
     detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_options_.window}, masks, batch,
-                           seq_len, kv_len);
+                           n_heads_, seq_len, kv_len);
   }
 
   // x with rows [b, s] addressable as one (B * S, dim) matrix of row stride stride(1).

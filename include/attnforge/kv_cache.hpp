@@ -5,7 +5,7 @@
 #include <algorithm>
 #include <stdexcept>
 
-#include "attnforge/detail/vec_math.hpp"
+#include "attnforge/detail/simd.hpp"
 #include "attnforge/mask.hpp"
 #include "attnforge/tensor.hpp"
 

@@ -7,6 +7,9 @@
 #include <limits>
 #include <utility>
 
+#include "attnforge/detail/kernel_config.hpp"
+#include "attnforge/detail/mask_policy.hpp"
+#include "attnforge/detail/online_softmax.hpp"
 #include "attnforge/detail/sdpa_decode.hpp"
 #include "attnforge/detail/sdpa_kernel.hpp"
 #include "attnforge/detail/sdpa_reference.hpp"
@@ -35,7 +38,26 @@ inline SdpaParams resolve_options(const char* where, const SdpaOptions& options,
   params.softcap = options.softcap;
   params.rules = MaskRules{options.causal, options.window};
   params.empty_rows = options.empty_rows;
+  for (const auto& [name, values] : {std::pair<const char*, const std::vector<double>*>{"alibi_slopes", &options.alibi_slopes},
+                                     std::pair<const char*, const std::vector<double>*>{"sinks", &options.sinks}}) {
+    for (const double x : *values) {
+      if (!std::isfinite(x)) throw_invalid_argument(where, ": ", name, " must be finite, got ", x);
+    }
+  }
+  params.alibi_slopes = options.alibi_slopes.empty() ? nullptr : options.alibi_slopes.data();
+  params.sinks = options.sinks.empty() ? nullptr : options.sinks.data();
   return params;
+}
+
+// Checks the per-head options against the number of query heads.
+inline void check_per_head_options(const char* where, const SdpaOptions& options, Index n_heads) {
+  for (const auto& [name, values] : {std::pair<const char*, const std::vector<double>*>{"alibi_slopes", &options.alibi_slopes},
+                                     std::pair<const char*, const std::vector<double>*>{"sinks", &options.sinks}}) {
+    if (!values->empty() && static_cast<Index>(values->size()) != n_heads) {
+      throw_invalid_argument(where, ": ", name, " has ", values->size(), " values, expected one per query head (H = ",
+                             n_heads, ") or none");
+    }
+  }
 }
 
 // Checks q (B, H, Sq, D), k and v (B, Hkv, Skv, D), the options and the masks, and
@@ -72,7 +94,8 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
                            q.dimension(1), " heads (q ", shape(q), ", k ", shape(k), ")");
   }
   SdpaParams params = resolve_options(where, options, q.dimension(3));
-  validate_masks(where, params.rules, masks, q.dimension(0), q.dimension(2), k.dimension(2));
+  check_per_head_options(where, options, q.dimension(1));
+  validate_masks(where, params.rules, masks, q.dimension(0), q.dimension(1), q.dimension(2), k.dimension(2));
   // A window of Skv or more excludes nothing (pos(i) - j <= Skv - 1 for every key), so
   // it is clamped there: the same mask, and the kernels' position +- window arithmetic
   // cannot overflow Index for a window such as INT64_MAX.
@@ -109,33 +132,37 @@ class ScaledDotProductAttention {
                   const StridedView<T, 4>& out, const Masks& masks = {},
                   const StridedView<Acc, 3>& lse = {}) {
     constexpr const char* kWhere = "scaled_dot_product_attention";
-    const detail::SdpaParams params = detail::validate_sdpa(kWhere, q, k, v, options_, masks);
+    detail::SdpaParams params = detail::validate_sdpa(kWhere, q, k, v, options_, masks);
     detail::check_shape(kWhere, "out", out, q.dimensions(), "q's shape (B, H, Sq, D)");
     if (lse.has_value()) {
       detail::check_shape(kWhere, "lse", lse, {q.dimension(0), q.dimension(1), q.dimension(2)},
                           "(B, H, Sq)");
     }
-    if (options_.path == SdpaPath::kReference || detail::kPacketSize<Compute> == 1) {
-      detail::sdpa_reference(q, k, v, out, lse, StridedView<Acc, 4>(), params, masks, device_);
-      return;
-    }
     empty_rows_.clear();
     if (q.size() == 0) return;
-    detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params, masks};
-    problem.params.bf16_dot = use_bf16_dot(q.dimension(3));
+    const detail::MaskPolicy policy(params.rules, masks, q.dimension(0), q.dimension(1), q.dimension(2),
+                                    k.dimension(2), params.alibi_slopes);
+    if (options_.path == SdpaPath::kReference || detail::simd::kWidth<Compute> == 1) {
+      detail::sdpa_reference(q, k, v, detail::ReferenceOutputs<T, Acc>{out, lse, {}}, params, policy, device_);
+      return;
+    }
+    params.bf16_dot = use_bf16_dot(q.dimension(3));
+    const detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params, masks};
     const Index n_rep = q.dimension(1) / k.dimension(1);
     const bool decode = options_.path == SdpaPath::kDecode ||
                         (options_.path == SdpaPath::kAuto &&
                          detail::decode_applies<Compute>(q.dimension(2), n_rep));
     if (decode) {
-      detail::flash_decode(problem, device_, decode_workspace_, empty_rows_);
+      detail::flash_decode(problem, policy, device_, decode_workspace_, empty_rows_);
     } else {
-      detail::flash_attention(problem, device_, workspace_, key_tile_);
+      detail::flash_attention(problem, policy, device_, workspace_, tuning_);
       for (const auto& worker : workspace_.workers) {
         empty_rows_.insert(empty_rows_.end(), worker.empty_rows.begin(), worker.empty_rows.end());
       }
     }
-    if (params.empty_rows == EmptyRowPolicy::kAttendAll) attend_all_in_empty_rows(q, k, v, out, lse, params);
+    if (detail::attends_all_when_empty(params.empty_rows, k.dimension(2))) {
+      attend_all_in_empty_rows(q, k, v, out, lse, params);
+    }
   }
 
   Tensor<T, 4> operator()(const ConstView<T, 4>& q, const ConstView<KV, 4>& k,
@@ -145,9 +172,9 @@ class ScaledDotProductAttention {
     return out;
   }
 
-  // Keys per key tile of the fused kernel; 0 = the measured default. For tuning only:
-  // every value gives the same result up to rounding.
-  void set_key_tile(Index key_tile) { key_tile_ = std::max<Index>(0, key_tile); }
+  // Keys per key tile of the fused kernel; 0 = the default. For tuning only: every value
+  // gives the same result up to rounding.
+  void set_key_tile(Index key_tile) { tuning_.key_tile = std::max<Index>(0, key_tile); }
 
  private:
   // Whether this call multiplies bf16 tiles with the AVX512-BF16 dot products (see
@@ -155,7 +182,7 @@ class ScaledDotProductAttention {
   bool use_bf16_dot(Index head_dim) const {
     constexpr bool kBf16 = std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
     const bool available = kBf16 && detail::kHasBf16DotKernel &&
-                           detail::Blocking<Compute>::kLanes % 16 == 0 &&
+                           detail::FusedBlocking<Compute>::kLanes % 16 == 0 &&
                            detail::cpu_has_avx512_bf16() && head_dim % 2 == 0;
     if (options_.bf16_kernel == Bf16Kernel::kDotProduct && kBf16 && !available) {
       detail::throw_invalid_argument(
@@ -166,11 +193,13 @@ class ScaledDotProductAttention {
   }
 
   // KempnerForge's guard for rows whose mask allows no key: such a row attends to every
-  // key with no mask. Rare, so these rows are redone one by one on the reference path.
+  // key with no mask and no bias. Rare, so these rows are redone one by one on the
+  // reference path.
   void attend_all_in_empty_rows(const ConstView<T, 4>& q, const ConstView<KV, 4>& k,
                                 const ConstView<KV, 4>& v, const StridedView<T, 4>& out,
                                 const StridedView<Acc, 3>& lse, detail::SdpaParams params) {
     params.rules = detail::MaskRules{};
+    params.alibi_slopes = nullptr;
     const Index n_rep = q.dimension(1) / k.dimension(1);
     for (const std::array<Index, 3>& row : empty_rows_) {
       // Named copies, not a structured binding: a C++17 lambda cannot capture one (clang
@@ -179,19 +208,23 @@ class ScaledDotProductAttention {
       const auto one = [&](const auto& view, Index index1) {
         return view.narrow(0, b, 1).narrow(1, index1, 1);
       };
-      const StridedView<Acc, 3> row_lse = lse.has_value() ? one(lse, h).narrow(2, i, 1) : lse;
-      detail::sdpa_reference(one(q, h).narrow(2, i, 1), one(k, h / n_rep), one(v, h / n_rep),
-                             one(out, h).narrow(2, i, 1), row_lse, StridedView<Acc, 4>(), params,
-                             Masks{}, nullptr);
+      // The row's own sink (one head of the narrowed problem).
+      params.sinks = options_.sinks.empty() ? nullptr : options_.sinks.data() + h;
+      const detail::ReferenceOutputs<T, Acc> row_out{one(out, h).narrow(2, i, 1),
+                                                      lse.has_value() ? one(lse, h).narrow(2, i, 1) : lse, {}};
+      const auto q_row = one(q, h).narrow(2, i, 1);
+      const auto k_rows = one(k, h / n_rep), v_rows = one(v, h / n_rep);
+      const detail::MaskPolicy unmasked(params.rules, Masks{}, 1, 1, 1, k.dimension(2));
+      detail::sdpa_reference(q_row, k_rows, v_rows, row_out, params, unmasked, nullptr);
     }
   }
 
   SdpaOptions options_;
   const Eigen::ThreadPoolDevice* device_ = nullptr;
-  Index key_tile_ = 0;
+  detail::KernelTuning tuning_;
   detail::KernelWorkspace<Compute> workspace_;
   detail::DecodeWorkspace<Compute> decode_workspace_;
-  std::vector<std::array<Index, 3>> empty_rows_;  // rows with no allowed key, last call
+  detail::EmptyRows empty_rows_;  // rows with no allowed key, last call
 };
 
 template <typename T, typename KV = T>
@@ -267,8 +300,10 @@ Tensor<acc_t<detail::scalar_of_t<Q>>, 4> attention_weights(
       detail::validate_sdpa("attention_weights", q_view, k_view, k_view, options, masks);
   Tensor<Acc, 4> probs(q_view.dimension(0), q_view.dimension(1), q_view.dimension(2),
                        k_view.dimension(2));
-  detail::sdpa_reference(q_view, k_view, k_view, StridedView<T, 4>(),
-                         StridedView<Acc, 3>(), StridedView<Acc, 4>(probs), params, masks, device);
+  const detail::MaskPolicy policy(params.rules, masks, q_view.dimension(0), q_view.dimension(1),
+                                  q_view.dimension(2), k_view.dimension(2), params.alibi_slopes);
+  detail::sdpa_reference(q_view, k_view, k_view, detail::ReferenceOutputs<T, Acc>{{}, {}, StridedView<Acc, 4>(probs)},
+                         params, policy, device);
   return probs;
 }
 

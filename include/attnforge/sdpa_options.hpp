@@ -2,6 +2,7 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include "attnforge/mask.hpp"
 #include "attnforge/tensor.hpp"
@@ -47,6 +48,13 @@ struct SdpaOptions {
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
   SdpaPath path = SdpaPath::kAuto;
   Bf16Kernel bf16_kernel = Bf16Kernel::kAuto;
+  // ALiBi (BLOOM, MPT): one slope per query head (H values, empty = off); the score of
+  // query i and key j gets -slope[h] * (pos(i) - j), computed on the fly.
+  std::vector<double> alibi_slopes;
+  // Attention sinks (gpt-oss, StreamingLLM): one logit per query head (H values, empty =
+  // off) that joins every row's softmax denominator but contributes no value; lse
+  // includes it.
+  std::vector<double> sinks;
 };
 
 namespace detail {
@@ -58,6 +66,8 @@ struct SdpaParams {
   MaskRules rules;
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
   bool bf16_dot = false;  // use the AVX512-BF16 tile products (bf16 q, k, v only)
+  const double* alibi_slopes = nullptr;  // (H), into the caller's options
+  const double* sinks = nullptr;         // (H), into the caller's options
 };
 
 }  // namespace detail

@@ -3,10 +3,6 @@
 // type per element type, and the helpers that build validation messages.
 #pragma once
 
-#ifndef EIGEN_USE_THREADS
-#define EIGEN_USE_THREADS
-#endif
-#include <unsupported/Eigen/CXX11/Tensor>
 
 #include <array>
 #include <cstdint>
@@ -15,6 +11,8 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+
+#include "attnforge/detail/eigen.hpp"
 
 namespace attnforge {
 

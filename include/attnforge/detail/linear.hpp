@@ -2,8 +2,8 @@
 // Eigen's matrix products, split over the caller's pool in fixed column chunks.
 #pragma once
 
-#include <Eigen/Core>
 
+#include "attnforge/detail/eigen.hpp"
 #include "attnforge/detail/parallel.hpp"
 #include "attnforge/tensor.hpp"
 

@@ -1,0 +1,83 @@
+// Tile sizes and register blocking of the fast kernels, in one place, each with the
+// reason for its value. docs/design.md has the measurements behind them.
+#pragma once
+
+#include <algorithm>
+
+#include "attnforge/detail/simd.hpp"
+#include "attnforge/tensor.hpp"
+
+namespace attnforge::detail {
+
+// Compile-time feature switches of one kernel instantiation: a feature that is off costs
+// nothing (the code is not there). Chosen once per call by dispatch_features.
+template <bool Softcap, bool Masked, bool Biased, bool Bf16Dot = false>
+struct Features {
+  static constexpr bool kSoftcap = Softcap;  // s = c * tanh(s / c)
+  static constexpr bool kMasked = Masked;    // element masks (documents, padding, attn_mask, -inf bias)
+  static constexpr bool kBiased = Biased;    // attn_bias or ALiBi added to the scores
+  static constexpr bool kBf16Dot = Bf16Dot;  // AVX512-BF16 tile products (fused kernel)
+};
+
+// Calls body(Features<...>{}) with the compile-time switches equal to the run-time
+// flags (in the order of Features' parameters). Both fast paths dispatch through here.
+template <bool... Known, typename Body, typename... Flags>
+void dispatch_features(Body&& body, bool flag, Flags... rest) {
+  if (flag) {
+    dispatch_features<Known..., true>(body, rest...);
+  } else {
+    dispatch_features<Known..., false>(body, rest...);
+  }
+}
+template <bool... Known, typename Body>
+void dispatch_features(Body&& body) {
+  body(Features<Known...>{});
+}
+
+// The fused (prefill) kernel. A query tile holds kLanes query rows along the SIMD lanes;
+// the micro-kernel keeps kRows x kLaneVectors accumulators plus kLaneVectors operands
+// in registers: 4 x 6 with 32 vector registers (24 + 4 + a broadcast), 4 x 3 with 16.
+// Fewer lane vectors (3 x 8, 2 x 12) reload the broadcast operand more often per FMA,
+// fewer rows (4 x 4) leave FMA latency exposed.
+template <typename T>
+struct FusedBlocking {
+  static constexpr int kPacket = simd::kWidth<T>;
+  static constexpr int kLaneVectors = 4;
+  static constexpr int kRows = simd::kRegisters >= 32 ? 6 : 3;
+  static constexpr int kLanes = kLaneVectors * kPacket;
+};
+
+// Keys per key tile: the micro-kernels stream a tile from L1/L2 at any size from 32 to
+// 256 keys at the same rate; 64 keeps the score tile (key_tile x lanes) in L1 and the
+// partial tiles on a causal diagonal small.
+inline constexpr Index kDefaultKeyTile = 64;
+
+// Query tiles per work item: they share each K/V tile while it is in cache, which keeps
+// long sequences (K/V of a head beyond L2) from running at L3 speed. More tiles per item
+// gain little beyond 8 and leave the pool fewer items at short S; their states (Qt and
+// Ot, 2 * D * lanes values each) must fit in L2 next to a K and a V tile.
+inline constexpr Index kQueryTilesPerItem = 8;
+
+// The decode kernel (few query rows, a long cache).
+// Keys per split-KV chunk: long enough that the merge (one FMA per chunk and output
+// element) is noise, short enough that B * Hkv * chunks gives a pool enough items (at
+// Skv = 4096 a KV head is 4 items).
+inline constexpr Index kDecodeChunk = 1024;
+// The decode path takes query groups of at most this many rows (Sq * n_rep); beyond that
+// the fused kernel fills enough of its lanes to be the better choice.
+template <typename T>
+inline constexpr Index kDecodeMaxRows = FusedBlocking<T>::kLanes / 4;
+// Packets of one query row a score pass holds in registers; the rest of the register
+// file holds one accumulator per key of the (half-width) score packet and the key loads.
+inline constexpr int kScoreQueryPackets = simd::kRegisters >= 32 ? 16 : 8;
+// Packets of head_dim one value pass holds per row: 2 rows of them, their key's values
+// and the weights fill the register file.
+inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
+
+// Tuning knobs of one ScaledDotProductAttention (benchmarks and tests only): every value
+// gives the same result up to rounding.
+struct KernelTuning {
+  Index key_tile = 0;  // 0: kDefaultKeyTile
+};
+
+}  // namespace attnforge::detail

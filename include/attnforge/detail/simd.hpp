@@ -1,0 +1,280 @@
+// The SIMD seam: the one header that talks to Eigen's packet API (AVX-512, AVX2, SSE,
+// NEON or scalar, whatever the compiler flags select). The kernels use only the names
+// below, so what a packet operation means, and the accuracy of exp2 and tanh, is stated
+// once, here. tests/test_simd.cpp checks every accuracy claim.
+#pragma once
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "attnforge/detail/eigen.hpp"
+
+#if defined(__clang__)
+#define ATTNFORGE_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define ATTNFORGE_UNROLL _Pragma("GCC unroll 16")
+#else
+#define ATTNFORGE_UNROLL
+#endif
+
+// Eigen's packet types (__m512 ...) lose their alignment attribute as template
+// arguments (PacketBlock<Packet16f, 16>, unpacket_traits<...>): harmless, and Eigen
+// silences the same warning in its own headers. This header is where attnforge names
+// them as template arguments, so it silences it here. (GCC 12's false-positive
+// uninitialized warnings from the AVX-512 intrinsics are handled in eigen.hpp.)
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wignored-attributes"
+#endif
+
+namespace attnforge::detail::simd {
+
+namespace ei = Eigen::internal;
+
+// The widest packet Eigen uses for T under the current compiler flags, and half of it.
+template <typename T>
+using Packet = typename ei::packet_traits<T>::type;
+template <typename T>
+using HalfPacket = typename ei::packet_traits<T>::half;
+template <typename P>
+using Scalar = typename ei::unpacket_traits<P>::type;
+template <typename P>
+inline constexpr int kSize = ei::unpacket_traits<P>::size;
+template <typename T>
+inline constexpr int kWidth = kSize<Packet<T>>;
+template <typename T>
+inline constexpr int kHalfWidth = kSize<HalfPacket<T>>;
+// T itself, or a packet of T: code written once for one value or one value per lane.
+template <typename T, bool kPacket>
+using ScalarOrPacket = std::conditional_t<kPacket, Packet<T>, T>;
+// Vector registers of the target: 32 with AVX-512, 16 with AVX2/SSE/NEON.
+inline constexpr int kRegisters = EIGEN_ARCH_DEFAULT_NUMBER_OF_REGISTERS;
+
+// Loads and stores: `_aligned` needs the address aligned to the packet.
+template <typename P>
+EIGEN_ALWAYS_INLINE P load(const Scalar<P>* from) {
+  return ei::ploadu<P>(from);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P load_aligned(const Scalar<P>* from) {
+  return ei::pload<P>(from);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE void store(Scalar<P>* to, const P& x) {
+  ei::pstoreu(to, x);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE void store_aligned(Scalar<P>* to, const P& x) {
+  ei::pstore(to, x);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P splat(Scalar<P> x) {
+  return ei::pset1<P>(x);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P zero() {
+  return ei::pset1<P>(Scalar<P>(0));
+}
+
+// Arithmetic, lane by lane. fma(a, b, c) = a * b + c (one rounding where the target fuses).
+template <typename P>
+EIGEN_ALWAYS_INLINE P fma(const P& a, const P& b, const P& c) {
+  return ei::pmadd(a, b, c);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P add(const P& a, const P& b) {
+  return ei::padd(a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P sub(const P& a, const P& b) {
+  return ei::psub(a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P mul(const P& a, const P& b) {
+  return ei::pmul(a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P div(const P& a, const P& b) {
+  return ei::pdiv(a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P max(const P& a, const P& b) {
+  return ei::pmax(a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P min(const P& a, const P& b) {
+  return ei::pmin(a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P abs(const P& a) {
+  return ei::pabs(a);
+}
+
+// Comparisons give a lane mask (all bits set where true), used by select and any.
+template <typename P>
+EIGEN_ALWAYS_INLINE P less(const P& a, const P& b) {
+  return ei::pcmp_lt(a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE P equal(const P& a, const P& b) {
+  return ei::pcmp_eq(a, b);
+}
+// mask ? a : b, lane by lane.
+template <typename P>
+EIGEN_ALWAYS_INLINE P select(const P& mask, const P& a, const P& b) {
+  return ei::pselect(mask, a, b);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE bool any(const P& mask) {
+  return ei::predux_any(mask);
+}
+
+// Horizontal reductions.
+template <typename P>
+EIGEN_ALWAYS_INLINE Scalar<P> sum(const P& a) {
+  return ei::predux(a);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE Scalar<P> max_of(const P& a) {
+  return ei::predux_max(a);
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE Scalar<P> first(const P& a) {
+  return ei::pfirst(a);
+}
+
+// A square block of packets of T (full or half width), transposed in registers. The
+// kernels name packets only as function template arguments (and these aliases): a packet
+// type as a class template argument in their own code would trip -Wignored-attributes.
+template <typename T>
+using Block = ei::PacketBlock<Packet<T>, kWidth<T>>;
+template <typename T>
+using HalfBlock = ei::PacketBlock<HalfPacket<T>, kHalfWidth<T>>;
+template <typename PacketBlock>
+EIGEN_ALWAYS_INLINE void transpose(PacketBlock& block) {
+  ei::ptranspose(block);
+}
+
+// Asks for the cache line holding `address` (read, kept in all cache levels).
+EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(address, 0, 2);
+#else
+  (void)address;
+#endif
+}
+
+// Degree of the Taylor polynomial of 2^f = e^(f ln 2) on f in [-1/2, 1/2]. The
+// truncation error is (ln2 / 2)^(n+1) / (n+1)! * sqrt(2): 7.3e-9 for float with n = 7
+// (0.06 ulp), 4e-18 for double with n = 13, so the result is limited by rounding in
+// Horner's scheme, not by the polynomial.
+template <typename T>
+inline constexpr int kExp2Degree = sizeof(T) == 4 ? 7 : 13;
+
+// ln2^k / k!
+constexpr double exp2_taylor_coefficient(int k) {
+  double c = 1.0;
+  for (int i = 1; i <= k; ++i) c *= 0.693147180559945309417232121458 / i;
+  return c;
+}
+
+// exp2(x) for a packet.
+//   float:  max relative error 1 ulp (1.2e-7) for x in [-126, 128);
+//   double: max relative error 1 ulp (2.2e-16) for x in [-1022, 1024).
+// Below the normal range (x < -126, resp. -1022, including -inf) the result is exactly
+// 0: softmax weights that small are below the precision of any sum they join, and
+// exp2(-inf) == 0 is what masked scores rely on. Above the range the result is +inf.
+// NaN gives an unspecified value (no trap, no out-of-range access).
+template <typename P>
+EIGEN_ALWAYS_INLINE P exp2(const P& x) {
+  using S = Scalar<P>;
+  constexpr S kMaxExponent = S(std::numeric_limits<S>::max_exponent);      // 128
+  constexpr S kMinExponent = S(std::numeric_limits<S>::min_exponent - 1);  // -126
+  const P lo = splat<P>(kMinExponent);
+  const P clamped = ei::pmin(ei::pmax(x, lo), splat<P>(kMaxExponent));
+  const P n = ei::print(clamped);
+  const P f = ei::psub(clamped, n);
+  P poly = splat<P>(S(exp2_taylor_coefficient(kExp2Degree<S>)));
+  for (int k = kExp2Degree<S> - 1; k >= 0; --k) {
+    poly = ei::pmadd(poly, f, splat<P>(S(exp2_taylor_coefficient(k))));
+  }
+  P result;
+  if constexpr (std::is_same_v<S, float>) {
+    // 2^n built directly in the exponent field; n = 128 (overflow) is split as
+    // 2^(n-1) * 2 so the biased exponent stays representable.
+    using PacketI = typename ei::unpacket_traits<P>::integer_packet;
+    const P n_low = ei::pmin(n, splat<P>(kMaxExponent - 1));
+    const PacketI biased = ei::pcast<P, PacketI>(ei::padd(n_low, splat<P>(127.0f)));
+    const P two_n = ei::preinterpret<P>(ei::plogical_shift_left<23>(biased));
+    result = ei::pmul(ei::pmul(poly, two_n), ei::padd(splat<P>(1.0f), ei::psub(n, n_low)));
+  } else {
+    result = ei::pldexp(poly, n);  // Eigen has no integer packet for double
+  }
+  // Flush everything below the normal range (and -inf) to exactly 0.
+  return ei::pselect(ei::pcmp_lt(x, lo), zero<P>(), result);
+}
+
+// tanh(x) for a packet, used by the logit softcap (s = c * tanh(s / c), so its absolute
+// error is multiplied by c: it must be tight where Gemma-style caps of 30-50 apply).
+//   float: max absolute error 1.5e-7 (checked by the test; Eigen's ptanh reaches 3.7e-7).
+//     |x| < 1/2: the odd Taylor polynomial to x^15 (truncation < 5e-9);
+//     otherwise 1 - 2 / (exp2(2|x| log2 e) + 1) with the sign of x, where the
+//     sensitivity 2 / (e + 1)^2 <= 0.15 damps exp2's error.
+//   double: std::tanh lane by lane.
+template <typename P>
+EIGEN_ALWAYS_INLINE P tanh(const P& x) {
+  using S = Scalar<P>;
+  if constexpr (std::is_same_v<S, float>) {
+    constexpr float kTaylor[] = {-0.0014558343870513183f, 0.003592128036572481f,
+                                 -0.008863235529902197f, 0.021869488536155203f,
+                                 -0.05396825396825397f, 0.13333333333333333f,
+                                 -0.3333333333333333f};
+    const P x2 = ei::pmul(x, x);
+    P poly = splat<P>(kTaylor[0]);
+    for (int i = 1; i < 7; ++i) poly = ei::pmadd(poly, x2, splat<P>(kTaylor[i]));
+    const P small = ei::pmadd(ei::pmul(poly, x2), x, x);
+    // Beyond |x| = 9, 2 / (e + 1) < 2^-25 and the result rounds to +-1.
+    const P a = ei::pmin(ei::pabs(x), splat<P>(9.0f));
+    const P e = exp2(ei::pmul(a, splat<P>(2.8853900817779268f)));  // 2 log2(e)
+    const P one = splat<P>(1.0f);
+    const P large = ei::psub(one, ei::pdiv(splat<P>(2.0f), ei::padd(e, one)));
+    const P signed_large = ei::pselect(ei::pcmp_lt(x, zero<P>()), ei::pnegate(large), large);
+    return ei::pselect(ei::pcmp_lt(ei::pabs(x), splat<P>(0.5f)), small, signed_large);
+  } else {
+    alignas(64) S lanes[kSize<P>];
+    ei::pstoreu(lanes, x);
+    for (int i = 0; i < kSize<P>; ++i) lanes[i] = std::tanh(lanes[i]);
+    return ei::ploadu<P>(lanes);
+  }
+}
+
+}  // namespace attnforge::detail::simd
+
+namespace attnforge::detail {
+
+// dst[i] = static_cast<D>(src[i]) for i < n: the storage-to-compute conversion of
+// bf16/fp16 tiles (exact: every bf16 and fp16 value is a float), and the rounding of
+// float into a bf16/fp16 cache (to nearest even), vectorised where Eigen has the cast.
+template <typename S, typename D>
+void convert(const S* src, D* dst, Eigen::Index n) {
+  namespace ei = Eigen::internal;
+  Eigen::Index i = 0;
+  constexpr bool kWiden = std::is_same_v<D, float> &&
+                          (std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half>);
+  if constexpr (kWiden) {
+    using PacketS = simd::Packet<S>;
+    using PacketD = simd::Packet<float>;
+    constexpr int kSize = simd::kSize<PacketS>;
+    if constexpr (kSize > 1 && kSize == simd::kSize<PacketD>) {
+      for (; i + kSize <= n; i += kSize) ei::pstoreu(dst + i, ei::pcast<PacketS, PacketD>(ei::ploadu<PacketS>(src + i)));
+    }
+  }
+  for (; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+}
+
+}  // namespace attnforge::detail
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif

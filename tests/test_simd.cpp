@@ -1,0 +1,148 @@
+// Checks the accuracy claims stated in detail/simd.hpp, and the online softmax of
+// detail/online_softmax.hpp on hand-computed rows.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+#include <limits>
+#include <vector>
+
+#include "attnforge/detail/online_softmax.hpp"
+#include "attnforge/detail/simd.hpp"
+
+namespace attnforge::detail {
+namespace {
+
+template <typename T>
+std::vector<T> apply_exp2(const std::vector<T>& xs) {
+  using Packet = simd::Packet<T>;
+  constexpr int kSize = simd::kWidth<T>;
+  std::vector<T> in = xs;
+  in.resize((xs.size() + kSize - 1) / kSize * kSize, T(0));
+  std::vector<T> out(in.size());
+  for (std::size_t i = 0; i < in.size(); i += kSize) {
+    simd::store(out.data() + i, simd::exp2(simd::load<Packet>(in.data() + i)));
+  }
+  out.resize(xs.size());
+  return out;
+}
+
+// Max relative error of exp2 against std::exp2 in long double over a dense grid of
+// [lo, hi), in units of the type's epsilon (1 ulp of a value in [1, 2)).
+template <typename T>
+double exp2_max_error_ulp(double lo, double hi, int points) {
+  std::vector<T> xs(static_cast<std::size_t>(points));
+  for (int i = 0; i < points; ++i) xs[i] = static_cast<T>(lo + (hi - lo) * i / points);
+  const std::vector<T> ys = apply_exp2(xs);
+  double worst = 0;
+  for (int i = 0; i < points; ++i) {
+    const long double ref = std::exp2(static_cast<long double>(xs[i]));
+    const double rel = static_cast<double>(std::fabs((ys[i] - ref) / ref));
+    worst = std::max(worst, rel);
+  }
+  return worst / std::numeric_limits<T>::epsilon();
+}
+
+TEST(Simd, Exp2FloatWithinOneUlpOverNormalRange) {
+  EXPECT_LE(exp2_max_error_ulp<float>(-126.0, 128.0, 1 << 20), 1.0);
+  // The softmax range, sampled densely.
+  EXPECT_LE(exp2_max_error_ulp<float>(-30.0, 8.0, 1 << 20), 1.0);
+}
+
+TEST(Simd, Exp2DoubleWithinOneUlpOverNormalRange) {
+  EXPECT_LE(exp2_max_error_ulp<double>(-1022.0, 1024.0, 1 << 18), 1.0);
+  EXPECT_LE(exp2_max_error_ulp<double>(-30.0, 8.0, 1 << 18), 1.0);
+}
+
+TEST(Simd, Exp2IsExactAtIntegersAndZeroBelowRange) {
+  const std::vector<float> xs{0.0f, 1.0f, -1.0f, 10.0f, -126.0f, 127.0f};
+  const std::vector<float> ys = apply_exp2(xs);
+  for (std::size_t i = 0; i < xs.size(); ++i) EXPECT_EQ(ys[i], std::exp2(xs[i])) << xs[i];
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<float> flushed = apply_exp2(std::vector<float>{-126.5f, -200.0f, -inf});
+  for (float y : flushed) EXPECT_EQ(y, 0.0f);  // masked scores (-inf) weigh exactly 0
+  const std::vector<float> overflow = apply_exp2(std::vector<float>{128.0f, 1000.0f, inf});
+  for (float y : overflow) EXPECT_EQ(y, inf);
+  const std::vector<double> flushed_d =
+      apply_exp2(std::vector<double>{-1022.5, -std::numeric_limits<double>::infinity()});
+  for (double y : flushed_d) EXPECT_EQ(y, 0.0);
+}
+
+TEST(Simd, TanhFloatWithinStatedAbsoluteError) {
+  using Packet = simd::Packet<float>;
+  constexpr int kSize = simd::kWidth<float>;
+  double worst = 0;
+  alignas(64) float in[kSize];
+  alignas(64) float out[kSize];
+  for (int i = 0; i < 400000; i += kSize) {
+    for (int l = 0; l < kSize; ++l) in[l] = -20.0f + 40.0f * static_cast<float>(i + l) / 400000.0f;
+    simd::store(out, simd::tanh(simd::load<Packet>(in)));
+    for (int l = 0; l < kSize; ++l) {
+      worst = std::max(worst, std::abs(static_cast<double>(out[l]) - std::tanh(static_cast<double>(in[l]))));
+    }
+  }
+  EXPECT_LE(worst, 1.5e-7);
+  RecordProperty("max_abs_error", std::to_string(worst));
+}
+
+// The online softmax over a row fed in blocks, against the two-pass softmax in double:
+// the lazy reference moves only past the threshold, and the result is the same.
+TEST(OnlineSoftmax, BlockwiseStatisticsGiveTheExactSoftmaxSumAndLse) {
+  // Scores (log2 units): the reference starts at 0.5, stays there for 8 (within the
+  // threshold of 8: weights up to 2^7.5), and moves once more for 30.
+  const std::vector<float> scores{0.5f, -1.0f, 2.0f, 8.0f, 8.4f, 30.0f, 29.0f, -5.0f};
+  SoftmaxStats<float> stats = SoftmaxStats<float>::start();
+  double out = 0.0;  // the accumulator of sum_j w_j * v_j with v_j = j
+  int moves = 0;
+  for (std::size_t first = 0; first < scores.size(); first += 2) {
+    const float block_max = std::max(scores[first], scores[first + 1]);
+    float alpha = 1.0f;
+    if (stats.observe(block_max, alpha)) {
+      out *= alpha;
+      ++moves;
+    }
+    for (std::size_t j = first; j < first + 2; ++j) {
+      const float w = std::exp2(scores[j] - stats.base());
+      stats.sum += w;
+      out += w * static_cast<double>(j);
+    }
+  }
+  EXPECT_EQ(moves, 2);
+  double max = 30.0, sum = 0.0, expected_out = 0.0;
+  for (std::size_t j = 0; j < scores.size(); ++j) {
+    sum += std::exp2(scores[j] - max);
+    expected_out += std::exp2(scores[j] - max) * static_cast<double>(j);
+  }
+  const RowEnd end = finish_row(stats.ref, stats.sum, -std::numeric_limits<double>::infinity());
+  EXPECT_NEAR(out * end.out_scale, expected_out / sum, 1e-6);
+  EXPECT_NEAR(end.lse2, max + std::log2(sum), 1e-6);
+  EXPECT_FALSE(end.empty);
+}
+
+TEST(OnlineSoftmax, EmptyRowsAndSinksFinishAsStated) {
+  const double no_sink = -std::numeric_limits<double>::infinity();
+  // No allowed key: output 0, lse -inf; with a sink, the softmax over the sink alone.
+  const RowEnd empty = finish_row(-std::numeric_limits<double>::infinity(), 0.0, no_sink);
+  EXPECT_TRUE(empty.empty);
+  EXPECT_EQ(empty.out_scale, 0.0);
+  EXPECT_EQ(empty.lse(), -std::numeric_limits<double>::infinity());
+  const RowEnd sink_only = finish_row(-std::numeric_limits<double>::infinity(), 0.0, 3.0);
+  EXPECT_TRUE(sink_only.empty);
+  EXPECT_EQ(sink_only.lse2, 3.0);
+  // One key of score 1 (log2 units) and a sink of 1: each takes half, lse2 = 2.
+  const RowEnd half = finish_row(1.0, 1.0, 1.0);
+  EXPECT_DOUBLE_EQ(half.out_scale, 0.5);
+  EXPECT_DOUBLE_EQ(half.lse2, 2.0);
+  // A NaN sum is not an empty row.
+  const RowEnd nan = finish_row(1.0, std::nan(""), no_sink);
+  EXPECT_FALSE(nan.empty);
+  EXPECT_TRUE(std::isnan(nan.lse2));
+  // The merge of partial results: log2(2^1 + 2^1 + 2^2) = 3, NaN sticks.
+  const double parts[] = {1.0, 1.0};
+  EXPECT_DOUBLE_EQ(merge_lse2(parts, 2, 1, 2.0), 3.0);
+  const double with_nan[] = {1.0, std::nan("")};
+  EXPECT_TRUE(std::isnan(merge_lse2(with_nan, 2, 1, no_sink)));
+}
+
+}  // namespace
+}  // namespace attnforge::detail
