@@ -361,6 +361,8 @@ TEST(SdpaLse, PartialResultsOverDisjointKeyRangesMergeToTheFullResult) {
 
 enum class Docs { kNone, kSorted, kUnsorted };
 enum class Padding { kNone, kRandom, kEmptyRows };
+// Element masks: a boolean attn_mask, an additive attn_bias (with -inf entries), or both.
+enum class Elements { kNone, kBool, kBias, kBoth };
 
 struct SweepCase {
   std::string label;
@@ -372,6 +374,9 @@ struct SweepCase {
   double softcap = 0.0;
   std::optional<double> scale;
   bool attend_all = false;
+  Elements elements = Elements::kNone;
+  bool alibi = false;
+  bool sinks = false;
   std::uint32_t seed = 0;
 
   // Each kernel is forced where it is slow only at short lengths: the long-KV decode cases
@@ -401,6 +406,8 @@ struct Variant {
   Docs docs;
   Padding padding;
   bool window, softcap, scale, attend_all;
+  Elements elements = Elements::kNone;
+  bool alibi = false, sinks = false;
 };
 
 // Each option alone, then combined; every variant runs at every Sq.
@@ -420,6 +427,19 @@ constexpr Variant kVariants[] = {
     {"CausalDocsSorted", true, Docs::kSorted, Padding::kNone, false, false, false, false},
     {"AllOptions", true, Docs::kUnsorted, Padding::kEmptyRows, true, true, true, false},
     {"AllOptionsAttendAll", true, Docs::kSorted, Padding::kEmptyRows, true, true, true, true},
+    // The element masks, ALiBi and sinks, alone and with the other masks.
+    {"BoolMask", false, Docs::kNone, Padding::kNone, false, false, false, false, Elements::kBool},
+    {"CausalDocsBoolMask", true, Docs::kSorted, Padding::kNone, false, false, false, false, Elements::kBool},
+    {"Bias", false, Docs::kNone, Padding::kNone, false, false, false, false, Elements::kBias},
+    {"CausalPaddingBias", true, Docs::kNone, Padding::kRandom, false, true, false, false, Elements::kBias},
+    {"Alibi", false, Docs::kNone, Padding::kNone, false, false, false, false, Elements::kNone, true},
+    {"CausalWindowAlibi", true, Docs::kNone, Padding::kNone, true, false, false, false, Elements::kNone, true},
+    {"Sinks", false, Docs::kNone, Padding::kNone, false, false, false, false, Elements::kNone, false, true},
+    {"CausalEmptyRowsSinks", true, Docs::kNone, Padding::kEmptyRows, false, false, false, false, Elements::kNone,
+     false, true},
+    {"AllKinds", true, Docs::kUnsorted, Padding::kEmptyRows, true, true, true, false, Elements::kBoth, true, true},
+    {"AllKindsAttendAll", true, Docs::kSorted, Padding::kEmptyRows, true, true, false, true, Elements::kBoth, true,
+     true},
 };
 
 std::vector<SweepCase> sweep_cases() {
@@ -453,6 +473,9 @@ std::vector<SweepCase> sweep_cases() {
       c.softcap = var.softcap ? 1.5 : 0.0;
       if (var.scale) c.scale = 0.35;  // 3-6x the default: a sharp softmax
       c.attend_all = var.attend_all;
+      c.elements = var.elements;
+      c.alibi = var.alibi;
+      c.sinks = var.sinks;
       c.seed = seed++;
       cases.push_back(c);
     }
@@ -487,6 +510,9 @@ std::vector<SweepCase> long_kv_decode_cases() {
     c.softcap = var.softcap ? 1.5 : 0.0;
     if (var.scale) c.scale = 0.35;
     c.attend_all = var.attend_all;
+    c.elements = var.elements;
+    c.alibi = var.alibi;
+    c.sinks = var.sinks;
     c.seed = seed++;
     cases.push_back(c);
   }
@@ -537,6 +563,35 @@ Tensor<DocId, 2> random_ids(Index batch, Index len, DocId n_ids, std::mt19937& g
   return ids;
 }
 
+// attn_mask / attn_bias of the case, each with a broadcast batch or head dimension in
+// some cases. The mask is blocky (whole 8 x 16 blocks closed, others random) so that
+// the fused kernel meets empty, full and partial tiles; the bias has -inf entries.
+void add_element_masks(const SweepCase& c, std::mt19937& gen, DenseMasks& masks) {
+  const Index mask_batch = c.seed % 2 == 0 ? c.batch : 1, mask_heads = c.seed % 3 == 0 ? 1 : c.n_heads;
+  if (c.elements == Elements::kBool || c.elements == Elements::kBoth) {
+    Tensor<bool, 4> mask(mask_batch, mask_heads, c.q_len, c.kv_len);
+    const std::uint32_t closed = gen();
+    for (Index b = 0; b < mask_batch; ++b) {
+      for (Index h = 0; h < mask_heads; ++h) {
+        for (Index i = 0; i < c.q_len; ++i) {
+          for (Index j = 0; j < c.kv_len; ++j) {
+            const bool block_open = ((i / 8) * 7 + (j / 16) * 3 + h + closed) % 4 != 0;
+            mask(b, h, i, j) = block_open && ((i + j) % 5 != 0 || (i / 8 + j / 16) % 2 == 0);
+          }
+        }
+      }
+    }
+    masks.attn_mask = mask;
+  }
+  if (c.elements == Elements::kBias || c.elements == Elements::kBoth) {
+    Tensor<float, 4> bias = test::random_normal<float, 4>({mask_batch, mask_heads, c.q_len, c.kv_len}, c.seed + 4000);
+    for (Index n = 0; n < bias.size(); ++n) {
+      if (gen() % 10 == 0) bias.data()[n] = -std::numeric_limits<float>::infinity();
+    }
+    masks.attn_bias = bias;
+  }
+}
+
 SweepInputs make_inputs(const SweepCase& c) {
   SweepInputs in;
   in.q = test::random_normal<float, 4>({c.batch, c.n_heads, c.q_len, c.head_dim}, c.seed);
@@ -585,9 +640,14 @@ SweepInputs make_inputs(const SweepCase& c) {
     }
     in.masks.key_padding = pad;
   }
+  add_element_masks(c, gen, in.masks);
   in.options.scale = c.scale;
   in.options.softcap = c.softcap;
   in.options.attend_all_when_empty = c.attend_all;
+  for (Index h = 0; h < c.n_heads && c.alibi; ++h) {
+    in.options.alibi_slopes.push_back(std::exp2(-8.0 * static_cast<double>(h + 1) / static_cast<double>(c.n_heads)));
+  }
+  for (Index h = 0; h < c.n_heads && c.sinks; ++h) in.options.sinks.push_back(static_cast<double>(h) - 1.0);
   return in;
 }
 

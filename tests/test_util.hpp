@@ -172,13 +172,23 @@ struct DenseMasks {
   std::optional<Tensor<DocId, 2>> q_docs;      // (B, Sq)
   std::optional<Tensor<DocId, 2>> kv_docs;     // (B, Skv); absent: q_docs are the key ids too
   std::optional<Tensor<bool, 2>> key_padding;  // (B, Skv), true = may attend
+  std::optional<Tensor<bool, 4>> attn_mask;    // (B|1, H|1, Sq, Skv), true = may attend
+  std::optional<Tensor<float, 4>> attn_bias;   // (B|1, H|1, Sq, Skv), added; -inf excludes
 };
 
 struct DenseOptions {
   std::optional<double> scale;  // default 1 / sqrt(D)
   double softcap = 0.0;         // 0: off
   bool attend_all_when_empty = false;
+  std::vector<double> alibi_slopes;  // (H) or empty
+  std::vector<double> sinks;         // (H) or empty
 };
+
+// Element (b, h, i, j) of a (B|1, H|1, Sq, Skv) tensor, broadcasting dimensions of size 1.
+template <typename T>
+T broadcast_at(const Tensor<T, 4>& t, Index b, Index h, Index i, Index j) {
+  return t(t.dimension(0) == 1 ? 0 : b, t.dimension(1) == 1 ? 0 : h, i, j);
+}
 
 struct DenseResult {
   Tensor<double, 4> out;    // (B, H, Sq, D)
@@ -210,6 +220,10 @@ inline std::vector<std::vector<bool>> dense_allowed(const DenseMasks& m, Index b
   return allowed;
 }
 
+// SPEC: the score is scale * <q, k>, softcapped, plus attn_bias and ALiBi's
+// -slope_h * (pos(i) - j); keys allowed by every rule (and with a bias > -inf) take part;
+// a sink logit joins the denominator without a value. A row with no allowed key gives 0
+// (lse -inf, or the sink), or under attend-all every key with no mask and no bias.
 inline DenseResult dense_sdpa(const Tensor<double, 4>& q, const Tensor<double, 4>& k,
                               const Tensor<double, 4>& v, const DenseMasks& masks = {},
                               const DenseOptions& options = {}) {
@@ -228,19 +242,27 @@ inline DenseResult dense_sdpa(const Tensor<double, 4>& q, const Tensor<double, 4
     const auto allowed = dense_allowed(masks, b, q_len, kv_len);
     for (Index h = 0; h < n_heads; ++h) {
       const Index g = h / n_rep;  // repeat_interleave(n_rep, dim=1)
+      const double sink = options.sinks.empty() ? -kInf : options.sinks[static_cast<std::size_t>(h)];
       for (Index i = 0; i < q_len; ++i) {
         std::vector<bool> row = allowed[static_cast<std::size_t>(i)];
+        for (Index j = 0; j < kv_len; ++j) {
+          if (masks.attn_mask && !broadcast_at(*masks.attn_mask, b, h, i, j)) row[static_cast<std::size_t>(j)] = false;
+          if (masks.attn_bias && broadcast_at(*masks.attn_bias, b, h, i, j) == -std::numeric_limits<float>::infinity()) {
+            row[static_cast<std::size_t>(j)] = false;
+          }
+        }
         const bool empty = std::none_of(row.begin(), row.end(), [](bool x) { return x; });
+        const bool attend_all = empty && options.attend_all_when_empty && kv_len > 0;
         if (empty) {
           ++r.empty_rows;
-          if (!options.attend_all_when_empty) {
-            r.lse(b, h, i) = -kInf;  // out and probs stay 0
+          if (!attend_all) {
+            r.lse(b, h, i) = sink;  // out and probs stay 0
             continue;
           }
           row.assign(row.size(), true);
         }
         const double* q_row = &q(b, h, i, 0);
-        double row_max = -kInf;
+        double row_max = sink;
         for (Index j = 0; j < kv_len; ++j) {
           if (!row[static_cast<std::size_t>(j)]) continue;
           const double* k_row = &k(b, g, j, 0);
@@ -248,10 +270,15 @@ inline DenseResult dense_sdpa(const Tensor<double, 4>& q, const Tensor<double, 4
           for (Index d = 0; d < head_dim; ++d) dot += q_row[d] * k_row[d];
           double s = scale * dot;
           if (options.softcap > 0.0) s = options.softcap * std::tanh(s / options.softcap);
+          if (!attend_all) {
+            if (masks.attn_bias) s += broadcast_at(*masks.attn_bias, b, h, i, j);
+            const double pos = static_cast<double>(kv_len - q_len + i);
+            if (!options.alibi_slopes.empty()) s -= options.alibi_slopes[static_cast<std::size_t>(h)] * (pos - static_cast<double>(j));
+          }
           scores[static_cast<std::size_t>(j)] = s;
           row_max = std::max(row_max, s);
         }
-        double sum = 0.0;
+        double sum = std::exp(sink - row_max);
         for (Index j = 0; j < kv_len; ++j) {
           if (row[static_cast<std::size_t>(j)]) {
             sum += std::exp(scores[static_cast<std::size_t>(j)] - row_max);
@@ -278,6 +305,8 @@ inline Masks library_masks(const DenseMasks& m) {
   if (m.q_docs) masks.doc_ids = *m.q_docs;
   if (m.kv_docs) masks.kv_doc_ids = *m.kv_docs;
   if (m.key_padding) masks.key_padding_mask = *m.key_padding;
+  if (m.attn_mask) masks.attn_mask = *m.attn_mask;
+  if (m.attn_bias) masks.attn_bias = *m.attn_bias;
   return masks;
 }
 
@@ -301,6 +330,8 @@ inline SdpaOptions library_options(const DenseMasks& m, const DenseOptions& o,
   options.empty_rows =
       o.attend_all_when_empty ? EmptyRowPolicy::kAttendAll : EmptyRowPolicy::kZeros;
   options.path = path;
+  options.alibi_slopes = o.alibi_slopes;
+  options.sinks = o.sinks;
   return options;
 }
 

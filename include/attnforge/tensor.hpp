@@ -28,7 +28,7 @@ template <typename T, int Rank>
 using ConstTensorMap = Eigen::TensorMap<const Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>>;
 
 // Scores, softmax statistics and output accumulators use at least float, and double
-// for double tensors (SPEC: "accumulation is in float, or double for double tensors").
+// for double tensors (docs/design.md, "Precision").
 template <typename T>
 struct Accumulator {
   using type = float;
