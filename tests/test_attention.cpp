@@ -310,6 +310,70 @@ INSTANTIATE_TEST_SUITE_P(
                                   RopeStyle::kInterleaved}),
     [](const ::testing::TestParamInfo<ForwardCase>& info) { return info.param.name; });
 
+// Every mask kind through the module (forward with Masks; ALiBi and sinks as options),
+// against the double computation, and the same with a cache: a prefill of 9 tokens and a
+// chunk of 4 give the rows of the one-shot forward.
+TEST(AttentionMasks, EveryMaskKindMatchesTheDoubleComputationAndCachedChunksEqualOneShot) {
+  constexpr Index kBatch = 2, kSeq = 13, kDim = 48, kHeads = 4, kKvHeads = 2, kFirst = 9;
+  Attention<float> attn(kDim, kHeads, kKvHeads);
+  attn.reset_parameters(61);
+  SdpaOptions options;
+  options.causal = true;
+  options.alibi_slopes = {0.5, 0.25, 0.125, 0.0625};
+  options.sinks = {0.5, -1.0, 2.0, 0.0};
+  attn.set_sdpa_options(options);
+  const Tensor<float, 3> x = test::random_uniform<float, 3>({kBatch, kSeq, kDim}, 62);
+  const RotaryEmbedding<float> rope(attn.head_dim(), kSeq);
+  Tensor<bool, 4> attn_mask(1, kHeads, kSeq, kSeq);  // broadcast over the batch
+  for (Index i = 0; i < attn_mask.size(); ++i) attn_mask.data()[i] = (i * 7) % 5 != 0;
+  Tensor<float, 4> attn_bias = test::random_normal<float, 4>({kBatch, 1, kSeq, kSeq}, 63);  // over heads
+  for (Index i = 0; i < attn_bias.size(); i += 11) attn_bias.data()[i] = -std::numeric_limits<float>::infinity();
+  const Tensor<DocId, 2> docs = packed_doc_ids(kBatch, kSeq);
+  const Tensor<bool, 2> pad = padding_mask(kBatch, kSeq);
+
+  test::DenseMasks dense;
+  dense.q_docs = docs;
+  dense.key_padding = pad;
+  dense.attn_mask = attn_mask;
+  dense.attn_bias = attn_bias;
+  test::DenseOptions dense_options;
+  dense_options.alibi_slopes = options.alibi_slopes;
+  dense_options.sinks = options.sinks;
+  const Tensor<double, 3> expected = reference_forward(x, weights_of(attn), config_of(attn), dense, dense_options);
+
+  Masks masks;
+  masks.doc_ids = docs;
+  masks.key_padding_mask = pad;
+  masks.attn_mask = attn_mask;
+  masks.attn_bias = attn_bias;
+  const Tensor<float, 3> out = attn.forward(x, rope, 0, nullptr, masks);
+  EXPECT_LT(test::error_relative_to_scale(out, expected), kForwardTol);
+
+  // Chunked through a recording cache: each chunk's masks are its rows of the full ones,
+  // over the keys cached so far.
+  KVCache<float> cache(kBatch, kSeq, kKvHeads, attn.head_dim(), /*record_doc_ids=*/true);
+  for (const auto [first, len] : {std::pair<Index, Index>{0, kFirst}, std::pair<Index, Index>{kFirst, kSeq - kFirst}}) {
+    const Index keys = first + len;
+    Masks chunk;
+    chunk.doc_ids = ConstView<DocId, 2>(docs).narrow(1, first, len);
+    chunk.key_padding_mask = ConstView<bool, 2>(pad).narrow(1, 0, keys);
+    chunk.attn_mask = ConstView<bool, 4>(attn_mask).narrow(2, first, len).narrow(3, 0, keys);
+    chunk.attn_bias = ConstView<float, 4>(attn_bias).narrow(2, first, len).narrow(3, 0, keys);
+    const Tensor<float, 3> x_chunk = ConstView<float, 3>(x).narrow(1, first, len).to_tensor();
+    const Tensor<float, 3> y = attn.forward(x_chunk, rope, first, &cache, chunk);
+    const Tensor<float, 3> one_shot = ConstView<float, 3>(out).narrow(1, first, len).to_tensor();
+    EXPECT_LT(test::error_relative_to_scale(y, one_shot), kForwardTol) << "chunk at " << first;
+  }
+  // kv_doc_ids belong to the cache; per-head options must match H.
+  Masks with_kv_ids = masks;
+  with_kv_ids.kv_doc_ids = docs;
+  test::expect_invalid([&] { attn.forward(x, rope, 0, nullptr, with_kv_ids); }, {"masks.kv_doc_ids", "must be absent"});
+  SdpaOptions three_slopes = options;
+  three_slopes.alibi_slopes.pop_back();
+  test::expect_invalid([&] { attn.set_sdpa_options(three_slopes); },
+                       {"Attention::set_sdpa_options: alibi_slopes has 3 values", "(H = 4)"});
+}
+
 // ---------------------------------------------------------------------------------------
 // Incremental decoding: prefill 13, five single-token steps, then a 4-token chunk.
 

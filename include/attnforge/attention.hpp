@@ -175,27 +175,41 @@ class Attention {
                        const ConstView<T, 2>& rope_sin, KVCache<T>* kv_cache = nullptr,
                        const DocIdView& doc_ids = {},
                        const KeyMaskView& key_padding_mask = {}) {
-    return forward_tables(x, rope_cos, rope_sin, kv_cache, doc_ids, key_padding_mask);
+    return forward_tables(x, rope_cos, rope_sin, kv_cache, token_masks(doc_ids, key_padding_mask));
   }
   template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                        const ConstView<T, 2>& rope_sin, KVCache<CacheT>* kv_cache,
                        const DocIdView& doc_ids = {},
                        const KeyMaskView& key_padding_mask = {}) {
-    return forward_tables(x, rope_cos, rope_sin, kv_cache, doc_ids, key_padding_mask);
+    return forward_tables(x, rope_cos, rope_sin, kv_cache, token_masks(doc_ids, key_padding_mask));
   }
 
   // As forward, rotating with `rope` at absolute positions [start_pos, start_pos + S).
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
                        KVCache<T>* kv_cache = nullptr, const DocIdView& doc_ids = {},
                        const KeyMaskView& key_padding_mask = {}) {
-    return forward_rope(x, rope, start_pos, kv_cache, doc_ids, key_padding_mask);
+    return forward_rope(x, rope, start_pos, kv_cache, token_masks(doc_ids, key_padding_mask));
   }
   template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
                        KVCache<CacheT>* kv_cache, const DocIdView& doc_ids = {},
                        const KeyMaskView& key_padding_mask = {}) {
-    return forward_rope(x, rope, start_pos, kv_cache, doc_ids, key_padding_mask);
+    return forward_rope(x, rope, start_pos, kv_cache, token_masks(doc_ids, key_padding_mask));
+  }
+
+  // As forward, with every mask kind: masks.doc_ids (B, S) and key_padding_mask (B, Skv)
+  // as above, attn_mask and attn_bias (B|1, H|1, S, Skv) with Skv = cached + S. The keys'
+  // document ids are the cache's (or doc_ids without a cache), so masks.kv_doc_ids must be
+  // absent. ALiBi slopes and sinks are per-head options (set_sdpa_options).
+  Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
+                       KVCache<T>* kv_cache, const Masks& masks) {
+    return forward_rope(x, rope, start_pos, kv_cache, masks);
+  }
+  template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
+  Tensor<T, 3> forward(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope, Index start_pos,
+                       KVCache<CacheT>* kv_cache, const Masks& masks) {
+    return forward_rope(x, rope, start_pos, kv_cache, masks);
   }
 
   // forward() writing into a caller-owned out (B, S, dim).
@@ -203,33 +217,47 @@ class Attention {
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
                     KVCache<T>* kv_cache = nullptr, const DocIdView& doc_ids = {},
                     const KeyMaskView& key_padding_mask = {}) {
-    forward_impl(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
+    forward_impl(x, rope_cos, rope_sin, out, kv_cache, token_masks(doc_ids, key_padding_mask));
   }
   template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
   void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
                     KVCache<CacheT>* kv_cache, const DocIdView& doc_ids = {},
                     const KeyMaskView& key_padding_mask = {}) {
-    forward_impl(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
+    forward_impl(x, rope_cos, rope_sin, out, kv_cache, token_masks(doc_ids, key_padding_mask));
+  }
+  void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                    const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
+                    KVCache<T>* kv_cache, const Masks& masks) {
+    forward_impl(x, rope_cos, rope_sin, out, kv_cache, masks);
+  }
+  template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
+  void forward_into(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
+                    const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
+                    KVCache<CacheT>* kv_cache, const Masks& masks) {
+    forward_impl(x, rope_cos, rope_sin, out, kv_cache, masks);
   }
 
  private:
+  static Masks token_masks(const DocIdView& doc_ids, const KeyMaskView& key_padding_mask) {
+    Masks masks;
+    masks.doc_ids = doc_ids;
+    masks.key_padding_mask = key_padding_mask;
+    return masks;
+  }
+
   template <typename CacheT>
   Tensor<T, 3> forward_tables(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                               const ConstView<T, 2>& rope_sin, KVCache<CacheT>* kv_cache,
-                              const DocIdView& doc_ids,
-                              const KeyMaskView& key_padding_mask) {
+                              const Masks& masks) {
     Tensor<T, 3> out(x.dimension(0), x.dimension(1), dim_);
-    forward_impl(x, rope_cos, rope_sin, StridedView<T, 3>(out), kv_cache, doc_ids,
-                 key_padding_mask);
+    forward_impl(x, rope_cos, rope_sin, StridedView<T, 3>(out), kv_cache, masks);
     return out;
   }
 
   template <typename CacheT>
   Tensor<T, 3> forward_rope(const ConstView<T, 3>& x, const RotaryEmbedding<T>& rope,
-                            Index start_pos, KVCache<CacheT>* kv_cache,
-                            const DocIdView& doc_ids,
-                            const KeyMaskView& key_padding_mask) {
+                            Index start_pos, KVCache<CacheT>* kv_cache, const Masks& masks) {
     if (rope.head_dim() != head_dim_) {
       detail::throw_invalid_argument("Attention::forward: rope has head_dim ", rope.head_dim(),
                                      " but the module has head_dim ", head_dim_);
@@ -239,8 +267,7 @@ class Attention {
     const Index seq_len = x.dimension(1);
     try {
       Tensor<T, 3> out = forward_tables(x, rope.cos_rows(start_pos, seq_len),
-                                        rope.sin_rows(start_pos, seq_len), kv_cache, doc_ids,
-                                        key_padding_mask);
+                                        rope.sin_rows(start_pos, seq_len), kv_cache, masks);
       rope_style_ = saved;
       return out;
     } catch (...) {
@@ -252,14 +279,13 @@ class Attention {
   template <typename CacheT>
   void forward_impl(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                    KVCache<CacheT>* kv_cache, const DocIdView& doc_ids,
-                    const KeyMaskView& key_padding_mask) {
+                    KVCache<CacheT>* kv_cache, const Masks& call_masks) {
     static_assert(std::is_same_v<CacheT, T> ||
                       (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
                   "the cache holds T, or bf16/fp16 under float activations");
     const Index batch = x.dimension(0);
     const Index seq_len = x.dimension(1);
-    validate_forward(x, rope_cos, rope_sin, out, kv_cache, doc_ids, key_padding_mask);
+    validate_forward(x, rope_cos, rope_sin, out, kv_cache, call_masks);
     const AttentionWeights<T> w = weights();
     const Index q_width = n_heads_ * head_dim_;
     const Index kv_width = n_kv_heads_ * head_dim_;
@@ -295,9 +321,8 @@ class Attention {
     apply_rope_inplace(k, rope_cos, rope_sin, rope_style_);
 
     // 4. Cache, 5. SDPA (always causal, bottom-right aligned).
-    Masks masks;
-    masks.doc_ids = doc_ids;
-    masks.key_padding_mask = key_padding_mask;
+    Masks masks = call_masks;
+    const DocIdView& doc_ids = call_masks.doc_ids;
     const StridedView<T, 4> o = heads_view(o_buf_.data(), batch, seq_len, n_heads_);
     if (kv_cache != nullptr) {
       const KVPrefix<CacheT> prefix =
@@ -336,6 +361,7 @@ class Attention {
                   "non-causal attention");
     }
     detail::resolve_options(kWhere, options, head_dim_);
+    detail::check_per_head_options(kWhere, options, n_heads_);
     sdpa_options_ = options;
   }
   const SdpaOptions& sdpa_options() const { return sdpa_options_; }
@@ -344,9 +370,15 @@ class Attention {
   template <typename CacheT>
   void validate_forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                         const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
-                        const KVCache<CacheT>* kv_cache, const DocIdView& doc_ids,
-                        const KeyMaskView& key_padding_mask) const {
+                        const KVCache<CacheT>* kv_cache, const Masks& call_masks) const {
     constexpr const char* kWhere = "Attention::forward";
+    const DocIdView& doc_ids = call_masks.doc_ids;
+    if (call_masks.kv_doc_ids.has_value()) {
+      detail::throw_invalid_argument(kWhere, ": masks.kv_doc_ids ",
+                                     detail::shape_string(call_masks.kv_doc_ids.dimensions()),
+                                     " must be absent: the keys' document ids are the cache's (or doc_ids "
+                                     "without a cache)");
+    }
     detail::check_shape(kWhere, "x", x, {-1, -1, dim_}, "(B, S, dim)");
     const Index batch = x.dimension(0);
     const Index seq_len = x.dimension(1);
@@ -384,13 +416,11 @@ class Attention {
     }
     // The SDPA options too: nothing may fail after the cache has been appended to.
     detail::resolve_options(kWhere, sdpa_options_, head_dim_);
-    Masks masks;
-    masks.key_padding_mask = key_padding_mask;
+    Masks masks = call_masks;
     if (kv_cache != nullptr && doc_ids.has_value()) {
+      masks.doc_ids = DocIdView();
       // The keys' ids will be the cache's after the update: (B, Skv) by construction.
       detail::check_shape(kWhere, "doc_ids", doc_ids, {batch, seq_len}, "(B, Sq)");
-    } else {
-      masks.doc_ids = doc_ids;
     }
     detail::check_per_head_options(kWhere, sdpa_options_, n_heads_);
     detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_options_.window}, masks, batch,
