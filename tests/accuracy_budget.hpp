@@ -6,12 +6,13 @@
 // Notation: u is the unit roundoff of the accumulator (2^-24 for float, 2^-53 for
 // double); D = head_dim; N = the most keys any row may attend to; S = the largest score
 // magnitude the kernel forms before the softmax, bounded by
-//   S = scale * max_{i,j} sum_d |q[i,d] k[j,d]|   (the sum of |products|, not |<q, k>|).
+//   S = scale * max_{i,j} sum_d |q[i,d] k[j,d]|   (the sum of |products|, not |<q, k>|)
+//       + max |attn_bias| + max_h slope_h * Skv   (what the score biases add, if any).
 //
 // 1. Scores. A float score is D products summed by fused multiply-adds after q is
 //    multiplied by scale (* log2(e), folded in by the kernels): gamma_(D+2) * S. The
-//    exponent is taken of (score - running max), one more rounding of a value <= 2S, and
-//    the exp2 of vec_math.hpp adds 1 ulp (its stated bound); the decode path's merge of
+//    exponent is taken of (score - running max), one more rounding of a value <= 2S
+//    (a score bias adds one rounding of a value <= S), and the exp2 of simd.hpp adds 1 ulp (its stated bound); the decode path's merge of
 //    chunk log-sum-exps adds two more roundings of values <= S + log2(N). So every
 //    exponent is off by at most
 //        delta = (D + 8) u S   (+ c (tanh_err + 4u) with a softcap c: tanh's stated error
@@ -74,7 +75,7 @@ inline AccuracyBudget bound(const BudgetInputs& in, double u, double tanh_err) {
 
 inline constexpr double kFloatU = 0x1.0p-24;
 inline constexpr double kDoubleU = 0x1.0p-53;
-// vec_math.hpp: float tanh max absolute error 1.5e-7; double uses std::tanh (1 ulp-ish,
+// simd.hpp: float tanh max absolute error 1.5e-7; double uses std::tanh (1 ulp-ish,
 // taken as 2u).
 inline constexpr double kFloatTanhErr = 1.5e-7;
 inline constexpr double kDoubleTanhErr = 2.0 * kDoubleU;
@@ -134,23 +135,41 @@ double max_score_magnitude(const Tensor<T, 4>& q, const Tensor<T, 4>& k, double 
   return std::abs(scale) * worst;
 }
 
-// The BudgetInputs of a problem: N counted from the mask (rows with no allowed key count
-// Skv under kAttendAll, 0 otherwise), max |lse| from the exact result.
+// The BudgetInputs of a problem: N counted from the exact probabilities (rows with no
+// allowed key count Skv under kAttendAll, 0 otherwise), max |lse| from the exact result.
 template <typename T>
 BudgetInputs budget_inputs(const Tensor<T, 4>& q, const Tensor<T, 4>& k, const DenseMasks& masks,
                            const DenseOptions& options, const DenseResult& exact) {
   BudgetInputs in;
   in.head_dim = q.dimension(3);
   const double scale = options.scale.value_or(1.0 / std::sqrt(static_cast<double>(q.dimension(3))));
-  in.max_score = max_score_magnitude(q, k, scale);
+  // S: the scores' magnitude plus what the biases may add.
+  double max_bias = 0.0;
+  if (masks.attn_bias) {
+    for (Index i = 0; i < masks.attn_bias->size(); ++i) {
+      const double x = std::abs(static_cast<double>(masks.attn_bias->data()[i]));
+      if (std::isfinite(x)) max_bias = std::max(max_bias, x);
+    }
+  }
+  double max_slope = 0.0;
+  for (double slope : options.alibi_slopes) max_slope = std::max(max_slope, std::abs(slope));
+  const Index q_len = q.dimension(2), kv_len = k.dimension(2);
+  in.max_score = max_score_magnitude(q, k, scale) + max_bias + max_slope * static_cast<double>(kv_len);
   in.softcap = options.softcap;
-  const Index q_len = q.dimension(2);
-  const Index kv_len = k.dimension(2);
+  // N: the allowed keys of each (b, h, i) by every rule.
   for (Index b = 0; b < q.dimension(0); ++b) {
-    for (const std::vector<bool>& row : dense_allowed(masks, b, q_len, kv_len)) {
-      Index n = std::count(row.begin(), row.end(), true);
-      if (n == 0 && options.attend_all_when_empty) n = kv_len;
-      in.max_keys = std::max(in.max_keys, n);
+    const auto allowed = dense_allowed(masks, b, q_len, kv_len);
+    for (Index h = 0; h < q.dimension(1); ++h) {
+      for (Index i = 0; i < q_len; ++i) {
+        Index n = 0;
+        for (Index j = 0; j < kv_len; ++j) {
+          n += allowed[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)] &&
+               (!masks.attn_mask || broadcast_at(*masks.attn_mask, b, h, i, j)) &&
+               (!masks.attn_bias || std::isfinite(broadcast_at(*masks.attn_bias, b, h, i, j)));
+        }
+        if (n == 0 && options.attend_all_when_empty) n = kv_len;
+        in.max_keys = std::max(in.max_keys, n);
+      }
     }
   }
   for (Index i = 0; i < exact.lse.size(); ++i) {

@@ -28,7 +28,7 @@ using test::DenseResult;
 using test::kAllPaths;
 using test::path_name;
 
-enum class MaskKind { kNone, kCausal, kWindow, kDocs, kPadding, kSoftcap };
+enum class MaskKind { kNone, kCausal, kWindow, kDocs, kPadding, kSoftcap, kBoolMask, kBias, kAlibi, kSinks };
 
 const char* mask_name(MaskKind m) {
   switch (m) {
@@ -42,8 +42,16 @@ const char* mask_name(MaskKind m) {
       return "causal+doc_ids";
     case MaskKind::kPadding:
       return "causal+padding";
-    default:
+    case MaskKind::kSoftcap:
       return "causal+softcap";
+    case MaskKind::kBoolMask:
+      return "causal+attn_mask";
+    case MaskKind::kBias:
+      return "causal+attn_bias";
+    case MaskKind::kAlibi:
+      return "causal+alibi";
+    default:
+      return "causal+sinks";
   }
 }
 
@@ -122,6 +130,29 @@ Problem make_problem(const Shape& s, MaskKind kind, std::uint32_t seed) {
       // Scale 1: raw scores of standard deviation sqrt(D) = 8, so a cap of 20 bends many.
       p.options.scale = 1.0;
       p.options.softcap = 20.0;
+      break;
+    case MaskKind::kBoolMask: {
+      // A boolean mask shared by the heads: a third of the pairs closed, in runs.
+      Tensor<bool, 4> mask(s.batch, 1, s.q_len, s.kv_len);
+      for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = (i / 7) % 3 != 0;
+      p.masks.attn_mask = mask;
+      break;
+    }
+    case MaskKind::kBias: {
+      // N(0, 4) biases per head, every 13th pair -inf.
+      Tensor<float, 4> bias = test::random_normal<float, 4>({s.batch, s.n_heads, s.q_len, s.kv_len}, seed + 4, 2.0);
+      for (Index i = 0; i < bias.size(); i += 13) bias.data()[i] = -std::numeric_limits<float>::infinity();
+      p.masks.attn_bias = bias;
+      break;
+    }
+    case MaskKind::kAlibi:
+      // BLOOM's slopes 2^(-8 h / H): over 2300 keys the bias reaches -1150.
+      for (Index h = 1; h <= s.n_heads; ++h) {
+        p.options.alibi_slopes.push_back(std::exp2(-8.0 * static_cast<double>(h) / static_cast<double>(s.n_heads)));
+      }
+      break;
+    case MaskKind::kSinks:
+      for (Index h = 0; h < s.n_heads; ++h) p.options.sinks.push_back(0.5 * static_cast<double>(h) - 1.0);
       break;
     default:
       break;
@@ -207,7 +238,8 @@ std::vector<AccuracyCase> accuracy_cases() {
   std::vector<AccuracyCase> cases;
   for (const Shape& s : {kPrefill, kDecodeStep}) {
     for (MaskKind m : {MaskKind::kNone, MaskKind::kCausal, MaskKind::kWindow, MaskKind::kDocs,
-                       MaskKind::kPadding, MaskKind::kSoftcap}) {
+                       MaskKind::kPadding, MaskKind::kSoftcap, MaskKind::kBoolMask, MaskKind::kBias,
+                       MaskKind::kAlibi, MaskKind::kSinks}) {
       cases.push_back({s, m});
     }
   }

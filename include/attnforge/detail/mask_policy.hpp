@@ -111,22 +111,14 @@ struct BatchMask {
     return allowed(i, j) && elements_allow(mask_row(h, i), bias_row(h, i), j);
   }
 
-  // ALiBi's bias of query i of head h as a line in the key index j: slope * j + offset,
-  // i.e. -slope_h * (pos(i) - j).
-  struct Line {
-    double slope;
-    double offset;
-  };
-  Line alibi_line(Index h, Index i) const {
-    const double slope = alibi_slopes != nullptr ? alibi_slopes[h] : 0.0;
-    return {slope, -slope * static_cast<double>(position(i))};
-  }
+  // ALiBi's bias -slope_h * (pos(i) - j), as slope_h * (j - pos(i)): the key offset is
+  // an exact integer, so the product has one rounding however long the sequence.
+  double alibi_slope(Index h) const { return alibi_slopes != nullptr ? alibi_slopes[h] : 0.0; }
   // What is added to the (scaled, softcapped) score of an allowed pair, in natural-log
   // units: attn_bias and ALiBi.
   double score_bias(Index h, Index i, Index j) const {
-    const Line alibi = alibi_line(h, i);
     const double bias = attn_bias.has_value() ? static_cast<double>(attn_bias(h, i, j)) : 0.0;
-    return bias + alibi.slope * static_cast<double>(j) + alibi.offset;
+    return bias + alibi_slope(h) * static_cast<double>(j - position(i));
   }
   bool has_element_mask() const { return attn_mask.has_value() || attn_bias.has_value(); }
 

@@ -223,8 +223,8 @@ struct QueryTileState {
   AlignedBuffer<T> row_ref;    // lanes: SoftmaxStats::ref
   AlignedBuffer<T> row_sum;    // lanes: SoftmaxStats::sum
   AlignedBuffer<T> alpha;      // lanes: rescale factor of the current key tile
-  AlignedBuffer<T> alibi_slope;   // lanes: ALiBi slope * log2(e)
-  AlignedBuffer<T> alibi_offset;  // lanes: -slope * log2(e) * pos(i)
+  AlignedBuffer<T> alibi_slope;     // lanes: ALiBi slope * log2(e)
+  AlignedBuffer<T> alibi_position;  // lanes: pos(i), exact in T
   AlignedBuffer<std::uint32_t> q_pairs;  // bf16 dot: Qt as pairs
   std::vector<DocId> lane_docs;
   std::vector<const unsigned char*> lane_mask;  // attn_mask row of each lane (null: none)
@@ -251,7 +251,7 @@ struct KernelScratch {
     const auto size = [](Index n) { return static_cast<std::size_t>(n); };
     tiles.resize(size(tiles_per_item));
     for (QueryTileState<T>& t : tiles) {
-      for (AlignedBuffer<T>* lanes : {&t.row_ref, &t.row_sum, &t.alpha, &t.alibi_slope, &t.alibi_offset}) {
+      for (AlignedBuffer<T>* lanes : {&t.row_ref, &t.row_sum, &t.alpha, &t.alibi_slope, &t.alibi_position}) {
         lanes->resize(kLanes);
       }
       t.q_tile.resize(size(head_dim) * kLanes);
@@ -336,9 +336,8 @@ void set_lane_masks(const TileContext<P>& ctx, QueryTileState<typename P::Comput
     state.lane_docs[at] = valid && mask.q_docs.has_value() ? mask.q_docs[i] : DocId(0);
     state.lane_mask[at] = valid ? mask.mask_row(h, i) : nullptr;
     state.lane_bias[at] = valid ? mask.bias_row(h, i) : nullptr;
-    const BatchMask::Line alibi = valid ? mask.alibi_line(h, i) : BatchMask::Line{0.0, 0.0};
-    state.alibi_slope[at] = static_cast<T>(alibi.slope * kLog2e);
-    state.alibi_offset[at] = static_cast<T>(alibi.offset * kLog2e);
+    state.alibi_slope[at] = static_cast<T>(valid ? mask.alibi_slope(h) * kLog2e : 0.0);
+    state.alibi_position[at] = static_cast<T>(valid ? mask.position(i) : 0);
   }
 }
 
@@ -417,7 +416,8 @@ void tile_scores(const TileContext<P>& ctx, const QueryTileState<typename P::Com
   }
 }
 
-// 3a. Adds attn_bias and ALiBi (log2 units) to the scores of every non-empty tile.
+// 3a. Adds attn_bias and ALiBi (BatchMask::score_bias, in log2 units) to the scores of
+// every non-empty tile.
 template <typename P>
 void bias_tile(const QueryTileState<typename P::Compute>& state, const TileKeys& keys, typename P::Compute* st) {
   using T = typename P::Compute;
@@ -427,13 +427,14 @@ void bias_tile(const QueryTileState<typename P::Compute>& state, const TileKeys&
   for (Index n = 0; n < keys.n_keys; ++n) {
     const Index j = keys.n0 + n;
     T* row = st + n * B::kLanes;
-    if (alibi) {
+    if (alibi) {  // BatchMask::score_bias: slope * (j - pos(i))
       const Packet key = simd::splat<Packet>(static_cast<T>(j));
       ATTNFORGE_UNROLL
       for (int v = 0; v < B::kLaneVectors; ++v) {
         const Index lane = v * B::kPacket;
-        const Packet offset = simd::add(simd::load_aligned<Packet>(row + lane), simd::load_aligned<Packet>(state.alibi_offset.data() + lane));
-        simd::store_aligned(row + lane, simd::fma(simd::load_aligned<Packet>(state.alibi_slope.data() + lane), key, offset));
+        const Packet distance = simd::sub(key, simd::load_aligned<Packet>(state.alibi_position.data() + lane));
+        simd::store_aligned(row + lane, simd::fma(simd::load_aligned<Packet>(state.alibi_slope.data() + lane), distance,
+                                                  simd::load_aligned<Packet>(row + lane)));
       }
     }
     for (Index lane = 0; lane < B::kLanes; ++lane) {
