@@ -158,15 +158,9 @@ BudgetInputs budget_inputs(const Tensor<T, 4>& q, const Tensor<T, 4>& k, const D
   in.softcap = options.softcap;
   // N: the allowed keys of each (b, h, i) by every rule.
   for (Index b = 0; b < q.dimension(0); ++b) {
-    const auto allowed = dense_allowed(masks, b, q_len, kv_len);
     for (Index h = 0; h < q.dimension(1); ++h) {
-      for (Index i = 0; i < q_len; ++i) {
-        Index n = 0;
-        for (Index j = 0; j < kv_len; ++j) {
-          n += allowed[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)] &&
-               (!masks.attn_mask || broadcast_at(*masks.attn_mask, b, h, i, j)) &&
-               (!masks.attn_bias || std::isfinite(broadcast_at(*masks.attn_bias, b, h, i, j)));
-        }
+      for (const std::vector<bool>& row : dense_allowed(masks, b, h, q_len, kv_len)) {
+        Index n = std::count(row.begin(), row.end(), true);
         if (n == 0 && options.attend_all_when_empty) n = kv_len;
         in.max_keys = std::max(in.max_keys, n);
       }

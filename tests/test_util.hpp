@@ -224,6 +224,20 @@ inline std::vector<std::vector<bool>> dense_allowed(const DenseMasks& m, Index b
 // -slope_h * (pos(i) - j); keys allowed by every rule (and with a bias > -inf) take part;
 // a sink logit joins the denominator without a value. A row with no allowed key gives 0
 // (lse -inf, or the sink), or under attend-all every key with no mask and no bias.
+// dense_allowed for one head: also attn_mask and a -inf attn_bias.
+inline std::vector<std::vector<bool>> dense_allowed(const DenseMasks& m, Index b, Index h, Index q_len,
+                                                    Index kv_len) {
+  std::vector<std::vector<bool>> allowed = dense_allowed(m, b, q_len, kv_len);
+  for (Index i = 0; i < q_len; ++i) {
+    for (Index j = 0; j < kv_len; ++j) {
+      const bool element = (!m.attn_mask || broadcast_at(*m.attn_mask, b, h, i, j)) &&
+                           (!m.attn_bias || broadcast_at(*m.attn_bias, b, h, i, j) != -std::numeric_limits<float>::infinity());
+      if (!element) allowed[static_cast<std::size_t>(i)][static_cast<std::size_t>(j)] = false;
+    }
+  }
+  return allowed;
+}
+
 inline DenseResult dense_sdpa(const Tensor<double, 4>& q, const Tensor<double, 4>& k,
                               const Tensor<double, 4>& v, const DenseMasks& masks = {},
                               const DenseOptions& options = {}) {
@@ -239,18 +253,12 @@ inline DenseResult dense_sdpa(const Tensor<double, 4>& q, const Tensor<double, 4
   r.probs.setZero();
   std::vector<double> scores(static_cast<std::size_t>(kv_len));
   for (Index b = 0; b < batch; ++b) {
-    const auto allowed = dense_allowed(masks, b, q_len, kv_len);
     for (Index h = 0; h < n_heads; ++h) {
+      const auto allowed = dense_allowed(masks, b, h, q_len, kv_len);
       const Index g = h / n_rep;  // repeat_interleave(n_rep, dim=1)
       const double sink = options.sinks.empty() ? -kInf : options.sinks[static_cast<std::size_t>(h)];
       for (Index i = 0; i < q_len; ++i) {
         std::vector<bool> row = allowed[static_cast<std::size_t>(i)];
-        for (Index j = 0; j < kv_len; ++j) {
-          if (masks.attn_mask && !broadcast_at(*masks.attn_mask, b, h, i, j)) row[static_cast<std::size_t>(j)] = false;
-          if (masks.attn_bias && broadcast_at(*masks.attn_bias, b, h, i, j) == -std::numeric_limits<float>::infinity()) {
-            row[static_cast<std::size_t>(j)] = false;
-          }
-        }
         const bool empty = std::none_of(row.begin(), row.end(), [](bool x) { return x; });
         const bool attend_all = empty && options.attend_all_when_empty && kv_len > 0;
         if (empty) {

@@ -194,8 +194,48 @@ enum class Break {
   kQStride,
   kOutShape,
   kLseShape,
+  kAttnMaskShape,
+  kAttnBiasShape,
+  kPerHeadCount,
   kCount
 };
+
+// attn_mask / attn_bias of (B|1, H|1, Sq, Skv) with random broadcast dimensions (one more
+// query row when broken); ALiBi slopes and sinks (one value short when broken).
+template <typename Mask>
+void fuzz_element_masks(FuzzedDataProvider& fdp, Index batch, Index n_heads, Index q_len, Index kv_len,
+                        Break broken, std::uint32_t seed, af::Tensor<Mask, 4>& mask,
+                        af::Tensor<float, 4>& bias, af::SdpaOptions& options) {
+  const int kinds = fdp.ConsumeIntegralInRange<int>(0, 7);  // bits: mask, bias, per-head options
+  std::mt19937 gen(seed + 7);
+  const auto dims = [&](bool bad) {
+    return std::array<Index, 4>{fdp.ConsumeBool() ? batch : 1, fdp.ConsumeBool() ? n_heads : 1,
+                                q_len + (bad ? 1 : 0), kv_len};
+  };
+  if ((kinds & 1) != 0 || broken == Break::kAttnMaskShape) {
+    mask = af::Tensor<Mask, 4>(dims(broken == Break::kAttnMaskShape));
+    const int density = fdp.ConsumeIntegralInRange<int>(0, 4);  // 0: all closed
+    for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = static_cast<Mask>(static_cast<int>(gen() % 4) < density);
+  }
+  if ((kinds & 2) != 0 || broken == Break::kAttnBiasShape) {
+    bias = af::Tensor<float, 4>(dims(broken == Break::kAttnBiasShape));
+    const double magnitude = pick<double>(fdp, {0.5, 2.0, 30.0});
+    for (Index i = 0; i < bias.size(); ++i) {
+      bias.data()[i] = gen() % 8 == 0 ? -std::numeric_limits<float>::infinity()
+                                      : static_cast<float>(magnitude * (af::test::uniform01(gen) - 0.5));
+    }
+  }
+  if ((kinds & 4) != 0 || broken == Break::kPerHeadCount) {
+    const Index count = n_heads - (broken == Break::kPerHeadCount ? 1 : 0);
+    for (Index h = 0; h < count; ++h) {
+      if (fdp.ConsumeBool()) options.alibi_slopes.push_back(pick<double>(fdp, {0.0, 0.01, 0.125, 0.5, 2.0}));
+    }
+    if (!options.alibi_slopes.empty()) options.alibi_slopes.resize(static_cast<std::size_t>(count), 0.25);
+    if (fdp.ConsumeBool() || options.alibi_slopes.empty()) {
+      for (Index h = 0; h < count; ++h) options.sinks.push_back(pick<double>(fdp, {-30.0, -1.0, 0.0, 2.0, 40.0}));
+    }
+  }
+}
 
 template <typename T>
 void fuzz_sdpa(FuzzedDataProvider& fdp) {
@@ -292,8 +332,33 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
     if (masks.key_padding_mask.has_value()) dense.key_padding = padding;
   }
 
+  // Element masks (bool or uint8), score biases, ALiBi and sinks.
+  af::Tensor<bool, 4> bool_mask;
+  af::Tensor<std::uint8_t, 4> byte_mask;
+  af::Tensor<float, 4> bias;
+  if (fdp.ConsumeBool()) {
+    fuzz_element_masks(fdp, batch, n_heads, q_len, kv_len, broken, seed, bool_mask, bias, options);
+    if (bool_mask.size() > 0) masks.attn_mask = bool_mask;
+  } else {
+    fuzz_element_masks(fdp, batch, n_heads, q_len, kv_len, broken, seed, byte_mask, bias, options);
+    if (byte_mask.size() > 0) masks.attn_mask = byte_mask;
+  }
+  if (bias.size() > 0) masks.attn_bias = bias;
+  if (masks.attn_mask.has_value()) {
+    af::Tensor<bool, 4> as_bool(masks.attn_mask.dimensions());
+    for (Index i = 0; i < as_bool.size(); ++i) {
+      as_bool.data()[i] = bool_mask.size() > 0 ? bool_mask.data()[i] : byte_mask.data()[i] != 0;
+    }
+    dense.attn_mask = as_bool;
+  }
+  if (masks.attn_bias.has_value()) dense.attn_bias = bias;
+
   // The harness's own reading of SPEC.md's validation rules.
   Expected expected;
+  expected.bad(masks.attn_mask.has_value() && broken == Break::kAttnMaskShape, "attn_mask shape");
+  expected.bad(masks.attn_bias.has_value() && broken == Break::kAttnBiasShape, "attn_bias shape");
+  expected.bad(broken == Break::kPerHeadCount && (!options.alibi_slopes.empty() || !options.sinks.empty()),
+               "alibi_slopes / sinks count");
   expected.bad(k_batch != batch || v.dimension(0) != batch, "batch sizes differ");
   expected.bad(k_head_dim != head_dim, "head_dim differs");
   expected.bad(v.dimensions() != k.dimensions(), "k and v shapes differ");
@@ -339,6 +404,8 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
     warm.window = 0;
     warm.softcap = 0.0;
     warm.scale.reset();
+    warm.alibi_slopes.clear();
+    warm.sinks.clear();
     sdpa.set_options(warm);
     const af::Tensor<T, 4> wq = af::test::random_normal<T, 4>({1, 2, 9, 4}, 5);
     const af::Tensor<T, 4> wkv = af::test::random_normal<T, 4>({1, 1, 70, 4}, 6);
@@ -394,8 +461,8 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
     };
     const bool attend_all = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
     for (Index b = 0; b < batch; ++b) {
-      const auto allowed = af::test::dense_allowed(dense, b, q_len, kv_len);
       for (Index h = 0; h < n_heads; ++h) {
+        const auto allowed = af::test::dense_allowed(dense, b, h, q_len, kv_len);
         for (Index i = 0; i < q_len; ++i) {
           const auto& row = allowed[static_cast<std::size_t>(i)];
           const bool empty = std::none_of(row.begin(), row.end(), [](bool x) { return x; });
@@ -426,6 +493,8 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
   dense_options.scale = options.scale;
   dense_options.softcap = options.softcap;
   dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+  dense_options.alibi_slopes = options.alibi_slopes;
+  dense_options.sinks = options.sinks;
   const af::test::DenseResult exact = af::test::dense_sdpa(
       af::test::to_double(q), af::test::to_double(k), af::test::to_double(v), dense, dense_options);
   const af::test::AccuracyBudget budget = af::test::sdpa_budget<T>(
@@ -653,6 +722,10 @@ void fuzz_attention(FuzzedDataProvider& fdp) {
       fdp.ConsumeBool() ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
   options.path =
       pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kFused, af::SdpaPath::kDecode});
+  // ALiBi slopes and sinks: per-head options, one value per query head (or one short).
+  const Index per_head = n_heads - (free_options && fdp.ConsumeBool() ? 1 : 0);
+  if (fdp.ConsumeIntegralInRange<int>(0, 3) == 0) options.alibi_slopes.assign(static_cast<std::size_t>(std::max<Index>(per_head, 0)), 0.125);
+  if (fdp.ConsumeIntegralInRange<int>(0, 3) == 0) options.sinks.assign(static_cast<std::size_t>(std::max<Index>(per_head, 0)), 1.5);
   // The module is always causal: set_sdpa_options rejects causal = false.
   options.causal = !free_options || fdp.ConsumeIntegralInRange<int>(0, 3) != 0;
   // set_sdpa_options validates: it throws exactly for bad options and keeps the old ones.
@@ -661,6 +734,9 @@ void fuzz_attention(FuzzedDataProvider& fdp) {
   option_check.bad(options.window < 0, "window");
   option_check.bad(options.softcap < 0, "softcap");
   option_check.bad(options.scale && !std::isfinite(*options.scale), "scale");
+  option_check.bad((!options.alibi_slopes.empty() && static_cast<Index>(options.alibi_slopes.size()) != n_heads) ||
+                       (!options.sinks.empty() && static_cast<Index>(options.sinks.size()) != n_heads),
+                   "alibi_slopes / sinks count");
   const af::SdpaOptions before = fast->sdpa_options();
   const Outcome set = outcome_of([&] { fast->set_sdpa_options(options); });
   check_outcome(option_check, set, "Attention::set_sdpa_options");
