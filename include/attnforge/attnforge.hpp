@@ -4,6 +4,8 @@
 #include "attnforge/attention.hpp"
 #include "attnforge/kv_cache.hpp"
 #include "attnforge/mask.hpp"
+#include "attnforge/norm.hpp"
+#include "attnforge/parameter.hpp"
 #include "attnforge/rope.hpp"
 #include "attnforge/sdpa.hpp"
 #include "attnforge/sdpa_options.hpp"
