@@ -23,10 +23,10 @@ namespace attnforge {
 // Read-only views of the parameters, torch.nn.Linear layout (out_features, in_features).
 template <typename T>
 struct AttentionWeights {
-  ConstView<T, 2> wq;  // (H * D, dim)
-  ConstView<T, 2> wk;  // (Hkv * D, dim)
-  ConstView<T, 2> wv;  // (Hkv * D, dim)
-  ConstView<T, 2> wo;  // (dim, H * D)
+  ConstView<T, 2> wq;      // (H * D, dim)
+  ConstView<T, 2> wk;      // (Hkv * D, dim)
+  ConstView<T, 2> wv;      // (Hkv * D, dim)
+  ConstView<T, 2> wo;      // (dim, H * D)
   ConstView<T, 1> q_norm;  // (D), only with qk_norm
   ConstView<T, 1> k_norm;  // (D), only with qk_norm
 };
@@ -173,15 +173,13 @@ class Attention {
   // values are rounded as they are appended, attention computes in float).
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                        const ConstView<T, 2>& rope_sin, KVCache<T>* kv_cache = nullptr,
-                       const DocIdView& doc_ids = {},
-                       const KeyMaskView& key_padding_mask = {}) {
+                       const DocIdView& doc_ids = {}, const KeyMaskView& key_padding_mask = {}) {
     return forward_tables(x, rope_cos, rope_sin, kv_cache, token_masks(doc_ids, key_padding_mask));
   }
   template <typename CacheT, typename = enable_if_mixed_t<CacheT>>
   Tensor<T, 3> forward(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                        const ConstView<T, 2>& rope_sin, KVCache<CacheT>* kv_cache,
-                       const DocIdView& doc_ids = {},
-                       const KeyMaskView& key_padding_mask = {}) {
+                       const DocIdView& doc_ids = {}, const KeyMaskView& key_padding_mask = {}) {
     return forward_tables(x, rope_cos, rope_sin, kv_cache, token_masks(doc_ids, key_padding_mask));
   }
 
@@ -280,9 +278,9 @@ class Attention {
   void forward_impl(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
                     KVCache<CacheT>* kv_cache, const Masks& call_masks) {
-    static_assert(std::is_same_v<CacheT, T> ||
-                      (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
-                  "the cache holds T, or bf16/fp16 under float activations");
+    static_assert(
+        std::is_same_v<CacheT, T> || (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
+        "the cache holds T, or bf16/fp16 under float activations");
     const Index batch = x.dimension(0);
     const Index seq_len = x.dimension(1);
     validate_forward(x, rope_cos, rope_sin, out, kv_cache, call_masks);
@@ -345,7 +343,6 @@ class Attention {
     }
   }
 
-
  public:
   // Options of the inner SDPA: softcap, window, empty-row policy, path, scale. Lets a
   // model use e.g. Gemma's logit softcap or a sliding window. The module is always causal,
@@ -356,9 +353,10 @@ class Attention {
     constexpr const char* kWhere = "Attention::set_sdpa_options";
     if (!options.causal) {
       detail::throw_invalid_argument(
-          kWhere, ": options.causal is false, but Attention is always causal (bottom-right "
-                  "aligned); set causal = true, or call scaled_dot_product_attention for "
-                  "non-causal attention");
+          kWhere,
+          ": options.causal is false, but Attention is always causal (bottom-right "
+          "aligned); set causal = true, or call scaled_dot_product_attention for "
+          "non-causal attention");
     }
     detail::resolve_options(kWhere, options, head_dim_);
     detail::check_per_head_options(kWhere, options, n_heads_);
@@ -374,26 +372,28 @@ class Attention {
     constexpr const char* kWhere = "Attention::forward";
     const DocIdView& doc_ids = call_masks.doc_ids;
     if (call_masks.kv_doc_ids.has_value()) {
-      detail::throw_invalid_argument(kWhere, ": masks.kv_doc_ids ",
-                                     detail::shape_string(call_masks.kv_doc_ids.dimensions()),
-                                     " must be absent: the keys' document ids are the cache's (or doc_ids "
-                                     "without a cache)");
+      detail::throw_invalid_argument(
+          kWhere, ": masks.kv_doc_ids ", detail::shape_string(call_masks.kv_doc_ids.dimensions()),
+          " must be absent: the keys' document ids are the cache's (or doc_ids "
+          "without a cache)");
     }
     detail::check_shape(kWhere, "x", x, {-1, -1, dim_}, "(B, S, dim)");
     const Index batch = x.dimension(0);
     const Index seq_len = x.dimension(1);
     detail::check_shape(kWhere, "out", out, {batch, seq_len, dim_}, "(B, S, dim)");
-    detail::check_shape(kWhere, "rope_cos", rope_cos, {seq_len, head_dim_ / 2}, "(S, head_dim / 2)");
-    detail::check_shape(kWhere, "rope_sin", rope_sin, {seq_len, head_dim_ / 2}, "(S, head_dim / 2)");
+    detail::check_shape(kWhere, "rope_cos", rope_cos, {seq_len, head_dim_ / 2},
+                        "(S, head_dim / 2)");
+    detail::check_shape(kWhere, "rope_sin", rope_sin, {seq_len, head_dim_ / 2},
+                        "(S, head_dim / 2)");
     Index kv_len = seq_len;
     if (kv_cache != nullptr) {
       if (kv_cache->batch_size() != batch || kv_cache->n_kv_heads() != n_kv_heads_ ||
           kv_cache->head_dim() != head_dim_) {
-        detail::throw_invalid_argument(
-            kWhere, ": kv_cache holds (batch_size ", kv_cache->batch_size(), ", n_kv_heads ",
-            kv_cache->n_kv_heads(), ", head_dim ", kv_cache->head_dim(), ") but x ",
-            detail::shape_string(x.dimensions()), " needs (", batch, ", ", n_kv_heads_, ", ",
-            head_dim_, ")");
+        detail::throw_invalid_argument(kWhere, ": kv_cache holds (batch_size ",
+                                       kv_cache->batch_size(), ", n_kv_heads ",
+                                       kv_cache->n_kv_heads(), ", head_dim ", kv_cache->head_dim(),
+                                       ") but x ", detail::shape_string(x.dimensions()), " needs (",
+                                       batch, ", ", n_kv_heads_, ", ", head_dim_, ")");
       }
       if (seq_len > kv_cache->max_seq_len() - kv_cache->seq_len()) {
         std::ostringstream os;
@@ -476,11 +476,11 @@ class Attention {
     options.causal = true;
     return options;
   }
-  std::conditional_t<std::is_same_v<T, float>,
-                     std::tuple<ScaledDotProductAttention<T>,
-                                ScaledDotProductAttention<T, Eigen::bfloat16>,
-                                ScaledDotProductAttention<T, Eigen::half>>,
-                     std::tuple<ScaledDotProductAttention<T>>>
+  std::conditional_t<
+      std::is_same_v<T, float>,
+      std::tuple<ScaledDotProductAttention<T>, ScaledDotProductAttention<T, Eigen::bfloat16>,
+                 ScaledDotProductAttention<T, Eigen::half>>,
+      std::tuple<ScaledDotProductAttention<T>>>
       sdpas_;
   std::vector<T> q_buf_, k_buf_, v_buf_, o_buf_;
   Tensor<T, 3> x_buf_;

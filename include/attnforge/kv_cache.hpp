@@ -97,8 +97,8 @@ class KVCache {
   // of a speculative decoding step.
   void truncate(Index seq_len) {
     if (seq_len < 0 || seq_len > seq_len_) {
-      detail::throw_invalid_argument("KVCache::truncate: seq_len ", seq_len,
-                                     " is outside [0, ", seq_len_, "] (the cached length)");
+      detail::throw_invalid_argument("KVCache::truncate: seq_len ", seq_len, " is outside [0, ",
+                                     seq_len_, "] (the cached length)");
     }
     seq_len_ = seq_len;
   }
@@ -180,7 +180,8 @@ class KVCache {
     detail::check_shape(kUpdate, "doc_ids_new", doc_ids_new, {batch_size(), new_len},
                         "(batch_size, new_len)");
     for (Index b = 0; b < batch_size(); ++b) {
-      doc_ids_new.visit([&](const auto& ids) { std::copy_n(ids.row(b), new_len, &doc_ids_(b, seq_len_)); });
+      doc_ids_new.visit(
+          [&](const auto& ids) { std::copy_n(ids.row(b), new_len, &doc_ids_(b, seq_len_)); });
     }
     append(k_new, v_new, new_len);
     return prefix();

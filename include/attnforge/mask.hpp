@@ -66,7 +66,8 @@ inline void validate_masks(const char* where, const MaskRules& rules, const Mask
     throw_invalid_argument(where, ": window must be >= 0 (0 = no window), got ", rules.window);
   }
   if (rules.causal && q_len > kv_len) {
-    throw_invalid_argument(where, ": causal attention needs Sq <= Skv (bottom-right aligned), got Sq ",
+    throw_invalid_argument(where,
+                           ": causal attention needs Sq <= Skv (bottom-right aligned), got Sq ",
                            q_len, " and Skv ", kv_len);
   }
   if (masks.doc_ids.has_value()) {

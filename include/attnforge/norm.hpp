@@ -28,7 +28,8 @@ void rms_norm_rows(const StridedView<T, Rank>& x, const W* weight, double eps) {
   x.for_each_row([&](T* row) {
     Acc sum_sq = 0;
     for (Index d = 0; d < width; ++d) sum_sq += static_cast<Acc>(row[d]) * static_cast<Acc>(row[d]);
-    const Acc inv_rms = Acc(1) / std::sqrt(sum_sq / static_cast<Acc>(width) + static_cast<Acc>(eps));
+    const Acc inv_rms =
+        Acc(1) / std::sqrt(sum_sq / static_cast<Acc>(width) + static_cast<Acc>(eps));
     for (Index d = 0; d < width; ++d) {
       row[d] = static_cast<T>(static_cast<Acc>(row[d]) * inv_rms * static_cast<Acc>(weight[d]));
     }
@@ -37,8 +38,8 @@ void rms_norm_rows(const StridedView<T, Rank>& x, const W* weight, double eps) {
 
 // Checks x (..., D) against weight (D); nothing is written before this passes.
 template <typename T, int Rank>
-void check_rms_norm(const char* where, const StridedView<T, Rank>& x, const ConstView<std::remove_const_t<T>, 1>& weight,
-                    double eps) {
+void check_rms_norm(const char* where, const StridedView<T, Rank>& x,
+                    const ConstView<std::remove_const_t<T>, 1>& weight, double eps) {
   static_assert(Rank >= 1, "rms_norm: x needs at least one dimension");
   check_norm_eps(where, eps);
   check_shape(where, "weight", weight, {-1}, "(D)");
@@ -55,7 +56,7 @@ void check_rms_norm(const char* where, const StridedView<T, Rank>& x, const Cons
 template <typename X, typename W,
           typename = std::enable_if_t<view_traits<X>::valid && view_traits<W>::rank == 1>>
 Tensor<typename view_traits<X>::scalar, view_traits<X>::rank> rms_norm(const X& x, const W& weight,
-                                                                        double eps = 1e-5) {
+                                                                       double eps = 1e-5) {
   using T = typename view_traits<X>::scalar;
   static_assert(std::is_same_v<typename view_traits<W>::scalar, T>,
                 "rms_norm: weight must have x's element type");

@@ -24,8 +24,9 @@ class ParameterRef {
 
   // Copies `source` (a Tensor, TensorMap or view of T) into the weight. Throws
   // std::invalid_argument, leaving the weight unchanged, when the shapes differ.
-  template <typename X, typename = std::enable_if_t<view_traits<X>::rank == Rank &&
-                                                    std::is_same_v<typename view_traits<X>::scalar, T>>>
+  template <typename X,
+            typename = std::enable_if_t<view_traits<X>::rank == Rank &&
+                                        std::is_same_v<typename view_traits<X>::scalar, T>>>
   const ParameterRef& operator=(const X& source) const {
     const ConstView<T, Rank> view = as_const_view(source);
     check(view.dimensions());

@@ -57,8 +57,8 @@ inline void check_rope_tables(const char* where, Index seq_len, Index head_dim, 
   }
   if (cos_cols != head_dim / 2 || sin_cols != head_dim / 2) {
     throw_invalid_argument(where, ": cos/sin must have head_dim / 2 = ", head_dim / 2,
-                           " columns, got cos (", cos_rows, ", ", cos_cols, ") and sin (",
-                           sin_rows, ", ", sin_cols, ")");
+                           " columns, got cos (", cos_rows, ", ", cos_cols, ") and sin (", sin_rows,
+                           ", ", sin_cols, ")");
   }
   if (cos_rows != sin_rows) {
     throw_invalid_argument(where, ": cos has ", cos_rows, " rows but sin has ", sin_rows);
@@ -104,14 +104,15 @@ namespace detail {
 
 // Rotates x (..., S, D) in place; row s of cos/sin is the rotation of row s of x.
 template <typename T, int Rank, typename TableT>
-void rotate_inplace(const char* where, const StridedView<T, Rank>& x, const ConstView<TableT, 2>& cos,
-                    const ConstView<TableT, 2>& sin, RopeStyle style) {
+void rotate_inplace(const char* where, const StridedView<T, Rank>& x,
+                    const ConstView<TableT, 2>& cos, const ConstView<TableT, 2>& sin,
+                    RopeStyle style) {
   static_assert(Rank >= 2, "apply_rope: x must be (..., S, D)");
   static_assert(!std::is_const_v<T>, "apply_rope_inplace needs a mutable x");
   const Index seq_len = x.dimension(Rank - 2);
   const Index head_dim = x.dimension(Rank - 1);
-  check_rope_tables(where, seq_len, head_dim, cos.dimension(0), cos.dimension(1),
-                    sin.dimension(0), sin.dimension(1));
+  check_rope_tables(where, seq_len, head_dim, cos.dimension(0), cos.dimension(1), sin.dimension(0),
+                    sin.dimension(1));
   if (x.stride(Rank - 1) != 1 || cos.stride(1) != 1 || sin.stride(1) != 1) {
     throw_invalid_argument(where, ": x, cos and sin need a contiguous last dimension");
   }
@@ -136,7 +137,8 @@ inline constexpr bool is_rotatable_v =
 // Rotates x (..., S, D) in place (a Tensor, a TensorMap or a mutable StridedView, any rank
 // >= 2); row s of cos/sin (S, D/2) is the rotation of row s of x.
 template <typename X, typename C, typename S, typename = mutable_view_of_t<X>>
-void apply_rope_inplace(X&& x, const C& cos, const S& sin, RopeStyle style = RopeStyle::kHalfSplit) {
+void apply_rope_inplace(X&& x, const C& cos, const S& sin,
+                        RopeStyle style = RopeStyle::kHalfSplit) {
   static_assert(detail::is_rotatable_v<X>,
                 "apply_rope_inplace: x is a temporary Tensor; the rotation would be lost");
   detail::rotate_inplace("apply_rope", as_mutable_view(x), as_const_view(cos), as_const_view(sin),
@@ -207,11 +209,11 @@ class RotaryEmbedding {
   void apply(const X& x, Out&& out, Index start_pos = 0) const {
     const auto x_view = as_const_view(x);
     const auto out_view = as_mutable_view(out);
-    static_assert(std::is_same_v<typename decltype(x_view)::Scalar,
-                                 typename decltype(out_view)::Scalar> &&
-                      std::tuple_size_v<typename decltype(x_view)::Dims> ==
-                          std::tuple_size_v<typename decltype(out_view)::Dims>,
-                  "RotaryEmbedding::apply: x and out need the same element type and rank");
+    static_assert(
+        std::is_same_v<typename decltype(x_view)::Scalar, typename decltype(out_view)::Scalar> &&
+            std::tuple_size_v<typename decltype(x_view)::Dims> ==
+                std::tuple_size_v<typename decltype(out_view)::Dims>,
+        "RotaryEmbedding::apply: x and out need the same element type and rank");
     if (x_view.dimensions() != out_view.dimensions()) {
       detail::throw_invalid_argument(
           "RotaryEmbedding::apply: out has shape ", detail::shape_string(out_view.dimensions()),
@@ -236,8 +238,8 @@ class RotaryEmbedding {
     static_assert(std::tuple_size_v<Dims> >= 2, "RotaryEmbedding::apply: x must be (..., S, D)");
     if (dims[dims.size() - 1] != head_dim_) {
       detail::throw_invalid_argument("RotaryEmbedding::apply: x has shape ",
-                                     detail::shape_string(dims), ", expected head_dim ",
-                                     head_dim_, " in the last dimension");
+                                     detail::shape_string(dims), ", expected head_dim ", head_dim_,
+                                     " in the last dimension");
     }
   }
 

@@ -38,8 +38,9 @@ inline SdpaParams resolve_options(const char* where, const SdpaOptions& options,
   params.softcap = options.softcap;
   params.rules = MaskRules{options.causal, options.window};
   params.empty_rows = options.empty_rows;
-  for (const auto& [name, values] : {std::pair<const char*, const std::vector<double>*>{"alibi_slopes", &options.alibi_slopes},
-                                     std::pair<const char*, const std::vector<double>*>{"sinks", &options.sinks}}) {
+  for (const auto& [name, values] :
+       {std::pair<const char*, const std::vector<double>*>{"alibi_slopes", &options.alibi_slopes},
+        std::pair<const char*, const std::vector<double>*>{"sinks", &options.sinks}}) {
     for (const double x : *values) {
       if (!std::isfinite(x)) throw_invalid_argument(where, ": ", name, " must be finite, got ", x);
     }
@@ -51,11 +52,12 @@ inline SdpaParams resolve_options(const char* where, const SdpaOptions& options,
 
 // Checks the per-head options against the number of query heads.
 inline void check_per_head_options(const char* where, const SdpaOptions& options, Index n_heads) {
-  for (const auto& [name, values] : {std::pair<const char*, const std::vector<double>*>{"alibi_slopes", &options.alibi_slopes},
-                                     std::pair<const char*, const std::vector<double>*>{"sinks", &options.sinks}}) {
+  for (const auto& [name, values] :
+       {std::pair<const char*, const std::vector<double>*>{"alibi_slopes", &options.alibi_slopes},
+        std::pair<const char*, const std::vector<double>*>{"sinks", &options.sinks}}) {
     if (!values->empty() && static_cast<Index>(values->size()) != n_heads) {
-      throw_invalid_argument(where, ": ", name, " has ", values->size(), " values, expected one per query head (H = ",
-                             n_heads, ") or none");
+      throw_invalid_argument(where, ": ", name, " has ", values->size(),
+                             " values, expected one per query head (H = ", n_heads, ") or none");
     }
   }
 }
@@ -76,9 +78,8 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
                              shape(*view), ")");
     }
     if (view->dimension(3) != q.dimension(3)) {
-      throw_invalid_argument(where, ": ", name, " has head_dim ", view->dimension(3),
-                             " but q has ", q.dimension(3), " (q ", shape(q), ", ", name, " ",
-                             shape(*view), ")");
+      throw_invalid_argument(where, ": ", name, " has head_dim ", view->dimension(3), " but q has ",
+                             q.dimension(3), " (q ", shape(q), ", ", name, " ", shape(*view), ")");
     }
     if (view->stride(3) != 1) {
       throw_invalid_argument(where, ": ", name, " needs a contiguous last dimension");
@@ -88,14 +89,16 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
   if (k.dimensions() != v.dimensions()) {
     throw_invalid_argument(where, ": k has shape ", shape(k), " but v has shape ", shape(v));
   }
-  if (q.dimension(3) <= 0) throw_invalid_argument(where, ": head_dim must be positive, q is ", shape(q));
+  if (q.dimension(3) <= 0)
+    throw_invalid_argument(where, ": head_dim must be positive, q is ", shape(q));
   if (k.dimension(1) <= 0 || q.dimension(1) % k.dimension(1) != 0) {
     throw_invalid_argument(where, ": k has ", k.dimension(1), " heads, which does not divide q's ",
                            q.dimension(1), " heads (q ", shape(q), ", k ", shape(k), ")");
   }
   SdpaParams params = resolve_options(where, options, q.dimension(3));
   check_per_head_options(where, options, q.dimension(1));
-  validate_masks(where, params.rules, masks, q.dimension(0), q.dimension(1), q.dimension(2), k.dimension(2));
+  validate_masks(where, params.rules, masks, q.dimension(0), q.dimension(1), q.dimension(2),
+                 k.dimension(2));
   // A window of Skv or more excludes nothing (pos(i) - j <= Skv - 1 for every key), so
   // it is clamped there: the same mask, and the kernels' position +- window arithmetic
   // cannot overflow Index for a window such as INT64_MAX.
@@ -140,10 +143,11 @@ class ScaledDotProductAttention {
     }
     empty_rows_.clear();
     if (q.size() == 0) return;
-    const detail::MaskPolicy policy(params.rules, masks, q.dimension(0), q.dimension(1), q.dimension(2),
-                                    k.dimension(2), params.alibi_slopes);
+    const detail::MaskPolicy policy(params.rules, masks, q.dimension(0), q.dimension(1),
+                                    q.dimension(2), k.dimension(2), params.alibi_slopes);
     if (options_.path == SdpaPath::kReference || detail::simd::kWidth<Compute> == 1) {
-      detail::sdpa_reference(q, k, v, detail::ReferenceOutputs<T, Acc>{out, lse, {}}, params, policy, device_);
+      detail::sdpa_reference(q, k, v, detail::ReferenceOutputs<T, Acc>{out, lse, {}}, params,
+                             policy, device_);
       return;
     }
     params.bf16_dot = use_bf16_dot(q.dimension(3));
@@ -180,14 +184,16 @@ class ScaledDotProductAttention {
   // Whether this call multiplies bf16 tiles with the AVX512-BF16 dot products (see
   // Bf16Kernel). Needs bf16 q, k and v, an even head_dim and the CPU feature.
   bool use_bf16_dot(Index head_dim) const {
-    constexpr bool kBf16 = std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
+    constexpr bool kBf16 =
+        std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
     const bool available = kBf16 && detail::kHasBf16DotKernel &&
                            detail::FusedBlocking<Compute>::kLanes % 16 == 0 &&
                            detail::cpu_has_avx512_bf16() && head_dim % 2 == 0;
     if (options_.bf16_kernel == Bf16Kernel::kDotProduct && kBf16 && !available) {
       detail::throw_invalid_argument(
           "scaled_dot_product_attention: Bf16Kernel::kDotProduct needs AVX512-BF16 and an even "
-          "head_dim (head_dim ", head_dim, ")");
+          "head_dim (head_dim ",
+          head_dim, ")");
     }
     return available && options_.bf16_kernel != Bf16Kernel::kConvert;
   }
@@ -210,8 +216,8 @@ class ScaledDotProductAttention {
       };
       // The row's own sink (one head of the narrowed problem).
       params.sinks = options_.sinks.empty() ? nullptr : options_.sinks.data() + h;
-      const detail::ReferenceOutputs<T, Acc> row_out{one(out, h).narrow(2, i, 1),
-                                                      lse.has_value() ? one(lse, h).narrow(2, i, 1) : lse, {}};
+      const detail::ReferenceOutputs<T, Acc> row_out{
+          one(out, h).narrow(2, i, 1), lse.has_value() ? one(lse, h).narrow(2, i, 1) : lse, {}};
       const auto q_row = one(q, h).narrow(2, i, 1);
       const auto k_rows = one(k, h / n_rep), v_rows = one(v, h / n_rep);
       const detail::MaskPolicy unmasked(params.rules, Masks{}, 1, 1, 1, k.dimension(2));
@@ -241,9 +247,9 @@ template <typename X>
 using scalar_of_t = typename view_traits<X>::scalar;
 // The one mixed combination: float activations over a 16-bit (bf16/fp16) cache.
 template <typename T, typename KV>
-inline constexpr bool is_mixed_precision_v =
-    std::is_same_v<T, float> &&
-    (std::is_same_v<KV, Eigen::bfloat16> || std::is_same_v<KV, Eigen::half>);
+inline constexpr bool is_mixed_precision_v = std::is_same_v<T, float> &&
+                                             (std::is_same_v<KV, Eigen::bfloat16> ||
+                                              std::is_same_v<KV, Eigen::half>);
 template <typename Q, typename K, typename V, typename = void>
 struct is_qkv : std::false_type {};
 template <typename Q, typename K, typename V>
@@ -276,9 +282,9 @@ SdpaResult<detail::scalar_of_t<Q>> scaled_dot_product_attention_with_lse(
     const Eigen::ThreadPoolDevice* device = nullptr) {
   using T = detail::scalar_of_t<Q>;
   const auto q_view = as_const_view(q);
-  SdpaResult<T> result{Tensor<T, 4>(q_view.dimensions()),
-                       Tensor<acc_t<T>, 3>(q_view.dimension(0), q_view.dimension(1),
-                                           q_view.dimension(2))};
+  SdpaResult<T> result{
+      Tensor<T, 4>(q_view.dimensions()),
+      Tensor<acc_t<T>, 3>(q_view.dimension(0), q_view.dimension(1), q_view.dimension(2))};
   ScaledDotProductAttention<T, detail::scalar_of_t<K>> sdpa(options, device);
   sdpa(q_view, as_const_view(k), as_const_view(v), StridedView<T, 4>(result.out), masks,
        StridedView<acc_t<T>, 3>(result.lse));
@@ -302,7 +308,8 @@ Tensor<acc_t<detail::scalar_of_t<Q>>, 4> attention_weights(
                        k_view.dimension(2));
   const detail::MaskPolicy policy(params.rules, masks, q_view.dimension(0), q_view.dimension(1),
                                   q_view.dimension(2), k_view.dimension(2), params.alibi_slopes);
-  detail::sdpa_reference(q_view, k_view, k_view, detail::ReferenceOutputs<T, Acc>{{}, {}, StridedView<Acc, 4>(probs)},
+  detail::sdpa_reference(q_view, k_view, k_view,
+                         detail::ReferenceOutputs<T, Acc>{{}, {}, StridedView<Acc, 4>(probs)},
                          params, policy, device);
   return probs;
 }

@@ -65,7 +65,7 @@ struct SdpaParams {
   double softcap = 0.0;
   MaskRules rules;
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
-  bool bf16_dot = false;  // use the AVX512-BF16 tile products (bf16 q, k, v only)
+  bool bf16_dot = false;                 // use the AVX512-BF16 tile products (bf16 q, k, v only)
   const double* alibi_slopes = nullptr;  // (H), into the caller's options
   const double* sinks = nullptr;         // (H), into the caller's options
 };

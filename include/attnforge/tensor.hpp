@@ -3,7 +3,6 @@
 // type per element type, and the helpers that build validation messages.
 #pragma once
 
-
 #include <array>
 #include <cstdint>
 #include <sstream>
@@ -86,8 +85,8 @@ class StridedView {
 
   template <typename PlainT,
             typename = std::enable_if_t<
-                PlainT::NumIndices == Rank &&
-                static_cast<int>(PlainT::Layout) == static_cast<int>(Eigen::RowMajor) &&
+                PlainT::NumIndices == Rank&& static_cast<int>(PlainT::Layout) ==
+                    static_cast<int>(Eigen::RowMajor) &&
                 std::is_convertible_v<decltype(std::declval<Eigen::TensorMap<PlainT>&>().data()),
                                       T*>>>
   StridedView(const Eigen::TensorMap<PlainT>& m)  // NOLINT(runtime/explicit)
@@ -224,7 +223,7 @@ ConstView<T, Rank> as_const_view(const Eigen::Tensor<T, Rank, Eigen::RowMajor, I
 template <typename T, int Rank>
 ConstView<T, Rank> as_const_view(const Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>&& t) = delete;
 template <typename PlainT, typename = std::enable_if_t<static_cast<int>(PlainT::Layout) ==
-                                                        static_cast<int>(Eigen::RowMajor)>>
+                                                       static_cast<int>(Eigen::RowMajor)>>
 ConstView<std::remove_const_t<typename PlainT::Scalar>, PlainT::NumIndices> as_const_view(
     const Eigen::TensorMap<PlainT>& m) {
   return ConstView<std::remove_const_t<typename PlainT::Scalar>, PlainT::NumIndices>(m);
@@ -259,10 +258,11 @@ template <typename T, int Rank>
 StridedView<T, Rank> as_mutable_view(Eigen::Tensor<T, Rank, Eigen::RowMajor, Index>& t) {
   return StridedView<T, Rank>(t);
 }
-template <typename PlainT, typename = std::enable_if_t<
-                               static_cast<int>(PlainT::Layout) == static_cast<int>(Eigen::RowMajor) &&
-                               !std::is_const_v<PlainT>>>
-StridedView<typename PlainT::Scalar, PlainT::NumIndices> as_mutable_view(const Eigen::TensorMap<PlainT>& m) {
+template <typename PlainT, typename = std::enable_if_t<static_cast<int>(PlainT::Layout) ==
+                                                           static_cast<int>(Eigen::RowMajor) &&
+                                                       !std::is_const_v<PlainT>>>
+StridedView<typename PlainT::Scalar, PlainT::NumIndices> as_mutable_view(
+    const Eigen::TensorMap<PlainT>& m) {
   return StridedView<typename PlainT::Scalar, PlainT::NumIndices>(m.data(), [&] {
     typename StridedView<typename PlainT::Scalar, PlainT::NumIndices>::Dims dims{};
     for (int i = 0; i < PlainT::NumIndices; ++i) dims[i] = static_cast<Index>(m.dimension(i));

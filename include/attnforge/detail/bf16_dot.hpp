@@ -14,7 +14,8 @@
 
 #include "attnforge/tensor.hpp"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(ATTNFORGE_NO_BF16_DOT)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(ATTNFORGE_NO_BF16_DOT)
 #include <immintrin.h>
 #define ATTNFORGE_BF16_DOT 1
 #define ATTNFORGE_TARGET_BF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
@@ -90,8 +91,8 @@ ATTNFORGE_TARGET_BF16 inline void pair_rows_to_bf16(const float* p, Index n_rows
   for (Index i = 0; 2 * i < n_rows; ++i) {
     for (Index lane = 0; lane < lanes; lane += 16) {
       const __m512 even = _mm512_loadu_ps(p + 2 * i * lanes + lane);
-      const __m512 odd =
-          2 * i + 1 < n_rows ? _mm512_loadu_ps(p + (2 * i + 1) * lanes + lane) : _mm512_setzero_ps();
+      const __m512 odd = 2 * i + 1 < n_rows ? _mm512_loadu_ps(p + (2 * i + 1) * lanes + lane)
+                                            : _mm512_setzero_ps();
       const __m512i e = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(even));
       const __m512i o = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(odd));
       _mm512_storeu_si512(pairs + i * lanes + lane, _mm512_permutex2var_epi16(e, idx, o));
@@ -108,9 +109,9 @@ inline void pair_query_rows(const std::uint16_t* const* rows, Index lanes, Index
   for (Index lane = 0; lane < lanes; ++lane) {
     const std::uint16_t* row = rows[lane];
     for (Index i = 0; i < pairs; ++i) {
-      qt[i * lanes + lane] =
-          row ? static_cast<std::uint32_t>(row[2 * i]) | (static_cast<std::uint32_t>(row[2 * i + 1]) << 16)
-              : 0u;
+      qt[i * lanes + lane] = row ? static_cast<std::uint32_t>(row[2 * i]) |
+                                       (static_cast<std::uint32_t>(row[2 * i + 1]) << 16)
+                                 : 0u;
     }
   }
 }

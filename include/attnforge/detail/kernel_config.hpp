@@ -14,7 +14,8 @@ namespace attnforge::detail {
 template <bool Softcap, bool Masked, bool Biased, bool Bf16Dot = false>
 struct Features {
   static constexpr bool kSoftcap = Softcap;  // s = c * tanh(s / c)
-  static constexpr bool kMasked = Masked;    // element masks (documents, padding, attn_mask, -inf bias)
+  static constexpr bool kMasked =
+      Masked;  // element masks (documents, padding, attn_mask, -inf bias)
   static constexpr bool kBiased = Biased;    // attn_bias or ALiBi added to the scores
   static constexpr bool kBf16Dot = Bf16Dot;  // AVX512-BF16 tile products (fused kernel)
 };

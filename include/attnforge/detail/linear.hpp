@@ -2,7 +2,6 @@
 // Eigen's matrix products, split over the caller's pool in fixed column chunks.
 #pragma once
 
-
 #include "attnforge/detail/eigen.hpp"
 #include "attnforge/detail/parallel.hpp"
 #include "attnforge/tensor.hpp"

@@ -90,7 +90,9 @@ struct BatchMask {
   // The rules, one predicate each; allowed() is their conjunction, and the fused kernel
   // applies the same predicates lane by lane.
   bool positions_allow(Index i, Index j) const { return j >= key_begin(i) && j < key_end(i); }
-  bool documents_allow(DocId query_doc, Index j) const { return !q_docs.has_value() || query_doc == kv_docs[j]; }
+  bool documents_allow(DocId query_doc, Index j) const {
+    return !q_docs.has_value() || query_doc == kv_docs[j];
+  }
   bool padding_allows(Index j) const { return key_allowed == nullptr || key_allowed[j] != 0; }
   // attn_mask and a -inf attn_bias, given the rows of one (head, query) (null: absent).
   static bool elements_allow(const unsigned char* mask_row, const float* bias_row, Index j) {
@@ -100,7 +102,9 @@ struct BatchMask {
   const unsigned char* mask_row(Index h, Index i) const {
     return attn_mask.has_value() ? attn_mask.row(h, i) : nullptr;
   }
-  const float* bias_row(Index h, Index i) const { return attn_bias.has_value() ? attn_bias.row(h, i) : nullptr; }
+  const float* bias_row(Index h, Index i) const {
+    return attn_bias.has_value() ? attn_bias.row(h, i) : nullptr;
+  }
 
   // The rules that are the same for every head (position, documents, padding).
   bool allowed(Index i, Index j) const {
@@ -130,8 +134,10 @@ struct BatchMask {
     KeySpan span{key_begin(i_first), key_end(i_last)};
     if (!q_docs.has_value() || !kv_docs_sorted || span.first >= span.last) return span;
     kv_docs.visit([&](const auto* ids) {
-      span.first = std::max(span.first, static_cast<Index>(std::lower_bound(ids, ids + kv_len, q_min) - ids));
-      span.last = std::min(span.last, static_cast<Index>(std::upper_bound(ids, ids + kv_len, q_max) - ids));
+      span.first = std::max(span.first,
+                            static_cast<Index>(std::lower_bound(ids, ids + kv_len, q_min) - ids));
+      span.last =
+          std::min(span.last, static_cast<Index>(std::upper_bound(ids, ids + kv_len, q_max) - ids));
     });
     return span;
   }
@@ -155,10 +161,15 @@ struct BatchMask {
 // The mask of a whole call, validated: builds each batch row's BatchMask.
 class MaskPolicy {
  public:
-  MaskPolicy(const MaskRules& rules, const Masks& masks, Index batch, Index n_heads,
-             Index q_len, Index kv_len, const double* alibi_slopes = nullptr)
-      : rules_(rules), masks_(masks), batch_(batch), n_heads_(n_heads), q_len_(q_len),
-        kv_len_(kv_len), alibi_slopes_(alibi_slopes) {
+  MaskPolicy(const MaskRules& rules, const Masks& masks, Index batch, Index n_heads, Index q_len,
+             Index kv_len, const double* alibi_slopes = nullptr)
+      : rules_(rules),
+        masks_(masks),
+        batch_(batch),
+        n_heads_(n_heads),
+        q_len_(q_len),
+        kv_len_(kv_len),
+        alibi_slopes_(alibi_slopes) {
     kv_docs_sorted_.assign(static_cast<std::size_t>(batch), false);
     if (!masks.doc_ids.has_value()) return;
     for (Index b = 0; b < batch; ++b) {
@@ -181,7 +192,9 @@ class MaskPolicy {
   bool has_alibi() const { return alibi_slopes_ != nullptr; }
   // Whether some pair may be excluded by anything but position (the kernels then check
   // elements in partial tiles), and whether anything is added to the scores.
-  bool masks_elements() const { return has_documents() || has_padding() || has_attn_mask() || has_bias(); }
+  bool masks_elements() const {
+    return has_documents() || has_padding() || has_attn_mask() || has_bias();
+  }
   bool biases_scores() const { return has_bias() || has_alibi(); }
 
   BatchMask row(Index b) const {
@@ -202,7 +215,8 @@ class MaskPolicy {
     if (masks_.attn_mask.has_value()) {
       m.attn_mask = masks_.attn_mask.visit([&](const auto& view) {
         const auto bytes = reinterpret_cast<const unsigned char*>(view.data());
-        return heads_of(StridedView<const unsigned char, 4>(bytes, view.dimensions(), view.strides()), b);
+        return heads_of(
+            StridedView<const unsigned char, 4>(bytes, view.dimensions(), view.strides()), b);
       });
     }
     if (masks_.attn_bias.has_value()) m.attn_bias = heads_of(masks_.attn_bias, b);
@@ -267,7 +281,8 @@ class TilePlan {
     q_docs_.assign(has_docs_ ? static_cast<std::size_t>(batch * n_q_tiles_) : 0, {});
     k_docs_.assign(has_docs_ ? static_cast<std::size_t>(batch * n_key_tiles_) : 0, {});
     allowed_keys_.assign(has_padding_ ? static_cast<std::size_t>(batch * n_key_tiles_) : 0, 0);
-    open_elements_.assign(has_elements_ ? static_cast<std::size_t>(batch * n_q_tiles_ * n_key_tiles_) : 0, 0);
+    open_elements_.assign(
+        has_elements_ ? static_cast<std::size_t>(batch * n_q_tiles_ * n_key_tiles_) : 0, 0);
     n_heads_ = policy.n_heads();
     for (Index b = 0; b < batch; ++b) summarise_row(b, policy.row(b));
   }
@@ -319,7 +334,8 @@ class TilePlan {
       partial |= allowed != k_last - k_first + 1;
     }
     if (has_elements_) {
-      const Index open = open_elements_[static_cast<std::size_t>((b * n_q_tiles_ + qt) * n_key_tiles_ + kt)];
+      const Index open =
+          open_elements_[static_cast<std::size_t>((b * n_q_tiles_ + qt) * n_key_tiles_ + kt)];
       if (open == 0) return TileClass::kEmpty;
       partial |= open != n_heads_ * (p_last - p_first + 1) * (k_last - k_first + 1);
     }
@@ -350,19 +366,22 @@ class TilePlan {
       const Index p_last = std::min(q_len_, p_first + q_tile_positions_) - 1;
       const auto [q_min, q_max] = m.query_documents(p_first, p_last);
       if (has_docs_) q_docs_[static_cast<std::size_t>(b * n_q_tiles_ + qt)] = {q_min, q_max};
-      spans_[static_cast<std::size_t>(b * n_q_tiles_ + qt)] = m.key_span(p_first, p_last, q_min, q_max);
+      spans_[static_cast<std::size_t>(b * n_q_tiles_ + qt)] =
+          m.key_span(p_first, p_last, q_min, q_max);
     }
     if (has_docs_) {
       m.kv_docs.visit([&](const auto* ids) {
         for (Index kt = 0; kt < n_key_tiles_; ++kt) {
-          const auto [lo, hi] = std::minmax_element(ids + kt * key_tile_, ids + std::min(kv_len_, (kt + 1) * key_tile_));
+          const auto [lo, hi] = std::minmax_element(ids + kt * key_tile_,
+                                                    ids + std::min(kv_len_, (kt + 1) * key_tile_));
           k_docs_[static_cast<std::size_t>(b * n_key_tiles_ + kt)] = {*lo, *hi};
         }
       });
     }
     if (has_padding_) {
       for (Index j = 0; j < kv_len_; ++j) {
-        allowed_keys_[static_cast<std::size_t>(b * n_key_tiles_ + j / key_tile_)] += m.key_allowed[j] != 0;
+        allowed_keys_[static_cast<std::size_t>(b * n_key_tiles_ + j / key_tile_)] +=
+            m.key_allowed[j] != 0;
       }
     }
     if (has_elements_) count_open_elements(b, m);
@@ -377,10 +396,12 @@ class TilePlan {
     const Index weight = per_head ? 1 : n_heads_;
     for (Index h = 0; h < heads; ++h) {
       for (Index i = 0; i < q_len_; ++i) {
-        Index* counts = &open_elements_[static_cast<std::size_t>((b * n_q_tiles_ + i / q_tile_positions_) * n_key_tiles_)];
+        Index* counts = &open_elements_[static_cast<std::size_t>(
+            (b * n_q_tiles_ + i / q_tile_positions_) * n_key_tiles_)];
         const unsigned char* mask = m.mask_row(h, i);
         const float* bias = m.bias_row(h, i);
-        for (Index j = 0; j < kv_len_; ++j) counts[j / key_tile_] += BatchMask::elements_allow(mask, bias, j) ? weight : 0;
+        for (Index j = 0; j < kv_len_; ++j)
+          counts[j / key_tile_] += BatchMask::elements_allow(mask, bias, j) ? weight : 0;
       }
     }
   }
@@ -390,11 +411,11 @@ class TilePlan {
   Index q_tile_positions_ = 1, key_tile_ = 1;
   Index n_q_tiles_ = 0, n_key_tiles_ = 0;
   bool has_docs_ = false, has_padding_ = false, has_elements_ = false;
-  std::vector<DocRange> q_docs_;     // per (b, qt)
-  std::vector<DocRange> k_docs_;     // per (b, kt)
-  std::vector<Index> allowed_keys_;  // per (b, kt)
+  std::vector<DocRange> q_docs_;      // per (b, qt)
+  std::vector<DocRange> k_docs_;      // per (b, kt)
+  std::vector<Index> allowed_keys_;   // per (b, kt)
   std::vector<Index> open_elements_;  // per (b, qt, kt)
-  std::vector<KeySpan> spans_;       // per (b, qt): keys outside it are masked for every query
+  std::vector<KeySpan> spans_;        // per (b, qt): keys outside it are masked for every query
 };
 
 }  // namespace attnforge::detail

@@ -19,14 +19,13 @@ namespace attnforge::detail {
 inline constexpr double kLog2e = 1.4426950408889634074;
 
 // The running statistics of one softmax row (V a scalar) or of one row per SIMD lane
-// (kAlongLanes: V a packet). Weights are exp2(score - base()); `ref` is a lazily moved running max: it
-// only moves (and the sum and the caller's output accumulator are rescaled by the
-// returned factor) when a new max exceeds it by more than kRescaleThreshold. Weights
-// thus stay <= 2^8 and cannot overflow, the rescale pass over the output is rare after
-// the first keys, and since the output and the sum share the reference, the result is
-// the exact softmax either way. A row that has seen no allowed key has ref = -inf; its
-// exponentials are taken relative to 0 instead, so exp2(-inf - 0) = 0 and no
-// -inf - (-inf) = NaN arises.
+// (kAlongLanes: V a packet). Weights are exp2(score - base()); `ref` is a lazily moved running max:
+// it only moves (and the sum and the caller's output accumulator are rescaled by the returned
+// factor) when a new max exceeds it by more than kRescaleThreshold. Weights thus stay <= 2^8 and
+// cannot overflow, the rescale pass over the output is rare after the first keys, and since the
+// output and the sum share the reference, the result is the exact softmax either way. A row that
+// has seen no allowed key has ref = -inf; its exponentials are taken relative to 0 instead, so
+// exp2(-inf - 0) = 0 and no -inf - (-inf) = NaN arises.
 template <typename T, bool kAlongLanes = false>
 struct SoftmaxStats {
   using V = simd::ScalarOrPacket<T, kAlongLanes>;

@@ -69,7 +69,8 @@ inline DecodeKeys decode_keys(const BatchMask& mask, Index q_len) {
 // next, the order the hardware prefetchers follow (reading the block's rows side by side,
 // a column at a time, streams from DRAM markedly slower).
 template <typename T, int NQ>
-EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0, simd::HalfBlock<T>& acc) {
+EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
+                                    simd::HalfBlock<T>& acc) {
   using Packet = simd::HalfPacket<T>;
   constexpr int kS = simd::kHalfWidth<T>;
   Packet qv[NQ];
@@ -78,7 +79,8 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0, 
   ATTNFORGE_UNROLL
   for (int j = 0; j < kS; ++j) {
     ATTNFORGE_UNROLL
-    for (int c = 0; c < NQ; ++c) acc.packet[j] = simd::fma(qv[c], simd::load<Packet>(rows[j] + d0 + c * kS), acc.packet[j]);
+    for (int c = 0; c < NQ; ++c)
+      acc.packet[j] = simd::fma(qv[c], simd::load<Packet>(rows[j] + d0 + c * kS), acc.packet[j]);
   }
 }
 
@@ -88,8 +90,8 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0, 
 // is the same on cores whose 512-bit FMAs are two 256-bit halves. Keys past n_keys read
 // the block's key 0 again; the caller masks them.
 template <typename T>
-EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys, Index first,
-                                      Index head_dim, T* out) {
+EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
+                                      Index first, Index head_dim, T* out) {
   using Packet = simd::HalfPacket<T>;
   constexpr int kS = simd::kHalfWidth<T>;
   constexpr int kNQ = kScoreQueryPackets;
@@ -126,8 +128,8 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
 // one after the other, as the prefetchers like; the rows beyond the first R reread the
 // block from L1.
 template <typename T, int R, int C>
-EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Index ldv, Index n_keys, T* out,
-                                          Index ldo) {
+EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Index ldv,
+                                          Index n_keys, T* out, Index ldo) {
   using Packet = simd::Packet<T>;
   constexpr int kP = simd::kWidth<T>;
   Packet acc[R][C];
@@ -155,15 +157,16 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Ind
 }
 
 template <typename T, int R>
-EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, Index ldv, Index n_keys,
-                                           Index head_dim, T* out, Index ldo) {
+EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, Index ldv,
+                                           Index n_keys, Index head_dim, T* out, Index ldo) {
   constexpr int kP = simd::kWidth<T>;
   constexpr int kChunk = kValuePackets;
   Index d = 0;
   for (; d + kChunk * kP <= head_dim; d += kChunk * kP) {
     accumulate_chunk<T, R, kChunk>(weights, values + d, ldv, n_keys, out + d, ldo);
   }
-  for (; d + kP <= head_dim; d += kP) accumulate_chunk<T, R, 1>(weights, values + d, ldv, n_keys, out + d, ldo);
+  for (; d + kP <= head_dim; d += kP)
+    accumulate_chunk<T, R, 1>(weights, values + d, ldv, n_keys, out + d, ldo);
   for (; d < head_dim; ++d) {
     for (int r = 0; r < R; ++r) {
       T sum = out[r * ldo + d];
@@ -184,7 +187,9 @@ EIGEN_ALWAYS_INLINE void prefetch_rows(const S* rows, Index ld, Index n_rows, In
 }
 
 // Scratch rows are padded to a multiple of the packet so every row starts aligned.
-inline Index padded_head_dim(Index head_dim, Index packet) { return (head_dim + packet - 1) / packet * packet; }
+inline Index padded_head_dim(Index head_dim, Index packet) {
+  return (head_dim + packet - 1) / packet * packet;
+}
 
 // What one decode item works on: a (batch row, KV head) and its rows (row r is position
 // r / n_rep of head kv_head * n_rep + r % n_rep).
@@ -218,23 +223,26 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
 // units); keys past n_keys are excluded. `check_keys`: some key of the block may be
 // excluded for some row (else only the biases apply).
 template <typename T, typename F>
-void mod_decode_scores(const DecodeGroup& g, const SdpaParams& params, Index r, Index j0, Index n_keys,
-                       bool check_keys, T* scores) {
+void mod_decode_scores(const DecodeGroup& g, const SdpaParams& params, Index r, Index j0,
+                       Index n_keys, bool check_keys, T* scores) {
   using Packet = simd::Packet<T>;
   constexpr int kP = simd::kWidth<T>;
   Packet block = simd::load_aligned<Packet>(scores);
   if constexpr (F::kSoftcap) {
     const Packet cap = simd::splat<Packet>(static_cast<T>(params.softcap * kLog2e));
-    block = simd::mul(cap, simd::tanh(simd::mul(block, simd::splat<Packet>(static_cast<T>(1.0 / params.softcap)))));
+    block = simd::mul(cap, simd::tanh(simd::mul(
+                               block, simd::splat<Packet>(static_cast<T>(1.0 / params.softcap)))));
   }
   simd::store_aligned(scores, block);
   const Index h = g.head(r), i = g.query(r);
   if constexpr (F::kBiased) {
-    for (Index j = 0; j < n_keys; ++j) scores[j] += static_cast<T>(kLog2e * g.mask.score_bias(h, i, j0 + j));
+    for (Index j = 0; j < n_keys; ++j)
+      scores[j] += static_cast<T>(kLog2e * g.mask.score_bias(h, i, j0 + j));
   }
   if (!check_keys) return;
   for (Index j = 0; j < kP; ++j) {
-    if (j >= n_keys || !g.mask.allowed(h, i, j0 + j)) scores[j] = -std::numeric_limits<T>::infinity();
+    if (j >= n_keys || !g.mask.allowed(h, i, j0 + j))
+      scores[j] = -std::numeric_limits<T>::infinity();
   }
 }
 
@@ -251,7 +259,8 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
     if (stats.observe(simd::max_of(scores), alpha)) {
       T* out = s.out_rows.data() + r * g.hd;
       for (Index d = 0; d < g.hd; d += kP) {
-        simd::store_aligned(out + d, simd::mul(simd::load_aligned<Packet>(out + d), simd::splat<Packet>(alpha)));
+        simd::store_aligned(
+            out + d, simd::mul(simd::load_aligned<Packet>(out + d), simd::splat<Packet>(alpha)));
       }
     }
     const Packet weights = stats.weights(scores);
@@ -262,8 +271,8 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
 
 // One block of P keys starting at j0: scores of every row, their softmax, the values.
 template <typename P, typename F>
-void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, KeySpan all_rows, bool check_keys,
-                  DecodeScratch<typename P::Compute>& s) {
+void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, KeySpan all_rows,
+                  bool check_keys, DecodeScratch<typename P::Compute>& s) {
   using T = typename P::Compute;
   constexpr int kP = simd::kWidth<T>;
   // The whole block (K and V) is asked for at once, front to back, before any of it is
@@ -279,10 +288,12 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   constexpr int kS = simd::kHalfWidth<T>;
   for (int first = 0; first < kP; first += kS) {
     for (Index r = 0; r < g.rows; ++r) {
-      block_scores<T>(s.q_rows.data() + r * g.hd, keys, ldk, n_keys, first, g.head_dim, s.weights.data() + r * kP + first);
+      block_scores<T>(s.q_rows.data() + r * g.hd, keys, ldk, n_keys, first, g.head_dim,
+                      s.weights.data() + r * kP + first);
     }
   }
-  const bool check = check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
+  const bool check =
+      check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<T, F>(g, pb.params, r, j0, n_keys, check, s.weights.data() + r * kP);
   }
@@ -290,18 +301,21 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   const T* values = tile_rows(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
   Index r0 = 0;
   for (; r0 + 2 <= g.rows; r0 += 2) {
-    decode_accumulate<T, 2>(s.weights.data() + r0 * kP, values, ldv, n_keys, g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd);
+    decode_accumulate<T, 2>(s.weights.data() + r0 * kP, values, ldv, n_keys, g.head_dim,
+                            s.out_rows.data() + r0 * g.hd, g.hd);
   }
   for (; r0 < g.rows; ++r0) {
-    decode_accumulate<T, 1>(s.weights.data() + r0 * kP, values, ldv, n_keys, g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd);
+    decode_accumulate<T, 1>(s.weights.data() + r0 * kP, values, ldv, n_keys, g.head_dim,
+                            s.out_rows.data() + r0 * g.hd, g.hd);
   }
 }
 
 // One (batch row, KV head, key chunk) item: all rows of the group against the chunk's
 // keys, leaving normalised outputs and lse (log2 units, no sink) in the partial slots.
 template <typename P, typename F>
-void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKeys& keys, DecodeScratch<typename P::Compute>& s,
-                  typename P::Compute* partial_out, typename P::Compute* partial_lse) {
+void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKeys& keys,
+                  DecodeScratch<typename P::Compute>& s, typename P::Compute* partial_out,
+                  typename P::Compute* partial_lse) {
   using T = typename P::Compute;
   constexpr int kP = simd::kWidth<T>;
   start_decode_rows<P, F>(pb, g, s);
@@ -309,11 +323,13 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
   // and those every row may see by position (a block inside needs no positional mask:
   // causal and window are monotone in the position).
   const Index key_first = std::max(chunk * kDecodeChunk, keys.span.first);
-  const Index key_last = std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
+  const Index key_last =
+      std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
   const Index q_len = pb.q.dimension(2);
   const KeySpan all_rows{g.mask.key_begin(q_len - 1), g.mask.key_end(0)};
   for (Index j0 = key_first; j0 < key_last; j0 += kP) {
-    decode_block<P, F>(pb, g, j0, std::min<Index>(kP, key_last - j0), all_rows, F::kMasked && keys.check_keys, s);
+    decode_block<P, F>(pb, g, j0, std::min<Index>(kP, key_last - j0), all_rows,
+                       F::kMasked && keys.check_keys, s);
   }
   for (Index r = 0; r < g.rows; ++r) {
     const SoftmaxStats<T>& stats = s.stats[static_cast<std::size_t>(r)];
@@ -329,8 +345,9 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
 // with the heads' sinks joining the merge (merge_lse2). Returns the rows with no allowed
 // key through `empty_rows`.
 template <typename P>
-void merge_chunks(const P& pb, const DecodeGroup& g, Index n_chunks, const typename P::Compute* partial_out,
-                  const typename P::Compute* partial_lse, typename P::Compute* merged, EmptyRows& empty_rows) {
+void merge_chunks(const P& pb, const DecodeGroup& g, Index n_chunks,
+                  const typename P::Compute* partial_out, const typename P::Compute* partial_lse,
+                  typename P::Compute* merged, EmptyRows& empty_rows) {
   using T = typename P::Compute;
   using Out = typename P::Scalar;
   for (Index r = 0; r < g.rows; ++r) {
@@ -348,7 +365,8 @@ void merge_chunks(const P& pb, const DecodeGroup& g, Index n_chunks, const typen
     }
     Out* out = pb.out.row(g.b, h, i);
     for (Index d = 0; d < g.head_dim; ++d) out[d] = static_cast<Out>(merged[d]);
-    if (pb.lse.has_value()) pb.lse(g.b, h, i) = static_cast<acc_t<T>>(static_cast<double>(lse) / kLog2e);
+    if (pb.lse.has_value())
+      pb.lse(g.b, h, i) = static_cast<acc_t<T>>(static_cast<double>(lse) / kLog2e);
   }
 }
 
@@ -358,7 +376,8 @@ bool decode_applies(Index q_len, Index n_rep) {
 }
 
 template <typename T>
-void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_dim, bool convert_kv, Index partials) {
+void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_dim,
+                    bool convert_kv, Index partials) {
   constexpr int kP = simd::kWidth<T>;
   const auto size = [](Index n) { return static_cast<std::size_t>(n); };
   const Index hd = padded_head_dim(head_dim, kP);
@@ -386,9 +405,11 @@ void flash_decode(const P& pb, const MaskPolicy& policy, const Eigen::ThreadPool
   const Index hd = padded_head_dim(head_dim, simd::kWidth<T>);
   const Index n_chunks = std::max<Index>(1, (pb.k.dimension(2) + kDecodeChunk - 1) / kDecodeChunk);
   const Index groups = batch * n_kv_heads;
-  reserve_decode(ws, worker_count(device), rows, head_dim, !std::is_same_v<typename P::KVScalar, T>, groups * n_chunks);
+  reserve_decode(ws, worker_count(device), rows, head_dim, !std::is_same_v<typename P::KVScalar, T>,
+                 groups * n_chunks);
   ws.keys.resize(static_cast<std::size_t>(batch));
-  for (Index b = 0; b < batch; ++b) ws.keys[static_cast<std::size_t>(b)] = decode_keys(policy.row(b), q_len);
+  for (Index b = 0; b < batch; ++b)
+    ws.keys[static_cast<std::size_t>(b)] = decode_keys(policy.row(b), q_len);
   const auto group = [&](Index index) {
     const Index b = index / n_kv_heads;
     return DecodeGroup{policy.row(b), b, index % n_kv_heads, n_rep, rows, head_dim, hd};
@@ -399,7 +420,8 @@ void flash_decode(const P& pb, const MaskPolicy& policy, const Eigen::ThreadPool
     parallel_for_items(device, groups * n_chunks, [&](int worker, Index item) {
       const DecodeGroup g = group(item / n_chunks);
       decode_chunk<P, F>(pb, g, item % n_chunks, ws.keys[static_cast<std::size_t>(g.b)],
-                         ws.workers[static_cast<std::size_t>(worker)], ws.partial_out.data() + item * rows * hd,
+                         ws.workers[static_cast<std::size_t>(worker)],
+                         ws.partial_out.data() + item * rows * hd,
                          ws.partial_lse.data() + item * rows);
     });
   };
@@ -408,7 +430,8 @@ void flash_decode(const P& pb, const MaskPolicy& policy, const Eigen::ThreadPool
   // The merge is one pass over rows * D * chunks values per group: done on the caller.
   for (Index index = 0; index < groups; ++index) {
     merge_chunks(pb, group(index), n_chunks, ws.partial_out.data() + index * n_chunks * rows * hd,
-                 ws.partial_lse.data() + index * n_chunks * rows, ws.workers[0].merged.data(), empty_rows);
+                 ws.partial_lse.data() + index * n_chunks * rows, ws.workers[0].merged.data(),
+                 empty_rows);
   }
 }
 

@@ -62,13 +62,15 @@ EIGEN_ALWAYS_INLINE void broadcast_product(const T* a, Index a_row, Index a_col,
     for (int r = 0; r < R; ++r) {
       const Packet broadcast = simd::splat<Packet>(a[r * a_row + k * a_col]);
       ATTNFORGE_UNROLL
-      for (int v = 0; v < B::kLaneVectors; ++v) acc[r][v] = simd::fma(broadcast, operand[v], acc[r][v]);
+      for (int v = 0; v < B::kLaneVectors; ++v)
+        acc[r][v] = simd::fma(broadcast, operand[v], acc[r][v]);
     }
   }
   ATTNFORGE_UNROLL
   for (int r = 0; r < R; ++r) {
     ATTNFORGE_UNROLL
-    for (int v = 0; v < B::kLaneVectors; ++v) simd::store_aligned(c + r * B::kLanes + v * B::kPacket, acc[r][v]);
+    for (int v = 0; v < B::kLaneVectors; ++v)
+      simd::store_aligned(c + r * B::kLanes + v * B::kPacket, acc[r][v]);
   }
 }
 
@@ -83,12 +85,16 @@ EIGEN_ALWAYS_INLINE void for_each_row_block(Index n, F&& f) {
     // blocks * R - n blocks of R - 1 rows (when that many exist), the rest of R rows.
     const Index short_blocks = std::min(blocks * R - n, blocks);
     if (short_blocks * (R - 1) + (blocks - short_blocks) * R == n) {
-      for (Index b = 0; b < blocks - short_blocks; ++b, first += R) f(std::integral_constant<int, R>{}, first);
-      for (Index b = 0; b < short_blocks; ++b, first += R - 1) f(std::integral_constant<int, R - 1>{}, first);
+      for (Index b = 0; b < blocks - short_blocks; ++b, first += R)
+        f(std::integral_constant<int, R>{}, first);
+      for (Index b = 0; b < short_blocks; ++b, first += R - 1)
+        f(std::integral_constant<int, R - 1>{}, first);
       return;
     }
     for (; first + R <= n; first += R) f(std::integral_constant<int, R>{}, first);
-    if (first < n) for_each_row_block<R - 1>(n - first, [&](auto rows, Index offset) { f(rows, first + offset); });
+    if (first < n)
+      for_each_row_block<R - 1>(n - first,
+                                [&](auto rows, Index offset) { f(rows, first + offset); });
   } else {
     for (; first < n; ++first) f(std::integral_constant<int, 1>{}, first);
   }
@@ -114,7 +120,8 @@ void pack_transposed(const S* const* rows, Index head_dim, T scale, T* qt) {
         }
         simd::transpose(block);
         for (int i = 0; i < kP; ++i) {
-          simd::store_aligned(qt + (d + i) * B::kLanes + v * kP, simd::mul(block.packet[i], scale_p));
+          simd::store_aligned(qt + (d + i) * B::kLanes + v * kP,
+                              simd::mul(block.packet[i], scale_p));
         }
       }
     }
@@ -138,11 +145,14 @@ void unpack_transposed(const T* ot, Index head_dim, const T* scale, S* const* ro
     for (; d + kP <= head_dim; d += kP) {
       for (int v = 0; v < B::kLaneVectors; ++v) {
         simd::Block<T> block;
-        for (int i = 0; i < kP; ++i) block.packet[i] = simd::load_aligned<Packet>(ot + (d + i) * B::kLanes + v * kP);
+        for (int i = 0; i < kP; ++i)
+          block.packet[i] = simd::load_aligned<Packet>(ot + (d + i) * B::kLanes + v * kP);
         simd::transpose(block);
         for (int i = 0; i < kP; ++i) {
           T* row = rows[v * kP + i];
-          if (row) simd::store(row + d, simd::mul(block.packet[i], simd::splat<Packet>(scale[v * kP + i])));
+          if (row)
+            simd::store(row + d,
+                        simd::mul(block.packet[i], simd::splat<Packet>(scale[v * kP + i])));
         }
       }
     }
@@ -177,7 +187,8 @@ const T* tile_rows(const ConstView<S, 4>& view, Index b, Index head, Index first
     return view.row(b, head, first);
   } else {
     const Index width = view.dimension(3);
-    for (Index r = 0; r < n; ++r) convert(view.row(b, head, first + r), buffer.data() + r * width, width);
+    for (Index r = 0; r < n; ++r)
+      convert(view.row(b, head, first + r), buffer.data() + r * width, width);
     stride = width;
     return buffer.data();
   }
@@ -218,13 +229,13 @@ TileGeometry tile_geometry(Index n_rep, const KernelTuning& tuning = {}) {
 // what each lane needs for element masks and score biases.
 template <typename T>
 struct QueryTileState {
-  AlignedBuffer<T> q_tile;     // Qt, D x lanes
-  AlignedBuffer<T> out_tile;   // Ot, D x lanes
-  AlignedBuffer<T> row_ref;    // lanes: SoftmaxStats::ref
-  AlignedBuffer<T> row_sum;    // lanes: SoftmaxStats::sum
-  AlignedBuffer<T> alpha;      // lanes: rescale factor of the current key tile
-  AlignedBuffer<T> alibi_slope;     // lanes: ALiBi slope * log2(e)
-  AlignedBuffer<T> alibi_position;  // lanes: pos(i), exact in T
+  AlignedBuffer<T> q_tile;               // Qt, D x lanes
+  AlignedBuffer<T> out_tile;             // Ot, D x lanes
+  AlignedBuffer<T> row_ref;              // lanes: SoftmaxStats::ref
+  AlignedBuffer<T> row_sum;              // lanes: SoftmaxStats::sum
+  AlignedBuffer<T> alpha;                // lanes: rescale factor of the current key tile
+  AlignedBuffer<T> alibi_slope;          // lanes: ALiBi slope * log2(e)
+  AlignedBuffer<T> alibi_position;       // lanes: pos(i), exact in T
   AlignedBuffer<std::uint32_t> q_pairs;  // bf16 dot: Qt as pairs
   std::vector<DocId> lane_docs;
   std::vector<const unsigned char*> lane_mask;  // attn_mask row of each lane (null: none)
@@ -246,12 +257,14 @@ struct KernelScratch {
   AlignedBuffer<std::uint32_t> value_pairs, weight_pairs;
   EmptyRows empty_rows;
 
-  void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv, bool bf16_dot) {
+  void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv,
+               bool bf16_dot) {
     constexpr std::size_t kLanes = FusedBlocking<T>::kLanes;
     const auto size = [](Index n) { return static_cast<std::size_t>(n); };
     tiles.resize(size(tiles_per_item));
     for (QueryTileState<T>& t : tiles) {
-      for (AlignedBuffer<T>* lanes : {&t.row_ref, &t.row_sum, &t.alpha, &t.alibi_slope, &t.alibi_position}) {
+      for (AlignedBuffer<T>* lanes :
+           {&t.row_ref, &t.row_sum, &t.alpha, &t.alibi_slope, &t.alibi_position}) {
         lanes->resize(kLanes);
       }
       t.q_tile.resize(size(head_dim) * kLanes);
@@ -314,7 +327,8 @@ struct TileContext {
   Index kv_len;
 
   // The query row of a lane: its head and position, or false for a padding lane.
-  bool lane_row(const QueryTileState<typename P::Compute>& state, Index lane, Index& h, Index& i) const {
+  bool lane_row(const QueryTileState<typename P::Compute>& state, Index lane, Index& h,
+                Index& i) const {
     const Index p = lane / geo.heads_per_tile;
     const Index hl = lane % geo.heads_per_tile;
     h = first_head + hl;
@@ -324,7 +338,7 @@ struct TileContext {
 };
 
 // What each lane of a fresh query tile needs beyond its query: its document, its
-// attn_mask and attn_bias rows, its ALiBi slope and offset (log2 units).
+// attn_mask and attn_bias rows, its ALiBi slope (log2 units) and position.
 template <typename P>
 void set_lane_masks(const TileContext<P>& ctx, QueryTileState<typename P::Compute>& state) {
   using T = typename P::Compute;
@@ -344,7 +358,8 @@ void set_lane_masks(const TileContext<P>& ctx, QueryTileState<typename P::Comput
 // 1. Qt of one query tile and its fresh softmax state. Without softcap the log2(e)
 // factor of exp -> exp2 is folded into the scale.
 template <typename P, typename F>
-void begin_query_tile(const TileContext<P>& ctx, Index q_tile, QueryTileState<typename P::Compute>& state) {
+void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
+                      QueryTileState<typename P::Compute>& state) {
   using T = typename P::Compute;
   constexpr Index kLanes = FusedBlocking<T>::kLanes;
   state.q_tile_index = q_tile;
@@ -358,8 +373,8 @@ void begin_query_tile(const TileContext<P>& ctx, Index q_tile, QueryTileState<ty
   if constexpr (F::kMasked || F::kBiased) set_lane_masks(ctx, state);
   if constexpr (F::kBf16Dot) {
     // The scale is applied to the scores instead: scaling bf16 queries would round them.
-    pair_query_rows(reinterpret_cast<const std::uint16_t* const*>(lane_rows), kLanes, ctx.head_dim / 2,
-                    state.q_pairs.data());
+    pair_query_rows(reinterpret_cast<const std::uint16_t* const*>(lane_rows), kLanes,
+                    ctx.head_dim / 2, state.q_pairs.data());
   } else {
     const double scale = ctx.pb.params.scale * (F::kSoftcap ? 1.0 : kLog2e);
     pack_transposed(lane_rows, ctx.head_dim, static_cast<T>(scale), state.q_tile.data());
@@ -380,7 +395,8 @@ struct TileKeys {
 // 2. St = K Qt, in log2 units (and softcapped).
 template <typename P, typename F>
 void tile_scores(const TileContext<P>& ctx, const QueryTileState<typename P::Compute>& state,
-                 const KeyValueTile<typename P::Compute>& kv, const TileKeys& keys, typename P::Compute* st) {
+                 const KeyValueTile<typename P::Compute>& kv, const TileKeys& keys,
+                 typename P::Compute* st) {
   using T = typename P::Compute;
   using B = FusedBlocking<T>;
   using Packet = simd::Packet<T>;
@@ -392,26 +408,30 @@ void tile_scores(const TileContext<P>& ctx, const QueryTileState<typename P::Com
     const Index ldk = ctx.pb.k.stride(2);
     const std::uint16_t* k_bits = kv.key_bits + (keys.n0 - keys.tile_first) * ldk;
     for_each_row_block<kR>(keys.n_keys, [&](auto rows, Index r0) {
-      pair_dot_block<decltype(rows)::value, kC, false>(k_bits + r0 * ldk, ldk, 2, state.q_pairs.data(),
-                                                      ctx.head_dim / 2, st + r0 * B::kLanes);
+      pair_dot_block<decltype(rows)::value, kC, false>(
+          k_bits + r0 * ldk, ldk, 2, state.q_pairs.data(), ctx.head_dim / 2, st + r0 * B::kLanes);
     });
     // Scale (and log2 e, without softcap) here, the queries having stayed bf16.
-    const Packet scale = simd::splat<Packet>(static_cast<T>(ctx.pb.params.scale * (F::kSoftcap ? 1.0 : kLog2e)));
-    for (Index i = 0; i < n_scores; i += B::kPacket) simd::store_aligned(st + i, simd::mul(simd::load_aligned<Packet>(st + i), scale));
+    const Packet scale =
+        simd::splat<Packet>(static_cast<T>(ctx.pb.params.scale * (F::kSoftcap ? 1.0 : kLog2e)));
+    for (Index i = 0; i < n_scores; i += B::kPacket)
+      simd::store_aligned(st + i, simd::mul(simd::load_aligned<Packet>(st + i), scale));
 #endif
   } else {
     const Index ldk = kv.key_stride;
     const T* k_tile = kv.keys + (keys.n0 - keys.tile_first) * ldk;
     for_each_row_block<B::kRows>(keys.n_keys, [&](auto rows, Index r0) {
-      broadcast_product<T, decltype(rows)::value, false>(k_tile + r0 * ldk, ldk, 1, state.q_tile.data(), ctx.head_dim,
-                                                         st + r0 * B::kLanes);
+      broadcast_product<T, decltype(rows)::value, false>(
+          k_tile + r0 * ldk, ldk, 1, state.q_tile.data(), ctx.head_dim, st + r0 * B::kLanes);
     });
   }
   if constexpr (F::kSoftcap) {
     const Packet inv_cap = simd::splat<Packet>(static_cast<T>(1.0 / ctx.pb.params.softcap));
     const Packet cap = simd::splat<Packet>(static_cast<T>(ctx.pb.params.softcap * kLog2e));
     for (Index i = 0; i < n_scores; i += B::kPacket) {
-      simd::store_aligned(st + i, simd::mul(cap, simd::tanh(simd::mul(simd::load_aligned<Packet>(st + i), inv_cap))));
+      simd::store_aligned(
+          st + i,
+          simd::mul(cap, simd::tanh(simd::mul(simd::load_aligned<Packet>(st + i), inv_cap))));
     }
   }
 }
@@ -419,11 +439,13 @@ void tile_scores(const TileContext<P>& ctx, const QueryTileState<typename P::Com
 // 3a. Adds attn_bias and ALiBi (BatchMask::score_bias, in log2 units) to the scores of
 // every non-empty tile.
 template <typename P>
-void bias_tile(const QueryTileState<typename P::Compute>& state, const TileKeys& keys, typename P::Compute* st) {
+void bias_tile(const QueryTileState<typename P::Compute>& state, const TileKeys& keys,
+               typename P::Compute* st) {
   using T = typename P::Compute;
   using B = FusedBlocking<T>;
   using Packet = simd::Packet<T>;
-  const bool alibi = std::any_of(state.alibi_slope.begin(), state.alibi_slope.end(), [](T s) { return s != T(0); });
+  const bool alibi = std::any_of(state.alibi_slope.begin(), state.alibi_slope.end(),
+                                 [](T s) { return s != T(0); });
   for (Index n = 0; n < keys.n_keys; ++n) {
     const Index j = keys.n0 + n;
     T* row = st + n * B::kLanes;
@@ -432,9 +454,11 @@ void bias_tile(const QueryTileState<typename P::Compute>& state, const TileKeys&
       ATTNFORGE_UNROLL
       for (int v = 0; v < B::kLaneVectors; ++v) {
         const Index lane = v * B::kPacket;
-        const Packet distance = simd::sub(key, simd::load_aligned<Packet>(state.alibi_position.data() + lane));
-        simd::store_aligned(row + lane, simd::fma(simd::load_aligned<Packet>(state.alibi_slope.data() + lane), distance,
-                                                  simd::load_aligned<Packet>(row + lane)));
+        const Packet distance =
+            simd::sub(key, simd::load_aligned<Packet>(state.alibi_position.data() + lane));
+        simd::store_aligned(row + lane,
+                            simd::fma(simd::load_aligned<Packet>(state.alibi_slope.data() + lane),
+                                      distance, simd::load_aligned<Packet>(row + lane)));
       }
     }
     for (Index lane = 0; lane < B::kLanes; ++lane) {
@@ -449,8 +473,8 @@ void bias_tile(const QueryTileState<typename P::Compute>& state, const TileKeys&
 // interval; documents and attn_mask are checked lane by lane inside it (a -inf attn_bias
 // was added by bias_tile).
 template <typename P>
-void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compute>& state, const TileKeys& keys,
-               typename P::Compute* st) {
+void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compute>& state,
+               const TileKeys& keys, typename P::Compute* st) {
   using T = typename P::Compute;
   constexpr Index kLanes = FusedBlocking<T>::kLanes;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -488,7 +512,8 @@ void softmax_tile(QueryTileState<T>& state, Index n_keys, Index head_dim, T* st)
   for (int v = 0; v < B::kLaneVectors; ++v) {
     const Index lane = v * B::kPacket;
     Packet tile_max = simd::splat<Packet>(-std::numeric_limits<T>::infinity());
-    for (Index n = 0; n < n_keys; ++n) tile_max = simd::max(tile_max, simd::load_aligned<Packet>(st + n * B::kLanes + lane));
+    for (Index n = 0; n < n_keys; ++n)
+      tile_max = simd::max(tile_max, simd::load_aligned<Packet>(st + n * B::kLanes + lane));
     SoftmaxStats<T, true> stats{simd::load_aligned<Packet>(state.row_ref.data() + lane),
                                 simd::load_aligned<Packet>(state.row_sum.data() + lane)};
     Packet alpha = simd::splat<Packet>(T(1));
@@ -510,7 +535,9 @@ void softmax_tile(QueryTileState<T>& state, Index n_keys, Index head_dim, T* st)
     ATTNFORGE_UNROLL
     for (int v = 0; v < B::kLaneVectors; ++v) {
       T* o = ot + d * B::kLanes + v * B::kPacket;
-      simd::store_aligned(o, simd::mul(simd::load_aligned<Packet>(o), simd::load_aligned<Packet>(state.alpha.data() + v * B::kPacket)));
+      simd::store_aligned(
+          o, simd::mul(simd::load_aligned<Packet>(o),
+                       simd::load_aligned<Packet>(state.alpha.data() + v * B::kPacket)));
     }
   }
 }
@@ -518,8 +545,8 @@ void softmax_tile(QueryTileState<T>& state, Index n_keys, Index head_dim, T* st)
 // 5. Ot += V^T Pt.
 template <typename P, typename F>
 void accumulate_values(const TileContext<P>& ctx, QueryTileState<typename P::Compute>& state,
-                       const KeyValueTile<typename P::Compute>& kv, const TileKeys& keys, const typename P::Compute* st,
-                       std::uint32_t* weight_pairs) {
+                       const KeyValueTile<typename P::Compute>& kv, const TileKeys& keys,
+                       const typename P::Compute* st, std::uint32_t* weight_pairs) {
   using T = typename P::Compute;
   using B = FusedBlocking<T>;
   T* ot = state.out_tile.data();
@@ -528,11 +555,12 @@ void accumulate_values(const TileContext<P>& ctx, QueryTileState<typename P::Com
     constexpr int kC = B::kLanes / 16;
     constexpr int kR = kC >= 4 ? 6 : 12;
     pair_rows_to_bf16(st, keys.n_keys, B::kLanes, weight_pairs);
-    const std::uint32_t* value_pairs = kv.value_pairs + (keys.n0 - keys.tile_first) / 2 * ctx.head_dim;
+    const std::uint32_t* value_pairs =
+        kv.value_pairs + (keys.n0 - keys.tile_first) / 2 * ctx.head_dim;
     for_each_row_block<kR>(ctx.head_dim, [&](auto rows, Index d0) {
-      pair_dot_block<decltype(rows)::value, kC, true>(reinterpret_cast<const std::uint16_t*>(value_pairs + d0), 2,
-                                                     2 * ctx.head_dim, weight_pairs, (keys.n_keys + 1) / 2,
-                                                     ot + d0 * B::kLanes);
+      pair_dot_block<decltype(rows)::value, kC, true>(
+          reinterpret_cast<const std::uint16_t*>(value_pairs + d0), 2, 2 * ctx.head_dim,
+          weight_pairs, (keys.n_keys + 1) / 2, ot + d0 * B::kLanes);
     });
 #endif
   } else {
@@ -540,16 +568,17 @@ void accumulate_values(const TileContext<P>& ctx, QueryTileState<typename P::Com
     const Index ldv = kv.value_stride;
     const T* v_tile = kv.values + (keys.n0 - keys.tile_first) * ldv;
     for_each_row_block<B::kRows>(ctx.head_dim, [&](auto rows, Index d0) {
-      broadcast_product<T, decltype(rows)::value, true>(v_tile + d0, 1, ldv, st, keys.n_keys, ot + d0 * B::kLanes);
+      broadcast_product<T, decltype(rows)::value, true>(v_tile + d0, 1, ldv, st, keys.n_keys,
+                                                        ot + d0 * B::kLanes);
     });
   }
 }
 
 // 2-5. One query tile against key tile kt (not empty). `scores` is the worker's St.
 template <typename P, typename F>
-void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls, QueryTileState<typename P::Compute>& state,
-                     typename P::Compute* scores, std::uint32_t* weight_pairs,
-                     const KeyValueTile<typename P::Compute>& kv) {
+void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
+                     QueryTileState<typename P::Compute>& state, typename P::Compute* scores,
+                     std::uint32_t* weight_pairs, const KeyValueTile<typename P::Compute>& kv) {
   // Only the keys some query of the tile may see (the rest would be masked anyway). The
   // bf16 dot products take keys in pairs counted from the tile's first key: an odd span
   // start moves one key back (that key is masked like any key outside the span).
@@ -566,7 +595,8 @@ void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls, QueryTi
 
 // 6. out = Ot^T * out_scale and lse of every lane (see finish_row).
 template <typename P>
-void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Compute>& state, EmptyRows& empty_rows) {
+void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Compute>& state,
+                       EmptyRows& empty_rows) {
   using T = typename P::Compute;
   using Acc = acc_t<T>;
   constexpr Index kLanes = FusedBlocking<T>::kLanes;
@@ -579,8 +609,9 @@ void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Com
     out_scale[lane] = T(0);
     if (!ctx.lane_row(state, lane, h, i)) continue;
     out_rows[lane] = pb.out.row(ctx.batch, h, i);
-    const RowEnd end = finish_row(state.row_ref[static_cast<std::size_t>(lane)],
-                                  state.row_sum[static_cast<std::size_t>(lane)], sink_log2(pb.params.sinks, h));
+    const RowEnd end =
+        finish_row(state.row_ref[static_cast<std::size_t>(lane)],
+                   state.row_sum[static_cast<std::size_t>(lane)], sink_log2(pb.params.sinks, h));
     out_scale[lane] = static_cast<T>(end.out_scale);
     if (pb.lse.has_value()) pb.lse(ctx.batch, h, i) = static_cast<Acc>(end.lse());
     if (end.empty) empty_rows.push_back({ctx.batch, h, i});
@@ -590,15 +621,16 @@ void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Com
 
 // Loads (converts, pairs) key tile kt once for all the query tiles of a work item.
 template <typename P, typename F>
-KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index kt, KernelScratch<typename P::Compute>& s) {
+KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index kt,
+                                                KernelScratch<typename P::Compute>& s) {
   KeyValueTile<typename P::Compute> kv;
   const P& pb = ctx.pb;
   const Index n0 = kt * ctx.geo.key_tile;
   const Index n_keys = std::min(ctx.geo.key_tile, ctx.kv_len - n0);
   if constexpr (F::kBf16Dot) {
     kv.key_bits = reinterpret_cast<const std::uint16_t*>(pb.k.row(ctx.batch, ctx.kv_head, n0));
-    pair_value_rows(reinterpret_cast<const std::uint16_t*>(pb.v.row(ctx.batch, ctx.kv_head, n0)), pb.v.stride(2),
-                    n_keys, ctx.head_dim, s.value_pairs.data());
+    pair_value_rows(reinterpret_cast<const std::uint16_t*>(pb.v.row(ctx.batch, ctx.kv_head, n0)),
+                    pb.v.stride(2), n_keys, ctx.head_dim, s.value_pairs.data());
     kv.value_pairs = s.value_pairs.data();
   } else {
     kv.keys = tile_rows(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.keys, kv.key_stride);
@@ -610,13 +642,21 @@ KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index
 // A work item: `count` consecutive query tiles of one (batch row, KV head group). Each
 // K/V tile is loaded once for all of them while it is in cache.
 template <typename P, typename F>
-void process_query_tiles(const P& pb, const MaskPolicy& policy, const TilePlan& plan, const TileGeometry& geo,
-                         const QueryTile& item, KernelScratch<typename P::Compute>& s) {
+void process_query_tiles(const P& pb, const MaskPolicy& policy, const TilePlan& plan,
+                         const TileGeometry& geo, const QueryTile& item,
+                         KernelScratch<typename P::Compute>& s) {
   const Index n_rep = pb.q.dimension(1) / pb.k.dimension(1);
   const Index hpt = geo.heads_per_tile;
-  const TileContext<P> ctx{pb, plan, geo, policy.row(item.batch), item.batch, item.kv_head,
+  const TileContext<P> ctx{pb,
+                           plan,
+                           geo,
+                           policy.row(item.batch),
+                           item.batch,
+                           item.kv_head,
                            item.kv_head * n_rep + item.head_group * hpt,
-                           std::min(hpt, n_rep - item.head_group * hpt), pb.q.dimension(3), pb.q.dimension(2),
+                           std::min(hpt, n_rep - item.head_group * hpt),
+                           pb.q.dimension(3),
+                           pb.q.dimension(2),
                            pb.k.dimension(2)};
   const Index count = std::min(item.count, plan.q_tiles() - item.q_tile);
   Index kt_first = plan.key_tiles(), kt_last = 0;
@@ -630,28 +670,33 @@ void process_query_tiles(const P& pb, const MaskPolicy& policy, const TilePlan& 
     bool loaded = false;
     for (Index t = 0; t < count; ++t) {
       const auto [first, last] = plan.key_tile_range(item.batch, item.q_tile + t);
-      const TileClass cls = kt < first || kt >= last ? TileClass::kEmpty : plan.classify(item.batch, item.q_tile + t, kt);
+      const TileClass cls = kt < first || kt >= last
+                                ? TileClass::kEmpty
+                                : plan.classify(item.batch, item.q_tile + t, kt);
       if (cls == TileClass::kEmpty) continue;
       if (!loaded) kv = load_key_tile<P, F>(ctx, kt, s), loaded = true;
       attend_key_tile<P, F>(ctx, kt, cls, s.tiles[static_cast<std::size_t>(t)], s.scores.data(),
                             s.weight_pairs.data(), kv);
     }
   }
-  for (Index t = 0; t < count; ++t) finish_query_tile(ctx, s.tiles[static_cast<std::size_t>(t)], s.empty_rows);
+  for (Index t = 0; t < count; ++t)
+    finish_query_tile(ctx, s.tiles[static_cast<std::size_t>(t)], s.empty_rows);
 }
 
 // The work items of a call, ordered by cost (non-empty key tiles), most expensive first,
 // so uneven causal/document work balances across workers. Each item is computed the
 // same way whichever worker takes it: the result does not depend on the thread count.
 template <typename T>
-void plan_work_items(KernelWorkspace<T>& ws, const TileGeometry& geo, Index batch, Index n_kv_heads) {
+void plan_work_items(KernelWorkspace<T>& ws, const TileGeometry& geo, Index batch,
+                     Index n_kv_heads) {
   ws.items.clear();
   ws.item_cost.clear();
   const Index per_item = geo.q_tiles_per_item;
   for (Index b = 0; b < batch; ++b) {
     for (Index qt = 0; qt < ws.plan.q_tiles(); qt += per_item) {
       Index cost = 0;
-      for (Index t = qt; t < std::min(qt + per_item, ws.plan.q_tiles()); ++t) cost += ws.plan.active_key_tiles(b, t);
+      for (Index t = qt; t < std::min(qt + per_item, ws.plan.q_tiles()); ++t)
+        cost += ws.plan.active_key_tiles(b, t);
       for (Index kv_head = 0; kv_head < n_kv_heads; ++kv_head) {
         for (Index group = 0; group < geo.head_groups; ++group) {
           ws.items.push_back({b, kv_head, group, qt, per_item});
@@ -681,22 +726,26 @@ void flash_attention(const P& pb, const MaskPolicy& policy, const Eigen::ThreadP
 
   ws.workers.resize(static_cast<std::size_t>(worker_count(device)));
   constexpr bool kBf16Storage = std::is_same_v<typename P::Scalar, Eigen::bfloat16> &&
-                                std::is_same_v<typename P::KVScalar, Eigen::bfloat16> && kHasBf16DotKernel &&
-                                FusedBlocking<T>::kLanes % 16 == 0;
+                                std::is_same_v<typename P::KVScalar, Eigen::bfloat16> &&
+                                kHasBf16DotKernel && FusedBlocking<T>::kLanes % 16 == 0;
   const bool bf16_dot = kBf16Storage && pb.params.bf16_dot;
   const bool convert_kv = !std::is_same_v<typename P::KVScalar, T> && !bf16_dot;
-  for (KernelScratch<T>& s : ws.workers) s.reserve(head_dim, geo.key_tile, geo.q_tiles_per_item, convert_kv, bf16_dot);
+  for (KernelScratch<T>& s : ws.workers)
+    s.reserve(head_dim, geo.key_tile, geo.q_tiles_per_item, convert_kv, bf16_dot);
 
   const auto run = [&](auto features) {
     using F = decltype(features);
     if constexpr (!F::kBf16Dot || kBf16Storage) {
       parallel_for_items(device, static_cast<Index>(ws.order.size()), [&](int worker, Index item) {
-        process_query_tiles<P, F>(pb, policy, ws.plan, geo, ws.items[static_cast<std::size_t>(ws.order[static_cast<std::size_t>(item)])],
-                                  ws.workers[static_cast<std::size_t>(worker)]);
+        process_query_tiles<P, F>(
+            pb, policy, ws.plan, geo,
+            ws.items[static_cast<std::size_t>(ws.order[static_cast<std::size_t>(item)])],
+            ws.workers[static_cast<std::size_t>(worker)]);
       });
     }
   };
-  dispatch_features(run, pb.params.softcap > 0.0, policy.masks_elements(), policy.biases_scores(), bf16_dot);
+  dispatch_features(run, pb.params.softcap > 0.0, policy.masks_elements(), policy.biases_scores(),
+                    bf16_dot);
 }
 
 }  // namespace attnforge::detail

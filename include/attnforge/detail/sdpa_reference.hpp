@@ -32,8 +32,9 @@ struct ReferenceOutputs {
 // softmax and outputs.
 template <typename T, typename KV, typename Acc>
 void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const ConstView<KV, 4>& v,
-                   const ReferenceOutputs<T, Acc>& outputs, const SdpaParams& params, const BatchMask& mask,
-                   Index b, Index h, Index i, std::vector<double>& scores, std::vector<double>& acc) {
+                   const ReferenceOutputs<T, Acc>& outputs, const SdpaParams& params,
+                   const BatchMask& mask, Index b, Index h, Index i, std::vector<double>& scores,
+                   std::vector<double>& acc) {
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   const Index kv_len = k.dimension(2), head_dim = q.dimension(3);
   const Index kv_head = h / (q.dimension(1) / k.dimension(1));  // repeat_interleave grouping
@@ -48,7 +49,8 @@ void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const Co
     if (!attend_all && !mask.allowed(h, i, j)) continue;
     const KV* k_row = k.row(b, kv_head, j);
     double dot = 0.0;
-    for (Index d = 0; d < head_dim; ++d) dot += static_cast<double>(q_row[d]) * static_cast<double>(k_row[d]);
+    for (Index d = 0; d < head_dim; ++d)
+      dot += static_cast<double>(q_row[d]) * static_cast<double>(k_row[d]);
     double score = params.scale * dot;
     if (params.softcap > 0.0) score = params.softcap * std::tanh(score / params.softcap);
     if (!attend_all) score += mask.score_bias(h, i, j);
@@ -64,18 +66,22 @@ void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const Co
     row_sum += weight;
     if (!outputs.out.has_value()) continue;
     const KV* v_row = v.row(b, kv_head, j);
-    for (Index d = 0; d < head_dim; ++d) acc[static_cast<std::size_t>(d)] += weight * static_cast<double>(v_row[d]);
+    for (Index d = 0; d < head_dim; ++d)
+      acc[static_cast<std::size_t>(d)] += weight * static_cast<double>(v_row[d]);
   }
-  const RowEnd end = finish_row(row_max, n_allowed == 0 && !attend_all ? 0.0 : row_sum, sink_log2(params.sinks, h));
+  const RowEnd end = finish_row(row_max, n_allowed == 0 && !attend_all ? 0.0 : row_sum,
+                                sink_log2(params.sinks, h));
   if (outputs.out.has_value()) {
     T* out_row = outputs.out.row(b, h, i);
-    for (Index d = 0; d < head_dim; ++d) out_row[d] = static_cast<T>(acc[static_cast<std::size_t>(d)] * end.out_scale);
+    for (Index d = 0; d < head_dim; ++d)
+      out_row[d] = static_cast<T>(acc[static_cast<std::size_t>(d)] * end.out_scale);
   }
   if (outputs.lse.has_value()) outputs.lse(b, h, i) = static_cast<Acc>(end.lse());
   if (outputs.probs.has_value()) {
     for (Index j = 0; j < kv_len; ++j) {
       const bool used = attend_all || mask.allowed(h, i, j);
-      outputs.probs(b, h, i, j) = used ? static_cast<Acc>(scores[static_cast<std::size_t>(j)] * end.out_scale) : Acc(0);
+      outputs.probs(b, h, i, j) =
+          used ? static_cast<Acc>(scores[static_cast<std::size_t>(j)] * end.out_scale) : Acc(0);
     }
   }
 }
@@ -83,8 +89,8 @@ void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const Co
 // q (B, H, Sq, D); k, v (B, Hkv, Skv, D).
 template <typename T, typename KV, typename Acc>
 void sdpa_reference(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const ConstView<KV, 4>& v,
-                    const ReferenceOutputs<T, Acc>& outputs, const SdpaParams& params, const MaskPolicy& policy,
-                    const Eigen::ThreadPoolDevice* device) {
+                    const ReferenceOutputs<T, Acc>& outputs, const SdpaParams& params,
+                    const MaskPolicy& policy, const Eigen::ThreadPoolDevice* device) {
   const Index n_heads = q.dimension(1);
   struct Scratch {
     std::vector<double> scores;
@@ -99,7 +105,8 @@ void sdpa_reference(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const C
     Scratch& s = scratch[static_cast<std::size_t>(worker)];
     const Index b = item / n_heads, h = item % n_heads;
     const BatchMask mask = policy.row(b);
-    for (Index i = 0; i < q.dimension(2); ++i) reference_row(q, k, v, outputs, params, mask, b, h, i, s.scores, s.acc);
+    for (Index i = 0; i < q.dimension(2); ++i)
+      reference_row(q, k, v, outputs, params, mask, b, h, i, s.scores, s.acc);
   });
 }
 

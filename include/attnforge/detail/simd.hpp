@@ -227,8 +227,8 @@ EIGEN_ALWAYS_INLINE P tanh(const P& x) {
   using S = Scalar<P>;
   if constexpr (std::is_same_v<S, float>) {
     constexpr float kTaylor[] = {-0.0014558343870513183f, 0.003592128036572481f,
-                                 -0.008863235529902197f, 0.021869488536155203f,
-                                 -0.05396825396825397f, 0.13333333333333333f,
+                                 -0.008863235529902197f,  0.021869488536155203f,
+                                 -0.05396825396825397f,   0.13333333333333333f,
                                  -0.3333333333333333f};
     const P x2 = ei::pmul(x, x);
     P poly = splat<P>(kTaylor[0]);
@@ -267,7 +267,8 @@ void convert(const S* src, D* dst, Eigen::Index n) {
     using PacketD = simd::Packet<float>;
     constexpr int kSize = simd::kSize<PacketS>;
     if constexpr (kSize > 1 && kSize == simd::kSize<PacketD>) {
-      for (; i + kSize <= n; i += kSize) ei::pstoreu(dst + i, ei::pcast<PacketS, PacketD>(ei::ploadu<PacketS>(src + i)));
+      for (; i + kSize <= n; i += kSize)
+        ei::pstoreu(dst + i, ei::pcast<PacketS, PacketD>(ei::ploadu<PacketS>(src + i)));
     }
   }
   for (; i < n; ++i) dst[i] = static_cast<D>(src[i]);
