@@ -352,7 +352,7 @@ TEST(AttentionMasks, EveryMaskKindMatchesTheDoubleComputationAndCachedChunksEqua
   // Chunked through a recording cache: each chunk's masks are its rows of the full ones,
   // over the keys cached so far.
   KVCache<float> cache(kBatch, kSeq, kKvHeads, attn.head_dim(), /*record_doc_ids=*/true);
-  for (const auto [first, len] : {std::pair<Index, Index>{0, kFirst}, std::pair<Index, Index>{kFirst, kSeq - kFirst}}) {
+  for (const auto& [first, len] : {std::pair<Index, Index>{0, kFirst}, std::pair<Index, Index>{kFirst, kSeq - kFirst}}) {
     const Index keys = first + len;
     Masks chunk;
     chunk.doc_ids = ConstView<DocId, 2>(docs).narrow(1, first, len);
