@@ -96,8 +96,25 @@ const char* compiler() {
 #endif
 }
 
-bool bf16_dot_kernel_usable() {
-  return detail::kHasBf16DotKernel && detail::cpu_has_avx512_bf16();
+// What the library can offer: the kernel compiled in (x86-64 GCC/clang) and a CPU with
+// AVX512-BF16.
+bool bf16_dot_kernel_usable() { return detail::kHasBf16DotKernel && detail::cpu_has_avx512_bf16(); }
+
+// What the library does: Bf16Kernel::kDotProduct throws std::invalid_argument when this
+// build and CPU cannot run the dot-product kernel.
+bool bf16_dot_kernel_runs() {
+  Tensor<Eigen::bfloat16, 4> q(1, 1, 16, 32), kv(1, 1, 16, 32);
+  q.setConstant(Eigen::bfloat16(0.5f));
+  kv.setConstant(Eigen::bfloat16(0.25f));
+  SdpaOptions options;
+  options.path = SdpaPath::kFused;
+  options.bf16_kernel = Bf16Kernel::kDotProduct;
+  try {
+    scaled_dot_product_attention(q, kv, kv, options);
+    return true;
+  } catch (const std::invalid_argument&) {
+    return false;
+  }
 }
 
 bool expected_is(const char* isa) { return std::strcmp(ATTNFORGE_TEST_ISA_EXPECTED, isa) == 0; }
@@ -108,10 +125,12 @@ TEST(KernelVariants, PrintsTheVariantsThisBinaryRuns) {
   std::printf("[kernel variants] EIGEN_VECTORIZE_*: %s; packet size float %d, double %d\n",
               compiled_macros().c_str(), Eigen::internal::packet_traits<float>::size,
               Eigen::internal::packet_traits<double>::size);
-  std::printf("[kernel variants] AVX512-BF16 dot-product kernel: %s (compiled in: %s, CPU has "
-              "avx512_bf16: %s)\n",
-              bf16_dot_kernel_usable() ? "USED for bf16 prefill" : "not used (bf16 tiles converted to float)",
-              detail::kHasBf16DotKernel ? "yes" : "no", detail::cpu_has_avx512_bf16() ? "yes" : "no");
+  std::printf(
+      "[kernel variants] AVX512-BF16 dot-product kernel: %s (compiled in: %s, CPU has "
+      "avx512_bf16: %s)\n",
+      bf16_dot_kernel_runs() ? "USED for bf16 prefill"
+                             : "not used (bf16 tiles are converted to float)",
+      detail::kHasBf16DotKernel ? "yes" : "no", detail::cpu_has_avx512_bf16() ? "yes" : "no");
   std::fflush(stdout);
   SUCCEED();
 }
@@ -153,6 +172,12 @@ TEST(KernelVariants, BuildHasTheRequestedInstructionSet) {
     ADD_FAILURE() << "unknown ATTNFORGE_TEST_ISA_EXPECTED '" << ATTNFORGE_TEST_ISA_EXPECTED
                   << "' (set by CMake's ATTNFORGE_TEST_ISA)";
   }
+}
+
+// The bf16 prefill kernel carries its own target attribute, so every build (whatever its
+// ISA) must use it where the CPU has AVX512-BF16, and only there.
+TEST(KernelVariants, Bf16DotKernelRunsExactlyWhereTheCpuHasIt) {
+  EXPECT_EQ(bf16_dot_kernel_runs(), bf16_dot_kernel_usable());
 }
 
 }  // namespace

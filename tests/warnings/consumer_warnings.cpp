@@ -5,7 +5,6 @@
 // with g++ and once with clang++, then runs it. Shapes are tiny: the point is the
 // compile; the run only shows that the calls are well-formed.
 #include <attnforge/attnforge.hpp>
-
 #include <cmath>
 #include <cstdio>
 #include <exception>
@@ -49,7 +48,8 @@ constexpr af::Index kSeq = 24, kMaxSeq = 64;
 // RoPE: tables, the free functions, RotaryEmbedding (both apply overloads).
 template <typename T>
 void rope_entry_points() {
-  const auto [cos_table, sin_table] = af::precompute_rope_frequencies<T>(kHeadDim, kMaxSeq, 10000.0);
+  const auto [cos_table, sin_table] =
+      af::precompute_rope_frequencies<T>(kHeadDim, kMaxSeq, 10000.0);
   af::Tensor<T, 4> x(kBatch, kHeads, kSeq, kHeadDim);
   fill(x, 1);
   const auto cos_rows = af::ConstView<T, 2>(cos_table).narrow(0, 0, kSeq);
@@ -88,18 +88,22 @@ void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
   masks.kv_doc_ids = kv_docs;
   masks.key_padding_mask = padding;
 
-  for (const af::SdpaPath path :
-       {af::SdpaPath::kAuto, af::SdpaPath::kFused, af::SdpaPath::kDecode, af::SdpaPath::kReference}) {
+  for (const af::SdpaPath path : {af::SdpaPath::kAuto, af::SdpaPath::kFused, af::SdpaPath::kDecode,
+                                  af::SdpaPath::kReference}) {
     for (int variant = 0; variant < 4; ++variant) {
       af::SdpaOptions options;
       options.path = path;
       options.causal = variant != 0;
       options.window = variant == 2 ? 7 : 0;
       options.softcap = variant == 3 ? 20.0 : 0.0;
-      options.empty_rows = variant == 3 ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
-      check("scaled_dot_product_attention", af::scaled_dot_product_attention(q, k, v, options, masks, device));
-      check("scaled_dot_product_attention (no masks)", af::scaled_dot_product_attention(q, k, v, options));
-      af::SdpaResult<T> with_lse = af::scaled_dot_product_attention_with_lse(q, k, v, options, masks, device);
+      options.empty_rows =
+          variant == 3 ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
+      check("scaled_dot_product_attention",
+            af::scaled_dot_product_attention(q, k, v, options, masks, device));
+      check("scaled_dot_product_attention (no masks)",
+            af::scaled_dot_product_attention(q, k, v, options));
+      af::SdpaResult<T> with_lse =
+          af::scaled_dot_product_attention_with_lse(q, k, v, options, masks, device);
       check("scaled_dot_product_attention_with_lse", with_lse.out);
 
       af::Sdpa<T, KV> sdpa(options, device);
@@ -118,7 +122,8 @@ void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
     for (const af::Bf16Kernel kernel : {af::Bf16Kernel::kAuto, af::Bf16Kernel::kConvert}) {
       options.bf16_kernel = kernel;
       options.path = af::SdpaPath::kFused;
-      check("scaled_dot_product_attention (bf16 kernel)", af::scaled_dot_product_attention(q, k, v, options));
+      check("scaled_dot_product_attention (bf16 kernel)",
+            af::scaled_dot_product_attention(q, k, v, options));
     }
   }
 }
@@ -144,7 +149,8 @@ void kv_cache_entry_points() {
   if (recording.doc_ids().dimension(1) != 5) ++failures;
 
   if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
-    af::Tensor<float, 4> k_float(kBatch, kKvHeads, 5, kHeadDim), v_float(kBatch, kKvHeads, 5, kHeadDim);
+    af::Tensor<float, 4> k_float(kBatch, kKvHeads, 5, kHeadDim),
+        v_float(kBatch, kKvHeads, 5, kHeadDim);
     fill(k_float, 8), fill(v_float, 9);
     cache.update(k_float, v_float);
     recording.update(k_float, v_float, ids);
@@ -171,9 +177,11 @@ void attention_entry_points(const Eigen::ThreadPoolDevice* device) {
   for (af::Index i = 0; i < kSeq; ++i) padding(0, i) = i >= 2;
 
   // Without a cache: rope tables, then a RotaryEmbedding; doc ids; padding.
-  check("Attention::forward(tables)", attn.forward(x, rope.cos_rows(0, kSeq), rope.sin_rows(0, kSeq)));
+  check("Attention::forward(tables)",
+        attn.forward(x, rope.cos_rows(0, kSeq), rope.sin_rows(0, kSeq)));
   check("Attention::forward(rope)", attn.forward(x, rope, 0));
-  check("Attention::forward(doc_ids)", attn.forward(x, rope, 0, static_cast<af::KVCache<T>*>(nullptr), docs));
+  check("Attention::forward(doc_ids)",
+        attn.forward(x, rope, 0, static_cast<af::KVCache<T>*>(nullptr), docs));
   check("Attention::forward(padding)",
         attn.forward(x, rope, 0, static_cast<af::KVCache<T>*>(nullptr), {}, padding));
 
@@ -186,14 +194,17 @@ void attention_entry_points(const Eigen::ThreadPoolDevice* device) {
         attn.forward(token, rope.cos_rows(pos, 1), rope.sin_rows(pos, 1), &cache));
   af::Tensor<T, 3> out(kBatch, 1, kDim);
   const af::Index pos2 = cache.seq_len();
-  attn.forward_into(token, rope.cos_rows(pos2, 1), rope.sin_rows(pos2, 1), af::StridedView<T, 3>(out), &cache);
+  attn.forward_into(token, rope.cos_rows(pos2, 1), rope.sin_rows(pos2, 1),
+                    af::StridedView<T, 3>(out), &cache);
   check("Attention::forward_into(cache)", out);
   af::Tensor<T, 3> out_x(kBatch, kSeq, kDim);
-  attn.forward_into(x, rope.cos_rows(0, kSeq), rope.sin_rows(0, kSeq), af::StridedView<T, 3>(out_x));
+  attn.forward_into(x, rope.cos_rows(0, kSeq), rope.sin_rows(0, kSeq),
+                    af::StridedView<T, 3>(out_x));
   check("Attention::forward_into", out_x);
 
   // A cache that records doc ids, fed a packed chunk; padding over cached + new keys.
-  af::KVCache<CacheT> recording(kBatch, kMaxSeq, kKvHeads, attn.head_dim(), /*record_doc_ids=*/true);
+  af::KVCache<CacheT> recording(kBatch, kMaxSeq, kKvHeads, attn.head_dim(),
+                                /*record_doc_ids=*/true);
   check("Attention::forward(cache, doc_ids)", attn.forward(x, rope, 0, &recording, docs));
   af::KVCache<CacheT> padded(kBatch, kMaxSeq, kKvHeads, attn.head_dim());
   check("Attention::forward(cache, padding)", attn.forward(x, rope, 0, &padded, {}, padding));
@@ -219,7 +230,8 @@ int main() {
   try {
     Eigen::ThreadPool pool(2);
     const Eigen::ThreadPoolDevice device(&pool, 2);
-    for (const Eigen::ThreadPoolDevice* dev : {static_cast<const Eigen::ThreadPoolDevice*>(nullptr), &device}) {
+    for (const Eigen::ThreadPoolDevice* dev :
+         {static_cast<const Eigen::ThreadPoolDevice*>(nullptr), &device}) {
       sdpa_entry_points<float, float>(dev);
       sdpa_entry_points<Eigen::bfloat16, Eigen::bfloat16>(dev);
       sdpa_entry_points<float, Eigen::bfloat16>(dev);
