@@ -86,14 +86,16 @@ std::string compiled_macros() {
   return s.empty() ? "none (scalar)" : s;
 }
 
-const char* compiler() {
+std::string compiler() {
 #if defined(__clang__)
-  return "clang " __clang_version__;
+  std::string name = "clang " __clang_version__;
 #elif defined(__GNUC__)
-  return "g++ " __VERSION__;
+  std::string name = "g++ " __VERSION__;
 #else
-  return "unknown";
+  std::string name = "unknown";
 #endif
+  while (!name.empty() && name.back() == ' ') name.pop_back();
+  return name;
 }
 
 // What the library can offer: the kernel compiled in (x86-64 GCC/clang) and a CPU with
@@ -121,7 +123,7 @@ bool expected_is(const char* isa) { return std::strcmp(ATTNFORGE_TEST_ISA_EXPECT
 
 TEST(KernelVariants, PrintsTheVariantsThisBinaryRuns) {
   std::printf("[kernel variants] ATTNFORGE_TEST_ISA=%s; Eigen %s; compiler %s\n",
-              ATTNFORGE_TEST_ISA_EXPECTED, eigen_version().c_str(), compiler());
+              ATTNFORGE_TEST_ISA_EXPECTED, eigen_version().c_str(), compiler().c_str());
   std::printf("[kernel variants] EIGEN_VECTORIZE_*: %s; packet size float %d, double %d\n",
               compiled_macros().c_str(), Eigen::internal::packet_traits<float>::size,
               Eigen::internal::packet_traits<double>::size);
