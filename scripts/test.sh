@@ -66,14 +66,14 @@ on_exit() {
   local elapsed=$((SECONDS - start_time))
   if [ "${#step_times[@]}" -gt 0 ]; then
     echo
-    echo "step times:"
+    echo "step times (wall, and cpu = user + system of the step's processes):"
     printf '  %s\n' "${step_times[@]}"
   fi
   local note=""
   if [ -s "$not_run_file" ]; then
     note=" (NOT RUN: $(tr '\n' ' ' <"$not_run_file" | sed 's/ $//'))"
   fi
-  rm -f "$not_run_file"
+  rm -f "$not_run_file" "$cpu_file"
   if [ "$rc" -eq 0 ]; then
     banner "ALL PASSED in ${elapsed}s${note}"
   elif [ "${#failed_steps[@]}" -gt 0 ]; then
@@ -84,9 +84,25 @@ on_exit() {
 }
 trap on_exit EXIT
 
+# Sets child_cpu to the CPU seconds (user + system) used so far by finished child
+# processes: with the wall time, it tells a slow step from a busy machine. (The `times`
+# builtin must run in this shell, not in a pipe or $(...), which would be a subshell.)
+cpu_file="$(mktemp)"
+child_cpu=0
+update_child_cpu() {
+  times >"$cpu_file"
+  child_cpu="$(tail -n 1 "$cpu_file" | awk '{
+    total = 0
+    for (i = 1; i <= 2; ++i) { split($i, t, /[ms]/); total += t[1] * 60 + t[2] }
+    printf "%d", total
+  }')"
+}
+
 run_step() {
   current_step="$1"
-  local step_start=$SECONDS rc=0
+  local step_start=$SECONDS rc=0 cpu_start
+  update_child_cpu
+  cpu_start=$child_cpu
   banner "STEP ${current_step}"
   if [ "$KEEP_GOING" = 1 ]; then
     # A subshell with its own `set -e`, so the step still stops at its first failing
@@ -102,15 +118,16 @@ run_step() {
   else
     "step_${current_step}"  # set -e: a failure exits, on_exit names the step
   fi
-  local took=$((SECONDS - step_start))
+  update_child_cpu
+  local took=$((SECONDS - step_start)) cpu=$((child_cpu - cpu_start))
   if [ "$rc" -ne 0 ]; then
-    step_times+=("${current_step} ${took}s FAILED (exit ${rc})")
-    echo "---- step ${current_step} FAILED (exit ${rc}) after ${took}s"
+    step_times+=("${current_step} ${took}s (cpu ${cpu}s) FAILED (exit ${rc})")
+    echo "---- step ${current_step} FAILED (exit ${rc}) after ${took}s (cpu ${cpu}s)"
     failed_steps+=("${current_step}")
     return 0
   fi
-  step_times+=("${current_step} ${took}s")
-  echo "---- step ${current_step} done in ${took}s"
+  step_times+=("${current_step} ${took}s (cpu ${cpu}s)")
+  echo "---- step ${current_step} done in ${took}s (cpu ${cpu}s)"
 }
 
 # The kernel variants a unit-test binary runs (tests/test_kernel_variants.cpp), so the
