@@ -5,10 +5,10 @@
 #   deps          install missing Debian packages (scripts/install_deps.sh)
 #   release       configure + build the `release` preset (tests -march=native, benchmarks,
 #                 examples)
-#   ctest         ctest --preset release: unit tests, the installed-package consumer test,
-#                 and the consumer warnings tests (tests/warnings: every public entry point
-#                 compiled by g++ and by clang++ at -Wall -Wextra -Wpedantic -O2
-#                 -march=native -Werror); then the kernel variants the tests ran
+#   ctest         the kernel variants the release tests run, then ctest --preset release:
+#                 unit tests, the installed-package consumer test, and the consumer
+#                 warnings tests (tests/warnings: every public entry point compiled by g++
+#                 and by clang++ at -Wall -Wextra -Wpedantic -O2 -march=native -Werror)
 #   bench         every bench/bench_*.cpp binary once, briefly
 #   examples      every examples/*.cpp binary once, with --quick
 #   isa-baseline  the unit tests built for the x86-64 baseline (-march=x86-64, SSE2 packets)
@@ -138,14 +138,14 @@ show_kernel_variants() {
   "$exe" --gtest_filter='KernelVariants.*' --gtest_brief=1
 }
 
-# Configure, build and ctest one of the tests-only presets, then show its kernel variants.
+# Configure and build one of the tests-only presets, show its kernel variants, run ctest.
 run_test_preset() {
   local preset="$1"
   shift
   cmake --preset "$preset" "$@"
   cmake --build --preset "$preset" -j "$JOBS"
-  ctest --preset "$preset"
   show_kernel_variants "build/${preset}"
+  ctest --preset "$preset"
 }
 
 # --- Steps ------------------------------------------------------------------
@@ -160,8 +160,8 @@ step_release() {
 }
 
 step_ctest() {
-  ctest --preset release
   show_kernel_variants build/release
+  ctest --preset release
 }
 
 step_bench() {
@@ -276,8 +276,8 @@ step_eigen5() {
 step_asan() {
   cmake --preset asan
   cmake --build --preset asan -j "$JOBS"
-  ctest --preset asan
   show_kernel_variants build/asan
+  ctest --preset asan
 }
 
 # ThreadSanitizer over the whole unit-test binary in one process: the concurrency tests
