@@ -12,11 +12,14 @@ packages=(
   libgmock-dev
   googletest
   libbenchmark-dev
-  # The fuzz step of scripts/test.sh: clang and its libFuzzer/sanitizer runtimes (Debian
-  # 12 names: clang is clang 14 there, and its runtimes are only a recommendation of it,
-  # which --no-install-recommends skips).
+  # The fuzz and clang steps of scripts/test.sh: clang and its libFuzzer/sanitizer
+  # runtimes (Debian 12 names: clang is clang 14 there, and its runtimes are only a
+  # recommendation of it, which --no-install-recommends skips).
   clang
   libclang-rt-14-dev
+  # The eigen5 step unpacks the Eigen 5.0.1 tarball (.tar.xz); xz-utils is not in a
+  # minimal Debian image.
+  xz-utils
   "$@"
 )
 

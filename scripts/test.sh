@@ -2,18 +2,35 @@
 # The one test command of attnforge:  bash scripts/test.sh
 #
 # Runs, stopping at the first failure:
-#   deps        install missing Debian packages (scripts/install_deps.sh)
-#   release     configure + build the `release` preset (tests, benchmarks, examples)
-#   ctest       ctest --preset release (unit tests + installed-package consumer test)
-#   bench       every bench/bench_*.cpp binary once, briefly
-#   examples    every examples/*.cpp binary once, with --quick
-#   asan        configure + build + ctest the `asan` preset (ASan + UBSan)
-#   tsan        configure + build the `tsan` preset, run the unit tests under ThreadSanitizer
-#   fuzz        build the libFuzzer target (`fuzz` preset, clang), replay its seed corpus,
-#               then fuzz for FUZZ_SECONDS (default 60)
+#   deps          install missing Debian packages (scripts/install_deps.sh)
+#   release       configure + build the `release` preset (tests -march=native, benchmarks,
+#                 examples)
+#   ctest         the kernel variants the release tests run, then ctest --preset release:
+#                 unit tests, the installed-package consumer test, and the consumer
+#                 warnings tests (tests/warnings: every public entry point compiled by g++
+#                 and by clang++ at -Wall -Wextra -Wpedantic -O2 -march=native -Werror)
+#   bench         every bench/bench_*.cpp binary once, briefly
+#   examples      every examples/*.cpp binary once, with --quick
+#   isa-baseline  the unit tests built for the x86-64 baseline (-march=x86-64, SSE2 packets)
+#   isa-avx2      the unit tests built with -mavx2 -mfma
+#   clang         the unit tests built with clang++ (-march=native)
+#   eigen5        installs Eigen 5.0.1 from its tarball into build/third_party and runs the
+#                 release unit tests against it (ATTNFORGE_EIGEN5_TARBALL, default
+#                 ../shared/third_party/eigen-5.0.1.tar.xz; without it the step prints
+#                 NOT RUN, and fails only when ATTNFORGE_REQUIRE_EIGEN5=1)
+#   asan          configure + build + ctest the `asan` preset (ASan + UBSan, -march=native)
+#   tsan          configure + build the `tsan` preset (-march=native), run the unit tests
+#                 under ThreadSanitizer
+#   fuzz          build the libFuzzer target (`fuzz` preset, clang, -march=native), replay
+#                 its seed corpus, then fuzz for FUZZ_SECONDS (default 60)
+# Every step that builds the unit tests prints the kernel variants they ran (Eigen's
+# packet sizes, EIGEN_VECTORIZE_* macros, whether the AVX512-BF16 kernel is used), and
+# the test KernelVariants.BuildHasTheRequestedInstructionSet fails if the build did not
+# get the instruction set its preset asks for.
 #
 # `bash scripts/test.sh STEP...` runs only the named steps, e.g. `bash scripts/test.sh ctest`.
-# JOBS=<n> sets build parallelism (default 2).
+# JOBS=<n> sets build parallelism (default 2). KEEP_GOING=1 runs every step even after a
+# failure and lists the failed steps at the end (the exit status is still non-zero).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -33,6 +50,12 @@ BENCH_MIN_TIME=0.01
 
 start_time=$SECONDS
 current_step="(setup)"
+KEEP_GOING="${KEEP_GOING:-0}"
+step_times=()    # "name seconds status" per step run, for the summary
+failed_steps=()
+# Steps that could not run here (e.g. eigen5 without its tarball) append their name to
+# this file (a file, because KEEP_GOING runs each step in a subshell).
+not_run_file="$(mktemp)"
 
 banner() {
   printf '\n==================== %s ====================\n' "$*"
@@ -41,20 +64,88 @@ banner() {
 on_exit() {
   local rc=$?
   local elapsed=$((SECONDS - start_time))
+  if [ "${#step_times[@]}" -gt 0 ]; then
+    echo
+    echo "step times (wall, and cpu = user + system of the step's processes):"
+    printf '  %s\n' "${step_times[@]}"
+  fi
+  local note=""
+  if [ -s "$not_run_file" ]; then
+    note=" (NOT RUN: $(tr '\n' ' ' <"$not_run_file" | sed 's/ $//'))"
+  fi
+  rm -f "$not_run_file" "$cpu_file"
   if [ "$rc" -eq 0 ]; then
-    banner "ALL PASSED in ${elapsed}s"
+    banner "ALL PASSED in ${elapsed}s${note}"
+  elif [ "${#failed_steps[@]}" -gt 0 ]; then
+    banner "FAILED steps: ${failed_steps[*]} (exit ${rc}) after ${elapsed}s${note}"
   else
-    banner "FAILED in step '${current_step}' (exit ${rc}) after ${elapsed}s"
+    banner "FAILED in step '${current_step}' (exit ${rc}) after ${elapsed}s${note}"
   fi
 }
 trap on_exit EXIT
 
+# Sets child_cpu to the CPU seconds (user + system) used so far by finished child
+# processes: with the wall time, it tells a slow step from a busy machine. (The `times`
+# builtin must run in this shell, not in a pipe or $(...), which would be a subshell.)
+cpu_file="$(mktemp)"
+child_cpu=0
+update_child_cpu() {
+  times >"$cpu_file"
+  child_cpu="$(tail -n 1 "$cpu_file" | awk '{
+    total = 0
+    for (i = 1; i <= 2; ++i) { split($i, t, /[ms]/); total += t[1] * 60 + t[2] }
+    printf "%d", total
+  }')"
+}
+
 run_step() {
   current_step="$1"
-  local step_start=$SECONDS
+  local step_start=$SECONDS rc=0 cpu_start
+  update_child_cpu
+  cpu_start=$child_cpu
   banner "STEP ${current_step}"
-  "step_${current_step}"
-  echo "---- step ${current_step} done in $((SECONDS - step_start))s"
+  if [ "$KEEP_GOING" = 1 ]; then
+    # A subshell with its own `set -e`, so the step still stops at its first failing
+    # command while the script goes on. (Not `( step ) || ...`: bash ignores set -e
+    # inside the left side of || and &&.)
+    set +e
+    (
+      set -e
+      "step_${current_step}"
+    )
+    rc=$?
+    set -e
+  else
+    "step_${current_step}"  # set -e: a failure exits, on_exit names the step
+  fi
+  update_child_cpu
+  local took=$((SECONDS - step_start)) cpu=$((child_cpu - cpu_start))
+  if [ "$rc" -ne 0 ]; then
+    step_times+=("${current_step} ${took}s (cpu ${cpu}s) FAILED (exit ${rc})")
+    echo "---- step ${current_step} FAILED (exit ${rc}) after ${took}s (cpu ${cpu}s)"
+    failed_steps+=("${current_step}")
+    return 0
+  fi
+  step_times+=("${current_step} ${took}s (cpu ${cpu}s)")
+  echo "---- step ${current_step} done in ${took}s (cpu ${cpu}s)"
+}
+
+# The kernel variants a unit-test binary runs (tests/test_kernel_variants.cpp), so the
+# log of every build says which instruction set its tests exercised.
+show_kernel_variants() {
+  local exe="$1/tests/attnforge_tests"
+  echo "---- kernel variants of ${exe}"
+  "$exe" --gtest_filter='KernelVariants.*' --gtest_brief=1
+}
+
+# Configure and build one of the tests-only presets, show its kernel variants, run ctest.
+run_test_preset() {
+  local preset="$1"
+  shift
+  cmake --preset "$preset" "$@"
+  cmake --build --preset "$preset" -j "$JOBS"
+  show_kernel_variants "build/${preset}"
+  ctest --preset "$preset"
 }
 
 # --- Steps ------------------------------------------------------------------
@@ -69,6 +160,7 @@ step_release() {
 }
 
 step_ctest() {
+  show_kernel_variants build/release
   ctest --preset release
 }
 
@@ -108,9 +200,83 @@ step_examples() {
   [ "$found" -eq 1 ] || echo "no examples/*.cpp sources; nothing to run"
 }
 
+# The unit tests built for the other instruction sets users ship (tests only, so they
+# build fast): the x86-64 baseline (SSE2 packets) and AVX2 + FMA. `release` covers native.
+step_isa-baseline() {
+  run_test_preset isa-baseline
+}
+
+step_isa-avx2() {
+  run_test_preset isa-avx2
+}
+
+# The whole unit-test suite built with clang++ (native ISA).
+step_clang() {
+  run_test_preset clang
+}
+
+# Eigen 5.0.1 from a source tarball (not part of the repository), installed into
+# build/third_party/eigen-5.0.1; the `eigen5` preset points Eigen3_DIR there.
+EIGEN5_TARBALL="${ATTNFORGE_EIGEN5_TARBALL:-../shared/third_party/eigen-5.0.1.tar.xz}"
+step_eigen5() {
+  if [ ! -f "$EIGEN5_TARBALL" ]; then
+    echo "eigen5: NOT RUN: no Eigen 5.0.1 tarball at '${EIGEN5_TARBALL}'" \
+      "(set ATTNFORGE_EIGEN5_TARBALL to its path)"
+    if [ "${ATTNFORGE_REQUIRE_EIGEN5:-0}" = 1 ]; then
+      echo "eigen5: ATTNFORGE_REQUIRE_EIGEN5=1, so this is a failure" >&2
+      return 1
+    fi
+    echo eigen5 >>"$not_run_file"
+    return 0
+  fi
+  local root=build/third_party
+  local src="${root}/eigen-5.0.1-src" ebuild="${root}/eigen-5.0.1-build"
+  local prefix="${root}/eigen-5.0.1" log="${root}/eigen-5.0.1-install.log"
+  local stamp="${root}/eigen-5.0.1.sha256" sum
+  sum="$(sha256sum <"$EIGEN5_TARBALL" | cut -d' ' -f1)"
+  # Reinstalling would touch every header and force a full rebuild, so an install from
+  # the same tarball is kept.
+  if [ -f "${prefix}/share/eigen3/cmake/Eigen3Config.cmake" ] && [ -f "$stamp" ] &&
+     [ "$(cat "$stamp")" = "$sum" ]; then
+    echo "---- Eigen 5.0.1 from ${EIGEN5_TARBALL} already installed in ${prefix}"
+  else
+    echo "---- installing Eigen 5.0.1 from ${EIGEN5_TARBALL} into ${prefix}"
+    rm -rf "$src" "$ebuild" "$prefix" "$stamp"
+    mkdir -p "$src"
+    tar -xJf "$EIGEN5_TARBALL" -C "$src" --strip-components=1
+    # CMAKE_EXPORT_PACKAGE_REGISTRY=OFF: Eigen's configure otherwise registers its build
+    # tree in ~/.cmake/packages, where every later find_package(Eigen3) can find it.
+    if ! { cmake -S "$src" -B "$ebuild" -DCMAKE_INSTALL_PREFIX="$(pwd)/${prefix}" \
+             -DCMAKE_EXPORT_PACKAGE_REGISTRY=OFF -DBUILD_TESTING=OFF -DEIGEN_BUILD_BLAS=OFF \
+             -DEIGEN_BUILD_LAPACK=OFF -DEIGEN_BUILD_DOC=OFF -DEIGEN_BUILD_DEMOS=OFF &&
+           cmake --install "$ebuild"; } >"$log" 2>&1; then
+      tail -n 40 "$log"
+      echo "eigen5: installing Eigen 5.0.1 failed (log: ${log})" >&2
+      return 1
+    fi
+    echo "$sum" >"$stamp"
+  fi
+  run_test_preset eigen5
+  # find_package must have taken this Eigen, not the system's 3.4.
+  local found
+  found="$(grep '^Eigen3_DIR:' build/eigen5/CMakeCache.txt)"
+  echo "---- ${found}"
+  case "$found" in
+    *"/${prefix}/share/eigen3/cmake") ;;
+    *) echo "eigen5: the build did not use ${prefix}" >&2; return 1 ;;
+  esac
+  local variants
+  variants="$(build/eigen5/tests/attnforge_tests --gtest_filter='KernelVariants.Prints*')"
+  case "$variants" in
+    *"; Eigen 5."*) ;;
+    *) echo "eigen5: the test binary does not report Eigen 5" >&2; return 1 ;;
+  esac
+}
+
 step_asan() {
   cmake --preset asan
   cmake --build --preset asan -j "$JOBS"
+  show_kernel_variants build/asan
   ctest --preset asan
 }
 
@@ -133,6 +299,8 @@ FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 step_fuzz() {
   cmake --preset fuzz
   cmake --build --preset fuzz -j "$JOBS"
+  echo "---- fuzz_attention compiled with: $(grep -o -- '-march=[^ ]*\|-m[a-z0-9]*avx[a-z0-9]*' \
+    build/fuzz/compile_commands.json | sort -u | tr '\n' ' ')"
   local exe=build/fuzz/tests/fuzz/fuzz_attention
   local corpus=build/fuzz/corpus-run artifacts=build/fuzz/artifacts log=build/fuzz/fuzz.log
   echo "---- seed corpus replay ($(ls tests/fuzz/corpus | wc -l) inputs)"
@@ -153,7 +321,7 @@ step_fuzz() {
 
 # --- Main -------------------------------------------------------------------
 
-ALL_STEPS=(deps release ctest bench examples asan tsan fuzz)
+ALL_STEPS=(deps release ctest bench examples isa-baseline isa-avx2 clang eigen5 asan tsan fuzz)
 
 steps=("$@")
 if [ "${#steps[@]}" -eq 0 ]; then
@@ -169,3 +337,4 @@ done
 for step in "${steps[@]}"; do
   run_step "$step"
 done
+[ "${#failed_steps[@]}" -eq 0 ]

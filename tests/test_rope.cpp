@@ -308,7 +308,10 @@ TEST(RopeValidation, OddOrNonPositiveHeadDimIsRejected) {
   expect_invalid_argument([] { precompute_rope_frequencies<float>(7, 4); }, "head_dim");
   expect_invalid_argument([] { precompute_rope_frequencies<float>(0, 4); }, "head_dim");
   expect_invalid_argument([] { RotaryEmbedding<float>(9, 4); }, "head_dim");
-  const auto [cos, sin] = precompute_rope_frequencies<float>(4, 3);
+  // References, not a structured binding: a C++17 lambda cannot capture one (clang).
+  const auto tables = precompute_rope_frequencies<float>(4, 3);
+  const Tensor<float, 2>& cos = tables.first;
+  const Tensor<float, 2>& sin = tables.second;
   const Tensor<float, 2> x(3, 5);
   expect_invalid_argument([&] { apply_rope(x, cos, sin); }, "head_dim");
 }
@@ -321,7 +324,9 @@ TEST(RopeValidation, BadMaxSeqLenOrThetaIsRejected) {
 }
 
 TEST(RopeValidation, TableRowsMustEqualSequenceLength) {
-  const auto [cos, sin] = precompute_rope_frequencies<float>(8, 10);
+  const auto tables = precompute_rope_frequencies<float>(8, 10);
+  const Tensor<float, 2>& cos = tables.first;
+  const Tensor<float, 2>& sin = tables.second;
   const Tensor<float, 3> x = test::random_normal<float, 3>({2, 4, 8}, 16);
   // Using the first 4 rows of a longer table would silently rotate as if at position 0.
   expect_invalid_argument([&] { apply_rope(x, cos, sin); }, "10 rows but x has sequence length 4");
@@ -331,7 +336,9 @@ TEST(RopeValidation, TableRowsMustEqualSequenceLength) {
 }
 
 TEST(RopeValidation, TableColumnsMustBeHalfHeadDim) {
-  const auto [cos, sin] = precompute_rope_frequencies<float>(16, 4);  // 8 columns
+  const auto tables = precompute_rope_frequencies<float>(16, 4);  // 8 columns
+  const Tensor<float, 2>& cos = tables.first;
+  const Tensor<float, 2>& sin = tables.second;
   const Tensor<float, 3> x = test::random_normal<float, 3>({2, 4, 8}, 17);
   expect_invalid_argument([&] { apply_rope(x, cos, sin); }, "head_dim / 2 = 4 columns");
 }

@@ -34,8 +34,17 @@ void parallel_for_items(const Eigen::ThreadPoolDevice* device, Index n_items, Bo
     }
   };
   Eigen::Barrier barrier(static_cast<unsigned int>(workers - 1));
+  // Each task is a self-contained closure handed straight to the pool's Schedule(), the
+  // one scheduling call Eigen 3.4 and Eigen 5 share unchanged (Eigen 5 removed
+  // ThreadPoolDevice::enqueue_with_barrier and marks enqueueNoNotification for removal).
+  // `run` and `barrier` live on this frame until barrier.Wait() returns, which is after
+  // every task has notified.
+  Eigen::ThreadPoolInterface* pool = device->getPool();
   for (int worker = 1; worker < workers; ++worker) {
-    device->enqueue_with_barrier(&barrier, run, worker);
+    pool->Schedule([&run, &barrier, worker] {
+      run(worker);
+      barrier.Notify();
+    });
   }
   run(0);
   barrier.Wait();
