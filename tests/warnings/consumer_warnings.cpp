@@ -6,6 +6,7 @@
 // compile; the run only shows that the calls are well-formed.
 #include <attnforge/attnforge.hpp>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <type_traits>
@@ -83,10 +84,23 @@ void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
   af::Tensor<bool, 2> padding(kBatch, kv_len);
   for (af::Index j = 0; j < kv_len; ++j) padding(0, j) = j != 5;
 
+  af::Tensor<bool, 4> attn_mask(1, kHeads, kSeq, kv_len);
+  for (af::Index i = 0; i < attn_mask.size(); ++i) attn_mask.data()[i] = i % 7 != 0;
+  af::Tensor<float, 4> attn_bias(kBatch, 1, kSeq, kv_len);
+  fill(attn_bias, 6);
+  af::Tensor<std::int32_t, 2> q_docs32 = q_docs.cast<std::int32_t>();
+  af::Tensor<std::uint8_t, 2> padding8 = padding.cast<std::uint8_t>();
+
   af::Masks masks;
   masks.doc_ids = q_docs;
   masks.kv_doc_ids = kv_docs;
   masks.key_padding_mask = padding;
+  af::Masks element_masks;
+  element_masks.doc_ids = q_docs32;
+  element_masks.kv_doc_ids = kv_docs;
+  element_masks.key_padding_mask = padding8;
+  element_masks.attn_mask = attn_mask;
+  element_masks.attn_bias = attn_bias;
 
   for (const af::SdpaPath path : {af::SdpaPath::kAuto, af::SdpaPath::kFused, af::SdpaPath::kDecode,
                                   af::SdpaPath::kReference}) {
@@ -105,6 +119,12 @@ void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
       af::SdpaResult<T> with_lse =
           af::scaled_dot_product_attention_with_lse(q, k, v, options, masks, device);
       check("scaled_dot_product_attention_with_lse", with_lse.out);
+
+      af::SdpaOptions per_head = options;
+      per_head.alibi_slopes.assign(kHeads, 0.25);
+      per_head.sinks.assign(kHeads, 1.0);
+      check("scaled_dot_product_attention (element masks, ALiBi, sinks)",
+            af::scaled_dot_product_attention(q, k, v, per_head, element_masks, device));
 
       af::Sdpa<T, KV> sdpa(options, device);
       check("Sdpa::operator()", sdpa(q, k, v, masks));
@@ -126,6 +146,21 @@ void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
             af::scaled_dot_product_attention(q, k, v, options));
     }
   }
+}
+
+// RMSNorm: the module (copy and in place) and the function.
+template <typename T>
+void norm_entry_points() {
+  af::RMSNorm<T> norm(kHeadDim, 1e-6);
+  af::Tensor<T, 1> weight(kHeadDim);
+  fill(weight, 12);
+  norm.weight() = weight;
+  af::Tensor<T, 3> x(kBatch, kSeq, kHeadDim);
+  fill(x, 13);
+  check("RMSNorm::forward", norm.forward(x));
+  check("rms_norm", af::rms_norm(x, weight, 1e-5));
+  norm.forward_inplace(x);
+  check("RMSNorm::forward_inplace", x);
 }
 
 // KVCache: update (with and without recorded doc ids), prefix, truncate, reset; a bf16
@@ -166,7 +201,10 @@ void attention_entry_points(const Eigen::ThreadPoolDevice* device) {
   attn.reset_parameters(11);
   attn.set_device(device);
   af::SdpaOptions options;
+  options.causal = true;
   options.softcap = 30.0;
+  options.alibi_slopes.assign(kHeads, 0.125);
+  options.sinks.assign(kHeads, 0.5);
   attn.set_sdpa_options(options);
   const af::RotaryEmbedding<T> rope(attn.head_dim(), kMaxSeq);
   af::Tensor<T, 3> x(kBatch, kSeq, kDim), token(kBatch, 1, kDim);
@@ -209,9 +247,24 @@ void attention_entry_points(const Eigen::ThreadPoolDevice* device) {
   af::KVCache<CacheT> padded(kBatch, kMaxSeq, kKvHeads, attn.head_dim());
   check("Attention::forward(cache, padding)", attn.forward(x, rope, 0, &padded, {}, padding));
 
-  // Weights in the caller's memory.
-  af::Tensor<T, 2> wq = attn.wq(), wk = attn.wk(), wv = attn.wv(), wo = attn.wo();
-  af::Tensor<T, 1> q_norm = attn.q_norm(), k_norm = attn.k_norm();
+  // Every mask kind through forward(x, rope, start_pos, cache, masks).
+  af::Tensor<std::uint8_t, 4> attn_mask(1, kHeads, kSeq, kSeq);
+  for (af::Index i = 0; i < attn_mask.size(); ++i) attn_mask.data()[i] = i % 5 != 0;
+  af::Tensor<float, 4> attn_bias(kBatch, kHeads, kSeq, kSeq);
+  fill(attn_bias, 10);
+  af::Masks masks;
+  masks.doc_ids = docs;
+  masks.attn_mask = attn_mask;
+  masks.attn_bias = attn_bias;
+  af::KVCache<CacheT> masked(kBatch, kMaxSeq, kKvHeads, attn.head_dim(), /*record_doc_ids=*/true);
+  check("Attention::forward(masks)", attn.forward(x, rope, 0, &masked, masks));
+
+  // Weights: checked assignment, and the caller's memory.
+  af::Tensor<T, 2> wq = attn.wq().tensor(), wk = attn.wk().tensor(), wv = attn.wv().tensor(),
+                   wo = attn.wo().tensor();
+  af::Tensor<T, 1> q_norm = attn.q_norm().tensor(), k_norm = attn.k_norm().tensor();
+  attn.wq() = wq;
+  attn.k_norm() = k_norm;
   af::AttentionWeights<T> weights;
   weights.wq = wq;
   weights.wk = wk;
@@ -241,6 +294,8 @@ int main() {
     }
     rope_entry_points<float>();
     rope_entry_points<Eigen::bfloat16>();
+    norm_entry_points<float>();
+    norm_entry_points<Eigen::bfloat16>();
     kv_cache_entry_points<float>();
     kv_cache_entry_points<Eigen::bfloat16>();
   } catch (const std::exception& e) {

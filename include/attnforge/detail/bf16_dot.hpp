@@ -103,29 +103,38 @@ ATTNFORGE_TARGET_BF16 inline void pair_rows_to_bf16(const float* p, Index n_rows
 #endif  // ATTNFORGE_BF16_DOT
 
 // qt[i][lane] = (q_lane[2i], q_lane[2i+1]) for i < head_dim / 2: the query rows of a
-// tile as bf16 pairs, lanes along the row (0 for lanes whose row is null). A bit copy.
-inline void pair_query_rows(const std::uint16_t* const* rows, Index lanes, Index pairs,
-                            std::uint32_t* qt) {
+// tile as bf16 pairs, lanes along the row (0 for lanes whose row is null). A bit copy:
+// the two bf16 of a pair are read as one 32-bit word (std::memcpy, so the rows keep their
+// own type: reading them through a pointer of another type would break aliasing rules).
+template <typename S>
+void pair_query_rows(const S* const* rows, Index lanes, Index pairs, std::uint32_t* qt) {
+  static_assert(sizeof(S) == 2, "pairs of 16-bit values");
   for (Index lane = 0; lane < lanes; ++lane) {
-    const std::uint16_t* row = rows[lane];
+    const S* row = rows[lane];
     for (Index i = 0; i < pairs; ++i) {
-      qt[i * lanes + lane] = row ? static_cast<std::uint32_t>(row[2 * i]) |
-                                       (static_cast<std::uint32_t>(row[2 * i + 1]) << 16)
-                                 : 0u;
+      std::uint16_t pair[2] = {0, 0};
+      if (row) std::memcpy(pair, row + 2 * i, sizeof(pair));
+      qt[i * lanes + lane] =
+          static_cast<std::uint32_t>(pair[0]) | (static_cast<std::uint32_t>(pair[1]) << 16);
     }
   }
 }
 
 // pairs[i][d] = (v[2i][d], v[2i+1][d]) for i < ceil(n_rows / 2) (0 past the last row):
 // V rows regrouped so that one 32-bit broadcast holds two consecutive keys.
-inline void pair_value_rows(const std::uint16_t* v, Index ldv, Index n_rows, Index width,
-                            std::uint32_t* pairs) {
+template <typename S>
+void pair_value_rows(const S* v, Index ldv, Index n_rows, Index width, std::uint32_t* pairs) {
+  static_assert(sizeof(S) == 2, "pairs of 16-bit values");
+  const auto bits = [](const S& x) {
+    std::uint16_t b;
+    std::memcpy(&b, &x, sizeof(b));
+    return static_cast<std::uint32_t>(b);
+  };
   for (Index i = 0; 2 * i < n_rows; ++i) {
-    const std::uint16_t* even = v + 2 * i * ldv;
-    const std::uint16_t* odd = 2 * i + 1 < n_rows ? v + (2 * i + 1) * ldv : nullptr;
+    const S* even = v + 2 * i * ldv;
+    const S* odd = 2 * i + 1 < n_rows ? v + (2 * i + 1) * ldv : nullptr;
     for (Index d = 0; d < width; ++d) {
-      const std::uint32_t hi = odd ? odd[d] : 0u;
-      pairs[i * width + d] = static_cast<std::uint32_t>(even[d]) | (hi << 16);
+      pairs[i * width + d] = bits(even[d]) | ((odd ? bits(odd[d]) : 0u) << 16);
     }
   }
 }

@@ -373,8 +373,7 @@ void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
   if constexpr (F::kMasked || F::kBiased) set_lane_masks(ctx, state);
   if constexpr (F::kBf16Dot) {
     // The scale is applied to the scores instead: scaling bf16 queries would round them.
-    pair_query_rows(reinterpret_cast<const std::uint16_t* const*>(lane_rows), kLanes,
-                    ctx.head_dim / 2, state.q_pairs.data());
+    pair_query_rows(lane_rows, kLanes, ctx.head_dim / 2, state.q_pairs.data());
   } else {
     const double scale = ctx.pb.params.scale * (F::kSoftcap ? 1.0 : kLog2e);
     pack_transposed(lane_rows, ctx.head_dim, static_cast<T>(scale), state.q_tile.data());
@@ -629,8 +628,8 @@ KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index
   const Index n_keys = std::min(ctx.geo.key_tile, ctx.kv_len - n0);
   if constexpr (F::kBf16Dot) {
     kv.key_bits = reinterpret_cast<const std::uint16_t*>(pb.k.row(ctx.batch, ctx.kv_head, n0));
-    pair_value_rows(reinterpret_cast<const std::uint16_t*>(pb.v.row(ctx.batch, ctx.kv_head, n0)),
-                    pb.v.stride(2), n_keys, ctx.head_dim, s.value_pairs.data());
+    pair_value_rows(pb.v.row(ctx.batch, ctx.kv_head, n0), pb.v.stride(2), n_keys, ctx.head_dim,
+                    s.value_pairs.data());
     kv.value_pairs = s.value_pairs.data();
   } else {
     kv.keys = tile_rows(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.keys, kv.key_stride);
