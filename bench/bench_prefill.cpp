@@ -166,7 +166,9 @@ std::string shape(Index seq_len, Index head_dim) {
 
 void register_all() {
   bench::register_fma_peak();
-  const std::pair<Index, Index> shapes[] = {{512, 128}, {2048, 128}, {2048, 64}, {8192, 128}};
+  // D = 128 over S = 256 ... 8192 is the sweep that scripts/plot_bench.py draws.
+  const std::pair<Index, Index> shapes[] = {{256, 128}, {512, 128},  {1024, 128}, {2048, 128},
+                                            {2048, 64}, {4096, 128}, {8192, 128}};
   for (const auto& [seq_len, head_dim] : shapes) {
     for (int threads : {1, 2}) {
       benchmark::RegisterBenchmark(

@@ -125,10 +125,36 @@ inline double causal_pairs(Index q_len, Index kv_len) {
   return n * offset + n * (n + 1) / 2;
 }
 
-// The body of every benchmark binary's main, after it has registered its rows.
+// The CPU's name as /proc/cpuinfo gives it, followed by its family and model numbers (a
+// virtual machine may report only a generic name). Empty where /proc/cpuinfo has no
+// "model name" line.
+inline std::string cpu_model() {
+  std::ifstream cpuinfo("/proc/cpuinfo");
+  std::string line, name, family, model;
+  const auto value = [&line] {
+    const auto colon = line.find(':');
+    return colon == std::string::npos || colon + 2 > line.size() ? std::string()
+                                                                 : line.substr(colon + 2);
+  };
+  while (std::getline(cpuinfo, line) && line.find_first_not_of(" \t") != std::string::npos) {
+    const std::string key = line.substr(0, line.find_first_of("\t:"));
+    if (key == "model name") name = value();
+    if (key == "cpu family") family = value();
+    if (key == "model") model = value();
+  }
+  if (name.empty()) return name;
+  if (!family.empty() && !model.empty()) name += " (family " + family + ", model " + model + ")";
+  return name;
+}
+
+// The body of every benchmark binary's main, after it has registered its rows. The CPU's
+// name goes into the context of the output (`cpu_model`), where scripts/plot_bench.py
+// reads it.
 inline int run_registered_benchmarks(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  const std::string cpu = cpu_model();
+  if (!cpu.empty()) benchmark::AddCustomContext("cpu_model", cpu);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();
   return 0;
