@@ -69,11 +69,14 @@ void set_bytes_counter(benchmark::State& state, double bytes) {
                                               benchmark::Counter::kIsRate);
 }
 
-void run_sdpa(benchmark::State& state, Index batch, Index kv_len, int threads, af::SdpaPath path) {
+// `sinks`: one attention-sink logit per head (decode_sinks), which join the chunk merge.
+void run_sdpa(benchmark::State& state, Index batch, Index kv_len, int threads, af::SdpaPath path,
+              bool sinks = false) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   af::SdpaOptions options;
   options.causal = true;
   options.path = path;
+  if (sinks) options.sinks.assign(kHeads, 0.5);
   af::Sdpa<float> sdpa(options, bench::device_for(threads));
   const af::KVPrefix<float> kv = in.cache->prefix();
   sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
@@ -195,6 +198,9 @@ void register_all() {
       if (batch == 1 && kv_len == 32768) {
         benchmark::RegisterBenchmark(("decode_bf16_cache" + suffix).c_str(), [=](benchmark::State& s) {
           run_bf16_cache(s, batch, kv_len, threads);
+        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(("decode_sinks" + suffix).c_str(), [=](benchmark::State& s) {
+          run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto, /*sinks=*/true);
         })->UseRealTime()->Unit(benchmark::kMicrosecond);
       }
       benchmark::RegisterBenchmark(("stream_yardstick" + suffix).c_str(), [=](benchmark::State& s) {

@@ -76,6 +76,53 @@ void run_sdpa(benchmark::State& state, Index seq_len, Index head_dim, int thread
   state.counters["inputs_MiB"] = inputs_mib(in);
 }
 
+// The new mask kinds on the causal prefill, each against the plain `fused` row (same
+// GFLOP/s definition: allowed pairs only):
+//   fused_bool_mask  causal attention inside 4 packed documents of S / 4, given as a
+//                    (1, 1, S, S) boolean attn_mask (no causal option, no doc ids);
+//   fused_doc_ids    the same pattern as causal + doc_ids, what the mask is judged against
+//                    for its own cost (short documents cost more per pair than one long one);
+//   fused_alibi      causal with ALiBi slopes 2^(-8 h / H) on every head.
+enum class MaskRow { kBoolMask, kDocIds, kAlibi };
+
+void run_mask_row(benchmark::State& state, Index seq_len, Index head_dim, int threads, MaskRow row) {
+  Inputs& in = inputs_for(seq_len, head_dim);
+  af::SdpaOptions options;
+  options.path = af::SdpaPath::kFused;
+  af::Masks masks;
+  Tensor<bool, 4> mask;
+  Tensor<af::DocId, 2> doc_ids(1, seq_len);
+  double pairs = bench::causal_pairs(seq_len, seq_len);
+  const Index doc = seq_len / 4;
+  if (row == MaskRow::kBoolMask) {
+    mask = Tensor<bool, 4>(1, 1, seq_len, seq_len);
+    for (Index i = 0; i < seq_len; ++i) {
+      for (Index j = 0; j < seq_len; ++j) mask(0, 0, i, j) = j <= i && j / doc == i / doc;
+    }
+    masks.attn_mask = mask;
+    pairs = 4.0 * bench::causal_pairs(doc, doc);
+  } else if (row == MaskRow::kDocIds) {
+    options.causal = true;
+    for (Index j = 0; j < seq_len; ++j) doc_ids(0, j) = j / doc;
+    masks.doc_ids = doc_ids;
+    pairs = 4.0 * bench::causal_pairs(doc, doc);
+  } else {
+    options.causal = true;
+    for (Index h = 1; h <= kHeads; ++h) {
+      options.alibi_slopes.push_back(std::exp2(-8.0 * static_cast<double>(h) / kHeads));
+    }
+  }
+  af::Sdpa<float> sdpa(options, bench::device_for(threads));
+  sdpa(in.q, in.k, in.v, af::StridedView<float, 4>(in.out), masks);
+  for (auto _ : state) {
+    sdpa(in.q, in.k, in.v, af::StridedView<float, 4>(in.out), masks);
+    benchmark::ClobberMemory();
+  }
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      4.0 * kHeads * static_cast<double>(head_dim) * pairs * 1e-9 * static_cast<double>(state.iterations()),
+      benchmark::Counter::kIsRate);
+}
+
 // What a user would write with Eigen alone: per head, the full S x S score matrix by
 // an Eigen product, the causal mask, a row softmax, then the product with V.
 void run_eigen_naive(benchmark::State& state, Index seq_len, Index head_dim) {
@@ -178,6 +225,19 @@ void register_all() {
           ->Unit(benchmark::kMillisecond);
     }
     if (seq_len == 2048 && head_dim == 128) {
+      const std::pair<const char*, MaskRow> mask_rows[] = {
+          {"fused_bool_mask", MaskRow::kBoolMask},
+          {"fused_doc_ids", MaskRow::kDocIds},
+          {"fused_alibi", MaskRow::kAlibi}};
+      for (const auto& [name, row] : mask_rows) {
+        for (int threads : {1, 2}) {
+          benchmark::RegisterBenchmark(
+              (name + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads)).c_str(),
+              [=](benchmark::State& s) { run_mask_row(s, seq_len, head_dim, threads, row); })
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond);
+        }
+      }
       // bf16 rows beside the fp32 kernel. There is no AMX row: AMX-BF16 tiles are not
       // implemented (no CPU here has them to test on); AVX512-BF16 is the fast path.
       const std::pair<const char*, af::Bf16Kernel> kernels[] = {

@@ -388,22 +388,54 @@ class TilePlan {
   }
 
   // Open (allowed, bias > -inf) entries of the element mask per pair of tiles, over all
-  // heads: one pass over the mask (over one head when every head reads the same data).
+  // heads, in one pass over the mask (over one head when every head reads the same
+  // data); and each query tile's span narrowed to its first and last open key, so the
+  // kernel neither visits the key tiles the mask closes nor computes closed keys at the
+  // edges of the ones it opens (a causal pattern given as a mask is trimmed as causal is).
   void count_open_elements(Index b, const BatchMask& m) {
     const bool per_head = (m.attn_mask.has_value() && m.attn_mask.stride(0) != 0) ||
                           (m.attn_bias.has_value() && m.attn_bias.stride(0) != 0);
     const Index heads = per_head ? n_heads_ : 1;
     const Index weight = per_head ? 1 : n_heads_;
+    std::vector<KeySpan> open(static_cast<std::size_t>(n_q_tiles_), KeySpan{kv_len_, 0});
     for (Index h = 0; h < heads; ++h) {
       for (Index i = 0; i < q_len_; ++i) {
-        Index* counts = &open_elements_[static_cast<std::size_t>(
-            (b * n_q_tiles_ + i / q_tile_positions_) * n_key_tiles_)];
-        const unsigned char* mask = m.mask_row(h, i);
-        const float* bias = m.bias_row(h, i);
-        for (Index j = 0; j < kv_len_; ++j)
-          counts[j / key_tile_] += BatchMask::elements_allow(mask, bias, j) ? weight : 0;
+        const Index qt = i / q_tile_positions_;
+        Index* counts = &open_elements_[static_cast<std::size_t>((b * n_q_tiles_ + qt) * n_key_tiles_)];
+        const KeySpan row = count_open_row(m.mask_row(h, i), m.bias_row(h, i), weight, counts);
+        KeySpan& tile = open[static_cast<std::size_t>(qt)];
+        tile = {std::min(tile.first, row.first), std::max(tile.last, row.last)};
       }
     }
+    for (Index qt = 0; qt < n_q_tiles_; ++qt) {
+      KeySpan& span = spans_[static_cast<std::size_t>(b * n_q_tiles_ + qt)];
+      const KeySpan& tile = open[static_cast<std::size_t>(qt)];
+      span = {std::max(span.first, tile.first), std::min(span.last, tile.last)};
+    }
+  }
+
+  // Adds a row's open entries to its key tiles' counts (times `weight`); returns its
+  // first and last + 1 open key (an empty span when none is open).
+  KeySpan count_open_row(const unsigned char* mask, const float* bias, Index weight, Index* counts) const {
+    KeySpan open{kv_len_, 0};
+    for (Index kt = 0; kt < n_key_tiles_; ++kt) {
+      const Index first = kt * key_tile_, last = std::min(kv_len_, first + key_tile_);
+      Index n = 0;
+      if (bias == nullptr) {
+        for (Index j = first; j < last; ++j) n += mask[j] != 0;  // the common case, vectorised
+      } else {
+        for (Index j = first; j < last; ++j) n += BatchMask::elements_allow(mask, bias, j);
+      }
+      counts[kt] += n * weight;
+      if (n == 0) continue;
+      if (open.first == kv_len_) {
+        open.first = first;
+        while (!BatchMask::elements_allow(mask, bias, open.first)) ++open.first;
+      }
+      open.last = last;
+      while (!BatchMask::elements_allow(mask, bias, open.last - 1)) --open.last;
+    }
+    return open;
   }
 
   MaskRules rules_;

@@ -438,31 +438,35 @@ void tile_scores(const TileContext<P>& ctx, const QueryTileState<typename P::Com
 // 3a. Adds attn_bias and ALiBi (BatchMask::score_bias, in log2 units) to the scores of
 // every non-empty tile.
 template <typename P>
-void bias_tile(const QueryTileState<typename P::Compute>& state, const TileKeys& keys,
-               typename P::Compute* st) {
+void bias_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compute>& state,
+               const TileKeys& keys, typename P::Compute* st) {
   using T = typename P::Compute;
   using B = FusedBlocking<T>;
   using Packet = simd::Packet<T>;
-  const bool alibi = std::any_of(state.alibi_slope.begin(), state.alibi_slope.end(),
-                                 [](T s) { return s != T(0); });
-  for (Index n = 0; n < keys.n_keys; ++n) {
-    const Index j = keys.n0 + n;
-    T* row = st + n * B::kLanes;
-    if (alibi) {  // BatchMask::score_bias: slope * (j - pos(i))
-      const Packet key = simd::splat<Packet>(static_cast<T>(j));
+  if (ctx.mask.alibi_slopes != nullptr) {  // BatchMask::score_bias: slope * (j - pos(i))
+    Packet slope[B::kLaneVectors], position[B::kLaneVectors];
+    ATTNFORGE_UNROLL
+    for (int v = 0; v < B::kLaneVectors; ++v) {
+      slope[v] = simd::load_aligned<Packet>(state.alibi_slope.data() + v * B::kPacket);
+      position[v] = simd::load_aligned<Packet>(state.alibi_position.data() + v * B::kPacket);
+    }
+    for (Index n = 0; n < keys.n_keys; ++n) {
+      T* row = st + n * B::kLanes;
+      const Packet key = simd::splat<Packet>(static_cast<T>(keys.n0 + n));
       ATTNFORGE_UNROLL
       for (int v = 0; v < B::kLaneVectors; ++v) {
-        const Index lane = v * B::kPacket;
-        const Packet distance =
-            simd::sub(key, simd::load_aligned<Packet>(state.alibi_position.data() + lane));
-        simd::store_aligned(row + lane,
-                            simd::fma(simd::load_aligned<Packet>(state.alibi_slope.data() + lane),
-                                      distance, simd::load_aligned<Packet>(row + lane)));
+        T* scores = row + v * B::kPacket;
+        simd::store_aligned(scores, simd::fma(slope[v], simd::sub(key, position[v]),
+                                              simd::load_aligned<Packet>(scores)));
       }
     }
-    for (Index lane = 0; lane < B::kLanes; ++lane) {
-      const float* bias = state.lane_bias[static_cast<std::size_t>(lane)];
-      if (bias != nullptr) row[lane] += static_cast<T>(kLog2e * static_cast<double>(bias[j]));
+  }
+  if (!ctx.mask.attn_bias.has_value()) return;
+  for (Index lane = 0; lane < B::kLanes; ++lane) {  // each lane's bias row is contiguous
+    const float* bias = state.lane_bias[static_cast<std::size_t>(lane)];
+    if (bias == nullptr) continue;
+    for (Index n = 0; n < keys.n_keys; ++n) {
+      st[n * B::kLanes + lane] += static_cast<T>(kLog2e * static_cast<double>(bias[keys.n0 + n]));
     }
   }
 }
@@ -586,7 +590,7 @@ void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
   if constexpr (F::kBf16Dot) keys.n0 = keys.tile_first + (span.first - keys.tile_first) / 2 * 2;
   keys.n_keys = span.last - keys.n0;
   tile_scores<P, F>(ctx, state, kv, keys, scores);
-  if constexpr (F::kBiased) bias_tile<P>(state, keys, scores);
+  if constexpr (F::kBiased) bias_tile(ctx, state, keys, scores);
   if (cls == TileClass::kPartial) mask_tile(ctx, state, keys, scores);
   softmax_tile(state, keys.n_keys, ctx.head_dim, scores);
   accumulate_values<P, F>(ctx, state, kv, keys, scores, weight_pairs);
