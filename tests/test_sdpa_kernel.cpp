@@ -274,7 +274,7 @@ TEST(FusedKernelScratch, DoesNotGrowWithSequenceLength) {
     params.scale = 0.125;
     params.rules.causal = true;
     const detail::MaskPolicy policy(params.rules, Masks{}, 1, 4, len, len);
-    detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params, Masks{}}, policy,
+    detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params}, policy,
                             nullptr, ws);
     const auto& s = ws.workers.at(0);
     std::size_t total = s.scores.size();

@@ -151,7 +151,7 @@ class ScaledDotProductAttention {
       return;
     }
     params.bf16_dot = use_bf16_dot(q.dimension(3));
-    const detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params, masks};
+    const detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params};
     const Index n_rep = q.dimension(1) / k.dimension(1);
     const bool decode = options_.path == SdpaPath::kDecode ||
                         (options_.path == SdpaPath::kAuto &&

@@ -307,8 +307,7 @@ struct KernelProblem {
   ConstView<KV, 4> v;  // (B, Hkv, Skv, D)
   StridedView<T, 4> out;
   StridedView<acc_t<T>, 3> lse;  // optional
-  SdpaParams params;
-  Masks masks;
+  SdpaParams params;  // the mask data reach the kernels through the MaskPolicy
 };
 
 // The per-call context every query tile of a work item shares.
