@@ -690,9 +690,11 @@ TEST_F(AttentionValidation, BadSdpaOptionsAreRejectedBySetSdpaOptionsAndChangeNo
       {bad_with([](SdpaOptions& o) { o.window = -2; }), "window must be >= 0"},
       {bad_with([](SdpaOptions& o) { o.causal = false; }), "options.causal is false"},
   };
-  for (const auto& [bad, fragment] : cases) {
+  for (const auto& bad_case : cases) {
+    // A lambda may not capture a structured binding in C++17 (clang rejects it).
+    const SdpaOptions& bad = bad_case.first;
     test::expect_invalid([&] { attn_.set_sdpa_options(bad); },
-                         {"Attention::set_sdpa_options", fragment});
+                         {"Attention::set_sdpa_options", bad_case.second});
     EXPECT_TRUE(attn_.sdpa_options().causal);
     EXPECT_EQ(attn_.sdpa_options().softcap, 30.0);
     EXPECT_EQ(attn_.sdpa_options().window, 0);

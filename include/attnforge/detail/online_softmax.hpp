@@ -72,15 +72,18 @@ struct SoftmaxStats {
     }
   }
 
-  // The weights exp2(score - base()) of a packet of scores of these rows (V a packet),
-  // or of a packet of keys of this row (V a scalar); the caller adds them to `sum`.
+  // The weight function w(s) = exp2(s - base()) for packets P of scores of these rows (V
+  // a packet) or of keys of this row (V a scalar), with the base taken once for a block;
+  // the caller adds the weights to `sum`.
   template <typename P>
-  P weights(const P& scores) const {
+  auto weights() const {
+    P shift;
     if constexpr (!kAlongLanes) {
-      return simd::exp2(simd::sub(scores, simd::splat<P>(base())));
+      shift = simd::splat<P>(base());
     } else {
-      return simd::exp2(simd::sub(scores, base()));
+      shift = base();
     }
+    return [shift](const P& scores) { return simd::exp2(simd::sub(scores, shift)); };
   }
 };
 

@@ -227,13 +227,15 @@ void mod_decode_scores(const DecodeGroup& g, const SdpaParams& params, Index r, 
                        Index n_keys, bool check_keys, T* scores) {
   using Packet = simd::Packet<T>;
   constexpr int kP = simd::kWidth<T>;
-  Packet block = simd::load_aligned<Packet>(scores);
   if constexpr (F::kSoftcap) {
     const Packet cap = simd::splat<Packet>(static_cast<T>(params.softcap * kLog2e));
-    block = simd::mul(cap, simd::tanh(simd::mul(
-                               block, simd::splat<Packet>(static_cast<T>(1.0 / params.softcap)))));
+    const Packet inv_cap = simd::splat<Packet>(static_cast<T>(1.0 / params.softcap));
+    simd::store_aligned(
+        scores, simd::mul(cap, simd::tanh(simd::mul(simd::load_aligned<Packet>(scores), inv_cap))));
+  } else {
+    (void)params;
   }
-  simd::store_aligned(scores, block);
+  if (!F::kBiased && !check_keys) return;
   const Index h = g.head(r), i = g.query(r);
   if constexpr (F::kBiased) {
     for (Index j = 0; j < n_keys; ++j)
@@ -263,7 +265,7 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
             out + d, simd::mul(simd::load_aligned<Packet>(out + d), simd::splat<Packet>(alpha)));
       }
     }
-    const Packet weights = stats.weights(scores);
+    const Packet weights = stats.template weights<Packet>()(scores);
     stats.sum += simd::sum(weights);
     simd::store_aligned(row, weights);
   }

@@ -522,9 +522,10 @@ void softmax_tile(QueryTileState<T>& state, Index n_keys, Index head_dim, T* st)
     rescale |= stats.observe(tile_max, alpha);
     simd::store_aligned(state.alpha.data() + lane, alpha);
     Packet sum = simd::zero<Packet>();
+    const auto weight_of = stats.template weights<Packet>();
     for (Index n = 0; n < n_keys; ++n) {
       T* p = st + n * B::kLanes + lane;
-      const Packet weight = stats.weights(simd::load_aligned<Packet>(p));
+      const Packet weight = weight_of(simd::load_aligned<Packet>(p));
       simd::store_aligned(p, weight);
       sum = simd::add(sum, weight);
     }
