@@ -5,6 +5,8 @@
 #include "attnforge/kv_cache.hpp"
 #include "attnforge/mask.hpp"
 #include "attnforge/norm.hpp"
+#include "attnforge/paged_attention.hpp"
+#include "attnforge/paged_kv_cache.hpp"
 #include "attnforge/parameter.hpp"
 #include "attnforge/rope.hpp"
 #include "attnforge/sdpa.hpp"

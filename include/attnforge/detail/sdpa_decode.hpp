@@ -50,11 +50,15 @@ struct DecodeKeys {
 
 template <typename T>
 struct DecodeWorkspace {
-  std::vector<DecodeKeys> keys;  // per batch row
+  std::vector<DecodeKeys> keys;  // per batch row of every problem
   std::vector<DecodeScratch<T>> workers;
-  // Per (b, kv_head, chunk): rows x D normalised partial outputs and rows lse (log2).
+  // Per item (problem, b, kv_head, chunk): max_rows x D normalised partial outputs and
+  // max_rows lse (log2).
   AlignedBuffer<T> partial_out;
   AlignedBuffer<T> partial_lse;
+  std::vector<Index> first_item;  // per problem, and the total at the end
+  std::vector<Index> first_row;   // per problem: its batch row 0 in `keys`
+  Index max_rows = 0;
 };
 
 // The keys one batch row's queries can see at all (BatchMask::key_span over all rows).
@@ -329,9 +333,10 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
       std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
   const Index q_len = pb.q.dimension(2);
   const KeySpan all_rows{g.mask.key_begin(q_len - 1), g.mask.key_end(0)};
-  for (Index j0 = key_first; j0 < key_last; j0 += kP) {
-    decode_block<P, F>(pb, g, j0, std::min<Index>(kP, key_last - j0), all_rows,
-                       F::kMasked && keys.check_keys, s);
+  // A block never crosses the end of a run of contiguous rows (a paged cache's block).
+  for (Index j0 = key_first, n = 0; j0 < key_last; j0 += n) {
+    n = std::min({Index{kP}, key_last - j0, contiguous_rows(pb.k, j0)});
+    decode_block<P, F>(pb, g, j0, n, all_rows, F::kMasked && keys.check_keys, s);
   }
   for (Index r = 0; r < g.rows; ++r) {
     const SoftmaxStats<T>& stats = s.stats[static_cast<std::size_t>(r)];
@@ -347,7 +352,7 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
 // with the heads' sinks joining the merge (merge_lse2). Returns the rows with no allowed
 // key through `empty_rows`.
 template <typename P>
-void merge_chunks(const P& pb, const DecodeGroup& g, Index n_chunks,
+void merge_chunks(const P& pb, const DecodeGroup& g, Index n_chunks, Index slot_rows,
                   const typename P::Compute* partial_out, const typename P::Compute* partial_lse,
                   typename P::Compute* merged, EmptyRows& empty_rows) {
   using T = typename P::Compute;
@@ -355,14 +360,14 @@ void merge_chunks(const P& pb, const DecodeGroup& g, Index n_chunks,
   for (Index r = 0; r < g.rows; ++r) {
     const Index h = g.head(r), i = g.query(r);
     const T no_key = -std::numeric_limits<T>::infinity();
-    const T keys_lse = merge_lse2(partial_lse + r, n_chunks, g.rows, no_key);
+    const T keys_lse = merge_lse2(partial_lse + r, n_chunks, slot_rows, no_key);
     const T lse = merge_lse2(&keys_lse, 1, 1, static_cast<T>(sink_log2(pb.params.sinks, h)));
-    if (keys_lse == no_key) empty_rows.push_back({g.b, h, i});
+    if (keys_lse == no_key) empty_rows.push_back({pb.batch_offset + g.b, h, i});
     std::fill(merged, merged + g.head_dim, T(0));
     for (Index c = 0; c < n_chunks && keys_lse != no_key; ++c) {
-      const T weight = std::exp2(partial_lse[c * g.rows + r] - lse);
+      const T weight = std::exp2(partial_lse[c * slot_rows + r] - lse);
       if (weight == T(0)) continue;
-      const T* part = partial_out + (c * g.rows + r) * g.hd;
+      const T* part = partial_out + (c * slot_rows + r) * g.hd;
       for (Index d = 0; d < g.head_dim; ++d) merged[d] += weight * part[d];
     }
     Out* out = pb.out.row(g.b, h, i);
@@ -398,43 +403,105 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
 }
 
 template <typename P>
+Index decode_chunks(const P& pb) {
+  return std::max<Index>(1, (pb.k.dimension(2) + kDecodeChunk - 1) / kDecodeChunk);
+}
+
+// The (batch row, KV head) group g of problem pb.
+template <typename P>
+DecodeGroup decode_group(const P& pb, const MaskPolicy& policy, Index g) {
+  using T = typename P::Compute;
+  const Index n_kv_heads = pb.k.dimension(1), head_dim = pb.q.dimension(3);
+  const Index n_rep = pb.q.dimension(1) / n_kv_heads;
+  const Index b = g / n_kv_heads;
+  return DecodeGroup{policy.row(b),
+                     b,
+                     g % n_kv_heads,
+                     n_rep,
+                     pb.q.dimension(2) * n_rep,
+                     head_dim,
+                     padded_head_dim(head_dim, simd::kWidth<T>)};
+}
+
+// Plans the items of problems [0, n) (each (problem, batch row, KV head, key chunk)) and
+// sizes the scratch. Returns the item count.
+template <typename P>
+Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int workers,
+                     DecodeWorkspace<typename P::Compute>& ws) {
+  ws.first_item.assign(1, 0);
+  ws.first_row.clear();
+  ws.keys.clear();
+  ws.max_rows = 0;
+  for (Index p = 0; p < n; ++p) {
+    const P& pb = problems[p];
+    const Index batch = pb.q.dimension(0), q_len = pb.q.dimension(2);
+    ws.max_rows = std::max(ws.max_rows, q_len * (pb.q.dimension(1) / pb.k.dimension(1)));
+    ws.first_row.push_back(static_cast<Index>(ws.keys.size()));
+    for (Index b = 0; b < batch; ++b) ws.keys.push_back(decode_keys(policies[p].row(b), q_len));
+    ws.first_item.push_back(ws.first_item.back() + batch * pb.k.dimension(1) * decode_chunks(pb));
+  }
+  reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
+                 !std::is_same_v<typename P::KVScalar, typename P::Compute>, ws.first_item.back());
+  return ws.first_item.back();
+}
+
+// Item `index` of a prepared call, on the scratch of `worker`.
+template <typename P, typename F>
+void decode_item(const P* problems, const MaskPolicy* policies,
+                 DecodeWorkspace<typename P::Compute>& ws, int worker, Index index) {
+  const auto next = std::upper_bound(ws.first_item.begin(), ws.first_item.end(), index);
+  const auto p = static_cast<std::size_t>(next - ws.first_item.begin() - 1);
+  const P& pb = problems[p];
+  const Index chunks = decode_chunks(pb), local = index - ws.first_item[p];
+  const DecodeGroup g = decode_group(pb, policies[p], local / chunks);
+  const Index slot = index * ws.max_rows;
+  decode_chunk<P, F>(pb, g, local % chunks,
+                     ws.keys[static_cast<std::size_t>(ws.first_row[p] + g.b)],
+                     ws.workers[static_cast<std::size_t>(worker)],
+                     ws.partial_out.data() + slot * g.hd, ws.partial_lse.data() + slot);
+}
+
+// Merges every group's chunks (one pass over rows * D * chunks values per group: done on
+// the caller).
+template <typename P>
+void merge_decode(const P* problems, const MaskPolicy* policies, Index n,
+                  DecodeWorkspace<typename P::Compute>& ws, EmptyRows& empty_rows) {
+  for (Index p = 0; p < n; ++p) {
+    const P& pb = problems[p];
+    const Index chunks = decode_chunks(pb);
+    for (Index group = 0; group < pb.q.dimension(0) * pb.k.dimension(1); ++group) {
+      const DecodeGroup g = decode_group(pb, policies[p], group);
+      const Index slot =
+          (ws.first_item[static_cast<std::size_t>(p)] + group * chunks) * ws.max_rows;
+      merge_chunks(pb, g, chunks, ws.max_rows, ws.partial_out.data() + slot * g.hd,
+                   ws.partial_lse.data() + slot, ws.workers[0].merged.data(), empty_rows);
+    }
+  }
+}
+
+template <typename P>
+void flash_decode_many(const P* problems, const MaskPolicy* policies, Index n,
+                       const Eigen::ThreadPoolDevice* device,
+                       DecodeWorkspace<typename P::Compute>& ws, EmptyRows& empty_rows) {
+  const Index items = prepare_decode(problems, policies, n, worker_count(device), ws);
+  bool masked = false, biased = false;
+  for (Index p = 0; p < n; ++p)
+    masked |= policies[p].masks_elements(), biased |= policies[p].biases_scores();
+  dispatch_features(
+      [&](auto features) {
+        using F = decltype(features);
+        parallel_for_items(device, items, [&](int worker, Index item) {
+          decode_item<P, F>(problems, policies, ws, worker, item);
+        });
+      },
+      problems[0].params.softcap > 0.0, masked, biased);
+  merge_decode(problems, policies, n, ws, empty_rows);
+}
+
+template <typename P>
 void flash_decode(const P& pb, const MaskPolicy& policy, const Eigen::ThreadPoolDevice* device,
                   DecodeWorkspace<typename P::Compute>& ws, EmptyRows& empty_rows) {
-  using T = typename P::Compute;
-  const Index batch = pb.q.dimension(0), n_kv_heads = pb.k.dimension(1), q_len = pb.q.dimension(2);
-  const Index n_rep = pb.q.dimension(1) / n_kv_heads;
-  const Index rows = q_len * n_rep, head_dim = pb.q.dimension(3);
-  const Index hd = padded_head_dim(head_dim, simd::kWidth<T>);
-  const Index n_chunks = std::max<Index>(1, (pb.k.dimension(2) + kDecodeChunk - 1) / kDecodeChunk);
-  const Index groups = batch * n_kv_heads;
-  reserve_decode(ws, worker_count(device), rows, head_dim, !std::is_same_v<typename P::KVScalar, T>,
-                 groups * n_chunks);
-  ws.keys.resize(static_cast<std::size_t>(batch));
-  for (Index b = 0; b < batch; ++b)
-    ws.keys[static_cast<std::size_t>(b)] = decode_keys(policy.row(b), q_len);
-  const auto group = [&](Index index) {
-    const Index b = index / n_kv_heads;
-    return DecodeGroup{policy.row(b), b, index % n_kv_heads, n_rep, rows, head_dim, hd};
-  };
-
-  const auto run = [&](auto features) {
-    using F = decltype(features);
-    parallel_for_items(device, groups * n_chunks, [&](int worker, Index item) {
-      const DecodeGroup g = group(item / n_chunks);
-      decode_chunk<P, F>(pb, g, item % n_chunks, ws.keys[static_cast<std::size_t>(g.b)],
-                         ws.workers[static_cast<std::size_t>(worker)],
-                         ws.partial_out.data() + item * rows * hd,
-                         ws.partial_lse.data() + item * rows);
-    });
-  };
-  dispatch_features(run, pb.params.softcap > 0.0, policy.masks_elements(), policy.biases_scores());
-
-  // The merge is one pass over rows * D * chunks values per group: done on the caller.
-  for (Index index = 0; index < groups; ++index) {
-    merge_chunks(pb, group(index), n_chunks, ws.partial_out.data() + index * n_chunks * rows * hd,
-                 ws.partial_lse.data() + index * n_chunks * rows, ws.workers[0].merged.data(),
-                 empty_rows);
-  }
+  flash_decode_many(&pb, &policy, 1, device, ws, empty_rows);
 }
 
 }  // namespace attnforge::detail

@@ -24,6 +24,7 @@
 #include "attnforge/detail/kernel_config.hpp"
 #include "attnforge/detail/mask_policy.hpp"
 #include "attnforge/detail/online_softmax.hpp"
+#include "attnforge/detail/paged_rows.hpp"
 #include "attnforge/detail/parallel.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/sdpa_options.hpp"
@@ -177,25 +178,29 @@ struct KeyValueTile {
   const std::uint32_t* value_pairs = nullptr;
 };
 
-// Rows [first, first + n) of one (batch row, KV head) of a (B, Hkv, Skv, D) view, as a
-// tile of type T: the storage itself when it already is T, else converted into `buffer`.
-template <typename T, typename S>
-const T* tile_rows(const ConstView<S, 4>& view, Index b, Index head, Index first, Index n,
+// Rows [first, first + n) of one (batch row, KV head) of a (B, Hkv, Skv, D) view or a
+// paged sequence, as a tile of type T: the storage itself when it already is T and the
+// rows are contiguous, else converted (or gathered from their blocks) into `buffer`.
+template <typename T, typename Rows>
+const T* tile_rows(const Rows& view, Index b, Index head, Index first, Index n,
                    AlignedBuffer<T>& buffer, Index& stride) {
-  if constexpr (std::is_same_v<S, T>) {
-    stride = view.stride(2);
-    return view.row(b, head, first);
-  } else {
-    const Index width = view.dimension(3);
-    for (Index r = 0; r < n; ++r)
-      convert(view.row(b, head, first + r), buffer.data() + r * width, width);
-    stride = width;
-    return buffer.data();
+  if constexpr (std::is_same_v<typename Rows::Scalar, T>) {
+    if (contiguous_rows(view, first) >= n) {
+      stride = view.stride(2);
+      return view.row(b, head, first);
+    }
   }
+  const Index width = view.dimension(3);
+  for (Index r = 0; r < n; ++r)
+    convert(view.row(b, head, first + r), buffer.data() + r * width, width);
+  stride = width;
+  return buffer.data();
 }
 
-// A work item: `count` consecutive query tiles of one (batch row, KV head, head group).
+// A work item: `count` consecutive query tiles of one (batch row, KV head, head group)
+// of one problem of the call.
 struct QueryTile {
+  Index problem;
   Index batch;
   Index kv_head;
   Index head_group;
@@ -287,7 +292,7 @@ struct KernelScratch {
 // Everything a call needs, kept by the ScaledDotProductAttention object between calls.
 template <typename T>
 struct KernelWorkspace {
-  TilePlan plan;
+  std::vector<TilePlan> plans;  // per problem
   std::vector<QueryTile> items;
   std::vector<Index> item_cost;
   std::vector<Index> order;
@@ -297,17 +302,22 @@ struct KernelWorkspace {
 // The inputs of one call: q and out of element type T, k and v of KV (e.g. a bf16
 // cache under float activations). The kernels compute in Compute = acc_t<T>; other
 // storage types are converted as tiles are loaded and stored.
-template <typename T, typename KV = T>
+// KVRows is how K and V are read: a strided (B, Hkv, Skv, D) view, or the PagedRows of
+// one sequence of a PagedKVCache (B = 1).
+template <typename T, typename KV = T, typename KVRows = ConstView<KV, 4>>
 struct KernelProblem {
   using Scalar = T;
   using KVScalar = KV;
   using Compute = acc_t<T>;
-  ConstView<T, 4> q;   // (B, H, Sq, D)
-  ConstView<KV, 4> k;  // (B, Hkv, Skv, D)
-  ConstView<KV, 4> v;  // (B, Hkv, Skv, D)
+  ConstView<T, 4> q;  // (B, H, Sq, D)
+  KVRows k;           // (B, Hkv, Skv, D)
+  KVRows v;           // (B, Hkv, Skv, D)
   StridedView<T, 4> out;
   StridedView<acc_t<T>, 3> lse;  // optional
-  SdpaParams params;  // the mask data reach the kernels through the MaskPolicy
+  SdpaParams params;             // the mask data reach the kernels through the MaskPolicy
+  // Added to the batch index of the empty rows the kernels report: a call over several
+  // problems (the sequences of a ragged batch) tells them apart by it.
+  Index batch_offset = 0;
 };
 
 // The per-call context every query tile of a work item shares.
@@ -617,7 +627,7 @@ void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Com
                    state.row_sum[static_cast<std::size_t>(lane)], sink_log2(pb.params.sinks, h));
     out_scale[lane] = static_cast<T>(end.out_scale);
     if (pb.lse.has_value()) pb.lse(ctx.batch, h, i) = static_cast<Acc>(end.lse());
-    if (end.empty) empty_rows.push_back({ctx.batch, h, i});
+    if (end.empty) empty_rows.push_back({ctx.pb.batch_offset + ctx.batch, h, i});
   }
   unpack_transposed(state.out_tile.data(), ctx.head_dim, out_scale, out_rows);
 }
@@ -686,24 +696,30 @@ void process_query_tiles(const P& pb, const MaskPolicy& policy, const TilePlan& 
     finish_query_tile(ctx, s.tiles[static_cast<std::size_t>(t)], s.empty_rows);
 }
 
-// The work items of a call, ordered by cost (non-empty key tiles), most expensive first,
-// so uneven causal/document work balances across workers. Each item is computed the
-// same way whichever worker takes it: the result does not depend on the thread count.
-template <typename T>
-void plan_work_items(KernelWorkspace<T>& ws, const TileGeometry& geo, Index batch,
-                     Index n_kv_heads) {
+// The work items of a call over problems [0, n), ordered by cost (non-empty key tiles),
+// most expensive first, so uneven causal/document work (and sequences of different
+// lengths) balance across workers. Each item is computed the same way whichever worker
+// takes it: the result does not depend on the thread count.
+template <typename P>
+void plan_work_items(KernelWorkspace<typename P::Compute>& ws, const TileGeometry& geo,
+                     const P* problems, const MaskPolicy* policies, Index n) {
+  ws.plans.resize(static_cast<std::size_t>(n));
   ws.items.clear();
   ws.item_cost.clear();
   const Index per_item = geo.q_tiles_per_item;
-  for (Index b = 0; b < batch; ++b) {
-    for (Index qt = 0; qt < ws.plan.q_tiles(); qt += per_item) {
-      Index cost = 0;
-      for (Index t = qt; t < std::min(qt + per_item, ws.plan.q_tiles()); ++t)
-        cost += ws.plan.active_key_tiles(b, t);
-      for (Index kv_head = 0; kv_head < n_kv_heads; ++kv_head) {
-        for (Index group = 0; group < geo.head_groups; ++group) {
-          ws.items.push_back({b, kv_head, group, qt, per_item});
-          ws.item_cost.push_back(cost);
+  for (Index p = 0; p < n; ++p) {
+    TilePlan& plan = ws.plans[static_cast<std::size_t>(p)];
+    plan.build(policies[p], geo.positions, geo.key_tile);
+    for (Index b = 0; b < problems[p].q.dimension(0); ++b) {
+      for (Index qt = 0; qt < plan.q_tiles(); qt += per_item) {
+        Index cost = 0;
+        for (Index t = qt; t < std::min(qt + per_item, plan.q_tiles()); ++t)
+          cost += plan.active_key_tiles(b, t);
+        for (Index kv_head = 0; kv_head < problems[p].k.dimension(1); ++kv_head) {
+          for (Index group = 0; group < geo.head_groups; ++group) {
+            ws.items.push_back({p, b, kv_head, group, qt, per_item});
+            ws.item_cost.push_back(cost);
+          }
         }
       }
     }
@@ -715,40 +731,80 @@ void plan_work_items(KernelWorkspace<T>& ws, const TileGeometry& geo, Index batc
   });
 }
 
-// Runs the kernel over all query tiles on the caller's pool. Returns, through
-// ws.workers[*].empty_rows, the rows that had no allowed key.
+// Whether problems of type P can take the bf16 dot-product kernel at all.
+template <typename P>
+inline constexpr bool kBf16DotStorage =
+    std::is_same_v<typename P::Scalar, Eigen::bfloat16>&&
+            std::is_same_v<typename P::KVScalar, Eigen::bfloat16>&& kHasBf16DotKernel&&
+                FusedBlocking<typename P::Compute>::kLanes %
+        16 ==
+    0;
+
+// How the fused kernel runs problems [0, n) of one call, which share head counts,
+// head_dim, options and K/V layout (one problem, or the sequences of a ragged batch).
+struct FusedRun {
+  TileGeometry geo;
+  bool bf16_dot;
+  Index items;  // work items, run as fused_item(0 .. items - 1)
+};
+
+// Plans the work items and sizes the per-worker scratch.
+template <typename P>
+FusedRun prepare_fused(const P* problems, const MaskPolicy* policies, Index n, int workers,
+                       KernelWorkspace<typename P::Compute>& ws, const KernelTuning& tuning) {
+  using T = typename P::Compute;
+  const P& pb = problems[0];
+  const Index head_dim = pb.q.dimension(3);
+  const TileGeometry geo = tile_geometry<T>(pb.q.dimension(1) / pb.k.dimension(1), tuning);
+  plan_work_items(ws, geo, problems, policies, n);
+  ws.workers.resize(static_cast<std::size_t>(workers));
+  // The bf16 dot products read key tiles in place, so they need each tile in one run.
+  const bool contiguous = tiles_contiguous(pb.k, geo.key_tile);
+  const bool bf16_dot = kBf16DotStorage<P> && pb.params.bf16_dot && contiguous;
+  const bool convert_kv = (!std::is_same_v<typename P::KVScalar, T> || !contiguous) && !bf16_dot;
+  for (KernelScratch<T>& s : ws.workers)
+    s.reserve(head_dim, geo.key_tile, geo.q_tiles_per_item, convert_kv, bf16_dot);
+  return {geo, bf16_dot, static_cast<Index>(ws.order.size())};
+}
+
+// Work item `index` (in cost order) of a prepared run, on the scratch of `worker`.
+template <typename P, typename F>
+void fused_item(const P* problems, const MaskPolicy* policies, const FusedRun& run,
+                KernelWorkspace<typename P::Compute>& ws, int worker, Index index) {
+  const QueryTile& item =
+      ws.items[static_cast<std::size_t>(ws.order[static_cast<std::size_t>(index)])];
+  if constexpr (!F::kBf16Dot || kBf16DotStorage<P>) {
+    process_query_tiles<P, F>(problems[item.problem], policies[item.problem],
+                              ws.plans[static_cast<std::size_t>(item.problem)], run.geo, item,
+                              ws.workers[static_cast<std::size_t>(worker)]);
+  }
+}
+
+// Runs the kernel over all query tiles of problems [0, n) on the caller's pool. Returns,
+// through ws.workers[*].empty_rows, the rows that had no allowed key.
+template <typename P>
+void flash_attention_many(const P* problems, const MaskPolicy* policies, Index n,
+                          const Eigen::ThreadPoolDevice* device,
+                          KernelWorkspace<typename P::Compute>& ws,
+                          const KernelTuning& tuning = {}) {
+  const FusedRun run = prepare_fused(problems, policies, n, worker_count(device), ws, tuning);
+  bool masked = false, biased = false;
+  for (Index p = 0; p < n; ++p)
+    masked |= policies[p].masks_elements(), biased |= policies[p].biases_scores();
+  dispatch_features(
+      [&](auto features) {
+        using F = decltype(features);
+        parallel_for_items(device, run.items, [&](int worker, Index item) {
+          fused_item<P, F>(problems, policies, run, ws, worker, item);
+        });
+      },
+      problems[0].params.softcap > 0.0, masked, biased, run.bf16_dot);
+}
+
 template <typename P>
 void flash_attention(const P& pb, const MaskPolicy& policy, const Eigen::ThreadPoolDevice* device,
                      KernelWorkspace<typename P::Compute>& ws, const KernelTuning& tuning = {}) {
-  using T = typename P::Compute;
-  const Index head_dim = pb.q.dimension(3);
-  const Index n_kv_heads = pb.k.dimension(1);
-  const TileGeometry geo = tile_geometry<T>(pb.q.dimension(1) / n_kv_heads, tuning);
-  ws.plan.build(policy, geo.positions, geo.key_tile);
-  plan_work_items(ws, geo, pb.q.dimension(0), n_kv_heads);
-
-  ws.workers.resize(static_cast<std::size_t>(worker_count(device)));
-  constexpr bool kBf16Storage = std::is_same_v<typename P::Scalar, Eigen::bfloat16> &&
-                                std::is_same_v<typename P::KVScalar, Eigen::bfloat16> &&
-                                kHasBf16DotKernel && FusedBlocking<T>::kLanes % 16 == 0;
-  const bool bf16_dot = kBf16Storage && pb.params.bf16_dot;
-  const bool convert_kv = !std::is_same_v<typename P::KVScalar, T> && !bf16_dot;
-  for (KernelScratch<T>& s : ws.workers)
-    s.reserve(head_dim, geo.key_tile, geo.q_tiles_per_item, convert_kv, bf16_dot);
-
-  const auto run = [&](auto features) {
-    using F = decltype(features);
-    if constexpr (!F::kBf16Dot || kBf16Storage) {
-      parallel_for_items(device, static_cast<Index>(ws.order.size()), [&](int worker, Index item) {
-        process_query_tiles<P, F>(
-            pb, policy, ws.plan, geo,
-            ws.items[static_cast<std::size_t>(ws.order[static_cast<std::size_t>(item)])],
-            ws.workers[static_cast<std::size_t>(worker)]);
-      });
-    }
-  };
-  dispatch_features(run, pb.params.softcap > 0.0, policy.masks_elements(), policy.biases_scores(),
-                    bf16_dot);
+  flash_attention_many(&pb, &policy, 1, device, ws, tuning);
 }
 
 }  // namespace attnforge::detail

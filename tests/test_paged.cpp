@@ -1,0 +1,584 @@
+// Tests of paged_kv_cache.hpp and paged_attention.hpp: the block pool (append, fork with
+// copy-on-write, truncate, free and reuse, capacity errors that change nothing) and
+// attention over ragged batches, per sequence against the double brute force within the
+// accuracy budget and against the contiguous KVCache path.
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "accuracy_budget.hpp"
+#include "attnforge/paged_attention.hpp"
+#include "test_expect.hpp"
+#include "test_util.hpp"
+
+namespace attnforge {
+namespace paged_tests {
+namespace {
+
+constexpr Index kKvHeads = 2, kHeadDim = 24;
+
+Tensor<float, 3> rows(Index n, std::uint32_t seed, Index head_dim = kHeadDim) {
+  return test::random_normal<float, 3>({kKvHeads, n, head_dim}, seed);
+}
+
+// Everything observable of a pool: free count, refs of every block, each sequence's
+// table, length and gathered contents.
+struct PoolSnapshot {
+  explicit PoolSnapshot(const PagedKVCache<float>& cache) : free(cache.free_blocks()) {
+    for (Index b = 0; b < cache.n_blocks(); ++b) refs.push_back(cache.block_refs(b));
+    for (SeqId id : cache.sequences()) {
+      tables.push_back(cache.block_table(id));
+      keys.push_back(cache.gather_keys(id));
+      values.push_back(cache.gather_values(id));
+    }
+  }
+  void expect_equal(const PoolSnapshot& o) const {
+    EXPECT_EQ(free, o.free);
+    EXPECT_EQ(refs, o.refs);
+    EXPECT_EQ(tables, o.tables);
+    ASSERT_EQ(keys.size(), o.keys.size());
+    for (std::size_t s = 0; s < keys.size(); ++s) {
+      EXPECT_TRUE(test::bitwise_equal(keys[s], o.keys[s]));
+      EXPECT_TRUE(test::bitwise_equal(values[s], o.values[s]));
+    }
+  }
+  Index free;
+  std::vector<Index> refs;
+  std::vector<std::vector<Index>> tables;
+  std::vector<Tensor<float, 3>> keys, values;
+};
+
+// Positions [first, first + n) of (Hkv, L, D) rows.
+Tensor<float, 3> slice(const Tensor<float, 3>& t, Index first, Index n) {
+  Tensor<float, 3> out(t.dimension(0), n, t.dimension(2));
+  for (Index h = 0; h < t.dimension(0); ++h)
+    for (Index p = 0; p < n; ++p)
+      for (Index d = 0; d < t.dimension(2); ++d) out(h, p, d) = t(h, first + p, d);
+  return out;
+}
+
+TEST(PagedKVCache, AppendsAndGathersWhatWasAppendedAcrossBlocks) {
+  PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(40, 1), v = rows(40, 2);
+  const Tensor<float, 3> k1 = slice(k, 0, 7), v1 = slice(v, 0, 7);
+  const Tensor<float, 3> k2 = slice(k, 7, 33), v2 = slice(v, 7, 33);
+  cache.append(a, ConstView<float, 3>(k1), ConstView<float, 3>(v1));
+  cache.append(a, ConstView<float, 3>(k2), ConstView<float, 3>(v2));
+  EXPECT_EQ(cache.seq_len(a), 40);
+  EXPECT_EQ(cache.block_table(a).size(), 3u);  // 40 positions in blocks of 16
+  EXPECT_EQ(cache.blocks_in_use(), 3);
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(a), k));
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_values(a), v));
+}
+
+TEST(PagedKVCache, RaggedAppendSplitsThePackedTokensByCuSeqlens) {
+  PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  const Tensor<float, 3> k = rows(21, 3), v = rows(21, 4);
+  cache.append(RaggedBatch{{b, a}, {0, 18, 21}}, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  EXPECT_EQ(cache.seq_len(b), 18);
+  EXPECT_EQ(cache.seq_len(a), 3);
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(b), slice(k, 0, 18)));
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_values(a), slice(v, 18, 3)));
+}
+
+TEST(PagedKVCache, FreedBlocksReturnToThePoolAndAreReused) {
+  PagedKVCache<float> cache(4, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(64, 5), v = rows(64, 6);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  EXPECT_EQ(cache.free_blocks(), 0);
+  const std::vector<Index> blocks = cache.block_table(a);
+  cache.free_sequence(a);
+  EXPECT_EQ(cache.free_blocks(), 4);
+  EXPECT_FALSE(cache.contains(a));
+  const SeqId b = cache.add_sequence();
+  EXPECT_NE(b, a);  // handles are never reused
+  const Tensor<float, 3> k2 = rows(64, 7), v2 = rows(64, 8);
+  cache.append(b, ConstView<float, 3>(k2), ConstView<float, 3>(v2));
+  std::vector<Index> reused = cache.block_table(b);
+  std::sort(reused.begin(), reused.end());
+  std::vector<Index> before = blocks;
+  std::sort(before.begin(), before.end());
+  EXPECT_EQ(reused, before);
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(b), k2));
+}
+
+TEST(PagedKVCache, ForkSharesBlocksAndCopiesAPartialLastBlockOnWrite) {
+  PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
+  const SeqId parent = cache.add_sequence();
+  const Tensor<float, 3> k = rows(20, 9), v = rows(20, 10);
+  cache.append(parent, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  const SeqId child = cache.fork(parent);
+  EXPECT_EQ(cache.blocks_in_use(), 2);  // shared, nothing copied yet
+  EXPECT_EQ(cache.block_refs(cache.block_table(parent)[1]), 2);
+  EXPECT_EQ(cache.blocks_without_sharing(), 4);
+
+  const Tensor<float, 3> kc = rows(5, 11), vc = rows(5, 12);
+  cache.append(child, ConstView<float, 3>(kc), ConstView<float, 3>(vc));
+  // The child's partial block 1 was copied; block 0 (full) stays shared.
+  EXPECT_EQ(cache.block_table(child)[0], cache.block_table(parent)[0]);
+  EXPECT_NE(cache.block_table(child)[1], cache.block_table(parent)[1]);
+  EXPECT_EQ(cache.blocks_in_use(), 3);
+  // The parent is untouched; the child holds the parent's prefix and its own tokens.
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(parent), k));
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_values(parent), v));
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(child), 0, 20), k));
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(child), 20, 5), kc));
+
+  // Writing to the parent now copies nothing (its block 1 is no longer shared).
+  const Tensor<float, 3> kp = rows(3, 13), vp = rows(3, 14);
+  cache.append(parent, ConstView<float, 3>(kp), ConstView<float, 3>(vp));
+  EXPECT_EQ(cache.blocks_in_use(), 3);
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(child), 20, 5), kc));
+  cache.free_sequence(parent);
+  EXPECT_EQ(cache.blocks_in_use(), 2);  // block 0 is still the child's
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(child), 0, 20), k));
+}
+
+TEST(PagedKVCache, ForksOfAFullBlockPromptShareEveryBlock) {
+  PagedKVCache<float> cache(80, 64, kKvHeads, kHeadDim);
+  const SeqId prompt = cache.add_sequence();
+  const Tensor<float, 3> k = rows(4096, 15), v = rows(4096, 16);
+  cache.append(prompt, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  for (int i = 0; i < 8; ++i) cache.fork(prompt);
+  EXPECT_EQ(cache.blocks_in_use(), 64);  // 8 forks hold the blocks of one
+  EXPECT_EQ(cache.blocks_without_sharing(), 9 * 64);
+}
+
+TEST(PagedKVCache, TruncateFreesTheBlocksPastTheNewLength) {
+  PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(40, 17), v = rows(40, 18);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  cache.truncate(a, 17);
+  EXPECT_EQ(cache.seq_len(a), 17);
+  EXPECT_EQ(cache.blocks_in_use(), 2);
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(a), slice(k, 0, 17)));
+  const Tensor<float, 3> k2 = rows(4, 19), v2 = rows(4, 20);
+  cache.append(a, ConstView<float, 3>(k2), ConstView<float, 3>(v2));
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(a), 17, 4), k2));
+  cache.truncate(a, 0);
+  EXPECT_EQ(cache.blocks_in_use(), 0);
+  test::expect_invalid([&] { cache.truncate(a, 1); }, {"PagedKVCache::truncate", "new_len 1"});
+}
+
+TEST(PagedKVCache, TruncatingAForkNeverChangesItsParent) {
+  PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
+  const SeqId parent = cache.add_sequence();
+  const Tensor<float, 3> k = rows(30, 21), v = rows(30, 22);
+  cache.append(parent, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  const SeqId child = cache.fork(parent);
+  cache.truncate(child, 10);  // the child now ends inside the shared block 0
+  const Tensor<float, 3> kc = rows(12, 23), vc = rows(12, 24);
+  cache.append(child, ConstView<float, 3>(kc), ConstView<float, 3>(vc));
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(parent), k));
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_values(parent), v));
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(child), 10, 12), kc));
+}
+
+TEST(PagedKVCache, OutOfBlocksThrowsLengthErrorAndChangesNothing) {
+  PagedKVCache<float> cache(3, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  const Tensor<float, 3> k = rows(20, 25), v = rows(20, 26);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  const SeqId c = cache.fork(a);
+  const PoolSnapshot before(cache);
+  // b needs 2 blocks, c's copy-on-write 1 more: 3 > 1 free.
+  const Tensor<float, 3> k2 = rows(21, 27), v2 = rows(21, 28);
+  test::expect_throws<std::length_error>(
+      [&] {
+        cache.append(RaggedBatch{{c, b}, {0, 1, 21}}, ConstView<float, 3>(k2),
+                     ConstView<float, 3>(v2));
+      },
+      {"PagedKVCache::append", "out of blocks", "needs 3 blocks", "1 of 3 are free"});
+  before.expect_equal(PoolSnapshot(cache));
+  EXPECT_EQ(cache.seq_len(c), 20);
+  EXPECT_EQ(cache.seq_len(b), 0);
+}
+
+TEST(PagedKVCache, BadArgumentsThrowNamingThemAndChangeNothing) {
+  EXPECT_THROW(PagedKVCache<float>(4, 24, kKvHeads, kHeadDim), std::invalid_argument);
+  PagedKVCache<float> cache(4, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(5, 29), v = rows(5, 30);
+  const Tensor<float, 3> wrong = rows(5, 31, kHeadDim + 1);
+  const PoolSnapshot before(cache);
+  test::expect_invalid([&] { cache.append(a, ConstView<float, 3>(wrong), ConstView<float, 3>(v)); },
+                       {"PagedKVCache::append", "k_new", "(n_kv_heads, total_tokens, head_dim)"});
+  test::expect_invalid(
+      [&] {
+        cache.append(RaggedBatch{{a, a}, {0, 2, 5}}, ConstView<float, 3>(k),
+                     ConstView<float, 3>(v));
+      },
+      {"sequence 0 appears twice"});
+  test::expect_invalid(
+      [&] {
+        cache.append(RaggedBatch{{a}, {0, 4}}, ConstView<float, 3>(k), ConstView<float, 3>(v));
+      },
+      {"k_new", "(2, 5, 24)"});
+  test::expect_invalid(
+      [&] {
+        cache.append(RaggedBatch{{a}, {1, 5}}, ConstView<float, 3>(k), ConstView<float, 3>(v));
+      },
+      {"cu_seqlens"});
+  test::expect_invalid(
+      [&] { cache.append(SeqId{42}, ConstView<float, 3>(k), ConstView<float, 3>(v)); },
+      {"no sequence 42"});
+  const Tensor<DocId, 2> ids(1, 5);
+  test::expect_invalid(
+      [&] { cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v), ids); },
+      {"does not record document ids"});
+  test::expect_invalid([&] { cache.fork(SeqId{7}); }, {"PagedKVCache::fork", "no sequence 7"});
+  test::expect_invalid([&] { cache.free_sequence(SeqId{7}); }, {"PagedKVCache::free_sequence"});
+  before.expect_equal(PoolSnapshot(cache));
+}
+
+TEST(PagedKVCache, RecordsDocumentIdsAndCopiesThemOnWrite) {
+  PagedKVCache<float> cache(4, 16, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(18, 32), v = rows(18, 33);
+  Tensor<DocId, 2> ids(1, 18);
+  for (Index p = 0; p < 18; ++p) ids(0, p) = p < 10 ? 3 : 4;
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v), ids);
+  const SeqId b = cache.fork(a);
+  const Tensor<float, 3> k1 = rows(1, 34), v1 = rows(1, 35);
+  Tensor<std::int32_t, 2> id1(1, 1);
+  id1(0, 0) = 9;
+  cache.append(b, ConstView<float, 3>(k1), ConstView<float, 3>(v1), id1);
+  const Tensor<DocId, 1> got_a = cache.gather_doc_ids(a), got_b = cache.gather_doc_ids(b);
+  ASSERT_EQ(got_a.size(), 18);
+  ASSERT_EQ(got_b.size(), 19);
+  for (Index p = 0; p < 18; ++p) {
+    EXPECT_EQ(got_a(p), ids(0, p));
+    EXPECT_EQ(got_b(p), ids(0, p));
+  }
+  EXPECT_EQ(got_b(18), 9);
+}
+
+TEST(PagedKVCache, Bf16StorageRoundsFloatActivations) {
+  PagedKVCache<Eigen::bfloat16> cache(4, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(5, 36), v = rows(5, 37);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  const Tensor<Eigen::bfloat16, 3> got = cache.gather_keys(a);
+  for (Index i = 0; i < k.size(); ++i)
+    EXPECT_EQ(static_cast<float>(got.data()[i]), static_cast<float>(Eigen::bfloat16(k.data()[i])));
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention over ragged batches.
+
+enum class Kind {
+  kCausal,
+  kWindow,
+  kDocs,
+  kPadding,
+  kSoftcap,
+  kAlibi,
+  kSinks,
+  kAttnMask,
+  kBias,
+  kEmptyAttendAll
+};
+
+const char* kind_name(Kind k) {
+  switch (k) {
+    case Kind::kCausal:
+      return "Causal";
+    case Kind::kWindow:
+      return "CausalWindow";
+    case Kind::kDocs:
+      return "CausalDocs";
+    case Kind::kPadding:
+      return "Padding";
+    case Kind::kSoftcap:
+      return "CausalSoftcap";
+    case Kind::kAlibi:
+      return "CausalAlibi";
+    case Kind::kSinks:
+      return "CausalSinks";
+    case Kind::kAttnMask:
+      return "AttnMask";
+    case Kind::kBias:
+      return "CausalBias";
+    default:
+      return "EmptyRowsAttendAll";
+  }
+}
+
+// (cached length after the append, new tokens): a whole prompt, a prefill chunk on top of
+// a cache, decode steps, and a short multi-token step.
+struct SeqShape {
+  Index len, n;
+};
+const std::vector<SeqShape> kShapes = {{150, 150}, {300, 70}, {777, 1}, {45, 1}, {129, 3}};
+
+struct RaggedCase {
+  Index block;
+  Index n_rep;
+  Kind kind;
+};
+
+// One sequence of a ragged case: its inputs and the dense masks/options of its problem.
+struct SeqData {
+  Tensor<float, 4> q, k, v;  // (1, H, n, D), (1, Hkv, len, D)
+  test::DenseMasks masks;
+  Tensor<DocId, 2> kv_ids;  // (1, len), when the kind has documents
+};
+
+SeqData make_sequence(const RaggedCase& c, const SeqShape& shape, Index n_heads, std::uint32_t seed,
+                      const test::DenseOptions& options) {
+  SeqData s;
+  s.q = test::random_normal<float, 4>({1, n_heads, shape.n, kHeadDim}, seed);
+  s.k = test::random_normal<float, 4>({1, kKvHeads, shape.len, kHeadDim}, seed + 1);
+  s.v = test::random_normal<float, 4>({1, kKvHeads, shape.len, kHeadDim}, seed + 2);
+  s.masks.causal = c.kind != Kind::kPadding && c.kind != Kind::kAttnMask;
+  if (c.kind == Kind::kWindow) s.masks.window = 40;
+  std::mt19937 gen(seed);
+  if (c.kind == Kind::kDocs) {
+    s.kv_ids = Tensor<DocId, 2>(1, shape.len);
+    DocId doc = 0;
+    for (Index p = 0; p < shape.len; ++p) {
+      if (test::uniform01(gen) < 0.02) ++doc;
+      s.kv_ids(0, p) = doc;
+    }
+    Tensor<DocId, 2> q_ids(1, shape.n);
+    for (Index i = 0; i < shape.n; ++i) q_ids(0, i) = s.kv_ids(0, shape.len - shape.n + i);
+    s.masks.q_docs = q_ids;
+    s.masks.kv_docs = s.kv_ids;
+  }
+  if (c.kind == Kind::kPadding || c.kind == Kind::kEmptyAttendAll) {
+    Tensor<bool, 2> pad(1, shape.len);
+    for (Index p = 0; p < shape.len; ++p)
+      pad(0, p) = c.kind == Kind::kPadding ? test::uniform01(gen) > 0.15 : false;
+    s.masks.key_padding = pad;
+  }
+  if (c.kind == Kind::kAttnMask) {
+    Tensor<bool, 4> m(1, 1, shape.n, shape.len);
+    for (Index i = 0; i < m.size(); ++i) m.data()[i] = test::uniform01(gen) > 0.3;
+    s.masks.attn_mask = m;
+  }
+  if (c.kind == Kind::kBias) {
+    Tensor<float, 4> b(1, n_heads, shape.n, shape.len);
+    for (Index i = 0; i < b.size(); ++i) {
+      const double u = test::uniform01(gen);
+      b.data()[i] =
+          u < 0.05 ? -std::numeric_limits<float>::infinity() : static_cast<float>(u - 0.5);
+    }
+    s.masks.attn_bias = b;
+  }
+  (void)options;
+  return s;
+}
+
+test::DenseOptions dense_options(Kind kind, Index n_heads) {
+  test::DenseOptions o;
+  if (kind == Kind::kSoftcap) o.softcap = 5.0;
+  if (kind == Kind::kEmptyAttendAll) o.attend_all_when_empty = true;
+  for (Index h = 0; h < n_heads; ++h) {
+    if (kind == Kind::kAlibi)
+      o.alibi_slopes.push_back(std::exp2(-0.5 * static_cast<double>(h + 1)));
+    if (kind == Kind::kSinks) o.sinks.push_back(0.3 * static_cast<double>(h) - 1.0);
+  }
+  return o;
+}
+
+class PagedAttentionRagged : public ::testing::TestWithParam<RaggedCase> {};
+
+TEST_P(PagedAttentionRagged, EverySequenceMatchesTheBruteForceAndTheContiguousPath) {
+  const RaggedCase c = GetParam();
+  const Index n_heads = kKvHeads * c.n_rep;
+  const test::DenseOptions options = dense_options(c.kind, n_heads);
+  const bool docs = c.kind == Kind::kDocs;
+  PagedKVCache<float> cache(200, c.block, kKvHeads, kHeadDim, docs);
+  std::vector<SeqData> seqs;
+  RaggedBatch batch{{}, {0}};
+  for (std::size_t s = 0; s < kShapes.size(); ++s) {
+    seqs.push_back(
+        make_sequence(c, kShapes[s], n_heads, 100 + 10 * static_cast<std::uint32_t>(s), options));
+    // Filler sequences interleave with this one, so its blocks are scattered in the pool.
+    const SeqId filler = cache.add_sequence();
+    const Tensor<float, 3> fk = rows(17, 7), fv = rows(17, 8);
+    Tensor<DocId, 2> fids(1, 17);
+    fids.setZero();
+    if (docs)
+      cache.append(filler, ConstView<float, 3>(fk), ConstView<float, 3>(fv), fids);
+    else
+      cache.append(filler, ConstView<float, 3>(fk), ConstView<float, 3>(fv));
+    const SeqId id = cache.add_sequence();
+    const Tensor<float, 3> k = seqs.back().k.chip(0, 0), v = seqs.back().v.chip(0, 0);
+    if (docs)
+      cache.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v), seqs.back().kv_ids);
+    else
+      cache.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v));
+    batch.seqs.push_back(id);
+    batch.cu_seqlens.push_back(batch.cu_seqlens.back() + kShapes[s].n);
+  }
+  // The packed queries (total, H, D) and the per-sequence masks (the documents' key ids
+  // come from the cache's records).
+  Tensor<float, 3> q(batch.total_tokens(), n_heads, kHeadDim);
+  std::vector<Masks> masks;
+  for (std::size_t s = 0; s < seqs.size(); ++s) {
+    for (Index h = 0; h < n_heads; ++h)
+      for (Index i = 0; i < kShapes[s].n; ++i)
+        for (Index d = 0; d < kHeadDim; ++d)
+          q(batch.first_token(static_cast<Index>(s)) + i, h, d) = seqs[s].q(0, h, i, d);
+    Masks m = test::library_masks(seqs[s].masks);
+    m.kv_doc_ids = {};
+    masks.push_back(m);
+  }
+  const SdpaOptions library = test::library_options(seqs[0].masks, options);
+  Tensor<float, 2> lse(n_heads, batch.total_tokens());
+  Tensor<float, 3> out(q.dimensions()), out2(q.dimensions());
+  PagedAttention<float> one_thread(library), two_threads(library, &test::pool_device(2));
+  one_thread(q, cache, batch, out, masks, lse);
+  two_threads(q, cache, batch, out2, masks);
+  EXPECT_TRUE(test::bitwise_equal(out, out2)) << "the thread count changed the result";
+
+  for (std::size_t s = 0; s < seqs.size(); ++s) {
+    SCOPED_TRACE(::testing::Message() << "sequence " << s);
+    const SeqData& sd = seqs[s];
+    const Index n = kShapes[s].n, first = batch.first_token(static_cast<Index>(s));
+    const test::DenseResult exact = test::dense_sdpa(test::to_double(sd.q), test::to_double(sd.k),
+                                                     test::to_double(sd.v), sd.masks, options);
+    const test::AccuracyBudget budget = test::sdpa_budget<float>(
+        SdpaPath::kAuto, test::budget_inputs(sd.q, sd.k, sd.masks, options, exact));
+    const Masks contiguous_masks = test::library_masks(sd.masks);
+    const auto contiguous =
+        scaled_dot_product_attention_with_lse(sd.q, sd.k, sd.v, library, contiguous_masks);
+    const double v_scale = test::max_abs(sd.v);
+    double err = 0, err_contiguous = 0, err_lse = 0;
+    for (Index h = 0; h < n_heads; ++h) {
+      for (Index i = 0; i < n; ++i) {
+        for (Index d = 0; d < kHeadDim; ++d) {
+          err = std::max(err, std::abs(out(first + i, h, d) - exact.out(0, h, i, d)));
+          err_contiguous = std::max(
+              err_contiguous,
+              std::abs(static_cast<double>(out(first + i, h, d)) - contiguous.out(0, h, i, d)));
+        }
+        const double e = exact.lse(0, h, i), got = lse(h, first + i);
+        if (std::isinf(e)) {
+          EXPECT_EQ(got, e);
+        } else {
+          err_lse = std::max(err_lse, std::abs(got - e));
+        }
+      }
+    }
+    EXPECT_LE(err / v_scale, budget.out);
+    EXPECT_LE(err_contiguous / v_scale, 2.0 * budget.out);
+    EXPECT_LE(err_lse, budget.lse);
+  }
+}
+
+std::vector<RaggedCase> ragged_cases() {
+  std::vector<RaggedCase> cases;
+  for (Index block : {16, 64, 128})
+    for (Index n_rep : {1, 4}) cases.push_back({block, n_rep, Kind::kCausal});
+  cases.push_back({16, 8, Kind::kCausal});  // MQA-like: 16 query heads on 2 KV heads
+  for (Kind kind : {Kind::kWindow, Kind::kDocs, Kind::kPadding, Kind::kSoftcap, Kind::kAlibi,
+                    Kind::kSinks, Kind::kAttnMask, Kind::kBias, Kind::kEmptyAttendAll}) {
+    cases.push_back({16, 4, kind});
+    cases.push_back({64, 2, kind});
+  }
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, PagedAttentionRagged, ::testing::ValuesIn(ragged_cases()),
+                         [](const ::testing::TestParamInfo<RaggedCase>& info) {
+                           return std::string(kind_name(info.param.kind)) + "_block" +
+                                  std::to_string(info.param.block) + "_rep" +
+                                  std::to_string(info.param.n_rep);
+                         });
+
+TEST(PagedAttention, Bf16CacheUnderFloatActivationsMatchesTheContiguousBf16Cache) {
+  const Index n_heads = 8, len = 200;
+  PagedKVCache<Eigen::bfloat16> paged(32, 16, kKvHeads, kHeadDim);
+  KVCache<Eigen::bfloat16> contiguous(1, len, kKvHeads, kHeadDim);
+  const SeqId id = paged.add_sequence();
+  const Tensor<float, 3> k = rows(len, 40), v = rows(len, 41);
+  paged.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  const Tensor<float, 4> k4 = k.reshape(std::array<Index, 4>{1, kKvHeads, len, kHeadDim});
+  const Tensor<float, 4> v4 = v.reshape(std::array<Index, 4>{1, kKvHeads, len, kHeadDim});
+  const KVPrefix<Eigen::bfloat16> prefix = contiguous.update(k4, v4);
+  for (Index n : {Index{1}, Index{33}}) {
+    SCOPED_TRACE(n);
+    SdpaOptions options;
+    options.causal = true;
+    const Tensor<float, 3> q = test::random_normal<float, 3>({n, n_heads, kHeadDim}, 42);
+    Tensor<float, 4> q4(1, n_heads, n, kHeadDim);
+    for (Index h = 0; h < n_heads; ++h)
+      for (Index i = 0; i < n; ++i)
+        for (Index d = 0; d < kHeadDim; ++d) q4(0, h, i, d) = q(i, h, d);
+    const Tensor<float, 3> got =
+        PagedAttention<float, Eigen::bfloat16>(options)(q, paged, RaggedBatch{{id}, {0, n}});
+    const Tensor<float, 4> want =
+        Sdpa<float, Eigen::bfloat16>(options)(q4, prefix.keys, prefix.values);
+    double err = 0;
+    for (Index h = 0; h < n_heads; ++h)
+      for (Index i = 0; i < n; ++i)
+        for (Index d = 0; d < kHeadDim; ++d)
+          err = std::max(err, static_cast<double>(std::abs(got(i, h, d) - want(0, h, i, d))));
+    EXPECT_LE(err, 1e-5);
+  }
+}
+
+TEST(PagedAttention, BadArgumentsThrowBeforeWritingTheOutput) {
+  PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(10, 43), v = rows(10, 44);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  const Tensor<float, 3> q = test::random_normal<float, 3>({4, 4, kHeadDim}, 45);
+  Tensor<float, 3> out(4, 4, kHeadDim);
+  out.setConstant(7.0f);
+  SdpaOptions options;
+  options.causal = true;
+  PagedAttention<float> attn(options);
+  test::expect_invalid(
+      [&] {
+        attn(q, cache, RaggedBatch{{a}, {0, 3}}, out);
+      },
+      {"PagedAttention", "q has shape (4, 4, 24)", "(total_tokens, H, head_dim)"});
+  const Tensor<float, 3> q3 = test::random_normal<float, 3>({4, 3, kHeadDim}, 46);
+  Tensor<float, 3> out3(4, 3, kHeadDim);
+  test::expect_invalid(
+      [&] {
+        attn(q3, cache, RaggedBatch{{a}, {0, 4}}, out3);
+      },
+      {"q has 3 heads", "2 KV heads"});
+  Tensor<float, 3> q_long = test::random_normal<float, 3>({12, 4, kHeadDim}, 47);
+  Tensor<float, 3> out_long(12, 4, kHeadDim);
+  test::expect_invalid(
+      [&] {
+        attn(q_long, cache, RaggedBatch{{a}, {0, 12}}, out_long);
+      },
+      {"12 new tokens", "holds only 10", "append"});
+  test::expect_invalid(
+      [&] {
+        attn(q, cache, RaggedBatch{{a}, {0, 4}}, out, {Masks{}, Masks{}});
+      },
+      {"2 Masks given for 1 sequences"});
+  Masks bad;
+  const Tensor<DocId, 2> ids(1, 3);
+  bad.doc_ids = ids;
+  test::expect_invalid(
+      [&] {
+        attn(q, cache, RaggedBatch{{a}, {0, 4}}, out, {bad});
+      },
+      {"PagedAttention", "doc_ids"});
+  test::expect_invalid(
+      [&] {
+        attn(q, cache, RaggedBatch{{SeqId{9}}, {0, 4}}, out);
+      },
+      {"no sequence 9"});
+  for (Index i = 0; i < out.size(); ++i) ASSERT_EQ(out.data()[i], 7.0f);
+}
+
+}  // namespace
+}  // namespace paged_tests
+}  // namespace attnforge
