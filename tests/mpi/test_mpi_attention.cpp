@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -196,6 +197,60 @@ std::vector<Case> decode_cases() {
   };
 }
 
+struct TpCase {
+  std::string name;
+  Index dim, heads, kv_heads, head_dim;
+};
+
+// Prefill of 9 tokens through the caches, then two decode steps: the sum over ranks of
+// the per-rank modules equals the one-process module. Rank counts that do not divide
+// n_kv_heads must be refused with std::invalid_argument.
+bool run_tensor_parallel_case(const TpCase& c, int ranks, int rank) {
+  using attnforge::test::random_uniform;
+  const double w_range = 1.0 / std::sqrt(static_cast<double>(c.dim));
+  const auto wq = random_uniform<float, 2>({c.heads * c.head_dim, c.dim}, 31, -w_range, w_range);
+  const auto wk = random_uniform<float, 2>({c.kv_heads * c.head_dim, c.dim}, 32, -w_range, w_range);
+  const auto wv = random_uniform<float, 2>({c.kv_heads * c.head_dim, c.dim}, 33, -w_range, w_range);
+  const auto wo = random_uniform<float, 2>({c.dim, c.heads * c.head_dim}, 34, -w_range, w_range);
+  if (c.kv_heads % ranks != 0) {
+    try {
+      mpi::TensorParallelAttention<float> tp(c.dim, c.heads, c.kv_heads, MPI_COMM_WORLD, c.head_dim);
+    } catch (const std::invalid_argument&) {
+      return true;
+    }
+    std::printf("FAIL tp %s P=%d: no std::invalid_argument for n_kv_heads %ld\n", c.name.c_str(),
+                ranks, static_cast<long>(c.kv_heads));
+    return false;
+  }
+  attnforge::Attention<float> whole(c.dim, c.heads, c.kv_heads, c.head_dim);
+  whole.wq() = wq;
+  whole.wk() = wk;
+  whole.wv() = wv;
+  whole.wo() = wo;
+  mpi::TensorParallelAttention<float> tp(c.dim, c.heads, c.kv_heads, MPI_COMM_WORLD, c.head_dim);
+  tp.load_full_weights(wq, wk, wv, wo);
+  const attnforge::RotaryEmbedding<float> rope(c.head_dim, 16);
+  attnforge::KVCache<float> whole_cache(2, 16, c.kv_heads, c.head_dim);
+  attnforge::KVCache<float> my_cache(2, 16, c.kv_heads / ranks, c.head_dim);
+  double worst = 0.0;
+  Index pos = 0;
+  for (const Index len : {Index{9}, Index{1}, Index{1}}) {
+    const auto x = random_uniform<float, 3>({2, len, c.dim}, 40 + static_cast<std::uint32_t>(pos));
+    const Tensor<float, 3> want = whole.forward(x, rope, pos, &whole_cache, Masks{});
+    const Tensor<float, 3> got = tp.forward(x, rope, pos, &my_cache);
+    worst = std::max(worst, max_abs_diff(got, want));
+    pos += len;
+  }
+  // Sums of dim products of O(1 / sqrt(dim)) terms, reassociated across the ranks.
+  const bool ok = worst <= 1e-5;
+  if (!ok) std::printf("FAIL tp %s P=%d rank %d: err %g\n", c.name.c_str(), ranks, rank, worst);
+  return ok;
+}
+
+std::vector<TpCase> tensor_parallel_cases() {
+  return {{"mha", 48, 12, 12, 4}, {"gqa", 48, 24, 12, 4}, {"mqa", 32, 4, 1, 8}};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -214,10 +269,14 @@ int main(int argc, char** argv) {
     failures += run_decode_case(c, ranks, rank) ? 0 : 1;
     ++checks;
   }
+  for (const TpCase& c : tensor_parallel_cases()) {
+    failures += run_tensor_parallel_case(c, ranks, rank) ? 0 : 1;
+    ++checks;
+  }
   int total_failures = 0;
   MPI_Allreduce(&failures, &total_failures, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   if (rank == 0) {
-    std::printf("P=%d: %d ring + decode cases per rank, %d failures over all ranks\n", ranks,
+    std::printf("P=%d: %d ring, decode and tensor-parallel cases per rank, %d failures over all ranks\n", ranks,
                 checks, total_failures);
   }
   MPI_Finalize();
