@@ -17,6 +17,9 @@ packages=(
   # recommendation of it, which --no-install-recommends skips).
   clang
   libclang-rt-14-dev
+  # The optional attnforge::mpi component (include/attnforge/mpi/) and its tests.
+  libopenmpi-dev
+  openmpi-bin
   # The eigen5 step unpacks the Eigen 5.0.1 tarball (.tar.xz); xz-utils is not in a
   # minimal Debian image.
   xz-utils

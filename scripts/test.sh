@@ -8,9 +8,10 @@
 #   ctest         the kernel variants the release tests run, then ctest --preset release:
 #                 unit tests, the installed-package consumer test, and the consumer
 #                 warnings tests (tests/warnings: every public entry point compiled by g++
-#                 and by clang++ at -Wall -Wextra -Wpedantic -O2 -march=native -Werror)
-#   bench         every bench/bench_*.cpp binary once, briefly
-#   examples      every examples/*.cpp binary once, with --quick
+#                 and by clang++ at -Wall -Wextra -Wpedantic -O2 -march=native -Werror),
+#                 and the MPI tests mpi.attention.P1..P4 (launched by scripts/mpirun.sh)
+#   bench         every bench/bench_*.cpp binary once, briefly (*_mpi on 2 ranks)
+#   examples      every examples/*.cpp binary once, with --quick (*_mpi on 2 ranks)
 #   isa-baseline  the unit tests built for the x86-64 baseline (-march=x86-64, SSE2 packets)
 #   isa-avx2      the unit tests built with -mavx2 -mfma
 #   clang         the unit tests built with clang++ (-march=native)
@@ -43,6 +44,7 @@ declare -A BENCH_FILTER=(
   [bench_prefill]='^(fma_peak/|(fused|eigen_naive|gemm_yardstick)/S:512/)'  # reference/S:2048 takes ~8 s a call
   [bench_decode]='^(decode|prefill_forced|stream_yardstick)/Skv:4096/B:1/'
   [bench_packed]='^(packed|separate|metadata)/'  # dense/ and mixed/ take seconds per call
+  [bench_mpi]='^(ring_prefill/S:2048/|sharded_decode/|tensor_parallel_forward/S:256/)'  # S:16384 takes minutes
 )
 BENCH_MIN_TIME=0.01
 
@@ -164,6 +166,19 @@ step_ctest() {
   ctest --preset release
 }
 
+# Runs NAME's binary: *_mpi programs (bench/bench_mpi, examples/long_context_mpi) through
+# scripts/mpirun.sh on 2 ranks, pinned to this machine; they exist only when the release
+# configure found MPI.
+launcher_for() {
+  local name="$1"
+  shift
+  if [[ "$name" == *_mpi ]]; then
+    bash scripts/mpirun.sh 2 "$@"
+  else
+    "$@"
+  fi
+}
+
 step_bench() {
   local found=0 source name exe filter
   for source in bench/bench_*.cpp; do
@@ -177,7 +192,7 @@ step_bench() {
     fi
     filter="${BENCH_FILTER[$name]:-.}"
     echo "---- ${exe} (filter '${filter}')"
-    "$exe" --benchmark_min_time="$BENCH_MIN_TIME" --benchmark_repetitions=1 \
+    launcher_for "$name" "$exe" --benchmark_min_time="$BENCH_MIN_TIME" --benchmark_repetitions=1 \
       --benchmark_filter="$filter"
   done
   [ "$found" -eq 1 ] || echo "no bench/bench_*.cpp sources; nothing to run"
@@ -195,7 +210,7 @@ step_examples() {
       return 1
     fi
     echo "---- ${exe} --quick"
-    "$exe" --quick
+    launcher_for "$name" "$exe" --quick
   done
   [ "$found" -eq 1 ] || echo "no examples/*.cpp sources; nothing to run"
 }
