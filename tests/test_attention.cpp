@@ -1,7 +1,8 @@
 // Tests of attention.hpp: construction, parameter layout, forward against an independent
 // double computation (projections, QK-norm, RoPE, causal GQA SDPA, output projection),
-// incremental decoding with a KVCache, caller-owned weights and inputs, thread-count
-// invariance, and validation that leaves the cache untouched.
+// incremental decoding with a KVCache, serving over a PagedKVCache (ragged batches, mixed
+// prefill and decode, forks), caller-owned weights and inputs, thread-count invariance,
+// and validation that leaves the cache untouched.
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include "attnforge/attention.hpp"
+#include "attnforge/paged_kv_cache.hpp"
 #include "test_expect.hpp"
 #include "test_util.hpp"
 
@@ -553,6 +555,199 @@ TEST(AttentionThreads, ForwardIsBitIdenticalForOneTwoAndThreeThreads) {
     }
   }
   attn.set_device(nullptr);
+}
+
+// ---------------------------------------------------------------------------------------
+// Serving: ragged steps over a PagedKVCache. Requests arrive and finish at different
+// steps, prefill in chunks while others decode, one is forked; every request's rows must
+// equal the double computation of that request alone and the contiguous path run alone.
+
+struct ServingCase {
+  const char* name;
+  bool qk_norm = false;
+  bool docs = false;
+  Index window = 0;
+  bool bf16 = false;
+  Index block_size = 16;
+};
+
+void PrintTo(const ServingCase& c, std::ostream* os) { *os << c.name; }
+
+class AttentionServing : public ::testing::TestWithParam<ServingCase> {};
+
+// Documents inside one request: a new document starts at position 10 and 27.
+DocId request_doc(Index request, Index pos) { return 100 * request + (pos < 10 ? 0 : pos < 27 ? 1 : 2); }
+
+template <typename CacheT>
+void run_serving_case(const ServingCase& c) {
+  constexpr Index kDim = 48, kHeads = 4, kKvHeads = 2, kMaxLen = 64;
+  Attention<float> attn(kDim, kHeads, kKvHeads, 0, c.qk_norm);
+  attn.reset_parameters(91);
+  if (c.qk_norm) randomize_norms(attn, 92);
+  SdpaOptions options;
+  options.causal = true;
+  options.window = c.window;
+  attn.set_sdpa_options(options);
+  const Index head_dim = attn.head_dim();
+  const RotaryEmbedding<float> rope(head_dim, kMaxLen);
+
+  // Requests 0..3 and 4; request 3 is a fork of request 2 after its first 20 tokens, so
+  // its tokens are request 2's 20 followed by its own 3.
+  const Index lengths[] = {40, 9, 23, 23, 30};
+  std::vector<Tensor<float, 3>> xs;
+  for (Index r = 0; r < 5; ++r)
+    xs.push_back(test::random_uniform<float, 3>({1, lengths[r], kDim}, 93 + static_cast<std::uint32_t>(r)));
+  for (Index p = 0; p < 20; ++p)
+    for (Index d = 0; d < kDim; ++d) xs[3](0, p, d) = xs[2](0, p, d);
+  const auto doc_of = [&](Index r, Index pos) { return request_doc(r == 3 ? 2 : r, pos); };
+
+  PagedKVCache<CacheT> cache(16, c.block_size, kKvHeads, head_dim, c.docs);
+  std::vector<SeqId> ids(5, -1);
+  std::vector<Index> done(5, 0);  // tokens of each request run so far
+  std::vector<Tensor<float, 3>> outs;
+  for (Index r = 0; r < 5; ++r) outs.emplace_back(1, lengths[r], kDim);
+
+  // One ragged step: (request, new tokens) pairs, packed in this order.
+  const auto step = [&](const std::vector<std::pair<Index, Index>>& work) {
+    RaggedBatch batch;
+    batch.cu_seqlens.push_back(0);
+    for (const auto& [r, n] : work) {
+      batch.seqs.push_back(ids[static_cast<std::size_t>(r)]);
+      batch.cu_seqlens.push_back(batch.cu_seqlens.back() + n);
+    }
+    const Index total = batch.total_tokens();
+    Tensor<float, 2> x(total, kDim);
+    Tensor<DocId, 2> docs(1, total);
+    Index row = 0;
+    for (const auto& [r, n] : work) {
+      const Index first = done[static_cast<std::size_t>(r)];
+      for (Index t = 0; t < n; ++t, ++row) {
+        for (Index d = 0; d < kDim; ++d) x(row, d) = xs[static_cast<std::size_t>(r)](0, first + t, d);
+        docs(0, row) = doc_of(r, first + t);
+      }
+    }
+    const Tensor<float, 2> y =
+        c.docs ? attn.forward(x, rope, cache, batch, docs) : attn.forward(x, rope, cache, batch);
+    row = 0;
+    for (const auto& [r, n] : work) {
+      Index& first = done[static_cast<std::size_t>(r)];
+      for (Index t = 0; t < n; ++t, ++row)
+        for (Index d = 0; d < kDim; ++d) outs[static_cast<std::size_t>(r)](0, first + t, d) = y(row, d);
+      first += n;
+    }
+  };
+
+  for (Index r : {0, 1, 2}) ids[static_cast<std::size_t>(r)] = cache.add_sequence();
+  step({{0, 16}, {1, 7}, {2, 20}});            // prefills (request 0 chunked)
+  ids[3] = cache.fork(ids[2]);                 // request 3 shares request 2's prompt
+  done[3] = 20;                                // and its outputs for it
+  for (Index p = 0; p < 20; ++p)
+    for (Index d = 0; d < kDim; ++d) outs[3](0, p, d) = outs[2](0, p, d);
+  step({{0, 24}, {1, 1}, {2, 1}, {3, 1}});     // a chunk next to three decodes
+  step({{1, 1}, {2, 1}, {3, 1}});              // request 0 finished
+  const Index free_before = cache.free_blocks();
+  cache.free_sequence(ids[0]);
+  EXPECT_GT(cache.free_blocks(), free_before);
+  ids[4] = cache.add_sequence();
+  step({{2, 1}, {4, 30}, {3, 1}});             // a new request reuses request 0's blocks
+  EXPECT_EQ(cache.seq_len(ids[3]), 23);
+  for (Index r = 1; r < 5; ++r) cache.free_sequence(ids[static_cast<std::size_t>(r)]);
+  EXPECT_EQ(cache.blocks_in_use(), 0);
+
+  for (Index r = 0; r < 5; ++r) {
+    SCOPED_TRACE(::testing::Message() << "request " << r);
+    const Tensor<float, 3>& x = xs[static_cast<std::size_t>(r)];
+    const Index len = lengths[r];
+    Tensor<DocId, 2> docs(1, len);
+    for (Index p = 0; p < len; ++p) docs(0, p) = doc_of(r, p);
+    // Alone, contiguous: the same chunks through a KVCache of the same storage type.
+    KVCache<CacheT> alone(1, len, kKvHeads, head_dim, c.docs);
+    Tensor<float, 3> contiguous(1, len, kDim);
+    for (Index first = 0; first < len;) {
+      const Index n = std::min<Index>(first == 0 ? 16 : 1, len - first);
+      const Tensor<float, 3> chunk = ConstView<float, 3>(x).narrow(1, first, n).to_tensor();
+      const ConstView<DocId, 2> chunk_docs = ConstView<DocId, 2>(docs).narrow(1, first, n);
+      const Tensor<float, 3> y = c.docs ? attn.forward(chunk, rope, first, &alone, chunk_docs)
+                                        : attn.forward(chunk, rope, first, &alone);
+      for (Index t = 0; t < n; ++t)
+        for (Index d = 0; d < kDim; ++d) contiguous(0, first + t, d) = y(0, t, d);
+      first += n;
+    }
+    EXPECT_LT(test::error_relative_to_scale(outs[static_cast<std::size_t>(r)], contiguous), kForwardTol);
+    if constexpr (std::is_same_v<CacheT, float>) {
+      test::DenseMasks masks;
+      masks.window = c.window;
+      if (c.docs) masks.q_docs = docs;
+      const Tensor<double, 3> expected = reference_forward(x, weights_of(attn), config_of(attn), masks);
+      EXPECT_LT(test::error_relative_to_scale(outs[static_cast<std::size_t>(r)], expected), kForwardTol);
+    }
+  }
+}
+
+TEST_P(AttentionServing, EveryRequestMatchesTheRequestAloneAndTheDoubleComputation) {
+  if (GetParam().bf16) {
+    run_serving_case<Eigen::bfloat16>(GetParam());
+  } else {
+    run_serving_case<float>(GetParam());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, AttentionServing,
+    ::testing::Values(ServingCase{"GQA"}, ServingCase{"GQA_QkNorm_Block32", true, false, 0, false, 32},
+                      ServingCase{"GQA_Docs", false, true}, ServingCase{"GQA_Window", false, false, 6},
+                      ServingCase{"GQA_Bf16Cache", false, false, 0, true}),
+    [](const ::testing::TestParamInfo<ServingCase>& info) { return info.param.name; });
+
+TEST(AttentionServing, RejectsBadArgumentsBeforeTheCacheChanges) {
+  constexpr Index kDim = 32, kHeads = 4, kKvHeads = 2;
+  Attention<float> attn(kDim, kHeads, kKvHeads);
+  const Index head_dim = attn.head_dim();
+  const RotaryEmbedding<float> rope(head_dim, 24);
+  PagedKVCache<float> cache(2, 16, kKvHeads, head_dim);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  const RaggedBatch prompt{{a, b}, {0, 10, 12}};
+  const Tensor<float, 2> x = test::random_uniform<float, 2>({12, kDim}, 5);
+  attn.forward(x, rope, cache, prompt);
+  const auto unchanged = [&] {
+    EXPECT_EQ(cache.seq_len(a), 10);
+    EXPECT_EQ(cache.seq_len(b), 2);
+    EXPECT_EQ(cache.free_blocks(), 0);
+  };
+  const RaggedBatch step{{a, b}, {0, 1, 2}};
+  const Tensor<float, 2> x2 = test::random_uniform<float, 2>({2, kDim}, 6);
+  const Tensor<float, 2> x3 = test::random_uniform<float, 2>({3, kDim}, 6);
+  expect_invalid([&] { attn.forward(x3, rope, cache, step); }, {"Attention::forward (ragged)", "x", "(3, 32)", "(total_tokens, dim)"});
+  unchanged();
+  const RaggedBatch twice{{a, a}, {0, 1, 2}};
+  expect_invalid([&] { attn.forward(x2, rope, cache, twice); }, {"Attention::forward (ragged)"});
+  unchanged();
+  const RotaryEmbedding<float> short_rope(head_dim, 10);
+  expect_invalid([&] { attn.forward(x2, short_rope, cache, step); }, {"sequence", "position 10", "max_seq_len 10"});
+  unchanged();
+  const Tensor<DocId, 2> docs(1, 2);
+  expect_invalid([&] { attn.forward(x2, rope, cache, step, docs); }, {"doc_ids need a cache that records"});
+  unchanged();
+  std::vector<Masks> masks(2);
+  masks[1].doc_ids = docs;
+  expect_invalid([&] { attn.forward(x2, rope, cache, step, {}, masks); }, {"masks[1]", "doc_ids"});
+  unchanged();
+  masks.assign(2, Masks{});
+  const Tensor<bool, 2> pad(1, 5);  // sequence b will hold 3 keys
+  masks[1].key_padding_mask = pad;
+  expect_invalid([&] { attn.forward(x2, rope, cache, step, {}, masks); }, {"key_padding_mask"});
+  unchanged();
+  PagedKVCache<float> wrong(2, 16, 1, head_dim);
+  const SeqId w = wrong.add_sequence();
+  const Tensor<float, 2> x1 = test::random_uniform<float, 2>({1, kDim}, 8);
+  expect_invalid([&] { attn.forward(x1, rope, wrong, RaggedBatch{{w}, {0, 1}}); },
+                 {"cache holds (n_kv_heads 1"});
+  // Both blocks are taken and sequence a's is full after 6 more tokens: out of blocks.
+  const Tensor<float, 2> x7 = test::random_uniform<float, 2>({7, kDim}, 7);
+  EXPECT_THROW(attn.forward(x7, rope, cache, RaggedBatch{{a}, {0, 7}}), std::length_error);
+  unchanged();
+  EXPECT_NO_THROW(attn.forward(x2, rope, cache, step));
+  EXPECT_EQ(cache.seq_len(a), 11);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // Attention: the KempnerForge module. q/k/v/o projections, optional QK-norm, RoPE,
-// an optional KV cache and causal (bottom-right) SDPA with GQA, doc_ids and padding.
+// an optional KV cache and causal (bottom-right) SDPA with GQA, doc_ids and padding;
+// for serving, the same module over a ragged batch of sequences in a PagedKVCache.
 #pragma once
 
 #include <cmath>
@@ -13,6 +14,8 @@
 #include "attnforge/kv_cache.hpp"
 #include "attnforge/mask.hpp"
 #include "attnforge/norm.hpp"
+#include "attnforge/paged_attention.hpp"
+#include "attnforge/paged_kv_cache.hpp"
 #include "attnforge/parameter.hpp"
 #include "attnforge/rope.hpp"
 #include "attnforge/sdpa.hpp"
@@ -236,6 +239,80 @@ class Attention {
     forward_impl(x, rope_cos, rope_sin, out, kv_cache, masks);
   }
 
+  // Serving: x (total, dim) holds the new tokens of several sequences of a PagedKVCache,
+  // packed by batch.cu_seqlens as flash_attn_varlen_func packs them; decode steps (one
+  // token), prefill chunks and whole prompts mix in one call. Sequence s's n tokens are
+  // rotated by `rope` at its own positions [len, len + n), len being what the cache held
+  // for it before the call (so a step can never be rotated at the wrong position),
+  // appended to it, and attend causally (bottom-right) to all of its positions.
+  // doc_ids (1, total) are the tokens' documents, needed exactly when the cache records
+  // them; a query then sees the keys of its own document. masks: none, or one Masks per
+  // sequence shaped for that sequence alone (B = 1, Sq = n, Skv = len + n), without doc
+  // ids (they come from doc_ids and the cache). Returns (total, dim). The cache holds T,
+  // or bf16/fp16 under float activations. Every check runs before the cache changes; an
+  // append the pool has no blocks for throws std::length_error, changing nothing.
+  template <typename CacheT>
+  Tensor<T, 2> forward(const ConstView<T, 2>& x, const RotaryEmbedding<T>& rope,
+                       PagedKVCache<CacheT>& cache, const RaggedBatch& batch,
+                       const DocIdView& doc_ids = {}, const std::vector<Masks>& masks = {}) {
+    Tensor<T, 2> out(x.dimension(0), dim_);
+    forward_into(x, rope, StridedView<T, 2>(out), cache, batch, doc_ids, masks);
+    return out;
+  }
+
+  // The ragged forward() writing into a caller-owned out (total, dim).
+  template <typename CacheT>
+  void forward_into(const ConstView<T, 2>& x, const RotaryEmbedding<T>& rope,
+                    const StridedView<T, 2>& out, PagedKVCache<CacheT>& cache,
+                    const RaggedBatch& batch, const DocIdView& doc_ids = {},
+                    const std::vector<Masks>& masks = {}) {
+    static_assert(
+        std::is_same_v<CacheT, T> || (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
+        "the cache holds T, or bf16/fp16 under float activations");
+    validate_ragged_forward(x, rope, out, cache, batch, doc_ids, masks);
+    const Index total = batch.total_tokens();
+    if (total == 0) return;
+    const Index kv_width = n_kv_heads_ * head_dim_;
+    const AttentionWeights<T> w = weights();
+    project_qkv(x.data(), total, x.stride(0), w);
+
+    // Each sequence's rows rotated at its own positions.
+    for (Index s = 0; s < batch.size(); ++s) {
+      const Index n = batch.new_tokens(s), first = batch.first_token(s);
+      if (n == 0) continue;
+      const Index start = cache.seq_len(batch.seqs[static_cast<std::size_t>(s)]);
+      const ConstView<T, 2> cos = rope.cos_rows(start, n), sin = rope.sin_rows(start, n);
+      apply_rope_inplace(heads_view(q_buf_.data() + first * n_heads_ * head_dim_, 1, n, n_heads_),
+                         cos, sin, rope.style());
+      apply_rope_inplace(heads_view(k_buf_.data() + first * kv_width, 1, n, n_kv_heads_), cos, sin,
+                         rope.style());
+    }
+
+    // (total, heads, D) storage seen as the cache's (Hkv, total, D) and the kernel's
+    // (total, H, D).
+    const ConstView<T, 3> k =
+        ConstView<T, 3>(k_buf_.data(), {total, n_kv_heads_, head_dim_}).transpose(0, 1);
+    const ConstView<T, 3> v =
+        ConstView<T, 3>(v_buf_.data(), {total, n_kv_heads_, head_dim_}).transpose(0, 1);
+    cache.append(batch, k, v, doc_ids);
+
+    std::vector<Masks>& seq_masks = ragged_masks_;
+    seq_masks.assign(static_cast<std::size_t>(batch.size()), Masks{});
+    for (Index s = 0; s < batch.size(); ++s) {
+      Masks& m = seq_masks[static_cast<std::size_t>(s)];
+      if (!masks.empty()) m = masks[static_cast<std::size_t>(s)];
+      if (doc_ids.has_value()) {
+        m.doc_ids = doc_ids.visit([&](const auto& ids) {
+          return DocIdView(ids.narrow(1, batch.first_token(s), batch.new_tokens(s)));
+        });
+      }
+    }
+    auto& paged = paged_attention<CacheT>();
+    paged(ConstView<T, 3>(q_buf_.data(), {total, n_heads_, head_dim_}), cache, batch,
+          StridedView<T, 3>(o_buf_.data(), {total, n_heads_, head_dim_}), seq_masks);
+    project_out(total, out.data(), out.stride(0), w);
+  }
+
  private:
   static Masks token_masks(const DocIdView& doc_ids, const KeyMaskView& key_padding_mask) {
     Masks masks;
@@ -286,35 +363,18 @@ class Attention {
     validate_forward(x, rope_cos, rope_sin, out, kv_cache, call_masks);
     const AttentionWeights<T> w = weights();
     const Index q_width = n_heads_ * head_dim_;
-    const Index kv_width = n_kv_heads_ * head_dim_;
     const Index rows = batch * seq_len;
 
-    // 1. Projections into (B, S, heads, D) buffers.
+    // 1. Projections into (B, S, heads, D) buffers, 2. QK-norm.
     const ConstView<T, 3> x_rows = contiguous_rows(x);
-    q_buf_.resize(static_cast<std::size_t>(rows * q_width));
-    k_buf_.resize(static_cast<std::size_t>(rows * kv_width));
-    v_buf_.resize(static_cast<std::size_t>(rows * kv_width));
-    o_buf_.resize(static_cast<std::size_t>(rows * q_width));
-    const Index ldx = x_rows.stride(1);
-    detail::linear(x_rows.data(), rows, dim_, ldx, w.wq.data(), q_width, w.wq.stride(0),
-                   q_buf_.data(), q_width, device_);
-    detail::linear(x_rows.data(), rows, dim_, ldx, w.wk.data(), kv_width, w.wk.stride(0),
-                   k_buf_.data(), kv_width, device_);
-    detail::linear(x_rows.data(), rows, dim_, ldx, w.wv.data(), kv_width, w.wv.stride(0),
-                   v_buf_.data(), kv_width, device_);
+    project_qkv(x_rows.data(), rows, x_rows.stride(1), w);
 
     // (B, S, heads, D) storage seen as (B, heads, S, D): transposes are free.
     const StridedView<T, 4> q = heads_view(q_buf_.data(), batch, seq_len, n_heads_);
     const StridedView<T, 4> k = heads_view(k_buf_.data(), batch, seq_len, n_kv_heads_);
     const StridedView<T, 4> v = heads_view(v_buf_.data(), batch, seq_len, n_kv_heads_);
 
-    // 2. QK-norm, 3. RoPE.
-    if (qk_norm_) {
-      detail::rms_norm_rows(StridedView<T, 2>(q_buf_.data(), {rows * n_heads_, head_dim_}),
-                            w.q_norm.data(), norm_eps_);
-      detail::rms_norm_rows(StridedView<T, 2>(k_buf_.data(), {rows * n_kv_heads_, head_dim_}),
-                            w.k_norm.data(), norm_eps_);
-    }
+    // 3. RoPE.
     apply_rope_inplace(q, rope_cos, rope_sin, rope_style_);
     apply_rope_inplace(k, rope_cos, rope_sin, rope_style_);
 
@@ -333,14 +393,43 @@ class Attention {
 
     // 6. (B, S, H * D) -> out = o wo^T.
     if (out.stride(0) == seq_len * out.stride(1)) {
-      detail::linear(o_buf_.data(), rows, q_width, q_width, w.wo.data(), dim_, w.wo.stride(0),
-                     out.data(), out.stride(1), device_);
+      project_out(rows, out.data(), out.stride(1), w);
     } else {
       for (Index b = 0; b < batch; ++b) {
         detail::linear(o_buf_.data() + b * seq_len * q_width, seq_len, q_width, q_width,
                        w.wo.data(), dim_, w.wo.stride(0), out.row(b, 0), out.stride(1), device_);
       }
     }
+  }
+
+  // x's rows (rows, dim) of row stride ldx -> q_buf_ (rows, H, D), k_buf_, v_buf_
+  // (rows, Hkv, D), QK-normed when the module has qk_norm; sizes o_buf_ (rows, H, D).
+  void project_qkv(const T* x, Index rows, Index ldx, const AttentionWeights<T>& w) {
+    const Index q_width = n_heads_ * head_dim_;
+    const Index kv_width = n_kv_heads_ * head_dim_;
+    q_buf_.resize(static_cast<std::size_t>(rows * q_width));
+    k_buf_.resize(static_cast<std::size_t>(rows * kv_width));
+    v_buf_.resize(static_cast<std::size_t>(rows * kv_width));
+    o_buf_.resize(static_cast<std::size_t>(rows * q_width));
+    detail::linear(x, rows, dim_, ldx, w.wq.data(), q_width, w.wq.stride(0), q_buf_.data(),
+                   q_width, device_);
+    detail::linear(x, rows, dim_, ldx, w.wk.data(), kv_width, w.wk.stride(0), k_buf_.data(),
+                   kv_width, device_);
+    detail::linear(x, rows, dim_, ldx, w.wv.data(), kv_width, w.wv.stride(0), v_buf_.data(),
+                   kv_width, device_);
+    if (qk_norm_) {
+      detail::rms_norm_rows(StridedView<T, 2>(q_buf_.data(), {rows * n_heads_, head_dim_}),
+                            w.q_norm.data(), norm_eps_);
+      detail::rms_norm_rows(StridedView<T, 2>(k_buf_.data(), {rows * n_kv_heads_, head_dim_}),
+                            w.k_norm.data(), norm_eps_);
+    }
+  }
+
+  // o_buf_ (rows, H * D) -> out = o wo^T, rows of stride ldo.
+  void project_out(Index rows, T* out, Index ldo, const AttentionWeights<T>& w) {
+    const Index q_width = n_heads_ * head_dim_;
+    detail::linear(o_buf_.data(), rows, q_width, q_width, w.wo.data(), dim_, w.wo.stride(0), out,
+                   ldo, device_);
   }
 
  public:
@@ -427,6 +516,69 @@ class Attention {
                            n_heads_, seq_len, kv_len);
   }
 
+  template <typename CacheT>
+  void validate_ragged_forward(const ConstView<T, 2>& x, const RotaryEmbedding<T>& rope,
+                               const StridedView<T, 2>& out, const PagedKVCache<CacheT>& cache,
+                               const RaggedBatch& batch, const DocIdView& doc_ids,
+                               const std::vector<Masks>& masks) const {
+    constexpr const char* kWhere = "Attention::forward (ragged)";
+    cache.check_batch(kWhere, batch);
+    const Index total = batch.total_tokens();
+    detail::check_shape(kWhere, "x", x, {total, dim_}, "(total_tokens, dim)");
+    if (x.stride(1) != 1) {
+      detail::throw_invalid_argument(kWhere, ": x needs a contiguous last dimension");
+    }
+    detail::check_shape(kWhere, "out", out, {total, dim_}, "(total_tokens, dim)");
+    if (out.stride(1) != 1) {
+      detail::throw_invalid_argument(kWhere, ": out needs a contiguous last dimension");
+    }
+    if (rope.head_dim() != head_dim_) {
+      detail::throw_invalid_argument(kWhere, ": rope has head_dim ", rope.head_dim(),
+                                     " but the module has head_dim ", head_dim_);
+    }
+    if (cache.n_kv_heads() != n_kv_heads_ || cache.head_dim() != head_dim_) {
+      detail::throw_invalid_argument(kWhere, ": cache holds (n_kv_heads ", cache.n_kv_heads(),
+                                     ", head_dim ", cache.head_dim(), ") but the module needs (",
+                                     n_kv_heads_, ", ", head_dim_, ")");
+    }
+    if (doc_ids.has_value() != cache.records_doc_ids()) {
+      detail::throw_invalid_argument(
+          kWhere, cache.records_doc_ids()
+                      ? ": the cache records document ids, so doc_ids (1, total_tokens) are needed"
+                      : ": doc_ids need a cache that records document ids (PagedKVCache(..., "
+                        "record_doc_ids = true)); this cache does not");
+    }
+    if (doc_ids.has_value()) {
+      detail::check_shape(kWhere, "doc_ids", doc_ids, {1, total}, "(1, total_tokens)");
+    }
+    if (!masks.empty() && masks.size() != batch.seqs.size()) {
+      detail::throw_invalid_argument(kWhere, ": ", masks.size(), " Masks given for ",
+                                     batch.seqs.size(),
+                                     " sequences; give one per sequence or none");
+    }
+    detail::resolve_options(kWhere, sdpa_options_, head_dim_);
+    detail::check_per_head_options(kWhere, sdpa_options_, n_heads_);
+    for (Index s = 0; s < batch.size(); ++s) {
+      const Index n = batch.new_tokens(s);
+      const Index len = cache.seq_len(batch.seqs[static_cast<std::size_t>(s)]);
+      if (len + n > rope.max_seq_len()) {
+        detail::throw_invalid_argument(kWhere, ": sequence ", batch.seqs[static_cast<std::size_t>(s)],
+                                       " would reach position ", len + n - 1,
+                                       ", past the rope table of max_seq_len ", rope.max_seq_len());
+      }
+      if (masks.empty()) continue;
+      const Masks& m = masks[static_cast<std::size_t>(s)];
+      if (m.doc_ids.has_value() || m.kv_doc_ids.has_value()) {
+        detail::throw_invalid_argument(
+            kWhere, ": masks[", s, "] has doc_ids or kv_doc_ids; pass the tokens' documents as "
+            "doc_ids (1, total_tokens), the keys' come from the cache");
+      }
+      // The keys this sequence will attend to: what it holds plus its new tokens.
+      detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_options_.window}, m, 1, n_heads_,
+                             n, len + n);
+    }
+  }
+
   // x with rows [b, s] addressable as one (B * S, dim) matrix of row stride stride(1).
   ConstView<T, 3> contiguous_rows(const ConstView<T, 3>& x) {
     if (x.stride(0) == x.dimension(1) * x.stride(1) || x.dimension(0) == 1) return x;
@@ -482,6 +634,21 @@ class Attention {
                  ScaledDotProductAttention<T, Eigen::half>>,
       std::tuple<ScaledDotProductAttention<T>>>
       sdpas_;
+  // The paged attention for the cache's element type, with the module's options and
+  // device (each keeps its own scratch).
+  template <typename KV>
+  PagedAttention<T, KV>& paged_attention() {
+    auto& paged = std::get<PagedAttention<T, KV>>(paged_attentions_);
+    paged.set_options(sdpa_options_);
+    paged.set_device(device_);
+    return paged;
+  }
+  std::conditional_t<std::is_same_v<T, float>,
+                     std::tuple<PagedAttention<T>, PagedAttention<T, Eigen::bfloat16>,
+                                PagedAttention<T, Eigen::half>>,
+                     std::tuple<PagedAttention<T>>>
+      paged_attentions_;
+  std::vector<Masks> ragged_masks_;
   std::vector<T> q_buf_, k_buf_, v_buf_, o_buf_;
   Tensor<T, 3> x_buf_;
 };
