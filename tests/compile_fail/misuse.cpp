@@ -16,6 +16,8 @@ int main() {
   af::RotaryEmbedding<float> rope(4, 8);
   af::Attention<float> attn(8, 2, 2);
   af::KVCache<float> cache(1, 4, 1, 4);
+  af::PagedKVCache<float> paged(2, 16, 1, 4);
+  const af::SeqId seq = paged.add_sequence();
 #if ATTNFORGE_MISUSE == 0
   af::Masks masks;
   masks.doc_ids = ids;
@@ -28,6 +30,8 @@ int main() {
   x.setZero();
   [[maybe_unused]] auto y = attn.forward(x, rope, 0);
   [[maybe_unused]] auto as_view = af::as_const_view(matrix);
+  [[maybe_unused]] const auto& table = paged.block_table(seq);
+  [[maybe_unused]] auto keys = paged.keys(seq);
 #elif ATTNFORGE_MISUSE == 1  // doc ids viewing a temporary
   af::Masks masks;
   masks.doc_ids = make_ids();
@@ -55,6 +59,11 @@ int main() {
   [[maybe_unused]] auto weights = af::Attention<float>(8, 2, 2).weights();
 #elif ATTNFORGE_MISUSE == 12  // a norm weight of a temporary module
   [[maybe_unused]] auto w = af::RMSNorm<float>(4).weight();
+#elif ATTNFORGE_MISUSE == 13  // the block table of a temporary paged cache
+  [[maybe_unused]] const auto& table = af::PagedKVCache<float>(2, 16, 1, 4).block_table(seq);
+#elif ATTNFORGE_MISUSE == 14  // the paged key rows of a temporary paged cache
+  [[maybe_unused]] auto keys = af::PagedKVCache<float>(2, 16, 1, 4).keys(seq);
 #endif
+  (void)seq;
   return 0;
 }

@@ -277,6 +277,55 @@ void attention_entry_points(const Eigen::ThreadPoolDevice* device) {
   check("Attention::forward(bound weights)", bound.forward(x, rope, 0));
 }
 
+// Serving: a PagedKVCache (add, append one and many, fork, truncate, free), PagedAttention
+// over a ragged batch (a prefill next to a decode step, with lse), and the module's ragged
+// forward; Cache is T, or bf16/fp16 under float.
+template <typename T, typename CacheT>
+void paged_entry_points(const Eigen::ThreadPoolDevice* device) {
+  af::PagedKVCache<CacheT> cache(8, 16, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
+  const af::SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  af::Tensor<T, 3> k(kKvHeads, 20, kHeadDim), v(kKvHeads, 20, kHeadDim);
+  fill(k, 12), fill(v, 13);
+  af::Tensor<af::DocId, 2> ids(1, 20);
+  ids.setZero();
+  const af::RaggedBatch prompt{{a, b}, {0, 19, 20}};
+  cache.append(prompt, af::ConstView<T, 3>(k), af::ConstView<T, 3>(v), ids);
+  const af::SeqId c = cache.fork(a);
+  cache.truncate(c, 17);
+  af::Tensor<T, 3> k1(kKvHeads, 1, kHeadDim), v1(kKvHeads, 1, kHeadDim);
+  fill(k1, 14), fill(v1, 15);
+  af::Tensor<af::DocId, 2> id1(1, 1);
+  id1.setZero();
+  cache.append(c, af::ConstView<T, 3>(k1), af::ConstView<T, 3>(v1), id1);
+
+  af::SdpaOptions options;
+  options.causal = true;
+  af::PagedAttention<T, CacheT> paged(options, device);
+  af::Tensor<T, 3> q(20, kHeads, kHeadDim), out(20, kHeads, kHeadDim);
+  fill(q, 16);
+  af::Tensor<af::acc_t<T>, 2> lse(kHeads, 20);
+  paged(q, cache, prompt, af::StridedView<T, 3>(out), {}, af::StridedView<af::acc_t<T>, 2>(lse));
+  check("PagedAttention", out);
+  cache.free_sequence(c);
+  cache.free_sequence(a);
+  cache.free_sequence(b);
+
+  af::Attention<T> attn(kDim, kHeads, kKvHeads, 0, /*qk_norm=*/true);
+  attn.set_device(device);
+  const af::RotaryEmbedding<T> rope(attn.head_dim(), kMaxSeq);
+  af::PagedKVCache<CacheT> serving(8, 16, kKvHeads, attn.head_dim());
+  const af::SeqId s0 = serving.add_sequence(), s1 = serving.add_sequence();
+  af::Tensor<T, 2> x(kSeq, kDim);
+  fill(x, 17);
+  check("Attention::forward(ragged prefill)",
+        attn.forward(x, rope, serving, af::RaggedBatch{{s0, s1}, {0, kSeq - 4, kSeq}}));
+  af::Tensor<T, 2> step(2, kDim), step_out(2, kDim);
+  fill(step, 18);
+  attn.forward_into(step, rope, af::StridedView<T, 2>(step_out), serving,
+                    af::RaggedBatch{{s0, s1}, {0, 1, 2}});
+  check("Attention::forward_into(ragged step)", step_out);
+}
+
 }  // namespace
 
 int main() {
@@ -291,6 +340,9 @@ int main() {
       attention_entry_points<float, float>(dev);
       attention_entry_points<Eigen::bfloat16, Eigen::bfloat16>(dev);
       attention_entry_points<float, Eigen::bfloat16>(dev);
+      paged_entry_points<float, float>(dev);
+      paged_entry_points<Eigen::bfloat16, Eigen::bfloat16>(dev);
+      paged_entry_points<float, Eigen::bfloat16>(dev);
     }
     rope_entry_points<float>();
     rope_entry_points<Eigen::bfloat16>();
