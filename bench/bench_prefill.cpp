@@ -238,10 +238,12 @@ void register_all() {
               ->Unit(benchmark::kMillisecond);
         }
       }
-      // bf16 rows beside the fp32 kernel. There is no AMX row: AMX-BF16 tiles are not
-      // implemented (no CPU here has them to test on); AVX512-BF16 is the fast path.
+      // bf16 rows beside the fp32 kernel, and what kAuto picks on this CPU. There is no AMX
+      // row: AMX-BF16 tiles are not implemented (no CPU here has them to test on).
       const std::pair<const char*, af::Bf16Kernel> kernels[] = {
-          {"bf16_dot", af::Bf16Kernel::kDotProduct}, {"bf16_fallback", af::Bf16Kernel::kConvert}};
+          {"bf16_dot", af::Bf16Kernel::kDotProduct},
+          {"bf16_fallback", af::Bf16Kernel::kConvert},
+          {"bf16_auto", af::Bf16Kernel::kAuto}};
       for (const auto& [name, kernel] : kernels) {
         benchmark::RegisterBenchmark(
             (name + shape(seq_len, head_dim) + "/threads:1").c_str(),

@@ -129,10 +129,11 @@ TEST(KernelVariants, PrintsTheVariantsThisBinaryRuns) {
               Eigen::internal::packet_traits<double>::size);
   std::printf(
       "[kernel variants] AVX512-BF16 dot-product kernel: %s (compiled in: %s, CPU has "
-      "avx512_bf16: %s)\n",
+      "avx512_bf16: %s, Bf16Kernel::kAuto takes it: %s)\n",
       bf16_dot_kernel_runs() ? "USED for bf16 prefill"
                              : "not used (bf16 tiles are converted to float)",
-      detail::kHasBf16DotKernel ? "yes" : "no", detail::cpu_has_avx512_bf16() ? "yes" : "no");
+      detail::kHasBf16DotKernel ? "yes" : "no", detail::cpu_has_avx512_bf16() ? "yes" : "no",
+      detail::cpu_prefers_bf16_dot() ? "yes" : "no (converting is faster on this CPU)");
   std::fflush(stdout);
   SUCCEED();
 }

@@ -134,6 +134,29 @@ TEST(LowPrecisionKernels, Bfloat16DotProductsRejectAnOddHeadDim) {
   EXPECT_NO_THROW(scaled_dot_product_attention(q, q, q, options));
 }
 
+// kAuto is one of the two kernels, bit for bit: the dot products where this CPU runs them
+// faster than the conversion (detail::cpu_prefers_bf16_dot), the conversion elsewhere.
+TEST(LowPrecisionKernels, AutoTakesTheDotProductsOnlyWhereTheCpuPrefersThem) {
+  const auto q = rounded_normal<bfloat16, 4>({1, 2, 40, 32}, 3);
+  const auto k = rounded_normal<bfloat16, 4>({1, 2, 70, 32}, 4);
+  const auto v = rounded_normal<bfloat16, 4>({1, 2, 70, 32}, 5);
+  SdpaOptions options;
+  options.path = SdpaPath::kFused;
+  const auto run = [&](Bf16Kernel kernel) {
+    options.bf16_kernel = kernel;
+    return scaled_dot_product_attention(q, k, v, options);
+  };
+  const Tensor<bfloat16, 4> automatic = run(Bf16Kernel::kAuto);
+  const Tensor<bfloat16, 4> converted = run(Bf16Kernel::kConvert);
+  if (detail::cpu_prefers_bf16_dot()) {
+    const Tensor<bfloat16, 4> dot = run(Bf16Kernel::kDotProduct);
+    EXPECT_FALSE(test::bitwise_equal(dot, converted));  // else this test could not tell
+    EXPECT_TRUE(test::bitwise_equal(automatic, dot));
+  } else {
+    EXPECT_TRUE(test::bitwise_equal(automatic, converted));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Paths, LowPrecision, ::testing::ValuesIn(kPathCases),
                          [](const auto& info) { return std::string(info.param.name); });
 

@@ -201,10 +201,7 @@ class PagedAttention {
   }
 
   bool use_bf16_dot(Index head_dim) const {
-    constexpr bool kBf16 =
-        std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
-    return kBf16 && detail::kHasBf16DotKernel && detail::cpu_has_avx512_bf16() &&
-           head_dim % 2 == 0 && options_.bf16_kernel != Bf16Kernel::kConvert;
+    return detail::use_bf16_dot<T, KV>(kWhere, options_, head_dim);
   }
 
   SdpaOptions options_;

@@ -106,6 +106,33 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
   return params;
 }
 
+// Whether a call multiplies bf16 tiles with the AVX512-BF16 dot products (see Bf16Kernel):
+// it needs bf16 q, k and v, an even head_dim and the CPU feature; kDotProduct insists
+// (std::invalid_argument where it cannot run), kConvert declines, and kAuto takes them
+// only on a CPU where they beat converting the tiles to float (cpu_prefers_bf16_dot).
+template <typename T, typename KV>
+bool use_bf16_dot(const char* where, const SdpaOptions& options, Index head_dim) {
+  constexpr bool kBf16 = std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
+  const bool available = kBf16 && kHasBf16DotKernel &&
+                         FusedBlocking<acc_t<T>>::kLanes % 16 == 0 && cpu_has_avx512_bf16() &&
+                         head_dim % 2 == 0;
+  switch (options.bf16_kernel) {
+    case Bf16Kernel::kDotProduct:
+      if (kBf16 && !available) {
+        throw_invalid_argument(where,
+                               ": Bf16Kernel::kDotProduct needs AVX512-BF16 and an even head_dim "
+                               "(head_dim ",
+                               head_dim, ")");
+      }
+      return available;
+    case Bf16Kernel::kConvert:
+      return false;
+    case Bf16Kernel::kAuto:
+    default:
+      return available && cpu_prefers_bf16_dot();
+  }
+}
+
 }  // namespace detail
 
 // The attention operator with its options and reusable scratch. One instance per
@@ -181,21 +208,8 @@ class ScaledDotProductAttention {
   void set_key_tile(Index key_tile) { tuning_.key_tile = std::max<Index>(0, key_tile); }
 
  private:
-  // Whether this call multiplies bf16 tiles with the AVX512-BF16 dot products (see
-  // Bf16Kernel). Needs bf16 q, k and v, an even head_dim and the CPU feature.
   bool use_bf16_dot(Index head_dim) const {
-    constexpr bool kBf16 =
-        std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
-    const bool available = kBf16 && detail::kHasBf16DotKernel &&
-                           detail::FusedBlocking<Compute>::kLanes % 16 == 0 &&
-                           detail::cpu_has_avx512_bf16() && head_dim % 2 == 0;
-    if (options_.bf16_kernel == Bf16Kernel::kDotProduct && kBf16 && !available) {
-      detail::throw_invalid_argument(
-          "scaled_dot_product_attention: Bf16Kernel::kDotProduct needs AVX512-BF16 and an even "
-          "head_dim (head_dim ",
-          head_dim, ")");
-    }
-    return available && options_.bf16_kernel != Bf16Kernel::kConvert;
+    return detail::use_bf16_dot<T, KV>("scaled_dot_product_attention", options_, head_dim);
   }
 
   // KempnerForge's guard for rows whose mask allows no key: such a row attends to every

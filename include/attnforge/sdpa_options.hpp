@@ -31,9 +31,11 @@ enum class SdpaPath {
 };
 
 // How the prefill kernel multiplies bf16 tiles. kAuto takes the AVX512-BF16 dot
-// products when the CPU has them (checked once at run time), kConvert always converts
-// the tiles to float and uses the float kernel; kDotProduct insists on the dot products
-// (std::invalid_argument where the CPU lacks them). Other element types ignore it.
+// products on CPUs where they are faster than converting (AMD's, which issue them at
+// twice the fp32 FMA rate; checked once at run time) and converts elsewhere; kConvert
+// always converts the tiles to float and uses the float kernel; kDotProduct insists on
+// the dot products (std::invalid_argument where the CPU lacks them). Other element types
+// ignore it.
 enum class Bf16Kernel { kAuto, kDotProduct, kConvert };
 
 struct SdpaOptions {

@@ -38,6 +38,20 @@ inline bool cpu_has_avx512_bf16() {
 #endif
 }
 
+// Whether the dot products beat converting bf16 tiles to float on this CPU, which is
+// when vdpbf16ps issues at twice the fp32 FMA rate: AMD's AVX512-BF16 cores (Zen 4 and
+// later) issue two per cycle; Intel's (Cooper Lake, Sapphire and Emerald Rapids) issue one
+// next to two FMAs, so there the conversion path is the faster one. A fixed rule rather
+// than a timing at start-up, so a program gives the same bits on every run.
+inline bool cpu_prefers_bf16_dot() {
+#if ATTNFORGE_BF16_DOT
+  static const bool prefers = cpu_has_avx512_bf16() && __builtin_cpu_is("amd");
+  return prefers;
+#else
+  return false;
+#endif
+}
+
 #if ATTNFORGE_BF16_DOT
 
 // A pair of bf16 (or any 32 bits) read without breaking strict aliasing.
