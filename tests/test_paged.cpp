@@ -581,6 +581,26 @@ TEST(PagedAttention, Bf16CacheUnderFloatActivationsMatchesTheContiguousBf16Cache
   }
 }
 
+TEST(PagedAttention, ABatchWithoutNewTokensComputesNothing) {
+  // Found by the fuzz target: with no sequence having new tokens, the fast path read the
+  // options of the first problem of an empty list.
+  PagedKVCache<float> cache(4, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  const Tensor<float, 3> k = rows(10, 59), v = rows(10, 60);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  SdpaOptions options;
+  options.causal = true;
+  for (SdpaPath path : test::kAllPaths) {
+    SCOPED_TRACE(test::path_name(path));
+    options.path = path;
+    PagedAttention<float> attn(options);
+    const Tensor<float, 3> q(0, 4, kHeadDim);
+    Tensor<float, 3> out(0, 4, kHeadDim);
+    attn(q, cache, RaggedBatch{{a, b}, {0, 0, 0}}, out);
+    attn(q, cache, RaggedBatch{{}, {0}}, out);
+  }
+}
+
 TEST(PagedAttention, BadArgumentsThrowBeforeWritingTheOutput) {
   PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
   const SeqId a = cache.add_sequence();
