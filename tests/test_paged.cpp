@@ -202,6 +202,40 @@ TEST(PagedKVCache, OutOfBlocksThrowsLengthErrorAndChangesNothing) {
   EXPECT_EQ(cache.seq_len(b), 0);
 }
 
+TEST(PagedKVCache, RaggedAppendToEveryHolderOfASharedBlockCopiesItOnce) {
+  // Found by the fuzz target: the capacity check counted a copy for each holder of the
+  // shared partial block, but after the first copies it the last holder writes in place.
+  PagedKVCache<float> cache(3, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence();
+  const Tensor<float, 3> k = rows(20, 50), v = rows(20, 51);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  const SeqId b = cache.fork(a);
+  ASSERT_EQ(cache.free_blocks(), 1);
+  const Tensor<float, 3> k2 = rows(5, 52), v2 = rows(5, 53);
+  cache.append(RaggedBatch{{a, b}, {0, 3, 5}}, ConstView<float, 3>(k2), ConstView<float, 3>(v2));
+  EXPECT_EQ(cache.free_blocks(), 0);
+  EXPECT_NE(cache.block_table(a)[1], cache.block_table(b)[1]);
+  EXPECT_EQ(cache.block_refs(cache.block_table(a)[1]), 1);
+  EXPECT_EQ(cache.block_refs(cache.block_table(b)[1]), 1);
+  for (SeqId id : {a, b}) EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(id), 0, 20), k));
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_keys(a), 20, 3), slice(k2, 0, 3)));
+  EXPECT_TRUE(test::bitwise_equal(slice(cache.gather_values(b), 20, 2), slice(v2, 3, 2)));
+
+  // With a third holder left out of the batch, both appending holders need their copy.
+  const SeqId c = cache.fork(b), d = cache.fork(b);
+  cache.free_sequence(a);  // frees a's private block 1 and nothing shared
+  ASSERT_EQ(cache.free_blocks(), 1);
+  const PoolSnapshot before(cache);
+  const Tensor<float, 3> k3 = rows(2, 54), v3 = rows(2, 55);
+  test::expect_throws<std::length_error>(
+      [&] {
+        cache.append(RaggedBatch{{c, d}, {0, 1, 2}}, ConstView<float, 3>(k3),
+                     ConstView<float, 3>(v3));
+      },
+      {"out of blocks", "needs 2 blocks"});
+  before.expect_equal(PoolSnapshot(cache));
+}
+
 TEST(PagedKVCache, BadArgumentsThrowNamingThemAndChangeNothing) {
   EXPECT_THROW(PagedKVCache<float>(4, 24, kKvHeads, kHeadDim), std::invalid_argument);
   PagedKVCache<float> cache(4, 16, kKvHeads, kHeadDim);
@@ -259,6 +293,25 @@ TEST(PagedKVCache, RecordsDocumentIdsAndCopiesThemOnWrite) {
     EXPECT_EQ(got_b(p), ids(0, p));
   }
   EXPECT_EQ(got_b(18), 9);
+}
+
+TEST(PagedKVCache, AppendingNoTokensToACacheRecordingDocIdsNeedsNoIds) {
+  // Found by the fuzz target: the (1, 0) ids of zero new tokens have no data, read as
+  // absent, and the append was rejected for missing ids (KVCache::update accepts them).
+  PagedKVCache<float> cache(2, 16, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  const Tensor<float, 3> none = rows(0, 56);
+  const Tensor<DocId, 2> no_ids(1, 0);
+  cache.append(a, ConstView<float, 3>(none), ConstView<float, 3>(none), no_ids);
+  cache.append(a, ConstView<float, 3>(none), ConstView<float, 3>(none));
+  cache.append(RaggedBatch{{a, b}, {0, 0, 0}}, ConstView<float, 3>(none), ConstView<float, 3>(none),
+               no_ids);
+  EXPECT_EQ(cache.seq_len(a), 0);
+  EXPECT_EQ(cache.free_blocks(), 2);
+  // Tokens to record still need their ids.
+  const Tensor<float, 3> k = rows(3, 57), v = rows(3, 58);
+  test::expect_invalid([&] { cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v)); },
+                       {"records document ids; pass doc_ids_new"});
 }
 
 TEST(PagedKVCache, Bf16StorageRoundsFloatActivations) {
@@ -525,6 +578,26 @@ TEST(PagedAttention, Bf16CacheUnderFloatActivationsMatchesTheContiguousBf16Cache
         for (Index d = 0; d < kHeadDim; ++d)
           err = std::max(err, static_cast<double>(std::abs(got(i, h, d) - want(0, h, i, d))));
     EXPECT_LE(err, 1e-5);
+  }
+}
+
+TEST(PagedAttention, ABatchWithoutNewTokensComputesNothing) {
+  // Found by the fuzz target: with no sequence having new tokens, the fast path read the
+  // options of the first problem of an empty list.
+  PagedKVCache<float> cache(4, 16, kKvHeads, kHeadDim);
+  const SeqId a = cache.add_sequence(), b = cache.add_sequence();
+  const Tensor<float, 3> k = rows(10, 59), v = rows(10, 60);
+  cache.append(a, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  SdpaOptions options;
+  options.causal = true;
+  for (SdpaPath path : test::kAllPaths) {
+    SCOPED_TRACE(test::path_name(path));
+    options.path = path;
+    PagedAttention<float> attn(options);
+    const Tensor<float, 3> q(0, 4, kHeadDim);
+    Tensor<float, 3> out(0, 4, kHeadDim);
+    attn(q, cache, RaggedBatch{{a, b}, {0, 0, 0}}, out);
+    attn(q, cache, RaggedBatch{{}, {0}}, out);
   }
 }
 

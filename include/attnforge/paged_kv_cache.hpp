@@ -233,13 +233,24 @@ class PagedKVCache {
     return const_cast<Sequence&>(std::as_const(*this).sequence(where, id));
   }
 
-  // Blocks an append of n positions takes from the pool: the new blocks, plus a copy of
-  // a shared, partially filled last block.
-  Index blocks_to_append(const Sequence& seq, Index n) const {
+  // Blocks appending entry s of the batch takes from the pool: the new blocks, plus a copy
+  // of a shared, partially filled last block. Every earlier entry that copied the same
+  // block left it one holder fewer (make_room runs in batch order), so when all its
+  // holders append in one batch the last of them writes in place and copies nothing.
+  Index blocks_to_append(const RaggedBatch& batch, Index s) const {
+    const Sequence& seq = seqs_.at(batch.seqs[static_cast<std::size_t>(s)]);
+    const Index n = batch.new_tokens(s);
     if (n == 0) return 0;
-    const bool copy_last =
-        seq.len % block_size() != 0 && refs_[static_cast<std::size_t>(seq.table.back())] > 1;
-    return blocks_for(seq.len + n) - static_cast<Index>(seq.table.size()) + (copy_last ? 1 : 0);
+    const Index new_blocks = blocks_for(seq.len + n) - static_cast<Index>(seq.table.size());
+    if (seq.len % block_size() == 0) return new_blocks;
+    const Index last = seq.table.back();
+    Index holders = refs_[static_cast<std::size_t>(last)];
+    for (Index t = 0; t < s && holders > 1; ++t) {
+      const Sequence& other = seqs_.at(batch.seqs[static_cast<std::size_t>(t)]);
+      if (batch.new_tokens(t) > 0 && other.len % block_size() != 0 && other.table.back() == last)
+        --holders;
+    }
+    return new_blocks + (holders > 1 ? 1 : 0);
   }
 
   template <typename S>
@@ -253,7 +264,10 @@ class PagedKVCache {
     if (k_new.stride(2) != 1 || v_new.stride(2) != 1) {
       detail::throw_invalid_argument(kWhere, ": k_new and v_new need a contiguous last dimension");
     }
-    if (records_doc_ids() != doc_ids_new.has_value()) {
+    // Zero new tokens need no ids: their (1, 0) tensor has no data, so it reads as absent.
+    const bool ids_missing =
+        records_doc_ids() && !doc_ids_new.has_value() && batch.total_tokens() > 0;
+    if (ids_missing || (!records_doc_ids() && doc_ids_new.has_value())) {
       detail::throw_invalid_argument(kWhere,
                                      records_doc_ids()
                                          ? ": this cache records document ids; pass doc_ids_new"
@@ -266,10 +280,7 @@ class PagedKVCache {
                           "(1, total_tokens)");
     }
     Index needed = 0;
-    for (Index s = 0; s < batch.size(); ++s) {
-      needed +=
-          blocks_to_append(seqs_.at(batch.seqs[static_cast<std::size_t>(s)]), batch.new_tokens(s));
-    }
+    for (Index s = 0; s < batch.size(); ++s) needed += blocks_to_append(batch, s);
     if (needed > free_blocks()) {
       std::ostringstream os;
       os << kWhere << ": out of blocks: appending " << batch.total_tokens() << " positions to "

@@ -36,6 +36,9 @@ void run_ragged(const RaggedProblems<P>& fused, const RaggedProblems<P>& decode,
                 const Eigen::ThreadPoolDevice* device, KernelWorkspace<typename P::Compute>& kws,
                 DecodeWorkspace<typename P::Compute>& dws, const KernelTuning& tuning,
                 EmptyRows& empty_rows) {
+  // A batch whose sequences have no new tokens (decode steps of none) has no problem to
+  // take the common options from, and nothing to compute.
+  if (fused.size() == 0 && decode.size() == 0) return;
   const int workers = worker_count(device);
   FusedRun run{};
   if (fused.size() > 0) {
