@@ -2,7 +2,8 @@
 // keys and values of many sequences; each sequence owns a block table (its positions in
 // order, block_size per block) and a length. Sequences are added, appended to, truncated,
 // forked (sharing blocks, copy-on-write) and freed independently, and a freed block is
-// reused by the next sequence that needs one. See docs/design.md, "Paged KV cache".
+// reused by the next sequence that needs one. See docs/design.md, "Ragged batches over a
+// paged cache".
 #pragma once
 
 #include <algorithm>
