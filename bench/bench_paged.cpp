@@ -7,7 +7,9 @@
 //                     block_size 16, 64 or 256, through PagedAttention;
 //   ragged_decode     16 sequences of log-uniform lengths in [256, 32768] (fixed seed),
 //                     one new token each, one call;
-//   stream_yardstick  a streaming read of as many bytes as ragged_decode's K/V;
+//   stream_yardstick  a streaming read of as many bytes as the K/V of a decode shape or
+//                     of ragged_decode (the decode kernel's own ratio to it, contiguous,
+//                     tells paging's cost from the kernel's);
 //   mixed_step        one call: 4 sequences prefilling a 512-token chunk on top of 2048
 //                     cached positions, and 28 sequences decoding over 4096;
 //   mixed_parts       the same two groups as two calls, one after the other (both timed);
@@ -528,6 +530,10 @@ void register_all() {
     for (int threads : {1, 2}) {
       add("decode" + shape + "/threads:" + std::to_string(threads), benchmark::kMicrosecond,
           [=](benchmark::State& s) { run_decode(s, batch, kv_len, threads); });
+      add("stream_yardstick" + shape + "/threads:" + std::to_string(threads),
+          benchmark::kMicrosecond, [=](benchmark::State& s) {
+            run_stream(s, kTokenBytes * static_cast<double>(batch * kv_len), threads);
+          });
     }
     for (Index block : {16, 64, 256}) {
       for (int threads : {1, 2}) {
