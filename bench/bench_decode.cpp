@@ -6,7 +6,6 @@
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <memory>
-#include <numeric>
 
 #include "bench_util.hpp"
 
@@ -102,52 +101,13 @@ void run_bf16_cache(benchmark::State& state, Index batch, Index kv_len, int thre
   set_bytes_counter(state, kv_bytes(batch, kv_len) / 2);
 }
 
-// Sums `floats` floats of a buffer with independent packet accumulators, split into
-// fixed 1 MiB pieces over the pool: how fast this machine streams that many bytes.
-double stream_sum(const float* data, Index floats, const Eigen::ThreadPoolDevice* device,
-                  std::vector<double>& partial) {
-  namespace simd = af::detail::simd;
-  using Packet = simd::Packet<float>;
-  constexpr Index kPacket = simd::kWidth<float>;
-  constexpr Index kPiece = (1 << 20) / sizeof(float);
-  const Index pieces = (floats + kPiece - 1) / kPiece;
-  partial.assign(static_cast<std::size_t>(pieces), 0.0);
-  af::detail::parallel_for_items(device, pieces, [&](int, Index piece) {
-    const float* p = data + piece * kPiece;
-    const Index n = std::min(kPiece, floats - piece * kPiece);
-    Packet a0 = simd::zero<Packet>(), a1 = a0, a2 = a0, a3 = a0;
-    Index i = 0;
-    for (; i + 4 * kPacket <= n; i += 4 * kPacket) {
-      a0 = simd::add(a0, simd::load<Packet>(p + i));
-      a1 = simd::add(a1, simd::load<Packet>(p + i + kPacket));
-      a2 = simd::add(a2, simd::load<Packet>(p + i + 2 * kPacket));
-      a3 = simd::add(a3, simd::load<Packet>(p + i + 3 * kPacket));
-    }
-    float tail = 0;
-    for (; i < n; ++i) tail += p[i];
-    partial[static_cast<std::size_t>(piece)] =
-        simd::sum(simd::add(simd::add(a0, a1), simd::add(a2, a3))) + tail;
-  });
-  return std::accumulate(partial.begin(), partial.end(), 0.0);
-}
-
-// The buffer run_stream reads, kept between benchmarks of the same size (filling 1 GiB
-// with random numbers takes longer than reading it many times).
-const Tensor<float, 1>& stream_buffer(Index floats) {
-  static std::unique_ptr<Tensor<float, 1>> cached;
-  if (!cached || cached->size() != floats) {
-    cached.reset();
-    cached = std::make_unique<Tensor<float, 1>>(bench::random_tensor<float, 1>({floats}, 9));
-  }
-  return *cached;
-}
-
 void run_stream(benchmark::State& state, double bytes, int threads) {
   const Index floats = static_cast<Index>(bytes / sizeof(float));
-  const Tensor<float, 1>& buffer = stream_buffer(floats);
+  const Tensor<float, 1>& buffer = bench::stream_buffer(floats);
   std::vector<double> partial;
   for (auto _ : state) {
-    benchmark::DoNotOptimize(stream_sum(buffer.data(), floats, bench::device_for(threads), partial));
+    benchmark::DoNotOptimize(
+        bench::stream_sum(buffer.data(), floats, bench::device_for(threads), partial));
   }
   set_bytes_counter(state, bytes);
 }

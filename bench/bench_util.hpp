@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <fstream>
 #include <memory>
+#include <numeric>
 #include <random>
 #include <string>
 #include <thread>
@@ -59,6 +60,47 @@ inline double peak_memory_mib() {
     status.ignore(1 << 20, '\n');
   }
   return -1.0;
+}
+
+// Sums `floats` floats of a buffer with independent packet accumulators, split into
+// fixed 1 MiB pieces over the pool: how fast this machine streams that many bytes (the
+// yardstick of every memory-bound row).
+inline double stream_sum(const float* data, Index floats, const Eigen::ThreadPoolDevice* device,
+                         std::vector<double>& partial) {
+  namespace simd = detail::simd;
+  using Packet = simd::Packet<float>;
+  constexpr Index kPacket = simd::kWidth<float>;
+  constexpr Index kPiece = (1 << 20) / sizeof(float);
+  const Index pieces = (floats + kPiece - 1) / kPiece;
+  partial.assign(static_cast<std::size_t>(pieces), 0.0);
+  detail::parallel_for_items(device, pieces, [&](int, Index piece) {
+    const float* p = data + piece * kPiece;
+    const Index n = std::min(kPiece, floats - piece * kPiece);
+    Packet a0 = simd::zero<Packet>(), a1 = a0, a2 = a0, a3 = a0;
+    Index i = 0;
+    for (; i + 4 * kPacket <= n; i += 4 * kPacket) {
+      a0 = simd::add(a0, simd::load<Packet>(p + i));
+      a1 = simd::add(a1, simd::load<Packet>(p + i + kPacket));
+      a2 = simd::add(a2, simd::load<Packet>(p + i + 2 * kPacket));
+      a3 = simd::add(a3, simd::load<Packet>(p + i + 3 * kPacket));
+    }
+    float tail = 0;
+    for (; i < n; ++i) tail += p[i];
+    partial[static_cast<std::size_t>(piece)] =
+        simd::sum(simd::add(simd::add(a0, a1), simd::add(a2, a3))) + tail;
+  });
+  return std::accumulate(partial.begin(), partial.end(), 0.0);
+}
+
+// The buffer a streaming yardstick reads, kept between benchmarks of the same size
+// (filling 1 GiB with random numbers takes longer than reading it many times).
+inline const Tensor<float, 1>& stream_buffer(Index floats) {
+  static std::unique_ptr<Tensor<float, 1>> cached;
+  if (!cached || cached->size() != floats) {
+    cached.reset();
+    cached = std::make_unique<Tensor<float, 1>>(random_tensor<float, 1>({floats}, 9));
+  }
+  return *cached;
 }
 
 // Keeps a packet in a register and opaque to the optimiser, without the store to

@@ -47,6 +47,7 @@ declare -A BENCH_FILTER=(
   [bench_prefill]='^(fma_peak/|(fused|eigen_naive|gemm_yardstick)/S:512/)'  # reference/S:2048 takes ~8 s a call
   [bench_decode]='^(decode|prefill_forced|stream_yardstick)/Skv:4096/B:1/'
   [bench_packed]='^(packed|separate|metadata)/'  # dense/ and mixed/ take seconds per call
+  [bench_paged]='^((paged_)?decode/Skv:4096/B:8/|fork_memory/)'  # prefill and ragged rows fill GBs of cache
   [bench_mpi]='^(ring_prefill/S:2048/|sharded_decode/|tensor_parallel_forward/S:256/)'  # S:16384 takes minutes
 )
 BENCH_MIN_TIME=0.01
