@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "attnforge/detail/huge_pages.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/mask.hpp"
 #include "attnforge/tensor.hpp"
@@ -30,6 +31,9 @@ class KVCache {
           bool record_doc_ids = false)
       : keys_(checked_dims(batch_size, max_seq_len, n_kv_heads, head_dim)),
         values_(keys_.dimensions()) {
+    // Before the first touch, which decides the pages (see detail/huge_pages.hpp).
+    detail::advise_huge_pages(keys_.data(), static_cast<std::size_t>(keys_.size()) * sizeof(T));
+    detail::advise_huge_pages(values_.data(), static_cast<std::size_t>(values_.size()) * sizeof(T));
     keys_.setZero();
     values_.setZero();
     if (record_doc_ids) {

@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "attnforge/detail/huge_pages.hpp"
 #include "attnforge/detail/paged_rows.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/mask.hpp"
@@ -53,6 +54,9 @@ class PagedKVCache {
       : keys_(checked_dims(n_blocks, block_size, n_kv_heads, head_dim)),
         values_(keys_.dimensions()),
         refs_(static_cast<std::size_t>(n_blocks), 0) {
+    // Before the first touch, which decides the pages.
+    detail::advise_huge_pages(keys_.data(), static_cast<std::size_t>(keys_.size()) * sizeof(T));
+    detail::advise_huge_pages(values_.data(), static_cast<std::size_t>(values_.size()) * sizeof(T));
     keys_.setZero();
     values_.setZero();
     if (record_doc_ids) {
