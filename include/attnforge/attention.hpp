@@ -505,6 +505,7 @@ class Attention {
     }
     // The SDPA options too: nothing may fail after the cache has been appended to.
     detail::resolve_options(kWhere, sdpa_options_, head_dim_);
+    detail::use_bf16_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);  // kDotProduct's check
     Masks masks = call_masks;
     if (kv_cache != nullptr && doc_ids.has_value()) {
       masks.doc_ids = DocIdView();
@@ -556,7 +557,9 @@ class Attention {
                                      batch.seqs.size(),
                                      " sequences; give one per sequence or none");
     }
+    // Nothing may fail after the cache has been appended to.
     detail::resolve_options(kWhere, sdpa_options_, head_dim_);
+    detail::use_bf16_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);  // kDotProduct's check
     detail::check_per_head_options(kWhere, sdpa_options_, n_heads_);
     for (Index s = 0; s < batch.size(); ++s) {
       const Index n = batch.new_tokens(s);

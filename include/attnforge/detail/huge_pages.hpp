@@ -2,9 +2,10 @@
 //
 // Decode streams a whole KV cache per token; a paged cache's decode reads its pool in many
 // short runs (one per block and KV head) scattered over the pool, and on 4 KiB pages
-// nearly every run starts on a page whose translation is not cached. Linux's transparent huge pages are often enabled only for
-// memory that asks (`madvise` mode), hence the advice. It is advice: where the OS or the
-// build has no such thing, or declines, nothing changes but speed.
+// nearly every run starts on a page whose translation is not cached. Linux's transparent
+// huge pages are often enabled only for memory that asks (`madvise` mode), hence the
+// advice. It is advice: where the OS or the build has no such thing, or declines, nothing
+// changes but speed.
 #pragma once
 
 #include <cstddef>
