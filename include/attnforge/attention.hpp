@@ -38,10 +38,9 @@ template <typename T>
 class Attention {
  public:
   using Acc = acc_t<T>;
-  // A bf16/fp16 cache under float activations (the one mixed-precision combination).
+  // A bf16/fp16/QInt8 cache under float activations (the one mixed-precision combination).
   template <typename CacheT>
-  using enable_if_mixed_t =
-      std::enable_if_t<std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>>;
+  using enable_if_mixed_t = std::enable_if_t<detail::is_mixed_precision_v<T, CacheT>>;
 
   // head_dim = 0 means dim / n_heads.
   Attention(Index dim, Index n_heads, Index n_kv_heads, Index head_dim = 0, bool qk_norm = false,
@@ -266,9 +265,8 @@ class Attention {
                     const StridedView<T, 2>& out, PagedKVCache<CacheT>& cache,
                     const RaggedBatch& batch, const DocIdView& doc_ids = {},
                     const std::vector<Masks>& masks = {}) {
-    static_assert(
-        std::is_same_v<CacheT, T> || (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
-        "the cache holds T, or bf16/fp16 under float activations");
+    static_assert(std::is_same_v<CacheT, T> || detail::is_mixed_precision_v<T, CacheT>,
+                  "the cache holds T, or bf16/fp16/QInt8 under float activations");
     validate_ragged_forward(x, rope, out, cache, batch, doc_ids, masks);
     const Index total = batch.total_tokens();
     if (total == 0) return;
@@ -355,9 +353,8 @@ class Attention {
   void forward_impl(const ConstView<T, 3>& x, const ConstView<T, 2>& rope_cos,
                     const ConstView<T, 2>& rope_sin, const StridedView<T, 3>& out,
                     KVCache<CacheT>* kv_cache, const Masks& call_masks) {
-    static_assert(
-        std::is_same_v<CacheT, T> || (std::is_same_v<T, float> && detail::is_16bit_float_v<CacheT>),
-        "the cache holds T, or bf16/fp16 under float activations");
+    static_assert(std::is_same_v<CacheT, T> || detail::is_mixed_precision_v<T, CacheT>,
+                  "the cache holds T, or bf16/fp16/QInt8 under float activations");
     const Index batch = x.dimension(0);
     const Index seq_len = x.dimension(1);
     validate_forward(x, rope_cos, rope_sin, out, kv_cache, call_masks);
@@ -615,14 +612,17 @@ class Attention {
   Tensor<T, 1> q_norm_, k_norm_;
   std::optional<AttentionWeights<T>> external_;
 
-  // The inner SDPA for the cache's element type (each keeps its own scratch), with the
-  // module's options (always causal) and the module's device.
+  // An inner operator with the module's options (always causal) and device.
+  template <typename Op>
+  Op& configured(Op& op) {
+    op.set_options(sdpa_options_);
+    op.set_device(device_);
+    return op;
+  }
+  // The inner SDPA for the cache's element type (each keeps its own scratch).
   template <typename KV>
   ScaledDotProductAttention<T, KV>& causal_sdpa() {
-    auto& sdpa = std::get<ScaledDotProductAttention<T, KV>>(sdpas_);
-    sdpa.set_options(sdpa_options_);
-    sdpa.set_device(device_);
-    return sdpa;
+    return configured(std::get<ScaledDotProductAttention<T, KV>>(sdpas_));
   }
 
   SdpaOptions sdpa_options_ = causal_options();
@@ -634,21 +634,17 @@ class Attention {
   std::conditional_t<
       std::is_same_v<T, float>,
       std::tuple<ScaledDotProductAttention<T>, ScaledDotProductAttention<T, Eigen::bfloat16>,
-                 ScaledDotProductAttention<T, Eigen::half>>,
+                 ScaledDotProductAttention<T, Eigen::half>, ScaledDotProductAttention<T, QInt8>>,
       std::tuple<ScaledDotProductAttention<T>>>
       sdpas_;
-  // The paged attention for the cache's element type, with the module's options and
-  // device (each keeps its own scratch).
+  // The paged attention for the cache's element type (each keeps its own scratch).
   template <typename KV>
   PagedAttention<T, KV>& paged_attention() {
-    auto& paged = std::get<PagedAttention<T, KV>>(paged_attentions_);
-    paged.set_options(sdpa_options_);
-    paged.set_device(device_);
-    return paged;
+    return configured(std::get<PagedAttention<T, KV>>(paged_attentions_));
   }
   std::conditional_t<std::is_same_v<T, float>,
                      std::tuple<PagedAttention<T>, PagedAttention<T, Eigen::bfloat16>,
-                                PagedAttention<T, Eigen::half>>,
+                                PagedAttention<T, Eigen::half>, PagedAttention<T, QInt8>>,
                      std::tuple<PagedAttention<T>>>
       paged_attentions_;
   std::vector<Masks> ragged_masks_;

@@ -8,6 +8,7 @@
 #include "attnforge/paged_attention.hpp"
 #include "attnforge/paged_kv_cache.hpp"
 #include "attnforge/parameter.hpp"
+#include "attnforge/qint8.hpp"
 #include "attnforge/rope.hpp"
 #include "attnforge/sdpa.hpp"
 #include "attnforge/sdpa_options.hpp"

@@ -8,6 +8,7 @@
 #include "attnforge/detail/huge_pages.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/mask.hpp"
+#include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
 
 namespace attnforge {
@@ -30,7 +31,8 @@ class KVCache {
   KVCache(Index batch_size, Index max_seq_len, Index n_kv_heads, Index head_dim,
           bool record_doc_ids = false)
       : keys_(checked_dims(batch_size, max_seq_len, n_kv_heads, head_dim)),
-        values_(keys_.dimensions()) {
+        values_(keys_.dimensions()),
+        head_dim_(head_dim) {
     // Before the first touch, which decides the pages (see detail/huge_pages.hpp).
     detail::advise_huge_pages(keys_.data(), static_cast<std::size_t>(keys_.size()) * sizeof(T));
     detail::advise_huge_pages(values_.data(), static_cast<std::size_t>(values_.size()) * sizeof(T));
@@ -45,7 +47,7 @@ class KVCache {
   Index batch_size() const { return keys_.dimension(0); }
   Index n_kv_heads() const { return keys_.dimension(1); }
   Index max_seq_len() const { return keys_.dimension(2); }
-  Index head_dim() const { return keys_.dimension(3); }
+  Index head_dim() const { return head_dim_; }
   Index seq_len() const { return seq_len_; }
   bool records_doc_ids() const { return doc_ids_.size() > 0; }
 
@@ -65,12 +67,13 @@ class KVCache {
   }
 
   // Mixed precision: a bf16/fp16 cache under float activations takes float keys and
-  // values and rounds them as they are appended (half the memory and decode traffic).
-  template <typename U = T, typename = std::enable_if_t<detail::is_16bit_float_v<U>>>
+  // values and rounds them as they are appended (half the memory and decode traffic); a
+  // QInt8 cache quantizes them (see qint8.hpp: about a quarter of the memory).
+  template <typename U = T, typename = std::enable_if_t<detail::is_reduced_storage_v<U>>>
   KVPrefix<T> update(const ConstView<float, 4>& k_new, const ConstView<float, 4>& v_new) & {
     return update_from(k_new, v_new);
   }
-  template <typename U = T, typename = std::enable_if_t<detail::is_16bit_float_v<U>>>
+  template <typename U = T, typename = std::enable_if_t<detail::is_reduced_storage_v<U>>>
   KVPrefix<T> update(const ConstView<float, 4>& k_new, const ConstView<float, 4>& v_new,
                      const DocIdView& doc_ids_new) & {
     return update_from(k_new, v_new, doc_ids_new);
@@ -84,11 +87,9 @@ class KVCache {
   const Tensor<T, 4>& value_storage() const&& = delete;
   const Tensor<DocId, 2>& doc_id_storage() const&& = delete;
 
-  // The filled prefix without appending anything.
-  KVPrefix<T> prefix() const& {
-    return {ConstView<T, 4>(keys_).narrow(2, 0, seq_len_),
-            ConstView<T, 4>(values_).narrow(2, 0, seq_len_)};
-  }
+  // The filled prefix without appending anything. (For QInt8, dimension 3 is head_dim
+  // and each row's scales follow its values: stride(2) is the stored row width.)
+  KVPrefix<T> prefix() const& { return {rows(keys_), rows(values_)}; }
 
   // The document ids (B, seq_len) of the cached positions, viewing the cache's storage;
   // absent (has_value() false) when the cache does not record them.
@@ -111,7 +112,8 @@ class KVCache {
   // seq_len, document ids included, are never read).
   void reset() { seq_len_ = 0; }
 
-  // The whole pre-allocated storage (B, Hkv, max_seq_len, D).
+  // The whole pre-allocated storage (B, Hkv, max_seq_len, D); for QInt8 the last
+  // dimension is the stored row (detail::qint8_row_bytes(D): values, then scales).
   const Tensor<T, 4>& key_storage() const& { return keys_; }
   const Tensor<T, 4>& value_storage() const& { return values_; }
   // (B, max_seq_len) with record_doc_ids; an empty tensor without.
@@ -150,8 +152,8 @@ class KVCache {
     for (Index b = 0; b < batch_size(); ++b) {
       for (Index h = 0; h < n_kv_heads(); ++h) {
         for (Index s = 0; s < new_len; ++s) {
-          detail::convert(k_new.row(b, h, s), &keys_(b, h, seq_len_ + s, 0), head_dim());
-          detail::convert(v_new.row(b, h, s), &values_(b, h, seq_len_ + s, 0), head_dim());
+          detail::store_row(k_new.row(b, h, s), head_dim(), &keys_(b, h, seq_len_ + s, 0));
+          detail::store_row(v_new.row(b, h, s), head_dim(), &values_(b, h, seq_len_ + s, 0));
         }
       }
     }
@@ -161,6 +163,7 @@ class KVCache {
   // The appending half of the update overloads, whatever the input element type.
   template <typename S>
   KVPrefix<T> update_from(const ConstView<S, 4>& k_new, const ConstView<S, 4>& v_new) {
+    static_assert(!detail::is_qint8_v<S>, "a QInt8 cache takes float keys and values");
     const Index new_len = check_update(k_new, v_new);
     if (records_doc_ids()) {
       detail::throw_invalid_argument(
@@ -174,6 +177,7 @@ class KVCache {
   template <typename S>
   KVPrefix<T> update_from(const ConstView<S, 4>& k_new, const ConstView<S, 4>& v_new,
                           const DocIdView& doc_ids_new) {
+    static_assert(!detail::is_qint8_v<S>, "a QInt8 cache takes float keys and values");
     const Index new_len = check_update(k_new, v_new);
     if (!records_doc_ids()) {
       detail::throw_invalid_argument(
@@ -198,11 +202,19 @@ class KVCache {
                                      ", max_seq_len ", max_seq_len, ", n_kv_heads ", n_kv_heads,
                                      ", head_dim ", head_dim);
     }
-    return {batch_size, n_kv_heads, max_seq_len, head_dim};
+    return {batch_size, n_kv_heads, max_seq_len, detail::stored_row_width<T>(head_dim)};
+  }
+
+  // The cached prefix of one of the storage tensors as a (B, Hkv, seq_len, head_dim) view.
+  ConstView<T, 4> rows(const Tensor<T, 4>& storage) const {
+    const Index width = storage.dimension(3), max_len = max_seq_len();
+    return ConstView<T, 4>(storage.data(), {batch_size(), n_kv_heads(), seq_len_, head_dim_},
+                           {n_kv_heads() * max_len * width, max_len * width, width, 1});
   }
 
   Tensor<T, 4> keys_;
   Tensor<T, 4> values_;
+  Index head_dim_;
   Tensor<DocId, 2> doc_ids_;  // (B, max_seq_len) with record_doc_ids, else empty
   Index seq_len_ = 0;
 };

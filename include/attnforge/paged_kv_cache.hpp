@@ -18,6 +18,7 @@
 #include "attnforge/detail/paged_rows.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/mask.hpp"
+#include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
 
 namespace attnforge {
@@ -40,8 +41,8 @@ struct RaggedBatch {
   Index first_token(Index s) const { return cu_seqlens[static_cast<std::size_t>(s)]; }
 };
 
-// T is the storage type: float (or double), or bf16/fp16 under float activations (the
-// appended keys and values are then rounded, as in KVCache).
+// T is the storage type: float (or double), or bf16/fp16/QInt8 under float activations
+// (the appended keys and values are then rounded or quantized, as in KVCache).
 template <typename T>
 class PagedKVCache {
  public:
@@ -53,6 +54,7 @@ class PagedKVCache {
                bool record_doc_ids = false)
       : keys_(checked_dims(n_blocks, block_size, n_kv_heads, head_dim)),
         values_(keys_.dimensions()),
+        head_dim_(head_dim),
         refs_(static_cast<std::size_t>(n_blocks), 0) {
     // Before the first touch, which decides the pages.
     detail::advise_huge_pages(keys_.data(), static_cast<std::size_t>(keys_.size()) * sizeof(T));
@@ -70,7 +72,7 @@ class PagedKVCache {
   Index n_blocks() const { return keys_.dimension(0); }
   Index n_kv_heads() const { return keys_.dimension(1); }
   Index block_size() const { return keys_.dimension(2); }
-  Index head_dim() const { return keys_.dimension(3); }
+  Index head_dim() const { return head_dim_; }
   bool records_doc_ids() const { return doc_ids_.size() > 0; }
   Index free_blocks() const { return static_cast<Index>(free_.size()); }
   Index blocks_in_use() const { return n_blocks() - free_blocks(); }
@@ -155,9 +157,10 @@ class PagedKVCache {
   template <typename S>
   void append(const RaggedBatch& batch, const ConstView<S, 3>& k_new, const ConstView<S, 3>& v_new,
               const DocIdView& doc_ids_new = {}) {
-    static_assert(std::is_same_v<S, T> || (std::is_same_v<S, float> && detail::is_16bit_float_v<T>),
+    static_assert((std::is_same_v<S, T> && !detail::is_qint8_v<T>) ||
+                      (std::is_same_v<S, float> && detail::is_reduced_storage_v<T>),
                   "PagedKVCache::append takes keys of the storage type, or float for a "
-                  "bf16/fp16 cache");
+                  "bf16/fp16/QInt8 cache");
     check_append(batch, k_new, v_new, doc_ids_new);
     for (Index s = 0; s < batch.size(); ++s) {
       Sequence& seq = seqs_.at(batch.seqs[static_cast<std::size_t>(s)]);
@@ -200,7 +203,8 @@ class PagedKVCache {
   detail::PagedRows<const T> values(SeqId id) const&& = delete;
 
   // Copies of a sequence's keys / values (Hkv, seq_len, D) and document ids (seq_len):
-  // for tests and for the reference path.
+  // for tests and for the reference path. (For QInt8 the last dimension is the stored
+  // row, values then scales, as in the pool.)
   Tensor<T, 3> gather_keys(SeqId id) const { return gather(keys_, id); }
   Tensor<T, 3> gather_values(SeqId id) const { return gather(values_, id); }
   Tensor<DocId, 1> gather_doc_ids(SeqId id) const {
@@ -326,7 +330,7 @@ class PagedKVCache {
   }
 
   void copy_block(Index from, Index to) {
-    const auto chunk = static_cast<std::size_t>(n_kv_heads() * block_size() * head_dim());
+    const auto chunk = static_cast<std::size_t>(n_kv_heads() * block_size() * keys_.dimension(3));
     std::copy_n(&keys_(from, 0, 0, 0), chunk, &keys_(to, 0, 0, 0));
     std::copy_n(&values_(from, 0, 0, 0), chunk, &values_(to, 0, 0, 0));
     if (records_doc_ids())
@@ -339,8 +343,8 @@ class PagedKVCache {
                       const DocIdView& doc_ids_new, Index t) {
     const Index block = block_of(seq, seq.len), slot = seq.len % block_size();
     for (Index h = 0; h < n_kv_heads(); ++h) {
-      detail::convert(k_new.row(h, t), &keys_(block, h, slot, 0), head_dim());
-      detail::convert(v_new.row(h, t), &values_(block, h, slot, 0), head_dim());
+      detail::store_row(k_new.row(h, t), head_dim(), &keys_(block, h, slot, 0));
+      detail::store_row(v_new.row(h, t), head_dim(), &values_(block, h, slot, 0));
     }
     if (doc_ids_new.has_value())
       doc_ids_new.visit([&](const auto& ids) { doc_ids_(block, slot) = ids(0, t); });
@@ -354,10 +358,11 @@ class PagedKVCache {
 
   Tensor<T, 3> gather(const Tensor<T, 4>& pool, SeqId id) const {
     const detail::PagedRows<const T> src = rows(pool, id);
-    Tensor<T, 3> out(n_kv_heads(), src.dimension(2), head_dim());
+    const Index width = pool.dimension(3);
+    Tensor<T, 3> out(n_kv_heads(), src.dimension(2), width);
     for (Index h = 0; h < n_kv_heads(); ++h) {
       for (Index p = 0; p < src.dimension(2); ++p)
-        std::copy_n(src.row(0, h, p), static_cast<std::size_t>(head_dim()), &out(h, p, 0));
+        std::copy_n(src.row(0, h, p), static_cast<std::size_t>(width), &out(h, p, 0));
     }
     return out;
   }
@@ -372,11 +377,13 @@ class PagedKVCache {
           n_blocks, ", block_size ", block_size, ", n_kv_heads ", n_kv_heads, ", head_dim ",
           head_dim);
     }
-    return {n_blocks, n_kv_heads, block_size, head_dim};
+    return {n_blocks, n_kv_heads, block_size, detail::stored_row_width<T>(head_dim)};
   }
 
-  Tensor<T, 4> keys_;         // (n_blocks, Hkv, block_size, D)
-  Tensor<T, 4> values_;       // (n_blocks, Hkv, block_size, D)
+  // (n_blocks, Hkv, block_size, D), the last dimension wider for QInt8 (stored rows).
+  Tensor<T, 4> keys_;
+  Tensor<T, 4> values_;
+  Index head_dim_;
   Tensor<DocId, 2> doc_ids_;  // (n_blocks, block_size) with record_doc_ids, else empty
   std::vector<Index> refs_;   // per block: sequences holding it
   std::vector<Index> free_;   // blocks with refs 0

@@ -84,6 +84,14 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
     if (view->stride(3) != 1) {
       throw_invalid_argument(where, ": ", name, " needs a contiguous last dimension");
     }
+    // A quantized row's scales follow its values (qint8.hpp), found from stride(2): a view
+    // of other rows would read the wrong bytes as scales.
+    if (is_qint8_v<KV> && view->stride(2) != qint8_row_bytes(view->dimension(3))) {
+      throw_invalid_argument(where, ": ", name, " is a QInt8 view ", shape(*view),
+                             " with row stride ", view->stride(2), "; its rows must be stored rows",
+                             " of ", qint8_row_bytes(view->dimension(3)),
+                             " bytes (values, then scales), as KVCache<QInt8>::prefix() gives");
+    }
   }
   if (q.stride(3) != 1) throw_invalid_argument(where, ": q needs a contiguous last dimension");
   if (k.dimensions() != v.dimensions()) {
@@ -259,11 +267,9 @@ struct SdpaResult {
 namespace detail {
 template <typename X>
 using scalar_of_t = typename view_traits<X>::scalar;
-// The one mixed combination: float activations over a 16-bit (bf16/fp16) cache.
+// The one mixed combination: float activations over a bf16/fp16/QInt8 cache.
 template <typename T, typename KV>
-inline constexpr bool is_mixed_precision_v = std::is_same_v<T, float> &&
-                                             (std::is_same_v<KV, Eigen::bfloat16> ||
-                                              std::is_same_v<KV, Eigen::half>);
+inline constexpr bool is_mixed_precision_v = std::is_same_v<T, float> && is_reduced_storage_v<KV>;
 template <typename Q, typename K, typename V, typename = void>
 struct is_qkv : std::false_type {};
 template <typename Q, typename K, typename V>

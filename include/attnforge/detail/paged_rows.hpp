@@ -7,6 +7,7 @@
 
 #include <limits>
 
+#include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
 
 namespace attnforge::detail {
@@ -17,7 +18,8 @@ class PagedRows {
   using Scalar = std::remove_const_t<T>;
 
   PagedRows() = default;
-  // pool: (n_blocks, Hkv, block_size, D), row-major; table: the sequence's blocks in order.
+  // pool: (n_blocks, Hkv, block_size, stored row), row-major; table: the sequence's blocks
+  // in order.
   PagedRows(T* pool, const Index* table, Index block_size, Index n_kv_heads, Index head_dim,
             Index seq_len)
       : pool_(pool),
@@ -25,6 +27,7 @@ class PagedRows {
         block_size_(block_size),
         n_kv_heads_(n_kv_heads),
         head_dim_(head_dim),
+        row_width_(stored_row_width<Scalar>(head_dim)),
         seq_len_(seq_len) {}
 
   // As a (1, Hkv, seq_len, D) tensor.
@@ -42,13 +45,13 @@ class PagedRows {
   }
   std::array<Index, 4> dimensions() const { return {1, n_kv_heads_, seq_len_, head_dim_}; }
   // Only the row stride inside a block is uniform; the kernels use no other.
-  Index stride(int i) const { return i == 3 ? 1 : head_dim_; }
+  Index stride(int i) const { return i == 3 ? 1 : row_width_; }
   bool has_value() const { return pool_ != nullptr; }
   Index block_size() const { return block_size_; }
 
   T* row(Index /*b*/, Index head, Index pos) const {
     const Index block = table_[pos / block_size_];
-    return pool_ + ((block * n_kv_heads_ + head) * block_size_ + pos % block_size_) * head_dim_;
+    return pool_ + ((block * n_kv_heads_ + head) * block_size_ + pos % block_size_) * row_width_;
   }
 
   // Rows [pos, pos + n) lie at row(pos) + r * stride(2) for n up to this.
@@ -60,6 +63,7 @@ class PagedRows {
   Index block_size_ = 1;
   Index n_kv_heads_ = 0;
   Index head_dim_ = 0;
+  Index row_width_ = 0;  // elements per stored row: head_dim, or more for QInt8's scales
   Index seq_len_ = 0;
 };
 

@@ -26,6 +26,7 @@
 #include "attnforge/detail/parallel.hpp"
 #include "attnforge/detail/sdpa_kernel.hpp"
 #include "attnforge/detail/simd.hpp"
+#include "attnforge/qint8.hpp"
 #include "attnforge/sdpa_options.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -284,8 +285,9 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   // The whole block (K and V) is asked for at once, front to back, before any of it is
   // used: the misses then overlap instead of arriving one stall at a time. (Prefetching
   // the next block instead, bursts of blocks, or part of the lines all measured slower.)
-  prefetch_rows(pb.k.row(g.b, g.kv_head, j0), pb.k.stride(2), n_keys, g.head_dim);
-  prefetch_rows(pb.v.row(g.b, g.kv_head, j0), pb.v.stride(2), n_keys, g.head_dim);
+  const Index row_width = stored_row_width<typename P::KVScalar>(g.head_dim);
+  prefetch_rows(pb.k.row(g.b, g.kv_head, j0), pb.k.stride(2), n_keys, row_width);
+  prefetch_rows(pb.v.row(g.b, g.kv_head, j0), pb.v.stride(2), n_keys, row_width);
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
   const T* keys = tile_rows(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
   // All rows' scores first, then their softmax: the rows are independent, and keeping

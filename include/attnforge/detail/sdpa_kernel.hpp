@@ -27,6 +27,7 @@
 #include "attnforge/detail/paged_rows.hpp"
 #include "attnforge/detail/parallel.hpp"
 #include "attnforge/detail/simd.hpp"
+#include "attnforge/qint8.hpp"
 #include "attnforge/sdpa_options.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -180,7 +181,8 @@ struct KeyValueTile {
 
 // Rows [first, first + n) of one (batch row, KV head) of a (B, Hkv, Skv, D) view or a
 // paged sequence, as a tile of type T: the storage itself when it already is T and the
-// rows are contiguous, else converted (or gathered from their blocks) into `buffer`.
+// rows are contiguous, else converted or dequantized (and gathered from their blocks)
+// into `buffer`.
 template <typename T, typename Rows>
 const T* tile_rows(const Rows& view, Index b, Index head, Index first, Index n,
                    AlignedBuffer<T>& buffer, Index& stride) {
@@ -191,8 +193,7 @@ const T* tile_rows(const Rows& view, Index b, Index head, Index first, Index n,
     }
   }
   const Index width = view.dimension(3);
-  for (Index r = 0; r < n; ++r)
-    convert(view.row(b, head, first + r), buffer.data() + r * width, width);
+  for (Index r = 0; r < n; ++r) load_row(view.row(b, head, first + r), width, buffer.data() + r * width);
   stride = width;
   return buffer.data();
 }

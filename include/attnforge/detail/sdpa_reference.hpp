@@ -14,6 +14,7 @@
 #include "attnforge/detail/mask_policy.hpp"
 #include "attnforge/detail/online_softmax.hpp"
 #include "attnforge/detail/parallel.hpp"
+#include "attnforge/qint8.hpp"
 #include "attnforge/sdpa_options.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -34,7 +35,7 @@ template <typename T, typename KV, typename Acc>
 void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const ConstView<KV, 4>& v,
                    const ReferenceOutputs<T, Acc>& outputs, const SdpaParams& params,
                    const BatchMask& mask, Index b, Index h, Index i, std::vector<double>& scores,
-                   std::vector<double>& acc) {
+                   std::vector<double>& acc, std::vector<double>& kv_row) {
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   const Index kv_len = k.dimension(2), head_dim = q.dimension(3);
   const Index kv_head = h / (q.dimension(1) / k.dimension(1));  // repeat_interleave grouping
@@ -47,10 +48,10 @@ void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const Co
   for (Index j = 0; j < kv_len; ++j) {
     scores[static_cast<std::size_t>(j)] = kNegInf;
     if (!attend_all && !mask.allowed(h, i, j)) continue;
-    const KV* k_row = k.row(b, kv_head, j);
+    load_row(k.row(b, kv_head, j), head_dim, kv_row.data());
     double dot = 0.0;
     for (Index d = 0; d < head_dim; ++d)
-      dot += static_cast<double>(q_row[d]) * static_cast<double>(k_row[d]);
+      dot += static_cast<double>(q_row[d]) * kv_row[static_cast<std::size_t>(d)];
     double score = params.scale * dot;
     if (params.softcap > 0.0) score = params.softcap * std::tanh(score / params.softcap);
     if (!attend_all) score += mask.score_bias(h, i, j);
@@ -65,9 +66,9 @@ void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const Co
     weight = std::exp2(weight - row_max);
     row_sum += weight;
     if (!outputs.out.has_value()) continue;
-    const KV* v_row = v.row(b, kv_head, j);
+    load_row(v.row(b, kv_head, j), head_dim, kv_row.data());
     for (Index d = 0; d < head_dim; ++d)
-      acc[static_cast<std::size_t>(d)] += weight * static_cast<double>(v_row[d]);
+      acc[static_cast<std::size_t>(d)] += weight * kv_row[static_cast<std::size_t>(d)];
   }
   const RowEnd end = finish_row(row_max, n_allowed == 0 && !attend_all ? 0.0 : row_sum,
                                 sink_log2(params.sinks, h));
@@ -95,18 +96,20 @@ void sdpa_reference(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const C
   struct Scratch {
     std::vector<double> scores;
     std::vector<double> acc;
+    std::vector<double> kv_row;  // one K or V row, converted or dequantized
   };
   std::vector<Scratch> scratch(static_cast<std::size_t>(worker_count(device)));
   for (Scratch& s : scratch) {
     s.scores.resize(static_cast<std::size_t>(k.dimension(2)));
     s.acc.resize(static_cast<std::size_t>(q.dimension(3)));
+    s.kv_row.resize(static_cast<std::size_t>(q.dimension(3)));
   }
   parallel_for_items(device, q.dimension(0) * n_heads, [&](int worker, Index item) {
     Scratch& s = scratch[static_cast<std::size_t>(worker)];
     const Index b = item / n_heads, h = item % n_heads;
     const BatchMask mask = policy.row(b);
     for (Index i = 0; i < q.dimension(2); ++i)
-      reference_row(q, k, v, outputs, params, mask, b, h, i, s.scores, s.acc);
+      reference_row(q, k, v, outputs, params, mask, b, h, i, s.scores, s.acc, s.kv_row);
   });
 }
 
