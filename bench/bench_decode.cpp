@@ -1,8 +1,10 @@
 // Decode steps (Sq = 1) against a long KV cache, fp32, H = 32, Hkv = 8, D = 128: the
 // decode kernel against the prefill kernel forced on the same inputs, the reference
-// path, and a streaming read of as many bytes as the K/V cache holds, all in one run.
-// Then a whole Attention::forward decode step at dim = 4096 against a streaming read
-// of its bytes (weights + cache).
+// path, and a streaming read of as many bytes as the K/V cache holds, all in one run;
+// the same keys and values in a bf16 and a QInt8 cache (decode_bf16_cache,
+// decode_int8_cache: GB/s counts the bytes each cache holds, scales included). Then a
+// whole Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache,
+// against a streaming read of its bytes (weights + fp32 cache).
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <memory>
@@ -26,6 +28,7 @@ struct DecodeInputs {
   Index kv_len = 0;
   std::unique_ptr<af::KVCache<float>> cache;
   std::unique_ptr<af::KVCache<Eigen::bfloat16>> bf16_cache;  // same keys and values, rounded
+  std::unique_ptr<af::KVCache<af::QInt8>> int8_cache;         // and quantized
   Tensor<float, 4> q, out;
 };
 
@@ -45,14 +48,20 @@ DecodeInputs& decode_inputs(Index batch, Index kv_len) {
     cached->bf16_cache =
         std::make_unique<af::KVCache<Eigen::bfloat16>>(batch, kv_len + 1, kKvHeads, kHeadDim);
     cached->bf16_cache->update(k, v);
+    cached->int8_cache =
+        std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+    cached->int8_cache->update(k, v);
     cached->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
     cached->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
   }
   return *cached;
 }
 
+// Bytes of the keys and values of a KV cache of storage type KV.
+template <typename KV = float>
 double kv_bytes(Index batch, Index kv_len) {
-  return 2.0 * static_cast<double>(batch * kKvHeads * kv_len * kHeadDim) * sizeof(float);
+  return 2.0 * static_cast<double>(batch * kKvHeads * kv_len) *
+         static_cast<double>(af::detail::stored_row_width<KV>(kHeadDim)) * sizeof(KV);
 }
 
 // Bytes a decode step must move at least once: the four weight matrices and the K/V
@@ -66,6 +75,12 @@ double attention_step_bytes(Index kv_len) {
 void set_bytes_counter(benchmark::State& state, double bytes) {
   state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9 * static_cast<double>(state.iterations()),
                                               benchmark::Counter::kIsRate);
+}
+
+// Tokens decoded per second: one per batch row per step.
+void set_tokens_counter(benchmark::State& state, Index batch) {
+  state.counters["tokens/s"] = benchmark::Counter(
+      static_cast<double>(batch) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 
 // `sinks`: one attention-sink logit per head (decode_sinks), which join the chunk merge.
@@ -84,21 +99,29 @@ void run_sdpa(benchmark::State& state, Index batch, Index kv_len, int threads, a
     benchmark::ClobberMemory();
   }
   set_bytes_counter(state, kv_bytes(batch, kv_len));
+  set_tokens_counter(state, batch);
 }
 
-// Float queries over a bf16 cache (mixed precision): half the bytes of K and V.
-void run_bf16_cache(benchmark::State& state, Index batch, Index kv_len, int threads) {
+// Float queries over a bf16 or QInt8 cache of the same keys and values (mixed precision).
+template <typename KV>
+void run_reduced_cache(benchmark::State& state, Index batch, Index kv_len, int threads) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   af::SdpaOptions options;
   options.causal = true;
-  af::Sdpa<float, Eigen::bfloat16> sdpa(options, bench::device_for(threads));
-  const af::KVPrefix<Eigen::bfloat16> kv = in.bf16_cache->prefix();
+  af::Sdpa<float, KV> sdpa(options, bench::device_for(threads));
+  af::KVPrefix<KV> kv;
+  if constexpr (std::is_same_v<KV, af::QInt8>) {
+    kv = in.int8_cache->prefix();
+  } else {
+    kv = in.bf16_cache->prefix();
+  }
   sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
   for (auto _ : state) {
     sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
     benchmark::ClobberMemory();
   }
-  set_bytes_counter(state, kv_bytes(batch, kv_len) / 2);
+  set_bytes_counter(state, kv_bytes<KV>(batch, kv_len));
+  set_tokens_counter(state, batch);
 }
 
 void run_stream(benchmark::State& state, double bytes, int threads) {
@@ -112,14 +135,16 @@ void run_stream(benchmark::State& state, double bytes, int threads) {
   set_bytes_counter(state, bytes);
 }
 
-// One decode token through Attention::forward at dim 4096 with a cache of kv_len - 1
-// positions: four projections (matrix-vector products) plus attention over kv_len keys.
+// One decode token through Attention::forward at dim 4096 with a cache (of storage type
+// CacheT) of kv_len - 1 positions: four projections (matrix-vector products) plus
+// attention over kv_len keys.
+template <typename CacheT>
 void run_attention_step(benchmark::State& state, Index kv_len, int threads) {
   af::Attention<float> attention(kModelDim, kHeads, kKvHeads);
   attention.reset_parameters(7);
   attention.set_device(bench::device_for(threads));
   af::RotaryEmbedding<float> rope(kHeadDim, kv_len);
-  af::KVCache<float> cache(1, kv_len, kKvHeads, kHeadDim);
+  af::KVCache<CacheT> cache(1, kv_len, kKvHeads, kHeadDim);
   {
     const auto k = bench::random_tensor<float, 4>({1, kKvHeads, kv_len - 1, kHeadDim}, 2);
     cache.update(k, k);
@@ -155,10 +180,15 @@ void register_all() {
           run_sdpa(s, batch, kv_len, threads, path);
         })->UseRealTime()->Unit(benchmark::kMicrosecond);
       }
-      if (batch == 1 && kv_len == 32768) {
+      if ((batch == 1 && kv_len == 32768) || batch == 8) {
         benchmark::RegisterBenchmark(("decode_bf16_cache" + suffix).c_str(), [=](benchmark::State& s) {
-          run_bf16_cache(s, batch, kv_len, threads);
+          run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads);
         })->UseRealTime()->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(("decode_int8_cache" + suffix).c_str(), [=](benchmark::State& s) {
+          run_reduced_cache<af::QInt8>(s, batch, kv_len, threads);
+        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+      }
+      if (batch == 1 && kv_len == 32768) {
         benchmark::RegisterBenchmark(("decode_sinks" + suffix).c_str(), [=](benchmark::State& s) {
           run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto, /*sinks=*/true);
         })->UseRealTime()->Unit(benchmark::kMicrosecond);
@@ -174,7 +204,10 @@ void register_all() {
   for (int threads : {1, 2}) {
     const std::string suffix = "/dim:4096" + shape(1, 4096) + "/threads:" + std::to_string(threads);
     benchmark::RegisterBenchmark(("attention_step" + suffix).c_str(), [=](benchmark::State& s) {
-      run_attention_step(s, 4096, threads);
+      run_attention_step<float>(s, 4096, threads);
+    })->UseRealTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("attention_step_int8_cache" + suffix).c_str(), [=](benchmark::State& s) {
+      run_attention_step<af::QInt8>(s, 4096, threads);
     })->UseRealTime()->Unit(benchmark::kMicrosecond);
     benchmark::RegisterBenchmark(("step_bytes_yardstick" + suffix).c_str(), [=](benchmark::State& s) {
       run_stream(s, attention_step_bytes(4096), threads);
