@@ -92,14 +92,25 @@ void quantize_row(const S* src, Index head_dim, QInt8* dst) {
   for (Index d = head_dim; d < qint8_scale_offset(head_dim); ++d) dst[d] = QInt8{0};
 }
 
-// dst[d] = q[d] * scale of its group, for d < head_dim.
+// dst[d] = q[d] * scale of its group, for d < head_dim (the product is exact in double
+// and rounded once in float).
 template <typename D>
 void dequantize_row(const QInt8* row, Index head_dim, D* dst) {
+  using Packet = simd::Packet<float>;
+  constexpr int kP = simd::kWidth<float>;
+  // The bytes of QInt8 objects, read by the vector loads (which may alias anything).
+  const auto* values = reinterpret_cast<const std::int8_t*>(row);
   for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
     const Index end = std::min(head_dim, g0 + kQInt8Group);
     const float scale = qint8_scale(row, head_dim, g);
-    for (Index d = g0; d < end; ++d)
-      dst[d] = static_cast<D>(static_cast<float>(static_cast<std::int8_t>(row[d])) * scale);
+    Index d = g0;
+    if constexpr (std::is_same_v<D, float> && kP > 1) {
+      const Packet scale_p = simd::splat<Packet>(scale);
+      for (; d + kP <= end; d += kP)
+        simd::store(dst + d, simd::mul(simd::widen_int8<Packet>(values + d), scale_p));
+    }
+    for (; d < end; ++d)
+      dst[d] = static_cast<D>(static_cast<D>(static_cast<std::int8_t>(row[d])) * static_cast<D>(scale));
   }
 }
 

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -163,6 +165,35 @@ EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 #else
   (void)address;
 #endif
+}
+
+// kSize<P> int8 values at `from` as a float packet (exact). A sign-extending load and one
+// conversion where the target has them (AVX-512, AVX2, SSE4.1), lane by lane otherwise.
+template <typename P>
+EIGEN_ALWAYS_INLINE P widen_int8(const std::int8_t* from) {
+  static_assert(std::is_same_v<Scalar<P>, float>, "widen_int8 gives float packets");
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (kSize<P> == 16) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from))));
+  } else
+#endif
+#if defined(EIGEN_VECTORIZE_AVX2)
+  if constexpr (kSize<P> == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(from))));
+  } else
+#endif
+#if defined(EIGEN_VECTORIZE_SSE4_1)
+  if constexpr (kSize<P> == 4) {
+    std::int32_t bytes;
+    std::memcpy(&bytes, from, sizeof(bytes));
+    return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(bytes)));
+  } else
+#endif
+  {
+    alignas(64) float lanes[kSize<P>];
+    for (int i = 0; i < kSize<P>; ++i) lanes[i] = static_cast<float>(from[i]);
+    return ei::ploadu<P>(lanes);
+  }
 }
 
 // Degree of the Taylor polynomial of 2^f = e^(f ln 2) on f in [-1/2, 1/2]. The
