@@ -34,6 +34,33 @@
 //
 // These are worst-case bounds (errors adding up in one direction); random inputs land
 // 100-1000x below them (README.md lists both). They are what a caller can rely on.
+//
+// 4. Caches of reduced precision: float activations over a bf16/fp16 cache (rounded) or a
+//    QInt8 cache (quantized, qint8.hpp). The cache holds k~ = k + dk and v~ = v + dv and
+//    the kernels compute on those within E_out and E_lse of the problem on k~ and v~
+//    (budget_inputs of the stored values; E_out in units of max|v~|). Against the exact
+//    result on the ORIGINAL k and v:
+//    - each score moves by at most delta_K = scale * max_ij sum_d |q[i,d]| |dk[j,d]| (a
+//      softcap c tanh(s / c) is 1-Lipschitz, so it moves no more; biases, ALiBi slopes and
+//      sinks are the same on both sides);
+//    - by 2., the weights then move the output by at most (e^(2 delta_K) - 1) max|v~|;
+//    - the values move it by at most max|dv| (the weights sum to at most 1);
+//    - lse, a log-sum-exp of the scores, moves by at most delta_K.
+//    With E_V = max|dv| / max|v| (so max|v~| <= (1 + E_V) max|v|), in units of max|v|:
+//        |out - exact| <= (E_out + e^(2 delta_K) - 1)(1 + E_V) + E_V               (E_cache)
+//        |lse - exact| <= E_lse + delta_K
+//    Each |dx| is bounded from the original x (storage_error_bound):
+//    - bf16 / fp16, round to nearest: |dx| <= u_T |x|, u_T = 2^-8 / 2^-11 (8 and 11
+//      significant bits); fp16 below its smallest normal 2^-14 adds 2^-25 absolute (and
+//      above 65504 it overflows: no bound).
+//    - QInt8: x is stored as q s, s = m / 127 with m = max |x| over x's group of 32
+//      values and q = x / s rounded to nearest: |dx| <= s / 2 = m / 254, times (1 + 2^-13)
+//      for the float arithmetic of the quantization (q from x / m * 127, two roundings of a
+//      value <= 127: 2^-16 of a step; s and q s rounded: 127 * 2^-24 of a step each), plus
+//      2^-143 absolute where s is subnormal (2^-150 on s times |q| <= 127, and on q s).
+//    For 16-bit caches this is u_T S-sized score shifts; for QInt8 delta_K is
+//        scale * max_ij sum_g (m_jg / 254) sum_{d in g} |q[i,d]|,
+//    the per-group form of the same sum.
 #pragma once
 
 #include <algorithm>
@@ -171,6 +198,62 @@ BudgetInputs budget_inputs(const Tensor<T, 4>& q, const Tensor<T, 4>& k, const D
     if (std::isfinite(l)) in.max_abs_lse = std::max(in.max_abs_lse, std::abs(l));
   }
   return in;
+}
+
+// The largest storage error (bf16/fp16 rounding, QInt8 quantization) of each element
+// of x (..., D), from x alone; 0 for a float cache. See 4. above.
+template <typename KV, int Rank>
+Tensor<double, Rank> storage_error_bound(const Tensor<float, Rank>& x) {
+  Tensor<double, Rank> bound(x.dimensions());
+  const Index head_dim = x.dimension(Rank - 1);
+  for (Index r = 0; r < x.size() / std::max<Index>(1, head_dim); ++r) {
+    const float* row = x.data() + r * head_dim;
+    double* out = bound.data() + r * head_dim;
+    if constexpr (detail::is_qint8_v<KV>) {
+      for (Index g0 = 0; g0 < head_dim; g0 += detail::kQInt8Group) {
+        const Index end = std::min(head_dim, g0 + detail::kQInt8Group);
+        double m = 0.0;
+        for (Index d = g0; d < end; ++d) m = std::max(m, std::abs(static_cast<double>(row[d])));
+        const double half_step = m / 254.0 * (1.0 + 0x1.0p-13) + 0x1.0p-143;
+        for (Index d = g0; d < end; ++d) out[d] = half_step;
+      }
+    } else {
+      for (Index d = 0; d < head_dim; ++d) {
+        const double a = std::abs(static_cast<double>(row[d]));
+        if constexpr (std::is_same_v<KV, Eigen::bfloat16>) {
+          out[d] = 0x1.0p-8 * a;
+        } else if constexpr (std::is_same_v<KV, Eigen::half>) {
+          out[d] = 0x1.0p-11 * a + (a < 0x1.0p-14 ? 0x1.0p-25 : 0.0);
+        } else {
+          static_assert(std::is_same_v<KV, float>,
+                        "bounds are stated for float, bf16, fp16, QInt8");
+          out[d] = 0.0;
+        }
+      }
+    }
+  }
+  return bound;
+}
+
+// E_cache and its lse bound (4. above): `on_stored` is the budget of the problem on the
+// stored values, delta_k the largest score shift and value_error E_V.
+inline AccuracyBudget reduced_cache_budget(const AccuracyBudget& on_stored, double delta_k,
+                                           double value_error) {
+  return {(on_stored.out + std::expm1(2.0 * delta_k)) * (1.0 + value_error) + value_error,
+          on_stored.lse + delta_k};
+}
+
+// The bound of float activations q over a cache of storage type KV holding the original
+// k and v (all (B, H|Hkv, S, D) float), against the exact result on the originals.
+// `on_stored` is sdpa_budget<float>(path, budget_inputs of q and the stored k~, v~).
+template <typename KV>
+AccuracyBudget cache_budget(const AccuracyBudget& on_stored, const Tensor<float, 4>& q,
+                            const Tensor<float, 4>& k, const Tensor<float, 4>& v, double scale) {
+  // delta_K is max_score_magnitude with |dk| in place of |k|.
+  const double delta_k = max_score_magnitude(to_double(q), storage_error_bound<KV>(k), scale);
+  const double v_scale = max_abs(v);
+  const double value_error = v_scale > 0.0 ? max_abs(storage_error_bound<KV>(v)) / v_scale : 0.0;
+  return reduced_cache_budget(on_stored, delta_k, value_error);
 }
 
 }  // namespace attnforge::test

@@ -79,10 +79,13 @@ void quantize_row(const S* src, Index head_dim, QInt8* dst) {
     }
     if (!finite) max_abs = std::numeric_limits<float>::quiet_NaN();
     const float scale = max_abs / 127.0f;
-    const float inverse = max_abs > 0.0f ? 127.0f / max_abs : 0.0f;
     for (Index d = g0; d < end; ++d) {
+      // x / max_abs lies in [-1, 1]; x * (127 / max_abs) would not: for a group whose
+      // max_abs is below 127 / FLT_MAX (~3.7e-37), 127 / max_abs is inf, and every value
+      // became +-127 (a zero NaN, then -127). A NaN max_abs gives 0 (the scale is NaN).
+      const float ratio = max_abs > 0.0f ? static_cast<float>(src[d]) / max_abs : 0.0f;
       // Clamped before the conversion; std::max returns its first argument for a NaN.
-      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(static_cast<float>(src[d]) * inverse)));
+      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(ratio * 127.0f)));
       dst[d] = static_cast<QInt8>(static_cast<std::int8_t>(q));
     }
     std::memcpy(dst + qint8_scale_offset(head_dim) + g * Index{sizeof(float)}, &scale,
