@@ -448,6 +448,10 @@ TEST(QInt8Cache, InvalidShapesThrowInvalidArgumentAndLeaveTheCacheUnchanged) {
       {"k_new has shape (1, 2, 2, 40) but v_new has shape (1, 2, 1, 40)"});
   test::expect_invalid([] { KVCache<QInt8>(1, 5, 2, 0); }, {"KVCache", "head_dim 0"});
   test::expect_invalid([] { KVCache<QInt8>(0, 5, 2, 40); }, {"KVCache", "batch_size 0"});
+  test::expect_invalid([] { KVCache<QInt8>(1, 5, 2, 42); },
+                       {"KVCache", "head_dim a multiple of 4", "42"});
+  test::expect_invalid([] { PagedKVCache<QInt8>(4, 16, 2, 42); },
+                       {"PagedKVCache", "head_dim a multiple of 4", "42"});
 }
 
 // ---------------------------------------------------------------------------------------
@@ -642,6 +646,16 @@ TEST(QInt8SdpaValidation, AViewWhoseRowStrideIsNotTheStoredRowIsRejectedNamingKO
                          {"v is a QInt8 view (1, 2, 16, 96)", "row stride 144"});
     test::expect_invalid([&] { scaled_dot_product_attention(q, bare, bare, options); },
                          {"k is a QInt8 view", "row stride 96", "108 bytes"});
+    // Narrowed at an offset: 127 values from value 1 keep a stride that a stored row of
+    // 127 values would have, so only the head_dim rule tells them apart.
+    const auto q127 = test::random_normal<float, 4>({1, 4, 3, 127}, 403);
+    Tensor<float, 4> out127(q127.dimensions());
+    test::expect_invalid(
+        [&] {
+          sdpa(q127, wide_rows.keys.narrow(3, 1, 127), wide_rows.values.narrow(3, 1, 127),
+               out127);
+        },
+        {"scaled_dot_product_attention", "head_dim a multiple of 4", "127"});
     for (Index i = 0; i < out.size(); ++i) ASSERT_EQ(out.data()[i], 7.0f);
     // The same call on stored rows runs.
     EXPECT_NO_THROW(sdpa(q, rows.keys, rows.values, out));

@@ -202,6 +202,7 @@ class KVCache {
                                      ", max_seq_len ", max_seq_len, ", n_kv_heads ", n_kv_heads,
                                      ", head_dim ", head_dim);
     }
+    if constexpr (detail::is_qint8_v<T>) detail::check_qint8_head_dim("KVCache", head_dim);
     return {batch_size, n_kv_heads, max_seq_len, detail::stored_row_width<T>(head_dim)};
   }
 

@@ -377,6 +377,7 @@ class PagedKVCache {
           n_blocks, ", block_size ", block_size, ", n_kv_heads ", n_kv_heads, ", head_dim ",
           head_dim);
     }
+    if constexpr (detail::is_qint8_v<T>) detail::check_qint8_head_dim("PagedKVCache", head_dim);
     return {n_blocks, n_kv_heads, block_size, detail::stored_row_width<T>(head_dim)};
   }
 

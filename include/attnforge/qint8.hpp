@@ -38,6 +38,16 @@ constexpr Index qint8_row_bytes(Index head_dim) {
   return qint8_scale_offset(head_dim) + static_cast<Index>(sizeof(float)) * qint8_groups(head_dim);
 }
 
+// A QInt8 cache's head_dim is a multiple of 4, so its rows have no padding, and a view
+// narrowed in the head dimension can never pass for stored rows (a narrowed head_dim
+// that is also a multiple of 4 has a shorter stored row than the stride it keeps).
+inline void check_qint8_head_dim(const char* where, Index head_dim) {
+  if (head_dim % 4 != 0) {
+    throw_invalid_argument(where, ": a QInt8 cache needs head_dim a multiple of 4, got ",
+                           head_dim);
+  }
+}
+
 template <typename T>
 inline constexpr bool is_qint8_v = std::is_same_v<std::remove_const_t<T>, QInt8>;
 

@@ -85,7 +85,10 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
       throw_invalid_argument(where, ": ", name, " needs a contiguous last dimension");
     }
     // A quantized row's scales follow its values (qint8.hpp), found from stride(2): a view
-    // of other rows would read the wrong bytes as scales.
+    // of other rows, or one narrowed in the head dimension, would read the wrong bytes as
+    // scales. With head_dim a multiple of 4 (check_qint8_head_dim), the stride identifies
+    // whole stored rows.
+    if (is_qint8_v<KV>) check_qint8_head_dim(where, view->dimension(3));
     if (is_qint8_v<KV> && view->stride(2) != qint8_row_bytes(view->dimension(3))) {
       throw_invalid_argument(where, ": ", name, " is a QInt8 view ", shape(*view),
                              " with row stride ", view->stride(2), "; its rows must be stored rows",
