@@ -105,8 +105,8 @@ void quantize_row(const S* src, Index head_dim, QInt8* dst) {
   for (Index d = head_dim; d < qint8_scale_offset(head_dim); ++d) dst[d] = QInt8{0};
 }
 
-// dst[d] = q[d] * scale of its group, for d < head_dim (the product is exact in double
-// and rounded once in float).
+// dst[d] = q[d] * scale of its group, for d < head_dim: the float product, so every path
+// (the double reference too) reads the same dequantized value.
 template <typename D>
 void dequantize_row(const QInt8* row, Index head_dim, D* dst) {
   using Packet = simd::Packet<float>;
@@ -123,7 +123,7 @@ void dequantize_row(const QInt8* row, Index head_dim, D* dst) {
         simd::store(dst + d, simd::mul(simd::widen_int8<Packet>(values + d), scale_p));
     }
     for (; d < end; ++d)
-      dst[d] = static_cast<D>(static_cast<D>(static_cast<std::int8_t>(row[d])) * static_cast<D>(scale));
+      dst[d] = static_cast<D>(static_cast<float>(static_cast<std::int8_t>(row[d])) * scale);
   }
 }
 
