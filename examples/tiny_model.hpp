@@ -1,7 +1,7 @@
 // The small random attention stack the examples run: a Llama-like stack without MLPs,
 // x += attention(attention_norm(x)) per layer, the output projection tied to the token
-// embedding. generate.cpp drives it over one sequence with a KVCache per layer, serve.cpp
-// over many sequences with a PagedKVCache per layer.
+// embedding. generate.cpp drives it over one sequence with a KVCache per layer (float, bf16
+// or QInt8), serve.cpp over many sequences with a PagedKVCache per layer.
 #pragma once
 
 #include <algorithm>
@@ -55,10 +55,13 @@ class TinyModel {
   af::Index n_layers() const { return static_cast<af::Index>(layers_.size()); }
   af::Index dim() const { return embedding_.dimension(1); }
 
-  // Hidden states (1, S, dim) of tokens at positions [start_pos, start_pos + S). Without
-  // caches the tokens attend only to each other.
+  // Hidden states (1, S, dim) of tokens at positions [start_pos, start_pos + S), caches[l]
+  // being layer l's cache: float, or bf16 / fp16 / QInt8 storage under the same float
+  // activations (the keys and values are rounded or quantized as they are appended). Without
+  // caches (nullptr) the tokens attend only to each other.
+  template <typename CacheT>
   af::Tensor<float, 3> forward(const std::vector<int>& tokens, af::Index start_pos,
-                               std::vector<af::KVCache<float>>* caches) {
+                               std::vector<af::KVCache<CacheT>>* caches) {
     const af::Index seq_len = static_cast<af::Index>(tokens.size());
     af::Tensor<float, 3> x(1, seq_len, dim());
     embed(tokens, x.data());
@@ -67,6 +70,10 @@ class TinyModel {
       x += layers_[l].forward(normed, rope_, start_pos, caches ? &(*caches)[l] : nullptr);
     }
     return x;
+  }
+  // The hidden states (1, S, dim) of tokens [0, S) attending only to each other.
+  af::Tensor<float, 3> forward(const std::vector<int>& tokens) {
+    return forward<float>(tokens, 0, nullptr);
   }
 
   // Hidden states (total, dim) of a ragged batch: tokens holds the new tokens of

@@ -1,8 +1,9 @@
 // API misuse that must not compile: views (and references) that would outlive the tensor
-// or object they point into, and in-place operations on temporaries. Each case is built
-// on its own (ATTNFORGE_MISUSE = case number) by a CTest test that passes only when the
-// compiler rejects it with the expected diagnostic; case 0 is the same code used
-// correctly, so a broken harness cannot pass for a rejected misuse.
+// or object they point into, in-place operations on temporaries, and keys of the wrong
+// element type for a cache. Each case is built on its own (ATTNFORGE_MISUSE = case number)
+// by a CTest test that passes only when the compiler rejects it with the expected
+// diagnostic; case 0 is the same code used correctly, so a broken harness cannot pass for
+// a rejected misuse.
 #include <attnforge/attnforge.hpp>
 
 namespace af = attnforge;
@@ -18,6 +19,7 @@ int main() {
   af::KVCache<float> cache(1, 4, 1, 4);
   af::PagedKVCache<float> paged(2, 16, 1, 4);
   const af::SeqId seq = paged.add_sequence();
+  af::KVCache<af::QInt8> quantized(1, 4, 1, 4);
 #if ATTNFORGE_MISUSE == 0
   af::Masks masks;
   masks.doc_ids = ids;
@@ -32,6 +34,9 @@ int main() {
   [[maybe_unused]] auto as_view = af::as_const_view(matrix);
   [[maybe_unused]] const auto& table = paged.block_table(seq);
   [[maybe_unused]] auto keys = paged.keys(seq);
+  af::Tensor<float, 4> k_float(1, 1, 1, 4);
+  k_float.setZero();
+  quantized.update(k_float, k_float);
 #elif ATTNFORGE_MISUSE == 1  // doc ids viewing a temporary
   af::Masks masks;
   masks.doc_ids = make_ids();
@@ -63,6 +68,9 @@ int main() {
   [[maybe_unused]] const auto& table = af::PagedKVCache<float>(2, 16, 1, 4).block_table(seq);
 #elif ATTNFORGE_MISUSE == 14  // the paged key rows of a temporary paged cache
   [[maybe_unused]] auto keys = af::PagedKVCache<float>(2, 16, 1, 4).keys(seq);
+#elif ATTNFORGE_MISUSE == 15  // QInt8 rows appended to a QInt8 cache (it quantizes floats)
+  af::Tensor<af::QInt8, 4> rows(1, 1, 1, 4);
+  quantized.update(af::ConstView<af::QInt8, 4>(rows), af::ConstView<af::QInt8, 4>(rows));
 #endif
   (void)seq;
   return 0;

@@ -8,7 +8,9 @@
 //              scaled_dot_product_attention_with_lse and a reused Sdpa object writing
 //              into caller buffers.
 //   KVCache    a cache (with or without document ids) and a sequence of updates (some of
-//              wrong shape or overflowing), truncates and resets, against a shadow model.
+//              wrong shape or overflowing), truncates and resets, against a shadow model;
+//              a QInt8 cache also serves Sdpa<float, QInt8> calls after each operation,
+//              checked against the brute force on its dequantized keys and values.
 //   Attention  a module (some constructor arguments invalid), options, and forward steps
 //              with and without a cache, doc ids and padding, some invalid.
 //   Paged      a PagedKVCache of a few blocks (with or without document ids) and a sequence
@@ -18,6 +20,12 @@
 //              frees, against a shadow model of every sequence's rows and of which blocks
 //              fork and copy-on-write share; and PagedAttention calls over ragged batches
 //              of its sequences, checked per sequence against the brute force.
+// The two cache scenarios run over a float cache, or over a QInt8 cache (float keys and
+// values quantized as they are appended): its shadow then holds each row as the cache must
+// hold it, quantized and dequantized (within half a quantization step of each value, which
+// the harness checks), and the brute force runs on those values, so the accuracy budget is
+// the float one (the quantization error is the cache's, not the kernels'). A QInt8 cache's
+// head_dim comes from wider sizes (cache_head_dim), so its rows span several scale groups.
 // Every call must either throw std::invalid_argument / std::length_error exactly when the
 // harness's own reading of SPEC.md says the arguments are invalid, leaving outputs and
 // the cache untouched, or succeed with a result within the stated accuracy budget
@@ -58,12 +66,15 @@ namespace {
 // were checked against the brute force, or for the cache scenarios against the shadow
 // model, and how many were rightly rejected); the paged scenario's PagedAttention calls,
 // checked against the brute force, are counted apart.
+enum Scenario { kSdpaScenario, kCacheScenario, kAttentionScenario, kPagedScenario };
 struct Stats {
   static constexpr int kScenarios = 4;
   long calls[kScenarios] = {};
   long compared[kScenarios] = {};
   long rejected[kScenarios] = {};
   long paged_attention_calls = 0, paged_attention_compared = 0, paged_attention_rejected = 0;
+  long qint8_inputs[kScenarios] = {};  // inputs of a scenario that ran over a QInt8 cache
+  long cache_sdpa_compared = 0;        // Sdpa calls over a QInt8 KVCache's prefix
   ~Stats() {
     if (std::getenv("ATTNFORGE_FUZZ_STATS") == nullptr) return;
     const char* names[kScenarios] = {"sdpa", "kv_cache", "attention", "paged"};
@@ -77,10 +88,13 @@ struct Stats {
                  "fuzz_attention stats: paged     of which PagedAttention calls %ld, checked "
                  "against the reference %ld, rejected %ld\n",
                  paged_attention_calls, paged_attention_compared, paged_attention_rejected);
+    std::fprintf(stderr,
+                 "fuzz_attention stats: QInt8 caches: kv_cache inputs %ld (Sdpa calls over them "
+                 "checked against the reference %ld), paged inputs %ld\n",
+                 qint8_inputs[kCacheScenario], cache_sdpa_compared, qint8_inputs[kPagedScenario]);
   }
 };
 Stats stats;
-enum Scenario { kSdpaScenario, kCacheScenario, kAttentionScenario, kPagedScenario };
 
 std::string sci(double x) {
   char buf[32];
@@ -179,6 +193,51 @@ void fill(af::Tensor<T, Rank>& t, std::uint32_t seed, double magnitude, bool spe
         pick<T>(fdp, {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
                       -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::max(), T(0)});
     t.data()[fdp.ConsumeIntegralInRange<Index>(0, t.size() - 1)] = value;
+  }
+}
+
+// A row of head_dim float values as a cache of storage S must hold it, read back as float:
+// the values themselves for float; for QInt8 quantized and dequantized by the library's
+// row conversions (qint8.hpp), and checked against the format's stated accuracy: within
+// half a quantization step, max |x| / 254 over the value's group of kQInt8Group, of each
+// finite value (plus the float rounding of the scale, its inverse and the product: a few
+// ulp of max |x|) when the scale is a normal float.
+template <typename S>
+void stored_row(const float* x, Index head_dim, float* out) {
+  if constexpr (std::is_same_v<S, float>) {
+    std::copy_n(x, head_dim, out);
+  } else {
+    std::vector<S> row(static_cast<std::size_t>(af::detail::stored_row_width<S>(head_dim)));
+    af::detail::store_row(x, head_dim, row.data());
+    af::detail::load_row(row.data(), head_dim, out);
+    static_assert(af::detail::is_qint8_v<S>, "the harness fuzzes float and QInt8 caches");
+    for (Index g0 = 0; g0 < head_dim; g0 += af::detail::kQInt8Group) {
+      const Index end = std::min(head_dim, g0 + af::detail::kQInt8Group);
+      double max_abs = 0.0;
+      for (Index d = g0; d < end; ++d) max_abs = std::max(max_abs, std::abs(double{x[d]}));
+      // (A scale below the normal range keeps fewer bits; the harness's values never get there.)
+      if (!std::isfinite(max_abs) || max_abs < 127.0 * std::numeric_limits<float>::min()) continue;
+      const double bound = max_abs * (1.0 / 254.0 + 0x1.0p-21);
+      for (Index d = g0; d < end; ++d) {
+        if (!(std::abs(double{out[d]} - double{x[d]}) <= bound)) {
+          fail("QInt8 row: value " + sci(x[d]) + " reads back as " + sci(out[d]) +
+               ", more than half a step (max |x| " + sci(max_abs) + " / 254) away");
+        }
+      }
+    }
+  }
+}
+
+// The head_dim of a cache scenario from its draw in [0, 8]: the draw itself for a float
+// cache (as the seed corpus was written); for QInt8, sizes around and across its scale
+// groups of kQInt8Group = 32 values, so rows end mid-group and hold several scales.
+template <typename S>
+Index cache_head_dim(Index draw) {
+  if constexpr (af::detail::is_qint8_v<S>) {
+    constexpr Index kSizes[] = {0, 1, 5, 8, 31, 32, 33, 64, 70};
+    return kSizes[draw];
+  } else {
+    return draw;
   }
 }
 
@@ -547,14 +606,69 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
 // ---------------------------------------------------------------------------------------
 // KVCache against a shadow model.
 
+// Sdpa<float, S> over the cache's filled prefix (1 to 4 queries per head, at most the
+// cached length; causal or not, any path), against the brute force on the shadow's keys
+// and values (B, Hkv, seq_len, D).
+template <typename S>
+void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
+                          const af::Tensor<float, 4>& keys, const af::Tensor<float, 4>& values,
+                          std::uint32_t seed) {
+  using T = float;
+  const Index batch = cache.batch_size(), n_kv_heads = cache.n_kv_heads(),
+              head_dim = cache.head_dim();
+  const Index n_heads = n_kv_heads * fdp.ConsumeIntegralInRange<Index>(1, 3);
+  // At most the cached length: causal attention aligns the queries bottom-right.
+  const Index q_len = fdp.ConsumeIntegralInRange<Index>(1, std::min<Index>(4, cache.seq_len()));
+  af::SdpaOptions options;
+  options.causal = fdp.ConsumeBool();
+  options.window = pick<Index>(fdp, {0, 0, 0, 1, 3});
+  options.softcap = pick<double>(fdp, {0.0, 0.0, 0.0, 5.0});
+  options.empty_rows =
+      fdp.ConsumeBool() ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
+  options.path = pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kReference,
+                                          af::SdpaPath::kFused, af::SdpaPath::kDecode});
+  const bool use_device = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
+  af::Tensor<T, 4> q(batch, n_heads, q_len, head_dim);
+  fill(q, seed, pick<double>(fdp, {1.0, 1.0, 4.0}), false, fdp);
+  af::Tensor<T, 4> out(q.dimensions());
+  af::Tensor<T, 3> lse(batch, n_heads, q_len);
+  af::Sdpa<T, S> sdpa(options, use_device ? &pool_device() : nullptr);
+  const af::KVPrefix<S> prefix = cache.prefix();
+  sdpa(q, prefix.keys, prefix.values, af::StridedView<T, 4>(out), {}, af::StridedView<T, 3>(lse));
+
+  af::test::DenseMasks dense;
+  dense.causal = options.causal;
+  dense.window = options.window;
+  af::test::DenseOptions dense_options;
+  dense_options.softcap = options.softcap;
+  dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+  const af::test::DenseResult exact =
+      af::test::dense_sdpa(af::test::to_double(q), af::test::to_double(keys),
+                           af::test::to_double(values), dense, dense_options);
+  const af::test::AccuracyBudget budget = af::test::sdpa_budget<T>(
+      options.path, af::test::budget_inputs(q, keys, dense, dense_options, exact));
+  const double v_scale = std::max(af::test::max_abs(values), 1e-300);
+  const double out_err = af::test::max_abs_diff(out, exact.out) / v_scale;
+  const double lse_err = af::test::max_abs_diff(lse, exact.lse);
+  if (!(out_err <= budget.out) || !(lse_err <= budget.lse)) {
+    fail("Sdpa over a KVCache: out error " + sci(out_err) + " (budget " + sci(budget.out) +
+         "), lse error " + sci(lse_err) + " (budget " + sci(budget.lse) + "); q " +
+         af::detail::shape_string(q.dimensions()) + " cached " + std::to_string(cache.seq_len()) +
+         " causal " + std::to_string(options.causal) + " window " + std::to_string(options.window));
+  }
+  ++stats.cache_sdpa_compared;
+}
+
+// S is the cache's storage: float, or QInt8 (float keys and values quantized as appended).
+template <typename S>
 void fuzz_kv_cache(FuzzedDataProvider& fdp) {
   using T = float;
   const Index batch = fdp.ConsumeIntegralInRange<Index>(-1, 2);
   const Index n_kv_heads = fdp.ConsumeIntegralInRange<Index>(0, 3);
-  const Index head_dim = fdp.ConsumeIntegralInRange<Index>(0, 6);
+  const Index head_dim = cache_head_dim<S>(fdp.ConsumeIntegralInRange<Index>(0, 6));
   const Index max_len = fdp.ConsumeIntegralInRange<Index>(-1, 20);
   const bool record = fdp.ConsumeBool();
-  std::optional<af::KVCache<T>> cache;
+  std::optional<af::KVCache<S>> cache;
   const Outcome made =
       outcome_of([&] { cache.emplace(batch, max_len, n_kv_heads, head_dim, record); });
   Expected ctor;
@@ -562,7 +676,7 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
   check_outcome(ctor, made, "KVCache constructor");
   if (made != Outcome::kOk) return;
 
-  // Shadow: what the first seq_len positions must hold.
+  // Shadow: what the first seq_len positions must hold (read as float).
   std::vector<T> keys, values;
   std::vector<af::DocId> ids;
   Index seq_len = 0;
@@ -576,8 +690,8 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
   std::uint32_t seed = fdp.ConsumeIntegral<std::uint32_t>();
   const int n_ops = fdp.ConsumeIntegralInRange<int>(1, 10);
   for (int op = 0; op < n_ops && fdp.remaining_bytes() > 0; ++op) {
-    const af::Tensor<T, 4> key_snapshot = cache->key_storage();
-    const af::Tensor<T, 4> value_snapshot = cache->value_storage();
+    const af::Tensor<S, 4> key_snapshot = cache->key_storage();
+    const af::Tensor<S, 4> value_snapshot = cache->value_storage();
     const af::Tensor<af::DocId, 2> id_snapshot = cache->doc_id_storage();
     const Index len_before = cache->seq_len();
     const int kind = fdp.ConsumeIntegralInRange<int>(0, 5);
@@ -612,7 +726,7 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
               for (Index d = 0; d < kd; ++d) k_bshd(b, s, h, d) = k_new(b, h, s, d);
         k_view = af::ConstView<T, 4>(k_bshd).transpose(1, 2);
       }
-      af::KVPrefix<T> prefix;
+      af::KVPrefix<S> prefix;
       o = outcome_of([&] {
         prefix = give_ids ? cache->update(k_view, v_new, ids_new) : cache->update(k_view, v_new);
       });
@@ -621,10 +735,10 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
         for (Index b = 0; b < batch; ++b) {
           for (Index h = 0; h < n_kv_heads; ++h) {
             for (Index s = 0; s < new_len; ++s) {
-              std::memcpy(&keys[static_cast<std::size_t>(at(b, h, seq_len + s))],
-                          &k_new(b, h, s, 0), sizeof(T) * head_dim);
-              std::memcpy(&values[static_cast<std::size_t>(at(b, h, seq_len + s))],
-                          &v_new(b, h, s, 0), sizeof(T) * head_dim);
+              stored_row<S>(&k_new(b, h, s, 0), head_dim,
+                            &keys[static_cast<std::size_t>(at(b, h, seq_len + s))]);
+              stored_row<S>(&v_new(b, h, s, 0), head_dim,
+                            &values[static_cast<std::size_t>(at(b, h, seq_len + s))]);
             }
           }
           for (Index s = 0; s < new_len && record; ++s)
@@ -657,22 +771,41 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
     }
     // The filled prefix always equals the shadow.
     check(cache->seq_len() == seq_len, "seq_len differs from the shadow");
-    const af::KVPrefix<T> p = cache->prefix();
+    const af::KVPrefix<S> p = cache->prefix();
+    std::vector<T> key_row(static_cast<std::size_t>(head_dim)), value_row(key_row.size());
     for (Index b = 0; b < batch; ++b) {
       for (Index h = 0; h < n_kv_heads; ++h) {
         for (Index s = 0; s < seq_len; ++s) {
-          check(
-              std::memcmp(p.keys.row(b, h, s), &keys[static_cast<std::size_t>(at(b, h, s))],
-                          sizeof(T) * head_dim) == 0 &&
-                  std::memcmp(p.values.row(b, h, s), &values[static_cast<std::size_t>(at(b, h, s))],
-                              sizeof(T) * head_dim) == 0,
-              "cached keys/values differ from the shadow");
+          af::detail::load_row(p.keys.row(b, h, s), head_dim, key_row.data());
+          af::detail::load_row(p.values.row(b, h, s), head_dim, value_row.data());
+          check(std::memcmp(key_row.data(), &keys[static_cast<std::size_t>(at(b, h, s))],
+                            sizeof(T) * head_dim) == 0 &&
+                    std::memcmp(value_row.data(), &values[static_cast<std::size_t>(at(b, h, s))],
+                                sizeof(T) * head_dim) == 0,
+                "cached keys/values differ from the shadow");
         }
       }
       for (Index s = 0; s < seq_len && record; ++s) {
         check(cache->doc_ids()(b, s) == ids[static_cast<std::size_t>(b * max_len + s)],
               "cached doc ids differ");
       }
+    }
+    // Attention over what a QInt8 cache holds. (Only there: a float cache's inputs keep
+    // decoding as they did before QInt8 caches existed, and its prefix is plain floats,
+    // which the SDPA scenario covers.)
+    if (af::detail::is_qint8_v<S> && seq_len > 0) {
+      af::Tensor<T, 4> shadow_keys(batch, n_kv_heads, seq_len, head_dim),
+          shadow_values(shadow_keys.dimensions());
+      for (Index b = 0; b < batch; ++b) {
+        for (Index h = 0; h < n_kv_heads; ++h) {
+          for (Index s = 0; s < seq_len; ++s) {
+            const std::size_t from = static_cast<std::size_t>(at(b, h, s));
+            std::copy_n(&keys[from], head_dim, &shadow_keys(b, h, s, 0));
+            std::copy_n(&values[from], head_dim, &shadow_values(b, h, s, 0));
+          }
+        }
+      }
+      fuzz_sdpa_over_cache(fdp, *cache, shadow_keys, shadow_values, ++seed);
     }
   }
 }
@@ -880,7 +1013,7 @@ void fuzz_attention(FuzzedDataProvider& fdp) {
 // PagedKVCache and PagedAttention against a shadow model.
 
 // One position of a sequence as the shadow holds it: the keys and values of every KV head
-// ((Hkv, D) row-major) and its document id.
+// ((Hkv, D) row-major; as the cache holds them, read as float) and its document id.
 struct PagedRow {
   std::vector<float> k, v;
   af::DocId doc = 0;
@@ -984,8 +1117,9 @@ class PagedShadow {
 };
 
 // Everything observable of a pool: a rejected call must leave all of it as it was.
+template <typename S>
 struct PagedSnapshot {
-  explicit PagedSnapshot(const af::PagedKVCache<float>& cache) : free(cache.free_blocks()) {
+  explicit PagedSnapshot(const af::PagedKVCache<S>& cache) : free(cache.free_blocks()) {
     for (Index b = 0; b < cache.n_blocks(); ++b) refs.push_back(cache.block_refs(b));
     for (af::SeqId id : cache.sequences()) {
       ids.push_back(id);
@@ -1012,14 +1146,15 @@ struct PagedSnapshot {
   std::vector<Index> refs;
   std::vector<af::SeqId> ids;
   std::vector<std::vector<Index>> tables;
-  std::vector<af::Tensor<float, 3>> keys, values;
+  std::vector<af::Tensor<S, 3>> keys, values;  // stored rows (for QInt8: values, then scales)
   std::vector<af::Tensor<af::DocId, 1>> docs;
 };
 
 // The cache against the shadow: the same sequences with the same rows; block tables that
 // share exactly where the shadow's do (a renaming of its blocks), refs that count the
 // holders, and every block either held or free.
-void check_paged_pool(const af::PagedKVCache<float>& cache, const PagedShadow& shadow) {
+template <typename S>
+void check_paged_pool(const af::PagedKVCache<S>& cache, const PagedShadow& shadow) {
   const Index n_blocks = cache.n_blocks(), n_kv_heads = cache.n_kv_heads(),
               head_dim = cache.head_dim();
   check(cache.sequences() == shadow.ids(), "PagedKVCache: live sequences differ from the shadow");
@@ -1045,16 +1180,20 @@ void check_paged_pool(const af::PagedKVCache<float>& cache, const PagedShadow& s
             "PagedKVCache: blocks are shared where fork / copy-on-write would not share them "
             "(or not shared where they would)");
     }
-    const af::Tensor<float, 3> keys = cache.gather_keys(id), values = cache.gather_values(id);
+    const af::Tensor<S, 3> keys = cache.gather_keys(id), values = cache.gather_values(id);
     check(keys.dimension(0) == n_kv_heads && keys.dimension(1) == len &&
-              keys.dimension(2) == head_dim && values.dimensions() == keys.dimensions(),
+              keys.dimension(2) == af::detail::stored_row_width<S>(head_dim) &&
+              values.dimensions() == keys.dimensions(),
           "PagedKVCache: gathered keys/values have the wrong shape");
+    std::vector<float> key_row(static_cast<std::size_t>(head_dim)), value_row(key_row.size());
     for (Index p = 0; p < len; ++p) {
       const PagedRow& row = seq.rows[static_cast<std::size_t>(p)];
       for (Index h = 0; h < n_kv_heads; ++h) {
         const std::size_t at = static_cast<std::size_t>(h * head_dim);
-        if (std::memcmp(&keys(h, p, 0), &row.k[at], sizeof(float) * head_dim) != 0 ||
-            std::memcmp(&values(h, p, 0), &row.v[at], sizeof(float) * head_dim) != 0) {
+        af::detail::load_row(&keys(h, p, 0), head_dim, key_row.data());
+        af::detail::load_row(&values(h, p, 0), head_dim, value_row.data());
+        if (std::memcmp(key_row.data(), &row.k[at], sizeof(float) * head_dim) != 0 ||
+            std::memcmp(value_row.data(), &row.v[at], sizeof(float) * head_dim) != 0) {
           fail(
               "PagedKVCache: a sequence's keys/values differ from what was appended to it "
               "(position " +
@@ -1091,7 +1230,9 @@ void check_paged_pool(const af::PagedKVCache<float>& cache, const PagedShadow& s
         "PagedKVCache: blocks_without_sharing differs from the tables' total length");
 }
 
-// New rows (Hkv, n, D) for an append, packed tokens [first, first + n) of k_new / v_new.
+// New rows (Hkv, n, D) for an append, packed tokens [first, first + n) of k_new / v_new,
+// as a cache of storage S holds them.
+template <typename S>
 std::vector<PagedRow> paged_rows(const af::Tensor<float, 3>& k_new,
                                  const af::Tensor<float, 3>& v_new,
                                  const af::Tensor<af::DocId, 2>& ids, Index first, Index n) {
@@ -1099,11 +1240,12 @@ std::vector<PagedRow> paged_rows(const af::Tensor<float, 3>& k_new,
   std::vector<PagedRow> rows(static_cast<std::size_t>(n));
   for (Index t = 0; t < n; ++t) {
     PagedRow& row = rows[static_cast<std::size_t>(t)];
+    row.k.resize(static_cast<std::size_t>(n_kv_heads * head_dim));
+    row.v.resize(row.k.size());
     for (Index h = 0; h < n_kv_heads; ++h) {
-      for (Index d = 0; d < head_dim; ++d) {
-        row.k.push_back(k_new(h, first + t, d));
-        row.v.push_back(v_new(h, first + t, d));
-      }
+      const std::size_t at = static_cast<std::size_t>(h * head_dim);
+      stored_row<S>(&k_new(h, first + t, 0), head_dim, &row.k[at]);
+      stored_row<S>(&v_new(h, first + t, 0), head_dim, &row.v[at]);
     }
     row.doc = ids.size() > 0 ? ids(0, first + t) : 0;
   }
@@ -1123,8 +1265,9 @@ af::Tensor<af::DocId, 2> paged_doc_ids(Index cols, std::uint32_t seed) {
 
 // One PagedAttention call over a ragged batch of the cache's sequences (sometimes with a
 // broken argument), checked per sequence against the brute force on the shadow's rows.
-void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<float>& cache,
-                          const PagedShadow& shadow, af::PagedAttention<float>& attn,
+template <typename S>
+void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& cache,
+                          const PagedShadow& shadow, af::PagedAttention<float, S>& attn,
                           const std::function<af::SeqId()>& pick_seq, std::uint32_t seed) {
   using T = float;
   const Index n_kv_heads = cache.n_kv_heads(), head_dim = cache.head_dim();
@@ -1286,13 +1429,15 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<float>
   // The thread count changes nothing.
   if (use_device) {
     af::Tensor<T, 3> serial(out.dimensions());
-    af::PagedAttention<T> serial_attn(options);
+    af::PagedAttention<T, S> serial_attn(options);
     serial_attn(q, cache, batch, serial, masks);
     check(af::test::bitwise_equal(serial, out),
           "PagedAttention: pooled result differs from the serial one");
   }
 }
 
+// S is the cache's storage: float, or QInt8 (float keys and values quantized as appended).
+template <typename S>
 void fuzz_paged(FuzzedDataProvider& fdp) {
   using T = float;
   // Mostly a valid pool of a few blocks (so that running out of them is common); one
@@ -1302,9 +1447,9 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
   const Index block_size =
       free_args ? pick<Index>(fdp, {16, 32, 0, 8, 24, -16}) : pick<Index>(fdp, {16, 32});
   const Index n_kv_heads = fdp.ConsumeIntegralInRange<Index>(free_args ? 0 : 1, 2);
-  const Index head_dim = fdp.ConsumeIntegralInRange<Index>(free_args ? 0 : 1, 8);
+  const Index head_dim = cache_head_dim<S>(fdp.ConsumeIntegralInRange<Index>(free_args ? 0 : 1, 8));
   const bool record = fdp.ConsumeBool();
-  std::optional<af::PagedKVCache<T>> made_cache;
+  std::optional<af::PagedKVCache<S>> made_cache;
   const Outcome made =
       outcome_of([&] { made_cache.emplace(n_blocks, block_size, n_kv_heads, head_dim, record); });
   Expected ctor;
@@ -1312,12 +1457,12 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
   ctor.bad(block_size <= 0 || block_size % 16 != 0, "block_size not a positive multiple of 16");
   check_outcome(ctor, made, "PagedKVCache constructor");
   if (made != Outcome::kOk) return;
-  af::PagedKVCache<T>& cache = *made_cache;
+  af::PagedKVCache<S>& cache = *made_cache;
 
   PagedShadow shadow(n_blocks, block_size);
   std::set<af::SeqId> issued;    // handles are never reused
   std::vector<af::SeqId> freed;  // for calls naming a sequence that is gone
-  af::PagedAttention<T> attn;    // reused: its scratch outlives calls of other shapes
+  af::PagedAttention<T, S> attn;  // reused: its scratch outlives calls of other shapes
   std::uint32_t seed = fdp.ConsumeIntegral<std::uint32_t>();
   // A live sequence, or now and then (always, when none is live) one the cache does not hold.
   const std::function<af::SeqId()> pick_seq = [&]() -> af::SeqId {
@@ -1402,7 +1547,7 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
       e.overflow = !e.invalid && shadow.blocks_needed({id}, {n}) > shadow.free_blocks();
       o = outcome_of([&] { cache.append(id, t.k_view, t.v_view, t.ids_view); });
       check_outcome(e, o, "PagedKVCache::append");
-      if (o == Outcome::kOk) shadow.append(id, paged_rows(t.k, t.v, t.ids, 0, n));
+      if (o == Outcome::kOk) shadow.append(id, paged_rows<S>(t.k, t.v, t.ids, 0, n));
     } else if (kind <= 4) {
       // Several sequences packed (sometimes one twice, or one unknown), sometimes with
       // malformed cu_seqlens.
@@ -1443,7 +1588,7 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
       if (o == Outcome::kOk) {
         for (Index s = 0; s < batch.size(); ++s) {
           shadow.append(batch.seqs[static_cast<std::size_t>(s)],
-                        paged_rows(t.k, t.v, t.ids, batch.first_token(s), batch.new_tokens(s)));
+                        paged_rows<S>(t.k, t.v, t.ids, batch.first_token(s), batch.new_tokens(s)));
         }
       }
     } else if (kind == 5) {
@@ -1490,8 +1635,13 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   FuzzedDataProvider fdp(data, size);
-  // The input's last byte picks the scenario (byte % 5).
-  switch (fdp.ConsumeIntegralInRange<int>(0, 4)) {
+  // The input's last byte picks the scenario (byte % 5, as the seed corpus was written)
+  // and, for the two cache scenarios, the cache's storage: QInt8 when byte / 5 % 4 == 3,
+  // float otherwise. Every seed decodes as it did before QInt8 caches existed; the cache
+  // seeds whose byte says QInt8 now run over a QInt8 cache.
+  const std::uint8_t choice = fdp.ConsumeIntegral<std::uint8_t>();
+  const bool qint8 = choice / 5 % 4 == 3;
+  switch (choice % 5) {
     case 0:
       fuzz_sdpa<float>(fdp);
       break;
@@ -1499,13 +1649,15 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       fuzz_sdpa<double>(fdp);
       break;
     case 2:
-      fuzz_kv_cache(fdp);
+      stats.qint8_inputs[kCacheScenario] += qint8;
+      qint8 ? fuzz_kv_cache<af::QInt8>(fdp) : fuzz_kv_cache<float>(fdp);
       break;
     case 3:
       fuzz_attention(fdp);
       break;
     default:
-      fuzz_paged(fdp);
+      stats.qint8_inputs[kPagedScenario] += qint8;
+      qint8 ? fuzz_paged<af::QInt8>(fdp) : fuzz_paged<float>(fdp);
       break;
   }
   return 0;

@@ -1,9 +1,10 @@
 // A consumer translation unit that calls every public entry point of attnforge for float
-// and Eigen::bfloat16 (and the mixed float-over-bf16-cache combination), so that every
-// kernel a user can reach is instantiated. run_warnings_test.cmake compiles it with
-// exactly a consumer's flags (-Wall -Wextra -Wpedantic -O2 -march=native -Werror), once
-// with g++ and once with clang++, then runs it. Shapes are tiny: the point is the
-// compile; the run only shows that the calls are well-formed.
+// and Eigen::bfloat16 (and the mixed float-over-bf16 and float-over-QInt8 cache
+// combinations), so that every kernel a user can reach is instantiated.
+// run_warnings_test.cmake compiles it with exactly a consumer's flags (-Wall -Wextra
+// -Wpedantic -O2 -march=native -Werror), once with g++ and once with clang++, then runs it.
+// Shapes are tiny: the point is the compile; the run only shows that the calls are
+// well-formed.
 #include <attnforge/attnforge.hpp>
 #include <cmath>
 #include <cstdint>
@@ -45,6 +46,9 @@ void check(const char* what, const af::Tensor<T, Rank>& t) {
 
 constexpr af::Index kBatch = 1, kHeads = 4, kKvHeads = 2, kHeadDim = 64, kDim = 128;
 constexpr af::Index kSeq = 24, kMaxSeq = 64;
+// Keys of the SDPA calls. (A compile-time length: g++ 12 warns -Walloc-size-larger-than on
+// the masks' allocation when it is read from k at run time.)
+constexpr af::Index kSdpaKvLen = kSeq + 8;
 
 // RoPE: tables, the free functions, RotaryEmbedding (both apply overloads).
 template <typename T>
@@ -71,13 +75,13 @@ void rope_entry_points() {
   check("RotaryEmbedding::apply", y_out);
 }
 
-// Every SDPA entry point on every path and mask kind; KV is T, or bf16 under float q.
-template <typename T, typename KV>
-void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
-  const af::Index kv_len = kSeq + 8;
+// Every SDPA entry point on every path and mask kind over k and v (B, Hkv, kSdpaKvLen, D)
+// of KV: T, or bf16 / QInt8 under float q.
+template <typename T, typename KV, typename K, typename V>
+void sdpa_calls(const K& k, const V& v, const Eigen::ThreadPoolDevice* device) {
+  const af::Index kv_len = kSdpaKvLen;
   af::Tensor<T, 4> q(kBatch, kHeads, kSeq, kHeadDim);
-  af::Tensor<KV, 4> k(kBatch, kKvHeads, kv_len, kHeadDim), v(kBatch, kKvHeads, kv_len, kHeadDim);
-  fill(q, 3), fill(k, 4), fill(v, 5);
+  fill(q, 3);
   af::Tensor<af::DocId, 2> q_docs(kBatch, kSeq), kv_docs(kBatch, kv_len);
   for (af::Index j = 0; j < kv_len; ++j) kv_docs(0, j) = j < kv_len / 2 ? 0 : 1;
   for (af::Index i = 0; i < kSeq; ++i) q_docs(0, i) = kv_docs(0, kv_len - kSeq + i);
@@ -148,6 +152,24 @@ void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
   }
 }
 
+template <typename T, typename KV>
+void sdpa_entry_points(const Eigen::ThreadPoolDevice* device) {
+  const af::Index kv_len = kSdpaKvLen;
+  if constexpr (std::is_same_v<KV, af::QInt8>) {
+    // Quantized keys and values exist only as the rows of a QInt8 cache (each row's scales
+    // follow its values), so they come from one, quantized from float.
+    af::Tensor<float, 4> k(kBatch, kKvHeads, kv_len, kHeadDim), v(k.dimensions());
+    fill(k, 4), fill(v, 5);
+    af::KVCache<af::QInt8> cache(kBatch, kv_len, kKvHeads, kHeadDim);
+    const af::KVPrefix<af::QInt8> kv = cache.update(k, v);
+    sdpa_calls<T, KV>(kv.keys, kv.values, device);
+  } else {
+    af::Tensor<KV, 4> k(kBatch, kKvHeads, kv_len, kHeadDim), v(k.dimensions());
+    fill(k, 4), fill(v, 5);
+    sdpa_calls<T, KV>(k, v, device);
+  }
+}
+
 // RMSNorm: the module (copy and in place) and the function.
 template <typename T>
 void norm_entry_points() {
@@ -164,11 +186,13 @@ void norm_entry_points() {
 }
 
 // KVCache: update (with and without recorded doc ids), prefix, truncate, reset; a bf16
-// cache also takes float keys and values (rounded as they are appended).
+// cache also takes float keys and values (rounded as they are appended), a QInt8 cache
+// takes only those (quantized as they are appended).
 template <typename T>
 void kv_cache_entry_points() {
+  using Input = std::conditional_t<std::is_same_v<T, af::QInt8>, float, T>;
   af::KVCache<T> cache(kBatch, kMaxSeq, kKvHeads, kHeadDim);
-  af::Tensor<T, 4> k_new(kBatch, kKvHeads, 5, kHeadDim), v_new(kBatch, kKvHeads, 5, kHeadDim);
+  af::Tensor<Input, 4> k_new(kBatch, kKvHeads, 5, kHeadDim), v_new(kBatch, kKvHeads, 5, kHeadDim);
   fill(k_new, 6), fill(v_new, 7);
   af::KVPrefix<T> prefix = cache.update(k_new, v_new);
   cache.update(k_new, v_new);
@@ -194,7 +218,7 @@ void kv_cache_entry_points() {
 }
 
 // Attention: constructor, parameters, both forward overloads with and without a cache,
-// doc ids and padding, forward_into, bind_weights; Cache is T or bf16 under float.
+// doc ids and padding, forward_into, bind_weights; Cache is T, or bf16 / QInt8 under float.
 template <typename T, typename CacheT>
 void attention_entry_points(const Eigen::ThreadPoolDevice* device) {
   af::Attention<T> attn(kDim, kHeads, kKvHeads, /*head_dim=*/0, /*qk_norm=*/true, 1e-5);
@@ -279,7 +303,7 @@ void attention_entry_points(const Eigen::ThreadPoolDevice* device) {
 
 // Serving: a PagedKVCache (add, append one and many, fork, truncate, free), PagedAttention
 // over a ragged batch (a prefill next to a decode step, with lse), and the module's ragged
-// forward; Cache is T, or bf16/fp16 under float.
+// forward; Cache is T, or bf16 / QInt8 under float.
 template <typename T, typename CacheT>
 void paged_entry_points(const Eigen::ThreadPoolDevice* device) {
   af::PagedKVCache<CacheT> cache(8, 16, kKvHeads, kHeadDim, /*record_doc_ids=*/true);
@@ -343,6 +367,9 @@ int main() {
       paged_entry_points<float, float>(dev);
       paged_entry_points<Eigen::bfloat16, Eigen::bfloat16>(dev);
       paged_entry_points<float, Eigen::bfloat16>(dev);
+      sdpa_entry_points<float, af::QInt8>(dev);
+      attention_entry_points<float, af::QInt8>(dev);
+      paged_entry_points<float, af::QInt8>(dev);
     }
     rope_entry_points<float>();
     rope_entry_points<Eigen::bfloat16>();
@@ -350,6 +377,7 @@ int main() {
     norm_entry_points<Eigen::bfloat16>();
     kv_cache_entry_points<float>();
     kv_cache_entry_points<Eigen::bfloat16>();
+    kv_cache_entry_points<af::QInt8>();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "consumer_warnings: %s\n", e.what());
     return 1;
@@ -358,6 +386,8 @@ int main() {
     std::fprintf(stderr, "consumer_warnings: %d checks failed\n", failures);
     return 1;
   }
-  std::printf("consumer_warnings: every entry point ran (float, bf16, float over a bf16 cache)\n");
+  std::printf(
+      "consumer_warnings: every entry point ran (float, bf16, float over a bf16 or a QInt8 "
+      "cache)\n");
   return 0;
 }
