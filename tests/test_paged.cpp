@@ -475,17 +475,10 @@ TEST_P(PagedAttentionRagged, EverySequenceMatchesTheBruteForceAndTheContiguousPa
   }
   // The packed queries (total, H, D) and the per-sequence masks (the documents' key ids
   // come from the cache's records).
-  Tensor<float, 3> q(batch.total_tokens(), n_heads, kHeadDim);
-  std::vector<Masks> masks;
-  for (std::size_t s = 0; s < seqs.size(); ++s) {
-    for (Index h = 0; h < n_heads; ++h)
-      for (Index i = 0; i < kShapes[s].n; ++i)
-        for (Index d = 0; d < kHeadDim; ++d)
-          q(batch.first_token(static_cast<Index>(s)) + i, h, d) = seqs[s].q(0, h, i, d);
-    Masks m = test::library_masks(seqs[s].masks);
-    m.kv_doc_ids = {};
-    masks.push_back(m);
-  }
+  // (Named references, not a structured binding: a C++17 lambda cannot capture one.)
+  const auto packed = test::pack_ragged_queries(seqs, batch);
+  const Tensor<float, 3>& q = packed.first;
+  const std::vector<Masks>& masks = packed.second;
   const SdpaOptions library = test::library_options(seqs[0].masks, options);
   Tensor<float, 2> lse(n_heads, batch.total_tokens());
   Tensor<float, 3> out(q.dimensions()), out2(q.dimensions());

@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <random>
+#include <utility>
 #include <vector>
 
 #include "attnforge/attnforge.hpp"
@@ -316,6 +317,27 @@ inline Masks library_masks(const DenseMasks& m) {
   if (m.attn_mask) masks.attn_mask = *m.attn_mask;
   if (m.attn_bias) masks.attn_bias = *m.attn_bias;
   return masks;
+}
+
+// The queries of several B = 1 problems (each seqs[s].q (1, H, n_s, D), n_s =
+// batch.new_tokens(s)) packed as PagedAttention takes them, (total, H, D), and each
+// problem's Masks with the keys' document ids left to the cache's records.
+template <typename Seq>
+std::pair<Tensor<float, 3>, std::vector<Masks>> pack_ragged_queries(const std::vector<Seq>& seqs,
+                                                                    const RaggedBatch& batch) {
+  const Index n_heads = seqs.front().q.dimension(1), head_dim = seqs.front().q.dimension(3);
+  std::pair<Tensor<float, 3>, std::vector<Masks>> packed{
+      Tensor<float, 3>(batch.total_tokens(), n_heads, head_dim), {}};
+  for (std::size_t s = 0; s < seqs.size(); ++s) {
+    const Index first = batch.first_token(static_cast<Index>(s));
+    for (Index h = 0; h < n_heads; ++h)
+      for (Index i = 0; i < batch.new_tokens(static_cast<Index>(s)); ++i)
+        for (Index d = 0; d < head_dim; ++d) packed.first(first + i, h, d) = seqs[s].q(0, h, i, d);
+    Masks m = library_masks(seqs[s].masks);
+    m.kv_doc_ids = {};
+    packed.second.push_back(m);
+  }
+  return packed;
 }
 
 // The fused kernel's tile plan of a problem with H = 1 (tile classes and key spans do
