@@ -242,6 +242,17 @@ Index cache_head_dim(Index draw) {
   }
 }
 
+// The brute force's options for a library call's options.
+af::test::DenseOptions dense_options_of(const af::SdpaOptions& options) {
+  af::test::DenseOptions dense_options;
+  dense_options.scale = options.scale;
+  dense_options.softcap = options.softcap;
+  dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+  dense_options.alibi_slopes = options.alibi_slopes;
+  dense_options.sinks = options.sinks;
+  return dense_options;
+}
+
 // ---------------------------------------------------------------------------------------
 // SDPA.
 
@@ -567,12 +578,7 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
   }
 
   // Against the brute force, within the stated budget.
-  af::test::DenseOptions dense_options;
-  dense_options.scale = options.scale;
-  dense_options.softcap = options.softcap;
-  dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
-  dense_options.alibi_slopes = options.alibi_slopes;
-  dense_options.sinks = options.sinks;
+  const af::test::DenseOptions dense_options = dense_options_of(options);
   const af::test::DenseResult exact = af::test::dense_sdpa(
       af::test::to_double(q), af::test::to_double(k), af::test::to_double(v), dense, dense_options);
   const af::test::AccuracyBudget budget = af::test::sdpa_budget<T>(
@@ -640,9 +646,7 @@ void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
   af::test::DenseMasks dense;
   dense.causal = options.causal;
   dense.window = options.window;
-  af::test::DenseOptions dense_options;
-  dense_options.softcap = options.softcap;
-  dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+  const af::test::DenseOptions dense_options = dense_options_of(options);
   const af::test::DenseResult exact =
       af::test::dense_sdpa(af::test::to_double(q), af::test::to_double(keys),
                            af::test::to_double(values), dense, dense_options);
@@ -1392,10 +1396,7 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
       dense.q_docs = q_ids[static_cast<std::size_t>(s)];
       if (cache.records_doc_ids()) dense.kv_docs = kv_ids;
     }
-    af::test::DenseOptions dense_options;
-    dense_options.scale = options.scale;
-    dense_options.softcap = options.softcap;
-    dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+    const af::test::DenseOptions dense_options = dense_options_of(options);
     const af::test::DenseResult exact =
         af::test::dense_sdpa(af::test::to_double(q4), af::test::to_double(k4),
                              af::test::to_double(v4), dense, dense_options);
