@@ -69,23 +69,6 @@ struct Problem {
   DenseOptions options;
 };
 
-// Packed documents: sorted ids in runs of 1 to 96 tokens.
-Tensor<DocId, 2> packed_ids(Index batch, Index len, std::mt19937& gen) {
-  Tensor<DocId, 2> ids(batch, len);
-  for (Index b = 0; b < batch; ++b) {
-    DocId doc = 0;
-    Index left = 1 + static_cast<Index>(gen() % 96);
-    for (Index j = 0; j < len; ++j, --left) {
-      if (left == 0) {
-        ++doc;
-        left = 1 + static_cast<Index>(gen() % 96);
-      }
-      ids(b, j) = doc;
-    }
-  }
-  return ids;
-}
-
 Problem make_problem(const Shape& s, MaskKind kind, std::uint32_t seed) {
   Problem p;
   // Unit-variance scores at the default scale: q, k ~ N(0, 1); values in [-1, 1].
@@ -103,7 +86,7 @@ Problem make_problem(const Shape& s, MaskKind kind, std::uint32_t seed) {
       p.masks.window = s.kv_len / 3;
       break;
     case MaskKind::kDocs: {
-      const Tensor<DocId, 2> kv_ids = packed_ids(s.batch, s.kv_len, gen);
+      const Tensor<DocId, 2> kv_ids = test::packed_doc_ids(s.batch, s.kv_len, 96, gen);
       Tensor<DocId, 2> q_ids(s.batch, s.q_len);
       for (Index b = 0; b < s.batch; ++b) {
         for (Index i = 0; i < s.q_len; ++i) q_ids(b, i) = kv_ids(b, offset + i);

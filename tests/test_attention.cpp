@@ -44,7 +44,7 @@ static_assert(!ForwardInvocable<Tensor<float, 3>, Tensor<float, 3>>::value, "tab
 static_assert(!ForwardInvocable<Tensor<double, 3>, Tensor<double, 2>>::value, "element type");
 
 // ---------------------------------------------------------------------------------------
-// The independent double computation of SPEC.md's forward.
+// The independent double computation of docs/design.md's forward.
 
 struct DoubleWeights {
   Tensor<double, 2> wq, wk, wv, wo;
@@ -66,7 +66,7 @@ struct ReferenceConfig {
 };
 
 // x (B, S, dim) -> (B, heads, S, D): y = x w^T, then optionally RMSNorm over D and RoPE at
-// absolute positions [0, S) with angles formed in double from the SPEC formula.
+// absolute positions [0, S) with angles formed in double from the formula of docs/design.md.
 Tensor<double, 4> project(const Tensor<double, 3>& x, const Tensor<double, 2>& w, Index heads,
                           const ReferenceConfig& cfg, const Tensor<double, 1>* norm, bool rope) {
   const Index batch = x.dimension(0), seq = x.dimension(1), dim = x.dimension(2);
@@ -865,7 +865,7 @@ TEST_F(AttentionValidation, OutOfWrongShapeIsRejected) {
       {"out has shape (2, 3, 31)"});
 }
 
-// SPEC: every entry point checks option values before touching any output or state. The
+// docs/design.md: every entry point checks option values before touching any output or state. The
 // module's SDPA options are checked when forward runs, so that must happen before the update.
 // set_sdpa_options validates the options itself: a rejected set keeps the previous
 // options, and the module (and its cache) keep working with them.

@@ -93,7 +93,7 @@ Pattern weights_pattern(const MaskSetup& s) {
   return first;
 }
 
-// The independent dense matrix from SPEC.md's formulas (test_util.hpp).
+// The independent dense matrix from docs/design.md's formulas (test_util.hpp).
 Pattern dense_pattern(const MaskSetup& s) {
   const auto allowed = test::dense_allowed(dense_masks(s), 0, s.q_len, s.kv_len);
   Pattern p;
@@ -182,7 +182,7 @@ TEST(WindowMask, CausalWindowKeepsTheLastWKeys) {
 }
 
 TEST(WindowMask, NonCausalWindowBoundsOnlyHowFarBackAKeyMayBe) {
-  // SPEC: pos(i) - j < W; keys after the query stay allowed without causal.
+  // docs/design.md: pos(i) - j < W; keys after the query stay allowed without causal.
   expect_pattern({4, 4, false, 2, {}, {}, {}}, {"1111", "1111", "0111", "0011"});
 }
 

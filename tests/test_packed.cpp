@@ -358,7 +358,7 @@ TEST_F(PackedAttention, DocIdsWithACacheAreValidatedBeforeTheCacheIsTouched) {
   small.update(cached, cached, ConstView<DocId, 2>(ids_).narrow(1, 0, 10));
   test::expect_rejected<std::length_error>(small, [&] { attn_.forward(x, rope_, 10, &small, ids); },
                                            {"10 cached + 4 new positions exceed max_seq_len 12"});
-  // A cache that does not record ids keeps rejecting doc_ids (SPEC.md), as before.
+  // A cache that does not record ids keeps rejecting doc_ids (docs/design.md), as before.
   KVCache<float> plain(2, kLen, kKvHeadsA, attn_.head_dim());
   expect_invalid(plain, [&] { attn_.forward(x, rope_, 0, &plain, ids); },
                  {"doc_ids (2, 4)", "kv_cache", "record_doc_ids"});

@@ -33,10 +33,11 @@ using test::path_name;
 // several key tiles (kAuto: fused kernel), a decode step over two split-KV chunks of the
 // decode kernel (kAuto: decode), and a small odd one (head_dim 5, 3 query heads per KV
 // head).
-struct Shape {
+struct ProblemShape {
   Index batch, n_heads, n_kv_heads, q_len, kv_len, head_dim;
 };
-constexpr Shape kShapes[] = {{2, 4, 2, 37, 150, 8}, {1, 4, 1, 1, 1500, 8}, {1, 3, 1, 6, 9, 5}};
+constexpr ProblemShape kShapes[] = {
+    {2, 4, 2, 37, 150, 8}, {1, 4, 1, 1, 1500, 8}, {1, 3, 1, 6, 9, 5}};
 
 template <typename T>
 struct Qkv {
@@ -47,7 +48,7 @@ struct Qkv {
 // with scale 1 every score is exactly sign * 100 * k0[j] in any precision (the other
 // products are exact zeros), so logits of magnitude 1e4 are built exactly.
 template <typename T>
-Qkv<T> exact_logits(const Shape& s, double sign, const std::vector<double>& k0,
+Qkv<T> exact_logits(const ProblemShape& s, double sign, const std::vector<double>& k0,
                     std::uint32_t seed) {
   Qkv<T> x;
   x.q = Tensor<T, 4>(s.batch, s.n_heads, s.q_len, s.head_dim);
@@ -126,7 +127,7 @@ TYPED_TEST_SUITE(Robustness, ElementTypes, ElementTypeNames);
 // decode kernel's split-KV chunks.
 TYPED_TEST(Robustness, LogitsOfMagnitude1e4WithOneKeyAheadGiveItsValueExactly) {
   using T = TypeParam;
-  for (const Shape& s : kShapes) {
+  for (const ProblemShape& s : kShapes) {
     for (double sign : {1.0, -1.0}) {
       const Index winner = s.kv_len * 7 / 8;
       std::vector<double> k0(static_cast<std::size_t>(s.kv_len), 100.0 - 2.0 * sign);
@@ -151,7 +152,7 @@ TYPED_TEST(Robustness, LogitsOfMagnitude1e4WithOneKeyAheadGiveItsValueExactly) {
 // of the allowed values, lse = s + log(N). With masks (causal, padding) N varies by row.
 TYPED_TEST(Robustness, AllEqualLogitsOfMagnitude1e4AverageTheAllowedValues) {
   using T = TypeParam;
-  for (const Shape& s : kShapes) {
+  for (const ProblemShape& s : kShapes) {
     for (double sign : {1.0, -1.0}) {
       const std::vector<double> k0(static_cast<std::size_t>(s.kv_len), 100.0);
       const Qkv<T> x = exact_logits<T>(s, sign, k0, 12);
@@ -182,7 +183,7 @@ TYPED_TEST(Robustness, AllEqualLogitsOfMagnitude1e4AverageTheAllowedValues) {
 // stated budget (whose score term grows with the magnitude, see accuracy_budget.hpp).
 TYPED_TEST(Robustness, LogitsNear1e4WithAGenuineSpreadStayWithinTheBudget) {
   using T = TypeParam;
-  for (const Shape& s : kShapes) {
+  for (const ProblemShape& s : kShapes) {
     std::vector<double> k0(static_cast<std::size_t>(s.kv_len));
     for (std::size_t j = 0; j < k0.size(); ++j)
       k0[j] = 100.0 - 0.3 * static_cast<double>(j % 11) / 10.0;
@@ -209,7 +210,7 @@ TYPED_TEST(Robustness, LogitsNear1e4WithAGenuineSpreadStayWithinTheBudget) {
 // 0, so every path must return that key's value row bit for bit, whatever the logits.
 
 template <typename T>
-void expect_single_key(const Shape& s, const DenseMasks& m, double softcap,
+void expect_single_key(const ProblemShape& s, const DenseMasks& m, double softcap,
                        const std::function<Index(Index, Index, Index)>& key_of) {
   Qkv<T> x;
   // Large random logits (scale 3 on unit normals, D = 8: scores of tens).
@@ -271,7 +272,8 @@ TYPED_TEST(Robustness, DistinctDocumentIdsGiveEachRowItsOwnValueExactly) {
 }
 
 TYPED_TEST(Robustness, OneUnpaddedKeyGivesItsValueToEveryRowExactly) {
-  for (const Shape& s : {Shape{2, 4, 2, 20, 130, 8}, Shape{1, 4, 1, 1, 1500, 8}}) {
+  for (const ProblemShape& s :
+       {ProblemShape{2, 4, 2, 20, 130, 8}, ProblemShape{1, 4, 1, 1, 1500, 8}}) {
     const Index kept = s.kv_len - 40;
     DenseMasks m;
     Tensor<bool, 2> pad(s.batch, s.kv_len);
@@ -288,8 +290,9 @@ TYPED_TEST(Robustness, OneUnpaddedKeyGivesItsValueToEveryRowExactly) {
 // and in row 0 the queries of document 9 find no key of their document.
 TYPED_TEST(Robustness, RowsWithNoAllowedKeyAreZeroWithMinusInfLseNextToHugeLogits) {
   using T = TypeParam;
-  for (const Shape& base : {Shape{2, 4, 2, 37, 150, 8}, Shape{2, 4, 1, 1, 1500, 8}}) {
-    const Shape s = base;
+  for (const ProblemShape& base :
+       {ProblemShape{2, 4, 2, 37, 150, 8}, ProblemShape{2, 4, 1, 1, 1500, 8}}) {
+    const ProblemShape s = base;
     std::vector<double> k0(static_cast<std::size_t>(s.kv_len));
     for (std::size_t j = 0; j < k0.size(); ++j) k0[j] = 100.0 - 0.1 * static_cast<double>(j % 7);
     const Qkv<T> x = exact_logits<T>(s, 1.0, k0, 31);
@@ -347,8 +350,9 @@ TYPED_TEST(Robustness, RowsWithNoAllowedKeyAreZeroWithMinusInfLseNextToHugeLogit
 // run checks that), including for Sq > Skv without causal (negative positions).
 TYPED_TEST(Robustness, HugeWindowEqualsNoWindowWithoutOverflow) {
   using T = TypeParam;
-  for (const Shape& s :
-       {Shape{2, 4, 2, 37, 150, 8}, Shape{1, 4, 1, 1, 1500, 8}, Shape{1, 2, 1, 40, 9, 8}}) {
+  for (const ProblemShape& s :
+       {ProblemShape{2, 4, 2, 37, 150, 8}, ProblemShape{1, 4, 1, 1, 1500, 8},
+        ProblemShape{1, 2, 1, 40, 9, 8}}) {
     const Tensor<T, 4> q = test::random_normal<T, 4>({s.batch, s.n_heads, s.q_len, s.head_dim}, 41);
     const Tensor<T, 4> k =
         test::random_normal<T, 4>({s.batch, s.n_kv_heads, s.kv_len, s.head_dim}, 42);
@@ -400,7 +404,7 @@ struct Clean {
 
 // Causal prefill over two query tiles and three key tiles, and a decode step.
 template <typename T>
-Clean<T> clean_inputs(const Shape& s) {
+Clean<T> clean_inputs(const ProblemShape& s) {
   Clean<T> c;
   c.q = test::random_normal<T, 4>({s.batch, s.n_heads, s.q_len, s.head_dim}, 51);
   c.k = test::random_normal<T, 4>({s.batch, s.n_kv_heads, s.kv_len, s.head_dim}, 52);
@@ -409,7 +413,7 @@ Clean<T> clean_inputs(const Shape& s) {
   return c;
 }
 
-constexpr Shape kNonFiniteShapes[] = {{1, 4, 2, 37, 150, 8}, {1, 4, 1, 1, 1500, 8}};
+constexpr ProblemShape kNonFiniteShapes[] = {{1, 4, 2, 37, 150, 8}, {1, 4, 1, 1, 1500, 8}};
 
 template <typename T>
 std::vector<T> non_finite_values() {
@@ -436,7 +440,7 @@ bool row_equal(const Tensor<T, 4>& a, const Tensor<T, 4>& b, Index bb, Index h, 
 // every other row is bit for bit what it is without the poison.
 TYPED_TEST(Robustness, NonFiniteQueryMakesOnlyItsOwnRowNaN) {
   using T = TypeParam;
-  for (const Shape& s : kNonFiniteShapes) {
+  for (const ProblemShape& s : kNonFiniteShapes) {
     Clean<T> c = clean_inputs<T>(s);
     const Index h0 = 1, i0 = s.q_len - 1;
     for (T bad : non_finite_values<T>()) {
@@ -471,7 +475,7 @@ TYPED_TEST(Robustness, NonFiniteQueryMakesOnlyItsOwnRowNaN) {
 // scores of +-inf or NaN: +inf and NaN poison the row the same way, -inf drops the key.)
 TYPED_TEST(Robustness, NaNKeyAffectsOnlyTheRowsThatMaySeeIt) {
   using T = TypeParam;
-  for (const Shape& s : kNonFiniteShapes) {
+  for (const ProblemShape& s : kNonFiniteShapes) {
     const Clean<T> c = clean_inputs<T>(s);
     const Index j0 = s.kv_len - 20;  // seen by the last 20 positions only (causal)
     for (SdpaPath path : kAllPaths) {
@@ -502,7 +506,7 @@ TYPED_TEST(Robustness, NaNKeyAffectsOnlyTheRowsThatMaySeeIt) {
 // of the same tile that the mask keeps from it, through 0 * NaN: README.md.)
 TYPED_TEST(Robustness, NonFiniteValueMakesTheRowsThatSeeItNonFinite) {
   using T = TypeParam;
-  for (const Shape& s : kNonFiniteShapes) {
+  for (const ProblemShape& s : kNonFiniteShapes) {
     const Clean<T> c = clean_inputs<T>(s);
     const Index j0 = s.kv_len - 20;
     for (T bad : non_finite_values<T>()) {
@@ -533,7 +537,7 @@ TYPED_TEST(Robustness, NonFiniteValueMakesTheRowsThatSeeItNonFinite) {
 // garbage.
 TYPED_TEST(Robustness, NonFiniteInputsBehindTheMaskAreIgnoredWhereStated) {
   using T = TypeParam;
-  for (const Shape& s : kNonFiniteShapes) {
+  for (const ProblemShape& s : kNonFiniteShapes) {
     const Clean<T> c = clean_inputs<T>(s);
     DenseMasks m = c.masks;
     Tensor<bool, 2> pad(s.batch, s.kv_len);
@@ -571,7 +575,7 @@ TYPED_TEST(Robustness, NonFiniteInputsBehindTheMaskAreIgnoredWhereStated) {
 // shape, and a cache takes the step's keys and values as usual. Out-of-bounds reads would
 // show in the ASan run.
 TEST(RobustnessNonFinite, SprinkledNaNAndInfNeverThrowOrHang) {
-  const Shape s{2, 4, 2, 21, 70, 8};
+  const ProblemShape s{2, 4, 2, 21, 70, 8};
   Tensor<float, 4> q = test::random_normal<float, 4>({s.batch, s.n_heads, s.q_len, s.head_dim}, 61);
   Tensor<float, 4> k =
       test::random_normal<float, 4>({s.batch, s.n_kv_heads, s.kv_len, s.head_dim}, 62);

@@ -137,7 +137,7 @@ TEST(ApplyRope, InterleavedRotatesAdjacentPairs) {
   EXPECT_NEAR(out(0, 3), 3.0, kTol);
 }
 
-// Evaluates SPEC.md's formulas in double on the same (float) table values.
+// Evaluates docs/design.md's formulas in double on the same (float) table values.
 Tensor<double, 4> rope_formula(const Tensor<float, 4>& x, const Tensor<float, 2>& cos,
                                const Tensor<float, 2>& sin, RopeStyle style) {
   Tensor<double, 4> out(x.dimensions());

@@ -539,24 +539,6 @@ struct SweepInputs {
   DenseOptions options;
 };
 
-// Sorted packed document ids: runs of random length 1..max_run.
-Tensor<DocId, 2> packed_ids(Index batch, Index len, std::mt19937& gen) {
-  Tensor<DocId, 2> ids(batch, len);
-  const Index max_run = std::max<Index>(2, len / 3);
-  for (Index b = 0; b < batch; ++b) {
-    DocId doc = 0;
-    Index left = 1 + static_cast<Index>(gen() % static_cast<std::uint32_t>(max_run));
-    for (Index j = 0; j < len; ++j) {
-      if (left-- == 0) {
-        ++doc;
-        left = static_cast<Index>(gen() % static_cast<std::uint32_t>(max_run));
-      }
-      ids(b, j) = doc;
-    }
-  }
-  return ids;
-}
-
 Tensor<DocId, 2> random_ids(Index batch, Index len, DocId n_ids, std::mt19937& gen) {
   Tensor<DocId, 2> ids(batch, len);
   for (Index i = 0; i < ids.size(); ++i) ids.data()[i] = static_cast<DocId>(gen() % n_ids);
@@ -606,7 +588,8 @@ SweepInputs make_inputs(const SweepCase& c) {
   in.masks.window = c.window;
   const Index offset = c.kv_len - c.q_len;
   if (c.docs == Docs::kSorted) {
-    const Tensor<DocId, 2> kv_ids = packed_ids(c.batch, c.kv_len, gen);
+    const Tensor<DocId, 2> kv_ids =
+        test::packed_doc_ids(c.batch, c.kv_len, std::max<Index>(2, c.kv_len / 3), gen);
     if (offset == 0) {
       in.masks.q_docs = kv_ids;  // one tensor for queries and keys, as without a cache
     } else {

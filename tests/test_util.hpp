@@ -1,7 +1,7 @@
 // Helpers shared by the attnforge tests: deterministic random tensors, error measures,
 // caller thread pools, and an independent brute-force attention in double precision.
 //
-// The brute force is written from SPEC.md's formulas alone, as plainly as possible: it
+// The brute force is written from docs/design.md's formulas alone, as plainly as possible: it
 // builds the whole (Sq, Skv) allowed-matrix of every batch row, then a softmax over the
 // allowed keys. Tests may build dense masks (they are the independent check); the
 // library itself never does.
@@ -33,6 +33,26 @@ inline constexpr double kInf = std::numeric_limits<double>::infinity();
 
 // Uniform in [0, 1) from one 32-bit draw.
 inline double uniform01(std::mt19937& gen) { return static_cast<double>(gen()) * 0x1.0p-32; }
+
+// Sorted packed-document ids: each row is runs of one id, each run 1 to max_run tokens.
+inline Tensor<DocId, 2> packed_doc_ids(Index batch, Index len, Index max_run, std::mt19937& gen) {
+  const auto run_length = [&] {
+    return 1 + static_cast<Index>(gen() % static_cast<std::uint32_t>(max_run));
+  };
+  Tensor<DocId, 2> ids(batch, len);
+  for (Index b = 0; b < batch; ++b) {
+    DocId doc = 0;
+    Index left = run_length();
+    for (Index j = 0; j < len; ++j, --left) {
+      if (left == 0) {
+        ++doc;
+        left = run_length();
+      }
+      ids(b, j) = doc;
+    }
+  }
+  return ids;
+}
 
 template <typename T, int Rank>
 Tensor<T, Rank> random_uniform(const std::array<Index, Rank>& dims, std::uint32_t seed,
@@ -198,7 +218,7 @@ struct DenseResult {
   Index empty_rows = 0;     // (b, h, i) rows with no allowed key, before any policy
 };
 
-// SPEC.md: query i sits at pos(i) = Skv - Sq + i; causal allows j <= pos(i); a window W
+// docs/design.md: query i sits at pos(i) = Skv - Sq + i; causal allows j <= pos(i); a window W
 // requires pos(i) - j < W; doc ids must be equal; padding must be true.
 inline std::vector<std::vector<bool>> dense_allowed(const DenseMasks& m, Index b, Index q_len,
                                                     Index kv_len) {
@@ -221,7 +241,7 @@ inline std::vector<std::vector<bool>> dense_allowed(const DenseMasks& m, Index b
   return allowed;
 }
 
-// SPEC: the score is scale * <q, k>, softcapped, plus attn_bias and ALiBi's
+// docs/design.md: the score is scale * <q, k>, softcapped, plus attn_bias and ALiBi's
 // -slope_h * (pos(i) - j); keys allowed by every rule (and with a bias > -inf) take part;
 // a sink logit joins the denominator without a value. A row with no allowed key gives 0
 // (lse -inf, or the sink), or under attend-all every key with no mask and no bias.

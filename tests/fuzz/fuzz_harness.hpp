@@ -1,0 +1,234 @@
+// The fuzz target's shared harness: run statistics, checks, the expected outcome of a
+// call, input decoding helpers, and the scenarios each translation unit defines
+// (fuzz_attention.cpp says what the target checks).
+#pragma once
+
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <optional>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "accuracy_budget.hpp"
+#include "attnforge/attnforge.hpp"
+#include "test_util.hpp"
+
+namespace fuzz {
+
+namespace af = attnforge;
+using af::Index;
+
+// Per-scenario counts, printed at exit when ATTNFORGE_FUZZ_STATS is set (how many calls
+// were checked against the brute force, or for the cache scenarios against the shadow
+// model, and how many were rightly rejected); the paged scenario's PagedAttention calls,
+// checked against the brute force, are counted apart.
+enum Scenario { kSdpaScenario, kCacheScenario, kAttentionScenario, kPagedScenario };
+struct Stats {
+  static constexpr int kScenarios = 4;
+  long calls[kScenarios] = {};
+  long compared[kScenarios] = {};
+  long rejected[kScenarios] = {};
+  long paged_attention_calls = 0, paged_attention_compared = 0, paged_attention_rejected = 0;
+  long qint8_inputs[kScenarios] = {};  // inputs of a scenario that ran over a QInt8 cache
+  long cache_sdpa_compared = 0;        // Sdpa calls over a QInt8 KVCache's prefix
+  ~Stats() {
+    if (std::getenv("ATTNFORGE_FUZZ_STATS") == nullptr) return;
+    const char* names[kScenarios] = {"sdpa", "kv_cache", "attention", "paged"};
+    for (int i = 0; i < kScenarios; ++i) {
+      std::fprintf(
+          stderr,
+          "fuzz_attention stats: %-9s calls %ld, checked against the reference %ld, rejected %ld\n",
+          names[i], calls[i], compared[i], rejected[i]);
+    }
+    std::fprintf(stderr,
+                 "fuzz_attention stats: paged     of which PagedAttention calls %ld, checked "
+                 "against the reference %ld, rejected %ld\n",
+                 paged_attention_calls, paged_attention_compared, paged_attention_rejected);
+    std::fprintf(stderr,
+                 "fuzz_attention stats: QInt8 caches: kv_cache inputs %ld (Sdpa calls over them "
+                 "checked against the reference %ld), paged inputs %ld\n",
+                 qint8_inputs[kCacheScenario], cache_sdpa_compared, qint8_inputs[kPagedScenario]);
+  }
+};
+inline Stats stats;
+
+inline std::string sci(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3e", x);
+  return buf;
+}
+
+[[noreturn]] inline void fail(const std::string& what) {
+  std::fprintf(stderr, "fuzz_attention: CHECK FAILED: %s\n", what.c_str());
+  std::fflush(stderr);
+  std::abort();
+}
+
+inline void check(bool ok, const std::string& what) {
+  if (!ok) fail(what);
+}
+
+inline const Eigen::ThreadPoolDevice& pool_device() {
+  // No spinning: idle workers would take the CPU from the fuzzing thread.
+  static Eigen::ThreadPool pool(2, /*allow_spinning=*/false);
+  static Eigen::ThreadPoolDevice device(&pool, 2);
+  return device;
+}
+
+// What a call did: returned, or threw one of the two documented exceptions (anything
+// else propagates to libFuzzer as a crash).
+enum class Outcome { kOk, kInvalid, kLength };
+
+template <typename F>
+Outcome outcome_of(F&& call) {
+  try {
+    call();
+    return Outcome::kOk;
+  } catch (const std::invalid_argument&) {
+    return Outcome::kInvalid;
+  } catch (const std::length_error&) {
+    return Outcome::kLength;
+  }
+}
+
+inline const char* outcome_name(Outcome o) {
+  return o == Outcome::kOk        ? "success"
+         : o == Outcome::kInvalid ? "invalid_argument"
+                                  : "length_error";
+}
+
+// The harness's verdict on a call: which exception (if any) the arguments call for. With
+// several problems at once any of their exceptions is acceptable.
+struct Expected {
+  bool invalid = false;
+  bool overflow = false;
+  std::string why;
+
+  void bad(bool condition, const char* reason) {
+    if (condition && !invalid) why = reason;
+    invalid |= condition;
+  }
+  bool accepts(Outcome o) const {
+    if (!invalid && !overflow) return o == Outcome::kOk;
+    return (invalid && o == Outcome::kInvalid) || (overflow && o == Outcome::kLength);
+  }
+};
+
+inline void check_outcome(const Expected& e, Outcome o, const char* where) {
+  if (e.accepts(o)) return;
+  fail(std::string(where) + ": got " + outcome_name(o) + ", expected " +
+       (e.invalid    ? "invalid_argument (" + e.why + ")"
+        : e.overflow ? std::string("length_error")
+                     : std::string("success")));
+}
+
+template <typename T>
+T pick(FuzzedDataProvider& fdp, std::initializer_list<T> values) {
+  const std::size_t i = fdp.ConsumeIntegralInRange<std::size_t>(0, values.size() - 1);
+  return *(values.begin() + i);
+}
+
+// Fills t from a seeded generator at the given magnitude; with `specials`, a few
+// elements become NaN, +-Inf or huge.
+template <typename T, int Rank>
+void fill(af::Tensor<T, Rank>& t, std::uint32_t seed, double magnitude, bool specials,
+          FuzzedDataProvider& fdp) {
+  // splitmix64: cheaper than std::mt19937 under the sanitizers' instrumentation.
+  std::uint64_t state = seed;
+  for (Index i = 0; i < t.size(); ++i) {
+    std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    const double u = static_cast<double>((z ^ (z >> 31)) >> 11) * 0x1.0p-53;
+    t.data()[i] = static_cast<T>(magnitude * (2.0 * u - 1.0));
+  }
+  if (!specials || t.size() == 0) return;
+  const int n = fdp.ConsumeIntegralInRange<int>(1, 4);
+  for (int s = 0; s < n; ++s) {
+    const T value =
+        pick<T>(fdp, {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::infinity(),
+                      -std::numeric_limits<T>::infinity(), std::numeric_limits<T>::max(), T(0)});
+    t.data()[fdp.ConsumeIntegralInRange<Index>(0, t.size() - 1)] = value;
+  }
+}
+
+// A row of head_dim float values as a cache of storage S must hold it, read back as float:
+// the values themselves for float; for QInt8 quantized and dequantized by the library's
+// row conversions (qint8.hpp), and checked against the format's stated accuracy: within
+// half a quantization step, max |x| / 254 over the value's group of kQInt8Group, of each
+// finite value (plus the float rounding of the scale, its inverse and the product: a few
+// ulp of max |x|) when the scale is a normal float.
+template <typename S>
+void stored_row(const float* x, Index head_dim, float* out) {
+  if constexpr (std::is_same_v<S, float>) {
+    std::copy_n(x, head_dim, out);
+  } else {
+    std::vector<S> row(static_cast<std::size_t>(af::detail::stored_row_width<S>(head_dim)));
+    af::detail::store_row(x, head_dim, row.data());
+    af::detail::load_row(row.data(), head_dim, out);
+    static_assert(af::detail::is_qint8_v<S>, "the harness fuzzes float and QInt8 caches");
+    for (Index g0 = 0; g0 < head_dim; g0 += af::detail::kQInt8Group) {
+      const Index end = std::min(head_dim, g0 + af::detail::kQInt8Group);
+      double max_abs = 0.0;
+      for (Index d = g0; d < end; ++d) max_abs = std::max(max_abs, std::abs(double{x[d]}));
+      // (A scale below the normal range keeps fewer bits; the harness's values never get there.)
+      if (!std::isfinite(max_abs) || max_abs < 127.0 * std::numeric_limits<float>::min()) continue;
+      const double bound = max_abs * (1.0 / 254.0 + 0x1.0p-21);
+      for (Index d = g0; d < end; ++d) {
+        if (!(std::abs(double{out[d]} - double{x[d]}) <= bound)) {
+          fail("QInt8 row: value " + sci(x[d]) + " reads back as " + sci(out[d]) +
+               ", more than half a step (max |x| " + sci(max_abs) + " / 254) away");
+        }
+      }
+    }
+  }
+}
+
+// The head_dim of a cache scenario from its draw in [0, 8]: the draw itself for a float
+// cache (as the seed corpus was written); for QInt8, multiples of 4 (its rule) around and
+// across its scale groups of kQInt8Group = 32 values, so rows end mid-group and hold
+// several scales.
+template <typename S>
+Index cache_head_dim(Index draw) {
+  if constexpr (af::detail::is_qint8_v<S>) {
+    constexpr Index kSizes[] = {0, 4, 8, 12, 28, 32, 36, 64, 68};
+    return kSizes[draw];
+  } else {
+    return draw;
+  }
+}
+
+// The brute force's options for a library call's options.
+inline af::test::DenseOptions dense_options_of(const af::SdpaOptions& options) {
+  af::test::DenseOptions dense_options;
+  dense_options.scale = options.scale;
+  dense_options.softcap = options.softcap;
+  dense_options.attend_all_when_empty = options.empty_rows == af::EmptyRowPolicy::kAttendAll;
+  dense_options.alibi_slopes = options.alibi_slopes;
+  dense_options.sinks = options.sinks;
+  return dense_options;
+}
+
+// The scenarios, each over small shapes (fuzz_attention.cpp describes them): the SDPA
+// and Attention ones in fuzz_sdpa.cpp (T = float, double), the cache ones in
+// fuzz_kv_cache.cpp and fuzz_paged.cpp (S = float, af::QInt8).
+template <typename T>
+void fuzz_sdpa(FuzzedDataProvider& fdp);
+void fuzz_attention(FuzzedDataProvider& fdp);
+template <typename S>
+void fuzz_kv_cache(FuzzedDataProvider& fdp);
+template <typename S>
+void fuzz_paged(FuzzedDataProvider& fdp);
+
+}  // namespace fuzz
