@@ -220,6 +220,27 @@ inline af::test::DenseOptions dense_options_of(const af::SdpaOptions& options) {
   return dense_options;
 }
 
+// The brute force of an SDPA call on the same inputs, the accuracy budget the call's result
+// must meet against it, and the unit of the out error (max |v|).
+struct Reference {
+  af::test::DenseResult exact;
+  af::test::AccuracyBudget budget;
+  double v_scale;
+};
+template <typename T>
+Reference reference_of(const af::Tensor<T, 4>& q, const af::Tensor<T, 4>& k,
+                       const af::Tensor<T, 4>& v, const af::test::DenseMasks& dense,
+                       const af::SdpaOptions& options) {
+  const af::test::DenseOptions dense_options = dense_options_of(options);
+  Reference r;
+  r.exact = af::test::dense_sdpa(af::test::to_double(q), af::test::to_double(k),
+                                 af::test::to_double(v), dense, dense_options);
+  r.budget = af::test::sdpa_budget<T>(options.path,
+                                      af::test::budget_inputs(q, k, dense, dense_options, r.exact));
+  r.v_scale = std::max(af::test::max_abs(v), 1e-300);
+  return r;
+}
+
 // The scenarios, each over small shapes (fuzz_attention.cpp describes them): the SDPA
 // and Attention ones in fuzz_sdpa.cpp (T = float, double), the cache ones in
 // fuzz_kv_cache.cpp and fuzz_paged.cpp (S = float, af::QInt8).

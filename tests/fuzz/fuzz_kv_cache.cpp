@@ -40,13 +40,7 @@ void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
   af::test::DenseMasks dense;
   dense.causal = options.causal;
   dense.window = options.window;
-  const af::test::DenseOptions dense_options = dense_options_of(options);
-  const af::test::DenseResult exact =
-      af::test::dense_sdpa(af::test::to_double(q), af::test::to_double(keys),
-                           af::test::to_double(values), dense, dense_options);
-  const af::test::AccuracyBudget budget = af::test::sdpa_budget<T>(
-      options.path, af::test::budget_inputs(q, keys, dense, dense_options, exact));
-  const double v_scale = std::max(af::test::max_abs(values), 1e-300);
+  const auto [exact, budget, v_scale] = reference_of(q, keys, values, dense, options);
   const double out_err = af::test::max_abs_diff(out, exact.out) / v_scale;
   const double lse_err = af::test::max_abs_diff(lse, exact.lse);
   if (!(out_err <= budget.out) || !(lse_err <= budget.lse)) {

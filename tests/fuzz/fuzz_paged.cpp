@@ -386,13 +386,7 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
       dense.q_docs = q_ids[static_cast<std::size_t>(s)];
       if (cache.records_doc_ids()) dense.kv_docs = kv_ids;
     }
-    const af::test::DenseOptions dense_options = dense_options_of(options);
-    const af::test::DenseResult exact =
-        af::test::dense_sdpa(af::test::to_double(q4), af::test::to_double(k4),
-                             af::test::to_double(v4), dense, dense_options);
-    const af::test::AccuracyBudget budget = af::test::sdpa_budget<T>(
-        options.path, af::test::budget_inputs(q4, k4, dense, dense_options, exact));
-    const double v_scale = std::max(af::test::max_abs(v4), 1e-300);
+    const auto [exact, budget, v_scale] = reference_of(q4, k4, v4, dense, options);
     double out_err = 0.0, lse_err = 0.0;
     for (Index h = 0; h < n_heads; ++h) {
       for (Index i = 0; i < n; ++i) {

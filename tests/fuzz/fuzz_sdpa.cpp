@@ -334,12 +334,7 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
   }
 
   // Against the brute force, within the stated budget.
-  const af::test::DenseOptions dense_options = dense_options_of(options);
-  const af::test::DenseResult exact = af::test::dense_sdpa(
-      af::test::to_double(q), af::test::to_double(k), af::test::to_double(v), dense, dense_options);
-  const af::test::AccuracyBudget budget = af::test::sdpa_budget<T>(
-      options.path, af::test::budget_inputs(q, k, dense, dense_options, exact));
-  const double v_scale = std::max(af::test::max_abs(v), 1e-300);
+  const auto [exact, budget, v_scale] = reference_of(q, k, v, dense, options);
   const double out_err = af::test::max_abs_diff(out, exact.out) / v_scale;
   if (!(out_err <= budget.out)) {
     fail("out error " + sci(out_err) + " > budget " + sci(budget.out));
@@ -352,7 +347,7 @@ void fuzz_sdpa(FuzzedDataProvider& fdp) {
   }
   ++stats.compared[kSdpaScenario];
   // Rows with no allowed key: exactly 0 under kZeros.
-  if (!dense_options.attend_all_when_empty) {
+  if (options.empty_rows != af::EmptyRowPolicy::kAttendAll) {
     for (Index r = 0; r < exact.lse.size(); ++r) {
       if (exact.lse.data()[r] != -af::test::kInf) continue;
       for (Index d = 0; d < head_dim; ++d)
