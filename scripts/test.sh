@@ -300,41 +300,37 @@ run_eigen5_preset() {
   esac
 }
 
+# The step of the same name as PRESET: installs Eigen 5.0.1 and runs PRESET's unit tests
+# against it; without the tarball (not required), those of FALLBACK against the system
+# Eigen, if one is named.
+run_eigen5_step() {
+  local preset="$1" fallback="${2:-}" rc=0
+  install_eigen5 "$preset" || rc=$?
+  if [ "$rc" -eq 3 ]; then
+    [ -z "$fallback" ] || run_test_preset "$fallback"
+    return 0
+  fi
+  [ "$rc" -eq 0 ] || return "$rc"
+  run_eigen5_preset "$preset"
+}
+
 # CI's one build for three things: the unit tests built with clang++ for AVX2 + FMA
 # against Eigen 5.0.1 (g++ builds the baseline and native ones against Eigen 3.4; the
 # fuzz target and the consumer warnings test compile clang++ at the native ISA). Without
 # the tarball: the same against the system Eigen.
 step_avx2-clang-eigen5() {
-  local rc=0
-  install_eigen5 avx2-clang-eigen5 || rc=$?
-  if [ "$rc" -eq 3 ]; then
-    run_test_preset avx2-clang
-    return 0
-  fi
-  [ "$rc" -eq 0 ] || return "$rc"
-  run_eigen5_preset avx2-clang-eigen5
+  run_eigen5_step avx2-clang-eigen5 avx2-clang
 }
 
 # The release unit tests (g++, native ISA) against Eigen 5.0.1.
 step_eigen5() {
-  local rc=0
-  install_eigen5 eigen5 || rc=$?
-  [ "$rc" -eq 3 ] && return 0
-  [ "$rc" -eq 0 ] || return "$rc"
-  run_eigen5_preset eigen5
+  run_eigen5_step eigen5
 }
 
 # The unit tests built with clang++ (native ISA) against Eigen 5.0.1; without the
 # tarball, against the system Eigen.
 step_clang-eigen5() {
-  local rc=0
-  install_eigen5 clang-eigen5 || rc=$?
-  if [ "$rc" -eq 3 ]; then
-    run_test_preset clang
-    return 0
-  fi
-  [ "$rc" -eq 0 ] || return "$rc"
-  run_eigen5_preset clang-eigen5
+  run_eigen5_step clang-eigen5 clang
 }
 
 step_asan() {
