@@ -61,6 +61,13 @@
 //    For 16-bit caches this is u_T S-sized score shifts; for QInt8 delta_K is
 //        scale * max_ij sum_g (m_jg / 254) sum_{d in g} |q[i,d]|,
 //    the per-group form of the same sum.
+//
+// 5. The int8 dot-product decode path (Int8Kernel) quantizes each query row as well, as
+//    a cache row (after the kernel's pre-scale): it computes on q~ = q + dq, k~ and v~
+//    within E_out and E_lse of the problem on (q~, k~, v~), and against the original
+//    inputs each score moves by at most
+//        delta = scale * max_ij sum_d (|q~[i,d]| |dk[j,d]| + |dq[i,d]| |k[j,d]|)
+//    (q~ k~ - q k = q~ dk + dq k), which takes delta_K's place in E_cache.
 #pragma once
 
 #include <algorithm>
@@ -254,6 +261,21 @@ AccuracyBudget cache_budget(const AccuracyBudget& on_stored, const Tensor<float,
   const double v_scale = max_abs(v);
   const double value_error = v_scale > 0.0 ? max_abs(storage_error_bound<KV>(v)) / v_scale : 0.0;
   return reduced_cache_budget(on_stored, delta_k, value_error);
+}
+
+// E_cache of the int8 dot-product decode path (5. above): q_quantized is q~ (what the
+// kernel multiplies), q, k, v the originals; `on_stored` the budget on (q~, k~, v~).
+template <typename KV>
+AccuracyBudget quantized_query_cache_budget(const AccuracyBudget& on_stored,
+                                            const Tensor<double, 4>& q_quantized,
+                                            const Tensor<float, 4>& q, const Tensor<float, 4>& k,
+                                            const Tensor<float, 4>& v, double scale) {
+  const Tensor<double, 4> dq = q_quantized - to_double(q);
+  const double delta = max_score_magnitude(q_quantized, storage_error_bound<KV>(k), scale) +
+                       max_score_magnitude(dq, to_double(k), scale);
+  const double v_scale = max_abs(v);
+  const double value_error = v_scale > 0.0 ? max_abs(storage_error_bound<KV>(v)) / v_scale : 0.0;
+  return reduced_cache_budget(on_stored, delta, value_error);
 }
 
 }  // namespace attnforge::test

@@ -11,6 +11,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -527,6 +528,36 @@ double lse_abs_error(const A& actual, const Tensor<double, 3>& exact) {
   return worst;
 }
 
+// Whether a call over a QInt8 cache scores with int8 dot products on quantized queries:
+// the decode path (as SdpaPath picks it) with Int8Kernel::kAuto on a CPU and build that
+// have them.
+bool scores_by_int8_dot(SdpaPath path, Int8Kernel kernel, Index q_len, Index n_rep,
+                        Index head_dim) {
+  const bool decode = path == SdpaPath::kDecode ||
+                      (path == SdpaPath::kAuto && detail::decode_applies<float>(q_len, n_rep));
+  SdpaOptions options;
+  options.int8_kernel = kernel;
+  return decode && detail::use_int8_dot<float, QInt8>("test", options, head_dim);
+}
+
+// q~: the query rows as the int8 dot-product path multiplies them. Each row is scaled by
+// the kernel's pre-scale c (scale * log2 e; scale alone under a softcap), quantized as a
+// cache row, dequantized, and divided by c again (in double).
+Tensor<double, 4> quantized_queries(const Tensor<float, 4>& q, double scale, bool softcap) {
+  const Index head_dim = q.dimension(3), rows = q.size() / head_dim;
+  const float c = static_cast<float>(scale * (softcap ? 1.0 : detail::kLog2e));
+  Tensor<double, 4> out(q.dimensions());
+  std::vector<float> scaled(static_cast<std::size_t>(head_dim));
+  std::vector<QInt8> row(static_cast<std::size_t>(detail::qint8_row_bytes(head_dim)));
+  for (Index r = 0; r < rows; ++r) {
+    for (Index d = 0; d < head_dim; ++d) scaled[static_cast<std::size_t>(d)] = q.data()[r * head_dim + d] * c;
+    detail::quantize_row(scaled.data(), head_dim, row.data());
+    for (Index d = 0; d < head_dim; ++d)
+      out.data()[r * head_dim + d] = static_cast<double>(dequantized(row.data(), head_dim, d)) / c;
+  }
+  return out;
+}
+
 struct SdpaCase {
   const char* name;
   Index n_heads, n_kv_heads, head_dim;
@@ -535,8 +566,9 @@ struct SdpaCase {
 
 void PrintTo(const SdpaCase& c, std::ostream* os) { *os << c.name; }
 
-// Every path, 1 and 2 threads, over a QInt8 cache holding p's keys and values: (a) within
-// the float budget of the brute force on the dequantized values, (b) within the
+// Every path and Int8Kernel, 1 and 2 threads, over a QInt8 cache holding p's keys and
+// values: (a) within the float budget of the brute force on the dequantized values (and
+// on the quantized queries where the int8 dot products score), (b) within the
 // quantization budget of the brute force on the original ones.
 void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Index kv_len,
                                 std::uint32_t seed) {
@@ -546,46 +578,74 @@ void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Ind
   const KVPrefix<QInt8> prefix = cache.update(p.k, p.v);
   const Tensor<float, 4> k_stored = stored_values(prefix.keys);
   const Tensor<float, 4> v_stored = stored_values(prefix.values);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
+  const Tensor<double, 4> q_quantized = quantized_queries(p.q, scale, p.options.softcap > 0.0);
+  const Tensor<float, 4> q_quantized_float = q_quantized.cast<float>();
   const test::DenseResult exact_stored =
       test::dense_sdpa(test::to_double(p.q), test::to_double(k_stored), test::to_double(v_stored),
                        p.masks, p.options);
+  test::DenseResult exact_quantized_q = test::dense_sdpa(
+      q_quantized, test::to_double(k_stored), test::to_double(v_stored), p.masks, p.options);
+  // Rows with no allowed key are redone on the reference path (the attend-all policy),
+  // from the original query.
+  for (Index b = 0; b < batch; ++b) {
+    for (Index h = 0; h < c.n_heads; ++h) {
+      const auto allowed = test::dense_allowed(p.masks, b, h, q_len, kv_len);
+      for (Index i = 0; i < q_len; ++i) {
+        const auto& row = allowed[static_cast<std::size_t>(i)];
+        if (std::find(row.begin(), row.end(), true) != row.end()) continue;
+        exact_quantized_q.lse(b, h, i) = exact_stored.lse(b, h, i);
+        for (Index d = 0; d < c.head_dim; ++d)
+          exact_quantized_q.out(b, h, i, d) = exact_stored.out(b, h, i, d);
+      }
+    }
+  }
   const test::DenseResult exact_original = test::dense_sdpa(
       test::to_double(p.q), test::to_double(p.k), test::to_double(p.v), p.masks, p.options);
   if (c.kind == Kind::kEmptyAttendAll) {
     ASSERT_GT(exact_stored.empty_rows, 0);
   }
-  const test::BudgetInputs in =
-      test::budget_inputs(p.q, k_stored, p.masks, p.options, exact_stored);
-  const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
   const Masks masks = test::library_masks(p.masks);
   for (const SdpaPath path : test::kAllPaths) {
-    SCOPED_TRACE(test::path_name(path));
-    const test::AccuracyBudget on_stored = test::sdpa_budget<float>(path, in);
-    const test::AccuracyBudget on_original =
-        test::cache_budget<QInt8>(on_stored, p.q, p.k, p.v, scale);
-    Tensor<float, 4> out[2] = {Tensor<float, 4>(p.q.dimensions()),
-                               Tensor<float, 4>(p.q.dimensions())};
-    Tensor<float, 3> lse[2] = {Tensor<float, 3>(batch, c.n_heads, q_len),
-                               Tensor<float, 3>(batch, c.n_heads, q_len)};
-    for (int t = 0; t < 2; ++t) {
-      Sdpa<float, QInt8> sdpa(test::library_options(p.masks, p.options, path),
-                              t == 0 ? nullptr : &test::pool_device(2));
-      sdpa(p.q, prefix.keys, prefix.values, StridedView<float, 4>(out[t]), masks,
-           StridedView<float, 3>(lse[t]));
+    for (const Int8Kernel kernel : {Int8Kernel::kAuto, Int8Kernel::kDequantize}) {
+      const bool int8_dot =
+          scores_by_int8_dot(path, kernel, q_len, c.n_heads / c.n_kv_heads, c.head_dim);
+      SCOPED_TRACE(std::string(test::path_name(path)) +
+                   (int8_dot ? ", int8 dot products" : ", dequantized keys"));
+      const test::DenseResult& exact = int8_dot ? exact_quantized_q : exact_stored;
+      const test::AccuracyBudget on_stored = test::sdpa_budget<float>(
+          path, test::budget_inputs(int8_dot ? q_quantized_float : p.q, k_stored, p.masks,
+                                    p.options, exact));
+      const test::AccuracyBudget on_original =
+          int8_dot ? test::quantized_query_cache_budget<QInt8>(on_stored, q_quantized, p.q, p.k,
+                                                               p.v, scale)
+                   : test::cache_budget<QInt8>(on_stored, p.q, p.k, p.v, scale);
+      Tensor<float, 4> out[2] = {Tensor<float, 4>(p.q.dimensions()),
+                                 Tensor<float, 4>(p.q.dimensions())};
+      Tensor<float, 3> lse[2] = {Tensor<float, 3>(batch, c.n_heads, q_len),
+                                 Tensor<float, 3>(batch, c.n_heads, q_len)};
+      for (int t = 0; t < 2; ++t) {
+        SdpaOptions options = test::library_options(p.masks, p.options, path);
+        options.int8_kernel = kernel;
+        Sdpa<float, QInt8> sdpa(options, t == 0 ? nullptr : &test::pool_device(2));
+        sdpa(p.q, prefix.keys, prefix.values, StridedView<float, 4>(out[t]), masks,
+             StridedView<float, 3>(lse[t]));
+      }
+      EXPECT_TRUE(test::bitwise_equal(out[0], out[1])) << "2 threads differ from 1";
+      EXPECT_TRUE(test::bitwise_equal(lse[0], lse[1])) << "2 threads differ from 1";
+      const double err_stored = test::max_abs_diff(out[0], exact.out) / test::max_abs(v_stored);
+      const double err_original =
+          test::max_abs_diff(out[0], exact_original.out) / test::max_abs(p.v);
+      EXPECT_LE(err_stored, on_stored.out);
+      EXPECT_LE(lse_abs_error(lse[0], exact.lse), on_stored.lse);
+      EXPECT_LE(err_original, on_original.out);
+      EXPECT_LE(lse_abs_error(lse[0], exact_original.lse), on_original.lse);
+      // The cache (and query) really are quantized: against the original inputs the error
+      // is far above the float rounding measured against the quantized ones (random inputs
+      // land 100-1000x below the worst-case float budget, and so does quantization's
+      // averaging error).
+      EXPECT_GT(err_original, 10.0 * err_stored);
     }
-    EXPECT_TRUE(test::bitwise_equal(out[0], out[1])) << "2 threads differ from 1";
-    EXPECT_TRUE(test::bitwise_equal(lse[0], lse[1])) << "2 threads differ from 1";
-    const double err_stored =
-        test::max_abs_diff(out[0], exact_stored.out) / test::max_abs(v_stored);
-    const double err_original = test::max_abs_diff(out[0], exact_original.out) / test::max_abs(p.v);
-    EXPECT_LE(err_stored, on_stored.out);
-    EXPECT_LE(lse_abs_error(lse[0], exact_stored.lse), on_stored.lse);
-    EXPECT_LE(err_original, on_original.out);
-    EXPECT_LE(lse_abs_error(lse[0], exact_original.lse), on_original.lse);
-    // The cache really is quantized: against the original inputs the error is far above
-    // the float rounding measured against the stored ones (random inputs land 100-1000x
-    // below the worst-case float budget, and so does quantization's averaging error).
-    EXPECT_GT(err_original, 10.0 * err_stored);
   }
 }
 
@@ -672,25 +732,39 @@ bool print_table() {
   return env != nullptr && std::string(env) != "0";
 }
 
+// `kernel` picks how a QInt8 cache is scored; where that is the int8 dot products, "stored"
+// means the quantized queries too.
 template <typename KV>
 void measure_cache_format(const char* format, const char* shape, const Problem& p,
-                          const test::DenseResult& exact_original) {
+                          const test::DenseResult& exact_original,
+                          Int8Kernel kernel = Int8Kernel::kDequantize) {
   SCOPED_TRACE(format);
   const Index batch = p.k.dimension(0), kv_len = p.k.dimension(2), head_dim = p.k.dimension(3);
+  const Index q_len = p.q.dimension(2), n_rep = p.q.dimension(1) / p.k.dimension(1);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const bool int8_dot = detail::is_qint8_v<KV> &&
+                        scores_by_int8_dot(SdpaPath::kAuto, kernel, q_len, n_rep, head_dim);
   KVCache<KV> cache(batch, kv_len, p.k.dimension(1), head_dim);
   const KVPrefix<KV> prefix = cache.update(p.k, p.v);
   const Tensor<float, 4> k_stored = stored_values(prefix.keys);
   const Tensor<float, 4> v_stored = stored_values(prefix.values);
+  const Tensor<double, 4> q_quantized = quantized_queries(p.q, scale, p.options.softcap > 0.0);
+  const Tensor<float, 4> q_seen = int8_dot ? Tensor<float, 4>(q_quantized.cast<float>()) : p.q;
   const test::DenseResult exact_stored =
       std::is_same_v<KV, float> ? exact_original
-                                : test::dense_sdpa(test::to_double(p.q), test::to_double(k_stored),
+                                : test::dense_sdpa(int8_dot ? q_quantized : test::to_double(p.q),
+                                                   test::to_double(k_stored),
                                                    test::to_double(v_stored), p.masks, p.options);
   const test::AccuracyBudget on_stored = test::sdpa_budget<float>(
-      SdpaPath::kAuto, test::budget_inputs(p.q, k_stored, p.masks, p.options, exact_stored));
-  const test::AccuracyBudget on_original = test::cache_budget<KV>(
-      on_stored, p.q, p.k, p.v, 1.0 / std::sqrt(static_cast<double>(head_dim)));
-  const Tensor<float, 4> out = Sdpa<float, KV>(test::library_options(p.masks, p.options))(
-      p.q, prefix.keys, prefix.values, test::library_masks(p.masks));
+      SdpaPath::kAuto, test::budget_inputs(q_seen, k_stored, p.masks, p.options, exact_stored));
+  const test::AccuracyBudget on_original =
+      int8_dot
+          ? test::quantized_query_cache_budget<KV>(on_stored, q_quantized, p.q, p.k, p.v, scale)
+          : test::cache_budget<KV>(on_stored, p.q, p.k, p.v, scale);
+  SdpaOptions options = test::library_options(p.masks, p.options);
+  options.int8_kernel = kernel;
+  const Tensor<float, 4> out = Sdpa<float, KV>(options)(p.q, prefix.keys, prefix.values,
+                                                        test::library_masks(p.masks));
   const double err_original = test::max_abs_diff(out, exact_original.out) / test::max_abs(p.v);
   const double err_stored = test::max_abs_diff(out, exact_stored.out) / test::max_abs(v_stored);
   EXPECT_LE(err_original, on_original.out);
@@ -711,6 +785,8 @@ void measure_cache_formats(const char* shape, Index q_len, Index kv_len, bool ca
   measure_cache_format<bfloat16>("bf16", shape, p, exact);
   measure_cache_format<half>("fp16", shape, p, exact);
   measure_cache_format<QInt8>("int8", shape, p, exact);
+  if (scores_by_int8_dot(SdpaPath::kAuto, Int8Kernel::kAuto, q_len, 4, 128))
+    measure_cache_format<QInt8>("int8 dot", shape, p, exact, Int8Kernel::kAuto);
 }
 
 // q, k, v ~ N(0, 1), H 8, Hkv 2, D 128, default scale. decode: one query over Skv keys;

@@ -502,7 +502,8 @@ class Attention {
     }
     // The SDPA options too: nothing may fail after the cache has been appended to.
     detail::resolve_options(kWhere, sdpa_options_, head_dim_);
-    detail::use_bf16_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);  // kDotProduct's check
+    detail::use_bf16_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);  // kDotProduct's checks
+    detail::use_int8_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);
     Masks masks = call_masks;
     if (kv_cache != nullptr && doc_ids.has_value()) {
       masks.doc_ids = DocIdView();
@@ -556,7 +557,8 @@ class Attention {
     }
     // Nothing may fail after the cache has been appended to.
     detail::resolve_options(kWhere, sdpa_options_, head_dim_);
-    detail::use_bf16_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);  // kDotProduct's check
+    detail::use_bf16_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);  // kDotProduct's checks
+    detail::use_int8_dot<T, CacheT>(kWhere, sdpa_options_, head_dim_);
     detail::check_per_head_options(kWhere, sdpa_options_, n_heads_);
     for (Index s = 0; s < batch.size(); ++s) {
       const Index n = batch.new_tokens(s);

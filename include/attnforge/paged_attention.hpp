@@ -92,6 +92,7 @@ class PagedAttention {
                                      " sequences; give one per sequence or none");
     }
     params_ = detail::resolve_options(kWhere, options_, cache.head_dim());
+    params_.int8_dot = detail::use_int8_dot<T, KV>(kWhere, options_, cache.head_dim());
     detail::check_per_head_options(kWhere, options_, n_heads);
     masks_.assign(batch.seqs.size(), Masks{});
     kv_doc_ids_.resize(batch.seqs.size());

@@ -38,6 +38,14 @@ enum class SdpaPath {
 // ignore it.
 enum class Bf16Kernel { kAuto, kDotProduct, kConvert };
 
+// How the decode path scores float queries against a QInt8 cache. kAuto takes the int8
+// dot products (AVX-512 VNNI, checked once at run time) where they run: an AVX-512 build,
+// head_dim a multiple of 64; they quantize each query row per step like a cache row (see
+// docs/design.md, "Quantized caches"). kDequantize always dequantizes the keys and scores
+// in float; kDotProduct insists on the dot products (std::invalid_argument where they
+// cannot run). Other cache types ignore it.
+enum class Int8Kernel { kAuto, kDotProduct, kDequantize };
+
 struct SdpaOptions {
   // Multiplies <q, k>; default 1 / sqrt(head_dim).
   std::optional<double> scale;
@@ -50,6 +58,7 @@ struct SdpaOptions {
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
   SdpaPath path = SdpaPath::kAuto;
   Bf16Kernel bf16_kernel = Bf16Kernel::kAuto;
+  Int8Kernel int8_kernel = Int8Kernel::kAuto;
   // ALiBi (BLOOM, MPT): one slope per query head (H values, empty = off); the score of
   // query i and key j gets -slope[h] * (pos(i) - j), computed on the fly.
   std::vector<double> alibi_slopes;
@@ -68,6 +77,7 @@ struct SdpaParams {
   MaskRules rules;
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
   bool bf16_dot = false;                 // use the AVX512-BF16 tile products (bf16 q, k, v only)
+  bool int8_dot = false;                 // decode scores by int8 dot products (QInt8 cache only)
   const double* alibi_slopes = nullptr;  // (H), into the caller's options
   const double* sinks = nullptr;         // (H), into the caller's options
 };

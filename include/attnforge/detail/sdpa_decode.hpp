@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "attnforge/detail/int8_dot.hpp"
 #include "attnforge/detail/kernel_config.hpp"
 #include "attnforge/detail/mask_policy.hpp"
 #include "attnforge/detail/online_softmax.hpp"
@@ -40,6 +41,14 @@ struct DecodeScratch {
   AlignedBuffer<T> out_rows;      // rows x D, unnormalised output accumulator
   AlignedBuffer<T> weights;       // rows x P, scores and then softmax weights of the current block
   std::vector<SoftmaxStats<T>> stats;  // rows
+  // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
+  bool int8_dot = false;
+  AlignedBuffer<QInt8> q_int8;              // rows x qint8_row_bytes(D), quantized queries
+  AlignedBuffer<std::int32_t> q_start;      // rows x D / 4
+  AlignedBuffer<float> q_scale_lanes;       // rows x D / 4
+  AlignedBuffer<std::uint8_t> int8_keys;    // kInt8DotKeys x D, the block's keys made unsigned
+  AlignedBuffer<float> key_scale_lanes;     // kInt8DotKeys x D / 4
+  AlignedBuffer<float> value_weights;       // rows x D / kQInt8Group x kInt8DotKeys
 };
 
 // What the queries of one batch row can see: keys outside `span` are masked for all of
@@ -222,6 +231,15 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
     s.stats[static_cast<std::size_t>(r)] = SoftmaxStats<T>::start();
   }
   std::fill(s.out_rows.begin(), s.out_rows.begin() + g.rows * g.hd, T(0));
+  if constexpr (std::is_same_v<T, float>) {
+    if (!s.int8_dot) return;
+    const Index lanes = g.head_dim / 4;
+    for (Index r = 0; r < g.rows; ++r) {
+      quantize_query_row(s.q_rows.data() + r * g.hd, g.head_dim,
+                         s.q_int8.data() + r * qint8_row_bytes(g.head_dim),
+                         s.q_start.data() + r * lanes, s.q_scale_lanes.data() + r * lanes);
+    }
+  }
 }
 
 // Softcap, score biases and exclusions of row r's scores for keys [j0, j0 + P) (log2
@@ -276,6 +294,57 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
   }
 }
 
+// decode_block over a QInt8 cache with int8 dot products: the scores of every row from
+// the quantized queries, their softmax, then the values widened inside the FMAs, with
+// each key's group scales folded into the rows' weights.
+template <typename P, typename F>
+void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, bool check,
+                       DecodeScratch<float>& s) {
+#if ATTNFORGE_INT8_DOT
+  const QInt8* k_rows[kInt8DotKeys];
+  const QInt8* v_rows[kInt8DotKeys];
+  for (Index j = 0; j < kInt8DotKeys; ++j) {  // keys past n_keys repeat key 0; masked below
+    k_rows[j] = pb.k.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
+    v_rows[j] = pb.v.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
+  }
+  const Index lanes = g.head_dim / 4, groups = g.head_dim / kQInt8Group;
+  prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scale_lanes.data());
+  for (Index r = 0; r < g.rows; ++r) {
+    const Int8QueryRow q{s.q_int8.data() + r * qint8_row_bytes(g.head_dim),
+                         s.q_start.data() + r * lanes, s.q_scale_lanes.data() + r * lanes};
+    int8_row_scores(q, s.int8_keys.data(), s.key_scale_lanes.data(), g.head_dim,
+                    s.weights.data() + r * kInt8DotKeys);
+  }
+  for (Index r = 0; r < g.rows; ++r) {
+    mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check,
+                                s.weights.data() + r * kInt8DotKeys);
+  }
+  softmax_decode_block(g, s);
+  float* value_weights = s.value_weights.data();
+  for (Index gr = 0; gr < groups; ++gr) {
+    float scales[kInt8DotKeys];
+    for (Index j = 0; j < kInt8DotKeys; ++j)
+      scales[j] = j < n_keys ? qint8_scale(v_rows[j], g.head_dim, gr) : 0.0f;
+    for (Index r = 0; r < g.rows; ++r) {
+      const float* w = s.weights.data() + r * kInt8DotKeys;
+      float* dst = value_weights + (r * groups + gr) * kInt8DotKeys;
+      for (Index j = 0; j < kInt8DotKeys; ++j) dst[j] = w[j] * scales[j];
+    }
+  }
+  float* out = s.out_rows.data();
+  const Index ws = groups * kInt8DotKeys;
+  Index r0 = 0;
+  for (; r0 + 4 <= g.rows; r0 += 4)
+    int8_accumulate_values<4>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd, g.hd);
+  for (; r0 + 2 <= g.rows; r0 += 2)
+    int8_accumulate_values<2>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd, g.hd);
+  for (; r0 < g.rows; ++r0)
+    int8_accumulate_values<1>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd, g.hd);
+#else
+  (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
+#endif
+}
+
 // One block of P keys starting at j0: scores of every row, their softmax, the values.
 template <typename P, typename F>
 void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, KeySpan all_rows,
@@ -288,6 +357,14 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   const Index row_width = stored_row_width<typename P::KVScalar>(g.head_dim);
   prefetch_rows(pb.k.row(g.b, g.kv_head, j0), pb.k.stride(2), n_keys, row_width);
   prefetch_rows(pb.v.row(g.b, g.kv_head, j0), pb.v.stride(2), n_keys, row_width);
+  const bool check =
+      check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
+  if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
+    if (s.int8_dot) {
+      decode_block_int8<P, F>(pb, g, j0, n_keys, check, s);
+      return;
+    }
+  }
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
   const T* keys = tile_rows(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
   // All rows' scores first, then their softmax: the rows are independent, and keeping
@@ -300,8 +377,6 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
                       s.weights.data() + r * kP + first);
     }
   }
-  const bool check =
-      check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<T, F>(g, pb.params, r, j0, n_keys, check, s.weights.data() + r * kP);
   }
@@ -386,7 +461,7 @@ bool decode_applies(Index q_len, Index n_rep) {
 
 template <typename T>
 void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_dim,
-                    bool convert_kv, Index partials) {
+                    bool convert_kv, bool int8_dot, Index partials) {
   constexpr int kP = simd::kWidth<T>;
   const auto size = [](Index n) { return static_cast<std::size_t>(n); };
   const Index hd = padded_head_dim(head_dim, kP);
@@ -396,9 +471,17 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.out_rows.resize(size(rows * hd));
     s.weights.resize(size(rows * kP));
     s.stats.resize(size(rows));
-    s.keys.resize(convert_kv ? size(kP * head_dim) : 0);
+    s.keys.resize(convert_kv && !int8_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
+    s.int8_dot = int8_dot;
+    const Index lanes = int8_dot ? head_dim / 4 : 0;
+    s.q_int8.resize(int8_dot ? size(rows * qint8_row_bytes(head_dim)) : 0);
+    s.q_start.resize(size(rows * lanes));
+    s.q_scale_lanes.resize(size(rows * lanes));
+    s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
+    s.key_scale_lanes.resize(size(kInt8DotKeys * lanes));
+    s.value_weights.resize(int8_dot ? size(rows * head_dim / kQInt8Group * kInt8DotKeys) : 0);
   }
   ws.partial_out.resize(size(partials * rows * hd));
   ws.partial_lse.resize(size(partials * rows));
@@ -443,7 +526,8 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
     ws.first_item.push_back(ws.first_item.back() + batch * pb.k.dimension(1) * decode_chunks(pb));
   }
   reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
-                 !std::is_same_v<typename P::KVScalar, typename P::Compute>, ws.first_item.back());
+                 !std::is_same_v<typename P::KVScalar, typename P::Compute>,
+                 problems[0].params.int8_dot, ws.first_item.back());
   return ws.first_item.back();
 }
 
