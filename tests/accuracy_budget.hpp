@@ -263,6 +263,39 @@ AccuracyBudget cache_budget(const AccuracyBudget& on_stored, const Tensor<float,
   return reduced_cache_budget(on_stored, delta_k, value_error);
 }
 
+// Whether a call with these options over a QInt8 cache scores with int8 dot products on
+// quantized queries (5. above): the decode path, as SdpaPath picks it, where
+// Int8Kernel takes the dot products on this CPU and build.
+inline bool scores_by_int8_dot(SdpaPath path, Int8Kernel kernel, Index q_len, Index n_rep,
+                               Index head_dim) {
+  const bool decode = path == SdpaPath::kDecode ||
+                      (path == SdpaPath::kAuto && detail::decode_applies<float>(q_len, n_rep));
+  SdpaOptions options;
+  options.int8_kernel = kernel;
+  return decode && detail::use_int8_dot<float, QInt8>("scores_by_int8_dot", options, head_dim);
+}
+
+// q~ (5. above): the query rows as the int8 dot products multiply them. Each row is scaled
+// by the kernel's pre-scale c (scale * log2 e; scale alone under a softcap), quantized as
+// a cache row, dequantized, and divided by c again (in double).
+inline Tensor<double, 4> quantized_queries(const Tensor<float, 4>& q, double scale, bool softcap) {
+  const Index head_dim = q.dimension(3), rows = head_dim > 0 ? q.size() / head_dim : 0;
+  const float c = static_cast<float>(scale * (softcap ? 1.0 : detail::kLog2e));
+  Tensor<double, 4> out(q.dimensions());
+  std::vector<float> scaled(static_cast<std::size_t>(head_dim));
+  std::vector<QInt8> row(static_cast<std::size_t>(detail::qint8_row_bytes(head_dim)));
+  std::vector<float> back(static_cast<std::size_t>(head_dim));
+  for (Index r = 0; r < rows; ++r) {
+    for (Index d = 0; d < head_dim; ++d)
+      scaled[static_cast<std::size_t>(d)] = q.data()[r * head_dim + d] * c;
+    detail::quantize_row(scaled.data(), head_dim, row.data());
+    detail::dequantize_row(row.data(), head_dim, back.data());
+    for (Index d = 0; d < head_dim; ++d)
+      out.data()[r * head_dim + d] = static_cast<double>(back[static_cast<std::size_t>(d)]) / c;
+  }
+  return out;
+}
+
 // E_cache of the int8 dot-product decode path (5. above): q_quantized is q~ (what the
 // kernel multiplies), q, k, v the originals; `on_stored` the budget on (q~, k~, v~).
 template <typename KV>

@@ -528,36 +528,6 @@ double lse_abs_error(const A& actual, const Tensor<double, 3>& exact) {
   return worst;
 }
 
-// Whether a call over a QInt8 cache scores with int8 dot products on quantized queries:
-// the decode path (as SdpaPath picks it) with Int8Kernel::kAuto on a CPU and build that
-// have them.
-bool scores_by_int8_dot(SdpaPath path, Int8Kernel kernel, Index q_len, Index n_rep,
-                        Index head_dim) {
-  const bool decode = path == SdpaPath::kDecode ||
-                      (path == SdpaPath::kAuto && detail::decode_applies<float>(q_len, n_rep));
-  SdpaOptions options;
-  options.int8_kernel = kernel;
-  return decode && detail::use_int8_dot<float, QInt8>("test", options, head_dim);
-}
-
-// q~: the query rows as the int8 dot-product path multiplies them. Each row is scaled by
-// the kernel's pre-scale c (scale * log2 e; scale alone under a softcap), quantized as a
-// cache row, dequantized, and divided by c again (in double).
-Tensor<double, 4> quantized_queries(const Tensor<float, 4>& q, double scale, bool softcap) {
-  const Index head_dim = q.dimension(3), rows = q.size() / head_dim;
-  const float c = static_cast<float>(scale * (softcap ? 1.0 : detail::kLog2e));
-  Tensor<double, 4> out(q.dimensions());
-  std::vector<float> scaled(static_cast<std::size_t>(head_dim));
-  std::vector<QInt8> row(static_cast<std::size_t>(detail::qint8_row_bytes(head_dim)));
-  for (Index r = 0; r < rows; ++r) {
-    for (Index d = 0; d < head_dim; ++d) scaled[static_cast<std::size_t>(d)] = q.data()[r * head_dim + d] * c;
-    detail::quantize_row(scaled.data(), head_dim, row.data());
-    for (Index d = 0; d < head_dim; ++d)
-      out.data()[r * head_dim + d] = static_cast<double>(dequantized(row.data(), head_dim, d)) / c;
-  }
-  return out;
-}
-
 struct SdpaCase {
   const char* name;
   Index n_heads, n_kv_heads, head_dim;
@@ -579,7 +549,7 @@ void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Ind
   const Tensor<float, 4> k_stored = stored_values(prefix.keys);
   const Tensor<float, 4> v_stored = stored_values(prefix.values);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
-  const Tensor<double, 4> q_quantized = quantized_queries(p.q, scale, p.options.softcap > 0.0);
+  const Tensor<double, 4> q_quantized = test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
   const Tensor<float, 4> q_quantized_float = q_quantized.cast<float>();
   const test::DenseResult exact_stored =
       test::dense_sdpa(test::to_double(p.q), test::to_double(k_stored), test::to_double(v_stored),
@@ -609,7 +579,7 @@ void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Ind
   for (const SdpaPath path : test::kAllPaths) {
     for (const Int8Kernel kernel : {Int8Kernel::kAuto, Int8Kernel::kDequantize}) {
       const bool int8_dot =
-          scores_by_int8_dot(path, kernel, q_len, c.n_heads / c.n_kv_heads, c.head_dim);
+          test::scores_by_int8_dot(path, kernel, q_len, c.n_heads / c.n_kv_heads, c.head_dim);
       SCOPED_TRACE(std::string(test::path_name(path)) +
                    (int8_dot ? ", int8 dot products" : ", dequantized keys"));
       const test::DenseResult& exact = int8_dot ? exact_quantized_q : exact_stored;
@@ -722,6 +692,45 @@ TEST(QInt8SdpaValidation, AViewWhoseRowStrideIsNotTheStoredRowIsRejectedNamingKO
   }
 }
 
+// Int8Kernel::kDotProduct insists on the int8 dot products: where they cannot run (head_dim
+// not a multiple of 64, or a CPU / build without them) the call throws before writing;
+// where they run it is kAuto's result bit for bit, and kDequantize's float scores differ.
+TEST(QInt8SdpaValidation, Int8KernelDotProductRunsWhereItCanAndThrowsElsewhere) {
+  for (const Index head_dim : {Index{96}, Index{128}}) {
+    SCOPED_TRACE(head_dim);
+    const auto k = test::random_normal<float, 4>({1, 2, 40, head_dim}, 410);
+    const auto v = test::random_normal<float, 4>({1, 2, 40, head_dim}, 411);
+    const auto q = test::random_normal<float, 4>({1, 8, 1, head_dim}, 412);
+    KVCache<QInt8> cache(1, 40, 2, head_dim);
+    const KVPrefix<QInt8> rows = cache.update(k, v);
+    Tensor<float, 4> out[3];
+    const Int8Kernel kernels[3] = {Int8Kernel::kDotProduct, Int8Kernel::kAuto,
+                                   Int8Kernel::kDequantize};
+    for (int i = 0; i < 3; ++i) {
+      SdpaOptions options;
+      options.int8_kernel = kernels[i];
+      out[i] = Tensor<float, 4>(q.dimensions());
+      out[i].setConstant(7.0f);
+      Sdpa<float, QInt8> sdpa(options);
+      if (i == 0 && !test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 4, head_dim)) {
+        test::expect_invalid([&] { sdpa(q, rows.keys, rows.values, out[0]); },
+                             {"scaled_dot_product_attention", "Int8Kernel::kDotProduct",
+                              "head_dim " + std::to_string(head_dim)});
+        for (Index e = 0; e < out[0].size(); ++e) ASSERT_EQ(out[0].data()[e], 7.0f);
+      } else {
+        sdpa(q, rows.keys, rows.values, out[i]);
+      }
+    }
+    if (test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 4, head_dim)) {
+      EXPECT_EQ(head_dim, 128);
+      EXPECT_TRUE(test::bitwise_equal(out[0], out[1]));
+      EXPECT_FALSE(test::bitwise_equal(out[1], out[2]));
+    } else {
+      EXPECT_TRUE(test::bitwise_equal(out[1], out[2]));  // kAuto dequantizes here
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Accuracy of each cache format: float queries over a float, bf16, fp16 and QInt8 cache of
 // the same keys and values, against the exact result on the original inputs (the
@@ -743,12 +752,12 @@ void measure_cache_format(const char* format, const char* shape, const Problem& 
   const Index q_len = p.q.dimension(2), n_rep = p.q.dimension(1) / p.k.dimension(1);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   const bool int8_dot = detail::is_qint8_v<KV> &&
-                        scores_by_int8_dot(SdpaPath::kAuto, kernel, q_len, n_rep, head_dim);
+                        test::scores_by_int8_dot(SdpaPath::kAuto, kernel, q_len, n_rep, head_dim);
   KVCache<KV> cache(batch, kv_len, p.k.dimension(1), head_dim);
   const KVPrefix<KV> prefix = cache.update(p.k, p.v);
   const Tensor<float, 4> k_stored = stored_values(prefix.keys);
   const Tensor<float, 4> v_stored = stored_values(prefix.values);
-  const Tensor<double, 4> q_quantized = quantized_queries(p.q, scale, p.options.softcap > 0.0);
+  const Tensor<double, 4> q_quantized = test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
   const Tensor<float, 4> q_seen = int8_dot ? Tensor<float, 4>(q_quantized.cast<float>()) : p.q;
   const test::DenseResult exact_stored =
       std::is_same_v<KV, float> ? exact_original
@@ -785,7 +794,7 @@ void measure_cache_formats(const char* shape, Index q_len, Index kv_len, bool ca
   measure_cache_format<bfloat16>("bf16", shape, p, exact);
   measure_cache_format<half>("fp16", shape, p, exact);
   measure_cache_format<QInt8>("int8", shape, p, exact);
-  if (scores_by_int8_dot(SdpaPath::kAuto, Int8Kernel::kAuto, q_len, 4, 128))
+  if (test::scores_by_int8_dot(SdpaPath::kAuto, Int8Kernel::kAuto, q_len, 4, 128))
     measure_cache_format<QInt8>("int8 dot", shape, p, exact, Int8Kernel::kAuto);
 }
 
@@ -843,6 +852,7 @@ struct PagedCase {
   Index block;
   Index n_rep;
   Kind kind;
+  Index head_dim = kPagedHeadDim;  // 64: decode steps score by int8 dot products where they run
 };
 
 std::string paged_case_name(const ::testing::TestParamInfo<PagedCase>& info) {
@@ -851,7 +861,7 @@ std::string paged_case_name(const ::testing::TestParamInfo<PagedCase>& info) {
                      : info.param.kind == Kind::kDocs   ? "CausalDocs"
                                                         : "CausalSinks";
   return std::string(kind) + "_block" + std::to_string(info.param.block) + "_rep" +
-         std::to_string(info.param.n_rep);
+         std::to_string(info.param.n_rep) + "_D" + std::to_string(info.param.head_dim);
 }
 
 class QInt8PagedRagged : public ::testing::TestWithParam<PagedCase> {};
@@ -864,19 +874,19 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
   const PagedCase c = GetParam();
   const Index n_heads = kPagedKvHeads * c.n_rep;
   const bool docs = c.kind == Kind::kDocs;
-  PagedKVCache<QInt8> cache(200, c.block, kPagedKvHeads, kPagedHeadDim, docs);
+  PagedKVCache<QInt8> cache(200, c.block, kPagedKvHeads, c.head_dim, docs);
   std::vector<Problem> seqs;
   std::vector<KVCache<QInt8>> contiguous;
   RaggedBatch batch{{}, {0}};
   for (std::size_t s = 0; s < std::size(kShapes); ++s) {
     const SeqShape shape = kShapes[s];
     seqs.push_back(make_problem(c.kind, 1, n_heads, kPagedKvHeads, shape.n, shape.len,
-                                kPagedHeadDim, 600 + 10 * static_cast<std::uint32_t>(s)));
+                                c.head_dim, 600 + 10 * static_cast<std::uint32_t>(s)));
     const Problem& p = seqs.back();
     // A filler sequence first, so this one's blocks are scattered in the pool.
     const SeqId filler = cache.add_sequence();
     const Tensor<float, 3> fk =
-        test::random_normal<float, 3>({kPagedKvHeads, 17, kPagedHeadDim}, 7);
+        test::random_normal<float, 3>({kPagedKvHeads, 17, c.head_dim}, 7);
     Tensor<DocId, 2> filler_ids(1, 17);
     filler_ids.setZero();
     if (docs) {
@@ -898,7 +908,7 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
     }
     batch.seqs.push_back(id);
     batch.cu_seqlens.push_back(batch.cu_seqlens.back() + shape.n);
-    contiguous.emplace_back(1, shape.len, kPagedKvHeads, kPagedHeadDim);
+    contiguous.emplace_back(1, shape.len, kPagedKvHeads, c.head_dim);
     contiguous.back().update(p.k, p.v);
     EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(id),
                                     first_rows(contiguous.back().key_storage(), shape.len)))
@@ -913,17 +923,27 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
   const auto packed = test::pack_ragged_queries(seqs, batch);
   const Tensor<float, 3>& q = packed.first;
   const std::vector<Masks>& masks = packed.second;
-  std::vector<test::DenseResult> exact;
-  std::vector<test::BudgetInputs> inputs;
+  // Per sequence, the brute force on the dequantized keys and values from q, and from q~
+  // (what the int8 dot products multiply, for the decode steps that take them).
+  std::vector<test::DenseResult> exact[2];
+  std::vector<test::BudgetInputs> inputs[2];
+  const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
   for (std::size_t s = 0; s < seqs.size(); ++s) {
     const Problem& p = seqs[s];
     const KVPrefix<QInt8> prefix = contiguous[s].prefix();
     const Tensor<float, 4> k_stored = stored_values(prefix.keys);
-    exact.push_back(test::dense_sdpa(test::to_double(p.q), test::to_double(k_stored),
-                                     test::to_double(stored_values(prefix.values)), p.masks,
-                                     p.options));
-    inputs.push_back(test::budget_inputs(p.q, k_stored, p.masks, p.options, exact.back()));
+    const Tensor<float, 4> q_quantized =
+        test::quantized_queries(p.q, scale, p.options.softcap > 0.0).cast<float>();
+    for (int dot = 0; dot < 2; ++dot) {
+      const Tensor<float, 4>& q_seen = dot ? q_quantized : p.q;
+      exact[dot].push_back(test::dense_sdpa(test::to_double(q_seen), test::to_double(k_stored),
+                                            test::to_double(stored_values(prefix.values)),
+                                            p.masks, p.options));
+      inputs[dot].push_back(
+          test::budget_inputs(q_seen, k_stored, p.masks, p.options, exact[dot].back()));
+    }
   }
+  Index int8_dot_sequences = 0;
   for (const SdpaPath path : test::kAllPaths) {
     SCOPED_TRACE(test::path_name(path));
     const SdpaOptions options = test::library_options(seqs[0].masks, seqs[0].options, path);
@@ -943,17 +963,19 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
       Sdpa<float, QInt8> sdpa(options);
       sdpa(p.q, prefix.keys, prefix.values, StridedView<float, 4>(want),
            test::library_masks(p.masks), StridedView<float, 3>(want_lse));
-      const test::AccuracyBudget budget = test::sdpa_budget<float>(path, inputs[s]);
+      const int dot = test::scores_by_int8_dot(path, Int8Kernel::kAuto, n, c.n_rep, c.head_dim);
+      int8_dot_sequences += dot;
+      const test::AccuracyBudget budget = test::sdpa_budget<float>(path, inputs[dot][s]);
       const double v_scale = test::max_abs(stored_values(prefix.values));
       double err = 0, err_contiguous = 0, err_lse = 0, err_lse_contiguous = 0;
       for (Index h = 0; h < n_heads; ++h) {
         for (Index i = 0; i < n; ++i) {
-          for (Index d = 0; d < kPagedHeadDim; ++d) {
+          for (Index d = 0; d < c.head_dim; ++d) {
             const double got = out(first + i, h, d);
-            err = std::max(err, std::abs(got - exact[s].out(0, h, i, d)));
+            err = std::max(err, std::abs(got - exact[dot][s].out(0, h, i, d)));
             err_contiguous = std::max(err_contiguous, std::abs(got - want(0, h, i, d)));
           }
-          const double e = exact[s].lse(0, h, i), got = lse(h, first + i);
+          const double e = exact[dot][s].lse(0, h, i), got = lse(h, first + i);
           if (std::isinf(e)) {
             EXPECT_EQ(got, e);
           } else {
@@ -969,6 +991,11 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
       EXPECT_LE(err_lse_contiguous, 2.0 * budget.lse);
     }
   }
+  // The D 64 cases reach the int8 dot products wherever the CPU and build have them.
+  if (c.head_dim % detail::kInt8DotChunk == 0 &&
+      test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 1, c.head_dim)) {
+    EXPECT_GT(int8_dot_sequences, 0);
+  }
 }
 
 std::vector<PagedCase> paged_cases() {
@@ -978,7 +1005,9 @@ std::vector<PagedCase> paged_cases() {
     cases.push_back({block, 1, Kind::kWindow});                                  // MHA
     cases.push_back({block, 2, Kind::kDocs});
     cases.push_back({block, 4, Kind::kSinks});
+    cases.push_back({block, 4, Kind::kCausal, 64});
   }
+  cases.push_back({16, 2, Kind::kDocs, 64});
   return cases;
 }
 

@@ -42,6 +42,7 @@ struct Stats {
   long paged_attention_calls = 0, paged_attention_compared = 0, paged_attention_rejected = 0;
   long qint8_inputs[kScenarios] = {};  // inputs of a scenario that ran over a QInt8 cache
   long cache_sdpa_compared = 0;        // Sdpa calls over a QInt8 KVCache's prefix
+  long int8_dot_compared = 0;          // calls over QInt8 caches scored by int8 dot products
   ~Stats() {
     if (std::getenv("ATTNFORGE_FUZZ_STATS") == nullptr) return;
     const char* names[kScenarios] = {"sdpa", "kv_cache", "attention", "paged"};
@@ -57,8 +58,10 @@ struct Stats {
                  paged_attention_calls, paged_attention_compared, paged_attention_rejected);
     std::fprintf(stderr,
                  "fuzz_attention stats: QInt8 caches: kv_cache inputs %ld (Sdpa calls over them "
-                 "checked against the reference %ld), paged inputs %ld\n",
-                 qint8_inputs[kCacheScenario], cache_sdpa_compared, qint8_inputs[kPagedScenario]);
+                 "checked against the reference %ld), paged inputs %ld; calls scored by int8 "
+                 "dot products %ld\n",
+                 qint8_inputs[kCacheScenario], cache_sdpa_compared, qint8_inputs[kPagedScenario],
+                 int8_dot_compared);
   }
 };
 inline Stats stats;
@@ -239,6 +242,35 @@ Reference reference_of(const af::Tensor<T, 4>& q, const af::Tensor<T, 4>& k,
                                       af::test::budget_inputs(q, k, dense, dense_options, r.exact));
   r.v_scale = std::max(af::test::max_abs(v), 1e-300);
   return r;
+}
+
+// Over a QInt8 cache the decode path may score with int8 dot products on quantized
+// queries (Int8Kernel::kAuto where the CPU has them; docs/design.md, "Quantized caches"):
+// rows with no allowed key are then redone from the original query (kAttendAll), so such
+// calls take the float scores instead, which keeps every row's reference one query. No
+// input byte is consumed: the seed corpus decodes as before.
+template <typename S>
+af::Int8Kernel int8_kernel_for(const af::SdpaOptions& options) {
+  return af::detail::is_qint8_v<S> && options.empty_rows != af::EmptyRowPolicy::kAttendAll
+             ? af::Int8Kernel::kAuto
+             : af::Int8Kernel::kDequantize;
+}
+
+// The queries the library multiplies in a call of q_len rows per head: q~ where the int8
+// dot products score (then the brute force on q~ is the kernel's reference), q otherwise.
+template <typename S>
+af::Tensor<float, 4> queries_as_scored(const af::Tensor<float, 4>& q, Index n_kv_heads,
+                                       const af::SdpaOptions& options) {
+  const Index q_len = q.dimension(2), head_dim = q.dimension(3);
+  if (!af::detail::is_qint8_v<S> || n_kv_heads <= 0 ||
+      !af::test::scores_by_int8_dot(options.path, options.int8_kernel, q_len,
+                                    q.dimension(1) / n_kv_heads, head_dim)) {
+    return q;
+  }
+  const double scale =
+      options.scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<Index>(head_dim, 1))));
+  ++stats.int8_dot_compared;
+  return af::test::quantized_queries(q, scale, options.softcap > 0.0).cast<float>();
 }
 
 // The scenarios, each over small shapes (fuzz_attention.cpp describes them): the SDPA

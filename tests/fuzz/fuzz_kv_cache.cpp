@@ -28,6 +28,7 @@ void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
       fdp.ConsumeBool() ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
   options.path = pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kReference,
                                           af::SdpaPath::kFused, af::SdpaPath::kDecode});
+  options.int8_kernel = int8_kernel_for<S>(options);
   const bool use_device = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
   af::Tensor<T, 4> q(batch, n_heads, q_len, head_dim);
   fill(q, seed, pick<double>(fdp, {1.0, 1.0, 4.0}), false, fdp);
@@ -40,7 +41,8 @@ void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
   af::test::DenseMasks dense;
   dense.causal = options.causal;
   dense.window = options.window;
-  const auto [exact, budget, v_scale] = reference_of(q, keys, values, dense, options);
+  const auto [exact, budget, v_scale] =
+      reference_of(queries_as_scored<S>(q, n_kv_heads, options), keys, values, dense, options);
   const double out_err = af::test::max_abs_diff(out, exact.out) / v_scale;
   const double lse_err = af::test::max_abs_diff(lse, exact.lse);
   if (!(out_err <= budget.out) || !(lse_err <= budget.lse)) {

@@ -50,90 +50,101 @@ inline bool cpu_has_avx512_vnni() {
 #endif
 }
 
-// A query row quantized for the score kernel: its bytes in the QInt8 row layout, the
-// per-lane start of its accumulators, and its group scales spread over the lanes of each
-// 64-byte chunk.
+// A query row quantized for the score kernel: its bytes in the QInt8 row layout, and per
+// scale group the start of its accumulators and its scale.
 struct Int8QueryRow {
-  const QInt8* row;              // qint8_row_bytes(head_dim) bytes
-  const std::int32_t* start;     // head_dim / 4 lanes: -128 * (sum of the lane's 4 bytes)
-  const float* scale_lanes;      // head_dim / 4 lanes: the scale of the lane's group
+  const QInt8* row;           // qint8_row_bytes(head_dim) bytes
+  const std::int32_t* start;  // head_dim / kQInt8Group: -128 * (sum of the group's bytes)
 };
 
-// Quantizes one (pre-scaled) query row into `row`, `start` and `scale_lanes` (sized as
-// Int8QueryRow says). head_dim is a multiple of kInt8DotChunk.
-inline void quantize_query_row(const float* q, Index head_dim, QInt8* row, std::int32_t* start,
-                               float* scale_lanes) {
+// Quantizes one (pre-scaled) query row into `row` and `start` (sized as Int8QueryRow says).
+inline void quantize_query_row(const float* q, Index head_dim, QInt8* row, std::int32_t* start) {
   quantize_row(q, head_dim, row);
-  for (Index lane = 0; lane < head_dim / 4; ++lane) {
+  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
     std::int32_t sum = 0;
-    for (Index e = 4 * lane; e < 4 * lane + 4; ++e) sum += static_cast<std::int8_t>(row[e]);
-    start[lane] = -128 * sum;
-    scale_lanes[lane] = qint8_scale(row, head_dim, 4 * lane / kQInt8Group);
+    for (Index d = g * kQInt8Group; d < (g + 1) * kQInt8Group; ++d)
+      sum += static_cast<std::int8_t>(row[d]);
+    start[g] = -128 * sum;
   }
 }
 
 #if ATTNFORGE_INT8_DOT
 
-// The 16 lane sums of v[0..15] as one vector (lane j = sum of v[j]): pairs, then quads
-// within each 128-bit block, then across blocks. 15 shuffle-pair-and-add steps.
-ATTNFORGE_TARGET_VNNI inline __m512 sum_lanes_of_16(__m512 v[16]) {
-  __m512 w[8], x[4], y[2];
-  for (int k = 0; k < 8; ++k) {
-    w[k] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]),
-                         _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));
+// Transposes 16 rows of 16 int32 in place: v[i] lane j becomes v[j] lane i.
+ATTNFORGE_TARGET_VNNI inline void transpose_16x16(__m512i v[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
   }
-  for (int m = 0; m < 4; ++m) {
-    x[m] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
-                         _mm512_shuffle_ps(w[2 * m], w[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  for (int i = 0; i < 16; i += 4) {
+    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
   }
-  // x[m]: lane p of 128-bit block b holds key 4m + p summed over block b.
-  for (int n = 0; n < 2; ++n) {
-    y[n] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * n], x[2 * n + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(x[2 * n], x[2 * n + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // Each 128-bit block of v[i] now holds 4 consecutive columns of 4 rows: rows 4 (i / 4)
+  // ... + 3 within the block, columns 4 * block + {0 1 2 3} in the order i % 4 picks.
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], _MM_SHUFFLE(2, 0, 2, 0));
+    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], _MM_SHUFFLE(3, 1, 3, 1));
+    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], _MM_SHUFFLE(2, 0, 2, 0));
+    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], _MM_SHUFFLE(3, 1, 3, 1));
   }
-  return _mm512_add_ps(_mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                       _mm512_shuffle_f32x4(y[0], y[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], _MM_SHUFFLE(2, 0, 2, 0));
+    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], _MM_SHUFFLE(3, 1, 3, 1));
+    v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], _MM_SHUFFLE(2, 0, 2, 0));
+    v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], _MM_SHUFFLE(3, 1, 3, 1));
+  }
 }
 
-// Keys made unsigned and their scales spread over lanes, once per block for every row:
-// `keys` (kInt8DotKeys x head_dim bytes) and `scales` (kInt8DotKeys x head_dim / 4).
+// The block's 16 keys in the dot products' layout, once for every row: `keys` holds, for
+// each 4-byte column t of head_dim, the 16 keys' bytes [4t, 4t + 4) made unsigned (lane j =
+// key j), and `scales` the keys' scales per group (16 per group).
 ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, Index head_dim,
                                                     std::uint8_t* keys, float* scales) {
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-  const Index lanes = head_dim / 4;
-  for (Index j = 0; j < kInt8DotKeys; ++j) {
-    const QInt8* row = rows[j];
-    for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
-      const __m512i k = _mm512_loadu_si512(row + c);
-      _mm512_storeu_si512(keys + j * head_dim + c, _mm512_xor_si512(k, sign));
-      const Index g = c / kQInt8Group;
-      const __m512 low = _mm512_set1_ps(qint8_scale(row, head_dim, g));
-      const __m512 high = _mm512_set1_ps(qint8_scale(row, head_dim, g + 1));
-      _mm512_storeu_ps(scales + j * lanes + c / 4, _mm512_mask_blend_ps(0xFF00, low, high));
-    }
+  for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
+    __m512i v[16];
+    for (int j = 0; j < 16; ++j) v[j] = _mm512_xor_si512(_mm512_loadu_si512(rows[j] + c), sign);
+    transpose_16x16(v);
+    for (int t = 0; t < 16; ++t) _mm512_storeu_si512(keys + (c + 4 * t) * 16, v[t]);
+  }
+  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
+    for (int j = 0; j < 16; ++j) scales[g * 16 + j] = qint8_scale(rows[j], head_dim, g);
   }
 }
 
-// out[0, 16) = q . k_j for the 16 prepared keys (log2 units when q was scaled so).
-ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow& q, const std::uint8_t* keys,
+// out[0, 16) = q . k_j for the 16 prepared keys (log2 units when q was scaled so), for
+// two query rows at once (their dependency chains interleave).
+ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, int n_rows,
+                                                  const std::uint8_t* keys,
                                                   const float* key_scales, Index head_dim,
-                                                  float* out) {
-  const Index lanes = head_dim / 4;
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-  const auto* q_bytes = reinterpret_cast<const std::int8_t*>(q.row);
-  for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
-    const __m512i qv = _mm512_loadu_si512(q_bytes + c);
-    const __m512i start = _mm512_loadu_si512(q.start + c / 4);
-    const __m512 q_scale = _mm512_loadu_ps(q.scale_lanes + c / 4);
-    for (int j = 0; j < 16; ++j) {
-      const __m512i dot =
-          _mm512_dpbusd_epi32(start, _mm512_loadu_si512(keys + j * head_dim + c), qv);
-      const __m512 scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), q_scale);
-      acc[j] = _mm512_fmadd_ps(scaled, _mm512_loadu_ps(key_scales + j * lanes + c / 4), acc[j]);
+                                                  float* out, Index ldo) {
+  __m512 score[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
+    __m512i acc[2];
+    float q_scale[2];
+    for (int r = 0; r < n_rows; ++r) {
+      acc[r] = _mm512_set1_epi32(q[r].start[g]);
+      q_scale[r] = qint8_scale(q[r].row, head_dim, g);
+    }
+    for (Index t = g * kQInt8Group / 4; t < (g + 1) * kQInt8Group / 4; ++t) {
+      const __m512i k = _mm512_loadu_si512(keys + t * 64);
+      for (int r = 0; r < n_rows; ++r) {
+        std::int32_t bytes;
+        std::memcpy(&bytes, q[r].row + 4 * t, sizeof(bytes));
+        acc[r] = _mm512_dpbusd_epi32(acc[r], k, _mm512_set1_epi32(bytes));
+      }
+    }
+    const __m512 k_scale = _mm512_loadu_ps(key_scales + g * 16);
+    for (int r = 0; r < n_rows; ++r) {
+      score[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(q_scale[r])),
+                                 k_scale, score[r]);
     }
   }
-  _mm512_storeu_ps(out, sum_lanes_of_16(acc));
+  for (int r = 0; r < n_rows; ++r) _mm512_storeu_ps(out + r * ldo, score[r]);
 }
 
 // out[r][:] += sum_j weights[r][g][j] * v_j[:] over the n_keys value rows of a block for R

@@ -44,10 +44,9 @@ struct DecodeScratch {
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
   AlignedBuffer<QInt8> q_int8;              // rows x qint8_row_bytes(D), quantized queries
-  AlignedBuffer<std::int32_t> q_start;      // rows x D / 4
-  AlignedBuffer<float> q_scale_lanes;       // rows x D / 4
-  AlignedBuffer<std::uint8_t> int8_keys;    // kInt8DotKeys x D, the block's keys made unsigned
-  AlignedBuffer<float> key_scale_lanes;     // kInt8DotKeys x D / 4
+  AlignedBuffer<std::int32_t> q_start;      // rows x D / kQInt8Group
+  AlignedBuffer<std::uint8_t> int8_keys;    // D x kInt8DotKeys, the block's keys, transposed
+  AlignedBuffer<float> key_scales;          // D / kQInt8Group x kInt8DotKeys
   AlignedBuffer<float> value_weights;       // rows x D / kQInt8Group x kInt8DotKeys
 };
 
@@ -233,11 +232,10 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
   std::fill(s.out_rows.begin(), s.out_rows.begin() + g.rows * g.hd, T(0));
   if constexpr (std::is_same_v<T, float>) {
     if (!s.int8_dot) return;
-    const Index lanes = g.head_dim / 4;
     for (Index r = 0; r < g.rows; ++r) {
       quantize_query_row(s.q_rows.data() + r * g.hd, g.head_dim,
                          s.q_int8.data() + r * qint8_row_bytes(g.head_dim),
-                         s.q_start.data() + r * lanes, s.q_scale_lanes.data() + r * lanes);
+                         s.q_start.data() + r * (g.head_dim / kQInt8Group));
     }
   }
 }
@@ -307,13 +305,17 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
     k_rows[j] = pb.k.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
     v_rows[j] = pb.v.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
   }
-  const Index lanes = g.head_dim / 4, groups = g.head_dim / kQInt8Group;
-  prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scale_lanes.data());
-  for (Index r = 0; r < g.rows; ++r) {
-    const Int8QueryRow q{s.q_int8.data() + r * qint8_row_bytes(g.head_dim),
-                         s.q_start.data() + r * lanes, s.q_scale_lanes.data() + r * lanes};
-    int8_row_scores(q, s.int8_keys.data(), s.key_scale_lanes.data(), g.head_dim,
-                    s.weights.data() + r * kInt8DotKeys);
+  const Index groups = g.head_dim / kQInt8Group;
+  prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data());
+  for (Index r0 = 0; r0 < g.rows; r0 += 2) {
+    const int n = g.rows - r0 >= 2 ? 2 : 1;
+    Int8QueryRow q[2];
+    for (int r = 0; r < n; ++r) {
+      q[r] = {s.q_int8.data() + (r0 + r) * qint8_row_bytes(g.head_dim),
+              s.q_start.data() + (r0 + r) * groups};
+    }
+    int8_row_scores(q, n, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
+                    s.weights.data() + r0 * kInt8DotKeys, kInt8DotKeys);
   }
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check,
@@ -475,12 +477,11 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
     s.int8_dot = int8_dot;
-    const Index lanes = int8_dot ? head_dim / 4 : 0;
+    const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
     s.q_int8.resize(int8_dot ? size(rows * qint8_row_bytes(head_dim)) : 0);
-    s.q_start.resize(size(rows * lanes));
-    s.q_scale_lanes.resize(size(rows * lanes));
+    s.q_start.resize(size(rows * groups));
     s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
-    s.key_scale_lanes.resize(size(kInt8DotKeys * lanes));
+    s.key_scales.resize(size(kInt8DotKeys * groups));
     s.value_weights.resize(int8_dot ? size(rows * head_dim / kQInt8Group * kInt8DotKeys) : 0);
   }
   ws.partial_out.resize(size(partials * rows * hd));
