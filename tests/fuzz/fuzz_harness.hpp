@@ -201,11 +201,12 @@ void stored_row(const float* x, Index head_dim, float* out) {
 // The head_dim of a cache scenario from its draw in [0, 8]: the draw itself for a float
 // cache (as the seed corpus was written); for QInt8, multiples of 4 (its rule) around and
 // across its scale groups of kQInt8Group = 32 values, so rows end mid-group and hold
-// several scales.
+// several scales, and 64, where the decode path may take the int8 dot products (the
+// KVCache scenario draws the first seven).
 template <typename S>
 Index cache_head_dim(Index draw) {
   if constexpr (af::detail::is_qint8_v<S>) {
-    constexpr Index kSizes[] = {0, 4, 8, 12, 28, 32, 36, 64, 68};
+    constexpr Index kSizes[] = {0, 4, 8, 12, 28, 32, 64, 36, 68};
     return kSizes[draw];
   } else {
     return draw;
