@@ -12,9 +12,9 @@
 // 1. Scores. A float score is D products summed by fused multiply-adds after q is
 //    multiplied by scale (* log2(e), folded in by the kernels): gamma_(D+2) * S. The
 //    exponent is taken of (score - running max), one more rounding of a value <= 2S
-//    (a score bias adds one rounding of a value <= S), and the exp2 of simd.hpp adds 1 ulp (its stated bound); the decode path's merge of
-//    chunk log-sum-exps adds two more roundings of values <= S + log2(N). So every
-//    exponent is off by at most
+//    (a score bias adds one rounding of a value <= S), and the exp2 of simd.hpp adds 1 ulp (its
+//    stated bound); the decode path's merge of chunk log-sum-exps adds two more roundings of values
+//    <= S + log2(N). So every exponent is off by at most
 //        delta = (D + 8) u S   (+ c (tanh_err + 4u) with a softcap c: tanh's stated error
 //                                and the multiplications around it).
 // 2. Softmax. Perturbing each exponent by at most delta changes each weight p_j by a

@@ -549,7 +549,8 @@ void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Ind
   const Tensor<float, 4> k_stored = stored_values(prefix.keys);
   const Tensor<float, 4> v_stored = stored_values(prefix.values);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
-  const Tensor<double, 4> q_quantized = test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
+  const Tensor<double, 4> q_quantized =
+      test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
   const Tensor<float, 4> q_quantized_float = q_quantized.cast<float>();
   const test::DenseResult exact_stored =
       test::dense_sdpa(test::to_double(p.q), test::to_double(k_stored), test::to_double(v_stored),
@@ -583,9 +584,9 @@ void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Ind
       SCOPED_TRACE(std::string(test::path_name(path)) +
                    (int8_dot ? ", int8 dot products" : ", dequantized keys"));
       const test::DenseResult& exact = int8_dot ? exact_quantized_q : exact_stored;
-      const test::AccuracyBudget on_stored = test::sdpa_budget<float>(
-          path, test::budget_inputs(int8_dot ? q_quantized_float : p.q, k_stored, p.masks,
-                                    p.options, exact));
+      const test::AccuracyBudget on_stored =
+          test::sdpa_budget<float>(path, test::budget_inputs(int8_dot ? q_quantized_float : p.q,
+                                                             k_stored, p.masks, p.options, exact));
       const test::AccuracyBudget on_original =
           int8_dot ? test::quantized_query_cache_budget<QInt8>(on_stored, q_quantized, p.q, p.k,
                                                                p.v, scale)
@@ -712,7 +713,8 @@ TEST(QInt8SdpaValidation, Int8KernelDotProductRunsWhereItCanAndThrowsElsewhere) 
       out[i] = Tensor<float, 4>(q.dimensions());
       out[i].setConstant(7.0f);
       Sdpa<float, QInt8> sdpa(options);
-      if (i == 0 && !test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 4, head_dim)) {
+      if (i == 0 &&
+          !test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 4, head_dim)) {
         test::expect_invalid([&] { sdpa(q, rows.keys, rows.values, out[0]); },
                              {"scaled_dot_product_attention", "Int8Kernel::kDotProduct",
                               "head_dim " + std::to_string(head_dim)});
@@ -757,7 +759,8 @@ void measure_cache_format(const char* format, const char* shape, const Problem& 
   const KVPrefix<KV> prefix = cache.update(p.k, p.v);
   const Tensor<float, 4> k_stored = stored_values(prefix.keys);
   const Tensor<float, 4> v_stored = stored_values(prefix.values);
-  const Tensor<double, 4> q_quantized = test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
+  const Tensor<double, 4> q_quantized =
+      test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
   const Tensor<float, 4> q_seen = int8_dot ? Tensor<float, 4>(q_quantized.cast<float>()) : p.q;
   const test::DenseResult exact_stored =
       std::is_same_v<KV, float> ? exact_original
@@ -772,8 +775,8 @@ void measure_cache_format(const char* format, const char* shape, const Problem& 
           : test::cache_budget<KV>(on_stored, p.q, p.k, p.v, scale);
   SdpaOptions options = test::library_options(p.masks, p.options);
   options.int8_kernel = kernel;
-  const Tensor<float, 4> out = Sdpa<float, KV>(options)(p.q, prefix.keys, prefix.values,
-                                                        test::library_masks(p.masks));
+  const Tensor<float, 4> out =
+      Sdpa<float, KV>(options)(p.q, prefix.keys, prefix.values, test::library_masks(p.masks));
   const double err_original = test::max_abs_diff(out, exact_original.out) / test::max_abs(p.v);
   const double err_stored = test::max_abs_diff(out, exact_stored.out) / test::max_abs(v_stored);
   EXPECT_LE(err_original, on_original.out);
@@ -880,13 +883,12 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
   RaggedBatch batch{{}, {0}};
   for (std::size_t s = 0; s < std::size(kShapes); ++s) {
     const SeqShape shape = kShapes[s];
-    seqs.push_back(make_problem(c.kind, 1, n_heads, kPagedKvHeads, shape.n, shape.len,
-                                c.head_dim, 600 + 10 * static_cast<std::uint32_t>(s)));
+    seqs.push_back(make_problem(c.kind, 1, n_heads, kPagedKvHeads, shape.n, shape.len, c.head_dim,
+                                600 + 10 * static_cast<std::uint32_t>(s)));
     const Problem& p = seqs.back();
     // A filler sequence first, so this one's blocks are scattered in the pool.
     const SeqId filler = cache.add_sequence();
-    const Tensor<float, 3> fk =
-        test::random_normal<float, 3>({kPagedKvHeads, 17, c.head_dim}, 7);
+    const Tensor<float, 3> fk = test::random_normal<float, 3>({kPagedKvHeads, 17, c.head_dim}, 7);
     Tensor<DocId, 2> filler_ids(1, 17);
     filler_ids.setZero();
     if (docs) {
@@ -937,8 +939,8 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
     for (int dot = 0; dot < 2; ++dot) {
       const Tensor<float, 4>& q_seen = dot ? q_quantized : p.q;
       exact[dot].push_back(test::dense_sdpa(test::to_double(q_seen), test::to_double(k_stored),
-                                            test::to_double(stored_values(prefix.values)),
-                                            p.masks, p.options));
+                                            test::to_double(stored_values(prefix.values)), p.masks,
+                                            p.options));
       inputs[dot].push_back(
           test::budget_inputs(q_seen, k_stored, p.masks, p.options, exact[dot].back()));
     }

@@ -4,11 +4,12 @@
 //
 // Scores: each query row is quantized per step like a cache row (kQInt8Group values per
 // scale), so q . k = sum over groups of (q scale * k scale) * (integer dot of the group).
-// vpdpbusd multiplies unsigned by signed bytes; the keys are made unsigned by adding 128
-// (an xor of the sign bit), and the 128 * sum(q) this adds is subtracted by starting each
-// accumulator at the query's correction. A group of 32 values is 8 int32 lanes, so one
-// 64-byte load covers two groups, whose scales are applied per lane before the 16 lanes
-// of every key are summed by one transpose-add tree per 16 keys.
+// A block of 16 keys is transposed once into the dot products' layout (lane j = key j,
+// 4 consecutive bytes per lane), so one vpdpbusd adds 4 products to each of 16 keys'
+// sums against 4 broadcast query bytes, and a group's 8 of them leave 16 finished integer
+// dot products: no horizontal sums. vpdpbusd multiplies unsigned by signed bytes; the
+// keys are made unsigned by adding 128 (an xor of the sign bit), and the 128 * sum(q)
+// this adds is subtracted by starting each group's accumulators at that correction.
 //
 // Like bf16_dot.hpp, these functions carry their own target attribute, so the library
 // keeps compiling for any target; they are only called after `cpu_has_avx512_vnni()`.
@@ -119,9 +120,8 @@ ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, In
 // out[0, 16) = q . k_j for the 16 prepared keys (log2 units when q was scaled so), for
 // two query rows at once (their dependency chains interleave).
 ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, int n_rows,
-                                                  const std::uint8_t* keys,
-                                                  const float* key_scales, Index head_dim,
-                                                  float* out, Index ldo) {
+                                                  const std::uint8_t* keys, const float* key_scales,
+                                                  Index head_dim, float* out, Index ldo) {
   __m512 score[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
   for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
     __m512i acc[2];
@@ -140,8 +140,8 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, int n_r
     }
     const __m512 k_scale = _mm512_loadu_ps(key_scales + g * 16);
     for (int r = 0; r < n_rows; ++r) {
-      score[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(q_scale[r])),
-                                 k_scale, score[r]);
+      score[r] = _mm512_fmadd_ps(
+          _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(q_scale[r])), k_scale, score[r]);
     }
   }
   for (int r = 0; r < n_rows; ++r) _mm512_storeu_ps(out + r * ldo, score[r]);
@@ -152,9 +152,9 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, int n_r
 // already multiplied by each key's group scales, so the int8 values widen straight into
 // the FMAs. `weights` holds, per row, head_dim / kQInt8Group groups of 16 keys.
 template <int R>
-ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights, const QInt8* const* rows,
-                                                         Index n_keys, Index head_dim, float* out,
-                                                         Index ldo) {
+ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
+                                                         const QInt8* const* rows, Index n_keys,
+                                                         Index head_dim, float* out, Index ldo) {
   const Index groups = head_dim / kQInt8Group;
   for (Index d = 0; d < head_dim; d += kInt8DotChunk) {
     __m512 acc[R][4];
@@ -166,8 +166,8 @@ ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights, c
       const auto* bytes = reinterpret_cast<const std::int8_t*>(rows[j]) + d;
       __m512 v[4];
       for (int c = 0; c < 4; ++c) {
-        v[c] = _mm512_cvtepi32_ps(
-            _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * c))));
+        v[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * c))));
       }
       for (int r = 0; r < R; ++r) {
         const float* w = weights + r * groups * 16;

@@ -43,11 +43,11 @@ struct DecodeScratch {
   std::vector<SoftmaxStats<T>> stats;  // rows
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
-  AlignedBuffer<QInt8> q_int8;              // rows x qint8_row_bytes(D), quantized queries
-  AlignedBuffer<std::int32_t> q_start;      // rows x D / kQInt8Group
-  AlignedBuffer<std::uint8_t> int8_keys;    // D x kInt8DotKeys, the block's keys, transposed
-  AlignedBuffer<float> key_scales;          // D / kQInt8Group x kInt8DotKeys
-  AlignedBuffer<float> value_weights;       // rows x D / kQInt8Group x kInt8DotKeys
+  AlignedBuffer<QInt8> q_int8;            // rows x qint8_row_bytes(D), quantized queries
+  AlignedBuffer<std::int32_t> q_start;    // rows x D / kQInt8Group
+  AlignedBuffer<std::uint8_t> int8_keys;  // D x kInt8DotKeys, the block's keys, transposed
+  AlignedBuffer<float> key_scales;        // D / kQInt8Group x kInt8DotKeys
+  AlignedBuffer<float> value_weights;     // rows x D / kQInt8Group x kInt8DotKeys
 };
 
 // What the queries of one batch row can see: keys outside `span` are masked for all of
@@ -337,11 +337,14 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const Index ws = groups * kInt8DotKeys;
   Index r0 = 0;
   for (; r0 + 4 <= g.rows; r0 += 4)
-    int8_accumulate_values<4>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd, g.hd);
+    int8_accumulate_values<4>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd,
+                              g.hd);
   for (; r0 + 2 <= g.rows; r0 += 2)
-    int8_accumulate_values<2>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd, g.hd);
+    int8_accumulate_values<2>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd,
+                              g.hd);
   for (; r0 < g.rows; ++r0)
-    int8_accumulate_values<1>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd, g.hd);
+    int8_accumulate_values<1>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd,
+                              g.hd);
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
 #endif
