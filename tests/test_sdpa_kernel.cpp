@@ -231,7 +231,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, FusedKernel,
 // The decode kernel holds a query row in registers a fixed number of packets at a time
 // and the output a whole value row at a time: every head_dim that leaves a tail of
 // packets (or of elements) behind, and odd row counts (rows taken two at a time), against
-// the double brute force on 1 and 2 threads, with a key count that ends mid-block.
+// the double brute force on 1 and 2 threads, with a key count that ends mid-block, and
+// with both score packet widths (each CPU's kAuto takes one of them).
 class DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {};
 
 TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
@@ -243,14 +244,19 @@ TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
   DenseMasks dense;
   dense.causal = true;
   const DenseResult ref = dense_sdpa(to_double(q), to_double(k), to_double(v), dense);
-  for (int threads : {1, 2}) {
-    Sdpa<float> sdpa(library_options(dense, {}, SdpaPath::kDecode),
-                     threads == 1 ? nullptr : &pool_device(threads));
-    Tensor<float, 4> out(q.dimensions());
-    Tensor<float, 3> lse(1, q.dimension(1), 1);
-    sdpa(q, k, v, StridedView<float, 4>(out), {}, StridedView<float, 3>(lse));
-    EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
-    EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
+  using Width = detail::DecodeScoreWidth;
+  for (Width width : {Width::kHalfPacket, Width::kFullPacket}) {
+    SCOPED_TRACE(width == Width::kFullPacket ? "full-width scores" : "half-width scores");
+    for (int threads : {1, 2}) {
+      Sdpa<float> sdpa(library_options(dense, {}, SdpaPath::kDecode),
+                       threads == 1 ? nullptr : &pool_device(threads));
+      sdpa.set_decode_score_width(width);
+      Tensor<float, 4> out(q.dimensions());
+      Tensor<float, 3> lse(1, q.dimension(1), 1);
+      sdpa(q, k, v, StridedView<float, 4>(out), {}, StridedView<float, 3>(lse));
+      EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
+      EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
+    }
   }
 }
 

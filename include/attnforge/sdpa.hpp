@@ -213,7 +213,7 @@ class ScaledDotProductAttention {
                         (options_.path == SdpaPath::kAuto &&
                          detail::decode_applies<Compute>(q.dimension(2), n_rep));
     if (decode) {
-      detail::flash_decode(problem, policy, device_, decode_workspace_, empty_rows_);
+      detail::flash_decode(problem, policy, device_, decode_workspace_, tuning_, empty_rows_);
     } else {
       detail::flash_attention(problem, policy, device_, workspace_, tuning_);
       for (const auto& worker : workspace_.workers) {
@@ -235,6 +235,11 @@ class ScaledDotProductAttention {
   // Keys per key tile of the fused kernel; 0 = the default. For tuning only: every value
   // gives the same result up to rounding.
   void set_key_tile(Index key_tile) { tuning_.key_tile = std::max<Index>(0, key_tile); }
+  // The packet width of the decode kernel's scores; kAuto chooses by CPU. For tests and
+  // tuning only: every value gives the same result up to rounding.
+  void set_decode_score_width(detail::DecodeScoreWidth width) {
+    tuning_.decode_score_width = width;
+  }
 
  private:
   bool use_bf16_dot(Index head_dim) const {

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "attnforge/detail/cpu_features.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -68,9 +69,22 @@ inline constexpr Index kDecodeChunk = 1024;
 // the fused kernel fills enough of its lanes to be the better choice.
 template <typename T>
 inline constexpr Index kDecodeMaxRows = FusedBlocking<T>::kLanes / 4;
+// The decode scores reduce one accumulator per key with a transpose-add, whose cost
+// grows with the packet width while the FMAs it saves halve: full packets pay off where
+// the core runs a full-width FMA as one operation, half packets where it runs it as two
+// halves (then the FMA count is the same and the reduction a quarter). Only 512-bit
+// packets are ever split; narrower builds keep the half packets they were tuned with.
+enum class DecodeScoreWidth { kAuto, kHalfPacket, kFullPacket };
+template <typename T>
+bool decode_scores_full_width(DecodeScoreWidth width) {
+  if (width != DecodeScoreWidth::kAuto) return width == DecodeScoreWidth::kFullPacket;
+  return simd::kWidth<T> * sizeof(T) == 64 && !cpu_splits_512bit_ops();
+}
 // Packets of one query row a score pass holds in registers; the rest of the register
-// file holds one accumulator per key of the (half-width) score packet and the key loads.
-inline constexpr int kScoreQueryPackets = simd::kRegisters >= 32 ? 16 : 8;
+// file holds one accumulator per key of the score packet (half or full width) and the
+// key loads.
+template <bool kFullWidth>
+inline constexpr int kScoreQueryPackets = (simd::kRegisters >= 32 ? 16 : 8) / (kFullWidth ? 2 : 1);
 // Packets of head_dim one value pass holds per row: 2 rows of them, their key's values
 // and the weights fill the register file.
 inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
@@ -79,6 +93,7 @@ inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
 // gives the same result up to rounding.
 struct KernelTuning {
   Index key_tile = 0;  // 0: kDefaultKeyTile
+  DecodeScoreWidth decode_score_width = DecodeScoreWidth::kAuto;
 };
 
 }  // namespace attnforge::detail

@@ -47,7 +47,7 @@ void run_ragged(const RaggedProblems<P>& fused, const RaggedProblems<P>& decode,
   }
   const Index decode_items = decode.size() > 0
                                  ? prepare_decode(decode.problems.data(), decode.policies.data(),
-                                                  decode.size(), workers, dws)
+                                                  decode.size(), workers, dws, tuning)
                                  : 0;
   const P& any = fused.size() > 0 ? fused.problems[0] : decode.problems[0];
   dispatch_features(

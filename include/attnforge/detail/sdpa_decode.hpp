@@ -42,6 +42,7 @@ struct DecodeScratch {
   AlignedBuffer<T> weights;       // rows x P, scores and then softmax weights of the current block
   std::vector<SoftmaxStats<T>> stats;  // rows
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
+  bool full_width_scores = false;  // the score packet (DecodeScoreWidth)
   bool int8_dot = false;
   AlignedBuffer<QInt8> q_int8;            // rows x qint8_row_bytes(D), quantized queries
   AlignedBuffer<std::int32_t> q_start;    // rows x D / kQInt8Group
@@ -81,11 +82,11 @@ inline DecodeKeys decode_keys(const BatchMask& mask, Index q_len) {
 // acc[j] += q . key_j over that range. Each key row is read front to back before the
 // next, the order the hardware prefetchers follow (reading the block's rows side by side,
 // a column at a time, streams from DRAM markedly slower).
-template <typename T, int NQ>
+template <typename T, bool kFull, int NQ>
 EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
-                                    simd::HalfBlock<T>& acc) {
-  using Packet = simd::HalfPacket<T>;
-  constexpr int kS = simd::kHalfWidth<T>;
+                                    simd::BlockOfWidth<T, kFull>& acc) {
+  using Packet = simd::PacketOfWidth<T, kFull>;
+  constexpr int kS = simd::kSize<Packet>;
   Packet qv[NQ];
   ATTNFORGE_UNROLL
   for (int c = 0; c < NQ; ++c) qv[c] = simd::load<Packet>(q + d0 + c * kS);
@@ -97,34 +98,32 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
   }
 }
 
-// Scores of one query row against keys [first, first + S) of a block of n_keys keys,
-// written to out[0, S). Half-width packets: each score ends in a transpose-reduce of one
-// accumulator per key, which at half width is a quarter of the work while the FMA rate
-// is the same on cores whose 512-bit FMAs are two 256-bit halves. Keys past n_keys read
-// the block's key 0 again; the caller masks them.
-template <typename T>
+// Scores of one query row against keys [first, first + S) of a block of n_keys keys
+// (S = size of the score packet, full or half width: see DecodeScoreWidth), written to
+// out[0, S). Keys past n_keys read the block's key 0 again; the caller masks them.
+template <typename T, bool kFull>
 EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
                                       Index first, Index head_dim, T* out) {
-  using Packet = simd::HalfPacket<T>;
-  constexpr int kS = simd::kHalfWidth<T>;
-  constexpr int kNQ = kScoreQueryPackets;
-  simd::HalfBlock<T> acc;
+  using Packet = simd::PacketOfWidth<T, kFull>;
+  constexpr int kS = simd::kSize<Packet>;
+  constexpr int kNQ = kScoreQueryPackets<kFull>;
+  simd::BlockOfWidth<T, kFull> acc;
   const T* rows[kS];
   for (int j = 0; j < kS; ++j) {
     acc.packet[j] = simd::zero<Packet>();
     rows[j] = keys + (first + j < n_keys ? first + j : 0) * ldk;
   }
   Index d = 0;
-  for (; d + kNQ * kS <= head_dim; d += kNQ * kS) score_pass<T, kNQ>(q, rows, d, acc);
+  for (; d + kNQ * kS <= head_dim; d += kNQ * kS) score_pass<T, kFull, kNQ>(q, rows, d, acc);
   // The tail of head_dim, one power of two of packets at a time (head_dim 64, 80, 96 ...).
   if constexpr (kNQ >= 16) {
-    if (d + 8 * kS <= head_dim) score_pass<T, 8>(q, rows, d, acc), d += 8 * kS;
+    if (d + 8 * kS <= head_dim) score_pass<T, kFull, 8>(q, rows, d, acc), d += 8 * kS;
   }
   if constexpr (kNQ >= 8) {
-    if (d + 4 * kS <= head_dim) score_pass<T, 4>(q, rows, d, acc), d += 4 * kS;
+    if (d + 4 * kS <= head_dim) score_pass<T, kFull, 4>(q, rows, d, acc), d += 4 * kS;
   }
-  if (d + 2 * kS <= head_dim) score_pass<T, 2>(q, rows, d, acc), d += 2 * kS;
-  if (d + kS <= head_dim) score_pass<T, 1>(q, rows, d, acc), d += kS;
+  if (d + 2 * kS <= head_dim) score_pass<T, kFull, 2>(q, rows, d, acc), d += 2 * kS;
+  if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc), d += kS;
   simd::transpose(acc);
   // Pairwise, so the adds form a tree of depth log2(S) rather than a chain of S - 1.
   for (int width = kS / 2; width >= 1; width /= 2) {
@@ -350,6 +349,23 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
 #endif
 }
 
+// Every row's scores against a block of n_keys keys, into s.weights. All rows' scores
+// come first, then their softmax: the rows are independent, and keeping each phase in
+// its own loop lets the core overlap their latency chains. The first row reads each key
+// from memory, the others from L1.
+template <typename T, bool kFull>
+void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys,
+                DecodeScratch<T>& s) {
+  constexpr int kP = simd::kWidth<T>;
+  constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
+  for (int first = 0; first < kP; first += kS) {
+    for (Index r = 0; r < g.rows; ++r) {
+      block_scores<T, kFull>(s.q_rows.data() + r * g.hd, keys, ldk, n_keys, first, g.head_dim,
+                             s.weights.data() + r * kP + first);
+    }
+  }
+}
+
 // One block of P keys starting at j0: scores of every row, their softmax, the values.
 template <typename P, typename F>
 void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, KeySpan all_rows,
@@ -372,15 +388,10 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   }
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
   const T* keys = tile_rows(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
-  // All rows' scores first, then their softmax: the rows are independent, and keeping
-  // each phase in its own loop lets the core overlap their latency chains. The first row
-  // reads each key from memory, the others from L1.
-  constexpr int kS = simd::kHalfWidth<T>;
-  for (int first = 0; first < kP; first += kS) {
-    for (Index r = 0; r < g.rows; ++r) {
-      block_scores<T>(s.q_rows.data() + r * g.hd, keys, ldk, n_keys, first, g.head_dim,
-                      s.weights.data() + r * kP + first);
-    }
+  if (s.full_width_scores) {
+    score_rows<T, true>(g, keys, ldk, n_keys, s);
+  } else {
+    score_rows<T, false>(g, keys, ldk, n_keys, s);
   }
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<T, F>(g, pb.params, r, j0, n_keys, check, s.weights.data() + r * kP);
@@ -466,7 +477,7 @@ bool decode_applies(Index q_len, Index n_rep) {
 
 template <typename T>
 void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_dim,
-                    bool convert_kv, bool int8_dot, Index partials) {
+                    bool convert_kv, bool int8_dot, bool full_width_scores, Index partials) {
   constexpr int kP = simd::kWidth<T>;
   const auto size = [](Index n) { return static_cast<std::size_t>(n); };
   const Index hd = padded_head_dim(head_dim, kP);
@@ -479,6 +490,7 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.keys.resize(convert_kv && !int8_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
+    s.full_width_scores = full_width_scores;
     s.int8_dot = int8_dot;
     const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
     s.q_int8.resize(int8_dot ? size(rows * qint8_row_bytes(head_dim)) : 0);
@@ -516,7 +528,7 @@ DecodeGroup decode_group(const P& pb, const MaskPolicy& policy, Index g) {
 // sizes the scratch. Returns the item count.
 template <typename P>
 Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int workers,
-                     DecodeWorkspace<typename P::Compute>& ws) {
+                     DecodeWorkspace<typename P::Compute>& ws, const KernelTuning& tuning) {
   ws.first_item.assign(1, 0);
   ws.first_row.clear();
   ws.keys.clear();
@@ -531,7 +543,9 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
   }
   reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
                  !std::is_same_v<typename P::KVScalar, typename P::Compute>,
-                 problems[0].params.int8_dot, ws.first_item.back());
+                 problems[0].params.int8_dot,
+                 decode_scores_full_width<typename P::Compute>(tuning.decode_score_width),
+                 ws.first_item.back());
   return ws.first_item.back();
 }
 
@@ -572,8 +586,9 @@ void merge_decode(const P* problems, const MaskPolicy* policies, Index n,
 template <typename P>
 void flash_decode_many(const P* problems, const MaskPolicy* policies, Index n,
                        const Eigen::ThreadPoolDevice* device,
-                       DecodeWorkspace<typename P::Compute>& ws, EmptyRows& empty_rows) {
-  const Index items = prepare_decode(problems, policies, n, worker_count(device), ws);
+                       DecodeWorkspace<typename P::Compute>& ws, const KernelTuning& tuning,
+                       EmptyRows& empty_rows) {
+  const Index items = prepare_decode(problems, policies, n, worker_count(device), ws, tuning);
   bool masked = false, biased = false;
   for (Index p = 0; p < n; ++p)
     masked |= policies[p].masks_elements(), biased |= policies[p].biases_scores();
@@ -590,8 +605,9 @@ void flash_decode_many(const P* problems, const MaskPolicy* policies, Index n,
 
 template <typename P>
 void flash_decode(const P& pb, const MaskPolicy& policy, const Eigen::ThreadPoolDevice* device,
-                  DecodeWorkspace<typename P::Compute>& ws, EmptyRows& empty_rows) {
-  flash_decode_many(&pb, &policy, 1, device, ws, empty_rows);
+                  DecodeWorkspace<typename P::Compute>& ws, const KernelTuning& tuning,
+                  EmptyRows& empty_rows) {
+  flash_decode_many(&pb, &policy, 1, device, ws, tuning, empty_rows);
 }
 
 }  // namespace attnforge::detail

@@ -47,6 +47,9 @@ template <typename T>
 inline constexpr int kWidth = kSize<Packet<T>>;
 template <typename T>
 inline constexpr int kHalfWidth = kSize<HalfPacket<T>>;
+// The full packet of T, or half of it.
+template <typename T, bool kFull>
+using PacketOfWidth = std::conditional_t<kFull, Packet<T>, HalfPacket<T>>;
 // T itself, or a packet of T: code written once for one value or one value per lane.
 template <typename T, bool kPacket>
 using ScalarOrPacket = std::conditional_t<kPacket, Packet<T>, T>;
@@ -153,6 +156,8 @@ template <typename T>
 using Block = ei::PacketBlock<Packet<T>, kWidth<T>>;
 template <typename T>
 using HalfBlock = ei::PacketBlock<HalfPacket<T>, kHalfWidth<T>>;
+template <typename T, bool kFull>
+using BlockOfWidth = std::conditional_t<kFull, Block<T>, HalfBlock<T>>;
 template <typename PacketBlock>
 EIGEN_ALWAYS_INLINE void transpose(PacketBlock& block) {
   ei::ptranspose(block);
