@@ -354,8 +354,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
 // its own loop lets the core overlap their latency chains. The first row reads each key
 // from memory, the others from L1.
 template <typename T, bool kFull>
-void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys,
-                DecodeScratch<T>& s) {
+void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, DecodeScratch<T>& s) {
   constexpr int kP = simd::kWidth<T>;
   constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
   for (int first = 0; first < kP; first += kS) {
