@@ -41,8 +41,8 @@ struct DecodeScratch {
   AlignedBuffer<T> out_rows;      // rows x D, unnormalised output accumulator
   AlignedBuffer<T> weights;       // rows x P, scores and then softmax weights of the current block
   std::vector<SoftmaxStats<T>> stats;  // rows
-  // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool full_width_scores = false;  // the score packet (DecodeScoreWidth)
+  // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
   AlignedBuffer<QInt8> q_int8;            // rows x qint8_row_bytes(D), quantized queries
   AlignedBuffer<std::int32_t> q_start;    // rows x D / kQInt8Group
