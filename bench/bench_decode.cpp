@@ -2,8 +2,9 @@
 // decode kernel against the prefill kernel forced on the same inputs, the reference
 // path, and a streaming read of as many bytes as the K/V cache holds, all in one run;
 // the same keys and values in a bf16 and a QInt8 cache (decode_bf16_cache,
-// decode_int8_cache: GB/s counts the bytes each cache holds, scales included; the QInt8
-// cache also with Int8Kernel::kDequantize, decode_int8_dequantize). Then a
+// decode_int8_cache: GB/s counts the bytes each cache holds, scales included; the bf16
+// cache also with Bf16Kernel::kConvert, decode_bf16_convert, and the QInt8 cache with
+// Int8Kernel::kDequantize, decode_int8_dequantize). Then a
 // whole Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache,
 // against a streaming read of its bytes (weights + fp32 cache).
 //
@@ -106,11 +107,13 @@ void run_sdpa(benchmark::State& state, Index batch, Index kv_len, int threads, a
 // Float queries over a bf16 or QInt8 cache of the same keys and values (mixed precision).
 template <typename KV>
 void run_reduced_cache(benchmark::State& state, Index batch, Index kv_len, int threads,
-                       af::Int8Kernel int8_kernel = af::Int8Kernel::kAuto) {
+                       af::Int8Kernel int8_kernel = af::Int8Kernel::kAuto,
+                       af::Bf16Kernel bf16_kernel = af::Bf16Kernel::kAuto) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   af::SdpaOptions options;
   options.causal = true;
   options.int8_kernel = int8_kernel;
+  options.bf16_kernel = bf16_kernel;
   af::Sdpa<float, KV> sdpa(options, bench::device_for(threads));
   af::KVPrefix<KV> kv;
   if constexpr (std::is_same_v<KV, af::QInt8>) {
@@ -187,6 +190,15 @@ void register_all() {
         benchmark::RegisterBenchmark(("decode_bf16_cache" + suffix).c_str(), [=](benchmark::State& s) {
           run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads);
         })->UseRealTime()->Unit(benchmark::kMicrosecond);
+        // The same cache widened to float for the float kernel (no bf16 dot products).
+        benchmark::RegisterBenchmark(("decode_bf16_convert" + suffix).c_str(),
+                                     [=](benchmark::State& s) {
+                                       run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads,
+                                                                          af::Int8Kernel::kAuto,
+                                                                          af::Bf16Kernel::kConvert);
+                                     })
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
         benchmark::RegisterBenchmark(("decode_int8_cache" + suffix).c_str(), [=](benchmark::State& s) {
           run_reduced_cache<af::QInt8>(s, batch, kv_len, threads);
         })->UseRealTime()->Unit(benchmark::kMicrosecond);

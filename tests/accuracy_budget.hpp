@@ -68,11 +68,19 @@
 //    inputs each score moves by at most
 //        delta = scale * max_ij sum_d (|q~[i,d]| |dk[j,d]| + |dq[i,d]| |k[j,d]|)
 //    (q~ k~ - q k = q~ dk + dq k), which takes delta_K's place in E_cache.
+//
+// 6. The bf16 dot-product decode path (Bf16Kernel, over a bf16 cache) rounds each query
+//    row to bf16 (the scale multiplies the scores afterwards, so bf16 queries stay exact),
+//    |dq| <= 2^-8 |q|, and 5. applies with that q~. It also rounds each softmax weight to
+//    bf16 before it multiplies the values, while the weights' sum is taken before that
+//    rounding: the output moves by at most 2^-8 sum_j p_j |v~_j| <= 2^-8 max|v~|, so E_out
+//    on the stored values grows by 2^-8.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -275,29 +283,67 @@ inline bool scores_by_int8_dot(SdpaPath path, Int8Kernel kernel, Index q_len, In
   return decode && detail::use_int8_dot<float, QInt8>("scores_by_int8_dot", options, head_dim);
 }
 
-// q~ (5. above): the query rows as the int8 dot products multiply them. Each row is scaled
-// by the kernel's pre-scale c (scale * log2 e; scale alone under a softcap), quantized as
-// a cache row, dequantized, and divided by c again (in double).
-inline Tensor<double, 4> quantized_queries(const Tensor<float, 4>& q, double scale, bool softcap) {
+// Whether a call with these options, float queries over a bf16 cache, multiplies with the
+// bf16 dot products of the decode kernel (6. above).
+inline bool decodes_by_bf16_dot(SdpaPath path, Bf16Kernel kernel, Index q_len, Index n_rep,
+                                Index head_dim) {
+  const bool decode = path == SdpaPath::kDecode ||
+                      (path == SdpaPath::kAuto && detail::decode_applies<float>(q_len, n_rep));
+  SdpaOptions options;
+  options.bf16_kernel = kernel;
+  try {
+    return decode && detail::simd::kWidth<float> == detail::kBf16DotKeys &&
+           detail::use_bf16_dot<float, Eigen::bfloat16>("decodes_by_bf16_dot", options, head_dim);
+  } catch (const std::invalid_argument&) {
+    return false;  // kDotProduct where they cannot run: the call would throw
+  }
+}
+
+// q~ (5. above): the query rows as the kernel multiplies them. Each row is scaled
+// by the kernel's pre-scale c (scale * log2 e; scale alone under a softcap), passed through
+// round_trip(scaled, head_dim, back) (quantized or rounded, and restored to float), and
+// divided by c again (in double).
+template <typename RoundTrip>
+Tensor<double, 4> prescaled_round_trip(const Tensor<float, 4>& q, double scale, bool softcap,
+                                       RoundTrip round_trip) {
   const Index head_dim = q.dimension(3), rows = head_dim > 0 ? q.size() / head_dim : 0;
   const float c = static_cast<float>(scale * (softcap ? 1.0 : detail::kLog2e));
   Tensor<double, 4> out(q.dimensions());
   std::vector<float> scaled(static_cast<std::size_t>(head_dim));
-  std::vector<QInt8> row(static_cast<std::size_t>(detail::qint8_row_bytes(head_dim)));
   std::vector<float> back(static_cast<std::size_t>(head_dim));
   for (Index r = 0; r < rows; ++r) {
     for (Index d = 0; d < head_dim; ++d)
       scaled[static_cast<std::size_t>(d)] = q.data()[r * head_dim + d] * c;
-    detail::quantize_row(scaled.data(), head_dim, row.data());
-    detail::dequantize_row(row.data(), head_dim, back.data());
+    round_trip(scaled.data(), head_dim, back.data());
     for (Index d = 0; d < head_dim; ++d)
       out.data()[r * head_dim + d] = static_cast<double>(back[static_cast<std::size_t>(d)]) / c;
   }
   return out;
 }
 
-// E_cache of the int8 dot-product decode path (5. above): q_quantized is q~ (what the
-// kernel multiplies), q, k, v the originals; `on_stored` the budget on (q~, k~, v~).
+// q~ of the int8 dot products (5.): each pre-scaled row quantized as a cache row.
+inline Tensor<double, 4> quantized_queries(const Tensor<float, 4>& q, double scale, bool softcap) {
+  std::vector<QInt8> row(static_cast<std::size_t>(detail::qint8_row_bytes(q.dimension(3))));
+  return prescaled_round_trip(q, scale, softcap, [&](const float* x, Index n, float* back) {
+    detail::quantize_row(x, n, row.data());
+    detail::dequantize_row(row.data(), n, back);
+  });
+}
+
+// q~ of the bf16 dot products (6.): each query rounded to bf16 (to nearest even).
+inline Tensor<double, 4> bf16_rounded_queries(const Tensor<float, 4>& q) {
+  return q.cast<Eigen::bfloat16>().cast<double>();
+}
+
+// The budget on the stored values of the bf16 dot-product decode (6.): the weights'
+// rounding to bf16 added to E_out.
+inline AccuracyBudget with_bf16_weights(AccuracyBudget on_stored) {
+  on_stored.out += 0x1.0p-8;
+  return on_stored;
+}
+
+// E_cache of the int8 and bf16 dot-product decode paths (5., 6. above): q_quantized is q~
+// (what the kernel multiplies), q, k, v the originals; `on_stored` the budget on (q~, k~, v~).
 template <typename KV>
 AccuracyBudget quantized_query_cache_budget(const AccuracyBudget& on_stored,
                                             const Tensor<double, 4>& q_quantized,

@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "accuracy_budget.hpp"
 #include "test_util.hpp"
 
 namespace attnforge::test {
@@ -34,8 +35,8 @@ double bound() {
 
 template <typename T, typename KV>
 void expect_matches_reference(SdpaPath path, Index q_len, Index kv_len, bool with_docs,
-                              Bf16Kernel bf16_kernel = Bf16Kernel::kAuto) {
-  const Index batch = 2, n_heads = 8, n_kv_heads = 2, head_dim = 80;
+                              Bf16Kernel bf16_kernel = Bf16Kernel::kAuto, Index head_dim = 80) {
+  const Index batch = 2, n_heads = 8, n_kv_heads = 2;
   const auto q = rounded_normal<T, 4>({batch, n_heads, q_len, head_dim}, 1);
   const auto k = rounded_normal<KV, 4>({batch, n_kv_heads, kv_len, head_dim}, 2);
   const auto v = rounded_normal<KV, 4>({batch, n_kv_heads, kv_len, head_dim}, 3);
@@ -124,6 +125,19 @@ TEST(LowPrecisionKernels, Bfloat16DotProductsAndConversionBothMatchTheReference)
   }
 }
 
+// The decode kernel's bf16 dot products (head_dim a multiple of 32) on bf16 queries: the
+// queries and weights it rounds to bf16 stay within the bf16 output bound, and 2 threads
+// give the bits of 1. Where this build or CPU has no such kernel, the conversion path
+// runs the same checks. (Float queries: Bf16DecodeKernel in test_sdpa_kernel.cpp.)
+TEST(LowPrecisionKernels, Bfloat16DecodeByDotProductsMatchesTheReference) {
+  const Bf16Kernel kernel =
+      decodes_by_bf16_dot(SdpaPath::kDecode, Bf16Kernel::kDotProduct, 3, 4, 128)
+          ? Bf16Kernel::kDotProduct
+          : Bf16Kernel::kConvert;
+  for (const bool docs : {false, true})
+    expect_matches_reference<bfloat16, bfloat16>(SdpaPath::kDecode, 3, 1100, docs, kernel, 128);
+}
+
 TEST(LowPrecisionKernels, Bfloat16DotProductsRejectAnOddHeadDim) {
   const auto q = rounded_normal<bfloat16, 4>({1, 2, 20, 7}, 1);
   SdpaOptions options;
@@ -132,6 +146,15 @@ TEST(LowPrecisionKernels, Bfloat16DotProductsRejectAnOddHeadDim) {
   EXPECT_THROW(scaled_dot_product_attention(q, q, q, options), std::invalid_argument);
   options.bf16_kernel = Bf16Kernel::kAuto;  // falls back to conversion
   EXPECT_NO_THROW(scaled_dot_product_attention(q, q, q, options));
+  // Float queries over a bf16 cache: the decode kernel's dot products need head_dim a
+  // multiple of 32, so kDotProduct rejects 80 on every CPU and kAuto converts.
+  const auto qf = random_normal<float, 4>({1, 2, 1, 80}, 2);
+  const auto kv = rounded_normal<bfloat16, 4>({1, 2, 40, 80}, 3);
+  options.path = SdpaPath::kDecode;
+  options.bf16_kernel = Bf16Kernel::kDotProduct;
+  EXPECT_THROW((Sdpa<float, bfloat16>(options)(qf, kv, kv)), std::invalid_argument);
+  options.bf16_kernel = Bf16Kernel::kAuto;
+  EXPECT_NO_THROW((Sdpa<float, bfloat16>(options)(qf, kv, kv)));
 }
 
 // kAuto is one of the two kernels, bit for bit: the dot products where this CPU runs them

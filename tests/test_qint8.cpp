@@ -743,38 +743,44 @@ bool print_table() {
   return env != nullptr && std::string(env) != "0";
 }
 
-// `kernel` picks how a QInt8 cache is scored; where that is the int8 dot products, "stored"
-// means the quantized queries too.
+// `int8` picks how a QInt8 cache is scored and `bf16` how a bf16 cache is decoded; where
+// that is the int8 or bf16 dot products, "stored" means the queries as they multiply.
 template <typename KV>
 void measure_cache_format(const char* format, const char* shape, const Problem& p,
                           const test::DenseResult& exact_original,
-                          Int8Kernel kernel = Int8Kernel::kDequantize) {
+                          Int8Kernel int8 = Int8Kernel::kDequantize,
+                          Bf16Kernel bf16 = Bf16Kernel::kConvert) {
   SCOPED_TRACE(format);
   const Index batch = p.k.dimension(0), kv_len = p.k.dimension(2), head_dim = p.k.dimension(3);
   const Index q_len = p.q.dimension(2), n_rep = p.q.dimension(1) / p.k.dimension(1);
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
+  const bool softcap = p.options.softcap > 0.0;
   const bool int8_dot = detail::is_qint8_v<KV> &&
-                        test::scores_by_int8_dot(SdpaPath::kAuto, kernel, q_len, n_rep, head_dim);
+                        test::scores_by_int8_dot(SdpaPath::kAuto, int8, q_len, n_rep, head_dim);
+  const bool bf16_dot = std::is_same_v<KV, bfloat16> &&
+                        test::decodes_by_bf16_dot(SdpaPath::kAuto, bf16, q_len, n_rep, head_dim);
   KVCache<KV> cache(batch, kv_len, p.k.dimension(1), head_dim);
   const KVPrefix<KV> prefix = cache.update(p.k, p.v);
   const Tensor<float, 4> k_stored = stored_values(prefix.keys);
   const Tensor<float, 4> v_stored = stored_values(prefix.values);
-  const Tensor<double, 4> q_quantized =
-      test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
-  const Tensor<float, 4> q_seen = int8_dot ? Tensor<float, 4>(q_quantized.cast<float>()) : p.q;
+  const bool rounds_q = int8_dot || bf16_dot;
+  const Tensor<double, 4> q_rounded =
+      bf16_dot ? test::bf16_rounded_queries(p.q) : test::quantized_queries(p.q, scale, softcap);
+  const Tensor<float, 4> q_seen = rounds_q ? Tensor<float, 4>(q_rounded.cast<float>()) : p.q;
   const test::DenseResult exact_stored =
-      std::is_same_v<KV, float> ? exact_original
-                                : test::dense_sdpa(int8_dot ? q_quantized : test::to_double(p.q),
-                                                   test::to_double(k_stored),
-                                                   test::to_double(v_stored), p.masks, p.options);
-  const test::AccuracyBudget on_stored = test::sdpa_budget<float>(
+      std::is_same_v<KV, float>
+          ? exact_original
+          : test::dense_sdpa(rounds_q ? q_rounded : test::to_double(p.q), test::to_double(k_stored),
+                             test::to_double(v_stored), p.masks, p.options);
+  test::AccuracyBudget on_stored = test::sdpa_budget<float>(
       SdpaPath::kAuto, test::budget_inputs(q_seen, k_stored, p.masks, p.options, exact_stored));
+  if (bf16_dot) on_stored = test::with_bf16_weights(on_stored);
   const test::AccuracyBudget on_original =
-      int8_dot
-          ? test::quantized_query_cache_budget<KV>(on_stored, q_quantized, p.q, p.k, p.v, scale)
-          : test::cache_budget<KV>(on_stored, p.q, p.k, p.v, scale);
+      rounds_q ? test::quantized_query_cache_budget<KV>(on_stored, q_rounded, p.q, p.k, p.v, scale)
+               : test::cache_budget<KV>(on_stored, p.q, p.k, p.v, scale);
   SdpaOptions options = test::library_options(p.masks, p.options);
-  options.int8_kernel = kernel;
+  options.int8_kernel = int8;
+  options.bf16_kernel = bf16;
   const Tensor<float, 4> out =
       Sdpa<float, KV>(options)(p.q, prefix.keys, prefix.values, test::library_masks(p.masks));
   const double err_original = test::max_abs_diff(out, exact_original.out) / test::max_abs(p.v);
@@ -799,6 +805,10 @@ void measure_cache_formats(const char* shape, Index q_len, Index kv_len, bool ca
   measure_cache_format<QInt8>("int8", shape, p, exact);
   if (test::scores_by_int8_dot(SdpaPath::kAuto, Int8Kernel::kAuto, q_len, 4, 128))
     measure_cache_format<QInt8>("int8 dot", shape, p, exact, Int8Kernel::kAuto);
+  if (test::decodes_by_bf16_dot(SdpaPath::kAuto, Bf16Kernel::kDotProduct, q_len, 4, 128)) {
+    measure_cache_format<bfloat16>("bf16 dot", shape, p, exact, Int8Kernel::kDequantize,
+                                   Bf16Kernel::kDotProduct);
+  }
 }
 
 // q, k, v ~ N(0, 1), H 8, Hkv 2, D 128, default scale. decode: one query over Skv keys;

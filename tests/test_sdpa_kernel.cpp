@@ -6,6 +6,7 @@
 #include <tuple>
 #include <vector>
 
+#include "accuracy_budget.hpp"
 #include "test_util.hpp"
 
 namespace attnforge::test {
@@ -264,6 +265,71 @@ INSTANTIATE_TEST_SUITE_P(Tails, DecodeKernel,
                          ::testing::Combine(::testing::Values<Index>(2, 6, 10, 24, 40, 72, 136, 200,
                                                                      264),
                                             ::testing::Values<Index>(1, 3, 4)),
+                         [](const ::testing::TestParamInfo<std::tuple<Index, Index>>& info) {
+                           return "D" + std::to_string(std::get<0>(info.param)) + "_rep" +
+                                  std::to_string(std::get<1>(info.param));
+                         });
+
+// The bf16 decode kernel (float queries over bf16 keys and values, Bf16Kernel): every
+// head_dim the score and value passes split differently (multiples of 32), row counts
+// that take the 4-, 2- and 1-row value passes, a key count ending mid-block on an odd key,
+// 1 and 2 threads, against the double brute force on what the kernel multiplies (the
+// bf16 keys and values, the queries rounded as in accuracy_budget.hpp 6.). kConvert
+// widens the same bf16 values to float: the float bound holds.
+class Bf16DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {};
+
+TEST_P(Bf16DecodeKernel, MatchesDenseReferenceOnWhatItMultiplies) {
+  const auto& [head_dim, n_rep] = GetParam();
+  const Index n_kv_heads = 2, kv_len = 1059;
+  const auto q = random_normal<float, 4>({1, n_kv_heads * n_rep, 1, head_dim}, 31);
+  const auto k = random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 32);
+  const auto v = random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 33);
+  const Tensor<Eigen::bfloat16, 4> k16 = k.cast<Eigen::bfloat16>(), v16 = v.cast<Eigen::bfloat16>();
+  const Tensor<float, 4> k_stored = k16.cast<float>(), v_stored = v16.cast<float>();
+  DenseMasks dense;
+  dense.causal = true;
+  for (Bf16Kernel kernel : {Bf16Kernel::kDotProduct, Bf16Kernel::kConvert}) {
+    const bool dot = decodes_by_bf16_dot(SdpaPath::kDecode, kernel, 1, n_rep, head_dim);
+    if (kernel == Bf16Kernel::kDotProduct && !dot) continue;  // no AVX512-BF16 here
+    SCOPED_TRACE(dot ? "bf16 dot products" : "converted to float");
+    const Tensor<double, 4> q_seen = dot ? bf16_rounded_queries(q) : to_double(q);
+    const DenseResult exact = dense_sdpa(q_seen, to_double(k_stored), to_double(v_stored), dense);
+    AccuracyBudget budget = sdpa_budget<float>(
+        SdpaPath::kDecode,
+        budget_inputs(Tensor<float, 4>(q_seen.cast<float>()), k_stored, dense, {}, exact));
+    if (dot) budget = with_bf16_weights(budget);
+    for (int threads : {1, 2}) {
+      SdpaOptions options = library_options(dense, {}, SdpaPath::kDecode);
+      options.bf16_kernel = kernel;
+      Sdpa<float, Eigen::bfloat16> sdpa(options, threads == 1 ? nullptr : &pool_device(threads));
+      Tensor<float, 4> out(q.dimensions());
+      Tensor<float, 3> lse(1, q.dimension(1), 1);
+      sdpa(q, k16, v16, StridedView<float, 4>(out), {}, StridedView<float, 3>(lse));
+      EXPECT_LE(max_abs_diff(out, exact.out) / max_abs(v_stored), budget.out) << threads;
+      EXPECT_LE(lse_error(lse, exact.lse), budget.lse) << threads << " threads";
+      // Zero queries: every score is 0 and every weight 1, exact in bf16, so the output is
+      // the mean of the value rows to float accuracy, whatever the kernel rounds (a key
+      // dropped or counted twice moves it by ~1e-3 of max|v| here).
+      Tensor<float, 4> zero_q(q.dimensions());
+      zero_q.setZero();
+      sdpa(zero_q, k16, v16, StridedView<float, 4>(out));
+      double worst = 0.0;
+      for (Index h = 0; h < q.dimension(1); ++h) {
+        for (Index d = 0; d < head_dim; ++d) {
+          double mean = 0.0;
+          for (Index j = 0; j < kv_len; ++j) mean += v_stored(0, h / n_rep, j, d);
+          worst = std::max(worst, std::abs(out(0, h, 0, d) - mean / static_cast<double>(kv_len)));
+        }
+      }
+      EXPECT_LE(worst / max_abs(v_stored), 1e-5) << threads << " threads, zero queries";
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(HeadDims, Bf16DecodeKernel,
+                         ::testing::Combine(::testing::Values<Index>(32, 64, 96, 128, 160, 256,
+                                                                     288),
+                                            ::testing::Values<Index>(1, 3, 4, 7)),
                          [](const ::testing::TestParamInfo<std::tuple<Index, Index>>& info) {
                            return "D" + std::to_string(std::get<0>(info.param)) + "_rep" +
                                   std::to_string(std::get<1>(info.param));

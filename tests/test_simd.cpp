@@ -85,6 +85,30 @@ TEST(Simd, TanhFloatWithinStatedAbsoluteError) {
   RecordProperty("max_abs_error", std::to_string(worst));
 }
 
+// sum_each on a full and a half block of integers (exact in float): lane j is the sum of
+// packet j's lanes, in the build's packet width (the shuffle tree under AVX-512).
+template <typename Block, typename Packet>
+void check_sum_each() {
+  constexpr int kSize = simd::kSize<Packet>;
+  Block block;
+  alignas(64) float lanes[kSize];
+  for (int j = 0; j < kSize; ++j) {
+    for (int l = 0; l < kSize; ++l) lanes[l] = static_cast<float>(100 * j + l * (j % 3 + 1));
+    block.packet[j] = simd::load<Packet>(lanes);
+  }
+  alignas(64) float sums[kSize];
+  simd::store(sums, simd::sum_each(block));
+  for (int j = 0; j < kSize; ++j) {
+    const int expected = 100 * j * kSize + (j % 3 + 1) * kSize * (kSize - 1) / 2;
+    EXPECT_EQ(sums[j], static_cast<float>(expected)) << "packet " << j << " of " << kSize;
+  }
+}
+
+TEST(Simd, SumEachGivesEveryPacketsLaneSumInItsLane) {
+  check_sum_each<simd::Block<float>, simd::Packet<float>>();
+  check_sum_each<simd::HalfBlock<float>, simd::HalfPacket<float>>();
+}
+
 // The online softmax over a row fed in blocks, against the two-pass softmax in double:
 // the lazy reference moves only past the threshold, and the result is the same.
 TEST(OnlineSoftmax, BlockwiseStatisticsGiveTheExactSoftmaxSumAndLse) {

@@ -117,22 +117,28 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
   return params;
 }
 
-// Whether a call multiplies bf16 tiles with the AVX512-BF16 dot products (see Bf16Kernel):
-// it needs bf16 q, k and v, an even head_dim and the CPU feature; kDotProduct insists
-// (std::invalid_argument where it cannot run), kConvert declines, and kAuto takes them
-// only on a CPU where they beat converting the tiles to float (cpu_prefers_bf16_dot).
+// Whether a call multiplies bf16 with the AVX512-BF16 dot products (see Bf16Kernel): the
+// prefill kernel's tiles when q, k and v are bf16 and head_dim is even; the decode
+// kernel's blocks when k and v are bf16 (q bf16 or float), the build is AVX-512 and
+// head_dim is a multiple of 32. kDotProduct insists (std::invalid_argument where neither
+// can run), kConvert declines, and kAuto takes them only on a CPU where they beat
+// converting to float (cpu_prefers_bf16_dot).
 template <typename T, typename KV>
 bool use_bf16_dot(const char* where, const SdpaOptions& options, Index head_dim) {
-  constexpr bool kBf16 = std::is_same_v<T, Eigen::bfloat16> && std::is_same_v<KV, Eigen::bfloat16>;
-  const bool available = kBf16 && kHasBf16DotKernel &&
-                         FusedBlocking<acc_t<T>>::kLanes % 16 == 0 && cpu_has_avx512_bf16() &&
-                         head_dim % 2 == 0;
+  constexpr bool kBf16Cache =
+      std::is_same_v<KV, Eigen::bfloat16> && std::is_same_v<acc_t<T>, float>;
+  constexpr bool kBf16 = kBf16Cache && std::is_same_v<T, Eigen::bfloat16>;
+  const bool cpu = kHasBf16DotKernel && cpu_has_avx512_bf16();
+  const bool prefill = kBf16 && FusedBlocking<acc_t<T>>::kLanes % 16 == 0 && head_dim % 2 == 0;
+  const bool decode =
+      kBf16Cache && simd::kWidth<float> == kBf16DotKeys && head_dim % kBf16DotChunk == 0;
+  const bool available = cpu && (prefill || decode);
   switch (options.bf16_kernel) {
     case Bf16Kernel::kDotProduct:
-      if (kBf16 && !available) {
+      if (kBf16Cache && !available) {
         throw_invalid_argument(where,
-                               ": Bf16Kernel::kDotProduct needs AVX512-BF16 and an even head_dim "
-                               "(head_dim ",
+                               ": Bf16Kernel::kDotProduct needs AVX512-BF16, and head_dim even "
+                               "(bf16 queries) or a multiple of 32 in an AVX-512 build (head_dim ",
                                head_dim, ")");
       }
       return available;

@@ -30,12 +30,15 @@ enum class SdpaPath {
   kDecode,     // the split-KV decode kernel for few query rows (detail/sdpa_decode.hpp)
 };
 
-// How the prefill kernel multiplies bf16 tiles. kAuto takes the AVX512-BF16 dot
-// products on CPUs where they are faster than converting (AMD's, which issue them at
-// twice the fp32 FMA rate; checked once at run time) and converts elsewhere; kConvert
-// always converts the tiles to float and uses the float kernel; kDotProduct insists on
-// the dot products (std::invalid_argument where the CPU lacks them). Other element types
-// ignore it.
+// How bf16 is multiplied: the prefill kernel's tiles when q, k and v are bf16, and the
+// decode kernel's blocks over bf16 keys and values (bf16 or float queries; an AVX-512
+// build, head_dim a multiple of 32). kAuto takes the AVX512-BF16 dot products on CPUs
+// where they are faster than converting (AMD's, which issue them at twice the fp32 FMA
+// rate; checked once at run time) and converts elsewhere; kConvert always converts to
+// float and uses the float kernels; kDotProduct insists on the dot products
+// (std::invalid_argument where they cannot run). The decode by dot products rounds each
+// pre-scaled query row and each softmax weight to bf16 (see docs/design.md, "bf16
+// caches"). Other element types ignore it.
 enum class Bf16Kernel { kAuto, kDotProduct, kConvert };
 
 // How the decode path scores float queries against a QInt8 cache. kAuto takes the int8
@@ -76,7 +79,7 @@ struct SdpaParams {
   double softcap = 0.0;
   MaskRules rules;
   EmptyRowPolicy empty_rows = EmptyRowPolicy::kZeros;
-  bool bf16_dot = false;                 // use the AVX512-BF16 tile products (bf16 q, k, v only)
+  bool bf16_dot = false;                 // use the AVX512-BF16 dot products (bf16 k and v)
   bool int8_dot = false;                 // decode scores by int8 dot products (QInt8 cache only)
   const double* alibi_slopes = nullptr;  // (H), into the caller's options
   const double* sinks = nullptr;         // (H), into the caller's options

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attnforge/detail/simd.hpp"
 #include "attnforge/tensor.hpp"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
@@ -114,7 +115,130 @@ ATTNFORGE_TARGET_BF16 inline void pair_rows_to_bf16(const float* p, Index n_rows
   }
 }
 
+// The decode kernel over a bf16 cache (float compute) with the same dot products: the
+// block is kBf16DotKeys keys, head_dim a multiple of kBf16DotChunk.
+//   scores: the query row rounded to bf16 once per step (exact for bf16 queries; the
+//           scale multiplies the scores); per key, head_dim / 32 vdpbf16ps against the
+//           key row as stored (pairs along head_dim), one accumulator per key, summed
+//           across lanes by simd::sum_each_of_16;
+//   values: the softmax weights rounded to bf16 pairs over consecutive keys; two value
+//           rows interleaved 16 bits at a time (vpunpck[lh]wd) form the matching pairs
+//           of keys, so one vdpbf16ps adds two keys' terms to 16 outputs. The interleave
+//           works within 128-bit lanes, so the accumulators hold each 32 outputs in a
+//           fixed order, undone once per step by unpermute_bf16_decode_row.
+inline constexpr Index kBf16DotKeys = 16;
+inline constexpr Index kBf16DotChunk = 32;
+
+ATTNFORGE_TARGET_BF16 inline __m512i load_bf16_chunk(const void* p) {
+  return _mm512_loadu_si512(p);
+}
+
+// out[0, n) = x[0, n) rounded to bf16 (to nearest even); n a multiple of 16.
+ATTNFORGE_TARGET_BF16 inline void round_to_bf16(const float* x, Index n, std::uint16_t* out) {
+  for (Index i = 0; i < n; i += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  }
+}
+
+// scores[j] = scale * (q . key_j) for the 16 keys at rows[j] (bf16, head_dim values
+// each); q is the query row in bf16. Each key row is read front to back before the next,
+// as the hardware prefetchers like.
+template <int kChunks>
+ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_score_pass(const std::uint16_t* q,
+                                                               const void* const* rows, Index d0,
+                                                               __m512* acc) {
+  __m512bh qv[kChunks];
+  for (int c = 0; c < kChunks; ++c) qv[c] = (__m512bh)load_bf16_chunk(q + d0 + c * kBf16DotChunk);
+  for (int j = 0; j < kBf16DotKeys; ++j) {
+    const auto* row = static_cast<const std::uint16_t*>(rows[j]) + d0;
+    for (int c = 0; c < kChunks; ++c)
+      acc[j] = _mm512_dpbf16_ps(acc[j], qv[c], (__m512bh)load_bf16_chunk(row + c * kBf16DotChunk));
+  }
+}
+
+ATTNFORGE_TARGET_BF16 inline void bf16_key_scores(const std::uint16_t* q, const void* const* rows,
+                                                  Index head_dim, float scale, float* scores) {
+  __m512 acc[kBf16DotKeys];
+  for (int j = 0; j < kBf16DotKeys; ++j) acc[j] = _mm512_setzero_ps();
+  Index d = 0;
+  for (; d + 8 * kBf16DotChunk <= head_dim; d += 8 * kBf16DotChunk)
+    bf16_score_pass<8>(q, rows, d, acc);
+  if (d + 4 * kBf16DotChunk <= head_dim)
+    bf16_score_pass<4>(q, rows, d, acc), d += 4 * kBf16DotChunk;
+  if (d + 2 * kBf16DotChunk <= head_dim)
+    bf16_score_pass<2>(q, rows, d, acc), d += 2 * kBf16DotChunk;
+  if (d + kBf16DotChunk <= head_dim) bf16_score_pass<1>(q, rows, d, acc);
+  _mm512_storeu_ps(scores, _mm512_mul_ps(simd::sum_each_of_16(acc), _mm512_set1_ps(scale)));
+}
+
+// out[r] += sum over keys j < 2 * pairs of weights[r][j] * v_j for R rows (row stride
+// ldo, in the order of unpermute_bf16_decode_row), where weight_pairs[r][i] holds the
+// bf16 weights of keys 2i and 2i + 1 and rows[j] the value rows (a row of zeros past the
+// block's last key). head_dim values at a time in chunks of C * 32.
+template <int R, int C>
+ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_value_chunk(const std::uint32_t* weight_pairs,
+                                                                const void* const* rows,
+                                                                Index pairs, Index d0, float* out,
+                                                                Index ldo) {
+  __m512 acc[R][2 * C];
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < 2 * C; ++c) acc[r][c] = _mm512_loadu_ps(out + r * ldo + d0 + 16 * c);
+  }
+  for (Index i = 0; i < pairs; ++i) {
+    const auto* even = static_cast<const std::uint16_t*>(rows[2 * i]) + d0;
+    const auto* odd = static_cast<const std::uint16_t*>(rows[2 * i + 1]) + d0;
+    __m512bh v[2 * C];
+    for (int c = 0; c < C; ++c) {
+      const __m512i e = load_bf16_chunk(even + c * kBf16DotChunk);
+      const __m512i o = load_bf16_chunk(odd + c * kBf16DotChunk);
+      v[2 * c] = (__m512bh)_mm512_unpacklo_epi16(e, o);
+      v[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(e, o);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(weight_pairs[r * 8 + i]));
+      for (int c = 0; c < 2 * C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v[c], w);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int c = 0; c < 2 * C; ++c) _mm512_storeu_ps(out + r * ldo + d0 + 16 * c, acc[r][c]);
+  }
+}
+
+template <int R>
+ATTNFORGE_TARGET_BF16 inline void bf16_accumulate_values(const std::uint32_t* weight_pairs,
+                                                         const void* const* rows, Index pairs,
+                                                         Index head_dim, float* out, Index ldo) {
+  constexpr int kC = R >= 4 ? 2 : 4;  // 16 accumulators
+  Index d = 0;
+  for (; d + kC * kBf16DotChunk <= head_dim; d += kC * kBf16DotChunk)
+    bf16_value_chunk<R, kC>(weight_pairs, rows, pairs, d, out, ldo);
+  for (; d < head_dim; d += kBf16DotChunk)
+    bf16_value_chunk<R, 1>(weight_pairs, rows, pairs, d, out, ldo);
+}
+
+// weight_pairs[r][i] = (bf16(w[r][2i]), bf16(w[r][2i + 1])) for the 16 weights of each of
+// n_rows rows (row stride 16): consecutive bf16 already are those pairs.
+ATTNFORGE_TARGET_BF16 inline void pair_decode_weights(const float* weights, Index n_rows,
+                                                      std::uint32_t* weight_pairs) {
+  for (Index r = 0; r < n_rows; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(weight_pairs + r * 8),
+                        (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(weights + r * 16)));
+  }
+}
+
 #endif  // ATTNFORGE_BF16_DOT
+
+// dst[d] = scale * src[p(d)] for d < head_dim: an output row of the bf16 decode kernel
+// back in head_dim order. Within each 32 outputs, vpunpcklwd put outputs 8L + k
+// (k < 4) of 128-bit lane L into lane 4L + k of the first accumulator, vpunpckhwd put
+// 8L + 4 + k into lane 4L + k of the second.
+inline void unpermute_bf16_decode_row(const float* src, Index head_dim, float scale, float* dst) {
+  for (Index d = 0; d < head_dim; ++d) {
+    const Index chunk = d / 32, lane = d % 32 / 8, k = d % 8;
+    dst[d] = scale * src[chunk * 32 + (k < 4 ? 0 : 16) + 4 * lane + k % 4];
+  }
+}
 
 // qt[i][lane] = (q_lane[2i], q_lane[2i+1]) for i < head_dim / 2: the query rows of a
 // tile as bf16 pairs, lanes along the row (0 for lanes whose row is null). A bit copy:

@@ -20,6 +20,7 @@
 #include <limits>
 #include <vector>
 
+#include "attnforge/detail/bf16_dot.hpp"
 #include "attnforge/detail/int8_dot.hpp"
 #include "attnforge/detail/kernel_config.hpp"
 #include "attnforge/detail/mask_policy.hpp"
@@ -49,7 +50,19 @@ struct DecodeScratch {
   AlignedBuffer<std::uint8_t> int8_keys;  // D x kInt8DotKeys, the block's keys, transposed
   AlignedBuffer<float> key_scales;        // D / kQInt8Group x kInt8DotKeys
   AlignedBuffer<float> value_weights;     // rows x D / kQInt8Group x kInt8DotKeys
+  // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
+  bool bf16_dot = false;
+  AlignedBuffer<std::uint16_t> q_bf16;        // rows x padded D, the queries (unscaled) in bf16
+  AlignedBuffer<std::uint32_t> weight_pairs;  // rows x kBf16DotKeys / 2
+  AlignedBuffer<std::uint16_t> zero_row;      // D zeros: the value row past a block's last key
 };
+
+// Whether the decode of problem type P can take the bf16 dot products (bf16_dot.hpp):
+// float compute over bf16 keys and values in an AVX-512 build (blocks of 16 keys).
+template <typename P>
+inline constexpr bool kBf16DotDecode = (std::is_same_v<typename P::Compute, float> &&
+                                        std::is_same_v<typename P::KVScalar, Eigen::bfloat16> &&
+                                        kHasBf16DotKernel && simd::kWidth<float> == kBf16DotKeys);
 
 // What the queries of one batch row can see: keys outside `span` are masked for all of
 // them; inside it, `check_keys` says whether anything but position may still exclude a key.
@@ -124,12 +137,7 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
   }
   if (d + 2 * kS <= head_dim) score_pass<T, kFull, 2>(q, rows, d, acc), d += 2 * kS;
   if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc), d += kS;
-  simd::transpose(acc);
-  // Pairwise, so the adds form a tree of depth log2(S) rather than a chain of S - 1.
-  for (int width = kS / 2; width >= 1; width /= 2) {
-    for (int j = 0; j < width; ++j) acc.packet[j] = simd::add(acc.packet[j], acc.packet[j + width]);
-  }
-  simd::store(out, acc.packet[0]);
+  simd::store(out, simd::sum_each(acc));
   for (Index e = d; e < head_dim; ++e) {  // head_dim not a multiple of the packet
     for (int j = 0; j < kS; ++j) out[j] += q[e] * rows[j][e];
   }
@@ -217,11 +225,20 @@ struct DecodeGroup {
   Index query(Index r) const { return r / n_rep; }
 };
 
+// What the decode multiplies the scores by: the scale, in log2 units unless a softcap
+// (which takes natural-log scores) follows.
+template <typename T, typename F>
+T decode_query_scale(const SdpaParams& params) {
+  return static_cast<T>(params.scale * (F::kSoftcap ? 1.0 : kLog2e));
+}
+
 // Pre-scaled query rows and fresh statistics.
 template <typename P, typename F>
 void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename P::Compute>& s) {
   using T = typename P::Compute;
-  const T q_scale = static_cast<T>(pb.params.scale * (F::kSoftcap ? 1.0 : kLog2e));
+  // The bf16 dot products multiply the scores by the scale instead (decode_block_bf16):
+  // bf16 queries then reach them exactly.
+  const T q_scale = s.bf16_dot ? T(1) : decode_query_scale<T, F>(pb.params);
   for (Index r = 0; r < g.rows; ++r) {
     const auto* q = pb.q.row(g.b, g.head(r), g.query(r));
     T* dst = s.q_rows.data() + r * g.hd;
@@ -229,6 +246,14 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
     s.stats[static_cast<std::size_t>(r)] = SoftmaxStats<T>::start();
   }
   std::fill(s.out_rows.begin(), s.out_rows.begin() + g.rows * g.hd, T(0));
+  if constexpr (kBf16DotDecode<P>) {
+#if ATTNFORGE_BF16_DOT
+    if (s.bf16_dot) {
+      round_to_bf16(s.q_rows.data(), g.rows * g.hd, s.q_bf16.data());
+      return;
+    }
+#endif
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (!s.int8_dot) return;
     for (Index r = 0; r < g.rows; ++r) {
@@ -349,6 +374,45 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
 #endif
 }
 
+// decode_block over a bf16 cache with bf16 dot products (bf16_dot.hpp): the scores of
+// every row from its bf16 query, their softmax, then the values against the weights
+// rounded to bf16. Nothing of the block is converted to float.
+template <typename P, typename F>
+void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, bool check,
+                       DecodeScratch<float>& s) {
+#if ATTNFORGE_BF16_DOT
+  const void* k_rows[kBf16DotKeys];
+  const void* v_rows[kBf16DotKeys];
+  for (Index j = 0; j < kBf16DotKeys; ++j) {  // keys past n_keys: key 0 (masked), zero values
+    k_rows[j] = pb.k.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
+    v_rows[j] = j < n_keys ? static_cast<const void*>(pb.v.row(g.b, g.kv_head, j0 + j))
+                           : static_cast<const void*>(s.zero_row.data());
+  }
+  float* weights = s.weights.data();
+  const float scale = decode_query_scale<float, F>(pb.params);
+  for (Index r = 0; r < g.rows; ++r) {
+    bf16_key_scores(s.q_bf16.data() + r * g.hd, k_rows, g.head_dim, scale,
+                    weights + r * kBf16DotKeys);
+    mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check, weights + r * kBf16DotKeys);
+  }
+  softmax_decode_block(g, s);
+  pair_decode_weights(weights, g.rows, s.weight_pairs.data());
+  const Index pairs = (n_keys + 1) / 2;
+  const std::uint32_t* w = s.weight_pairs.data();
+  constexpr Index kW = kBf16DotKeys / 2;
+  float* out = s.out_rows.data();
+  Index r0 = 0;
+  for (; r0 + 4 <= g.rows; r0 += 4)
+    bf16_accumulate_values<4>(w + r0 * kW, v_rows, pairs, g.head_dim, out + r0 * g.hd, g.hd);
+  for (; r0 + 2 <= g.rows; r0 += 2)
+    bf16_accumulate_values<2>(w + r0 * kW, v_rows, pairs, g.head_dim, out + r0 * g.hd, g.hd);
+  for (; r0 < g.rows; ++r0)
+    bf16_accumulate_values<1>(w + r0 * kW, v_rows, pairs, g.head_dim, out + r0 * g.hd, g.hd);
+#else
+  (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
+#endif
+}
+
 // Every row's scores against a block of n_keys keys, into s.weights. All rows' scores
 // come first, then their softmax: the rows are independent, and keeping each phase in
 // its own loop lets the core overlap their latency chains. The first row reads each key
@@ -382,6 +446,12 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
     if (s.int8_dot) {
       decode_block_int8<P, F>(pb, g, j0, n_keys, check, s);
+      return;
+    }
+  }
+  if constexpr (kBf16DotDecode<P>) {
+    if (s.bf16_dot) {
+      decode_block_bf16<P, F>(pb, g, j0, n_keys, check, s);
       return;
     }
   }
@@ -435,6 +505,13 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
     const RowEnd end = finish_row(stats.ref, stats.sum, -std::numeric_limits<double>::infinity());
     const T* src = s.out_rows.data() + r * g.hd;
     T* dst = partial_out + r * g.hd;
+    if constexpr (kBf16DotDecode<P>) {
+      if (s.bf16_dot) {
+        unpermute_bf16_decode_row(src, g.head_dim, static_cast<T>(end.out_scale), dst);
+        partial_lse[r] = static_cast<T>(end.lse2);
+        continue;
+      }
+    }
     for (Index d = 0; d < g.head_dim; ++d) dst[d] = src[d] * static_cast<T>(end.out_scale);
     partial_lse[r] = static_cast<T>(end.lse2);
   }
@@ -476,7 +553,8 @@ bool decode_applies(Index q_len, Index n_rep) {
 
 template <typename T>
 void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_dim,
-                    bool convert_kv, bool int8_dot, bool full_width_scores, Index partials) {
+                    bool convert_kv, bool int8_dot, bool bf16_dot, bool full_width_scores,
+                    Index partials) {
   constexpr int kP = simd::kWidth<T>;
   const auto size = [](Index n) { return static_cast<std::size_t>(n); };
   const Index hd = padded_head_dim(head_dim, kP);
@@ -486,7 +564,7 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.out_rows.resize(size(rows * hd));
     s.weights.resize(size(rows * kP));
     s.stats.resize(size(rows));
-    s.keys.resize(convert_kv && !int8_dot ? size(kP * head_dim) : 0);
+    s.keys.resize(convert_kv && !int8_dot && !bf16_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
     s.full_width_scores = full_width_scores;
@@ -497,6 +575,10 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
     s.key_scales.resize(size(kInt8DotKeys * groups));
     s.value_weights.resize(int8_dot ? size(rows * head_dim / kQInt8Group * kInt8DotKeys) : 0);
+    s.bf16_dot = bf16_dot;
+    s.q_bf16.resize(bf16_dot ? size(rows * hd) : 0);
+    s.weight_pairs.resize(bf16_dot ? size(rows * kP / 2) : 0);
+    s.zero_row.assign(bf16_dot ? size(head_dim) : 0, 0);
   }
   ws.partial_out.resize(size(partials * rows * hd));
   ws.partial_lse.resize(size(partials * rows));
@@ -543,6 +625,8 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
   reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
                  !std::is_same_v<typename P::KVScalar, typename P::Compute>,
                  problems[0].params.int8_dot,
+                 kBf16DotDecode<P> && problems[0].params.bf16_dot &&
+                     problems[0].q.dimension(3) % kBf16DotChunk == 0,
                  decode_scores_full_width<typename P::Compute>(tuning.decode_score_width),
                  ws.first_item.back());
   return ws.first_item.back();
