@@ -149,9 +149,12 @@ ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_score_pass(const std::uint16
                                                                const void* const* rows, Index d0,
                                                                __m512* acc) {
   __m512bh qv[kChunks];
+  ATTNFORGE_UNROLL
   for (int c = 0; c < kChunks; ++c) qv[c] = (__m512bh)load_bf16_chunk(q + d0 + c * kBf16DotChunk);
+  ATTNFORGE_UNROLL
   for (int j = 0; j < kBf16DotKeys; ++j) {
     const auto* row = static_cast<const std::uint16_t*>(rows[j]) + d0;
+    ATTNFORGE_UNROLL
     for (int c = 0; c < kChunks; ++c)
       acc[j] = _mm512_dpbf16_ps(acc[j], qv[c], (__m512bh)load_bf16_chunk(row + c * kBf16DotChunk));
   }
@@ -160,6 +163,7 @@ ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_score_pass(const std::uint16
 ATTNFORGE_TARGET_BF16 inline void bf16_key_scores(const std::uint16_t* q, const void* const* rows,
                                                   Index head_dim, float scale, float* scores) {
   __m512 acc[kBf16DotKeys];
+  ATTNFORGE_UNROLL
   for (int j = 0; j < kBf16DotKeys; ++j) acc[j] = _mm512_setzero_ps();
   Index d = 0;
   for (; d + 8 * kBf16DotChunk <= head_dim; d += 8 * kBf16DotChunk)
@@ -182,25 +186,32 @@ ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_value_chunk(const std::uint3
                                                                 Index pairs, Index d0, float* out,
                                                                 Index ldo) {
   __m512 acc[R][2 * C];
+  ATTNFORGE_UNROLL
   for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
     for (int c = 0; c < 2 * C; ++c) acc[r][c] = _mm512_loadu_ps(out + r * ldo + d0 + 16 * c);
   }
   for (Index i = 0; i < pairs; ++i) {
     const auto* even = static_cast<const std::uint16_t*>(rows[2 * i]) + d0;
     const auto* odd = static_cast<const std::uint16_t*>(rows[2 * i + 1]) + d0;
     __m512bh v[2 * C];
+    ATTNFORGE_UNROLL
     for (int c = 0; c < C; ++c) {
       const __m512i e = load_bf16_chunk(even + c * kBf16DotChunk);
       const __m512i o = load_bf16_chunk(odd + c * kBf16DotChunk);
       v[2 * c] = (__m512bh)_mm512_unpacklo_epi16(e, o);
       v[2 * c + 1] = (__m512bh)_mm512_unpackhi_epi16(e, o);
     }
+    ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(weight_pairs[r * 8 + i]));
+      ATTNFORGE_UNROLL
       for (int c = 0; c < 2 * C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], v[c], w);
     }
   }
+  ATTNFORGE_UNROLL
   for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
     for (int c = 0; c < 2 * C; ++c) _mm512_storeu_ps(out + r * ldo + d0 + 16 * c, acc[r][c]);
   }
 }

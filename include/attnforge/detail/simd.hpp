@@ -176,17 +176,20 @@ EIGEN_ALWAYS_INLINE void transpose(PacketBlock& block) {
 __attribute__((target("avx512f"))) EIGEN_ALWAYS_INLINE __m512 sum_each_of_16(const __m512* acc) {
   __m512 pairs[8], quads[4], halves[2];
   // Per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] for keys a = 2k, b = 2k + 1.
+  ATTNFORGE_UNROLL
   for (int k = 0; k < 8; ++k) {
     pairs[k] = _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * k], acc[2 * k + 1]),
                              _mm512_unpackhi_ps(acc[2 * k], acc[2 * k + 1]));
   }
   // Per 128-bit lane: keys 4m .. 4m + 3, each summed over that lane.
+  ATTNFORGE_UNROLL
   for (int m = 0; m < 4; ++m) {
     const __m512d lo = _mm512_castps_pd(pairs[2 * m]), hi = _mm512_castps_pd(pairs[2 * m + 1]);
     quads[m] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi)),
                              _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi)));
   }
   // Then across the four 128-bit lanes: even with odd lanes, twice.
+  ATTNFORGE_UNROLL
   for (int h = 0; h < 2; ++h) {
     halves[h] = _mm512_add_ps(_mm512_shuffle_f32x4(quads[2 * h], quads[2 * h + 1], 0x88),
                               _mm512_shuffle_f32x4(quads[2 * h], quads[2 * h + 1], 0xdd));
