@@ -3,8 +3,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
-#include <string>
+#include <cstdint>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "attnforge/detail/online_softmax.hpp"
@@ -107,6 +109,55 @@ void check_sum_each() {
 TEST(Simd, SumEachGivesEveryPacketsLaneSumInItsLane) {
   check_sum_each<simd::Block<float>, simd::Packet<float>>();
   check_sum_each<simd::HalfBlock<float>, simd::HalfPacket<float>>();
+}
+
+// store_as rounds a float packet to bf16 / fp16 bit for bit as static_cast does: ties,
+// subnormals, the largest finite values, infinities and NaNs of either sign included.
+template <typename S>
+void check_store_as() {
+  using Packet = simd::Packet<float>;
+  constexpr int kSize = simd::kWidth<float>;
+  std::vector<float> xs = {0.0f,
+                           -0.0f,
+                           1.0f,
+                           1.00390625f,
+                           1.01171875f,
+                           1.0009765625f,
+                           -3.3e-39f,
+                           9.2e-41f,
+                           1e-45f,
+                           6.0e-8f,
+                           3.0e-5f,
+                           65504.0f,
+                           65520.0f,
+                           3.389e38f,
+                           std::numeric_limits<float>::max(),
+                           std::numeric_limits<float>::infinity(),
+                           -std::numeric_limits<float>::infinity(),
+                           std::numeric_limits<float>::quiet_NaN(),
+                           -std::numeric_limits<float>::quiet_NaN()};
+  for (int i = 0; i < 4000; ++i) xs.push_back(std::ldexp(std::sin(0.37f * i), i % 300 - 150));
+  xs.resize((xs.size() + kSize - 1) / kSize * kSize, 0.5f);
+  std::vector<S> got(xs.size());
+  for (std::size_t i = 0; i < xs.size(); i += kSize)
+    simd::store_as(got.data() + i, simd::load<Packet>(xs.data() + i));
+  for (std::size_t i = 0; i < xs.size(); ++i) {
+    const S want = static_cast<S>(xs[i]);
+    if (std::isnan(xs[i])) {
+      EXPECT_TRUE(std::isnan(static_cast<float>(got[i])));
+      EXPECT_EQ(std::signbit(static_cast<float>(got[i])), std::signbit(xs[i]));
+    } else {
+      std::uint16_t got_bits, want_bits;
+      std::memcpy(&got_bits, &got[i], sizeof(got_bits));
+      std::memcpy(&want_bits, &want, sizeof(want_bits));
+      EXPECT_EQ(got_bits, want_bits) << xs[i];
+    }
+  }
+}
+
+TEST(Simd, StoreAsRoundsLikeStaticCast) {
+  check_store_as<Eigen::bfloat16>();
+  check_store_as<Eigen::half>();
 }
 
 // The online softmax over a row fed in blocks, against the two-pass softmax in double:

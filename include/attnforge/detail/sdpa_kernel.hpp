@@ -143,7 +143,7 @@ void unpack_transposed(const T* ot, Index head_dim, const T* scale, S* const* ro
   using Packet = simd::Packet<T>;
   constexpr int kP = B::kPacket;
   Index d = 0;
-  if constexpr (std::is_same_v<S, T>) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<S, T>) {
     for (; d + kP <= head_dim; d += kP) {
       for (int v = 0; v < B::kLaneVectors; ++v) {
         simd::Block<T> block;
@@ -151,10 +151,14 @@ void unpack_transposed(const T* ot, Index head_dim, const T* scale, S* const* ro
           block.packet[i] = simd::load_aligned<Packet>(ot + (d + i) * B::kLanes + v * kP);
         simd::transpose(block);
         for (int i = 0; i < kP; ++i) {
-          T* row = rows[v * kP + i];
-          if (row)
-            simd::store(row + d,
-                        simd::mul(block.packet[i], simd::splat<Packet>(scale[v * kP + i])));
+          S* row = rows[v * kP + i];
+          const Packet scaled = simd::mul(block.packet[i], simd::splat<Packet>(scale[v * kP + i]));
+          if (!row) continue;
+          if constexpr (std::is_same_v<S, T>) {
+            simd::store(row + d, scaled);
+          } else {
+            simd::store_as(row + d, scaled);
+          }
         }
       }
     }

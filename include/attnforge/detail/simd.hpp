@@ -258,6 +258,41 @@ EIGEN_ALWAYS_INLINE P widen_int8(const std::int8_t* from) {
   }
 }
 
+// Stores the kSize<P> floats of x as values of S (float, Eigen::bfloat16 or Eigen::half),
+// rounded to nearest even exactly as static_cast<S> rounds each (NaN stays a NaN of the
+// same sign). Whole packets under AVX-512; lane by lane otherwise.
+template <typename S, typename P>
+EIGEN_ALWAYS_INLINE void store_as(S* to, const P& x) {
+  static_assert(std::is_same_v<Scalar<P>, float>, "store_as narrows float packets");
+  if constexpr (std::is_same_v<S, float>) {
+    store(to, x);
+    return;
+  }
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<S, Eigen::bfloat16> && kSize<P> == 16) {
+    // Eigen's scalar rounding (float_to_bfloat16_rtne), 16 lanes at a time: add 0x7fff
+    // plus the lowest kept bit, keep the top half. (vcvtneps2bf16 would flush subnormals.)
+    const __m512i bits = _mm512_castps_si512(x);
+    const __m512i high = _mm512_srli_epi32(bits, 16);
+    const __m512i bias =
+        _mm512_add_epi32(_mm512_and_si512(high, _mm512_set1_epi32(1)), _mm512_set1_epi32(0x7fff));
+    const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+    const __m512i nan = _mm512_or_si512(_mm512_and_si512(high, _mm512_set1_epi32(0x8000)),
+                                        _mm512_set1_epi32(0x7fc0));
+    const __m512i out = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(x, x, _CMP_ORD_Q), nan, rounded);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtepi32_epi16(out));
+    return;
+  }
+  if constexpr (std::is_same_v<S, Eigen::half> && kSize<P> == 16) {
+    ei::pstoreu(to, ei::pcast<P, ei::Packet16h>(x));  // vcvtps2ph, round to nearest even
+    return;
+  }
+#endif
+  alignas(64) float lanes[kSize<P>];
+  store(lanes, x);
+  for (int i = 0; i < kSize<P>; ++i) to[i] = static_cast<S>(lanes[i]);
+}
+
 // Degree of the Taylor polynomial of 2^f = e^(f ln 2) on f in [-1/2, 1/2]. The
 // truncation error is (ln2 / 2)^(n+1) / (n+1)! * sqrt(2): 7.3e-9 for float with n = 7
 // (0.06 ulp), 4e-18 for double with n = 13, so the result is limited by rounding in
