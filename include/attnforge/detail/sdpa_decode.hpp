@@ -5,9 +5,11 @@
 // (all n_rep query heads of the group and all Sq positions share it), straight from
 // the cache's storage, with the SIMD lanes along head_dim:
 //   scores: for a block of P keys (P = packet size), each query row accumulates one
-//           packet per key, and a transpose-add turns the P packets into one packet of
-//           P scores;
+//           packet per key, and a lane sum (simd::sum_each) turns the P packets into
+//           one packet of P scores;
 //   output: out[r] += p[r][j] * v[j], register-blocked over rows and head_dim.
+// A QInt8 or bf16 cache is multiplied in its stored form where the CPU has the dot
+// products (int8_dot.hpp, bf16_dot.hpp), else converted a block at a time.
 // Split-KV (flash-decoding): the keys are cut into chunks of kDecodeChunk, computed in
 // parallel, each giving a normalised partial output and its log-sum-exp, merged exactly
 // in chunk order. The chunking depends on Skv only, so any thread count gives the same
