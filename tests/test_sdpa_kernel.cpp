@@ -326,6 +326,71 @@ TEST_P(Bf16DecodeKernel, MatchesDenseReferenceOnWhatItMultiplies) {
   }
 }
 
+// Every mask kind and option through the bf16 decode kernel (masks and biases apply to
+// the scores it forms, a softcap to them before the scale's log2 e): two query positions
+// per head, B = 2, against the double brute force on what it multiplies.
+TEST(Bf16DecodeKernelMasks, EveryMaskKindAndOptionMatchesTheBruteForce) {
+  const Index batch = 2, n_heads = 8, n_kv_heads = 2, q_len = 2, kv_len = 700, head_dim = 64;
+  const bool dot = decodes_by_bf16_dot(SdpaPath::kDecode, Bf16Kernel::kDotProduct, q_len,
+                                       n_heads / n_kv_heads, head_dim);
+  const Bf16Kernel kernel = dot ? Bf16Kernel::kDotProduct : Bf16Kernel::kConvert;
+  const auto q = random_normal<float, 4>({batch, n_heads, q_len, head_dim}, 41);
+  const auto k = random_normal<float, 4>({batch, n_kv_heads, kv_len, head_dim}, 42);
+  const auto v = random_normal<float, 4>({batch, n_kv_heads, kv_len, head_dim}, 43);
+  const Tensor<Eigen::bfloat16, 4> k16 = k.cast<Eigen::bfloat16>(), v16 = v.cast<Eigen::bfloat16>();
+  const Tensor<float, 4> k_stored = k16.cast<float>(), v_stored = v16.cast<float>();
+  const Tensor<double, 4> q_seen = dot ? bf16_rounded_queries(q) : to_double(q);
+  for (int kind = 0; kind < 5; ++kind) {
+    DenseMasks dense;
+    DenseOptions opts;
+    dense.causal = kind != 3;
+    if (kind == 0) dense.window = 300, opts.softcap = 8.0;  // window and softcap
+    if (kind == 1) {                                       // ALiBi and sinks
+      for (Index h = 0; h < n_heads; ++h) {
+        opts.alibi_slopes.push_back(0.01 * static_cast<double>(h + 1));
+        opts.sinks.push_back(0.5 - 0.2 * static_cast<double>(h));
+      }
+    }
+    if (kind == 2) {  // documents and key padding
+      Tensor<DocId, 2> docs(batch, kv_len), q_docs(batch, q_len);
+      Tensor<bool, 2> padding(batch, kv_len);
+      for (Index b = 0; b < batch; ++b) {
+        for (Index j = 0; j < kv_len; ++j) docs(b, j) = (j + 50 * b) / 170, padding(b, j) = j % 9 != 4;
+        for (Index i = 0; i < q_len; ++i) q_docs(b, i) = docs(b, kv_len - q_len + i);
+      }
+      dense.q_docs = q_docs, dense.kv_docs = docs, dense.key_padding = padding;
+    }
+    if (kind == 3) {  // a boolean mask and an additive bias, not causal
+      Tensor<bool, 4> mask(batch, 1, q_len, kv_len);
+      Tensor<float, 4> bias = random_normal<float, 4>({1, n_heads, q_len, kv_len}, 44);
+      for (Index i = 0; i < mask.size(); ++i) mask.data()[i] = (i * 7919) % 5 != 0;
+      dense.attn_mask = mask, dense.attn_bias = bias;
+    }
+    if (kind == 4) {  // rows with no key left, attending to all
+      Tensor<bool, 2> padding(batch, kv_len);
+      padding.setConstant(false);
+      dense.key_padding = padding, opts.attend_all_when_empty = true;
+    }
+    SCOPED_TRACE("kind " + std::to_string(kind));
+    // Rows left empty are redone without masks on the reference path, which multiplies
+    // the float queries.
+    const Tensor<double, 4> q_used = kind == 4 ? to_double(q) : q_seen;
+    const DenseResult exact = dense_sdpa(q_used, to_double(k_stored), to_double(v_stored), dense, opts);
+    AccuracyBudget budget = sdpa_budget<float>(
+        SdpaPath::kDecode,
+        budget_inputs(Tensor<float, 4>(q_used.cast<float>()), k_stored, dense, opts, exact));
+    if (dot && kind != 4) budget = with_bf16_weights(budget);
+    SdpaOptions options = library_options(dense, opts, SdpaPath::kDecode);
+    options.bf16_kernel = kernel;
+    Tensor<float, 4> out(q.dimensions());
+    Tensor<float, 3> lse(batch, n_heads, q_len);
+    Sdpa<float, Eigen::bfloat16> sdpa(options);
+    sdpa(q, k16, v16, StridedView<float, 4>(out), library_masks(dense), StridedView<float, 3>(lse));
+    EXPECT_LE(max_abs_diff(out, exact.out) / max_abs(v_stored), budget.out);
+    EXPECT_LE(lse_error(lse, exact.lse), budget.lse);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(HeadDims, Bf16DecodeKernel,
                          ::testing::Combine(::testing::Values<Index>(32, 64, 96, 128, 160, 256,
                                                                      288),
