@@ -542,35 +542,39 @@ INSTANTIATE_TEST_SUITE_P(Cases, PagedAttentionRagged, ::testing::ValuesIn(ragged
                                   std::to_string(info.param.n_rep);
                          });
 
+// head_dim 24 converts the bf16 blocks to float; 64 takes the decode's bf16 dot products
+// where the CPU has them (Bf16Kernel::kAuto), on both caches alike.
 TEST(PagedAttention, Bf16CacheUnderFloatActivationsMatchesTheContiguousBf16Cache) {
   const Index n_heads = 8, len = 200;
-  PagedKVCache<Eigen::bfloat16> paged(32, 16, kKvHeads, kHeadDim);
-  KVCache<Eigen::bfloat16> contiguous(1, len, kKvHeads, kHeadDim);
-  const SeqId id = paged.add_sequence();
-  const Tensor<float, 3> k = rows(len, 40), v = rows(len, 41);
-  paged.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v));
-  const Tensor<float, 4> k4 = k.reshape(std::array<Index, 4>{1, kKvHeads, len, kHeadDim});
-  const Tensor<float, 4> v4 = v.reshape(std::array<Index, 4>{1, kKvHeads, len, kHeadDim});
-  const KVPrefix<Eigen::bfloat16> prefix = contiguous.update(k4, v4);
-  for (Index n : {Index{1}, Index{33}}) {
-    SCOPED_TRACE(n);
-    SdpaOptions options;
-    options.causal = true;
-    const Tensor<float, 3> q = test::random_normal<float, 3>({n, n_heads, kHeadDim}, 42);
-    Tensor<float, 4> q4(1, n_heads, n, kHeadDim);
-    for (Index h = 0; h < n_heads; ++h)
-      for (Index i = 0; i < n; ++i)
-        for (Index d = 0; d < kHeadDim; ++d) q4(0, h, i, d) = q(i, h, d);
-    const Tensor<float, 3> got =
-        PagedAttention<float, Eigen::bfloat16>(options)(q, paged, RaggedBatch{{id}, {0, n}});
-    const Tensor<float, 4> want =
-        Sdpa<float, Eigen::bfloat16>(options)(q4, prefix.keys, prefix.values);
-    double err = 0;
-    for (Index h = 0; h < n_heads; ++h)
-      for (Index i = 0; i < n; ++i)
-        for (Index d = 0; d < kHeadDim; ++d)
-          err = std::max(err, static_cast<double>(std::abs(got(i, h, d) - want(0, h, i, d))));
-    EXPECT_LE(err, 1e-5);
+  for (const Index head_dim : {kHeadDim, Index{64}}) {
+    PagedKVCache<Eigen::bfloat16> paged(32, 16, kKvHeads, head_dim);
+    KVCache<Eigen::bfloat16> contiguous(1, len, kKvHeads, head_dim);
+    const SeqId id = paged.add_sequence();
+    const Tensor<float, 3> k = rows(len, 40, head_dim), v = rows(len, 41, head_dim);
+    paged.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v));
+    const Tensor<float, 4> k4 = k.reshape(std::array<Index, 4>{1, kKvHeads, len, head_dim});
+    const Tensor<float, 4> v4 = v.reshape(std::array<Index, 4>{1, kKvHeads, len, head_dim});
+    const KVPrefix<Eigen::bfloat16> prefix = contiguous.update(k4, v4);
+    for (Index n : {Index{1}, Index{33}}) {
+      SCOPED_TRACE("head_dim " + std::to_string(head_dim) + ", " + std::to_string(n) + " tokens");
+      SdpaOptions options;
+      options.causal = true;
+      const Tensor<float, 3> q = test::random_normal<float, 3>({n, n_heads, head_dim}, 42);
+      Tensor<float, 4> q4(1, n_heads, n, head_dim);
+      for (Index h = 0; h < n_heads; ++h)
+        for (Index i = 0; i < n; ++i)
+          for (Index d = 0; d < head_dim; ++d) q4(0, h, i, d) = q(i, h, d);
+      const Tensor<float, 3> got =
+          PagedAttention<float, Eigen::bfloat16>(options)(q, paged, RaggedBatch{{id}, {0, n}});
+      const Tensor<float, 4> want =
+          Sdpa<float, Eigen::bfloat16>(options)(q4, prefix.keys, prefix.values);
+      double err = 0;
+      for (Index h = 0; h < n_heads; ++h)
+        for (Index i = 0; i < n; ++i)
+          for (Index d = 0; d < head_dim; ++d)
+            err = std::max(err, static_cast<double>(std::abs(got(i, h, d) - want(0, h, i, d))));
+      EXPECT_LE(err, 1e-5);
+    }
   }
 }
 
