@@ -271,13 +271,19 @@ AccuracyBudget cache_budget(const AccuracyBudget& on_stored, const Tensor<float,
   return reduced_cache_budget(on_stored, delta_k, value_error);
 }
 
+// Whether a call of q_len queries per head (n_rep heads per KV head) takes the decode
+// path, as SdpaPath picks it.
+inline bool takes_decode_path(SdpaPath path, Index q_len, Index n_rep) {
+  return path == SdpaPath::kDecode ||
+         (path == SdpaPath::kAuto && detail::decode_applies<float>(q_len, n_rep));
+}
+
 // Whether a call with these options over a QInt8 cache scores with int8 dot products on
-// quantized queries (5. above): the decode path, as SdpaPath picks it, where
-// Int8Kernel takes the dot products on this CPU and build.
+// quantized queries (5. above): the decode path where Int8Kernel takes the dot products on
+// this CPU and build.
 inline bool scores_by_int8_dot(SdpaPath path, Int8Kernel kernel, Index q_len, Index n_rep,
                                Index head_dim) {
-  const bool decode = path == SdpaPath::kDecode ||
-                      (path == SdpaPath::kAuto && detail::decode_applies<float>(q_len, n_rep));
+  const bool decode = takes_decode_path(path, q_len, n_rep);
   SdpaOptions options;
   options.int8_kernel = kernel;
   return decode && detail::use_int8_dot<float, QInt8>("scores_by_int8_dot", options, head_dim);
@@ -287,8 +293,7 @@ inline bool scores_by_int8_dot(SdpaPath path, Int8Kernel kernel, Index q_len, In
 // bf16 dot products of the decode kernel (6. above).
 inline bool decodes_by_bf16_dot(SdpaPath path, Bf16Kernel kernel, Index q_len, Index n_rep,
                                 Index head_dim) {
-  const bool decode = path == SdpaPath::kDecode ||
-                      (path == SdpaPath::kAuto && detail::decode_applies<float>(q_len, n_rep));
+  const bool decode = takes_decode_path(path, q_len, n_rep);
   SdpaOptions options;
   options.bf16_kernel = kernel;
   try {

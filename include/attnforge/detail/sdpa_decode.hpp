@@ -318,6 +318,17 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
   }
 }
 
+// rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
+// key j0 again when that is null (the dot-product kernels take a whole block of rows).
+template <typename Row, std::size_t kKeys, typename View>
+void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys,
+                Row (&rows)[kKeys], Row past_end = nullptr) {
+  for (Index j = 0; j < static_cast<Index>(kKeys); ++j) {
+    rows[j] = j < n_keys ? view.row(g.b, g.kv_head, j0 + j)
+                         : (past_end != nullptr ? past_end : view.row(g.b, g.kv_head, j0));
+  }
+}
+
 // decode_block over a QInt8 cache with int8 dot products: the scores of every row from
 // the quantized queries, their softmax, then the values widened inside the FMAs, with
 // each key's group scales folded into the rows' weights.
@@ -325,12 +336,10 @@ template <typename P, typename F>
 void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, bool check,
                        DecodeScratch<float>& s) {
 #if ATTNFORGE_INT8_DOT
-  const QInt8* k_rows[kInt8DotKeys];
+  const QInt8* k_rows[kInt8DotKeys];  // keys past n_keys repeat key 0; masked below
   const QInt8* v_rows[kInt8DotKeys];
-  for (Index j = 0; j < kInt8DotKeys; ++j) {  // keys past n_keys repeat key 0; masked below
-    k_rows[j] = pb.k.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
-    v_rows[j] = pb.v.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
-  }
+  block_rows(pb.k, g, j0, n_keys, k_rows);
+  block_rows(pb.v, g, j0, n_keys, v_rows);
   const Index groups = g.head_dim / kQInt8Group;
   prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data());
   for (Index r0 = 0; r0 < g.rows; r0 += 2) {
@@ -383,13 +392,10 @@ template <typename P, typename F>
 void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, bool check,
                        DecodeScratch<float>& s) {
 #if ATTNFORGE_BF16_DOT
-  const void* k_rows[kBf16DotKeys];
+  const void* k_rows[kBf16DotKeys];  // keys past n_keys: key 0 (masked), zero values
   const void* v_rows[kBf16DotKeys];
-  for (Index j = 0; j < kBf16DotKeys; ++j) {  // keys past n_keys: key 0 (masked), zero values
-    k_rows[j] = pb.k.row(g.b, g.kv_head, j0 + (j < n_keys ? j : 0));
-    v_rows[j] = j < n_keys ? static_cast<const void*>(pb.v.row(g.b, g.kv_head, j0 + j))
-                           : static_cast<const void*>(s.zero_row.data());
-  }
+  block_rows(pb.k, g, j0, n_keys, k_rows);
+  block_rows(pb.v, g, j0, n_keys, v_rows, static_cast<const void*>(s.zero_row.data()));
   float* weights = s.weights.data();
   const float scale = decode_query_scale<float, F>(pb.params);
   for (Index r = 0; r < g.rows; ++r) {
