@@ -259,8 +259,8 @@ EIGEN_ALWAYS_INLINE P widen_int8(const std::int8_t* from) {
 }
 
 // Stores the kSize<P> floats of x as values of S (float, Eigen::bfloat16 or Eigen::half),
-// rounded to nearest even exactly as static_cast<S> rounds each (NaN stays a NaN of the
-// same sign). Whole packets under AVX-512; lane by lane otherwise.
+// each finite value and infinity rounded to nearest even exactly as static_cast<S> rounds
+// it, a NaN kept a NaN of its sign. Whole packets under AVX-512; lane by lane otherwise.
 template <typename S, typename P>
 EIGEN_ALWAYS_INLINE void store_as(S* to, const P& x) {
   static_assert(std::is_same_v<Scalar<P>, float>, "store_as narrows float packets");
