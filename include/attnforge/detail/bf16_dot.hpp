@@ -1,9 +1,10 @@
-// The bf16 tile products of the prefill kernel on AVX512-BF16 (vdpbf16ps: two bf16
-// products per float lane per instruction, twice the fp32 FMA rate).
+// The bf16 products on AVX512-BF16 (vdpbf16ps: two bf16 products per float lane per
+// instruction, twice the fp32 FMA rate): the prefill kernel's tile products, and below
+// them the decode kernel's micro-kernels over a bf16 cache.
 //
-// Operands are pairs of bf16 in one 32-bit lane: Qt as (Qt[2i][lane], Qt[2i+1][lane]),
-// K as the pair (K[n][2i], K[n][2i+1]) that row-major storage already holds, P and V as
-// pairs over consecutive keys. These functions carry their own target attribute, so the
+// Prefill operands are pairs of bf16 in one 32-bit lane: Qt as (Qt[2i][lane],
+// Qt[2i+1][lane]), K as the pair (K[n][2i], K[n][2i+1]) that row-major storage already
+// holds, P and V as pairs over consecutive keys. These functions carry their own target attribute, so the
 // library keeps compiling for any x86-64 (or other) target; they are only called after
 // the run-time check `cpu_has_avx512_bf16()`. Elsewhere `kHasBf16DotKernel` is false and
 // bf16 tiles are converted to float instead.
