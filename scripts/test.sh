@@ -13,6 +13,8 @@
 #   bench         every bench/bench_*.cpp binary once, briefly (*_mpi on 2 ranks)
 #   examples      every examples/*.cpp binary once, with --quick (*_mpi on 2 ranks)
 #   isa-baseline  the unit tests built for the x86-64 baseline (-march=x86-64, SSE2 packets)
+#   portable      the unit tests without the x86 intrinsic kernels (ATTNFORGE_NO_BF16_DOT,
+#                 ATTNFORGE_NO_INT8_DOT, no -march): the code an ARM or MSVC build compiles
 #   avx2-clang-eigen5
 #                 installs Eigen 5.0.1 from its tarball into build/third_party and runs the
 #                 unit tests built with clang++ for -mavx2 -mfma against it: one build
@@ -228,6 +230,12 @@ step_isa-baseline() {
   run_test_preset isa-baseline
 }
 
+# The unit tests as a compiler without our x86 intrinsic kernels builds them (ARM, MSVC):
+# only the generic kernels over Eigen packets, so those paths compile and pass on their own.
+step_portable() {
+  run_test_preset portable
+}
+
 step_isa-avx2() {
   run_test_preset isa-avx2
 }
@@ -381,7 +389,7 @@ step_fuzz() {
 
 # --- Main -------------------------------------------------------------------
 
-ALL_STEPS=(deps release ctest bench examples isa-baseline avx2-clang-eigen5 asan tsan fuzz)
+ALL_STEPS=(deps release ctest bench examples isa-baseline portable avx2-clang-eigen5 asan tsan fuzz)
 
 steps=("$@")
 if [ "${#steps[@]}" -eq 0 ]; then

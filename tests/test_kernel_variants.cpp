@@ -157,6 +157,13 @@ TEST(KernelVariants, BuildHasTheRequestedInstructionSet) {
     EXPECT_FALSE(CompiledIsa::avx) << "baseline build has AVX: an -m flag leaked into it";
     EXPECT_EQ(float_packet, 4);
 #endif
+  } else if (expected_is("portable")) {
+    // ATTNFORGE_NO_BF16_DOT and ATTNFORGE_NO_INT8_DOT must leave out every x86 intrinsic
+    // kernel, so the generic paths are what this binary tests.
+    EXPECT_FALSE(detail::kHasBf16DotKernel)
+        << "ATTNFORGE_NO_BF16_DOT did not remove the bf16 kernels";
+    EXPECT_FALSE(detail::kHasInt8DotKernel)
+        << "ATTNFORGE_NO_INT8_DOT did not remove the int8 kernels";
   } else if (expected_is("avx2")) {
     EXPECT_TRUE(CompiledIsa::avx2) << "avx2 build without EIGEN_VECTORIZE_AVX2";
     EXPECT_TRUE(CompiledIsa::fma) << "avx2 build without EIGEN_VECTORIZE_FMA";

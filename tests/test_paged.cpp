@@ -465,7 +465,7 @@ TEST_P(PagedAttentionRagged, EverySequenceMatchesTheBruteForceAndTheContiguousPa
     else
       cache.append(filler, ConstView<float, 3>(fk), ConstView<float, 3>(fv));
     const SeqId id = cache.add_sequence();
-    const Tensor<float, 3> k = seqs.back().k.chip(0, 0), v = seqs.back().v.chip(0, 0);
+    const Tensor<float, 3> k = seqs.back().k.chip<0>(0), v = seqs.back().v.chip<0>(0);
     if (docs)
       cache.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v), seqs.back().kv_ids);
     else

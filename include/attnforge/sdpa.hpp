@@ -130,8 +130,7 @@ bool use_bf16_dot(const char* where, const SdpaOptions& options, Index head_dim)
   constexpr bool kBf16 = kBf16Cache && std::is_same_v<T, Eigen::bfloat16>;
   const bool cpu = kHasBf16DotKernel && cpu_has_avx512_bf16();
   const bool prefill = kBf16 && FusedBlocking<acc_t<T>>::kLanes % 16 == 0 && head_dim % 2 == 0;
-  const bool decode =
-      kBf16Cache && simd::kWidth<float> == kBf16DotKeys && head_dim % kBf16DotChunk == 0;
+  const bool decode = bf16_dot_decode_fits<acc_t<T>, KV>(head_dim);
   const bool available = cpu && (prefill || decode);
   switch (options.bf16_kernel) {
     case Bf16Kernel::kDotProduct:

@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/tensor.hpp"
@@ -52,6 +53,26 @@ inline bool cpu_prefers_bf16_dot() {
 #else
   return false;
 #endif
+}
+
+// The decode kernel's block (the keys of one float packet of scores in an AVX-512 build)
+// and the head dims one vdpbf16ps takes (micro-kernels below).
+inline constexpr Index kBf16DotKeys = 16;
+inline constexpr Index kBf16DotChunk = 32;
+
+// Whether a decode with Compute over a KVScalar cache can take the bf16 dot products: by
+// its types (float compute over bf16 keys and values, the kernels compiled in, an AVX-512
+// build, where a block of scores is one float packet), and then by head_dim (a multiple of
+// kBf16DotChunk). The CPU and Bf16Kernel are asked at run time (use_bf16_dot in sdpa.hpp).
+template <typename Compute, typename KVScalar>
+inline constexpr bool kBf16DotDecodeTypes = (std::is_same_v<Compute, float> &&
+                                             std::is_same_v<KVScalar, Eigen::bfloat16> &&
+                                             kHasBf16DotKernel &&
+                                             simd::kWidth<float> == kBf16DotKeys);
+
+template <typename Compute, typename KVScalar>
+constexpr bool bf16_dot_decode_fits(Index head_dim) {
+  return kBf16DotDecodeTypes<Compute, KVScalar> && head_dim % kBf16DotChunk == 0;
 }
 
 #if ATTNFORGE_BF16_DOT
@@ -127,8 +148,6 @@ ATTNFORGE_TARGET_BF16 inline void pair_rows_to_bf16(const float* p, Index n_rows
 //           of keys, so one vdpbf16ps adds two keys' terms to 16 outputs. The interleave
 //           works within 128-bit lanes, so the accumulators hold each 32 outputs in a
 //           fixed order, undone once per step by unpermute_bf16_decode_row.
-inline constexpr Index kBf16DotKeys = 16;
-inline constexpr Index kBf16DotChunk = 32;
 
 ATTNFORGE_TARGET_BF16 inline __m512i load_bf16_chunk(const void* p) {
   return _mm512_loadu_si512(p);

@@ -59,12 +59,10 @@ struct DecodeScratch {
   AlignedBuffer<std::uint16_t> zero_row;      // D zeros: the value row past a block's last key
 };
 
-// Whether the decode of problem type P can take the bf16 dot products (bf16_dot.hpp):
-// float compute over bf16 keys and values in an AVX-512 build (blocks of 16 keys).
+// Whether the decode of problem type P can take the bf16 dot products (bf16_dot.hpp).
 template <typename P>
-inline constexpr bool kBf16DotDecode = (std::is_same_v<typename P::Compute, float> &&
-                                        std::is_same_v<typename P::KVScalar, Eigen::bfloat16> &&
-                                        kHasBf16DotKernel && simd::kWidth<float> == kBf16DotKeys);
+inline constexpr bool kBf16DotDecode =
+    kBf16DotDecodeTypes<typename P::Compute, typename P::KVScalar>;
 
 // What the queries of one batch row can see: keys outside `span` are masked for all of
 // them; inside it, `check_keys` says whether anything but position may still exclude a key.
@@ -633,8 +631,9 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
   reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
                  !std::is_same_v<typename P::KVScalar, typename P::Compute>,
                  problems[0].params.int8_dot,
-                 kBf16DotDecode<P> && problems[0].params.bf16_dot &&
-                     problems[0].q.dimension(3) % kBf16DotChunk == 0,
+                 problems[0].params.bf16_dot &&
+                     bf16_dot_decode_fits<typename P::Compute, typename P::KVScalar>(
+                         problems[0].q.dimension(3)),
                  decode_scores_full_width<typename P::Compute>(tuning.decode_score_width),
                  ws.first_item.back());
   return ws.first_item.back();
