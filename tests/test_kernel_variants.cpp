@@ -135,6 +135,14 @@ TEST(KernelVariants, PrintsTheVariantsThisBinaryRuns) {
       detail::kHasBf16DotKernel ? "yes" : "no", detail::cpu_has_avx512_bf16() ? "yes" : "no",
       detail::cpu_prefers_bf16_dot() ? "yes" : "no (converting is faster on this CPU)");
   std::printf(
+      "[kernel variants] bf16 dot-product decode (float queries over bf16 caches, D 128): %s "
+      "(compiled in: %s, AVX-512 decode block: %s)\n",
+      detail::use_bf16_dot<float, Eigen::bfloat16>("kernel variants", SdpaOptions{}, 128)
+          ? "USED"
+          : "not used (blocks are converted to float)",
+      detail::kHasBf16DotKernel ? "yes" : "no",
+      detail::simd::kWidth<float> == detail::kBf16DotKeys ? "yes" : "no");
+  std::printf(
       "[kernel variants] int8 dot-product decode (QInt8 caches, D 128): %s (compiled in: %s, "
       "CPU has avx512_vnni: %s, AVX-512 decode block: %s)\n",
       detail::use_int8_dot<float, QInt8>("kernel variants", SdpaOptions{}, 128)
