@@ -632,6 +632,12 @@ TEST_P(QInt8Sdpa, MatchesTheDequantizedBruteForceAtFloatAccuracyAndTheOriginalWi
     SCOPED_TRACE("decode: B 2, Sq 2, Skv 1100 (split-KV chunks)");
     expect_sdpa_within_budgets(c, 2, 2, 1100, 300);
   }
+  {
+    // One token: n_rep rows per KV head, which the int8 score kernel takes 4, then 2,
+    // then 1 at a time; a key count ending mid-block.
+    SCOPED_TRACE("decode: B 2, Sq 1, Skv 1059");
+    expect_sdpa_within_budgets(c, 2, 1, 1059, 400);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -639,6 +645,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(SdpaCase{"GQA_D128_Causal", 8, 2, 128, Kind::kCausal},
                       SdpaCase{"MHA_D64_Causal", 4, 4, 64, Kind::kCausal},
                       SdpaCase{"MQA_D80_Causal", 8, 1, 80, Kind::kCausal},
+                      SdpaCase{"GQA3_D128_Causal", 6, 2, 128, Kind::kCausal},
+                      SdpaCase{"GQA7_D64_Window", 7, 1, 64, Kind::kWindow},
                       SdpaCase{"GQA_D64_NoMask", 8, 2, 64, Kind::kNone},
                       SdpaCase{"GQA_D80_Window", 8, 2, 80, Kind::kWindow},
                       SdpaCase{"MHA_D128_Docs", 4, 4, 128, Kind::kDocs},

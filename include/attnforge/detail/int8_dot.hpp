@@ -117,34 +117,41 @@ ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, In
   }
 }
 
-// out[0, 16) = q . k_j for the 16 prepared keys (log2 units when q was scaled so), for
-// two query rows at once (their dependency chains interleave).
-ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, int n_rows,
-                                                  const std::uint8_t* keys, const float* key_scales,
-                                                  Index head_dim, float* out, Index ldo) {
-  __m512 score[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+// out[r][0, 16) = q_r . k_j for the 16 prepared keys (log2 units when q was scaled so),
+// for R query rows at once: each key load serves every row, and the R dependency chains
+// interleave. R is fixed so the accumulators stay in registers.
+template <int R>
+ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const std::uint8_t* keys,
+                                                  const float* key_scales, Index head_dim,
+                                                  float* out, Index ldo) {
+  __m512 score[R];
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) score[r] = _mm512_setzero_ps();
   for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
-    __m512i acc[2];
-    float q_scale[2];
-    for (int r = 0; r < n_rows; ++r) {
-      acc[r] = _mm512_set1_epi32(q[r].start[g]);
-      q_scale[r] = qint8_scale(q[r].row, head_dim, g);
-    }
-    for (Index t = g * kQInt8Group / 4; t < (g + 1) * kQInt8Group / 4; ++t) {
+    __m512i acc[R];
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(q[r].start[g]);
+    const Index t0 = g * kQInt8Group / 4;
+    ATTNFORGE_UNROLL
+    for (Index t = t0; t < t0 + kQInt8Group / 4; ++t) {
       const __m512i k = _mm512_loadu_si512(keys + t * 64);
-      for (int r = 0; r < n_rows; ++r) {
+      ATTNFORGE_UNROLL
+      for (int r = 0; r < R; ++r) {
         std::int32_t bytes;
         std::memcpy(&bytes, q[r].row + 4 * t, sizeof(bytes));
         acc[r] = _mm512_dpbusd_epi32(acc[r], k, _mm512_set1_epi32(bytes));
       }
     }
     const __m512 k_scale = _mm512_loadu_ps(key_scales + g * 16);
-    for (int r = 0; r < n_rows; ++r) {
-      score[r] = _mm512_fmadd_ps(
-          _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(q_scale[r])), k_scale, score[r]);
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const __m512 q_scale = _mm512_set1_ps(qint8_scale(q[r].row, head_dim, g));
+      score[r] =
+          _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), q_scale), k_scale, score[r]);
     }
   }
-  for (int r = 0; r < n_rows; ++r) _mm512_storeu_ps(out + r * ldo, score[r]);
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, score[r]);
 }
 
 // out[r][:] += sum_j weights[r][g][j] * v_j[:] over the n_keys value rows of a block for R

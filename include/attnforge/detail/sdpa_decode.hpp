@@ -327,6 +327,31 @@ void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys,
   }
 }
 
+// The int8 scores of every row of the group against the block's prepared keys, four rows
+// at a time (then two, then one).
+inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
+#if ATTNFORGE_INT8_DOT
+  const Index groups = g.head_dim / kQInt8Group;
+  const auto query = [&](Index r) {
+    return Int8QueryRow{s.q_int8.data() + r * qint8_row_bytes(g.head_dim),
+                        s.q_start.data() + r * groups};
+  };
+  const auto scores = [&](auto rows, Index r0) {
+    constexpr int kRows = decltype(rows)::value;
+    Int8QueryRow q[kRows];
+    for (int r = 0; r < kRows; ++r) q[r] = query(r0 + r);
+    int8_row_scores<kRows>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
+                           s.weights.data() + r0 * kInt8DotKeys, kInt8DotKeys);
+  };
+  Index r0 = 0;
+  for (; r0 + 4 <= g.rows; r0 += 4) scores(std::integral_constant<int, 4>{}, r0);
+  for (; r0 + 2 <= g.rows; r0 += 2) scores(std::integral_constant<int, 2>{}, r0);
+  for (; r0 < g.rows; ++r0) scores(std::integral_constant<int, 1>{}, r0);
+#else
+  (void)g, (void)s;
+#endif
+}
+
 // decode_block over a QInt8 cache with int8 dot products: the scores of every row from
 // the quantized queries, their softmax, then the values widened inside the FMAs, with
 // each key's group scales folded into the rows' weights.
@@ -340,16 +365,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   block_rows(pb.v, g, j0, n_keys, v_rows);
   const Index groups = g.head_dim / kQInt8Group;
   prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data());
-  for (Index r0 = 0; r0 < g.rows; r0 += 2) {
-    const int n = g.rows - r0 >= 2 ? 2 : 1;
-    Int8QueryRow q[2];
-    for (int r = 0; r < n; ++r) {
-      q[r] = {s.q_int8.data() + (r0 + r) * qint8_row_bytes(g.head_dim),
-              s.q_start.data() + (r0 + r) * groups};
-    }
-    int8_row_scores(q, n, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
-                    s.weights.data() + r0 * kInt8DotKeys, kInt8DotKeys);
-  }
+  int8_block_scores(g, s);
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check,
                                 s.weights.data() + r * kInt8DotKeys);
