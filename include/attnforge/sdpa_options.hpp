@@ -37,8 +37,8 @@ enum class SdpaPath {
 // rate; checked once at run time) and converts elsewhere; kConvert always converts to
 // float and uses the float kernels; kDotProduct insists on the dot products
 // (std::invalid_argument where they cannot run). The decode by dot products rounds each
-// pre-scaled query row and each softmax weight to bf16 (see docs/design.md, "bf16
-// caches"). Other element types ignore it.
+// query row (before the scale, which multiplies the scores) and each softmax weight to
+// bf16 (see docs/design.md, "bf16 caches"). Other element types ignore it.
 enum class Bf16Kernel { kAuto, kDotProduct, kConvert };
 
 // How the decode path scores float queries against a QInt8 cache. kAuto takes the int8

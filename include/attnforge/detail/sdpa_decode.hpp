@@ -451,18 +451,28 @@ void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, De
   }
 }
 
+// Asks for the K and V rows of up to n_keys keys from j: none past the cache's end, and in
+// a paged cache none past the end of j's pool block.
+template <typename P>
+EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, const DecodeGroup& g, Index j, Index n_keys) {
+  const Index kv_len = pb.k.dimension(2);
+  if (j >= kv_len) return;
+  const Index n = std::min({n_keys, kv_len - j, contiguous_rows(pb.k, j)});
+  const Index row_width = stored_row_width<typename P::KVScalar>(g.head_dim);
+  prefetch_rows(pb.k.row(g.b, g.kv_head, j), pb.k.stride(2), n, row_width);
+  prefetch_rows(pb.v.row(g.b, g.kv_head, j), pb.v.stride(2), n, row_width);
+}
+
 // One block of P keys starting at j0: scores of every row, their softmax, the values.
 template <typename P, typename F>
 void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, KeySpan all_rows,
                   bool check_keys, DecodeScratch<typename P::Compute>& s) {
   using T = typename P::Compute;
   constexpr int kP = simd::kWidth<T>;
-  // The whole block (K and V) is asked for at once, front to back, before any of it is
-  // used: the misses then overlap instead of arriving one stall at a time. (Prefetching
-  // the next block instead, bursts of blocks, or part of the lines all measured slower.)
-  const Index row_width = stored_row_width<typename P::KVScalar>(g.head_dim);
-  prefetch_rows(pb.k.row(g.b, g.kv_head, j0), pb.k.stride(2), n_keys, row_width);
-  prefetch_rows(pb.v.row(g.b, g.kv_head, j0), pb.v.stride(2), n_keys, row_width);
+  // A whole block (K and V) is asked for at once, front to back: the misses then overlap
+  // instead of arriving one stall at a time (kernel_config.hpp says which block).
+  const Index ahead = s.int8_dot ? kInt8DecodePrefetchBlocks : kDecodePrefetchBlocks;
+  prefetch_block(pb, g, j0 + ahead * kP, ahead == 0 ? n_keys : Index{kP});
   const bool check =
       check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
