@@ -20,12 +20,18 @@
 //              frees, against a shadow model of every sequence's rows and of which blocks
 //              fork and copy-on-write share; and PagedAttention calls over ragged batches
 //              of its sequences, checked per sequence against the brute force.
-// The two cache scenarios run over a float cache, or over a QInt8 cache (float keys and
-// values quantized as they are appended): its shadow then holds each row as the cache must
-// hold it, quantized and dequantized (within half a quantization step of each value, which
-// the harness checks), and the brute force runs on those values, so the accuracy budget is
-// the float one (the quantization error is the cache's, not the kernels'). A QInt8 cache's
-// head_dim comes from wider sizes (cache_head_dim), so its rows span several scale groups.
+// The two cache scenarios run over a float cache, a bf16 cache (float keys and values
+// rounded to bf16 as they are appended) or a QInt8 cache (quantized as they are appended):
+// the shadow then holds each row as the cache must hold it, rounded (bit for bit the
+// rounding to nearest even) or quantized and dequantized (within half a quantization step
+// of each value), which the harness checks, and the brute force runs on those values, so
+// the accuracy budget is the float one (the storage error is the cache's, not the
+// kernels'). Where the decode path multiplies the stored form by dot products (int8 on
+// quantized queries, bf16 on bf16-rounded queries and softmax weights), the brute force
+// runs on the queries it multiplies and the bf16 weights' rounding adds to the budget
+// (accuracy_budget.hpp, 5. and 6.). A reduced cache's head_dim comes from its own sizes
+// (cache_head_dim): for QInt8 rows spanning several scale groups, for bf16 multiples of
+// 32, which the bf16 dot products need, and odd sizes.
 // Every call must either throw std::invalid_argument / std::length_error exactly when the
 // harness's own reading of docs/design.md says the arguments are invalid, leaving outputs and
 // the cache untouched, or succeed with a result within the stated accuracy budget
@@ -40,17 +46,46 @@
 // run: scripts/test.sh fuzz (README.md, "Reliability").
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "fuzz_harness.hpp"
+
+namespace {
+
+// A cache scenario over a cache of storage S, counting the inputs that run over a reduced
+// one.
+template <typename S>
+void run_cache_scenario(fuzz::Scenario scenario, FuzzedDataProvider& fdp) {
+  if constexpr (!std::is_same_v<S, float>) ++fuzz::reduced_cache_stats<S>().inputs[scenario];
+  scenario == fuzz::kCacheScenario ? fuzz::fuzz_kv_cache<S>(fdp) : fuzz::fuzz_paged<S>(fdp);
+}
+
+// The cache's storage from the input's last byte (see below): 3 QInt8, 2 bf16, else float.
+void run_cache_scenario(fuzz::Scenario scenario, int storage, FuzzedDataProvider& fdp) {
+  switch (storage) {
+    case 3:
+      run_cache_scenario<attnforge::QInt8>(scenario, fdp);
+      break;
+    case 2:
+      run_cache_scenario<Eigen::bfloat16>(scenario, fdp);
+      break;
+    default:
+      run_cache_scenario<float>(scenario, fdp);
+      break;
+  }
+}
+
+}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   FuzzedDataProvider fdp(data, size);
   // The input's last byte picks the scenario (byte % 5, as the seed corpus was written)
-  // and, for the two cache scenarios, the cache's storage: QInt8 when byte / 5 % 4 == 3,
-  // float otherwise. Every seed decodes as it did before QInt8 caches existed; the cache
-  // seeds whose byte says QInt8 now run over a QInt8 cache.
+  // and, for the two cache scenarios, the cache's storage by byte / 5 % 4: 3 QInt8, 2 bf16,
+  // float otherwise. Every seed decodes as it did before reduced caches existed; the cache
+  // seeds whose byte says QInt8 or bf16 now run over such a cache (those saying bf16 ran
+  // over a float cache until bf16 caches were fuzzed).
   const std::uint8_t choice = fdp.ConsumeIntegral<std::uint8_t>();
-  const bool qint8 = choice / 5 % 4 == 3;
+  const int storage = choice / 5 % 4;
   switch (choice % 5) {
     case 0:
       fuzz::fuzz_sdpa<float>(fdp);
@@ -59,15 +94,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       fuzz::fuzz_sdpa<double>(fdp);
       break;
     case 2:
-      fuzz::stats.qint8_inputs[fuzz::kCacheScenario] += qint8;
-      qint8 ? fuzz::fuzz_kv_cache<attnforge::QInt8>(fdp) : fuzz::fuzz_kv_cache<float>(fdp);
+      run_cache_scenario(fuzz::kCacheScenario, storage, fdp);
       break;
     case 3:
       fuzz::fuzz_attention(fdp);
       break;
     default:
-      fuzz::stats.qint8_inputs[fuzz::kPagedScenario] += qint8;
-      qint8 ? fuzz::fuzz_paged<attnforge::QInt8>(fdp) : fuzz::fuzz_paged<float>(fdp);
+      run_cache_scenario(fuzz::kPagedScenario, storage, fdp);
       break;
   }
   return 0;

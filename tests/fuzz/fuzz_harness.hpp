@@ -34,15 +34,20 @@ using af::Index;
 // model, and how many were rightly rejected); the paged scenario's PagedAttention calls,
 // checked against the brute force, are counted apart.
 enum Scenario { kSdpaScenario, kCacheScenario, kAttentionScenario, kPagedScenario };
+inline constexpr int kScenarios = 4;
+// What ran over the caches of one reduced storage type (QInt8, bf16), so a run shows
+// whether the fuzzer reached them and their dot-product decode at all.
+struct ReducedCacheStats {
+  long inputs[kScenarios] = {};  // inputs of a scenario that ran over such a cache
+  long cache_sdpa_compared = 0;  // Sdpa calls over such a KVCache's prefix
+  long dot_compared = 0;         // calls multiplied by the dot products on the stored form
+};
 struct Stats {
-  static constexpr int kScenarios = 4;
   long calls[kScenarios] = {};
   long compared[kScenarios] = {};
   long rejected[kScenarios] = {};
   long paged_attention_calls = 0, paged_attention_compared = 0, paged_attention_rejected = 0;
-  long qint8_inputs[kScenarios] = {};  // inputs of a scenario that ran over a QInt8 cache
-  long cache_sdpa_compared = 0;        // Sdpa calls over a QInt8 KVCache's prefix
-  long int8_dot_compared = 0;          // calls over QInt8 caches scored by int8 dot products
+  ReducedCacheStats qint8, bf16;
   ~Stats() {
     if (std::getenv("ATTNFORGE_FUZZ_STATS") == nullptr) return;
     const char* names[kScenarios] = {"sdpa", "kv_cache", "attention", "paged"};
@@ -56,19 +61,41 @@ struct Stats {
                  "fuzz_attention stats: paged     of which PagedAttention calls %ld, checked "
                  "against the reference %ld, rejected %ld\n",
                  paged_attention_calls, paged_attention_compared, paged_attention_rejected);
-    std::fprintf(stderr,
-                 "fuzz_attention stats: QInt8 caches: kv_cache inputs %ld (Sdpa calls over them "
-                 "checked against the reference %ld), paged inputs %ld; calls scored by int8 "
-                 "dot products %ld\n",
-                 qint8_inputs[kCacheScenario], cache_sdpa_compared, qint8_inputs[kPagedScenario],
-                 int8_dot_compared);
+    const auto print = [](const char* storage, const ReducedCacheStats& s, const char* products) {
+      std::fprintf(stderr,
+                   "fuzz_attention stats: %s caches: kv_cache inputs %ld (Sdpa calls over them "
+                   "checked against the reference %ld), paged inputs %ld; calls by %s dot "
+                   "products %ld\n",
+                   storage, s.inputs[kCacheScenario], s.cache_sdpa_compared,
+                   s.inputs[kPagedScenario], products, s.dot_compared);
+    };
+    print("QInt8", qint8, "int8");
+    print("bf16", bf16, "bf16");
   }
 };
 inline Stats stats;
 
+// The counts of the caches of reduced storage S.
+template <typename S>
+ReducedCacheStats& reduced_cache_stats() {
+  if constexpr (af::detail::is_qint8_v<S>) {
+    return stats.qint8;
+  } else {
+    static_assert(std::is_same_v<S, Eigen::bfloat16>, "the harness fuzzes QInt8 and bf16 caches");
+    return stats.bf16;
+  }
+}
+
 inline std::string sci(double x) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.3e", x);
+  return buf;
+}
+
+// Every bit of x's value (where sci's four digits cannot tell two roundings apart).
+inline std::string hex(double x) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%a", x);
   return buf;
 }
 
@@ -166,12 +193,44 @@ void fill(af::Tensor<T, Rank>& t, std::uint32_t seed, double magnitude, bool spe
   }
 }
 
+// A bf16 row as read back (out) against the values stored (x): each value bit for bit its
+// rounding to nearest even as Eigen rounds a scalar (a NaN any NaN).
+inline void check_bf16_row(const float* x, Index head_dim, const float* out) {
+  for (Index d = 0; d < head_dim; ++d) {
+    const float rounded = static_cast<float>(Eigen::bfloat16(x[d]));
+    const bool same = std::isnan(rounded) ? std::isnan(out[d])
+                                          : std::memcmp(&rounded, &out[d], sizeof(float)) == 0;
+    if (!same) {
+      fail("bf16 row: value " + hex(x[d]) + " reads back as " + hex(out[d]) +
+           ", not its rounding to nearest even " + hex(rounded));
+    }
+  }
+}
+
+// A QInt8 row as read back (out) against the values stored (x): within half a
+// quantization step, max |x| / 254 over the value's group of kQInt8Group, of each finite
+// value (plus the float rounding of the scale, its inverse and the product: a few ulp of
+// max |x|) when the scale is a normal float.
+inline void check_qint8_row(const float* x, Index head_dim, const float* out) {
+  for (Index g0 = 0; g0 < head_dim; g0 += af::detail::kQInt8Group) {
+    const Index end = std::min(head_dim, g0 + af::detail::kQInt8Group);
+    double max_abs = 0.0;
+    for (Index d = g0; d < end; ++d) max_abs = std::max(max_abs, std::abs(double{x[d]}));
+    // (A scale below the normal range keeps fewer bits; the harness's values never get there.)
+    if (!std::isfinite(max_abs) || max_abs < 127.0 * std::numeric_limits<float>::min()) continue;
+    const double bound = max_abs * (1.0 / 254.0 + 0x1.0p-21);
+    for (Index d = g0; d < end; ++d) {
+      if (!(std::abs(double{out[d]} - double{x[d]}) <= bound)) {
+        fail("QInt8 row: value " + sci(x[d]) + " reads back as " + sci(out[d]) +
+             ", more than half a step (max |x| " + sci(max_abs) + " / 254) away");
+      }
+    }
+  }
+}
+
 // A row of head_dim float values as a cache of storage S must hold it, read back as float:
-// the values themselves for float; for QInt8 quantized and dequantized by the library's
-// row conversions (qint8.hpp), and checked against the format's stated accuracy: within
-// half a quantization step, max |x| / 254 over the value's group of kQInt8Group, of each
-// finite value (plus the float rounding of the scale, its inverse and the product: a few
-// ulp of max |x|) when the scale is a normal float.
+// the values themselves for float; for bf16 and QInt8 stored and read back by the
+// library's row conversions (qint8.hpp), and checked against the format's stated accuracy.
 template <typename S>
 void stored_row(const float* x, Index head_dim, float* out) {
   if constexpr (std::is_same_v<S, float>) {
@@ -180,33 +239,29 @@ void stored_row(const float* x, Index head_dim, float* out) {
     std::vector<S> row(static_cast<std::size_t>(af::detail::stored_row_width<S>(head_dim)));
     af::detail::store_row(x, head_dim, row.data());
     af::detail::load_row(row.data(), head_dim, out);
-    static_assert(af::detail::is_qint8_v<S>, "the harness fuzzes float and QInt8 caches");
-    for (Index g0 = 0; g0 < head_dim; g0 += af::detail::kQInt8Group) {
-      const Index end = std::min(head_dim, g0 + af::detail::kQInt8Group);
-      double max_abs = 0.0;
-      for (Index d = g0; d < end; ++d) max_abs = std::max(max_abs, std::abs(double{x[d]}));
-      // (A scale below the normal range keeps fewer bits; the harness's values never get there.)
-      if (!std::isfinite(max_abs) || max_abs < 127.0 * std::numeric_limits<float>::min()) continue;
-      const double bound = max_abs * (1.0 / 254.0 + 0x1.0p-21);
-      for (Index d = g0; d < end; ++d) {
-        if (!(std::abs(double{out[d]} - double{x[d]}) <= bound)) {
-          fail("QInt8 row: value " + sci(x[d]) + " reads back as " + sci(out[d]) +
-               ", more than half a step (max |x| " + sci(max_abs) + " / 254) away");
-        }
-      }
+    if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+      check_bf16_row(x, head_dim, out);
+    } else {
+      static_assert(af::detail::is_qint8_v<S>, "the harness fuzzes float, bf16 and QInt8 caches");
+      check_qint8_row(x, head_dim, out);
     }
   }
 }
 
-// The head_dim of a cache scenario from its draw in [0, 8]: the draw itself for a float
-// cache (as the seed corpus was written); for QInt8, multiples of 4 (its rule) around and
-// across its scale groups of kQInt8Group = 32 values, so rows end mid-group and hold
-// several scales, and 64, where the decode path may take the int8 dot products (the
-// KVCache scenario draws the first seven).
+// The head_dim of a cache scenario from its draw in [0, 8] (the KVCache scenario draws the
+// first seven): the draw itself for a float cache (as the seed corpus was written); for
+// QInt8, multiples of 4 (its rule) around and across its scale groups of kQInt8Group = 32
+// values, so rows end mid-group and hold several scales, and 64, where the decode path may
+// take the int8 dot products; for bf16, the multiples of 32 where the decode path may take
+// the bf16 dot products (32, 64 and 96, all among the first seven) and sizes where it
+// cannot, odd ones and 33 (one past a dot-product chunk), which convert.
 template <typename S>
 Index cache_head_dim(Index draw) {
   if constexpr (af::detail::is_qint8_v<S>) {
     constexpr Index kSizes[] = {0, 4, 8, 12, 28, 32, 64, 36, 68};
+    return kSizes[draw];
+  } else if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+    constexpr Index kSizes[] = {0, 1, 3, 32, 64, 6, 96, 2, 33};
     return kSizes[draw];
   } else {
     return draw;
@@ -257,26 +312,53 @@ af::Int8Kernel int8_kernel_for(const af::SdpaOptions& options) {
              : af::Int8Kernel::kDequantize;
 }
 
-// The queries the library multiplies in a call of q_len rows per head: q~ where the int8
-// dot products score (then the brute force on q~ is the kernel's reference), q otherwise.
+// Over a bf16 cache likewise: the decode by bf16 dot products (Bf16Kernel::kAuto where the
+// CPU prefers them) multiplies bf16-rounded queries, and redoes rows with no allowed key
+// from the float ones, so kAttendAll calls convert instead.
 template <typename S>
-af::Tensor<float, 4> queries_as_scored(const af::Tensor<float, 4>& q, Index n_kv_heads,
-                                       const af::SdpaOptions& options) {
-  const Index q_len = q.dimension(2), head_dim = q.dimension(3);
-  if (!af::detail::is_qint8_v<S> || n_kv_heads <= 0 ||
-      !af::test::scores_by_int8_dot(options.path, options.int8_kernel, q_len,
-                                    q.dimension(1) / n_kv_heads, head_dim)) {
-    return q;
+af::Bf16Kernel bf16_kernel_for(const af::SdpaOptions& options) {
+  return std::is_same_v<S, Eigen::bfloat16> && options.empty_rows != af::EmptyRowPolicy::kAttendAll
+             ? af::Bf16Kernel::kAuto
+             : af::Bf16Kernel::kConvert;
+}
+
+// The reference of an SDPA call with float queries q over a cache of storage S, whose
+// keys and values k, v (B, Hkv, Skv, D) are what the cache holds, read as float (so the
+// budget is the float one: the storage error is the cache's, not the kernels'). Where the
+// decode path multiplies the stored form, the brute force runs on the queries it
+// multiplies (accuracy_budget.hpp, 5. and 6.): q~ quantized for the int8 dot products,
+// q rounded to bf16 for the bf16 ones (exact in float), whose rounding of the softmax
+// weights to bf16 also adds to the budget.
+template <typename S>
+Reference reference_over_cache(const af::Tensor<float, 4>& q, const af::Tensor<float, 4>& k,
+                               const af::Tensor<float, 4>& v, const af::test::DenseMasks& dense,
+                               const af::SdpaOptions& options) {
+  const Index q_len = q.dimension(2), n_rep = q.dimension(1) / k.dimension(1),
+              head_dim = q.dimension(3);
+  if constexpr (af::detail::is_qint8_v<S>) {
+    if (af::test::scores_by_int8_dot(options.path, options.int8_kernel, q_len, n_rep, head_dim)) {
+      ++stats.qint8.dot_compared;
+      const double scale = options.scale.value_or(
+          1.0 / std::sqrt(static_cast<double>(std::max<Index>(head_dim, 1))));
+      const af::Tensor<float, 4> q_quantized =
+          af::test::quantized_queries(q, scale, options.softcap > 0.0).cast<float>();
+      return reference_of(q_quantized, k, v, dense, options);
+    }
+  } else if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
+    if (af::test::decodes_by_bf16_dot(options.path, options.bf16_kernel, q_len, n_rep, head_dim)) {
+      ++stats.bf16.dot_compared;
+      const af::Tensor<float, 4> q_rounded = af::test::bf16_rounded_queries(q).cast<float>();
+      Reference r = reference_of(q_rounded, k, v, dense, options);
+      r.budget = af::test::with_bf16_weights(r.budget);
+      return r;
+    }
   }
-  const double scale =
-      options.scale.value_or(1.0 / std::sqrt(static_cast<double>(std::max<Index>(head_dim, 1))));
-  ++stats.int8_dot_compared;
-  return af::test::quantized_queries(q, scale, options.softcap > 0.0).cast<float>();
+  return reference_of(q, k, v, dense, options);
 }
 
 // The scenarios, each over small shapes (fuzz_attention.cpp describes them): the SDPA
 // and Attention ones in fuzz_sdpa.cpp (T = float, double), the cache ones in
-// fuzz_kv_cache.cpp and fuzz_paged.cpp (S = float, af::QInt8).
+// fuzz_kv_cache.cpp and fuzz_paged.cpp (S = float, Eigen::bfloat16, af::QInt8).
 template <typename T>
 void fuzz_sdpa(FuzzedDataProvider& fdp);
 void fuzz_attention(FuzzedDataProvider& fdp);

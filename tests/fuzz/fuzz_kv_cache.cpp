@@ -29,6 +29,7 @@ void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
   options.path = pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kReference,
                                           af::SdpaPath::kFused, af::SdpaPath::kDecode});
   options.int8_kernel = int8_kernel_for<S>(options);
+  options.bf16_kernel = bf16_kernel_for<S>(options);
   const bool use_device = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
   af::Tensor<T, 4> q(batch, n_heads, q_len, head_dim);
   fill(q, seed, pick<double>(fdp, {1.0, 1.0, 4.0}), false, fdp);
@@ -41,8 +42,7 @@ void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
   af::test::DenseMasks dense;
   dense.causal = options.causal;
   dense.window = options.window;
-  const auto [exact, budget, v_scale] =
-      reference_of(queries_as_scored<S>(q, n_kv_heads, options), keys, values, dense, options);
+  const auto [exact, budget, v_scale] = reference_over_cache<S>(q, keys, values, dense, options);
   const double out_err = af::test::max_abs_diff(out, exact.out) / v_scale;
   const double lse_err = af::test::max_abs_diff(lse, exact.lse);
   if (!(out_err <= budget.out) || !(lse_err <= budget.lse)) {
@@ -51,10 +51,11 @@ void fuzz_sdpa_over_cache(FuzzedDataProvider& fdp, const af::KVCache<S>& cache,
          af::detail::shape_string(q.dimensions()) + " cached " + std::to_string(cache.seq_len()) +
          " causal " + std::to_string(options.causal) + " window " + std::to_string(options.window));
   }
-  ++stats.cache_sdpa_compared;
+  ++reduced_cache_stats<S>().cache_sdpa_compared;
 }
 
-// S is the cache's storage: float, or QInt8 (float keys and values quantized as appended).
+// S is the cache's storage: float, bf16 (float keys and values rounded as appended) or
+// QInt8 (quantized as appended).
 template <typename S>
 void fuzz_kv_cache(FuzzedDataProvider& fdp) {
   using T = float;
@@ -185,10 +186,11 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
               "cached doc ids differ");
       }
     }
-    // Attention over what a QInt8 cache holds. (Only there: a float cache's inputs keep
-    // decoding as they did before QInt8 caches existed, and its prefix is plain floats,
-    // which the SDPA scenario covers.)
-    if (af::detail::is_qint8_v<S> && seq_len > 0) {
+    // Attention over what a bf16 or QInt8 cache holds. (Only there: a float cache's inputs
+    // keep decoding as they did before reduced caches existed, and its prefix is plain
+    // floats, which the SDPA scenario covers.)
+    if constexpr (!std::is_same_v<S, float>) {
+      if (seq_len == 0) continue;
       af::Tensor<T, 4> shadow_keys(batch, n_kv_heads, seq_len, head_dim),
           shadow_values(shadow_keys.dimensions());
       for (Index b = 0; b < batch; ++b) {
@@ -206,6 +208,7 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
 }
 
 template void fuzz_kv_cache<float>(FuzzedDataProvider& fdp);
+template void fuzz_kv_cache<Eigen::bfloat16>(FuzzedDataProvider& fdp);
 template void fuzz_kv_cache<af::QInt8>(FuzzedDataProvider& fdp);
 
 }  // namespace fuzz

@@ -300,6 +300,7 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
   options.path = pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kReference,
                                           af::SdpaPath::kFused, af::SdpaPath::kDecode});
   options.int8_kernel = int8_kernel_for<S>(options);
+  options.bf16_kernel = bf16_kernel_for<S>(options);
   const bool use_device = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
   const Index n_rep = fdp.ConsumeIntegralInRange<Index>(1, 3);
   Index n_heads = n_kv_heads * n_rep;
@@ -387,8 +388,7 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
       dense.q_docs = q_ids[static_cast<std::size_t>(s)];
       if (cache.records_doc_ids()) dense.kv_docs = kv_ids;
     }
-    const auto [exact, budget, v_scale] =
-        reference_of(queries_as_scored<S>(q4, n_kv_heads, options), k4, v4, dense, options);
+    const auto [exact, budget, v_scale] = reference_over_cache<S>(q4, k4, v4, dense, options);
     double out_err = 0.0, lse_err = 0.0;
     for (Index h = 0; h < n_heads; ++h) {
       for (Index i = 0; i < n; ++i) {
@@ -424,7 +424,8 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
   }
 }
 
-// S is the cache's storage: float, or QInt8 (float keys and values quantized as appended).
+// S is the cache's storage: float, bf16 (float keys and values rounded as appended) or
+// QInt8 (quantized as appended).
 template <typename S>
 void fuzz_paged(FuzzedDataProvider& fdp) {
   using T = float;
@@ -620,6 +621,7 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
 }
 
 template void fuzz_paged<float>(FuzzedDataProvider& fdp);
+template void fuzz_paged<Eigen::bfloat16>(FuzzedDataProvider& fdp);
 template void fuzz_paged<af::QInt8>(FuzzedDataProvider& fdp);
 
 }  // namespace fuzz
