@@ -133,7 +133,9 @@ TEST(KernelVariants, PrintsTheVariantsThisBinaryRuns) {
       bf16_dot_kernel_runs() ? "USED for bf16 prefill"
                              : "not used (bf16 tiles are converted to float)",
       detail::kHasBf16DotKernel ? "yes" : "no", detail::cpu_has_avx512_bf16() ? "yes" : "no",
-      detail::cpu_prefers_bf16_dot() ? "yes" : "no (converting is faster on this CPU)");
+      !detail::kHasBf16DotKernel       ? "no (not compiled in)"
+      : detail::cpu_prefers_bf16_dot() ? "yes"
+                                       : "no (converting is faster on this CPU)");
   std::printf(
       "[kernel variants] bf16 dot-product decode (float queries over bf16 caches, D 128): %s "
       "(compiled in: %s, AVX-512 decode block: %s)\n",

@@ -4,16 +4,17 @@
 //
 // Prefill operands are pairs of bf16 in one 32-bit lane: Qt as (Qt[2i][lane],
 // Qt[2i+1][lane]), K as the pair (K[n][2i], K[n][2i+1]) that row-major storage already
-// holds, P and V as pairs over consecutive keys. These functions carry their own target attribute, so the
-// library keeps compiling for any x86-64 (or other) target; they are only called after
-// the run-time check `cpu_has_avx512_bf16()`. Elsewhere `kHasBf16DotKernel` is false and
-// bf16 tiles are converted to float instead.
+// holds, P and V as pairs over consecutive keys. These functions carry their own target attribute,
+// so the library keeps compiling for any x86-64 (or other) target; they are only called after the
+// run-time check `cpu_has_avx512_bf16()` (cpu_features.hpp). Elsewhere `kHasBf16DotKernel` is false
+// and bf16 tiles are converted to float instead.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 
+#include "attnforge/detail/cpu_features.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -29,31 +30,6 @@
 namespace attnforge::detail {
 
 inline constexpr bool kHasBf16DotKernel = ATTNFORGE_BF16_DOT != 0;
-
-// Whether this CPU (and OS) runs AVX512-BF16; asked once.
-inline bool cpu_has_avx512_bf16() {
-#if ATTNFORGE_BF16_DOT
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-#else
-  return false;
-#endif
-}
-
-// Whether the dot products beat converting bf16 tiles to float on this CPU, which is
-// when vdpbf16ps issues at twice the fp32 FMA rate: AMD's AVX512-BF16 cores (Zen 4 and
-// later) issue two per cycle; Intel's (Cooper Lake, Sapphire and Emerald Rapids) issue one
-// next to two FMAs, so there the conversion path is the faster one. A fixed rule rather
-// than a timing at start-up, so a program gives the same bits on every run.
-inline bool cpu_prefers_bf16_dot() {
-#if ATTNFORGE_BF16_DOT
-  static const bool prefers = cpu_has_avx512_bf16() && __builtin_cpu_is("amd");
-  return prefers;
-#else
-  return false;
-#endif
-}
 
 // The decode kernel's block (the keys of one float packet of scores in an AVX-512 build)
 // and the head dims one vdpbf16ps takes (micro-kernels below).

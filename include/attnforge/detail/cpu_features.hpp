@@ -5,16 +5,41 @@
 
 namespace attnforge::detail {
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define ATTNFORGE_CPU_QUERY(expression)    \
+  static const bool answer = (expression); \
+  return answer
+#else
+#define ATTNFORGE_CPU_QUERY(expression) return false
+#endif
+
+// Whether this CPU (and OS) runs AVX512-BF16 (with AVX-512 F and BW). The bf16 kernels
+// also need to be compiled in (kHasBf16DotKernel, bf16_dot.hpp).
+inline bool cpu_has_avx512_bf16() {
+  ATTNFORGE_CPU_QUERY(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512bf16"));
+}
+
+// Whether this CPU (and OS) runs AVX-512 VNNI (with AVX-512 F and BW). The int8 kernels
+// also need to be compiled in (kHasInt8DotKernel, int8_dot.hpp).
+inline bool cpu_has_avx512_vnni() {
+  ATTNFORGE_CPU_QUERY(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vnni"));
+}
+
+// Whether the bf16 dot products beat converting bf16 to float on this CPU, which is when
+// vdpbf16ps issues at twice the fp32 FMA rate: AMD's AVX512-BF16 cores (Zen 4 and later)
+// issue two per cycle; Intel's (Cooper Lake, Sapphire and Emerald Rapids) issue one next
+// to two FMAs, so there the conversion path is the faster one.
+inline bool cpu_prefers_bf16_dot() {
+  ATTNFORGE_CPU_QUERY(cpu_has_avx512_bf16() && __builtin_cpu_is("amd"));
+}
+
 // Whether this CPU executes a 512-bit vector operation as two 256-bit halves, so that
 // a 512-bit FMA costs what two 256-bit ones do: AMD's first AVX-512 cores (Zen 4, family
 // 19h). Intel's AVX-512 cores and Zen 5 run them whole.
-inline bool cpu_splits_512bit_ops() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool splits = __builtin_cpu_is("amdfam19h");
-  return splits;
-#else
-  return false;
-#endif
-}
+inline bool cpu_splits_512bit_ops() { ATTNFORGE_CPU_QUERY(__builtin_cpu_is("amdfam19h")); }
+
+#undef ATTNFORGE_CPU_QUERY
 
 }  // namespace attnforge::detail

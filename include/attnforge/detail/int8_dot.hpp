@@ -12,7 +12,8 @@
 // this adds is subtracted by starting each group's accumulators at that correction.
 //
 // Like bf16_dot.hpp, these functions carry their own target attribute, so the library
-// keeps compiling for any target; they are only called after `cpu_has_avx512_vnni()`.
+// keeps compiling for any target; they are only called after `cpu_has_avx512_vnni()`
+// (cpu_features.hpp).
 #pragma once
 
 #include <cstdint>
@@ -40,17 +41,6 @@ inline constexpr Index kInt8DotKeys = 16;
 inline constexpr Index kInt8DotChunk = 64;
 static_assert(kInt8DotChunk == 2 * kQInt8Group, "a 64-byte chunk holds two scale groups");
 
-// Whether this CPU (and OS) runs AVX-512 VNNI; asked once.
-inline bool cpu_has_avx512_vnni() {
-#if ATTNFORGE_INT8_DOT
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vnni");
-  return has;
-#else
-  return false;
-#endif
-}
-
 // A query row quantized for the score kernel: its bytes in the QInt8 row layout, and per
 // scale group the start of its accumulators and its scale.
 struct Int8QueryRow {
@@ -70,6 +60,16 @@ inline void quantize_query_row(const float* q, Index head_dim, QInt8* row, std::
 }
 
 #if ATTNFORGE_INT8_DOT
+
+// GCC 12 reports the deliberately self-initialised placeholder inside its own AVX-512
+// intrinsics (_mm512_undefined_*) as uninitialised once they are inlined into a function
+// with a target attribute in a translation unit built without AVX-512. The report is
+// false and lands on the consumer, so it is silenced for these kernels only.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 // Transposes 16 rows of 16 int32 in place: v[i] lane j becomes v[j] lane i.
 ATTNFORGE_TARGET_VNNI inline void transpose_16x16(__m512i v[16]) {
@@ -191,6 +191,10 @@ ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
     }
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 
 #endif  // ATTNFORGE_INT8_DOT
 
