@@ -202,7 +202,7 @@ template <typename S>
 EIGEN_ALWAYS_INLINE void prefetch_rows(const S* rows, Index ld, Index n_rows, Index width) {
   constexpr Index kLine = 64 / sizeof(S);
   for (Index r = 0; r < n_rows; ++r) {
-    for (Index e = 0; e < width; e += kLine) simd::prefetch(rows + r * ld + e);
+    for (Index e = 0; e < width; e += kLine) simd::prefetch_read_once(rows + r * ld + e);
   }
 }
 
@@ -327,8 +327,8 @@ void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys,
   }
 }
 
-// The int8 scores of every row of the group against the block's prepared keys, four rows
-// at a time (then two, then one).
+// The int8 scores of every row of the group against the block's prepared keys, up to four
+// rows at a time.
 inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
 #if ATTNFORGE_INT8_DOT
   const Index groups = g.head_dim / kQInt8Group;
@@ -343,10 +343,7 @@ inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
     int8_row_scores<kRows>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
                            s.weights.data() + r0 * kInt8DotKeys, kInt8DotKeys);
   };
-  Index r0 = 0;
-  for (; r0 + 4 <= g.rows; r0 += 4) scores(std::integral_constant<int, 4>{}, r0);
-  for (; r0 + 2 <= g.rows; r0 += 2) scores(std::integral_constant<int, 2>{}, r0);
-  for (; r0 < g.rows; ++r0) scores(std::integral_constant<int, 1>{}, r0);
+  for_each_row_block<4>(g.rows, scores);
 #else
   (void)g, (void)s;
 #endif
@@ -384,16 +381,10 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   }
   float* out = s.out_rows.data();
   const Index ws = groups * kInt8DotKeys;
-  Index r0 = 0;
-  for (; r0 + 4 <= g.rows; r0 += 4)
-    int8_accumulate_values<4>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd,
-                              g.hd);
-  for (; r0 + 2 <= g.rows; r0 += 2)
-    int8_accumulate_values<2>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd,
-                              g.hd);
-  for (; r0 < g.rows; ++r0)
-    int8_accumulate_values<1>(value_weights + r0 * ws, v_rows, n_keys, g.head_dim, out + r0 * g.hd,
-                              g.hd);
+  for_each_row_block<4>(g.rows, [&](auto rows, Index r0) {
+    int8_accumulate_values<decltype(rows)::value>(value_weights + r0 * ws, v_rows, n_keys,
+                                                  g.head_dim, out + r0 * g.hd, g.hd);
+  });
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
 #endif
@@ -423,13 +414,10 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const std::uint32_t* w = s.weight_pairs.data();
   constexpr Index kW = kBf16DotKeys / 2;
   float* out = s.out_rows.data();
-  Index r0 = 0;
-  for (; r0 + 4 <= g.rows; r0 += 4)
-    bf16_accumulate_values<4>(w + r0 * kW, v_rows, pairs, g.head_dim, out + r0 * g.hd, g.hd);
-  for (; r0 + 2 <= g.rows; r0 += 2)
-    bf16_accumulate_values<2>(w + r0 * kW, v_rows, pairs, g.head_dim, out + r0 * g.hd, g.hd);
-  for (; r0 < g.rows; ++r0)
-    bf16_accumulate_values<1>(w + r0 * kW, v_rows, pairs, g.head_dim, out + r0 * g.hd, g.hd);
+  for_each_row_block<4>(g.rows, [&](auto rows, Index r0) {
+    bf16_accumulate_values<decltype(rows)::value>(w + r0 * kW, v_rows, pairs, g.head_dim,
+                                                  out + r0 * g.hd, g.hd);
+  });
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
 #endif
@@ -499,15 +487,10 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   }
   softmax_decode_block(g, s);
   const T* values = tile_rows(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
-  Index r0 = 0;
-  for (; r0 + 2 <= g.rows; r0 += 2) {
-    decode_accumulate<T, 2>(s.weights.data() + r0 * kP, values, ldv, n_keys, g.head_dim,
-                            s.out_rows.data() + r0 * g.hd, g.hd);
-  }
-  for (; r0 < g.rows; ++r0) {
-    decode_accumulate<T, 1>(s.weights.data() + r0 * kP, values, ldv, n_keys, g.head_dim,
-                            s.out_rows.data() + r0 * g.hd, g.hd);
-  }
+  for_each_row_block<2>(g.rows, [&](auto rows, Index r0) {
+    decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, values, ldv, n_keys,
+                                                g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd);
+  });
 }
 
 // One (batch row, KV head, key chunk) item: all rows of the group against the chunk's

@@ -220,10 +220,13 @@ EIGEN_ALWAYS_INLINE auto sum_each(PacketBlock& block) {
   }
 }
 
-// Asks for the cache line holding `address` (read, kept in all cache levels).
-EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
+// Asks for the cache line holding `address`, to be read once (prefetchnta on x86): the
+// decode reads each cache row once per step, so its rows should displace as little of
+// what stays in the caches as they can. See docs/design.md,
+// "Decode streams the cache once".
+EIGEN_ALWAYS_INLINE void prefetch_read_once(const void* address) {
 #if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(address, 0, 2);
+  __builtin_prefetch(address, 0, 0);
 #else
   (void)address;
 #endif
