@@ -197,12 +197,12 @@ EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, In
 }
 
 // Asks for rows [0, n_rows) of a row-major matrix (row stride ld, `width` elements per
-// row), front to back.
-template <typename S>
+// row), front to back, for a read right away (kSoon) or later (simd::prefetch).
+template <bool kSoon, typename S>
 EIGEN_ALWAYS_INLINE void prefetch_rows(const S* rows, Index ld, Index n_rows, Index width) {
   constexpr Index kLine = 64 / sizeof(S);
   for (Index r = 0; r < n_rows; ++r) {
-    for (Index e = 0; e < width; e += kLine) simd::prefetch_read_once(rows + r * ld + e);
+    for (Index e = 0; e < width; e += kLine) simd::prefetch<kSoon>(rows + r * ld + e);
   }
 }
 
@@ -327,8 +327,19 @@ void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys,
   }
 }
 
-// The int8 scores of every row of the group against the block's prepared keys, up to four
-// rows at a time.
+// Calls f(std::integral_constant<int, rows>, first) over [0, n) in blocks of R rows, then
+// R / 2, ... 1: a group's rows through the decode's row-blocked kernels. Unlike the fused
+// kernel's balanced for_each_row_block, only halvings, so each kernel has log2(R) + 1
+// instances: with more, the compiler stopped inlining the int8 value pass, which ran
+// slower out of line.
+template <int R, typename F>
+EIGEN_ALWAYS_INLINE void for_each_halving_row_block(Index n, F&& f, Index first = 0) {
+  for (; first + R <= n; first += R) f(std::integral_constant<int, R>{}, first);
+  if constexpr (R > 1) for_each_halving_row_block<R / 2>(n, f, first);
+}
+
+// The int8 scores of every row of the group against the block's prepared keys, four rows
+// at a time (then two, then one).
 inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
 #if ATTNFORGE_INT8_DOT
   const Index groups = g.head_dim / kQInt8Group;
@@ -343,7 +354,7 @@ inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
     int8_row_scores<kRows>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
                            s.weights.data() + r0 * kInt8DotKeys, kInt8DotKeys);
   };
-  for_each_row_block<4>(g.rows, scores);
+  for_each_halving_row_block<4>(g.rows, scores);
 #else
   (void)g, (void)s;
 #endif
@@ -381,7 +392,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   }
   float* out = s.out_rows.data();
   const Index ws = groups * kInt8DotKeys;
-  for_each_row_block<4>(g.rows, [&](auto rows, Index r0) {
+  for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     int8_accumulate_values<decltype(rows)::value>(value_weights + r0 * ws, v_rows, n_keys,
                                                   g.head_dim, out + r0 * g.hd, g.hd);
   });
@@ -414,7 +425,7 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const std::uint32_t* w = s.weight_pairs.data();
   constexpr Index kW = kBf16DotKeys / 2;
   float* out = s.out_rows.data();
-  for_each_row_block<4>(g.rows, [&](auto rows, Index r0) {
+  for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     bf16_accumulate_values<decltype(rows)::value>(w + r0 * kW, v_rows, pairs, g.head_dim,
                                                   out + r0 * g.hd, g.hd);
   });
@@ -441,14 +452,14 @@ void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, De
 
 // Asks for the K and V rows of up to n_keys keys from j: none past the cache's end, and in
 // a paged cache none past the end of j's pool block.
-template <typename P>
+template <bool kSoon, typename P>
 EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, const DecodeGroup& g, Index j, Index n_keys) {
   const Index kv_len = pb.k.dimension(2);
   if (j >= kv_len) return;
   const Index n = std::min({n_keys, kv_len - j, contiguous_rows(pb.k, j)});
   const Index row_width = stored_row_width<typename P::KVScalar>(g.head_dim);
-  prefetch_rows(pb.k.row(g.b, g.kv_head, j), pb.k.stride(2), n, row_width);
-  prefetch_rows(pb.v.row(g.b, g.kv_head, j), pb.v.stride(2), n, row_width);
+  prefetch_rows<kSoon>(pb.k.row(g.b, g.kv_head, j), pb.k.stride(2), n, row_width);
+  prefetch_rows<kSoon>(pb.v.row(g.b, g.kv_head, j), pb.v.stride(2), n, row_width);
 }
 
 // One block of P keys starting at j0: scores of every row, their softmax, the values.
@@ -459,8 +470,11 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   constexpr int kP = simd::kWidth<T>;
   // A whole block (K and V) is asked for at once, front to back: the misses then overlap
   // instead of arriving one stall at a time (kernel_config.hpp says which block).
-  const Index ahead = s.int8_dot ? kInt8DecodePrefetchBlocks : kDecodePrefetchBlocks;
-  prefetch_block(pb, g, j0 + ahead * kP, ahead == 0 ? n_keys : Index{kP});
+  if (s.int8_dot) {
+    prefetch_block<false>(pb, g, j0 + kInt8DecodePrefetchBlocks * kP, kP);
+  } else {
+    prefetch_block<true>(pb, g, j0, n_keys);
+  }
   const bool check =
       check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
@@ -487,7 +501,7 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   }
   softmax_decode_block(g, s);
   const T* values = tile_rows(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
-  for_each_row_block<2>(g.rows, [&](auto rows, Index r0) {
+  for_each_halving_row_block<2>(g.rows, [&](auto rows, Index r0) {
     decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, values, ldv, n_keys,
                                                 g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd);
   });

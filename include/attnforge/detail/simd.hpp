@@ -220,13 +220,14 @@ EIGEN_ALWAYS_INLINE auto sum_each(PacketBlock& block) {
   }
 }
 
-// Asks for the cache line holding `address`, to be read once (prefetchnta on x86): the
-// decode reads each cache row once per step, so its rows should displace as little of
-// what stays in the caches as they can. See docs/design.md,
-// "Decode streams the cache once".
-EIGEN_ALWAYS_INLINE void prefetch_read_once(const void* address) {
+// Asks for the cache line holding `address`. kSoon: it is read right away and once, so it
+// should displace as little as it can (prefetchnta on x86). Otherwise it is read a while
+// later and must still be there, so it goes to the outer levels too (prefetcht1). See
+// docs/design.md, "Decode streams the cache once".
+template <bool kSoon>
+EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 #if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(address, 0, 0);
+  __builtin_prefetch(address, 0, kSoon ? 0 : 2);
 #else
   (void)address;
 #endif
