@@ -41,6 +41,7 @@ struct ReducedCacheStats {
   long inputs[kScenarios] = {};  // inputs of a scenario that ran over such a cache
   long cache_sdpa_compared = 0;  // Sdpa calls over such a KVCache's prefix
   long dot_compared = 0;         // calls multiplied by the dot products on the stored form
+  long paged_dot_compared = 0;   // PagedAttention calls with a sequence so multiplied
 };
 struct Stats {
   long calls[kScenarios] = {};
@@ -65,9 +66,9 @@ struct Stats {
       std::fprintf(stderr,
                    "fuzz_attention stats: %s caches: kv_cache inputs %ld (Sdpa calls over them "
                    "checked against the reference %ld), paged inputs %ld; calls by %s dot "
-                   "products %ld\n",
+                   "products %ld (of which PagedAttention calls %ld)\n",
                    storage, s.inputs[kCacheScenario], s.cache_sdpa_compared,
-                   s.inputs[kPagedScenario], products, s.dot_compared);
+                   s.inputs[kPagedScenario], products, s.dot_compared, s.paged_dot_compared);
     };
     print("QInt8", qint8, "int8");
     print("bf16", bf16, "bf16");

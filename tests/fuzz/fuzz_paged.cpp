@@ -360,7 +360,10 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
     return;
   }
 
-  // Each sequence with new tokens against the brute force on the shadow's rows.
+  // Each sequence with new tokens against the brute force on the shadow's rows (counting
+  // the calls over a reduced cache where some sequence took the dot products).
+  long dots_before = 0;
+  if constexpr (!std::is_same_v<S, float>) dots_before = reduced_cache_stats<S>().dot_compared;
   for (Index s = 0; s < batch.size(); ++s) {
     const af::SeqId id = batch.seqs[static_cast<std::size_t>(s)];
     const Index n = batch.new_tokens(s), first = batch.first_token(s), len = shadow.len(id);
@@ -414,6 +417,10 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
     }
   }
   ++stats.paged_attention_compared;
+  if constexpr (!std::is_same_v<S, float>) {
+    ReducedCacheStats& reduced = reduced_cache_stats<S>();
+    if (reduced.dot_compared > dots_before) ++reduced.paged_dot_compared;
+  }
   // The thread count changes nothing.
   if (use_device) {
     af::Tensor<T, 3> serial(out.dimensions());
