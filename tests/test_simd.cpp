@@ -219,5 +219,33 @@ TEST(OnlineSoftmax, EmptyRowsAndSinksFinishAsStated) {
   EXPECT_TRUE(std::isnan(merge_lse2(with_nan, 2, 1, no_sink)));
 }
 
+// A LineStream asks for every line of its bytes exactly once across its steps, and
+// finish() for those the steps left; the decode relies on it to have the next block in
+// flight, whatever the block's size and the number of steps its loops take.
+TEST(Simd, LineStreamCoversEveryLineOnceOverItsSteps) {
+  alignas(64) static char bytes[64 * 40];
+  // 40 lines over 16 steps: 3 per step, so the 14th step reaches the end.
+  simd::LineStream stream = simd::LineStream::over(bytes, sizeof(bytes), 16);
+  EXPECT_EQ(stream.per_step, 3);
+  for (int i = 0; i < 13; ++i) stream.step();
+  EXPECT_EQ(stream.next, bytes + 39 * 64);
+  stream.step();
+  EXPECT_EQ(stream.next, bytes + 40 * 64);  // the last line; nothing more to ask for
+  stream.step();
+  EXPECT_EQ(stream.next, bytes + 40 * 64);
+  // Fewer steps than planned: finish() asks for the rest.
+  simd::LineStream short_of_steps = simd::LineStream::over(bytes + 1, 64 * 10 - 1, 5);
+  EXPECT_EQ(short_of_steps.per_step, 2);
+  short_of_steps.step();
+  short_of_steps.finish();
+  EXPECT_GE(short_of_steps.next, bytes + 64 * 10);
+  EXPECT_LT(short_of_steps.next, bytes + 64 * 11);
+  // Nothing to ask for: no step moves.
+  simd::LineStream none;
+  none.step();
+  none.finish();
+  EXPECT_EQ(none.next, nullptr);
+}
+
 }  // namespace
 }  // namespace attnforge::detail

@@ -139,16 +139,18 @@ ATTNFORGE_TARGET_BF16 inline void round_to_bf16(const float* x, Index n, std::ui
 
 // scores[j] = scale * (q . key_j) for the 16 keys at rows[j] (bf16, head_dim values
 // each); q is the query row in bf16. Each key row is read front to back before the next,
-// as the hardware prefetchers like.
+// as the hardware prefetchers like; `ahead` steps once per key (simd::LineStream).
 template <int kChunks>
 ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_score_pass(const std::uint16_t* q,
                                                                const void* const* rows, Index d0,
-                                                               __m512* acc) {
+                                                               __m512* acc,
+                                                               simd::LineStream& ahead) {
   __m512bh qv[kChunks];
   ATTNFORGE_UNROLL
   for (int c = 0; c < kChunks; ++c) qv[c] = (__m512bh)load_bf16_chunk(q + d0 + c * kBf16DotChunk);
   ATTNFORGE_UNROLL
   for (int j = 0; j < kBf16DotKeys; ++j) {
+    ahead.step();
     const auto* row = static_cast<const std::uint16_t*>(rows[j]) + d0;
     ATTNFORGE_UNROLL
     for (int c = 0; c < kChunks; ++c)
@@ -157,30 +159,33 @@ ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_score_pass(const std::uint16
 }
 
 ATTNFORGE_TARGET_BF16 inline void bf16_key_scores(const std::uint16_t* q, const void* const* rows,
-                                                  Index head_dim, float scale, float* scores) {
+                                                  Index head_dim, float scale, float* scores,
+                                                  simd::LineStream& ahead) {
   __m512 acc[kBf16DotKeys];
   ATTNFORGE_UNROLL
   for (int j = 0; j < kBf16DotKeys; ++j) acc[j] = _mm512_setzero_ps();
   Index d = 0;
   for (; d + 8 * kBf16DotChunk <= head_dim; d += 8 * kBf16DotChunk)
-    bf16_score_pass<8>(q, rows, d, acc);
+    bf16_score_pass<8>(q, rows, d, acc, ahead);
   if (d + 4 * kBf16DotChunk <= head_dim)
-    bf16_score_pass<4>(q, rows, d, acc), d += 4 * kBf16DotChunk;
+    bf16_score_pass<4>(q, rows, d, acc, ahead), d += 4 * kBf16DotChunk;
   if (d + 2 * kBf16DotChunk <= head_dim)
-    bf16_score_pass<2>(q, rows, d, acc), d += 2 * kBf16DotChunk;
-  if (d + kBf16DotChunk <= head_dim) bf16_score_pass<1>(q, rows, d, acc);
+    bf16_score_pass<2>(q, rows, d, acc, ahead), d += 2 * kBf16DotChunk;
+  if (d + kBf16DotChunk <= head_dim) bf16_score_pass<1>(q, rows, d, acc, ahead);
   _mm512_storeu_ps(scores, _mm512_mul_ps(simd::sum_each_of_16(acc), _mm512_set1_ps(scale)));
 }
 
 // out[r] += sum over keys j < 2 * pairs of weights[r][j] * v_j for R rows (row stride
 // ldo, in the order of unpermute_bf16_decode_row), where weight_pairs[r][i] holds the
 // bf16 weights of keys 2i and 2i + 1 and rows[j] the value rows (a row of zeros past the
-// block's last key). head_dim values at a time in chunks of C * 32.
+// block's last key). head_dim values at a time in chunks of C * 32. `ahead` steps once
+// per pair of keys.
 template <int R, int C>
 ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_value_chunk(const std::uint32_t* weight_pairs,
                                                                 const void* const* rows,
                                                                 Index pairs, Index d0, float* out,
-                                                                Index ldo) {
+                                                                Index ldo,
+                                                                simd::LineStream& ahead) {
   __m512 acc[R][2 * C];
   ATTNFORGE_UNROLL
   for (int r = 0; r < R; ++r) {
@@ -188,6 +193,7 @@ ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_value_chunk(const std::uint3
     for (int c = 0; c < 2 * C; ++c) acc[r][c] = _mm512_loadu_ps(out + r * ldo + d0 + 16 * c);
   }
   for (Index i = 0; i < pairs; ++i) {
+    ahead.step();
     const auto* even = static_cast<const std::uint16_t*>(rows[2 * i]) + d0;
     const auto* odd = static_cast<const std::uint16_t*>(rows[2 * i + 1]) + d0;
     __m512bh v[2 * C];
@@ -215,13 +221,14 @@ ATTNFORGE_TARGET_BF16 EIGEN_ALWAYS_INLINE void bf16_value_chunk(const std::uint3
 template <int R>
 ATTNFORGE_TARGET_BF16 inline void bf16_accumulate_values(const std::uint32_t* weight_pairs,
                                                          const void* const* rows, Index pairs,
-                                                         Index head_dim, float* out, Index ldo) {
+                                                         Index head_dim, float* out, Index ldo,
+                                                         simd::LineStream& ahead) {
   constexpr int kC = R >= 4 ? 2 : 4;  // 16 accumulators
   Index d = 0;
   for (; d + kC * kBf16DotChunk <= head_dim; d += kC * kBf16DotChunk)
-    bf16_value_chunk<R, kC>(weight_pairs, rows, pairs, d, out, ldo);
+    bf16_value_chunk<R, kC>(weight_pairs, rows, pairs, d, out, ldo, ahead);
   for (; d < head_dim; d += kBf16DotChunk)
-    bf16_value_chunk<R, 1>(weight_pairs, rows, pairs, d, out, ldo);
+    bf16_value_chunk<R, 1>(weight_pairs, rows, pairs, d, out, ldo, ahead);
 }
 
 // weight_pairs[r][i] = (bf16(w[r][2i]), bf16(w[r][2i + 1])) for the 16 weights of each of

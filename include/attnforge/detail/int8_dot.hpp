@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "attnforge/detail/simd.hpp"
 #include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -104,11 +105,15 @@ ATTNFORGE_TARGET_VNNI inline void transpose_16x16(__m512i v[16]) {
 // each 4-byte column t of head_dim, the 16 keys' bytes [4t, 4t + 4) made unsigned (lane j =
 // key j), and `scales` the keys' scales per group (16 per group).
 ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, Index head_dim,
-                                                    std::uint8_t* keys, float* scales) {
+                                                    std::uint8_t* keys, float* scales,
+                                                    simd::LineStream& ahead) {
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
   for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
     __m512i v[16];
-    for (int j = 0; j < 16; ++j) v[j] = _mm512_xor_si512(_mm512_loadu_si512(rows[j] + c), sign);
+    for (int j = 0; j < 16; ++j) {
+      ahead.step();
+      v[j] = _mm512_xor_si512(_mm512_loadu_si512(rows[j] + c), sign);
+    }
     transpose_16x16(v);
     for (int t = 0; t < 16; ++t) _mm512_storeu_si512(keys + (c + 4 * t) * 16, v[t]);
   }
@@ -161,7 +166,8 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
 template <int R>
 ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
                                                          const QInt8* const* rows, Index n_keys,
-                                                         Index head_dim, float* out, Index ldo) {
+                                                         Index head_dim, float* out, Index ldo,
+                                                         simd::LineStream& ahead) {
   const Index groups = head_dim / kQInt8Group;
   for (Index d = 0; d < head_dim; d += kInt8DotChunk) {
     __m512 acc[R][4];
@@ -170,6 +176,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
     }
     const Index g = d / kQInt8Group;
     for (Index j = 0; j < n_keys; ++j) {
+      ahead.step();
       const auto* bytes = reinterpret_cast<const std::int8_t*>(rows[j]) + d;
       __m512 v[4];
       for (int c = 0; c < 4; ++c) {

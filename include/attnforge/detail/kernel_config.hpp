@@ -88,11 +88,6 @@ inline constexpr int kScoreQueryPackets = (simd::kRegisters >= 32 ? 16 : 8) / (k
 // Packets of head_dim one value pass holds per row: 2 rows of them, their key's values
 // and the weights fill the register file.
 inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
-// Which block of keys the int8 decode asks the memory for, counted from its own. The
-// float and bf16 kernels ask for their own rows, all at once before any is used, so the
-// misses overlap, and gain nothing from asking earlier; the int8 kernel spends more
-// instructions per byte, and its rows arrive in time when it asks for the block two ahead.
-inline constexpr Index kInt8DecodePrefetchBlocks = 2;
 
 // Tuning knobs of one ScaledDotProductAttention (benchmarks and tests only): every value
 // gives the same result up to rounding.

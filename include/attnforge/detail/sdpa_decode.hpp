@@ -97,7 +97,7 @@ inline DecodeKeys decode_keys(const BatchMask& mask, Index q_len) {
 // a column at a time, streams from DRAM markedly slower).
 template <typename T, bool kFull, int NQ>
 EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
-                                    simd::BlockOfWidth<T, kFull>& acc) {
+                                    simd::BlockOfWidth<T, kFull>& acc, simd::LineStream& ahead) {
   using Packet = simd::PacketOfWidth<T, kFull>;
   constexpr int kS = simd::kSize<Packet>;
   Packet qv[NQ];
@@ -105,6 +105,7 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
   for (int c = 0; c < NQ; ++c) qv[c] = simd::load<Packet>(q + d0 + c * kS);
   ATTNFORGE_UNROLL
   for (int j = 0; j < kS; ++j) {
+    ahead.step();
     ATTNFORGE_UNROLL
     for (int c = 0; c < NQ; ++c)
       acc.packet[j] = simd::fma(qv[c], simd::load<Packet>(rows[j] + d0 + c * kS), acc.packet[j]);
@@ -114,9 +115,11 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
 // Scores of one query row against keys [first, first + S) of a block of n_keys keys
 // (S = size of the score packet, full or half width: see DecodeScoreWidth), written to
 // out[0, S). Keys past n_keys read the block's key 0 again; the caller masks them.
+// `ahead` steps once per key (the next block's lines).
 template <typename T, bool kFull>
 EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
-                                      Index first, Index head_dim, T* out) {
+                                      Index first, Index head_dim, T* out,
+                                      simd::LineStream& ahead) {
   using Packet = simd::PacketOfWidth<T, kFull>;
   constexpr int kS = simd::kSize<Packet>;
   constexpr int kNQ = kScoreQueryPackets<kFull>;
@@ -127,16 +130,16 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
     rows[j] = keys + (first + j < n_keys ? first + j : 0) * ldk;
   }
   Index d = 0;
-  for (; d + kNQ * kS <= head_dim; d += kNQ * kS) score_pass<T, kFull, kNQ>(q, rows, d, acc);
+  for (; d + kNQ * kS <= head_dim; d += kNQ * kS) score_pass<T, kFull, kNQ>(q, rows, d, acc, ahead);
   // The tail of head_dim, one power of two of packets at a time (head_dim 64, 80, 96 ...).
   if constexpr (kNQ >= 16) {
-    if (d + 8 * kS <= head_dim) score_pass<T, kFull, 8>(q, rows, d, acc), d += 8 * kS;
+    if (d + 8 * kS <= head_dim) score_pass<T, kFull, 8>(q, rows, d, acc, ahead), d += 8 * kS;
   }
   if constexpr (kNQ >= 8) {
-    if (d + 4 * kS <= head_dim) score_pass<T, kFull, 4>(q, rows, d, acc), d += 4 * kS;
+    if (d + 4 * kS <= head_dim) score_pass<T, kFull, 4>(q, rows, d, acc, ahead), d += 4 * kS;
   }
-  if (d + 2 * kS <= head_dim) score_pass<T, kFull, 2>(q, rows, d, acc), d += 2 * kS;
-  if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc), d += kS;
+  if (d + 2 * kS <= head_dim) score_pass<T, kFull, 2>(q, rows, d, acc, ahead), d += 2 * kS;
+  if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc, ahead), d += kS;
   simd::store(out, simd::sum_each(acc));
   for (Index e = d; e < head_dim; ++e) {  // head_dim not a multiple of the packet
     for (int j = 0; j < kS; ++j) out[j] += q[e] * rows[j][e];
@@ -146,10 +149,11 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
 // out[r][:] += sum_j weights[r][j] * v_j[:] for R rows (row stride ldo), the n_keys
 // keys of the block, a chunk of head_dim (C packets) at a time. Whole value rows are read
 // one after the other, as the prefetchers like; the rows beyond the first R reread the
-// block from L1.
+// block from L1. `ahead` steps once per key (the next block's lines).
 template <typename T, int R, int C>
 EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Index ldv,
-                                          Index n_keys, T* out, Index ldo) {
+                                          Index n_keys, T* out, Index ldo,
+                                          simd::LineStream& ahead) {
   using Packet = simd::Packet<T>;
   constexpr int kP = simd::kWidth<T>;
   Packet acc[R][C];
@@ -159,6 +163,7 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Ind
     for (int c = 0; c < C; ++c) acc[r][c] = simd::load_aligned<Packet>(out + r * ldo + c * kP);
   }
   for (Index j = 0; j < n_keys; ++j) {
+    ahead.step();
     Packet v[C];
     ATTNFORGE_UNROLL
     for (int c = 0; c < C; ++c) v[c] = simd::load<Packet>(values + j * ldv + c * kP);
@@ -178,15 +183,16 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Ind
 
 template <typename T, int R>
 EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, Index ldv,
-                                           Index n_keys, Index head_dim, T* out, Index ldo) {
+                                           Index n_keys, Index head_dim, T* out, Index ldo,
+                                           simd::LineStream& ahead) {
   constexpr int kP = simd::kWidth<T>;
   constexpr int kChunk = kValuePackets;
   Index d = 0;
   for (; d + kChunk * kP <= head_dim; d += kChunk * kP) {
-    accumulate_chunk<T, R, kChunk>(weights, values + d, ldv, n_keys, out + d, ldo);
+    accumulate_chunk<T, R, kChunk>(weights, values + d, ldv, n_keys, out + d, ldo, ahead);
   }
   for (; d + kP <= head_dim; d += kP)
-    accumulate_chunk<T, R, 1>(weights, values + d, ldv, n_keys, out + d, ldo);
+    accumulate_chunk<T, R, 1>(weights, values + d, ldv, n_keys, out + d, ldo, ahead);
   for (; d < head_dim; ++d) {
     for (int r = 0; r < R; ++r) {
       T sum = out[r * ldo + d];
@@ -197,12 +203,12 @@ EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, In
 }
 
 // Asks for rows [0, n_rows) of a row-major matrix (row stride ld, `width` elements per
-// row), front to back, for a read right away (kSoon) or later (simd::prefetch).
-template <bool kSoon, typename S>
+// row), front to back, for a read at kWhen (simd::prefetch).
+template <simd::ReadAt kWhen, typename S>
 EIGEN_ALWAYS_INLINE void prefetch_rows(const S* rows, Index ld, Index n_rows, Index width) {
   constexpr Index kLine = 64 / sizeof(S);
   for (Index r = 0; r < n_rows; ++r) {
-    for (Index e = 0; e < width; e += kLine) simd::prefetch<kSoon>(rows + r * ld + e);
+    for (Index e = 0; e < width; e += kLine) simd::prefetch<kWhen>(rows + r * ld + e);
   }
 }
 
@@ -316,6 +322,33 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
   }
 }
 
+// Whether g's K and V rows lie back to back (a KVCache, a paged cache's block), so a
+// decode kernel can stream the next block's rows while it works (simd::LineStream).
+template <typename P>
+bool dense_rows(const P& pb, const DecodeGroup& g) {
+  const Index width = stored_row_width<typename P::KVScalar>(g.head_dim);
+  return pb.k.stride(2) == width && pb.v.stride(2) == width;
+}
+
+// The K and V lines of the block (of up to kKeys keys) after keys [j0, j0 + n_keys), for a
+// kernel to ask for while it works on those: K spread over k_steps steps (its scores), V over
+// v_steps (its values). None when the rows are not dense or no key follows.
+struct NextBlock {
+  simd::LineStream k, v;
+};
+
+template <Index kKeys, typename P>
+NextBlock next_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Index k_steps,
+                     Index v_steps) {
+  using S = typename P::KVScalar;
+  const Index next = j0 + n_keys, kv_len = pb.k.dimension(2);
+  if (next >= kv_len || !dense_rows(pb, g)) return {};
+  const Index n = std::min({kKeys, kv_len - next, contiguous_rows(pb.k, next)});
+  const Index bytes = n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
+  return {simd::LineStream::over(pb.k.row(g.b, g.kv_head, next), bytes, k_steps),
+          simd::LineStream::over(pb.v.row(g.b, g.kv_head, next), bytes, v_steps)};
+}
+
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
 // key j0 again when that is null (the dot-product kernels take a whole block of rows).
 template <typename Row, std::size_t kKeys, typename View>
@@ -372,7 +405,11 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   block_rows(pb.k, g, j0, n_keys, k_rows);
   block_rows(pb.v, g, j0, n_keys, v_rows);
   const Index groups = g.head_dim / kQInt8Group;
-  prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data());
+  const Index chunks = g.head_dim / kInt8DotChunk;
+  NextBlock next = next_block<kInt8DotKeys>(pb, g, j0, n_keys, chunks * kInt8DotKeys,
+                                            (g.rows + 3) / 4 * chunks * n_keys);
+  prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
+  next.k.finish();
   int8_block_scores(g, s);
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check,
@@ -394,8 +431,9 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const Index ws = groups * kInt8DotKeys;
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     int8_accumulate_values<decltype(rows)::value>(value_weights + r0 * ws, v_rows, n_keys,
-                                                  g.head_dim, out + r0 * g.hd, g.hd);
+                                                  g.head_dim, out + r0 * g.hd, g.hd, next.v);
   });
+  next.v.finish();
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
 #endif
@@ -412,23 +450,28 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const void* v_rows[kBf16DotKeys];
   block_rows(pb.k, g, j0, n_keys, k_rows);
   block_rows(pb.v, g, j0, n_keys, v_rows, static_cast<const void*>(s.zero_row.data()));
+  const Index pairs = (n_keys + 1) / 2;
+  NextBlock next =
+      next_block<kBf16DotKeys>(pb, g, j0, n_keys, g.rows * kBf16DotKeys,
+                               (g.rows + 3) / 4 * pairs * std::max<Index>(1, g.head_dim / 64));
   float* weights = s.weights.data();
   const float scale = decode_query_scale<float, F>(pb.params);
   for (Index r = 0; r < g.rows; ++r) {
     bf16_key_scores(s.q_bf16.data() + r * g.hd, k_rows, g.head_dim, scale,
-                    weights + r * kBf16DotKeys);
+                    weights + r * kBf16DotKeys, next.k);
     mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check, weights + r * kBf16DotKeys);
   }
+  next.k.finish();
   softmax_decode_block(g, s);
   pair_decode_weights(weights, g.rows, s.weight_pairs.data());
-  const Index pairs = (n_keys + 1) / 2;
   const std::uint32_t* w = s.weight_pairs.data();
   constexpr Index kW = kBf16DotKeys / 2;
   float* out = s.out_rows.data();
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     bf16_accumulate_values<decltype(rows)::value>(w + r0 * kW, v_rows, pairs, g.head_dim,
-                                                  out + r0 * g.hd, g.hd);
+                                                  out + r0 * g.hd, g.hd, next.v);
   });
+  next.v.finish();
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
 #endif
@@ -439,27 +482,28 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
 // its own loop lets the core overlap their latency chains. The first row reads each key
 // from memory, the others from L1.
 template <typename T, bool kFull>
-void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, DecodeScratch<T>& s) {
+void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, DecodeScratch<T>& s,
+                simd::LineStream& ahead) {
   constexpr int kP = simd::kWidth<T>;
   constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
   for (int first = 0; first < kP; first += kS) {
     for (Index r = 0; r < g.rows; ++r) {
       block_scores<T, kFull>(s.q_rows.data() + r * g.hd, keys, ldk, n_keys, first, g.head_dim,
-                             s.weights.data() + r * kP + first);
+                             s.weights.data() + r * kP + first, ahead);
     }
   }
 }
 
 // Asks for the K and V rows of up to n_keys keys from j: none past the cache's end, and in
 // a paged cache none past the end of j's pool block.
-template <bool kSoon, typename P>
+template <simd::ReadAt kWhen, typename P>
 EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, const DecodeGroup& g, Index j, Index n_keys) {
   const Index kv_len = pb.k.dimension(2);
   if (j >= kv_len) return;
   const Index n = std::min({n_keys, kv_len - j, contiguous_rows(pb.k, j)});
   const Index row_width = stored_row_width<typename P::KVScalar>(g.head_dim);
-  prefetch_rows<kSoon>(pb.k.row(g.b, g.kv_head, j), pb.k.stride(2), n, row_width);
-  prefetch_rows<kSoon>(pb.v.row(g.b, g.kv_head, j), pb.v.stride(2), n, row_width);
+  prefetch_rows<kWhen>(pb.k.row(g.b, g.kv_head, j), pb.k.stride(2), n, row_width);
+  prefetch_rows<kWhen>(pb.v.row(g.b, g.kv_head, j), pb.v.stride(2), n, row_width);
 }
 
 // One block of P keys starting at j0: scores of every row, their softmax, the values.
@@ -468,13 +512,10 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
                   bool check_keys, DecodeScratch<typename P::Compute>& s) {
   using T = typename P::Compute;
   constexpr int kP = simd::kWidth<T>;
-  // A whole block (K and V) is asked for at once, front to back: the misses then overlap
-  // instead of arriving one stall at a time (kernel_config.hpp says which block).
-  if (s.int8_dot) {
-    prefetch_block<false>(pb, g, j0 + kInt8DecodePrefetchBlocks * kP, kP);
-  } else {
-    prefetch_block<true>(pb, g, j0, n_keys);
-  }
+  // Each block is in flight before it is read: every kernel streams the next block's rows
+  // from inside its loops (next_block; decode_chunk asks for the first). Rows that are not
+  // dense are asked for a block at a time, all at once, front to back.
+  if (!dense_rows(pb, g)) prefetch_block<simd::ReadAt::kNow>(pb, g, j0, n_keys);
   const bool check =
       check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
@@ -489,13 +530,15 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
       return;
     }
   }
+  NextBlock next = next_block<kP>(pb, g, j0, n_keys, g.rows * kP, (g.rows + 1) / 2 * n_keys);
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
   const T* keys = tile_rows(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
   if (s.full_width_scores) {
-    score_rows<T, true>(g, keys, ldk, n_keys, s);
+    score_rows<T, true>(g, keys, ldk, n_keys, s, next.k);
   } else {
-    score_rows<T, false>(g, keys, ldk, n_keys, s);
+    score_rows<T, false>(g, keys, ldk, n_keys, s, next.k);
   }
+  next.k.finish();
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<T, F>(g, pb.params, r, j0, n_keys, check, s.weights.data() + r * kP);
   }
@@ -503,8 +546,10 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   const T* values = tile_rows(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
   for_each_halving_row_block<2>(g.rows, [&](auto rows, Index r0) {
     decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, values, ldv, n_keys,
-                                                g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd);
+                                                g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd,
+                                                next.v);
   });
+  next.v.finish();
 }
 
 // One (batch row, KV head, key chunk) item: all rows of the group against the chunk's
@@ -524,6 +569,8 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
       std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
   const Index q_len = pb.q.dimension(2);
   const KeySpan all_rows{g.mask.key_begin(q_len - 1), g.mask.key_end(0)};
+  // The first block: decode_block asks for each next one while it works on the current.
+  if (dense_rows(pb, g)) prefetch_block<simd::ReadAt::kNow>(pb, g, key_first, kP);
   // A block never crosses the end of a run of contiguous rows (a paged cache's block).
   for (Index j0 = key_first, n = 0; j0 < key_last; j0 += n) {
     n = std::min({Index{kP}, key_last - j0, contiguous_rows(pb.k, j0)});

@@ -4,7 +4,9 @@
 // once, here. tests/test_simd.cpp checks every accuracy claim.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -220,18 +222,47 @@ EIGEN_ALWAYS_INLINE auto sum_each(PacketBlock& block) {
   }
 }
 
-// Asks for the cache line holding `address`. kSoon: it is read right away and once, so it
-// should displace as little as it can (prefetchnta on x86). Otherwise it is read a while
-// later and must still be there, so it goes to the outer levels too (prefetcht1). See
-// docs/design.md, "Decode streams the cache once".
-template <bool kSoon>
+// When a prefetched line will be read, which picks the hint (see docs/design.md,
+// "Decode streams the cache once"):
+//   kNow:  right away and once, so it should displace as little as it can (prefetchnta);
+//   kSoon: after the work in flight, so it must reach the innermost cache (prefetcht0).
+enum class ReadAt { kNow, kSoon };
+
+template <ReadAt kWhen>
 EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 #if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(address, 0, kSoon ? 0 : 2);
+  __builtin_prefetch(address, 0, kWhen == ReadAt::kNow ? 0 : 3);
 #else
   (void)address;
 #endif
 }
+
+// The cache lines of bytes [next, end), asked for (ReadAt::kSoon) a few at a time: step()
+// from inside a loop spreads the requests over its work, so the memory stays busy while
+// the core computes. Asked for all at once, as many lines stall the core until the memory
+// has served most of them.
+struct LineStream {
+  const char* next = nullptr;
+  const char* end = nullptr;
+  std::ptrdiff_t per_step = 0;
+
+  // The lines of `bytes` bytes from `first`, spread over about `steps` steps.
+  static LineStream over(const void* first, std::ptrdiff_t bytes, std::ptrdiff_t steps) {
+    const auto* begin = static_cast<const char*>(first);
+    const std::ptrdiff_t lines = (bytes + kLineBytes - 1) / kLineBytes;
+    return {begin, begin + bytes, (lines + steps - 1) / std::max<std::ptrdiff_t>(steps, 1)};
+  }
+  EIGEN_ALWAYS_INLINE void step() {
+    for (std::ptrdiff_t i = 0; i < per_step && next < end; ++i, next += kLineBytes)
+      prefetch<ReadAt::kSoon>(next);
+  }
+  // The lines the steps left, if there were fewer steps than planned.
+  EIGEN_ALWAYS_INLINE void finish() {
+    for (; next < end; next += kLineBytes) prefetch<ReadAt::kSoon>(next);
+  }
+
+  static constexpr std::ptrdiff_t kLineBytes = 64;
+};
 
 // kSize<P> int8 values at `from` as a float packet (exact). A sign-extending load and one
 // conversion where the target has them (AVX-512, AVX2, SSE4.1), lane by lane otherwise.
