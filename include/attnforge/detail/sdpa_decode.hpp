@@ -13,7 +13,8 @@
 // Split-KV (flash-decoding): the keys are cut into chunks of kDecodeChunk, computed in
 // parallel, each giving a normalised partial output and its log-sum-exp, merged exactly
 // in chunk order. The chunking depends on Skv only, so any thread count gives the same
-// bits.
+// bits. While a kernel works on one block of keys it asks for the next block's lines, a
+// few per key (next_block; docs/design.md, "Decode streams the cache once").
 #pragma once
 
 #include <algorithm>
@@ -451,9 +452,10 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   block_rows(pb.k, g, j0, n_keys, k_rows);
   block_rows(pb.v, g, j0, n_keys, v_rows, static_cast<const void*>(s.zero_row.data()));
   const Index pairs = (n_keys + 1) / 2;
-  NextBlock next =
-      next_block<kBf16DotKeys>(pb, g, j0, n_keys, g.rows * kBf16DotKeys,
-                               (g.rows + 3) / 4 * pairs * std::max<Index>(1, g.head_dim / 64));
+  // The value pass takes head_dim in chunks of (at least) two bf16 packets per row block.
+  const Index value_chunks = std::max<Index>(1, g.head_dim / (2 * kBf16DotChunk));
+  NextBlock next = next_block<kBf16DotKeys>(pb, g, j0, n_keys, g.rows * kBf16DotKeys,
+                                            (g.rows + 3) / 4 * pairs * value_chunks);
   float* weights = s.weights.data();
   const float scale = decode_query_scale<float, F>(pb.params);
   for (Index r = 0; r < g.rows; ++r) {
