@@ -224,27 +224,30 @@ TEST(OnlineSoftmax, EmptyRowsAndSinksFinishAsStated) {
 // flight, whatever the block's size and the number of steps its loops take.
 TEST(Simd, LineStreamCoversEveryLineOnceOverItsSteps) {
   alignas(64) static char bytes[64 * 40];
-  // 40 lines over 16 steps: 3 per step, so the 14th step reaches the end.
+  // 40 lines over 16 steps: 3 per step, so the 14th step asks for the last one.
   simd::LineStream stream = simd::LineStream::over(bytes, sizeof(bytes), 16);
+  EXPECT_EQ(stream.lines, 40);
   EXPECT_EQ(stream.per_step, 3);
   for (int i = 0; i < 13; ++i) stream.step();
-  EXPECT_EQ(stream.next, bytes + 39 * 64);
+  EXPECT_EQ(stream.done, 39);
   stream.step();
-  EXPECT_EQ(stream.next, bytes + 40 * 64);  // the last line; nothing more to ask for
-  stream.step();
-  EXPECT_EQ(stream.next, bytes + 40 * 64);
+  EXPECT_EQ(stream.done, 40);
+  stream.step();  // nothing more to ask for
+  EXPECT_EQ(stream.done, 40);
+  // A range starting inside a line: 639 bytes from byte 1, asked for 64 bytes apart.
   // Fewer steps than planned: finish() asks for the rest.
   simd::LineStream short_of_steps = simd::LineStream::over(bytes + 1, 64 * 10 - 1, 5);
+  EXPECT_EQ(short_of_steps.lines, 10);
   EXPECT_EQ(short_of_steps.per_step, 2);
   short_of_steps.step();
+  EXPECT_EQ(short_of_steps.done, 2);
   short_of_steps.finish();
-  EXPECT_GE(short_of_steps.next, bytes + 64 * 10);
-  EXPECT_LT(short_of_steps.next, bytes + 64 * 11);
+  EXPECT_EQ(short_of_steps.done, 10);
   // Nothing to ask for: no step moves.
   simd::LineStream none;
   none.step();
   none.finish();
-  EXPECT_EQ(none.next, nullptr);
+  EXPECT_EQ(none.done, 0);
 }
 
 }  // namespace

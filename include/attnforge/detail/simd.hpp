@@ -242,23 +242,24 @@ EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 // the core computes. Asked for all at once, as many lines stall the core until the memory
 // has served most of them.
 struct LineStream {
-  const char* next = nullptr;
-  const char* end = nullptr;
+  const char* first = nullptr;
+  std::ptrdiff_t lines = 0;  // lines of the range, each starting at first + 64 i
+  std::ptrdiff_t done = 0;   // lines asked for so far
   std::ptrdiff_t per_step = 0;
 
   // The lines of `bytes` bytes from `first`, spread over about `steps` steps.
   static LineStream over(const void* first, std::ptrdiff_t bytes, std::ptrdiff_t steps) {
-    const auto* begin = static_cast<const char*>(first);
     const std::ptrdiff_t lines = (bytes + kLineBytes - 1) / kLineBytes;
-    return {begin, begin + bytes, (lines + steps - 1) / std::max<std::ptrdiff_t>(steps, 1)};
+    return {static_cast<const char*>(first), lines, 0,
+            (lines + steps - 1) / std::max<std::ptrdiff_t>(steps, 1)};
   }
   EIGEN_ALWAYS_INLINE void step() {
-    for (std::ptrdiff_t i = 0; i < per_step && next < end; ++i, next += kLineBytes)
-      prefetch<ReadAt::kSoon>(next);
+    for (std::ptrdiff_t i = 0; i < per_step && done < lines; ++i, ++done)
+      prefetch<ReadAt::kSoon>(first + done * kLineBytes);
   }
   // The lines the steps left, if there were fewer steps than planned.
   EIGEN_ALWAYS_INLINE void finish() {
-    for (; next < end; next += kLineBytes) prefetch<ReadAt::kSoon>(next);
+    for (; done < lines; ++done) prefetch<ReadAt::kSoon>(first + done * kLineBytes);
   }
 
   static constexpr std::ptrdiff_t kLineBytes = 64;
