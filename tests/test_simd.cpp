@@ -226,28 +226,31 @@ TEST(Simd, LineStreamCoversEveryLineOnceOverItsSteps) {
   alignas(64) static char bytes[64 * 40];
   // 40 lines over 16 steps: 3 per step, so the 14th step asks for the last one.
   simd::LineStream stream = simd::LineStream::over(bytes, sizeof(bytes), 16);
-  EXPECT_EQ(stream.lines, 40);
-  EXPECT_EQ(stream.per_step, 3);
+  EXPECT_EQ(stream.lines_left(), 40);
+  EXPECT_EQ(stream.step_bytes, 3u * 64u);
   for (int i = 0; i < 13; ++i) stream.step();
-  EXPECT_EQ(stream.done, 39);
+  EXPECT_EQ(stream.lines_left(), 1);
   stream.step();
-  EXPECT_EQ(stream.done, 40);
+  EXPECT_EQ(stream.lines_left(), 0);
+  EXPECT_EQ(stream.next, reinterpret_cast<std::uintptr_t>(bytes) + sizeof(bytes));
   stream.step();  // nothing more to ask for
-  EXPECT_EQ(stream.done, 40);
+  EXPECT_EQ(stream.lines_left(), 0);
+  EXPECT_EQ(stream.next, reinterpret_cast<std::uintptr_t>(bytes) + sizeof(bytes));
   // A range starting inside a line: 639 bytes from byte 1, asked for 64 bytes apart.
   // Fewer steps than planned: finish() asks for the rest.
   simd::LineStream short_of_steps = simd::LineStream::over(bytes + 1, 64 * 10 - 1, 5);
-  EXPECT_EQ(short_of_steps.lines, 10);
-  EXPECT_EQ(short_of_steps.per_step, 2);
+  EXPECT_EQ(short_of_steps.lines_left(), 10);
+  EXPECT_EQ(short_of_steps.step_bytes, 2u * 64u);
   short_of_steps.step();
-  EXPECT_EQ(short_of_steps.done, 2);
+  EXPECT_EQ(short_of_steps.lines_left(), 8);
   short_of_steps.finish();
-  EXPECT_EQ(short_of_steps.done, 10);
+  EXPECT_EQ(short_of_steps.lines_left(), 0);
   // Nothing to ask for: no step moves.
   simd::LineStream none;
   none.step();
   none.finish();
-  EXPECT_EQ(none.done, 0);
+  EXPECT_EQ(none.next, 0u);
+  EXPECT_EQ(none.lines_left(), 0);
 }
 
 }  // namespace

@@ -164,14 +164,16 @@ ATTNFORGE_TARGET_BF16 inline void bf16_key_scores(const std::uint16_t* q, const 
   __m512 acc[kBf16DotKeys];
   ATTNFORGE_UNROLL
   for (int j = 0; j < kBf16DotKeys; ++j) acc[j] = _mm512_setzero_ps();
+  simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   Index d = 0;
   for (; d + 8 * kBf16DotChunk <= head_dim; d += 8 * kBf16DotChunk)
-    bf16_score_pass<8>(q, rows, d, acc, ahead);
+    bf16_score_pass<8>(q, rows, d, acc, stream);
   if (d + 4 * kBf16DotChunk <= head_dim)
-    bf16_score_pass<4>(q, rows, d, acc, ahead), d += 4 * kBf16DotChunk;
+    bf16_score_pass<4>(q, rows, d, acc, stream), d += 4 * kBf16DotChunk;
   if (d + 2 * kBf16DotChunk <= head_dim)
-    bf16_score_pass<2>(q, rows, d, acc, ahead), d += 2 * kBf16DotChunk;
-  if (d + kBf16DotChunk <= head_dim) bf16_score_pass<1>(q, rows, d, acc, ahead);
+    bf16_score_pass<2>(q, rows, d, acc, stream), d += 2 * kBf16DotChunk;
+  if (d + kBf16DotChunk <= head_dim) bf16_score_pass<1>(q, rows, d, acc, stream);
+  ahead = stream;
   _mm512_storeu_ps(scores, _mm512_mul_ps(simd::sum_each_of_16(acc), _mm512_set1_ps(scale)));
 }
 

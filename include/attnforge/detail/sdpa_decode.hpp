@@ -228,6 +228,9 @@ struct DecodeGroup {
   Index rows;
   Index head_dim;
   Index hd;  // padded head_dim
+  // K and V rows lie back to back (a KVCache, a paged cache's block), so a kernel can
+  // stream the next block's rows while it works (next_block, simd::LineStream).
+  bool dense_rows;
   Index head(Index r) const { return kv_head * n_rep + r % n_rep; }
   Index query(Index r) const { return r / n_rep; }
 };
@@ -323,14 +326,6 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
   }
 }
 
-// Whether g's K and V rows lie back to back (a KVCache, a paged cache's block), so a
-// decode kernel can stream the next block's rows while it works (simd::LineStream).
-template <typename P>
-bool dense_rows(const P& pb, const DecodeGroup& g) {
-  const Index width = stored_row_width<typename P::KVScalar>(g.head_dim);
-  return pb.k.stride(2) == width && pb.v.stride(2) == width;
-}
-
 // The K and V lines of the block (of up to kKeys keys) after keys [j0, j0 + n_keys), for a
 // kernel to ask for while it works on those: K spread over k_steps steps (its scores), V over
 // v_steps (its values). None when the rows are not dense or no key follows.
@@ -343,7 +338,7 @@ NextBlock next_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, 
                      Index v_steps) {
   using S = typename P::KVScalar;
   const Index next = j0 + n_keys, kv_len = pb.k.dimension(2);
-  if (next >= kv_len || !dense_rows(pb, g)) return {};
+  if (next >= kv_len || !g.dense_rows) return {};
   const Index n = std::min({kKeys, kv_len - next, contiguous_rows(pb.k, next)});
   const Index bytes = n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
   return {simd::LineStream::over(pb.k.row(g.b, g.kv_head, next), bytes, k_steps),
@@ -488,12 +483,14 @@ void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, De
                 simd::LineStream& ahead) {
   constexpr int kP = simd::kWidth<T>;
   constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
+  simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   for (int first = 0; first < kP; first += kS) {
     for (Index r = 0; r < g.rows; ++r) {
       block_scores<T, kFull>(s.q_rows.data() + r * g.hd, keys, ldk, n_keys, first, g.head_dim,
-                             s.weights.data() + r * kP + first, ahead);
+                             s.weights.data() + r * kP + first, stream);
     }
   }
+  ahead = stream;
 }
 
 // Asks for the K and V rows of up to n_keys keys from j: none past the cache's end, and in
@@ -517,7 +514,7 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   // Each block is in flight before it is read: every kernel streams the next block's rows
   // from inside its loops (next_block; decode_chunk asks for the first). Rows that are not
   // dense are asked for a block at a time, all at once, front to back.
-  if (!dense_rows(pb, g)) prefetch_block<simd::ReadAt::kNow>(pb, g, j0, n_keys);
+  if (!g.dense_rows) prefetch_block<simd::ReadAt::kNow>(pb, g, j0, n_keys);
   const bool check =
       check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
@@ -572,7 +569,7 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
   const Index q_len = pb.q.dimension(2);
   const KeySpan all_rows{g.mask.key_begin(q_len - 1), g.mask.key_end(0)};
   // The first block: decode_block asks for each next one while it works on the current.
-  if (dense_rows(pb, g)) prefetch_block<simd::ReadAt::kNow>(pb, g, key_first, kP);
+  if (g.dense_rows) prefetch_block<simd::ReadAt::kNow>(pb, g, key_first, kP);
   // A block never crosses the end of a run of contiguous rows (a paged cache's block).
   for (Index j0 = key_first, n = 0; j0 < key_last; j0 += n) {
     n = std::min({Index{kP}, key_last - j0, contiguous_rows(pb.k, j0)});
@@ -674,13 +671,15 @@ DecodeGroup decode_group(const P& pb, const MaskPolicy& policy, Index g) {
   const Index n_kv_heads = pb.k.dimension(1), head_dim = pb.q.dimension(3);
   const Index n_rep = pb.q.dimension(1) / n_kv_heads;
   const Index b = g / n_kv_heads;
+  const Index row_width = stored_row_width<typename P::KVScalar>(head_dim);
   return DecodeGroup{policy.row(b),
                      b,
                      g % n_kv_heads,
                      n_rep,
                      pb.q.dimension(2) * n_rep,
                      head_dim,
-                     padded_head_dim(head_dim, simd::kWidth<T>)};
+                     padded_head_dim(head_dim, simd::kWidth<T>),
+                     pb.k.stride(2) == row_width && pb.v.stride(2) == row_width};
 }
 
 // Plans the items of problems [0, n) (each (problem, batch row, KV head, key chunk)) and

@@ -240,26 +240,36 @@ EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 // The cache lines of bytes [next, end), asked for (ReadAt::kSoon) a few at a time: step()
 // from inside a loop spreads the requests over its work, so the memory stays busy while
 // the core computes. Asked for all at once, as many lines stall the core until the memory
-// has served most of them.
+// has served most of them. A function that steps it in a loop works on a local copy (and
+// writes it back): a stream reached through a reference is reloaded and stored at every
+// step, as the compiler cannot tell it from the data the loop writes.
 struct LineStream {
-  const char* first = nullptr;
-  std::ptrdiff_t lines = 0;  // lines of the range, each starting at first + 64 i
-  std::ptrdiff_t done = 0;   // lines asked for so far
-  std::ptrdiff_t per_step = 0;
+  // Addresses as integers: a pointer may not be moved past its object, a request may.
+  std::uintptr_t next = 0;        // the first line not asked for yet
+  std::uintptr_t end = 0;         // one past the range's last line
+  std::uintptr_t step_bytes = 0;  // lines per step, in bytes
 
-  // The lines of `bytes` bytes from `first`, spread over about `steps` steps.
+  // The lines of `bytes` bytes from `first` (each starting at first + 64 i), spread over
+  // about `steps` steps.
   static LineStream over(const void* first, std::ptrdiff_t bytes, std::ptrdiff_t steps) {
     const std::ptrdiff_t lines = (bytes + kLineBytes - 1) / kLineBytes;
-    return {static_cast<const char*>(first), lines, 0,
-            (lines + steps - 1) / std::max<std::ptrdiff_t>(steps, 1)};
+    const std::ptrdiff_t per_step = (lines + steps - 1) / std::max<std::ptrdiff_t>(steps, 1);
+    const auto at = reinterpret_cast<std::uintptr_t>(first);
+    return {at, at + static_cast<std::uintptr_t>(lines * kLineBytes),
+            static_cast<std::uintptr_t>(per_step * kLineBytes)};
+  }
+  std::ptrdiff_t lines_left() const {
+    return static_cast<std::ptrdiff_t>((end - next) / kLineBytes);
   }
   EIGEN_ALWAYS_INLINE void step() {
-    for (std::ptrdiff_t i = 0; i < per_step && done < lines; ++i, ++done)
-      prefetch<ReadAt::kSoon>(first + done * kLineBytes);
+    const std::uintptr_t stop = std::min(end, next + step_bytes);
+    for (; next < stop; next += kLineBytes)
+      prefetch<ReadAt::kSoon>(reinterpret_cast<const void*>(next));
   }
   // The lines the steps left, if there were fewer steps than planned.
   EIGEN_ALWAYS_INLINE void finish() {
-    for (; done < lines; ++done) prefetch<ReadAt::kSoon>(first + done * kLineBytes);
+    for (; next < end; next += kLineBytes)
+      prefetch<ReadAt::kSoon>(reinterpret_cast<const void*>(next));
   }
 
   static constexpr std::ptrdiff_t kLineBytes = 64;
