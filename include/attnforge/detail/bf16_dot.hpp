@@ -226,11 +226,13 @@ ATTNFORGE_TARGET_BF16 inline void bf16_accumulate_values(const std::uint32_t* we
                                                          Index head_dim, float* out, Index ldo,
                                                          simd::LineStream& ahead) {
   constexpr int kC = R >= 4 ? 2 : 4;  // 16 accumulators
+  simd::LineStream stream = ahead;    // a local, so its state stays in registers (simd.hpp)
   Index d = 0;
   for (; d + kC * kBf16DotChunk <= head_dim; d += kC * kBf16DotChunk)
-    bf16_value_chunk<R, kC>(weight_pairs, rows, pairs, d, out, ldo, ahead);
+    bf16_value_chunk<R, kC>(weight_pairs, rows, pairs, d, out, ldo, stream);
   for (; d < head_dim; d += kBf16DotChunk)
-    bf16_value_chunk<R, 1>(weight_pairs, rows, pairs, d, out, ldo, ahead);
+    bf16_value_chunk<R, 1>(weight_pairs, rows, pairs, d, out, ldo, stream);
+  ahead = stream;
 }
 
 // weight_pairs[r][i] = (bf16(w[r][2i]), bf16(w[r][2i + 1])) for the 16 weights of each of

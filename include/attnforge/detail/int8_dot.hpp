@@ -108,15 +108,17 @@ ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, In
                                                     std::uint8_t* keys, float* scales,
                                                     simd::LineStream& ahead) {
   const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
+  simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
     __m512i v[16];
     for (int j = 0; j < 16; ++j) {
-      ahead.step();
+      stream.step();
       v[j] = _mm512_xor_si512(_mm512_loadu_si512(rows[j] + c), sign);
     }
     transpose_16x16(v);
     for (int t = 0; t < 16; ++t) _mm512_storeu_si512(keys + (c + 4 * t) * 16, v[t]);
   }
+  ahead = stream;
   for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
     for (int j = 0; j < 16; ++j) scales[g * 16 + j] = qint8_scale(rows[j], head_dim, g);
   }
@@ -169,6 +171,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
                                                          Index head_dim, float* out, Index ldo,
                                                          simd::LineStream& ahead) {
   const Index groups = head_dim / kQInt8Group;
+  simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   for (Index d = 0; d < head_dim; d += kInt8DotChunk) {
     __m512 acc[R][4];
     for (int r = 0; r < R; ++r) {
@@ -176,7 +179,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
     }
     const Index g = d / kQInt8Group;
     for (Index j = 0; j < n_keys; ++j) {
-      ahead.step();
+      stream.step();
       const auto* bytes = reinterpret_cast<const std::int8_t*>(rows[j]) + d;
       __m512 v[4];
       for (int c = 0; c < 4; ++c) {
@@ -197,6 +200,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
       for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * ldo + d + 16 * c, acc[r][c]);
     }
   }
+  ahead = stream;
 }
 
 #if defined(__GNUC__) && !defined(__clang__)

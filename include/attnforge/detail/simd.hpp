@@ -240,9 +240,10 @@ EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 // The cache lines of bytes [next, end), asked for (ReadAt::kSoon) a few at a time: step()
 // from inside a loop spreads the requests over its work, so the memory stays busy while
 // the core computes. Asked for all at once, as many lines stall the core until the memory
-// has served most of them. A function that steps it in a loop works on a local copy (and
-// writes it back): a stream reached through a reference is reloaded and stored at every
-// step, as the compiler cannot tell it from the data the loop writes.
+// has served most of them. A function that steps it in a loop and need not be inlined into
+// the stream's owner works on a local copy (and writes it back): a stream reached through a
+// reference is reloaded and stored at every step, as the compiler cannot tell it from the
+// data the loop writes.
 struct LineStream {
   // Addresses as integers: a pointer may not be moved past its object, a request may.
   std::uintptr_t next = 0;        // the first line not asked for yet
@@ -257,9 +258,6 @@ struct LineStream {
     const auto at = reinterpret_cast<std::uintptr_t>(first);
     return {at, at + static_cast<std::uintptr_t>(lines * kLineBytes),
             static_cast<std::uintptr_t>(per_step * kLineBytes)};
-  }
-  std::ptrdiff_t lines_left() const {
-    return static_cast<std::ptrdiff_t>((end - next) / kLineBytes);
   }
   EIGEN_ALWAYS_INLINE void step() {
     const std::uintptr_t stop = std::min(end, next + step_bytes);
