@@ -87,6 +87,38 @@ struct SoftmaxStats {
   }
 };
 
+// One row whose scores arrive a packet of keys at a time (the decode): SoftmaxStats, with
+// a packet tested against the threshold lane by lane before it is reduced to its max, and
+// the weights summed lane-wise until the reference moves or the row ends. A packet that
+// leaves the reference where it is (almost every one after the first) then costs no
+// horizontal operation, where a max and a sum per packet would chain two reductions.
+template <typename T>
+struct KeyPacketSoftmax {
+  using Packet = simd::Packet<T>;
+  SoftmaxStats<T> stats;
+  Packet pending;  // the weights' lane sums not yet in stats.sum
+
+  static KeyPacketSoftmax start() { return {SoftmaxStats<T>::start(), simd::zero<Packet>()}; }
+
+  // SoftmaxStats::observe for the max of a packet of scores.
+  bool observe(const Packet& scores, T& alpha) {
+    const Packet bar = simd::splat<Packet>(stats.ref + SoftmaxStats<T>::kRescaleThreshold);
+    if (!simd::any(simd::less(bar, scores))) return false;
+    stats.sum += simd::sum(pending);
+    pending = simd::zero<Packet>();
+    return stats.observe(simd::max_of(scores), alpha);
+  }
+
+  // The weights of a packet of scores, counted into the sum.
+  Packet weights(const Packet& scores) {
+    const Packet w = stats.template weights<Packet>()(scores);
+    pending = simd::add(pending, w);
+    return w;
+  }
+
+  T sum() const { return stats.sum + simd::sum(pending); }
+};
+
 // log2(sum_c 2^lse2[c * stride] + 2^sink2) for n partial results (lse2 in log2 units;
 // -inf for a part with no allowed key) and an attention sink logit (-inf: none). Each
 // part then weighs 2^(lse2[c] - result). NaN sticks: a NaN part makes the result NaN.

@@ -44,7 +44,7 @@ struct DecodeScratch {
   AlignedBuffer<T> q_rows;        // rows x D, pre-scaled queries
   AlignedBuffer<T> out_rows;      // rows x D, unnormalised output accumulator
   AlignedBuffer<T> weights;       // rows x P, scores and then softmax weights of the current block
-  std::vector<SoftmaxStats<T>> stats;  // rows
+  std::vector<KeyPacketSoftmax<T>> softmax;  // rows
   bool full_width_scores = false;  // the score packet (DecodeScoreWidth)
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
@@ -253,7 +253,7 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
     const auto* q = pb.q.row(g.b, g.head(r), g.query(r));
     T* dst = s.q_rows.data() + r * g.hd;
     for (Index d = 0; d < g.head_dim; ++d) dst[d] = static_cast<T>(q[d]) * q_scale;
-    s.stats[static_cast<std::size_t>(r)] = SoftmaxStats<T>::start();
+    s.softmax[static_cast<std::size_t>(r)] = KeyPacketSoftmax<T>::start();
   }
   std::fill(s.out_rows.begin(), s.out_rows.begin() + g.rows * g.hd, T(0));
   if constexpr (kBf16DotDecode<P>) {
@@ -309,20 +309,18 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
   using Packet = simd::Packet<T>;
   constexpr int kP = simd::kWidth<T>;
   for (Index r = 0; r < g.rows; ++r) {
-    SoftmaxStats<T>& stats = s.stats[static_cast<std::size_t>(r)];
+    KeyPacketSoftmax<T>& softmax = s.softmax[static_cast<std::size_t>(r)];
     T* row = s.weights.data() + r * kP;
     const Packet scores = simd::load_aligned<Packet>(row);
     T alpha = T(1);
-    if (stats.observe(simd::max_of(scores), alpha)) {
+    if (softmax.observe(scores, alpha)) {
       T* out = s.out_rows.data() + r * g.hd;
       for (Index d = 0; d < g.hd; d += kP) {
         simd::store_aligned(
             out + d, simd::mul(simd::load_aligned<Packet>(out + d), simd::splat<Packet>(alpha)));
       }
     }
-    const Packet weights = stats.template weights<Packet>()(scores);
-    stats.sum += simd::sum(weights);
-    simd::store_aligned(row, weights);
+    simd::store_aligned(row, softmax.weights(scores));
   }
 }
 
@@ -576,8 +574,9 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
     decode_block<P, F>(pb, g, j0, n, all_rows, F::kMasked && keys.check_keys, s);
   }
   for (Index r = 0; r < g.rows; ++r) {
-    const SoftmaxStats<T>& stats = s.stats[static_cast<std::size_t>(r)];
-    const RowEnd end = finish_row(stats.ref, stats.sum, -std::numeric_limits<double>::infinity());
+    const KeyPacketSoftmax<T>& softmax = s.softmax[static_cast<std::size_t>(r)];
+    const RowEnd end =
+        finish_row(softmax.stats.ref, softmax.sum(), -std::numeric_limits<double>::infinity());
     const T* src = s.out_rows.data() + r * g.hd;
     T* dst = partial_out + r * g.hd;
     if constexpr (kBf16DotDecode<P>) {
@@ -638,7 +637,7 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.q_rows.resize(size(rows * hd));
     s.out_rows.resize(size(rows * hd));
     s.weights.resize(size(rows * kP));
-    s.stats.resize(size(rows));
+    s.softmax.resize(size(rows));
     s.keys.resize(convert_kv && !int8_dot && !bf16_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
