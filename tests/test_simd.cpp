@@ -194,6 +194,49 @@ TEST(OnlineSoftmax, BlockwiseStatisticsGiveTheExactSoftmaxSumAndLse) {
   EXPECT_FALSE(end.empty);
 }
 
+// The decode's form: a row fed a packet of keys at a time, tested lane by lane against
+// the threshold and summed lane-wise, gives the two-pass softmax in double. Packets: all
+// masked (-inf), a first batch of keys (moves the reference from -inf), keys within the
+// threshold (no move), one key far above it (a move: the lane sums fold in first).
+TEST(OnlineSoftmax, KeyPacketsGiveTheExactSoftmaxSumAndLse) {
+  using Packet = simd::Packet<float>;
+  constexpr int kP = simd::kWidth<float>;
+  std::vector<float> scores(4 * kP);
+  for (int j = 0; j < kP; ++j) {
+    scores[j] = -std::numeric_limits<float>::infinity();
+    scores[kP + j] = 0.25f * static_cast<float>(j % 5);
+    scores[2 * kP + j] = 7.0f - 0.5f * static_cast<float>(j % 3);
+    scores[3 * kP + j] = j == kP / 2 ? 21.0f : -3.0f + 0.125f * static_cast<float>(j);
+  }
+  KeyPacketSoftmax<float> softmax = KeyPacketSoftmax<float>::start();
+  double out = 0.0;  // sum_j w_j * v_j with v_j = j
+  std::vector<int> moved;
+  for (int p = 0; p < 4; ++p) {
+    const Packet block = simd::load<Packet>(scores.data() + p * kP);
+    float alpha = 1.0f;
+    if (softmax.observe(block, alpha)) {
+      out *= alpha;
+      moved.push_back(p);
+    }
+    alignas(64) float w[kP];
+    simd::store(w, softmax.weights(block));
+    for (int j = 0; j < kP; ++j) out += w[j] * static_cast<double>(p * kP + j);
+  }
+  EXPECT_EQ(moved, (std::vector<int>{1, 3}));
+  EXPECT_EQ(softmax.stats.ref, 21.0f);
+  double sum = 0.0, expected_out = 0.0;
+  for (int j = 0; j < 4 * kP; ++j) {
+    const double w = std::exp2(static_cast<double>(scores[j]) - 21.0);
+    sum += w;
+    expected_out += w * j;
+  }
+  EXPECT_NEAR(softmax.sum(), sum, 1e-6 * sum);
+  const RowEnd end =
+      finish_row(softmax.stats.ref, softmax.sum(), -std::numeric_limits<double>::infinity());
+  EXPECT_NEAR(out * end.out_scale, expected_out / sum, 1e-5 * (4 * kP));
+  EXPECT_NEAR(end.lse2, 21.0 + std::log2(sum), 1e-6);
+}
+
 TEST(OnlineSoftmax, EmptyRowsAndSinksFinishAsStated) {
   const double no_sink = -std::numeric_limits<double>::infinity();
   // No allowed key: output 0, lse -inf; with a sink, the softmax over the sink alone.
