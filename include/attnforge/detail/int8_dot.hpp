@@ -161,16 +161,17 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, score[r]);
 }
 
-// out[r][:] += sum_j weights[r][g][j] * v_j[:] over the n_keys value rows of a block for R
+// out[r][:] += sum_j weights[g][r][j] * v_j[:] over the n_keys value rows of a block for R
 // rows (row stride ldo), where g is the scale group of the element: the weights are
 // already multiplied by each key's group scales, so the int8 values widen straight into
-// the FMAs. `weights` holds, per row, head_dim / kQInt8Group groups of 16 keys.
+// the FMAs. `weights` holds, per scale group (stride ldg), 16 keys of each row: the R
+// rows' weights of a key then lie at fixed offsets from one pointer per group, which the
+// loop keeps in registers (with a pointer per row it ran out of them).
 template <int R>
-ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
+ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights, Index ldg,
                                                          const QInt8* const* rows, Index n_keys,
                                                          Index head_dim, float* out, Index ldo,
                                                          simd::LineStream& ahead) {
-  const Index groups = head_dim / kQInt8Group;
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   for (Index d = 0; d < head_dim; d += kInt8DotChunk) {
     __m512 acc[R][4];
@@ -186,10 +187,11 @@ ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights,
         v[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
             _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * c))));
       }
+      const float* w_low = weights + g * ldg + j;
+      const float* w_high = w_low + ldg;
       for (int r = 0; r < R; ++r) {
-        const float* w = weights + r * groups * 16;
-        const __m512 low = _mm512_set1_ps(w[g * 16 + j]);
-        const __m512 high = _mm512_set1_ps(w[(g + 1) * 16 + j]);
+        const __m512 low = _mm512_set1_ps(w_low[r * 16]);
+        const __m512 high = _mm512_set1_ps(w_high[r * 16]);
         acc[r][0] = _mm512_fmadd_ps(low, v[0], acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(low, v[1], acc[r][1]);
         acc[r][2] = _mm512_fmadd_ps(high, v[2], acc[r][2]);

@@ -52,7 +52,7 @@ struct DecodeScratch {
   AlignedBuffer<std::int32_t> q_start;    // rows x D / kQInt8Group
   AlignedBuffer<std::uint8_t> int8_keys;  // D x kInt8DotKeys, the block's keys, transposed
   AlignedBuffer<float> key_scales;        // D / kQInt8Group x kInt8DotKeys
-  AlignedBuffer<float> value_weights;     // rows x D / kQInt8Group x kInt8DotKeys
+  AlignedBuffer<float> value_weights;     // D / kQInt8Group x rows x kInt8DotKeys
   // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
   bool bf16_dot = false;
   AlignedBuffer<std::uint16_t> q_bf16;        // rows x padded D, the queries (unscaled) in bf16
@@ -417,15 +417,16 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
       scales[j] = j < n_keys ? qint8_scale(v_rows[j], g.head_dim, gr) : 0.0f;
     for (Index r = 0; r < g.rows; ++r) {
       const float* w = s.weights.data() + r * kInt8DotKeys;
-      float* dst = value_weights + (r * groups + gr) * kInt8DotKeys;
+      float* dst = value_weights + (gr * g.rows + r) * kInt8DotKeys;
       for (Index j = 0; j < kInt8DotKeys; ++j) dst[j] = w[j] * scales[j];
     }
   }
   float* out = s.out_rows.data();
-  const Index ws = groups * kInt8DotKeys;
+  const Index ldg = g.rows * kInt8DotKeys;
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
-    int8_accumulate_values<decltype(rows)::value>(value_weights + r0 * ws, v_rows, n_keys,
-                                                  g.head_dim, out + r0 * g.hd, g.hd, next.v);
+    int8_accumulate_values<decltype(rows)::value>(value_weights + r0 * kInt8DotKeys, ldg, v_rows,
+                                                  n_keys, g.head_dim, out + r0 * g.hd, g.hd,
+                                                  next.v);
   });
   next.v.finish();
 #else
