@@ -233,7 +233,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, FusedKernel,
 // and the output a whole value row at a time: every head_dim that leaves a tail of
 // packets (or of elements) behind, and odd row counts (rows taken two at a time), against
 // the double brute force on 1 and 2 threads, with a key count that ends mid-block, and
-// with both score packet widths (each CPU's kAuto takes one of them).
+// with both score packet widths (each CPU's kAuto takes one of them). Both ways of
+// streaming the cache ahead (DecodeStream) give the same bits: they only ask for lines.
 class DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {};
 
 TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
@@ -252,11 +253,18 @@ TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
       Sdpa<float> sdpa(library_options(dense, {}, SdpaPath::kDecode),
                        threads == 1 ? nullptr : &pool_device(threads));
       sdpa.set_decode_score_width(width);
+      sdpa.set_decode_stream(detail::DecodeStream::kL1NextBlock);
       Tensor<float, 4> out(q.dimensions());
       Tensor<float, 3> lse(1, q.dimension(1), 1);
       sdpa(q, k, v, StridedView<float, 4>(out), {}, StridedView<float, 3>(lse));
       EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
       EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
+      sdpa.set_decode_stream(detail::DecodeStream::kL2BlockAfterNext);
+      Tensor<float, 4> out_l2(q.dimensions());
+      Tensor<float, 3> lse_l2(1, q.dimension(1), 1);
+      sdpa(q, k, v, StridedView<float, 4>(out_l2), {}, StridedView<float, 3>(lse_l2));
+      EXPECT_TRUE(bitwise_equal(out_l2, out)) << threads << " threads, streamed into L2";
+      EXPECT_TRUE(bitwise_equal(lse_l2, lse)) << threads << " threads, streamed into L2";
     }
   }
 }

@@ -264,14 +264,19 @@ TEST(OnlineSoftmax, EmptyRowsAndSinksFinishAsStated) {
 
 // A LineStream asks for every line of its bytes exactly once across its steps, and
 // finish() for those the steps left; the decode relies on it to have the next block in
-// flight, whatever the block's size and the number of steps its loops take.
-TEST(Simd, LineStreamCoversEveryLineOnceOverItsSteps) {
+// flight, whatever the block's size and the number of steps its loops take; a stream into
+// L2 (ReadAt::kLater) the same.
+class LineStreamSteps : public ::testing::TestWithParam<bool> {};
+
+TEST_P(LineStreamSteps, CoverEveryLineOnce) {
+  const bool into_l2 = GetParam();
   alignas(64) static char bytes[64 * 40];
   const auto lines_left = [](const simd::LineStream& s) {
     return static_cast<std::ptrdiff_t>((s.end - s.next) / simd::LineStream::kLineBytes);
   };
   // 40 lines over 16 steps: 3 per step, so the 14th step asks for the last one.
-  simd::LineStream stream = simd::LineStream::over(bytes, sizeof(bytes), 16);
+  simd::LineStream stream = simd::LineStream::over(bytes, sizeof(bytes), 16, into_l2);
+  EXPECT_EQ(stream.into_l2, into_l2);
   EXPECT_EQ(lines_left(stream), 40);
   EXPECT_EQ(stream.step_bytes, 3u * 64u);
   for (int i = 0; i < 13; ++i) stream.step();
@@ -284,7 +289,7 @@ TEST(Simd, LineStreamCoversEveryLineOnceOverItsSteps) {
   EXPECT_EQ(stream.next, reinterpret_cast<std::uintptr_t>(bytes) + sizeof(bytes));
   // A range starting inside a line: 639 bytes from byte 1, asked for 64 bytes apart.
   // Fewer steps than planned: finish() asks for the rest.
-  simd::LineStream short_of_steps = simd::LineStream::over(bytes + 1, 64 * 10 - 1, 5);
+  simd::LineStream short_of_steps = simd::LineStream::over(bytes + 1, 64 * 10 - 1, 5, into_l2);
   EXPECT_EQ(lines_left(short_of_steps), 10);
   EXPECT_EQ(short_of_steps.step_bytes, 2u * 64u);
   short_of_steps.step();
@@ -298,6 +303,11 @@ TEST(Simd, LineStreamCoversEveryLineOnceOverItsSteps) {
   EXPECT_EQ(none.next, 0u);
   EXPECT_EQ(lines_left(none), 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Targets, LineStreamSteps, ::testing::Bool(),
+                         [](const ::testing::TestParamInfo<bool>& info) {
+                           return info.param ? "IntoL2" : "IntoL1";
+                         });
 
 }  // namespace
 }  // namespace attnforge::detail

@@ -245,6 +245,9 @@ class ScaledDotProductAttention {
   void set_decode_score_width(detail::DecodeScoreWidth width) {
     tuning_.decode_score_width = width;
   }
+  // Where the decode streams the cache ahead of its reads; kAuto chooses by CPU. For tests
+  // and tuning only: it changes no result.
+  void set_decode_stream(detail::DecodeStream stream) { tuning_.decode_stream = stream; }
 
  private:
   bool use_bf16_dot(Index head_dim) const {

@@ -89,11 +89,27 @@ inline constexpr int kScoreQueryPackets = (simd::kRegisters >= 32 ? 16 : 8) / (k
 // and the weights fill the register file.
 inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
 
+// Where the decode kernels stream the cache they read next (simd::LineStream): into L1,
+// the block after the one they work on, or into L2, the block after that (the next block
+// then arrives from L2 by the time it is read). Which one keeps the memory busier
+// depends on the core's line-fill resources, so kAuto asks the CPU (cpu_prefers_l2_stream).
+enum class DecodeStream { kAuto, kL1NextBlock, kL2BlockAfterNext };
+struct DecodeStreamPlan {
+  Index blocks_ahead;  // 1: the next block; 2: the one after
+  bool into_l2;
+};
+inline DecodeStreamPlan decode_stream_plan(DecodeStream stream) {
+  const bool l2 = stream == DecodeStream::kAuto ? cpu_prefers_l2_stream()
+                                                : stream == DecodeStream::kL2BlockAfterNext;
+  return l2 ? DecodeStreamPlan{2, true} : DecodeStreamPlan{1, false};
+}
+
 // Tuning knobs of one ScaledDotProductAttention (benchmarks and tests only): every value
 // gives the same result up to rounding.
 struct KernelTuning {
   Index key_tile = 0;  // 0: kDefaultKeyTile
   DecodeScoreWidth decode_score_width = DecodeScoreWidth::kAuto;
+  DecodeStream decode_stream = DecodeStream::kAuto;
 };
 
 }  // namespace attnforge::detail

@@ -13,8 +13,9 @@
 // Split-KV (flash-decoding): the keys are cut into chunks of kDecodeChunk, computed in
 // parallel, each giving a normalised partial output and its log-sum-exp, merged exactly
 // in chunk order. The chunking depends on Skv only, so any thread count gives the same
-// bits. While a kernel works on one block of keys it asks for the next block's lines, a
-// few per key (next_block; docs/design.md, "Decode streams the cache once").
+// bits. While a kernel works on one block of keys it asks for the lines of a block ahead
+// (the next, or the one after it, into L2, as the CPU prefers: DecodeStream), a few per
+// key (next_block; docs/design.md, "Decode streams the cache once").
 #pragma once
 
 #include <algorithm>
@@ -46,6 +47,7 @@ struct DecodeScratch {
   AlignedBuffer<T> weights;       // rows x P, scores and then softmax weights of the current block
   std::vector<KeyPacketSoftmax<T>> softmax;  // rows
   bool full_width_scores = false;  // the score packet (DecodeScoreWidth)
+  DecodeStreamPlan stream{1, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
   AlignedBuffer<QInt8> q_int8;            // rows x qint8_row_bytes(D), quantized queries
@@ -116,7 +118,7 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
 // Scores of one query row against keys [first, first + S) of a block of n_keys keys
 // (S = size of the score packet, full or half width: see DecodeScoreWidth), written to
 // out[0, S). Keys past n_keys read the block's key 0 again; the caller masks them.
-// `ahead` steps once per key (the next block's lines).
+// `ahead` steps once per key (the lines of a block ahead).
 template <typename T, bool kFull>
 EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
                                       Index first, Index head_dim, T* out,
@@ -150,7 +152,7 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
 // out[r][:] += sum_j weights[r][j] * v_j[:] for R rows (row stride ldo), the n_keys
 // keys of the block, a chunk of head_dim (C packets) at a time. Whole value rows are read
 // one after the other, as the prefetchers like; the rows beyond the first R reread the
-// block from L1. `ahead` steps once per key (the next block's lines).
+// block from L1. `ahead` steps once per key (the lines of a block ahead).
 template <typename T, int R, int C>
 EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Index ldv,
                                           Index n_keys, T* out, Index ldo,
@@ -324,23 +326,24 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
   }
 }
 
-// The K and V lines of the block (of up to kKeys keys) after keys [j0, j0 + n_keys), for a
-// kernel to ask for while it works on those: K spread over k_steps steps (its scores), V over
-// v_steps (its values). None when the rows are not dense or no key follows.
+// The K and V lines of a block (of up to kKeys keys) ahead of keys [j0, j0 + n_keys), for
+// a kernel to ask for while it works on those: the next block, or the one after it
+// (DecodeStreamPlan). K spread over k_steps steps (its scores), V over v_steps (its
+// values). None when the rows are not dense or no key follows.
 struct NextBlock {
   simd::LineStream k, v;
 };
 
 template <Index kKeys, typename P>
-NextBlock next_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Index k_steps,
-                     Index v_steps) {
+NextBlock next_block(const P& pb, const DecodeGroup& g, DecodeStreamPlan plan, Index j0,
+                     Index n_keys, Index k_steps, Index v_steps) {
   using S = typename P::KVScalar;
-  const Index next = j0 + n_keys, kv_len = pb.k.dimension(2);
+  const Index next = j0 + n_keys + (plan.blocks_ahead - 1) * kKeys, kv_len = pb.k.dimension(2);
   if (next >= kv_len || !g.dense_rows) return {};
   const Index n = std::min({kKeys, kv_len - next, contiguous_rows(pb.k, next)});
   const Index bytes = n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
-  return {simd::LineStream::over(pb.k.row(g.b, g.kv_head, next), bytes, k_steps),
-          simd::LineStream::over(pb.v.row(g.b, g.kv_head, next), bytes, v_steps)};
+  return {simd::LineStream::over(pb.k.row(g.b, g.kv_head, next), bytes, k_steps, plan.into_l2),
+          simd::LineStream::over(pb.v.row(g.b, g.kv_head, next), bytes, v_steps, plan.into_l2)};
 }
 
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
@@ -400,7 +403,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   block_rows(pb.v, g, j0, n_keys, v_rows);
   const Index groups = g.head_dim / kQInt8Group;
   const Index chunks = g.head_dim / kInt8DotChunk;
-  NextBlock next = next_block<kInt8DotKeys>(pb, g, j0, n_keys, chunks * kInt8DotKeys,
+  NextBlock next = next_block<kInt8DotKeys>(pb, g, s.stream, j0, n_keys, chunks * kInt8DotKeys,
                                             (g.rows + 3) / 4 * chunks * n_keys);
   prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
   next.k.finish();
@@ -448,7 +451,7 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const Index pairs = (n_keys + 1) / 2;
   // The value pass takes head_dim in chunks of (at least) two bf16 packets per row block.
   const Index value_chunks = std::max<Index>(1, g.head_dim / (2 * kBf16DotChunk));
-  NextBlock next = next_block<kBf16DotKeys>(pb, g, j0, n_keys, g.rows * kBf16DotKeys,
+  NextBlock next = next_block<kBf16DotKeys>(pb, g, s.stream, j0, n_keys, g.rows * kBf16DotKeys,
                                             (g.rows + 3) / 4 * pairs * value_chunks);
   float* weights = s.weights.data();
   const float scale = decode_query_scale<float, F>(pb.params);
@@ -510,7 +513,7 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
                   bool check_keys, DecodeScratch<typename P::Compute>& s) {
   using T = typename P::Compute;
   constexpr int kP = simd::kWidth<T>;
-  // Each block is in flight before it is read: every kernel streams the next block's rows
+  // Each block is in flight before it is read: every kernel streams a later block's rows
   // from inside its loops (next_block; decode_chunk asks for the first). Rows that are not
   // dense are asked for a block at a time, all at once, front to back.
   if (!g.dense_rows) prefetch_block<simd::ReadAt::kNow>(pb, g, j0, n_keys);
@@ -528,7 +531,8 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
       return;
     }
   }
-  NextBlock next = next_block<kP>(pb, g, j0, n_keys, g.rows * kP, (g.rows + 1) / 2 * n_keys);
+  NextBlock next =
+      next_block<kP>(pb, g, s.stream, j0, n_keys, g.rows * kP, (g.rows + 1) / 2 * n_keys);
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
   const T* keys = tile_rows(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
   if (s.full_width_scores) {
@@ -567,8 +571,12 @@ void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKe
       std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
   const Index q_len = pb.q.dimension(2);
   const KeySpan all_rows{g.mask.key_begin(q_len - 1), g.mask.key_end(0)};
-  // The first block: decode_block asks for each next one while it works on the current.
-  if (g.dense_rows) prefetch_block<simd::ReadAt::kNow>(pb, g, key_first, kP);
+  // The blocks before the stream's first: decode_block asks for each later one while it
+  // works on an earlier one.
+  if (g.dense_rows) {
+    for (Index a = 0; a < s.stream.blocks_ahead; ++a)
+      prefetch_block<simd::ReadAt::kNow>(pb, g, key_first + a * kP, kP);
+  }
   // A block never crosses the end of a run of contiguous rows (a paged cache's block).
   for (Index j0 = key_first, n = 0; j0 < key_last; j0 += n) {
     n = std::min({Index{kP}, key_last - j0, contiguous_rows(pb.k, j0)});
@@ -629,7 +637,7 @@ bool decode_applies(Index q_len, Index n_rep) {
 template <typename T>
 void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_dim,
                     bool convert_kv, bool int8_dot, bool bf16_dot, bool full_width_scores,
-                    Index partials) {
+                    DecodeStreamPlan stream, Index partials) {
   constexpr int kP = simd::kWidth<T>;
   const auto size = [](Index n) { return static_cast<std::size_t>(n); };
   const Index hd = padded_head_dim(head_dim, kP);
@@ -643,6 +651,7 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
     s.full_width_scores = full_width_scores;
+    s.stream = stream;
     s.int8_dot = int8_dot;
     const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
     s.q_int8.resize(int8_dot ? size(rows * qint8_row_bytes(head_dim)) : 0);
@@ -706,7 +715,7 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
                      bf16_dot_decode_fits<typename P::Compute, typename P::KVScalar>(
                          problems[0].q.dimension(3)),
                  decode_scores_full_width<typename P::Compute>(tuning.decode_score_width),
-                 ws.first_item.back());
+                 decode_stream_plan(tuning.decode_stream), ws.first_item.back());
   return ws.first_item.back();
 }
 

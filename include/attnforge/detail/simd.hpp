@@ -225,52 +225,60 @@ EIGEN_ALWAYS_INLINE auto sum_each(PacketBlock& block) {
 // When a prefetched line will be read, which picks the hint (see docs/design.md,
 // "Decode streams the cache once"):
 //   kNow:  right away and once, so it should displace as little as it can (prefetchnta);
-//   kSoon: after the work in flight, so it must reach the innermost cache (prefetcht0).
-enum class ReadAt { kNow, kSoon };
+//   kSoon: after the work in flight, so it must reach the innermost cache (prefetcht0);
+//   kLater: after the work in flight and the next block's, so into L2 (prefetcht1), where
+//           it leaves the L1's line-fill slots to the nearer requests.
+enum class ReadAt { kNow, kSoon, kLater };
 
 template <ReadAt kWhen>
 EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 #if defined(__GNUC__) || defined(__clang__)
-  __builtin_prefetch(address, 0, kWhen == ReadAt::kNow ? 0 : 3);
+  __builtin_prefetch(address, 0, kWhen == ReadAt::kNow ? 0 : kWhen == ReadAt::kSoon ? 3 : 2);
 #else
   (void)address;
 #endif
 }
 
-// The cache lines of bytes [next, end), asked for (ReadAt::kSoon) a few at a time: step()
-// from inside a loop spreads the requests over its work, so the memory stays busy while
-// the core computes. Asked for all at once, as many lines stall the core until the memory
-// has served most of them. A function that steps it in a loop and need not be inlined into
-// the stream's owner works on a local copy (and writes it back): a stream reached through a
-// reference is reloaded and stored at every step, as the compiler cannot tell it from the
-// data the loop writes.
+// The cache lines of bytes [next, end), asked for (ReadAt::kSoon, or kLater for a stream
+// that runs further ahead: `into_l2`) a few at a time: step() from inside a loop spreads
+// the requests over its work, so the memory stays busy while the core computes. Asked for all at
+// once, as many lines stall the core until the memory has served most of them. A function that
+// steps it in a loop and need not be inlined into the stream's owner works on a local copy (and
+// writes it back): a stream reached through a reference is reloaded and stored at every step, as
+// the compiler cannot tell it from the data the loop writes.
 struct LineStream {
   // Addresses as integers: a pointer may not be moved past its object, a request may.
   std::uintptr_t next = 0;        // the first line not asked for yet
   std::uintptr_t end = 0;         // one past the range's last line
   std::uintptr_t step_bytes = 0;  // lines per step, in bytes
+  bool into_l2 = false;           // ReadAt::kLater instead of kSoon
 
   // The lines of `bytes` bytes from `first` (each starting at first + 64 i), spread over
   // about `steps` steps.
-  static LineStream over(const void* first, std::ptrdiff_t bytes, std::ptrdiff_t steps) {
+  static LineStream over(const void* first, std::ptrdiff_t bytes, std::ptrdiff_t steps,
+                         bool into_l2 = false) {
     const std::ptrdiff_t lines = (bytes + kLineBytes - 1) / kLineBytes;
     const std::ptrdiff_t per_step = (lines + steps - 1) / std::max<std::ptrdiff_t>(steps, 1);
     const auto at = reinterpret_cast<std::uintptr_t>(first);
     return {at, at + static_cast<std::uintptr_t>(lines * kLineBytes),
-            static_cast<std::uintptr_t>(per_step * kLineBytes)};
+            static_cast<std::uintptr_t>(per_step * kLineBytes), into_l2};
   }
-  EIGEN_ALWAYS_INLINE void step() {
-    const std::uintptr_t stop = std::min(end, next + step_bytes);
-    for (; next < stop; next += kLineBytes)
-      prefetch<ReadAt::kSoon>(reinterpret_cast<const void*>(next));
-  }
+  EIGEN_ALWAYS_INLINE void step() { ask_until(std::min(end, next + step_bytes)); }
   // The lines the steps left, if there were fewer steps than planned.
-  EIGEN_ALWAYS_INLINE void finish() {
-    for (; next < end; next += kLineBytes)
-      prefetch<ReadAt::kSoon>(reinterpret_cast<const void*>(next));
-  }
+  EIGEN_ALWAYS_INLINE void finish() { ask_until(end); }
 
   static constexpr std::ptrdiff_t kLineBytes = 64;
+
+ private:
+  EIGEN_ALWAYS_INLINE void ask_until(std::uintptr_t stop) {
+    if (into_l2) {
+      for (; next < stop; next += kLineBytes)
+        prefetch<ReadAt::kLater>(reinterpret_cast<const void*>(next));
+    } else {
+      for (; next < stop; next += kLineBytes)
+        prefetch<ReadAt::kSoon>(reinterpret_cast<const void*>(next));
+    }
+  }
 };
 
 // kSize<P> int8 values at `from` as a float packet (exact). A sign-extending load and one
