@@ -233,7 +233,7 @@ INSTANTIATE_TEST_SUITE_P(Cases, FusedKernel,
 // and the output a whole value row at a time: every head_dim that leaves a tail of
 // packets (or of elements) behind, and odd row counts (rows taken two at a time), against
 // the double brute force on 1 and 2 threads, with a key count that ends mid-block, and
-// with both score packet widths (each CPU's kAuto takes one of them). Both ways of
+// with both score packet widths (kAuto takes one of them by build). Both ways of
 // streaming the cache ahead (DecodeStream) give the same bits: they only ask for lines.
 class DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {};
 

@@ -240,7 +240,7 @@ class ScaledDotProductAttention {
   // Keys per key tile of the fused kernel; 0 = the default. For tuning only: every value
   // gives the same result up to rounding.
   void set_key_tile(Index key_tile) { tuning_.key_tile = std::max<Index>(0, key_tile); }
-  // The packet width of the decode kernel's scores; kAuto chooses by CPU. For tests and
+  // The packet width of the decode kernel's scores; kAuto chooses by build. For tests and
   // tuning only: every value gives the same result up to rounding.
   void set_decode_score_width(detail::DecodeScoreWidth width) {
     tuning_.decode_score_width = width;

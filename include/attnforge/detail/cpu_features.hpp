@@ -35,11 +35,6 @@ inline bool cpu_prefers_bf16_dot() {
   ATTNFORGE_CPU_QUERY(cpu_has_avx512_bf16() && __builtin_cpu_is("amd"));
 }
 
-// Whether this CPU executes a 512-bit vector operation as two 256-bit halves, so that
-// a 512-bit FMA costs what two 256-bit ones do: AMD's first AVX-512 cores (Zen 4, family
-// 19h). Intel's AVX-512 cores and Zen 5 run them whole.
-inline bool cpu_splits_512bit_ops() { ATTNFORGE_CPU_QUERY(__builtin_cpu_is("amdfam19h")); }
-
 // Whether the decode should stream the cache into L2 two blocks ahead of its reads rather
 // than into L1 one block ahead (DecodeStream): AMD Zen 4 (family 19h), where requests into
 // L1 that far out of DRAM held the kernels at about half the stream rate. docs/design.md,

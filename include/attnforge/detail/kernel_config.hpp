@@ -70,15 +70,15 @@ inline constexpr Index kDecodeChunk = 1024;
 template <typename T>
 inline constexpr Index kDecodeMaxRows = FusedBlocking<T>::kLanes / 4;
 // The decode scores reduce one accumulator per key with a transpose-add, whose cost
-// grows with the packet width while the FMAs it saves halve: full packets pay off where
-// the core runs a full-width FMA as one operation, half packets where it runs it as two
-// halves (then the FMA count is the same and the reduction a quarter). Only 512-bit
-// packets are ever split; narrower builds keep the half packets they were tuned with.
+// grows with the packet width while the instructions of the FMAs halve. With 512-bit
+// packets the full width wins, also on cores that execute a 512-bit FMA as two 256-bit
+// halves (there it still halves the instructions the front end and the scheduler carry);
+// narrower builds keep the half packets they were tuned with.
 enum class DecodeScoreWidth { kAuto, kHalfPacket, kFullPacket };
 template <typename T>
 bool decode_scores_full_width(DecodeScoreWidth width) {
   if (width != DecodeScoreWidth::kAuto) return width == DecodeScoreWidth::kFullPacket;
-  return simd::kWidth<T> * sizeof(T) == 64 && !cpu_splits_512bit_ops();
+  return simd::kWidth<T> * sizeof(T) == 64;
 }
 // Packets of one query row a score pass holds in registers; the rest of the register
 // file holds one accumulator per key of the score packet (half or full width) and the
