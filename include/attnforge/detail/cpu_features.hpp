@@ -36,8 +36,8 @@ inline bool cpu_prefers_bf16_dot() {
 }
 
 // Whether the decode should stream the cache into L2 two blocks ahead of its reads rather
-// than into L1 one block ahead (DecodeStream): AMD Zen 4 (family 19h), where requests into
-// L1 that far out of DRAM held the kernels at about half the stream rate. docs/design.md,
+// than into L1 one block ahead (DecodeStream): AMD Zen 4 (family 19h), where the requests
+// into L1 left the kernels well short of the memory's rate out of DRAM. docs/design.md,
 // "Decode streams the cache once", has the measurements on both kinds of core.
 inline bool cpu_prefers_l2_stream() { ATTNFORGE_CPU_QUERY(__builtin_cpu_is("amdfam19h")); }
 

@@ -241,11 +241,11 @@ EIGEN_ALWAYS_INLINE void prefetch(const void* address) {
 
 // The cache lines of bytes [next, end), asked for (ReadAt::kSoon, or kLater for a stream
 // that runs further ahead: `into_l2`) a few at a time: step() from inside a loop spreads
-// the requests over its work, so the memory stays busy while the core computes. Asked for all at
-// once, as many lines stall the core until the memory has served most of them. A function that
-// steps it in a loop and need not be inlined into the stream's owner works on a local copy (and
-// writes it back): a stream reached through a reference is reloaded and stored at every step, as
-// the compiler cannot tell it from the data the loop writes.
+// the requests over its work, so the memory stays busy while the core computes. Asked for
+// all at once, as many lines stall the core until the memory has served most of them. A
+// function that steps it in a loop and need not be inlined into the stream's owner works
+// on a local copy (and writes it back): a stream reached through a reference is reloaded
+// and stored at every step, as the compiler cannot tell it from the data the loop writes.
 struct LineStream {
   // Addresses as integers: a pointer may not be moved past its object, a request may.
   std::uintptr_t next = 0;        // the first line not asked for yet
