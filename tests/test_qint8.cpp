@@ -584,9 +584,10 @@ void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Ind
       SCOPED_TRACE(std::string(test::path_name(path)) +
                    (int8_dot ? ", int8 dot products" : ", dequantized keys"));
       const test::DenseResult& exact = int8_dot ? exact_quantized_q : exact_stored;
-      const test::AccuracyBudget on_stored =
+      test::AccuracyBudget on_stored =
           test::sdpa_budget<float>(path, test::budget_inputs(int8_dot ? q_quantized_float : p.q,
                                                              k_stored, p.masks, p.options, exact));
+      if (int8_dot) on_stored = test::with_int8_value_weights(on_stored);
       const test::AccuracyBudget on_original =
           int8_dot ? test::quantized_query_cache_budget<QInt8>(on_stored, q_quantized, p.q, p.k,
                                                                p.v, scale)
@@ -783,6 +784,7 @@ void measure_cache_format(const char* format, const char* shape, const Problem& 
   test::AccuracyBudget on_stored = test::sdpa_budget<float>(
       SdpaPath::kAuto, test::budget_inputs(q_seen, k_stored, p.masks, p.options, exact_stored));
   if (bf16_dot) on_stored = test::with_bf16_weights(on_stored);
+  if (int8_dot) on_stored = test::with_int8_value_weights(on_stored);
   const test::AccuracyBudget on_original =
       rounds_q ? test::quantized_query_cache_budget<KV>(on_stored, q_rounded, p.q, p.k, p.v, scale)
                : test::cache_budget<KV>(on_stored, p.q, p.k, p.v, scale);
@@ -985,7 +987,8 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
            test::library_masks(p.masks), StridedView<float, 3>(want_lse));
       const int dot = test::scores_by_int8_dot(path, Int8Kernel::kAuto, n, c.n_rep, c.head_dim);
       int8_dot_sequences += dot;
-      const test::AccuracyBudget budget = test::sdpa_budget<float>(path, inputs[dot][s]);
+      test::AccuracyBudget budget = test::sdpa_budget<float>(path, inputs[dot][s]);
+      if (dot) budget = test::with_int8_value_weights(budget);
       const double v_scale = test::max_abs(stored_values(prefix.values));
       double err = 0, err_contiguous = 0, err_lse = 0, err_lse_contiguous = 0;
       for (Index h = 0; h < n_heads; ++h) {

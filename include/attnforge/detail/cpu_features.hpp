@@ -20,11 +20,11 @@ inline bool cpu_has_avx512_bf16() {
                       __builtin_cpu_supports("avx512bf16"));
 }
 
-// Whether this CPU (and OS) runs AVX-512 VNNI (with AVX-512 F and BW). The int8 kernels
+// Whether this CPU (and OS) runs AVX-512 VNNI (with AVX-512 F, BW and VL). The int8 kernels
 // also need to be compiled in (kHasInt8DotKernel, int8_dot.hpp).
 inline bool cpu_has_avx512_vnni() {
   ATTNFORGE_CPU_QUERY(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                      __builtin_cpu_supports("avx512vnni"));
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni"));
 }
 
 // Whether the bf16 dot products beat converting bf16 to float on this CPU, which is when

@@ -1,6 +1,7 @@
 // The decode micro-kernels over a QInt8 cache on AVX-512 VNNI: key scores as int8 dot
 // products (vpdpbusd, 64 products per instruction) against a quantized query, and the
-// value pass widening int8 straight into the FMAs, with no dequantized copy of a block.
+// value products as int8 dot products against 16-bit quantized weights, with no
+// dequantized copy of a block.
 //
 // Scores: each query row is quantized per step like a cache row (kQInt8Group values per
 // scale), so q . k = sum over groups of (q scale * k scale) * (integer dot of the group).
@@ -11,6 +12,13 @@
 // keys are made unsigned by adding 128 (an xor of the sign bit), and the 128 * sum(q)
 // this adds is subtracted by starting each group's accumulators at that correction.
 //
+// Values: each row's softmax weights times the value rows' group scales are rounded to
+// 16-bit integers per block and group (quantize_value_weights), and the block's value rows
+// interleaved so a lane holds 4 keys' bytes at one d (prepare_int8_values): vpdpbusd then
+// adds 4 keys' products per lane, once for the weights' high bytes and once for their low
+// bytes. 16 bits rather than 8, because 8-bit weights add an error as large as the values'
+// own quantization (docs/design.md, "Quantized caches").
+//
 // Like bf16_dot.hpp, these functions carry their own target attribute, so the library
 // keeps compiling for any target; they are only called after `cpu_has_avx512_vnni()`
 // (cpu_features.hpp).
@@ -18,6 +26,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/qint8.hpp"
@@ -27,7 +36,7 @@
     !defined(ATTNFORGE_NO_INT8_DOT)
 #include <immintrin.h>
 #define ATTNFORGE_INT8_DOT 1
-#define ATTNFORGE_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define ATTNFORGE_TARGET_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #else
 #define ATTNFORGE_INT8_DOT 0
 #endif
@@ -161,45 +170,154 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, score[r]);
 }
 
-// out[r][:] += sum_j weights[g][r][j] * v_j[:] over the n_keys value rows of a block for R
-// rows (row stride ldo), where g is the scale group of the element: the weights are
-// already multiplied by each key's group scales, so the int8 values widen straight into
-// the FMAs. `weights` holds, per scale group (stride ldg), 16 keys of each row: the R
-// rows' weights of a key then lie at fixed offsets from one pointer per group, which the
-// loop keeps in registers (with a pointer per row it ran out of them).
+// The block's 16 value rows in the value products' layout, per scale group g (32 bytes of
+// head_dim) and quad of keys 4t ... 4t + 3: four 32-byte vectors x_k, lane (L, i) of x_k
+// (128-bit half L, dword i) holding the quad's 4 bytes at d = 32 g + 16 L + 4 k + i.
+// Unpacks within 128-bit halves give that order; int8_value_products restores d's order
+// once per block, on the float sums.
+ATTNFORGE_TARGET_VNNI inline void prepare_int8_values(const QInt8* const* rows, Index head_dim,
+                                                      std::int8_t* values) {
+  for (Index g0 = 0; g0 < head_dim; g0 += kQInt8Group) {
+    for (int t = 0; t < 4; ++t) {
+      __m256i quad[4];
+      for (int j = 0; j < 4; ++j)
+        quad[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[4 * t + j] + g0));
+      const __m256i a = quad[0], b = quad[1], c = quad[2], d = quad[3];
+      const __m256i ab_low = _mm256_unpacklo_epi8(a, b), ab_high = _mm256_unpackhi_epi8(a, b);
+      const __m256i cd_low = _mm256_unpacklo_epi8(c, d), cd_high = _mm256_unpackhi_epi8(c, d);
+      auto* to = reinterpret_cast<__m256i*>(values + g0 * kInt8DotKeys + t * 4 * 32);
+      _mm256_storeu_si256(to, _mm256_unpacklo_epi16(ab_low, cd_low));
+      _mm256_storeu_si256(to + 1, _mm256_unpackhi_epi16(ab_low, cd_low));
+      _mm256_storeu_si256(to + 2, _mm256_unpacklo_epi16(ab_high, cd_high));
+      _mm256_storeu_si256(to + 3, _mm256_unpackhi_epi16(ab_high, cd_high));
+    }
+  }
+}
+
+// The largest of 16 floats, NaN if any is NaN.
+ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
+  if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
+  return _mm512_reduce_max_ps(x);
+}
+
+// Bytes of one row's quantized value weights per 4 scale groups: 64 of high bytes, then 64
+// of low bytes; dword 4 t + (g % 4) of each holds keys 4t ... 4t + 3 of group g.
+inline constexpr Index kValueWeightBytesPer4Groups = 128;
+
+// The value products' weights of a block: row r's weight of key j in scale group g is
+// p[r][j] * v_scale[g][j], written as a 16-bit integer w = round(p v_scale / unit[r][g]) with
+// unit[r][g] = max_j p[r][j] * max_j v_scale[g][j] / 65535, split into its high and low
+// bytes (layout above; row stride ldw). A unit from the two maxima rather than the largest
+// product costs a bit or two where they fall on different keys, against 16 bits, and needs
+// rows + groups reductions instead of rows x groups. A NaN among a row's weights or a
+// group's scales makes its unit NaN, so those outputs become NaN as a float cache's would.
+ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index rows,
+                                                         const float* v_scale, Index groups,
+                                                         std::uint8_t* weights, Index ldw,
+                                                         float* units) {
+  constexpr float kSteps = 65535.0f;
+  const __m512i low_byte = _mm512_set1_epi16(255);
+  for (Index g0 = 0; g0 < groups; g0 += 4) {  // 4 groups at a time: one pack of 4 dwords
+    float group_max[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    __m512 relative_scale[4];  // v_scale[g] / max_j v_scale[g][j], in [0, 1]; 0 past groups
+    for (int i = 0; i < 4; ++i) {
+      const __m512 scale =
+          g0 + i < groups ? _mm512_loadu_ps(v_scale + (g0 + i) * kInt8DotKeys) : _mm512_setzero_ps();
+      group_max[i] = max_or_nan(scale);
+      relative_scale[i] =
+          _mm512_mul_ps(scale, _mm512_set1_ps(group_max[i] > 0.0f ? 1.0f / group_max[i] : 0.0f));
+    }
+    for (Index r = 0; r < rows; ++r) {
+      const __m512 row = _mm512_loadu_ps(p + r * kInt8DotKeys);
+      const float row_max = max_or_nan(row);
+      const __m512 in_steps =
+          _mm512_mul_ps(row, _mm512_set1_ps(row_max > 0.0f ? kSteps / row_max : 0.0f));
+      __m512i steps[4];
+      for (int i = 0; i < 4; ++i) {
+        if (g0 + i < groups) units[r * groups + g0 + i] = row_max * group_max[i] / kSteps;
+        steps[i] = _mm512_cvtps_epi32(_mm512_mul_ps(in_steps, relative_scale[i]));
+      }
+      // Packs within 128-bit lanes, saturating to [0, 65535] (a NaN's INT_MIN to 0): lane t
+      // of `words_01` holds keys 4 t ... 4 t + 3 of groups g0 + {0 1}, of `words_23` of groups
+      // g0 + {2 3}; their bytes, packed again, put group g0 + i at dword i of lane t.
+      const __m512i words_01 = _mm512_packus_epi32(steps[0], steps[1]);
+      const __m512i words_23 = _mm512_packus_epi32(steps[2], steps[3]);
+      std::uint8_t* to = weights + r * ldw + g0 / 4 * kValueWeightBytesPer4Groups;
+      _mm512_storeu_si512(to, _mm512_packus_epi16(_mm512_srli_epi16(words_01, 8),
+                                                  _mm512_srli_epi16(words_23, 8)));
+      _mm512_storeu_si512(to + 64, _mm512_packus_epi16(_mm512_and_si512(words_01, low_byte),
+                                                       _mm512_and_si512(words_23, low_byte)));
+    }
+  }
+}
+
+// acc[r][k] += the products of one byte of row r's 16-bit weights (w + r * ldw: dword 4 t
+// for keys 4 t ... 4 t + 3) with the group's prepared values x, 4 keys per vpdpbusd.
 template <int R>
-ATTNFORGE_TARGET_VNNI inline void int8_accumulate_values(const float* weights, Index ldg,
-                                                         const QInt8* const* rows, Index n_keys,
-                                                         Index head_dim, float* out, Index ldo,
-                                                         simd::LineStream& ahead) {
+ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m256i (&acc)[R][4],
+                                                                   const __m256i* x,
+                                                                   const std::uint8_t* w,
+                                                                   Index ldw) {
+  ATTNFORGE_UNROLL
+  for (int t = 0; t < 4; ++t) {
+    __m256i v[4];
+    ATTNFORGE_UNROLL
+    for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_si256(x + 4 * t + k);
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      std::int32_t quad;
+      std::memcpy(&quad, w + r * ldw + 16 * t, sizeof(quad));
+      const __m256i weight = _mm256_set1_epi32(quad);
+      ATTNFORGE_UNROLL
+      for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_dpbusd_epi32(acc[r][k], weight, v[k]);
+    }
+  }
+}
+
+// out[r][:] += sum_j w[r][j] * v_j[:] over a block's 16 prepared value rows for R rows
+// (row stride ldo), as int8 dot products: per scale group g, the 16-bit weights of row r
+// are row r of `weights` (row stride ldw, layout of quantize_value_weights) with their unit
+// at units[r * groups + g]. vpdpbusd multiplies the unsigned weight bytes by the
+// signed value bytes, 4 keys per lane: the high bytes' sums, shifted up 8 bits, then the
+// low bytes' give each lane's exact integer sum over the block (below 2^28), converted to
+// float and scaled by the unit once per block.
+template <int R>
+ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weights, Index ldw,
+                                                      const float* units,
+                                                      const std::int8_t* values, Index head_dim,
+                                                      float* out, Index ldo,
+                                                      simd::LineStream& ahead) {
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
-  for (Index d = 0; d < head_dim; d += kInt8DotChunk) {
-    __m512 acc[R][4];
+  const Index groups = head_dim / kQInt8Group;
+  for (Index g = 0; g < groups; ++g) {
+    const auto* x = reinterpret_cast<const __m256i*>(values + g * kQInt8Group * kInt8DotKeys);
+    __m256i acc[R][4];
+    ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
-      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_loadu_ps(out + r * ldo + d + 16 * c);
+      ATTNFORGE_UNROLL
+      for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_setzero_si256();
     }
-    const Index g = d / kQInt8Group;
-    for (Index j = 0; j < n_keys; ++j) {
-      stream.step();
-      const auto* bytes = reinterpret_cast<const std::int8_t*>(rows[j]) + d;
-      __m512 v[4];
-      for (int c = 0; c < 4; ++c) {
-        v[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-            _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16 * c))));
-      }
-      const float* w_low = weights + g * ldg + j;
-      const float* w_high = w_low + ldg;
-      for (int r = 0; r < R; ++r) {
-        const __m512 low = _mm512_set1_ps(w_low[r * 16]);
-        const __m512 high = _mm512_set1_ps(w_high[r * 16]);
-        acc[r][0] = _mm512_fmadd_ps(low, v[0], acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(low, v[1], acc[r][1]);
-        acc[r][2] = _mm512_fmadd_ps(high, v[2], acc[r][2]);
-        acc[r][3] = _mm512_fmadd_ps(high, v[3], acc[r][3]);
-      }
-    }
+    const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
+    for (int t = 0; t < 4; ++t) stream.step();
+    int8_weighted_quads<R>(acc, x, w, ldw);  // the weights' high bytes
+    ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
-      for (int c = 0; c < 4; ++c) _mm512_storeu_ps(out + r * ldo + d + 16 * c, acc[r][c]);
+      ATTNFORGE_UNROLL
+      for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_slli_epi32(acc[r][k], 8);
+    }
+    int8_weighted_quads<R>(acc, x, w + 64, ldw);  // their low bytes
+    for (int r = 0; r < R; ++r) {
+      const __m256 unit = _mm256_set1_ps(units[r * groups + g]);
+      __m256 sum[4];
+      for (int k = 0; k < 4; ++k) sum[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][k]), unit);
+      // sum[k] half L holds d = 16 L + 4 k + {0 1 2 3}: back to 8 consecutive d per vector.
+      float* o = out + r * ldo + g * kQInt8Group;
+      const __m256 natural[4] = {_mm256_permute2f128_ps(sum[0], sum[1], 0x20),
+                                 _mm256_permute2f128_ps(sum[2], sum[3], 0x20),
+                                 _mm256_permute2f128_ps(sum[0], sum[1], 0x31),
+                                 _mm256_permute2f128_ps(sum[2], sum[3], 0x31)};
+      for (int m = 0; m < 4; ++m)
+        _mm256_storeu_ps(o + 8 * m, _mm256_add_ps(_mm256_loadu_ps(o + 8 * m), natural[m]));
     }
   }
   ahead = stream;

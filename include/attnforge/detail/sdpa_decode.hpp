@@ -54,7 +54,9 @@ struct DecodeScratch {
   AlignedBuffer<std::int32_t> q_start;    // rows x D / kQInt8Group
   AlignedBuffer<std::uint8_t> int8_keys;  // D x kInt8DotKeys, the block's keys, transposed
   AlignedBuffer<float> key_scales;        // D / kQInt8Group x kInt8DotKeys
-  AlignedBuffer<float> value_weights;     // D / kQInt8Group x rows x kInt8DotKeys
+  AlignedBuffer<std::int8_t> int8_values;  // D x kInt8DotKeys, the block's values interleaved
+  AlignedBuffer<std::uint8_t> value_weights;  // rows x the bytes of quantize_value_weights
+  AlignedBuffer<float> value_units;           // rows x D / kQInt8Group
   // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
   bool bf16_dot = false;
   AlignedBuffer<std::uint16_t> q_bf16;        // rows x padded D, the queries (unscaled) in bf16
@@ -391,8 +393,8 @@ inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
 }
 
 // decode_block over a QInt8 cache with int8 dot products: the scores of every row from
-// the quantized queries, their softmax, then the values widened inside the FMAs, with
-// each key's group scales folded into the rows' weights.
+// the quantized queries, their softmax, then the value products from the interleaved
+// value rows and the rows' weights (times each key's group scales) in 16-bit integers.
 template <typename P, typename F>
 void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, bool check,
                        DecodeScratch<float>& s) {
@@ -404,7 +406,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const Index groups = g.head_dim / kQInt8Group;
   const Index chunks = g.head_dim / kInt8DotChunk;
   NextBlock next = next_block<kInt8DotKeys>(pb, g, s.stream, j0, n_keys, chunks * kInt8DotKeys,
-                                            (g.rows + 3) / 4 * chunks * n_keys);
+                                            (g.rows + 3) / 4 * groups * 4);
   prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
   next.k.finish();
   int8_block_scores(g, s);
@@ -413,23 +415,21 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
                                 s.weights.data() + r * kInt8DotKeys);
   }
   softmax_decode_block(g, s);
-  float* value_weights = s.value_weights.data();
+  prepare_int8_values(v_rows, g.head_dim, s.int8_values.data());
+  float* v_scales = s.key_scales.data();  // the keys' scales are used up: now the values'
   for (Index gr = 0; gr < groups; ++gr) {
-    float scales[kInt8DotKeys];
     for (Index j = 0; j < kInt8DotKeys; ++j)
-      scales[j] = j < n_keys ? qint8_scale(v_rows[j], g.head_dim, gr) : 0.0f;
-    for (Index r = 0; r < g.rows; ++r) {
-      const float* w = s.weights.data() + r * kInt8DotKeys;
-      float* dst = value_weights + (gr * g.rows + r) * kInt8DotKeys;
-      for (Index j = 0; j < kInt8DotKeys; ++j) dst[j] = w[j] * scales[j];
-    }
+      v_scales[gr * kInt8DotKeys + j] = j < n_keys ? qint8_scale(v_rows[j], g.head_dim, gr) : 0.0f;
   }
+  const Index ldw = (groups + 3) / 4 * kValueWeightBytesPer4Groups;
+  quantize_value_weights(s.weights.data(), g.rows, v_scales, groups, s.value_weights.data(), ldw,
+                         s.value_units.data());
   float* out = s.out_rows.data();
-  const Index ldg = g.rows * kInt8DotKeys;
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
-    int8_accumulate_values<decltype(rows)::value>(value_weights + r0 * kInt8DotKeys, ldg, v_rows,
-                                                  n_keys, g.head_dim, out + r0 * g.hd, g.hd,
-                                                  next.v);
+    int8_value_products<decltype(rows)::value>(s.value_weights.data() + r0 * ldw, ldw,
+                                               s.value_units.data() + r0 * groups,
+                                               s.int8_values.data(), g.head_dim,
+                                               out + r0 * g.hd, g.hd, next.v);
   });
   next.v.finish();
 #else
@@ -658,7 +658,9 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.q_start.resize(size(rows * groups));
     s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
     s.key_scales.resize(size(kInt8DotKeys * groups));
-    s.value_weights.resize(int8_dot ? size(rows * head_dim / kQInt8Group * kInt8DotKeys) : 0);
+    s.int8_values.resize(s.int8_keys.size());
+    s.value_weights.resize(size(rows * ((groups + 3) / 4) * kValueWeightBytesPer4Groups));
+    s.value_units.resize(size(rows * groups));
     s.bf16_dot = bf16_dot;
     s.q_bf16.resize(bf16_dot ? size(rows * hd) : 0);
     s.weight_pairs.resize(bf16_dot ? size(rows * kP / 2) : 0);
