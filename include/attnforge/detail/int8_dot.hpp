@@ -69,6 +69,10 @@ inline void quantize_query_row(const float* q, Index head_dim, QInt8* row, std::
   }
 }
 
+// Bytes of one row's quantized value weights per 4 scale groups: 64 of high bytes, then 64
+// of low bytes; dword 4 t + (g % 4) of each holds keys 4t ... 4t + 3 of group g.
+inline constexpr Index kValueWeightBytesPer4Groups = 128;
+
 #if ATTNFORGE_INT8_DOT
 
 // GCC 12 reports the deliberately self-initialised placeholder inside its own AVX-512
@@ -199,10 +203,6 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
   if (_mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) != 0) return std::numeric_limits<float>::quiet_NaN();
   return _mm512_reduce_max_ps(x);
 }
-
-// Bytes of one row's quantized value weights per 4 scale groups: 64 of high bytes, then 64
-// of low bytes; dword 4 t + (g % 4) of each holds keys 4t ... 4t + 3 of group g.
-inline constexpr Index kValueWeightBytesPer4Groups = 128;
 
 // The value products' weights of a block: row r's weight of key j in scale group g is
 // p[r][j] * v_scale[g][j], written as a 16-bit integer w = round(p v_scale / unit[r][g]) with
