@@ -73,6 +73,11 @@ inline void quantize_query_row(const float* q, Index head_dim, QInt8* row, std::
 // of low bytes; dword 4 t + (g % 4) of each holds keys 4t ... 4t + 3 of group g.
 inline constexpr Index kValueWeightBytesPer4Groups = 128;
 
+// Bytes of one row's quantized value weights for `groups` scale groups.
+constexpr Index value_weight_row_bytes(Index groups) {
+  return (groups + 3) / 4 * kValueWeightBytesPer4Groups;
+}
+
 #if ATTNFORGE_INT8_DOT
 
 // GCC 12 reports the deliberately self-initialised placeholder inside its own AVX-512
@@ -298,7 +303,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weight
       for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_setzero_si256();
     }
     const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
-    for (int t = 0; t < 4; ++t) stream.step();
+    stream.step();
     int8_weighted_quads<R>(acc, x, w, ldw);  // the weights' high bytes
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {

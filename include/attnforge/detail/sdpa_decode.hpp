@@ -406,7 +406,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const Index groups = g.head_dim / kQInt8Group;
   const Index chunks = g.head_dim / kInt8DotChunk;
   NextBlock next = next_block<kInt8DotKeys>(pb, g, s.stream, j0, n_keys, chunks * kInt8DotKeys,
-                                            (g.rows + 3) / 4 * groups * 4);
+                                            (g.rows + 3) / 4 * groups);
   prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
   next.k.finish();
   int8_block_scores(g, s);
@@ -421,7 +421,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
     for (Index j = 0; j < kInt8DotKeys; ++j)
       v_scales[gr * kInt8DotKeys + j] = j < n_keys ? qint8_scale(v_rows[j], g.head_dim, gr) : 0.0f;
   }
-  const Index ldw = (groups + 3) / 4 * kValueWeightBytesPer4Groups;
+  const Index ldw = value_weight_row_bytes(groups);
   quantize_value_weights(s.weights.data(), g.rows, v_scales, groups, s.value_weights.data(), ldw,
                          s.value_units.data());
   float* out = s.out_rows.data();
@@ -659,7 +659,7 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
     s.key_scales.resize(size(kInt8DotKeys * groups));
     s.int8_values.resize(s.int8_keys.size());
-    s.value_weights.resize(size(rows * ((groups + 3) / 4) * kValueWeightBytesPer4Groups));
+    s.value_weights.resize(size(rows * value_weight_row_bytes(groups)));
     s.value_units.resize(size(rows * groups));
     s.bf16_dot = bf16_dot;
     s.q_bf16.resize(bf16_dot ? size(rows * hd) : 0);
