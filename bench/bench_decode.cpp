@@ -9,7 +9,9 @@
 // against a streaming read of its bytes (weights + fp32 cache).
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <map>
 #include <memory>
+#include <utility>
 
 #include "bench_util.hpp"
 
@@ -35,28 +37,29 @@ struct DecodeInputs {
 };
 
 // A cache filled to kv_len (one spare position, so its prefix is a strided view as in
-// a real engine) and one query token per batch row.
+// a real engine) and one query token per batch row. Every shape's caches stay built (about
+// 4 GB for all rows), so rows can take turns (--benchmark_enable_random_interleaving)
+// without rebuilding them.
 DecodeInputs& decode_inputs(Index batch, Index kv_len) {
-  static std::unique_ptr<DecodeInputs> cached;
-  if (!cached || cached->batch != batch || cached->kv_len != kv_len) {
-    cached.reset();
-    cached = std::make_unique<DecodeInputs>();
-    cached->batch = batch;
-    cached->kv_len = kv_len;
-    cached->cache = std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+  static std::map<std::pair<Index, Index>, std::unique_ptr<DecodeInputs>> built;
+  std::unique_ptr<DecodeInputs>& in = built[{batch, kv_len}];
+  if (!in) {
+    in = std::make_unique<DecodeInputs>();
+    in->batch = batch;
+    in->kv_len = kv_len;
+    in->cache = std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, kHeadDim);
     const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 2);
     const auto v = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 3);
-    cached->cache->update(k, v);
-    cached->bf16_cache =
+    in->cache->update(k, v);
+    in->bf16_cache =
         std::make_unique<af::KVCache<Eigen::bfloat16>>(batch, kv_len + 1, kKvHeads, kHeadDim);
-    cached->bf16_cache->update(k, v);
-    cached->int8_cache =
-        std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, kHeadDim);
-    cached->int8_cache->update(k, v);
-    cached->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
-    cached->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
+    in->bf16_cache->update(k, v);
+    in->int8_cache = std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+    in->int8_cache->update(k, v);
+    in->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
+    in->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
   }
-  return *cached;
+  return *in;
 }
 
 // Bytes of the keys and values of a KV cache of storage type KV.
@@ -67,10 +70,10 @@ double kv_bytes(Index batch, Index kv_len) {
 }
 
 // Bytes a decode step must move at least once: the four weight matrices and the K/V
-// cache it attends over.
-double attention_step_bytes(Index kv_len) {
+// cache it attends over (fp32: what the step_bytes_yardstick streams).
+double attention_step_bytes(Index batch, Index kv_len) {
   const double weights = 2.0 * kModelDim * kHeads * kHeadDim + 2.0 * kModelDim * kKvHeads * kHeadDim;
-  return weights * sizeof(float) + kv_bytes(1, kv_len);
+  return weights * sizeof(float) + kv_bytes(batch, kv_len);
 }
 
 
@@ -141,31 +144,30 @@ void run_stream(benchmark::State& state, double bytes, int threads) {
   set_bytes_counter(state, bytes);
 }
 
-// One decode token through Attention::forward at dim 4096 with a cache (of storage type
-// CacheT) of kv_len - 1 positions: four projections (matrix-vector products) plus
-// attention over kv_len keys.
+// One decode token per batch row through Attention::forward at dim 4096 with a cache (of
+// storage type CacheT) of kv_len - 1 positions: four projections (matrix-vector products
+// for B = 1, the weights read once for all rows) plus attention over kv_len keys.
 template <typename CacheT>
-void run_attention_step(benchmark::State& state, Index kv_len, int threads) {
+void run_attention_step(benchmark::State& state, Index batch, Index kv_len, int threads) {
   af::Attention<float> attention(kModelDim, kHeads, kKvHeads);
   attention.reset_parameters(7);
   attention.set_device(bench::device_for(threads));
   af::RotaryEmbedding<float> rope(kHeadDim, kv_len);
-  af::KVCache<CacheT> cache(1, kv_len, kKvHeads, kHeadDim);
+  af::KVCache<CacheT> cache(batch, kv_len, kKvHeads, kHeadDim);
   {
-    const auto k = bench::random_tensor<float, 4>({1, kKvHeads, kv_len - 1, kHeadDim}, 2);
+    const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len - 1, kHeadDim}, 2);
     cache.update(k, k);
   }
-  const auto x = bench::random_tensor<float, 3>({1, 1, kModelDim}, 4);
-  Tensor<float, 3> out(1, 1, kModelDim);
+  const auto x = bench::random_tensor<float, 3>({batch, 1, kModelDim}, 4);
+  Tensor<float, 3> out(batch, 1, kModelDim);
   for (auto _ : state) {
     cache.truncate(kv_len - 1);
     attention.forward_into(x, rope.cos_rows(kv_len - 1, 1), rope.sin_rows(kv_len - 1, 1),
                            af::StridedView<float, 3>(out), &cache);
     benchmark::ClobberMemory();
   }
-  state.counters["tokens/s"] =
-      benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-  set_bytes_counter(state, attention_step_bytes(kv_len));
+  set_tokens_counter(state, batch);
+  set_bytes_counter(state, attention_step_bytes(batch, kv_len));
 }
 
 std::string shape(Index batch, Index kv_len) {
@@ -220,17 +222,26 @@ void register_all() {
       run_sdpa(s, batch, kv_len, 1, af::SdpaPath::kReference);
     })->UseRealTime()->Unit(benchmark::kMicrosecond);
   }
-  for (int threads : {1, 2}) {
-    const std::string suffix = "/dim:4096" + shape(1, 4096) + "/threads:" + std::to_string(threads);
-    benchmark::RegisterBenchmark(("attention_step" + suffix).c_str(), [=](benchmark::State& s) {
-      run_attention_step<float>(s, 4096, threads);
-    })->UseRealTime()->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(("attention_step_int8_cache" + suffix).c_str(), [=](benchmark::State& s) {
-      run_attention_step<af::QInt8>(s, 4096, threads);
-    })->UseRealTime()->Unit(benchmark::kMicrosecond);
-    benchmark::RegisterBenchmark(("step_bytes_yardstick" + suffix).c_str(), [=](benchmark::State& s) {
-      run_stream(s, attention_step_bytes(4096), threads);
-    })->UseRealTime()->Unit(benchmark::kMicrosecond);
+  // Whole steps at the decode shapes above where the cache outweighs the projections
+  // (Skv 32768; B 8 x 4096), and at Skv 4096, where the fp32 weights are most of the bytes.
+  const std::pair<Index, Index> step_shapes[] = {{1, 4096}, {1, 32768}, {8, 4096}};
+  for (const auto& [batch, kv_len] : step_shapes) {
+    for (int threads : {1, 2}) {
+      const std::string suffix =
+          "/dim:4096" + shape(batch, kv_len) + "/threads:" + std::to_string(threads);
+      benchmark::RegisterBenchmark(("attention_step" + suffix).c_str(), [=](benchmark::State& s) {
+        run_attention_step<float>(s, batch, kv_len, threads);
+      })->UseRealTime()->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("attention_step_int8_cache" + suffix).c_str(),
+                                   [=](benchmark::State& s) {
+                                     run_attention_step<af::QInt8>(s, batch, kv_len, threads);
+                                   })
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("step_bytes_yardstick" + suffix).c_str(), [=](benchmark::State& s) {
+        run_stream(s, attention_step_bytes(batch, kv_len), threads);
+      })->UseRealTime()->Unit(benchmark::kMicrosecond);
+    }
   }
 }
 

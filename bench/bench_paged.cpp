@@ -39,6 +39,7 @@
 // time. tokens/s = new tokens (query rows) / time.
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -146,24 +147,25 @@ struct DecodeInputs {
   Index kv_len = 0;
   Tensor<float, 4> q, out;  // (B, H, 1, D), the same memory as the packed (B, H, D)
   std::unique_ptr<af::KVCache<float>> contiguous;
-  Index block_size = 0;  // of `paged`
-  PagedSet paged;
+  std::map<Index, PagedSet> paged;  // by block size
 };
 
 // One query token per batch row over kv_len cached positions (the token's own position
 // included). The contiguous cache has one spare position, so its prefix is a strided view
-// as in a real engine; the paged cache is built for one block size at a time.
+// as in a real engine. Every shape's caches, paged ones of every block size, stay built
+// (about 2 GB in all), so rows can take turns (--benchmark_enable_random_interleaving)
+// without rebuilding them.
 DecodeInputs& decode_inputs(Index batch, Index kv_len) {
-  static std::unique_ptr<DecodeInputs> cached;
-  if (!cached || cached->batch != batch || cached->kv_len != kv_len) {
-    cached.reset();
-    cached = std::make_unique<DecodeInputs>();
-    cached->batch = batch;
-    cached->kv_len = kv_len;
-    cached->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
-    cached->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
+  static std::map<std::pair<Index, Index>, std::unique_ptr<DecodeInputs>> built;
+  std::unique_ptr<DecodeInputs>& in = built[{batch, kv_len}];
+  if (!in) {
+    in = std::make_unique<DecodeInputs>();
+    in->batch = batch;
+    in->kv_len = kv_len;
+    in->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
+    in->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
   }
-  return *cached;
+  return *in;
 }
 
 const af::KVCache<float>& contiguous_cache(DecodeInputs& in) {
@@ -185,13 +187,11 @@ const af::KVCache<float>& contiguous_cache(DecodeInputs& in) {
 }
 
 const PagedSet& decode_paged(DecodeInputs& in, Index block_size) {
-  if (in.block_size != block_size) {
-    in.paged = PagedSet{};
-    in.paged =
-        paged_set(std::vector<Index>(static_cast<std::size_t>(in.batch), in.kv_len), block_size);
-    in.block_size = block_size;
+  PagedSet& set = in.paged[block_size];
+  if (!set.cache) {
+    set = paged_set(std::vector<Index>(static_cast<std::size_t>(in.batch), in.kv_len), block_size);
   }
-  return in.paged;
+  return set;
 }
 
 void run_decode(benchmark::State& state, Index batch, Index kv_len, int threads) {

@@ -92,11 +92,13 @@ inline double stream_sum(const float* data, Index floats, const Eigen::ThreadPoo
   return std::accumulate(partial.begin(), partial.end(), 0.0);
 }
 
-// The buffer a streaming yardstick reads, kept between benchmarks of the same size
-// (filling 1 GiB with random numbers takes longer than reading it many times).
+// The buffer a streaming yardstick reads: at least `floats` floats, of which it reads the
+// first `floats`. The largest one asked for is kept (filling 1 GiB with random numbers
+// takes longer than reading it many times), so rows of different sizes can take turns
+// (--benchmark_enable_random_interleaving) without refilling it.
 inline const Tensor<float, 1>& stream_buffer(Index floats) {
   static std::unique_ptr<Tensor<float, 1>> cached;
-  if (!cached || cached->size() != floats) {
+  if (!cached || cached->size() < floats) {
     cached.reset();
     cached = std::make_unique<Tensor<float, 1>>(random_tensor<float, 1>({floats}, 9));
   }
