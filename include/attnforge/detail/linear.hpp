@@ -34,10 +34,10 @@ template <typename T>
 inline constexpr bool kHasStreamingLinear = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 // y[r][o] = x_r . w_o for O weight rows (w, row stride ldw) and R rows of x (x, row
-// stride ldx), over n features; y has row stride ldy.
+// stride ldx), over n features; y has row stride ldy. `ahead` steps once per packet.
 template <typename T, int O, int R>
 EIGEN_ALWAYS_INLINE void streaming_dots(const T* x, Index ldx, const T* w, Index ldw, Index n, T* y,
-                                        Index ldy) {
+                                        Index ldy, simd::LineStream& ahead) {
   using Packet = simd::Packet<T>;
   constexpr int kP = simd::kWidth<T>;
   Packet acc[O][R];
@@ -48,6 +48,7 @@ EIGEN_ALWAYS_INLINE void streaming_dots(const T* x, Index ldx, const T* w, Index
   }
   Index d = 0;
   for (; d + kP <= n; d += kP) {
+    ahead.step();
     Packet xv[R];
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) xv[r] = simd::load<Packet>(x + r * ldx + d);
@@ -70,26 +71,41 @@ EIGEN_ALWAYS_INLINE void streaming_dots(const T* x, Index ldx, const T* w, Index
 // The rows of x in blocks of R, then R / 2, ... 1, against O weight rows.
 template <typename T, int O, int R>
 EIGEN_ALWAYS_INLINE void streaming_row_blocks(const T* x, Index n_rows, Index ldx, const T* w,
-                                              Index ldw, Index n, T* y, Index ldy, Index first = 0) {
+                                              Index ldw, Index n, T* y, Index ldy,
+                                              simd::LineStream& ahead, Index first = 0) {
   for (; first + R <= n_rows; first += R)
-    streaming_dots<T, O, R>(x + first * ldx, ldx, w, ldw, n, y + first * ldy, ldy);
-  if constexpr (R > 1) streaming_row_blocks<T, O, R / 2>(x, n_rows, ldx, w, ldw, n, y, ldy, first);
+    streaming_dots<T, O, R>(x + first * ldx, ldx, w, ldw, n, y + first * ldy, ldy, ahead);
+  if constexpr (R > 1)
+    streaming_row_blocks<T, O, R / 2>(x, n_rows, ldx, w, ldw, n, y, ldy, ahead, first);
 }
 
 // One chunk of `width` outputs of the streaming product: kStreamingOutputs weight rows at
-// a time (they stay in L1/L2 while every row block of x passes over them), then the rest
-// one by one.
+// a time (they stay in L2 while every row block of x passes over them), then the rest one
+// by one. While it works on some weight rows it asks for the next ones: the row blocks
+// after the first read only from cache, and without the requests memory would idle
+// through them.
 template <typename T>
 void streaming_linear_chunk(const T* x, Index n_rows, Index in_features, Index ldx, const T* w,
                             Index width, Index ldw, T* y, Index ldy) {
+  const Index steps = (n_rows + kStreamingRows - 1) / kStreamingRows *
+                      std::max<Index>(1, in_features / simd::kWidth<T>);
+  const auto next_rows = [&](Index o, Index rows) {
+    const Index n = std::min(rows, width - o);
+    if (n <= 0) return simd::LineStream{};
+    return simd::LineStream::over(w + o * ldw, ((n - 1) * ldw + in_features) * Index{sizeof(T)},
+                                  steps, /*into_l2=*/true);
+  };
   Index o = 0;
   for (; o + kStreamingOutputs <= width; o += kStreamingOutputs) {
+    simd::LineStream ahead = next_rows(o + kStreamingOutputs, kStreamingOutputs);
     streaming_row_blocks<T, kStreamingOutputs, kStreamingRows>(x, n_rows, ldx, w + o * ldw, ldw,
-                                                               in_features, y + o, ldy);
+                                                               in_features, y + o, ldy, ahead);
   }
-  for (; o < width; ++o)
+  for (; o < width; ++o) {
+    simd::LineStream ahead = next_rows(o + 1, 1);
     streaming_row_blocks<T, 1, kStreamingRows>(x, n_rows, ldx, w + o * ldw, ldw, in_features,
-                                               y + o, ldy);
+                                               y + o, ldy, ahead);
+  }
 }
 
 // x: n_rows rows of in_features, row stride ldx. w: (out_features, in_features), row
