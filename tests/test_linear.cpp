@@ -26,13 +26,14 @@ template <typename T>
 void check_linear(const LinearShape& s, const Eigen::ThreadPoolDevice* device) {
   const Index ldx = s.in_features + 3, ldw = s.in_features + 5, ldy = s.out_features + 2;
   std::mt19937 gen(static_cast<std::uint32_t>(s.rows * 131 + s.in_features * 7 + s.out_features));
-  std::vector<T> x(static_cast<std::size_t>(s.rows * ldx)), w(static_cast<std::size_t>(s.out_features * ldw));
+  std::vector<T> x(static_cast<std::size_t>(s.rows * ldx)),
+      w(static_cast<std::size_t>(s.out_features * ldw));
   for (T& e : x) e = static_cast<T>(2.0 * test::uniform01(gen) - 1.0);
   for (T& e : w) e = static_cast<T>(2.0 * test::uniform01(gen) - 1.0);
   const T sentinel = static_cast<T>(-12345.0);
   std::vector<T> y(static_cast<std::size_t>(s.rows * ldy), sentinel);
-  detail::linear(x.data(), s.rows, s.in_features, ldx, w.data(), s.out_features, ldw, y.data(),
-                 ldy, device);
+  detail::linear(x.data(), s.rows, s.in_features, ldx, w.data(), s.out_features, ldw, y.data(), ldy,
+                 device);
   const double u = std::numeric_limits<T>::epsilon() / 2;
   for (Index r = 0; r < s.rows; ++r) {
     for (Index o = 0; o < ldy; ++o) {
@@ -50,16 +51,17 @@ void check_linear(const LinearShape& s, const Eigen::ThreadPoolDevice* device) {
       }
       const double bound = 2.0 * static_cast<double>(s.in_features) * u * magnitude;
       ASSERT_LE(std::abs(static_cast<double>(got) - exact), bound)
-          << "rows " << s.rows << ", in " << s.in_features << ", out " << s.out_features
-          << ": y(" << r << ", " << o << ")";
+          << "rows " << s.rows << ", in " << s.in_features << ", out " << s.out_features << ": y("
+          << r << ", " << o << ")";
     }
   }
 }
 
 const LinearShape kLinearShapes[] = {
-    {1, 64, 4},    {1, 37, 3},   {2, 130, 257}, {3, 16, 5},   {4, 128, 300},
-    {5, 33, 9},    {7, 64, 513}, {8, 200, 260}, {9, 15, 6},   {16, 96, 258},
-    {17, 64, 260},  // past the streaming limit: Eigen's product
+    {1, 64, 4},   {1, 37, 3},    {2, 130, 257}, {3, 16, 5},    {4, 128, 300}, {5, 33, 9},
+    {7, 64, 513}, {8, 200, 260}, {9, 15, 6},    {16, 96, 258}, {17, 64, 260},  // past the streaming
+                                                                               // limit: Eigen's
+                                                                               // product
     {40, 31, 7},
 };
 
@@ -81,7 +83,8 @@ TEST(Linear, SameBitsOnAnyPool) {
   for (Index rows : {1, 3, 8, 16, 24}) {
     const Index in = 100, out = 600;
     std::mt19937 gen(static_cast<std::uint32_t>(rows));
-    std::vector<float> x(static_cast<std::size_t>(rows * in)), w(static_cast<std::size_t>(out * in));
+    std::vector<float> x(static_cast<std::size_t>(rows * in)),
+        w(static_cast<std::size_t>(out * in));
     for (float& e : x) e = static_cast<float>(test::uniform01(gen) - 0.5);
     for (float& e : w) e = static_cast<float>(test::uniform01(gen) - 0.5);
     std::vector<float> serial(static_cast<std::size_t>(rows * out)), pooled(serial.size());

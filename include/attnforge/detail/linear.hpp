@@ -103,8 +103,8 @@ void streaming_linear_chunk(const T* x, Index n_rows, Index in_features, Index l
   }
   for (; o < width; ++o) {
     simd::LineStream ahead = next_rows(o + 1, 1);
-    streaming_row_blocks<T, 1, kStreamingRows>(x, n_rows, ldx, w + o * ldw, ldw, in_features,
-                                               y + o, ldy, ahead);
+    streaming_row_blocks<T, 1, kStreamingRows>(x, n_rows, ldx, w + o * ldw, ldw, in_features, y + o,
+                                               ldy, ahead);
   }
 }
 
