@@ -25,8 +25,8 @@ inline constexpr Index kLinearChunk = 256;
 // and does so slightly faster.
 inline constexpr Index kStreamingLinearRows = 16;
 
-// Weight rows a streaming step holds, and the rows of x it dots them with: kOutputs x
-// kRows accumulators plus the operands fit the register file.
+// Weight rows a streaming step holds, and the rows of x it dots them with: their product
+// in accumulators plus the operands fit the register file.
 inline constexpr int kStreamingOutputs = 4;
 inline constexpr int kStreamingRows = simd::kRegisters >= 32 ? 4 : 2;
 
