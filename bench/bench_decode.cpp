@@ -9,7 +9,6 @@
 // against a streaming read of its bytes (weights + fp32 cache).
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-#include <map>
 #include <memory>
 #include <utility>
 
@@ -37,29 +36,27 @@ struct DecodeInputs {
 };
 
 // A cache filled to kv_len (one spare position, so its prefix is a strided view as in
-// a real engine) and one query token per batch row. Every shape's caches stay built (about
-// 4 GB for all rows), so rows can take turns (--benchmark_enable_random_interleaving)
-// without rebuilding them.
+// a real engine) and one query token per batch row; every shape's stay built (about 4 GB
+// for all rows: bench::built_once).
 DecodeInputs& decode_inputs(Index batch, Index kv_len) {
-  static std::map<std::pair<Index, Index>, std::unique_ptr<DecodeInputs>> built;
-  std::unique_ptr<DecodeInputs>& in = built[{batch, kv_len}];
-  if (!in) {
-    in = std::make_unique<DecodeInputs>();
-    in->batch = batch;
-    in->kv_len = kv_len;
-    in->cache = std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+  return bench::built_once(std::pair{batch, kv_len}, [](const std::pair<Index, Index>& shape) {
+    const auto [batch, kv_len] = shape;
+    DecodeInputs in;
+    in.batch = batch;
+    in.kv_len = kv_len;
+    in.cache = std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, kHeadDim);
     const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 2);
     const auto v = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, kHeadDim}, 3);
-    in->cache->update(k, v);
-    in->bf16_cache =
+    in.cache->update(k, v);
+    in.bf16_cache =
         std::make_unique<af::KVCache<Eigen::bfloat16>>(batch, kv_len + 1, kKvHeads, kHeadDim);
-    in->bf16_cache->update(k, v);
-    in->int8_cache = std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, kHeadDim);
-    in->int8_cache->update(k, v);
-    in->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
-    in->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
-  }
-  return *in;
+    in.bf16_cache->update(k, v);
+    in.int8_cache = std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+    in.int8_cache->update(k, v);
+    in.q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
+    in.out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
+    return in;
+  });
 }
 
 // Bytes of the keys and values of a KV cache of storage type KV.

@@ -153,19 +153,16 @@ struct DecodeInputs {
 // One query token per batch row over kv_len cached positions (the token's own position
 // included). The contiguous cache has one spare position, so its prefix is a strided view
 // as in a real engine. Every shape's caches, paged ones of every block size, stay built
-// (about 2 GB in all), so rows can take turns (--benchmark_enable_random_interleaving)
-// without rebuilding them.
+// (about 2 GB in all: bench::built_once).
 DecodeInputs& decode_inputs(Index batch, Index kv_len) {
-  static std::map<std::pair<Index, Index>, std::unique_ptr<DecodeInputs>> built;
-  std::unique_ptr<DecodeInputs>& in = built[{batch, kv_len}];
-  if (!in) {
-    in = std::make_unique<DecodeInputs>();
-    in->batch = batch;
-    in->kv_len = kv_len;
-    in->q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
-    in->out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
-  }
-  return *in;
+  return bench::built_once(std::pair{batch, kv_len}, [](const std::pair<Index, Index>& shape) {
+    DecodeInputs in;
+    in.batch = shape.first;
+    in.kv_len = shape.second;
+    in.q = bench::random_tensor<float, 4>({in.batch, kHeads, 1, kHeadDim}, 1);
+    in.out = Tensor<float, 4>(in.batch, kHeads, 1, kHeadDim);
+    return in;
+  });
 }
 
 const af::KVCache<float>& contiguous_cache(DecodeInputs& in) {

@@ -8,6 +8,7 @@
 #include <attnforge/attnforge.hpp>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -90,6 +91,18 @@ inline double stream_sum(const float* data, Index floats, const Eigen::ThreadPoo
         simd::sum(simd::add(simd::add(a0, a1), simd::add(a2, a3))) + tail;
   });
   return std::accumulate(partial.begin(), partial.end(), 0.0);
+}
+
+// The inputs build(key) makes, built on the first call for `key` and kept for the process,
+// so rows of different shapes can take turns (--benchmark_enable_random_interleaving)
+// without rebuilding them. One map per call site (each passes its own lambda type).
+template <typename Key, typename Build>
+auto& built_once(const Key& key, Build&& build) {
+  using Inputs = decltype(build(key));
+  static std::map<Key, std::unique_ptr<Inputs>> built;
+  std::unique_ptr<Inputs>& inputs = built[key];
+  if (!inputs) inputs = std::make_unique<Inputs>(build(key));
+  return *inputs;
 }
 
 // The buffer a streaming yardstick reads: at least `floats` floats, of which it reads the
