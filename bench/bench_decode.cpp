@@ -31,7 +31,7 @@ struct DecodeInputs {
   Index kv_len = 0;
   std::unique_ptr<af::KVCache<float>> cache;
   std::unique_ptr<af::KVCache<Eigen::bfloat16>> bf16_cache;  // same keys and values, rounded
-  std::unique_ptr<af::KVCache<af::QInt8>> int8_cache;         // and quantized
+  std::unique_ptr<af::KVCache<af::QInt8>> int8_cache;        // and quantized
   Tensor<float, 4> q, out;
 };
 
@@ -69,20 +69,21 @@ double kv_bytes(Index batch, Index kv_len) {
 // Bytes a decode step must move at least once: the four weight matrices and the K/V
 // cache it attends over (fp32: what the step_bytes_yardstick streams).
 double attention_step_bytes(Index batch, Index kv_len) {
-  const double weights = 2.0 * kModelDim * kHeads * kHeadDim + 2.0 * kModelDim * kKvHeads * kHeadDim;
+  const double weights =
+      2.0 * kModelDim * kHeads * kHeadDim + 2.0 * kModelDim * kKvHeads * kHeadDim;
   return weights * sizeof(float) + kv_bytes(batch, kv_len);
 }
 
-
 void set_bytes_counter(benchmark::State& state, double bytes) {
-  state.counters["GB/s"] = benchmark::Counter(bytes * 1e-9 * static_cast<double>(state.iterations()),
-                                              benchmark::Counter::kIsRate);
+  state.counters["GB/s"] = benchmark::Counter(
+      bytes * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 
 // Tokens decoded per second: one per batch row per step.
 void set_tokens_counter(benchmark::State& state, Index batch) {
-  state.counters["tokens/s"] = benchmark::Counter(
-      static_cast<double>(batch) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(batch) * static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
 }
 
 // `sinks`: one attention-sink logit per head (decode_sinks), which join the chunk merge.
@@ -175,20 +176,30 @@ void register_all() {
   // B = 1 over Skv = 1024 ... 131072 is the sweep that scripts/plot_bench.py draws.
   const std::pair<Index, Index> shapes[] = {{1, 1024},  {1, 4096},   {1, 16384}, {1, 32768},
                                             {1, 65536}, {1, 131072}, {8, 4096}};
-  for (const auto& [batch, kv_len] : shapes) {
+  // Copies, not structured bindings: C++17 lets no lambda capture a binding.
+  for (const auto& batch_and_len : shapes) {
+    const Index batch = batch_and_len.first, kv_len = batch_and_len.second;
     for (int threads : {1, 2}) {
       const std::string suffix = shape(batch, kv_len) + "/threads:" + std::to_string(threads);
-      const std::pair<const char*, af::SdpaPath> paths[] = {{"decode", af::SdpaPath::kAuto},
-                                                             {"prefill_forced", af::SdpaPath::kFused}};
-      for (const auto& [name, path] : paths) {
-        benchmark::RegisterBenchmark((name + suffix).c_str(), [=](benchmark::State& s) {
-          run_sdpa(s, batch, kv_len, threads, path);
-        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+      const std::pair<const char*, af::SdpaPath> paths[] = {
+          {"decode", af::SdpaPath::kAuto}, {"prefill_forced", af::SdpaPath::kFused}};
+      for (const auto& name_and_path : paths) {
+        const std::string name = name_and_path.first;
+        const af::SdpaPath path = name_and_path.second;
+        benchmark::RegisterBenchmark(
+            (name + suffix).c_str(),
+            [=](benchmark::State& s) { run_sdpa(s, batch, kv_len, threads, path); })
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
       }
       if ((batch == 1 && kv_len == 32768) || batch == 8) {
-        benchmark::RegisterBenchmark(("decode_bf16_cache" + suffix).c_str(), [=](benchmark::State& s) {
-          run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads);
-        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(("decode_bf16_cache" + suffix).c_str(),
+                                     [=](benchmark::State& s) {
+                                       run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len,
+                                                                          threads);
+                                     })
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
         // The same cache widened to float for the float kernel (no bf16 dot products).
         benchmark::RegisterBenchmark(("decode_bf16_convert" + suffix).c_str(),
                                      [=](benchmark::State& s) {
@@ -198,46 +209,64 @@ void register_all() {
                                      })
             ->UseRealTime()
             ->Unit(benchmark::kMicrosecond);
-        benchmark::RegisterBenchmark(("decode_int8_cache" + suffix).c_str(), [=](benchmark::State& s) {
-          run_reduced_cache<af::QInt8>(s, batch, kv_len, threads);
-        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(
+            ("decode_int8_cache" + suffix).c_str(),
+            [=](benchmark::State& s) { run_reduced_cache<af::QInt8>(s, batch, kv_len, threads); })
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
         // The same cache with the keys dequantized and scored in float (no int8 dot products).
-        benchmark::RegisterBenchmark(("decode_int8_dequantize" + suffix).c_str(), [=](benchmark::State& s) {
-          run_reduced_cache<af::QInt8>(s, batch, kv_len, threads, af::Int8Kernel::kDequantize);
-        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(("decode_int8_dequantize" + suffix).c_str(),
+                                     [=](benchmark::State& s) {
+                                       run_reduced_cache<af::QInt8>(s, batch, kv_len, threads,
+                                                                    af::Int8Kernel::kDequantize);
+                                     })
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
       }
       if (batch == 1 && kv_len == 32768) {
-        benchmark::RegisterBenchmark(("decode_sinks" + suffix).c_str(), [=](benchmark::State& s) {
-          run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto, /*sinks=*/true);
-        })->UseRealTime()->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(("decode_sinks" + suffix).c_str(),
+                                     [=](benchmark::State& s) {
+                                       run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto,
+                                                /*sinks=*/true);
+                                     })
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
       }
-      benchmark::RegisterBenchmark(("stream_yardstick" + suffix).c_str(), [=](benchmark::State& s) {
-        run_stream(s, kv_bytes(batch, kv_len), threads);
-      })->UseRealTime()->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(
+          ("stream_yardstick" + suffix).c_str(),
+          [=](benchmark::State& s) { run_stream(s, kv_bytes(batch, kv_len), threads); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
     }
-    benchmark::RegisterBenchmark(("reference" + shape(batch, kv_len)).c_str(), [=](benchmark::State& s) {
-      run_sdpa(s, batch, kv_len, 1, af::SdpaPath::kReference);
-    })->UseRealTime()->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(
+        ("reference" + shape(batch, kv_len)).c_str(),
+        [=](benchmark::State& s) { run_sdpa(s, batch, kv_len, 1, af::SdpaPath::kReference); })
+        ->UseRealTime()
+        ->Unit(benchmark::kMicrosecond);
   }
   // Whole steps at the decode shapes above where the cache outweighs the projections
   // (Skv 32768; B 8 x 4096), and at Skv 4096, where the fp32 weights are most of the bytes.
   const std::pair<Index, Index> step_shapes[] = {{1, 4096}, {1, 32768}, {8, 4096}};
-  for (const auto& [batch, kv_len] : step_shapes) {
+  for (const auto& batch_and_len : step_shapes) {
+    const Index batch = batch_and_len.first, kv_len = batch_and_len.second;
     for (int threads : {1, 2}) {
       const std::string suffix =
           "/dim:4096" + shape(batch, kv_len) + "/threads:" + std::to_string(threads);
-      benchmark::RegisterBenchmark(("attention_step" + suffix).c_str(), [=](benchmark::State& s) {
-        run_attention_step<float>(s, batch, kv_len, threads);
-      })->UseRealTime()->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark(("attention_step_int8_cache" + suffix).c_str(),
-                                   [=](benchmark::State& s) {
-                                     run_attention_step<af::QInt8>(s, batch, kv_len, threads);
-                                   })
+      benchmark::RegisterBenchmark(
+          ("attention_step" + suffix).c_str(),
+          [=](benchmark::State& s) { run_attention_step<float>(s, batch, kv_len, threads); })
           ->UseRealTime()
           ->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark(("step_bytes_yardstick" + suffix).c_str(), [=](benchmark::State& s) {
-        run_stream(s, attention_step_bytes(batch, kv_len), threads);
-      })->UseRealTime()->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(
+          ("attention_step_int8_cache" + suffix).c_str(),
+          [=](benchmark::State& s) { run_attention_step<af::QInt8>(s, batch, kv_len, threads); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(
+          ("step_bytes_yardstick" + suffix).c_str(),
+          [=](benchmark::State& s) { run_stream(s, attention_step_bytes(batch, kv_len), threads); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
     }
   }
 }

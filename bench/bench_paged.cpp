@@ -522,7 +522,9 @@ void add(const std::string& name, benchmark::TimeUnit unit, Body body) {
 
 void register_all() {
   const std::pair<Index, Index> decode_shapes[] = {{1, 32768}, {8, 4096}};
-  for (const auto& [batch, kv_len] : decode_shapes) {
+  // Copies, not structured bindings: C++17 lets no lambda capture a binding.
+  for (const auto& batch_and_len : decode_shapes) {
+    const Index batch = batch_and_len.first, kv_len = batch_and_len.second;
     const std::string shape = "/Skv:" + std::to_string(kv_len) + "/B:" + std::to_string(batch);
     for (int threads : {1, 2}) {
       add("decode" + shape + "/threads:" + std::to_string(threads), benchmark::kMicrosecond,

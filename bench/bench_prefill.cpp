@@ -51,11 +51,10 @@ double inputs_mib(const Inputs& in) {
 }
 
 void set_attention_counters(benchmark::State& state, Index seq_len, Index head_dim) {
-  const double flops = 4.0 * kHeads * static_cast<double>(head_dim) *
-                       bench::causal_pairs(seq_len, seq_len);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops * 1e-9 * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate);
+  const double flops =
+      4.0 * kHeads * static_cast<double>(head_dim) * bench::causal_pairs(seq_len, seq_len);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      flops * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 
 void run_sdpa(benchmark::State& state, Index seq_len, Index head_dim, int threads,
@@ -85,7 +84,8 @@ void run_sdpa(benchmark::State& state, Index seq_len, Index head_dim, int thread
 //   fused_alibi      causal with ALiBi slopes 2^(-8 h / H) on every head.
 enum class MaskRow { kBoolMask, kDocIds, kAlibi };
 
-void run_mask_row(benchmark::State& state, Index seq_len, Index head_dim, int threads, MaskRow row) {
+void run_mask_row(benchmark::State& state, Index seq_len, Index head_dim, int threads,
+                  MaskRow row) {
   Inputs& in = inputs_for(seq_len, head_dim);
   af::SdpaOptions options;
   options.path = af::SdpaPath::kFused;
@@ -118,9 +118,10 @@ void run_mask_row(benchmark::State& state, Index seq_len, Index head_dim, int th
     sdpa(in.q, in.k, in.v, af::StridedView<float, 4>(in.out), masks);
     benchmark::ClobberMemory();
   }
-  state.counters["GFLOP/s"] = benchmark::Counter(
-      4.0 * kHeads * static_cast<double>(head_dim) * pairs * 1e-9 * static_cast<double>(state.iterations()),
-      benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(4.0 * kHeads * static_cast<double>(head_dim) * pairs * 1e-9 *
+                             static_cast<double>(state.iterations()),
+                         benchmark::Counter::kIsRate);
 }
 
 // What a user would write with Eigen alone: per head, the full S x S score matrix by
@@ -173,9 +174,8 @@ void run_gemm_yardstick(benchmark::State& state, Index seq_len, Index head_dim) 
   }
   const double flops = 2.0 * static_cast<double>(seq_len) * static_cast<double>(seq_len) *
                        static_cast<double>(head_dim);
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(flops * 1e-9 * static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      flops * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 
 // The same causal prefill with bf16 q, k, v and out (accumulation in float), on the
@@ -217,20 +217,25 @@ void register_all() {
   // D = 128 over S = 256 ... 8192 is the sweep that scripts/plot_bench.py draws.
   const std::pair<Index, Index> shapes[] = {{256, 128}, {512, 128},  {1024, 128}, {2048, 128},
                                             {2048, 64}, {4096, 128}, {8192, 128}};
-  for (const auto& [seq_len, head_dim] : shapes) {
+  // Copies, not structured bindings: C++17 lets no lambda capture a binding.
+  for (const auto& len_and_dim : shapes) {
+    const Index seq_len = len_and_dim.first, head_dim = len_and_dim.second;
     for (int threads : {1, 2}) {
       benchmark::RegisterBenchmark(
           ("fused" + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads)).c_str(),
-          [=](benchmark::State& s) { run_sdpa(s, seq_len, head_dim, threads, af::SdpaPath::kFused); })
+          [=](benchmark::State& s) {
+            run_sdpa(s, seq_len, head_dim, threads, af::SdpaPath::kFused);
+          })
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
     }
     if (seq_len == 2048 && head_dim == 128) {
-      const std::pair<const char*, MaskRow> mask_rows[] = {
-          {"fused_bool_mask", MaskRow::kBoolMask},
-          {"fused_doc_ids", MaskRow::kDocIds},
-          {"fused_alibi", MaskRow::kAlibi}};
-      for (const auto& [name, row] : mask_rows) {
+      const std::pair<const char*, MaskRow> mask_rows[] = {{"fused_bool_mask", MaskRow::kBoolMask},
+                                                           {"fused_doc_ids", MaskRow::kDocIds},
+                                                           {"fused_alibi", MaskRow::kAlibi}};
+      for (const auto& name_and_row : mask_rows) {
+        const std::string name = name_and_row.first;
+        const MaskRow row = name_and_row.second;
         for (int threads : {1, 2}) {
           benchmark::RegisterBenchmark(
               (name + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads)).c_str(),
@@ -245,7 +250,9 @@ void register_all() {
           {"bf16_dot", af::Bf16Kernel::kDotProduct},
           {"bf16_fallback", af::Bf16Kernel::kConvert},
           {"bf16_auto", af::Bf16Kernel::kAuto}};
-      for (const auto& [name, kernel] : kernels) {
+      for (const auto& name_and_kernel : kernels) {
+        const std::string name = name_and_kernel.first;
+        const af::Bf16Kernel kernel = name_and_kernel.second;
         benchmark::RegisterBenchmark(
             (name + shape(seq_len, head_dim) + "/threads:1").c_str(),
             [=](benchmark::State& s) { run_bf16(s, seq_len, head_dim, 1, kernel); })
@@ -263,12 +270,14 @@ void register_all() {
           ->Unit(benchmark::kMillisecond)
           ->Iterations(1);
     }
-    benchmark::RegisterBenchmark(("eigen_naive" + shape(seq_len, head_dim)).c_str(),
-                                 [=](benchmark::State& s) { run_eigen_naive(s, seq_len, head_dim); })
+    benchmark::RegisterBenchmark(
+        ("eigen_naive" + shape(seq_len, head_dim)).c_str(),
+        [=](benchmark::State& s) { run_eigen_naive(s, seq_len, head_dim); })
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark(("gemm_yardstick" + shape(seq_len, head_dim)).c_str(),
-                                 [=](benchmark::State& s) { run_gemm_yardstick(s, seq_len, head_dim); })
+    benchmark::RegisterBenchmark(
+        ("gemm_yardstick" + shape(seq_len, head_dim)).c_str(),
+        [=](benchmark::State& s) { run_gemm_yardstick(s, seq_len, head_dim); })
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
   }

@@ -10,8 +10,10 @@
 #                 warnings tests (tests/warnings: every public entry point compiled by g++
 #                 and by clang++ at -Wall -Wextra -Wpedantic -O2 -march=native -Werror),
 #                 and the MPI tests mpi.attention.P1..P4 (launched by scripts/mpirun.sh)
-#   bench         every bench/bench_*.cpp binary once, briefly (*_mpi on 2 ranks)
-#   examples      every examples/*.cpp binary once, with --quick (*_mpi on 2 ranks)
+#   bench         every bench/bench_*.cpp binary once, briefly (*_mpi on 2 ranks); clang++
+#                 parses each source (-fsyntax-only -Werror), as release builds them with g++
+#   examples      every examples/*.cpp binary once, with --quick (*_mpi on 2 ranks); clang++
+#                 parses each source as in `bench`
 #   isa-baseline  the unit tests built for the x86-64 baseline (-march=x86-64, SSE2 packets)
 #   portable      the unit tests without the x86 intrinsic kernels (ATTNFORGE_NO_BF16_DOT,
 #                 ATTNFORGE_NO_INT8_DOT, no -march): the code an ARM or MSVC build compiles
@@ -204,6 +206,31 @@ step_bench() {
       --benchmark_filter="$filter"
   done
   [ "$found" -eq 1 ] || echo "no bench/bench_*.cpp sources; nothing to run"
+  clang_check_programs bench/bench_*.cpp
+}
+
+# The release preset builds benchmarks and examples with g++ only; clang++ parses them too
+# (syntax only, seconds each), so code only one compiler accepts cannot land unseen.
+clang_check_programs() {
+  if ! command -v clang++ >/dev/null; then
+    echo "clang++ not found; benchmarks and examples not checked with it"
+    return 0
+  fi
+  local source extra
+  for source in "$@"; do
+    [ -e "$source" ] || continue
+    extra=()
+    if [[ "$(basename "$source" .cpp)" == *_mpi ]]; then
+      if ! command -v mpicxx >/dev/null; then
+        echo "mpicxx not found; ${source} not checked with clang++"
+        continue
+      fi
+      read -r -a extra <<<"$(mpicxx --showme:compile)"
+    fi
+    echo "---- clang++ -fsyntax-only ${source}"
+    clang++ -std=c++17 -Wall -Wextra -Wpedantic -Werror -fsyntax-only -march=native \
+      -DEIGEN_USE_THREADS -Iinclude -Ibench -isystem /usr/include/eigen3 "${extra[@]}" "$source"
+  done
 }
 
 step_examples() {
@@ -221,6 +248,7 @@ step_examples() {
     launcher_for "$name" "$exe" --quick
   done
   [ "$found" -eq 1 ] || echo "no examples/*.cpp sources; nothing to run"
+  clang_check_programs examples/*.cpp
 }
 
 # The unit tests built for the other instruction sets users ship (tests only, so they
