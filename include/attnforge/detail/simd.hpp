@@ -380,6 +380,15 @@ EIGEN_ALWAYS_INLINE P exp2(const P& x) {
     poly = ei::pmadd(poly, f, splat<P>(S(exp2_taylor_coefficient(k))));
   }
   P result;
+#if defined(EIGEN_VECTORIZE_AVX512)
+  // poly * 2^n in one instruction: exact, like the multiplications below, and n = 128
+  // still overflows to inf. The softmax's exp2 is a visible part of a tile's work.
+  if constexpr (std::is_same_v<P, ei::Packet16f>) {
+    result = _mm512_scalef_ps(poly, n);
+  } else if constexpr (std::is_same_v<P, ei::Packet8d>) {
+    result = _mm512_scalef_pd(poly, n);
+  } else
+#endif
   if constexpr (std::is_same_v<S, float>) {
     // 2^n built directly in the exponent field; n = 128 (overflow) is split as
     // 2^(n-1) * 2 so the biased exponent stays representable.
