@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <attnforge/attnforge.hpp>
+#include <attnforge/detail/huge_pages.hpp>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -109,11 +110,17 @@ auto& built_once(const Key& key, Build&& build) {
 // first `floats`. The largest one asked for is kept (filling 1 GiB with random numbers
 // takes longer than reading it many times), so rows of different sizes can take turns
 // (--benchmark_enable_random_interleaving) without refilling it.
+// Its pages are huge pages where the OS grants them, as a KVCache's are (kv_cache.hpp),
+// so that the yardstick reads memory the way the caches it is compared with are read.
 inline const Tensor<float, 1>& stream_buffer(Index floats) {
   static std::unique_ptr<Tensor<float, 1>> cached;
   if (!cached || cached->size() < floats) {
     cached.reset();
-    cached = std::make_unique<Tensor<float, 1>>(random_tensor<float, 1>({floats}, 9));
+    cached = std::make_unique<Tensor<float, 1>>(floats);
+    detail::advise_huge_pages(cached->data(), static_cast<std::size_t>(floats) * sizeof(float));
+    std::mt19937 rng(9);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (Index i = 0; i < floats; ++i) cached->data()[i] = normal(rng);
   }
   return *cached;
 }
