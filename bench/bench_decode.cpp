@@ -186,63 +186,40 @@ void register_all() {
       for (const auto& name_and_path : paths) {
         const std::string name = name_and_path.first;
         const af::SdpaPath path = name_and_path.second;
-        benchmark::RegisterBenchmark(
-            (name + suffix).c_str(),
-            [=](benchmark::State& s) { run_sdpa(s, batch, kv_len, threads, path); })
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
+        bench::add(name + suffix, benchmark::kMicrosecond,
+                   [=](benchmark::State& s) { run_sdpa(s, batch, kv_len, threads, path); });
       }
       if ((batch == 1 && kv_len == 32768) || batch == 8) {
-        benchmark::RegisterBenchmark(("decode_bf16_cache" + suffix).c_str(),
-                                     [=](benchmark::State& s) {
-                                       run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len,
-                                                                          threads);
-                                     })
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
+        bench::add("decode_bf16_cache" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
+          run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads);
+        });
         // The same cache widened to float for the float kernel (no bf16 dot products).
-        benchmark::RegisterBenchmark(("decode_bf16_convert" + suffix).c_str(),
-                                     [=](benchmark::State& s) {
-                                       run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads,
-                                                                          af::Int8Kernel::kAuto,
-                                                                          af::Bf16Kernel::kConvert);
-                                     })
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
-        benchmark::RegisterBenchmark(
-            ("decode_int8_cache" + suffix).c_str(),
-            [=](benchmark::State& s) { run_reduced_cache<af::QInt8>(s, batch, kv_len, threads); })
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
+        bench::add(
+            "decode_bf16_convert" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
+              run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads, af::Int8Kernel::kAuto,
+                                                 af::Bf16Kernel::kConvert);
+            });
+        bench::add("decode_int8_cache" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
+          run_reduced_cache<af::QInt8>(s, batch, kv_len, threads);
+        });
         // The same cache with the keys dequantized and scored in float (no int8 dot products).
-        benchmark::RegisterBenchmark(("decode_int8_dequantize" + suffix).c_str(),
-                                     [=](benchmark::State& s) {
-                                       run_reduced_cache<af::QInt8>(s, batch, kv_len, threads,
-                                                                    af::Int8Kernel::kDequantize);
-                                     })
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
+        bench::add(
+            "decode_int8_dequantize" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
+              run_reduced_cache<af::QInt8>(s, batch, kv_len, threads, af::Int8Kernel::kDequantize);
+            });
       }
       if (batch == 1 && kv_len == 32768) {
-        benchmark::RegisterBenchmark(("decode_sinks" + suffix).c_str(),
-                                     [=](benchmark::State& s) {
-                                       run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto,
-                                                /*sinks=*/true);
-                                     })
-            ->UseRealTime()
-            ->Unit(benchmark::kMicrosecond);
+        bench::add("decode_sinks" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
+          run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto,
+                   /*sinks=*/true);
+        });
       }
-      benchmark::RegisterBenchmark(
-          ("stream_yardstick" + suffix).c_str(),
-          [=](benchmark::State& s) { run_stream(s, kv_bytes(batch, kv_len), threads); })
-          ->UseRealTime()
-          ->Unit(benchmark::kMicrosecond);
+      bench::add("stream_yardstick" + suffix, benchmark::kMicrosecond,
+                 [=](benchmark::State& s) { run_stream(s, kv_bytes(batch, kv_len), threads); });
     }
-    benchmark::RegisterBenchmark(
-        ("reference" + shape(batch, kv_len)).c_str(),
-        [=](benchmark::State& s) { run_sdpa(s, batch, kv_len, 1, af::SdpaPath::kReference); })
-        ->UseRealTime()
-        ->Unit(benchmark::kMicrosecond);
+    bench::add(
+        "reference" + shape(batch, kv_len), benchmark::kMicrosecond,
+        [=](benchmark::State& s) { run_sdpa(s, batch, kv_len, 1, af::SdpaPath::kReference); });
   }
   // Whole steps at the decode shapes above where the cache outweighs the projections
   // (Skv 32768; B 8 x 4096), and at Skv 4096, where the fp32 weights are most of the bytes.
@@ -252,21 +229,16 @@ void register_all() {
     for (int threads : {1, 2}) {
       const std::string suffix =
           "/dim:4096" + shape(batch, kv_len) + "/threads:" + std::to_string(threads);
-      benchmark::RegisterBenchmark(
-          ("attention_step" + suffix).c_str(),
-          [=](benchmark::State& s) { run_attention_step<float>(s, batch, kv_len, threads); })
-          ->UseRealTime()
-          ->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark(
-          ("attention_step_int8_cache" + suffix).c_str(),
-          [=](benchmark::State& s) { run_attention_step<af::QInt8>(s, batch, kv_len, threads); })
-          ->UseRealTime()
-          ->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark(
-          ("step_bytes_yardstick" + suffix).c_str(),
-          [=](benchmark::State& s) { run_stream(s, attention_step_bytes(batch, kv_len), threads); })
-          ->UseRealTime()
-          ->Unit(benchmark::kMicrosecond);
+      bench::add("attention_step" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
+        run_attention_step<float>(s, batch, kv_len, threads);
+      });
+      bench::add(
+          "attention_step_int8_cache" + suffix, benchmark::kMicrosecond,
+          [=](benchmark::State& s) { run_attention_step<af::QInt8>(s, batch, kv_len, threads); });
+      bench::add("step_bytes_yardstick" + suffix, benchmark::kMicrosecond,
+                 [=](benchmark::State& s) {
+                   run_stream(s, attention_step_bytes(batch, kv_len), threads);
+                 });
     }
   }
 }

@@ -145,7 +145,8 @@ void run_metadata(benchmark::State& state, const std::vector<Index>& lengths) {
   const af::detail::TileGeometry geo = af::detail::tile_geometry<float>(kHeads / kKvHeads);
   af::detail::TilePlan plan;
   for (auto _ : state) {
-    const af::detail::MaskPolicy policy(af::detail::MaskRules{true, 0}, masks, 1, kHeads, kTotal, kTotal);
+    const af::detail::MaskPolicy policy(af::detail::MaskRules{true, 0}, masks, 1, kHeads, kTotal,
+                                        kTotal);
     plan.build(policy, geo.positions, geo.key_tile);
     Index cost = 0;
     for (Index qt = 0; qt < plan.q_tiles(); ++qt) cost += plan.active_key_tiles(0, qt);
@@ -161,26 +162,16 @@ void register_all() {
   const std::string mixed_name = "/docs:" + std::to_string(mixed.size()) +
                                  "/len:" + std::to_string(kMinDoc) + "-" + std::to_string(kMaxDoc);
   const std::vector<Index> packed(64, 128);
-  benchmark::RegisterBenchmark(("dense/docs:1/len:" + std::to_string(kTotal)).c_str(),
-                               [](benchmark::State& s) { run_row(s, {kTotal}); })
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("packed/docs:64/len:128",
-                               [=](benchmark::State& s) { run_row(s, packed); })
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark("separate/docs:64/len:128",
-                               [](benchmark::State& s) { run_separate(s, 128); })
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark(("mixed" + mixed_name).c_str(),
-                               [=](benchmark::State& s) { run_row(s, mixed); })
-      ->UseRealTime()
-      ->Unit(benchmark::kMillisecond);
-  benchmark::RegisterBenchmark(("metadata" + mixed_name).c_str(),
-                               [=](benchmark::State& s) { run_metadata(s, mixed); })
-      ->UseRealTime()
-      ->Unit(benchmark::kMicrosecond);
+  bench::add("dense/docs:1/len:" + std::to_string(kTotal), benchmark::kMillisecond,
+             [](benchmark::State& s) { run_row(s, {kTotal}); });
+  bench::add("packed/docs:64/len:128", benchmark::kMillisecond,
+             [=](benchmark::State& s) { run_row(s, packed); });
+  bench::add("separate/docs:64/len:128", benchmark::kMillisecond,
+             [](benchmark::State& s) { run_separate(s, 128); });
+  bench::add("mixed" + mixed_name, benchmark::kMillisecond,
+             [=](benchmark::State& s) { run_row(s, mixed); });
+  bench::add("metadata" + mixed_name, benchmark::kMicrosecond,
+             [=](benchmark::State& s) { run_metadata(s, mixed); });
 }
 
 }  // namespace

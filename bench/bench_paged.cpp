@@ -515,11 +515,6 @@ void run_fork_memory(benchmark::State& state, Index block_size) {
 
 // ---- Registration --------------------------------------------------------------------
 
-template <typename Body>
-void add(const std::string& name, benchmark::TimeUnit unit, Body body) {
-  benchmark::RegisterBenchmark(name.c_str(), body)->UseRealTime()->Unit(unit);
-}
-
 void register_all() {
   const std::pair<Index, Index> decode_shapes[] = {{1, 32768}, {8, 4096}};
   // Copies, not structured bindings: C++17 lets no lambda capture a binding.
@@ -527,29 +522,31 @@ void register_all() {
     const Index batch = batch_and_len.first, kv_len = batch_and_len.second;
     const std::string shape = "/Skv:" + std::to_string(kv_len) + "/B:" + std::to_string(batch);
     for (int threads : {1, 2}) {
-      add("decode" + shape + "/threads:" + std::to_string(threads), benchmark::kMicrosecond,
-          [=](benchmark::State& s) { run_decode(s, batch, kv_len, threads); });
-      add("stream_yardstick" + shape + "/threads:" + std::to_string(threads),
-          benchmark::kMicrosecond, [=](benchmark::State& s) {
-            run_stream(s, kTokenBytes * static_cast<double>(batch * kv_len), threads);
-          });
+      bench::add("decode" + shape + "/threads:" + std::to_string(threads), benchmark::kMicrosecond,
+                 [=](benchmark::State& s) { run_decode(s, batch, kv_len, threads); });
+      bench::add("stream_yardstick" + shape + "/threads:" + std::to_string(threads),
+                 benchmark::kMicrosecond, [=](benchmark::State& s) {
+                   run_stream(s, kTokenBytes * static_cast<double>(batch * kv_len), threads);
+                 });
     }
     for (Index block : {16, 64, 256}) {
       for (int threads : {1, 2}) {
-        add("paged_decode" + shape + "/block:" + std::to_string(block) +
-                "/threads:" + std::to_string(threads),
-            benchmark::kMicrosecond,
-            [=](benchmark::State& s) { run_paged_decode(s, batch, kv_len, block, threads); });
+        bench::add("paged_decode" + shape + "/block:" + std::to_string(block) +
+                       "/threads:" + std::to_string(threads),
+                   benchmark::kMicrosecond, [=](benchmark::State& s) {
+                     run_paged_decode(s, batch, kv_len, block, threads);
+                   });
       }
     }
   }
   for (int threads : {1, 2}) {
     const std::string t = "/threads:" + std::to_string(threads);
     const std::string seqs = "/seqs:" + std::to_string(kRaggedSeqs);
-    add("ragged_decode" + seqs + "/block:" + std::to_string(kRaggedBlock) + t,
-        benchmark::kMicrosecond, [=](benchmark::State& s) { run_ragged_decode(s, threads); });
-    add("stream_yardstick" + seqs + t, benchmark::kMicrosecond,
-        [=](benchmark::State& s) { run_stream(s, ragged_decode_bytes(), threads); });
+    bench::add("ragged_decode" + seqs + "/block:" + std::to_string(kRaggedBlock) + t,
+               benchmark::kMicrosecond,
+               [=](benchmark::State& s) { run_ragged_decode(s, threads); });
+    bench::add("stream_yardstick" + seqs + t, benchmark::kMicrosecond,
+               [=](benchmark::State& s) { run_stream(s, ragged_decode_bytes(), threads); });
   }
   const std::string mixed =
       "/prefill:" + std::to_string(kMixedPrefills) + "x" + std::to_string(kMixedChunk) + "+" +
@@ -557,10 +554,10 @@ void register_all() {
       std::to_string(kMixedDecodeLen) + "/block:" + std::to_string(kMixedBlock);
   for (int threads : {1, 2}) {
     const std::string t = "/threads:" + std::to_string(threads);
-    add("mixed_step" + mixed + t, benchmark::kMillisecond,
-        [=](benchmark::State& s) { run_mixed_step(s, threads); });
-    add("mixed_parts" + mixed + t, benchmark::kMillisecond,
-        [=](benchmark::State& s) { run_mixed_parts(s, threads); });
+    bench::add("mixed_step" + mixed + t, benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_mixed_step(s, threads); });
+    bench::add("mixed_parts" + mixed + t, benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_mixed_parts(s, threads); });
   }
   const std::string prefill = "/seqs:" + std::to_string(kPrefillSeqs) +
                               "/len:" + std::to_string(kPrefillMin) + "-" +
@@ -568,17 +565,18 @@ void register_all() {
   const std::string block = "/block:" + std::to_string(kPrefillBlock);
   for (int threads : {1, 2}) {
     const std::string t = "/threads:" + std::to_string(threads);
-    add("ragged_prefill" + prefill + block + t, benchmark::kMillisecond,
-        [=](benchmark::State& s) { run_ragged_prefill(s, threads); });
-    add("prefill_separate" + prefill + t, benchmark::kMillisecond,
-        [=](benchmark::State& s) { run_prefill_separate(s, threads); });
-    add("prefill_separate_paged" + prefill + block + t, benchmark::kMillisecond,
-        [=](benchmark::State& s) { run_prefill_separate_paged(s, threads); });
+    bench::add("ragged_prefill" + prefill + block + t, benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_ragged_prefill(s, threads); });
+    bench::add("prefill_separate" + prefill + t, benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_prefill_separate(s, threads); });
+    bench::add("prefill_separate_paged" + prefill + block + t, benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_prefill_separate_paged(s, threads); });
   }
   for (Index block_size : {16, 64, 256}) {
-    add("fork_memory/prompt:" + std::to_string(kPrompt) + "/forks:" + std::to_string(kForks) +
-            "/block:" + std::to_string(block_size),
-        benchmark::kMicrosecond, [=](benchmark::State& s) { run_fork_memory(s, block_size); });
+    bench::add("fork_memory/prompt:" + std::to_string(kPrompt) +
+                   "/forks:" + std::to_string(kForks) + "/block:" + std::to_string(block_size),
+               benchmark::kMicrosecond,
+               [=](benchmark::State& s) { run_fork_memory(s, block_size); });
   }
 }
 

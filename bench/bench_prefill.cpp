@@ -221,13 +221,10 @@ void register_all() {
   for (const auto& len_and_dim : shapes) {
     const Index seq_len = len_and_dim.first, head_dim = len_and_dim.second;
     for (int threads : {1, 2}) {
-      benchmark::RegisterBenchmark(
-          ("fused" + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads)).c_str(),
-          [=](benchmark::State& s) {
-            run_sdpa(s, seq_len, head_dim, threads, af::SdpaPath::kFused);
-          })
-          ->UseRealTime()
-          ->Unit(benchmark::kMillisecond);
+      bench::add("fused" + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads),
+                 benchmark::kMillisecond, [=](benchmark::State& s) {
+                   run_sdpa(s, seq_len, head_dim, threads, af::SdpaPath::kFused);
+                 });
     }
     if (seq_len == 2048 && head_dim == 128) {
       const std::pair<const char*, MaskRow> mask_rows[] = {{"fused_bool_mask", MaskRow::kBoolMask},
@@ -237,11 +234,10 @@ void register_all() {
         const std::string name = name_and_row.first;
         const MaskRow row = name_and_row.second;
         for (int threads : {1, 2}) {
-          benchmark::RegisterBenchmark(
-              (name + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads)).c_str(),
-              [=](benchmark::State& s) { run_mask_row(s, seq_len, head_dim, threads, row); })
-              ->UseRealTime()
-              ->Unit(benchmark::kMillisecond);
+          bench::add(name + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads),
+                     benchmark::kMillisecond, [=](benchmark::State& s) {
+                       run_mask_row(s, seq_len, head_dim, threads, row);
+                     });
         }
       }
       // bf16 rows beside the fp32 kernel, and what kAuto picks on this CPU. There is no AMX
@@ -253,11 +249,8 @@ void register_all() {
       for (const auto& name_and_kernel : kernels) {
         const std::string name = name_and_kernel.first;
         const af::Bf16Kernel kernel = name_and_kernel.second;
-        benchmark::RegisterBenchmark(
-            (name + shape(seq_len, head_dim) + "/threads:1").c_str(),
-            [=](benchmark::State& s) { run_bf16(s, seq_len, head_dim, 1, kernel); })
-            ->UseRealTime()
-            ->Unit(benchmark::kMillisecond);
+        bench::add(name + shape(seq_len, head_dim) + "/threads:1", benchmark::kMillisecond,
+                   [=](benchmark::State& s) { run_bf16(s, seq_len, head_dim, 1, kernel); });
       }
     }
     // The reference is scalar double arithmetic (~10 s per call at S = 2048); at
@@ -270,16 +263,10 @@ void register_all() {
           ->Unit(benchmark::kMillisecond)
           ->Iterations(1);
     }
-    benchmark::RegisterBenchmark(
-        ("eigen_naive" + shape(seq_len, head_dim)).c_str(),
-        [=](benchmark::State& s) { run_eigen_naive(s, seq_len, head_dim); })
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
-    benchmark::RegisterBenchmark(
-        ("gemm_yardstick" + shape(seq_len, head_dim)).c_str(),
-        [=](benchmark::State& s) { run_gemm_yardstick(s, seq_len, head_dim); })
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
+    bench::add("eigen_naive" + shape(seq_len, head_dim), benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_eigen_naive(s, seq_len, head_dim); });
+    bench::add("gemm_yardstick" + shape(seq_len, head_dim), benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_gemm_yardstick(s, seq_len, head_dim); });
   }
 }
 

@@ -19,14 +19,26 @@
 
 namespace attnforge::bench {
 
+// data[0, n) = deterministic N(0, 1) values.
+template <typename T>
+void fill_random(T* data, Index n, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (Index i = 0; i < n; ++i) data[i] = static_cast<T>(normal(rng));
+}
+
 // Deterministic N(0, 1) tensor.
 template <typename T, int Rank>
 Tensor<T, Rank> random_tensor(const std::array<Index, Rank>& dims, unsigned seed) {
   Tensor<T, Rank> t(dims);
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(normal(rng));
+  fill_random(t.data(), t.size(), seed);
   return t;
+}
+
+// A benchmark row timed in real time (the pools' threads do the work) in `unit`.
+template <typename Body>
+void add(const std::string& name, benchmark::TimeUnit unit, Body body) {
+  benchmark::RegisterBenchmark(name.c_str(), body)->UseRealTime()->Unit(unit);
 }
 
 // A pool per thread count, created once per process (pool start-up is not what we time).
@@ -118,9 +130,7 @@ inline const Tensor<float, 1>& stream_buffer(Index floats) {
     cached.reset();
     cached = std::make_unique<Tensor<float, 1>>(floats);
     detail::advise_huge_pages(cached->data(), static_cast<std::size_t>(floats) * sizeof(float));
-    std::mt19937 rng(9);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (Index i = 0; i < floats; ++i) cached->data()[i] = normal(rng);
+    fill_random(cached->data(), floats, 9);
   }
   return *cached;
 }
