@@ -102,7 +102,7 @@ inline DecodeKeys decode_keys(const BatchMask& mask, Index q_len) {
 // a column at a time, streams from DRAM markedly slower).
 template <typename T, bool kFull, int NQ>
 EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
-                                    simd::BlockOfWidth<T, kFull>& acc, simd::LineStream& ahead) {
+                                    simd::BlockOfWidth<T, kFull>& acc) {
   using Packet = simd::PacketOfWidth<T, kFull>;
   constexpr int kS = simd::kSize<Packet>;
   Packet qv[NQ];
@@ -110,7 +110,6 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
   for (int c = 0; c < NQ; ++c) qv[c] = simd::load<Packet>(q + d0 + c * kS);
   ATTNFORGE_UNROLL
   for (int j = 0; j < kS; ++j) {
-    ahead.step();
     ATTNFORGE_UNROLL
     for (int c = 0; c < NQ; ++c)
       acc.packet[j] = simd::fma(qv[c], simd::load<Packet>(rows[j] + d0 + c * kS), acc.packet[j]);
@@ -120,7 +119,9 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
 // Scores of one query row against keys [first, first + S) of a block of n_keys keys
 // (S = size of the score packet, full or half width: see DecodeScoreWidth), written to
 // out[0, S). Keys past n_keys read the block's key 0 again; the caller masks them.
-// `ahead` steps once per key (the lines of a block ahead).
+// `ahead` (the lines of a block ahead) takes one step per key, all of them before the
+// FMAs: a step inside the unrolled pass puts one copy of the request loop per key among
+// the FMAs, and those copies take the registers that hold the key rows' addresses.
 template <typename T, bool kFull>
 EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
                                       Index first, Index head_dim, T* out,
@@ -134,17 +135,18 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
     acc.packet[j] = simd::zero<Packet>();
     rows[j] = keys + (first + j < n_keys ? first + j : 0) * ldk;
   }
+  ahead.steps(kS);
   Index d = 0;
-  for (; d + kNQ * kS <= head_dim; d += kNQ * kS) score_pass<T, kFull, kNQ>(q, rows, d, acc, ahead);
+  for (; d + kNQ * kS <= head_dim; d += kNQ * kS) score_pass<T, kFull, kNQ>(q, rows, d, acc);
   // The tail of head_dim, one power of two of packets at a time (head_dim 64, 80, 96 ...).
   if constexpr (kNQ >= 16) {
-    if (d + 8 * kS <= head_dim) score_pass<T, kFull, 8>(q, rows, d, acc, ahead), d += 8 * kS;
+    if (d + 8 * kS <= head_dim) score_pass<T, kFull, 8>(q, rows, d, acc), d += 8 * kS;
   }
   if constexpr (kNQ >= 8) {
-    if (d + 4 * kS <= head_dim) score_pass<T, kFull, 4>(q, rows, d, acc, ahead), d += 4 * kS;
+    if (d + 4 * kS <= head_dim) score_pass<T, kFull, 4>(q, rows, d, acc), d += 4 * kS;
   }
-  if (d + 2 * kS <= head_dim) score_pass<T, kFull, 2>(q, rows, d, acc, ahead), d += 2 * kS;
-  if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc, ahead), d += kS;
+  if (d + 2 * kS <= head_dim) score_pass<T, kFull, 2>(q, rows, d, acc), d += 2 * kS;
+  if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc), d += kS;
   simd::store(out, simd::sum_each(acc));
   for (Index e = d; e < head_dim; ++e) {  // head_dim not a multiple of the packet
     for (int j = 0; j < kS; ++j) out[j] += q[e] * rows[j][e];

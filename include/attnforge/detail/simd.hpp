@@ -264,6 +264,10 @@ struct LineStream {
             static_cast<std::uintptr_t>(per_step * kLineBytes), into_l2};
   }
   EIGEN_ALWAYS_INLINE void step() { ask_until(std::min(end, next + step_bytes)); }
+  // n steps at once: for a loop body that is unrolled (its steps would be n copies).
+  EIGEN_ALWAYS_INLINE void steps(std::ptrdiff_t n) {
+    ask_until(std::min(end, next + static_cast<std::uintptr_t>(n) * step_bytes));
+  }
   // The lines the steps left, if there were fewer steps than planned.
   EIGEN_ALWAYS_INLINE void finish() { ask_until(end); }
 
