@@ -210,8 +210,7 @@ void register_all() {
       }
       if (batch == 1 && kv_len == 32768) {
         bench::add("decode_sinks" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
-          run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto,
-                   /*sinks=*/true);
+          run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto, /*sinks=*/true);
         });
       }
       bench::add("stream_yardstick" + suffix, benchmark::kMicrosecond,

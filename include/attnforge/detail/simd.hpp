@@ -263,7 +263,7 @@ struct LineStream {
     return {at, at + static_cast<std::uintptr_t>(lines * kLineBytes),
             static_cast<std::uintptr_t>(per_step * kLineBytes), into_l2};
   }
-  EIGEN_ALWAYS_INLINE void step() { ask_until(std::min(end, next + step_bytes)); }
+  EIGEN_ALWAYS_INLINE void step() { steps(1); }
   // n steps at once: for a loop body that is unrolled (its steps would be n copies).
   EIGEN_ALWAYS_INLINE void steps(std::ptrdiff_t n) {
     ask_until(std::min(end, next + static_cast<std::uintptr_t>(n) * step_bytes));
