@@ -208,6 +208,10 @@ const KernelCase kKernelCases[] = {
     {2, 4, 2, 30, 39, 64, false, 0, 0.0, 2, true, true},    // empty rows attend all
     {2, 8, 2, 37, 41, 80, true, 13, 20.0, 1, true, false},  // everything at once
     {1, 68, 1, 3, 20, 64, true, 0, 0.0, 0, false, false},   // n_rep larger than the lanes
+    // Outputs of more than kStreamedOutputBytes, written with streaming stores: rows that
+    // are all aligned to a packet (D 128), and rows that are not (D 72).
+    {1, 8, 2, 260, 260, 128, true, 0, 0.0, 1, false, false},
+    {1, 16, 4, 230, 230, 72, true, 0, 0.0, 0, false, false},
 };
 
 std::string kernel_case_name(const ::testing::TestParamInfo<std::tuple<KernelCase, Index>>& info) {

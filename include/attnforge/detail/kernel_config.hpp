@@ -60,6 +60,19 @@ inline constexpr Index kDefaultKeyTile = 64;
 // Ot, 2 * D * lanes values each) must fit in L2 next to a K and a V tile.
 inline constexpr Index kQueryTilesPerItem = 8;
 
+// Outputs of at least this many bytes per problem are written with streaming stores
+// (simd::store_streaming): a fused call writes each output row once, and an output this
+// large leaves a core's L2 before the next operation reads it, so reading its lines in
+// before overwriting them only costs memory traffic. Smaller outputs stay in cache for
+// the next operation.
+inline constexpr Index kStreamedOutputBytes = Index{1} << 20;
+template <typename V>
+bool streams_output(const V& out) {
+  Index elements = 1;
+  for (int i = 0; i < 4; ++i) elements *= out.dimension(i);
+  return elements * static_cast<Index>(sizeof(typename V::Scalar)) >= kStreamedOutputBytes;
+}
+
 // The decode kernel (few query rows, a long cache).
 // Keys per split-KV chunk: long enough that the merge (one FMA per chunk and output
 // element) is noise, short enough that B * Hkv * chunks gives a pool enough items (at

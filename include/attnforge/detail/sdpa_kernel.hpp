@@ -136,9 +136,11 @@ void pack_transposed(const S* const* rows, Index head_dim, T scale, T* qt) {
 }
 
 // rows[lane][d] = ot[d][lane] * scale[lane] for the lanes whose row is not null,
-// converted to the rows' storage type S.
+// converted to the rows' storage type S; with `streaming`, packets of S = T that are
+// aligned go around the caches (simd::store_streaming; the caller fences).
 template <typename T, typename S>
-void unpack_transposed(const T* ot, Index head_dim, const T* scale, S* const* rows) {
+void unpack_transposed(const T* ot, Index head_dim, const T* scale, S* const* rows,
+                       bool streaming) {
   using B = FusedBlocking<T>;
   using Packet = simd::Packet<T>;
   constexpr int kP = B::kPacket;
@@ -155,7 +157,11 @@ void unpack_transposed(const T* ot, Index head_dim, const T* scale, S* const* ro
           const Packet scaled = simd::mul(block.packet[i], simd::splat<Packet>(scale[v * kP + i]));
           if (!row) continue;
           if constexpr (std::is_same_v<S, T>) {
-            simd::store(row + d, scaled);
+            if (streaming && simd::packet_aligned<Packet>(row + d)) {
+              simd::store_streaming(row + d, scaled);
+            } else {
+              simd::store(row + d, scaled);
+            }
           } else {
             simd::store_as(row + d, scaled);
           }
@@ -614,7 +620,7 @@ void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
 // 6. out = Ot^T * out_scale and lse of every lane (see finish_row).
 template <typename P>
 void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Compute>& state,
-                       EmptyRows& empty_rows) {
+                       EmptyRows& empty_rows, bool streaming) {
   using T = typename P::Compute;
   using Acc = acc_t<T>;
   constexpr Index kLanes = FusedBlocking<T>::kLanes;
@@ -634,7 +640,7 @@ void finish_query_tile(const TileContext<P>& ctx, QueryTileState<typename P::Com
     if (pb.lse.has_value()) pb.lse(ctx.batch, h, i) = static_cast<Acc>(end.lse());
     if (end.empty) empty_rows.push_back({ctx.pb.batch_offset + ctx.batch, h, i});
   }
-  unpack_transposed(state.out_tile.data(), ctx.head_dim, out_scale, out_rows);
+  unpack_transposed(state.out_tile.data(), ctx.head_dim, out_scale, out_rows, streaming);
 }
 
 // Loads (converts, pairs) key tile kt once for all the query tiles of a work item.
@@ -697,8 +703,10 @@ void process_query_tiles(const P& pb, const MaskPolicy& policy, const TilePlan& 
                             s.weight_pairs.data(), kv);
     }
   }
+  const bool streaming = streams_output(pb.out);
   for (Index t = 0; t < count; ++t)
-    finish_query_tile(ctx, s.tiles[static_cast<std::size_t>(t)], s.empty_rows);
+    finish_query_tile(ctx, s.tiles[static_cast<std::size_t>(t)], s.empty_rows, streaming);
+  if (streaming) simd::store_fence();
 }
 
 // The work items of a call over problems [0, n), ordered by cost (non-empty key tiles),

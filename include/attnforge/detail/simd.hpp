@@ -79,6 +79,41 @@ template <typename P>
 EIGEN_ALWAYS_INLINE void store_aligned(Scalar<P>* to, const P& x) {
   ei::pstore(to, x);
 }
+// A store around the caches (a streaming store), for output a kernel writes once and
+// does not read back: the core does not read each line in before overwriting it, and the
+// caches keep the data that is reused. `to` must be aligned to the packet (see
+// packet_aligned). Where the target has no such store for P, an aligned ordinary store.
+// Streaming stores are weakly ordered: store_fence() before other threads read the data.
+template <typename P>
+EIGEN_ALWAYS_INLINE void store_streaming(Scalar<P>* to, const P& x) {
+#if defined(EIGEN_VECTORIZE_AVX512)
+  if constexpr (std::is_same_v<P, __m512>) {
+    _mm512_stream_ps(to, x);
+  } else
+#endif
+#if defined(EIGEN_VECTORIZE_AVX)
+  if constexpr (std::is_same_v<P, __m256>) {
+    _mm256_stream_ps(to, x);
+  } else
+#endif
+#if defined(EIGEN_VECTORIZE_SSE)
+  if constexpr (std::is_same_v<P, __m128>) {
+    _mm_stream_ps(to, x);
+  } else
+#endif
+  {
+    ei::pstore(to, x);
+  }
+}
+EIGEN_ALWAYS_INLINE void store_fence() {
+#if defined(EIGEN_VECTORIZE_SSE)
+  _mm_sfence();
+#endif
+}
+template <typename P>
+EIGEN_ALWAYS_INLINE bool packet_aligned(const Scalar<P>* at) {
+  return reinterpret_cast<std::uintptr_t>(at) % sizeof(P) == 0;
+}
 template <typename P>
 EIGEN_ALWAYS_INLINE P splat(Scalar<P> x) {
   return ei::pset1<P>(x);
