@@ -493,8 +493,10 @@ void bias_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compu
 
 // 3b. Masks the scores of a partial tile with the mask policy's predicates. Lanes are
 // position-major, so the positional rules leave each key row one contiguous lane
-// interval; documents and attn_mask are checked lane by lane inside it (a -inf attn_bias
-// was added by bias_tile).
+// interval; documents and attn_mask are checked inside it once per position (the lanes
+// of a position are its heads, which share its document, and its attn_mask row unless
+// the mask has a row per head: then lane by lane). A -inf attn_bias was added by
+// bias_tile.
 template <typename P>
 void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compute>& state,
                const TileKeys& keys, typename P::Compute* st) {
@@ -504,6 +506,8 @@ void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compu
   const BatchMask& mask = ctx.mask;
   const Index hpt = ctx.geo.heads_per_tile;
   const bool masked_elements = mask.q_docs.has_value() || mask.attn_mask.has_value();
+  const Index lanes_alike =
+      mask.attn_mask.has_value() && mask.attn_mask.stride(0) != 0 ? 1 : hpt;
   for (Index n = 0; n < keys.n_keys; ++n) {
     const Index j = keys.n0 + n;
     T* row = st + n * kLanes;
@@ -514,11 +518,11 @@ void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compu
     std::fill(row + lane_hi, row + kLanes, kNegInf);
     if (!mask.padding_allows(j)) std::fill(row + lane_lo, row + lane_hi, kNegInf);
     if (!masked_elements) continue;
-    for (Index lane = lane_lo; lane < lane_hi; ++lane) {
+    for (Index lane = lane_lo; lane < lane_hi; lane += lanes_alike) {
       const auto at = static_cast<std::size_t>(lane);
       if (!mask.documents_allow(state.lane_docs[at], j) ||
           !BatchMask::elements_allow(state.lane_mask[at], nullptr, j)) {
-        row[lane] = kNegInf;
+        std::fill(row + lane, row + lane + lanes_alike, kNegInf);
       }
     }
   }
