@@ -154,6 +154,9 @@ inline RowEnd finish_row(double ref, double sum, double sink2) {
   constexpr double kNegInf = -std::numeric_limits<double>::infinity();
   const bool empty = sum == 0.0;
   const double keys_lse2 = empty ? kNegInf : (ref == kNegInf ? 0.0 : ref) + std::log2(sum);
+  // Without a sink a finite log-sum-exp merges with nothing: it is the row's own, with
+  // weight 1 (what the merge below computes, without its exponentials).
+  if (sink2 == kNegInf && std::isfinite(keys_lse2)) return {1.0 / sum, keys_lse2, false};
   const double lse2 = merge_lse2(&keys_lse2, 1, 1, sink2);
   const double out_scale = empty ? 0.0 : std::exp2(keys_lse2 - lse2) / sum;
   return {out_scale, lse2, empty};
