@@ -68,9 +68,7 @@ inline constexpr Index kQueryTilesPerItem = 8;
 inline constexpr Index kStreamedOutputBytes = Index{1} << 20;
 template <typename V>
 bool streams_output(const V& out) {
-  Index elements = 1;
-  for (int i = 0; i < 4; ++i) elements *= out.dimension(i);
-  return elements * static_cast<Index>(sizeof(typename V::Scalar)) >= kStreamedOutputBytes;
+  return out.size() * static_cast<Index>(sizeof(typename V::Scalar)) >= kStreamedOutputBytes;
 }
 
 // The decode kernel (few query rows, a long cache).
