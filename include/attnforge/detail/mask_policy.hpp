@@ -70,6 +70,9 @@ struct BatchMask {
   const double* alibi_slopes = nullptr;  // (H)
 
   Index position(Index i) const { return q_offset + i; }
+  // Whether the element data hold a row per head (else every head reads the same rows).
+  bool attn_mask_per_head() const { return attn_mask.has_value() && attn_mask.stride(0) != 0; }
+  bool attn_bias_per_head() const { return attn_bias.has_value() && attn_bias.stride(0) != 0; }
 
   // Keys outside [key_begin(i), key_end(i)) are excluded by position alone.
   Index key_begin(Index i) const {
@@ -393,8 +396,7 @@ class TilePlan {
   // kernel neither visits the key tiles the mask closes nor computes closed keys at the
   // edges of the ones it opens (a causal pattern given as a mask is trimmed as causal is).
   void count_open_elements(Index b, const BatchMask& m) {
-    const bool per_head = (m.attn_mask.has_value() && m.attn_mask.stride(0) != 0) ||
-                          (m.attn_bias.has_value() && m.attn_bias.stride(0) != 0);
+    const bool per_head = m.attn_mask_per_head() || m.attn_bias_per_head();
     const Index heads = per_head ? n_heads_ : 1;
     const Index weight = per_head ? 1 : n_heads_;
     std::vector<KeySpan> open(static_cast<std::size_t>(n_q_tiles_), KeySpan{kv_len_, 0});

@@ -506,8 +506,7 @@ void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compu
   const BatchMask& mask = ctx.mask;
   const Index hpt = ctx.geo.heads_per_tile;
   const bool masked_elements = mask.q_docs.has_value() || mask.attn_mask.has_value();
-  const Index lanes_alike =
-      mask.attn_mask.has_value() && mask.attn_mask.stride(0) != 0 ? 1 : hpt;
+  const Index lanes_alike = mask.attn_mask_per_head() ? 1 : hpt;
   for (Index n = 0; n < keys.n_keys; ++n) {
     const Index j = keys.n0 + n;
     T* row = st + n * kLanes;
