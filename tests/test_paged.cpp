@@ -578,6 +578,71 @@ TEST(PagedAttention, Bf16CacheUnderFloatActivationsMatchesTheContiguousBf16Cache
   }
 }
 
+// The decode reads a paged cache's blocks with every KV head of a block in turn (a work
+// unit holds up to all KV heads of a chunk, fewer when the pool would get too few units).
+// Eight KV heads, one new token per sequence, lengths over several chunks, block sizes that
+// do and do not divide the chunk, 1-3 threads (so units of 8, 4 and 2 heads): each result
+// is bitwise the contiguous cache's (the same blocks per head in the same order) and within
+// the budget of the double brute force.
+TEST(PagedAttention, DecodeOverEveryKvHeadOfABlockMatchesTheContiguousCache) {
+  constexpr Index kHeads = 16, kKv = 8, kDim = 32;
+  const std::vector<Index> lengths = {2500, 700, 40};
+  for (const Index block : {16, 48, 64, 256}) {
+    PagedKVCache<float> cache(400, block, kKv, kDim);
+    RaggedBatch batch{{}, {0}};
+    std::vector<Tensor<float, 4>> ks, vs;
+    for (std::size_t s = 0; s < lengths.size(); ++s) {
+      const auto seed = 300 + 10 * static_cast<std::uint32_t>(s);
+      ks.push_back(test::random_normal<float, 4>({1, kKv, lengths[s], kDim}, seed));
+      vs.push_back(test::random_normal<float, 4>({1, kKv, lengths[s], kDim}, seed + 1));
+      const SeqId id = cache.add_sequence();
+      const Tensor<float, 3> k = ks.back().chip<0>(0), v = vs.back().chip<0>(0);
+      cache.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v));
+      batch.seqs.push_back(id);
+      batch.cu_seqlens.push_back(batch.cu_seqlens.back() + 1);
+    }
+    const Index n_seqs = static_cast<Index>(lengths.size());
+    const Tensor<float, 3> q = test::random_normal<float, 3>({n_seqs, kHeads, kDim}, 77);
+    SdpaOptions options;
+    options.causal = true;
+    Tensor<float, 3> out(n_seqs, kHeads, kDim);
+    PagedAttention<float> one_thread(options);
+    one_thread(q, cache, batch, out);
+    for (const int threads : {2, 3}) {
+      Tensor<float, 3> again(n_seqs, kHeads, kDim);
+      PagedAttention<float> pooled(options, &test::pool_device(threads));
+      pooled(q, cache, batch, again);
+      EXPECT_TRUE(test::bitwise_equal(out, again)) << "block " << block << ", " << threads << " threads";
+    }
+    Tensor<float, 3> want(n_seqs, kHeads, kDim);  // each sequence on a contiguous cache
+    for (Index s = 0; s < n_seqs; ++s) {
+      SCOPED_TRACE("block " + std::to_string(block) + ", sequence " + std::to_string(s));
+      Tensor<float, 4> q4(1, kHeads, 1, kDim);
+      for (Index h = 0; h < kHeads; ++h)
+        for (Index d = 0; d < kDim; ++d) q4(0, h, 0, d) = q(s, h, d);
+      const auto& k = ks[static_cast<std::size_t>(s)];
+      const auto& v = vs[static_cast<std::size_t>(s)];
+      const Tensor<float, 4> contiguous = Sdpa<float>(options)(q4, k, v);
+      test::DenseMasks masks;
+      masks.causal = true;
+      const test::DenseOptions dense;
+      const test::DenseResult exact = test::dense_sdpa(test::to_double(q4), test::to_double(k),
+                                                       test::to_double(v), masks, dense);
+      const test::AccuracyBudget budget = test::sdpa_budget<float>(
+          SdpaPath::kAuto, test::budget_inputs(q4, k, masks, dense, exact));
+      double err = 0;
+      for (Index h = 0; h < kHeads; ++h) {
+        for (Index d = 0; d < kDim; ++d) {
+          err = std::max(err, std::abs(out(s, h, d) - exact.out(0, h, 0, d)));
+          want(s, h, d) = contiguous(0, h, 0, d);
+        }
+      }
+      EXPECT_LE(err / test::max_abs(v), budget.out);
+    }
+    EXPECT_TRUE(test::bitwise_equal(out, want)) << "block " << block << " differs from the contiguous cache";
+  }
+}
+
 TEST(PagedAttention, ABatchWithoutNewTokensComputesNothing) {
   // Found by the fuzz target: with no sequence having new tokens, the fast path read the
   // options of the first problem of an empty list.

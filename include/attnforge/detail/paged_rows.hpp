@@ -77,6 +77,15 @@ Index contiguous_rows(const PagedRows<T>& rows, Index pos) {
   return rows.contiguous_rows(pos);
 }
 
+// Whether a view's KV heads lie side by side block by block: in a PagedRows each pool block
+// holds the runs of all heads back to back, so a reader that takes every head of a block
+// before the next block reads memory front to back, where one head at a time would jump
+// between short runs (the decode plans its blocks so: plan_decode_blocks).
+template <typename View>
+inline constexpr bool kHeadsShareBlocks = false;
+template <typename T>
+inline constexpr bool kHeadsShareBlocks<PagedRows<T>> = true;
+
 // Whether every key tile of `key_tile` rows (starting at a multiple of it) is one run.
 template <typename T, int Rank>
 bool tiles_contiguous(const StridedView<T, Rank>& /*view*/, Index /*key_tile*/) {

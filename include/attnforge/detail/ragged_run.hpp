@@ -45,7 +45,7 @@ void run_ragged(const RaggedProblems<P>& fused, const RaggedProblems<P>& decode,
     run = prepare_fused(fused.problems.data(), fused.policies.data(), fused.size(), workers, kws,
                         tuning);
   }
-  const Index decode_items = decode.size() > 0
+  const Index decode_units = decode.size() > 0
                                  ? prepare_decode(decode.problems.data(), decode.policies.data(),
                                                   decode.size(), workers, dws, tuning)
                                  : 0;
@@ -53,18 +53,18 @@ void run_ragged(const RaggedProblems<P>& fused, const RaggedProblems<P>& decode,
   dispatch_features(
       [&](auto features) {
         using F = decltype(features);
-        parallel_for_items(device, run.items + decode_items, [&](int worker, Index item) {
+        parallel_for_items(device, run.items + decode_units, [&](int worker, Index item) {
           if (item < run.items) {
             fused_item<P, F>(fused.problems.data(), fused.policies.data(), run, kws, worker, item);
           } else {  // the decode kernel ignores F::kBf16Dot: it computes in float
-            decode_item<P, F>(decode.problems.data(), decode.policies.data(), dws, worker,
-                              item - run.items);
+            run_decode_unit<P, F>(decode.problems.data(), decode.policies.data(), dws, worker,
+                                  item - run.items);
           }
         });
       },
       any.params.softcap > 0.0, fused.masked() || decode.masked(),
       fused.biased() || decode.biased(), run.bf16_dot);
-  if (decode_items > 0) {
+  if (decode_units > 0) {
     merge_decode(decode.problems.data(), decode.policies.data(), decode.size(), dws, empty_rows);
   }
   if (fused.size() > 0) {

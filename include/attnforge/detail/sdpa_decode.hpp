@@ -38,20 +38,47 @@
 
 namespace attnforge::detail {
 
+// What one group's rows carry from block to block of a chunk: their queries, output
+// accumulators and softmax statistics. A worker that interleaves several groups keeps
+// the others parked and swaps each in for its blocks (DecodeScratch::parked).
 template <typename T>
-struct DecodeScratch {
+struct DecodeRowState {
+  AlignedBuffer<T> q_rows;                   // rows x D, pre-scaled queries
+  AlignedBuffer<T> out_rows;                 // rows x D, unnormalised output accumulator
+  std::vector<KeyPacketSoftmax<T>> softmax;  // rows
+  AlignedBuffer<QInt8> q_int8;               // int8 path: rows x qint8_row_bytes(D), quantized queries
+  AlignedBuffer<std::int32_t> q_start;       // int8 path: rows x D / kQInt8Group
+  AlignedBuffer<std::uint16_t> q_bf16;       // bf16 path: rows x padded D, the queries (unscaled)
+
+  // O(1): buffers change owners, nothing is copied.
+  void swap_with(DecodeRowState& other) {
+    q_rows.swap(other.q_rows);
+    out_rows.swap(other.out_rows);
+    softmax.swap(other.softmax);
+    q_int8.swap(other.q_int8);
+    q_start.swap(other.q_start);
+    q_bf16.swap(other.q_bf16);
+  }
+};
+
+// Keys [j0, j0 + n) of KV head `head`: one block of a chunk's visit order.
+struct DecodeBlockAt {
+  Index head = 0;
+  Index j0 = 0;
+  Index n = 0;  // 0: no block
+};
+
+template <typename T>
+struct DecodeScratch : DecodeRowState<T> {
   AlignedBuffer<T> keys, values;  // P x D, a key block converted to T (when stored as another type)
   AlignedBuffer<T> merged;        // D, one output row being merged
-  AlignedBuffer<T> q_rows;        // rows x D, pre-scaled queries
-  AlignedBuffer<T> out_rows;      // rows x D, unnormalised output accumulator
   AlignedBuffer<T> weights;       // rows x P, scores and then softmax weights of the current block
-  std::vector<KeyPacketSoftmax<T>> softmax;  // rows
-  bool full_width_scores = false;  // the score packet (DecodeScoreWidth)
+  std::vector<DecodeRowState<T>> parked;  // one per group of a unit; see decode_unit
+  std::vector<DecodeBlockAt> order;       // the unit's blocks in the order they are read
+  bool full_width_scores = false;         // the score packet (DecodeScoreWidth)
   DecodeStreamPlan stream{1, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
-  AlignedBuffer<QInt8> q_int8;            // rows x qint8_row_bytes(D), quantized queries
-  AlignedBuffer<std::int32_t> q_start;    // rows x D / kQInt8Group
   AlignedBuffer<std::uint8_t> int8_keys;  // D x kInt8DotKeys, the block's keys, transposed
   AlignedBuffer<float> key_scales;        // D / kQInt8Group x kInt8DotKeys
   AlignedBuffer<std::int8_t> int8_values;  // D x kInt8DotKeys, the block's values interleaved
@@ -59,7 +86,6 @@ struct DecodeScratch {
   AlignedBuffer<float> value_units;           // rows x D / kQInt8Group
   // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
   bool bf16_dot = false;
-  AlignedBuffer<std::uint16_t> q_bf16;        // rows x padded D, the queries (unscaled) in bf16
   AlignedBuffer<std::uint32_t> weight_pairs;  // rows x kBf16DotKeys / 2
   AlignedBuffer<std::uint16_t> zero_row;      // D zeros: the value row past a block's last key
 };
@@ -85,6 +111,11 @@ struct DecodeWorkspace {
   AlignedBuffer<T> partial_out;
   AlignedBuffer<T> partial_lse;
   std::vector<Index> first_item;  // per problem, and the total at the end
+  // A work unit is the items of unit_heads consecutive KV heads of one (problem, b,
+  // chunk), computed block by block together (decode_unit); 1 unless the heads share
+  // blocks (kHeadsShareBlocks).
+  Index unit_heads = 1;
+  std::vector<Index> first_unit;  // per problem, and the total at the end
   std::vector<Index> first_row;   // per problem: its batch row 0 in `keys`
   Index max_rows = 0;
 };
@@ -330,24 +361,23 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
   }
 }
 
-// The K and V lines of a block (of up to kKeys keys) ahead of keys [j0, j0 + n_keys), for
-// a kernel to ask for while it works on those: the next block, or the one after it
-// (DecodeStreamPlan). K spread over k_steps steps (its scores), V over v_steps (its
-// values). None when the rows are not dense or no key follows.
+// The K and V lines of the block `ahead` (the next block the worker reads, or the one
+// after it: DecodeStreamPlan), for a kernel to ask for while it works on the current one.
+// K spread over k_steps steps (its scores), V over v_steps (its values). None when the
+// rows are not dense or there is no such block.
 struct NextBlock {
   simd::LineStream k, v;
 };
 
-template <Index kKeys, typename P>
-NextBlock next_block(const P& pb, const DecodeGroup& g, DecodeStreamPlan plan, Index j0,
-                     Index n_keys, Index k_steps, Index v_steps) {
+template <typename P>
+NextBlock next_block(const P& pb, const DecodeGroup& g, const DecodeScratch<typename P::Compute>& s,
+                     const DecodeBlockAt& ahead, Index k_steps, Index v_steps) {
   using S = typename P::KVScalar;
-  const Index next = j0 + n_keys + (plan.blocks_ahead - 1) * kKeys, kv_len = pb.k.dimension(2);
-  if (next >= kv_len || !g.dense_rows) return {};
-  const Index n = std::min({kKeys, kv_len - next, contiguous_rows(pb.k, next)});
-  const Index bytes = n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
-  return {simd::LineStream::over(pb.k.row(g.b, g.kv_head, next), bytes, k_steps, plan.into_l2),
-          simd::LineStream::over(pb.v.row(g.b, g.kv_head, next), bytes, v_steps, plan.into_l2)};
+  if (ahead.n == 0 || !g.dense_rows) return {};
+  const Index bytes = ahead.n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
+  const bool l2 = s.stream.into_l2;
+  return {simd::LineStream::over(pb.k.row(g.b, ahead.head, ahead.j0), bytes, k_steps, l2),
+          simd::LineStream::over(pb.v.row(g.b, ahead.head, ahead.j0), bytes, v_steps, l2)};
 }
 
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
@@ -398,8 +428,8 @@ inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
 // the quantized queries, their softmax, then the value products from the interleaved
 // value rows and the rows' weights (times each key's group scales) in 16-bit integers.
 template <typename P, typename F>
-void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, bool check,
-                       DecodeScratch<float>& s) {
+void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
+                       const DecodeBlockAt& ahead, bool check, DecodeScratch<float>& s) {
 #if ATTNFORGE_INT8_DOT
   const QInt8* k_rows[kInt8DotKeys];  // keys past n_keys repeat key 0; masked below
   const QInt8* v_rows[kInt8DotKeys];
@@ -407,8 +437,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   block_rows(pb.v, g, j0, n_keys, v_rows);
   const Index groups = g.head_dim / kQInt8Group;
   const Index chunks = g.head_dim / kInt8DotChunk;
-  NextBlock next = next_block<kInt8DotKeys>(pb, g, s.stream, j0, n_keys, chunks * kInt8DotKeys,
-                                            (g.rows + 3) / 4 * groups);
+  NextBlock next = next_block(pb, g, s, ahead, chunks * kInt8DotKeys, (g.rows + 3) / 4 * groups);
   prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
   next.k.finish();
   int8_block_scores(g, s);
@@ -435,7 +464,7 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   });
   next.v.finish();
 #else
-  (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
+  (void)pb, (void)g, (void)j0, (void)n_keys, (void)ahead, (void)check, (void)s;
 #endif
 }
 
@@ -443,8 +472,8 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
 // every row from its bf16 query, their softmax, then the values against the weights
 // rounded to bf16. Nothing of the block is converted to float.
 template <typename P, typename F>
-void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, bool check,
-                       DecodeScratch<float>& s) {
+void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
+                       const DecodeBlockAt& ahead, bool check, DecodeScratch<float>& s) {
 #if ATTNFORGE_BF16_DOT
   const void* k_rows[kBf16DotKeys];  // keys past n_keys: key 0 (masked), zero values
   const void* v_rows[kBf16DotKeys];
@@ -453,8 +482,8 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const Index pairs = (n_keys + 1) / 2;
   // The value pass takes head_dim in chunks of (at least) two bf16 packets per row block.
   const Index value_chunks = std::max<Index>(1, g.head_dim / (2 * kBf16DotChunk));
-  NextBlock next = next_block<kBf16DotKeys>(pb, g, s.stream, j0, n_keys, g.rows * kBf16DotKeys,
-                                            (g.rows + 3) / 4 * pairs * value_chunks);
+  NextBlock next = next_block(pb, g, s, ahead, g.rows * kBf16DotKeys,
+                              (g.rows + 3) / 4 * pairs * value_chunks);
   float* weights = s.weights.data();
   const float scale = decode_query_scale<float, F>(pb.params);
   for (Index r = 0; r < g.rows; ++r) {
@@ -474,7 +503,7 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   });
   next.v.finish();
 #else
-  (void)pb, (void)g, (void)j0, (void)n_keys, (void)check, (void)s;
+  (void)pb, (void)g, (void)j0, (void)n_keys, (void)ahead, (void)check, (void)s;
 #endif
 }
 
@@ -497,44 +526,43 @@ void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, De
   ahead = stream;
 }
 
-// Asks for the K and V rows of up to n_keys keys from j: none past the cache's end, and in
-// a paged cache none past the end of j's pool block.
+// Asks for the K and V rows of a block of batch row b, all at once, front to back.
 template <simd::ReadAt kWhen, typename P>
-EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, const DecodeGroup& g, Index j, Index n_keys) {
-  const Index kv_len = pb.k.dimension(2);
-  if (j >= kv_len) return;
-  const Index n = std::min({n_keys, kv_len - j, contiguous_rows(pb.k, j)});
-  const Index row_width = stored_row_width<typename P::KVScalar>(g.head_dim);
-  prefetch_rows<kWhen>(pb.k.row(g.b, g.kv_head, j), pb.k.stride(2), n, row_width);
-  prefetch_rows<kWhen>(pb.v.row(g.b, g.kv_head, j), pb.v.stride(2), n, row_width);
+EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, Index b, const DecodeBlockAt& block,
+                                        Index head_dim) {
+  if (block.n == 0) return;
+  const Index row_width = stored_row_width<typename P::KVScalar>(head_dim);
+  prefetch_rows<kWhen>(pb.k.row(b, block.head, block.j0), pb.k.stride(2), block.n, row_width);
+  prefetch_rows<kWhen>(pb.v.row(b, block.head, block.j0), pb.v.stride(2), block.n, row_width);
 }
 
 // One block of P keys starting at j0: scores of every row, their softmax, the values.
+// `ahead` is the block the kernels stream while they work (next_block).
 template <typename P, typename F>
-void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, KeySpan all_rows,
-                  bool check_keys, DecodeScratch<typename P::Compute>& s) {
+void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
+                  const DecodeBlockAt& ahead, KeySpan all_rows, bool check_keys,
+                  DecodeScratch<typename P::Compute>& s) {
   using T = typename P::Compute;
   constexpr int kP = simd::kWidth<T>;
   // Each block is in flight before it is read: every kernel streams a later block's rows
-  // from inside its loops (next_block; decode_chunk asks for the first). Rows that are not
+  // from inside its loops (next_block; decode_unit asks for the first). Rows that are not
   // dense are asked for a block at a time, all at once, front to back.
-  if (!g.dense_rows) prefetch_block<simd::ReadAt::kNow>(pb, g, j0, n_keys);
+  if (!g.dense_rows) prefetch_block<simd::ReadAt::kNow>(pb, g.b, {g.kv_head, j0, n_keys}, g.head_dim);
   const bool check =
       check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
     if (s.int8_dot) {
-      decode_block_int8<P, F>(pb, g, j0, n_keys, check, s);
+      decode_block_int8<P, F>(pb, g, j0, n_keys, ahead, check, s);
       return;
     }
   }
   if constexpr (kBf16DotDecode<P>) {
     if (s.bf16_dot) {
-      decode_block_bf16<P, F>(pb, g, j0, n_keys, check, s);
+      decode_block_bf16<P, F>(pb, g, j0, n_keys, ahead, check, s);
       return;
     }
   }
-  NextBlock next =
-      next_block<kP>(pb, g, s.stream, j0, n_keys, g.rows * kP, (g.rows + 1) / 2 * n_keys);
+  NextBlock next = next_block(pb, g, s, ahead, g.rows * kP, (g.rows + 1) / 2 * n_keys);
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
   const T* keys = tile_rows(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
   if (s.full_width_scores) {
@@ -556,49 +584,112 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys, Key
   next.v.finish();
 }
 
-// One (batch row, KV head, key chunk) item: all rows of the group against the chunk's
-// keys, leaving normalised outputs and lse (log2 units, no sink) in the partial slots.
-template <typename P, typename F>
-void decode_chunk(const P& pb, const DecodeGroup& g, Index chunk, const DecodeKeys& keys,
-                  DecodeScratch<typename P::Compute>& s, typename P::Compute* partial_out,
-                  typename P::Compute* partial_lse) {
+// The blocks of keys [key_first, key_last) of KV heads [h0, h0 + n_heads), in the order a
+// worker reads them: a run of contiguous rows (a paged cache's block; a whole chunk
+// otherwise) for each head in turn, then the next run. When the heads share blocks
+// (kHeadsShareBlocks) that order reads each pool block front to back. A block never
+// crosses the end of a run.
+template <typename P>
+void plan_decode_blocks(const P& pb, Index h0, Index n_heads, Index key_first, Index key_last,
+                        std::vector<DecodeBlockAt>& order) {
+  constexpr Index kP = simd::kWidth<typename P::Compute>;
+  order.clear();
+  for (Index run = key_first, run_end = 0; run < key_last; run = run_end) {
+    run_end = std::min(key_last, run + contiguous_rows(pb.k, run));
+    for (Index h = h0; h < h0 + n_heads; ++h) {
+      for (Index j0 = run; j0 < run_end; j0 += kP) order.push_back({h, j0, std::min(kP, run_end - j0)});
+    }
+  }
+}
+
+// The block `a` places after order[i]: past the unit, the keys after it of its first head,
+// which the unit of the next chunk starts with (a worker alone takes them in turn).
+template <typename P>
+DecodeBlockAt block_ahead(const P& pb, const std::vector<DecodeBlockAt>& order, std::size_t i,
+                          Index a, Index key_last) {
+  constexpr Index kP = simd::kWidth<typename P::Compute>;
+  const std::size_t at = i + static_cast<std::size_t>(a);
+  if (at < order.size()) return order[at];
+  const Index j = key_last + static_cast<Index>(at - order.size()) * kP, kv_len = pb.k.dimension(2);
+  if (j >= kv_len) return {};
+  return {order.front().head, j, std::min({kP, kv_len - j, contiguous_rows(pb.k, j)})};
+}
+
+// Row r's normalised output and lse (log2 units, no sink) of group g's rows into the
+// partial slots of their item.
+template <typename P>
+void finish_decode_rows(const DecodeGroup& g, const DecodeScratch<typename P::Compute>& s,
+                        typename P::Compute* partial_out, typename P::Compute* partial_lse) {
   using T = typename P::Compute;
-  constexpr int kP = simd::kWidth<T>;
-  start_decode_rows<P, F>(pb, g, s);
-  // The chunk's keys that some row may see (possibly none: the chunk then gives lse -inf),
-  // and those every row may see by position (a block inside needs no positional mask:
-  // causal and window are monotone in the position).
-  const Index key_first = std::max(chunk * kDecodeChunk, keys.span.first);
-  const Index key_last =
-      std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
-  const Index q_len = pb.q.dimension(2);
-  const KeySpan all_rows{g.mask.key_begin(q_len - 1), g.mask.key_end(0)};
-  // The blocks before the stream's first: decode_block asks for each later one while it
-  // works on an earlier one.
-  if (g.dense_rows) {
-    for (Index a = 0; a < s.stream.blocks_ahead; ++a)
-      prefetch_block<simd::ReadAt::kNow>(pb, g, key_first + a * kP, kP);
-  }
-  // A block never crosses the end of a run of contiguous rows (a paged cache's block).
-  for (Index j0 = key_first, n = 0; j0 < key_last; j0 += n) {
-    n = std::min({Index{kP}, key_last - j0, contiguous_rows(pb.k, j0)});
-    decode_block<P, F>(pb, g, j0, n, all_rows, F::kMasked && keys.check_keys, s);
-  }
   for (Index r = 0; r < g.rows; ++r) {
     const KeyPacketSoftmax<T>& softmax = s.softmax[static_cast<std::size_t>(r)];
     const RowEnd end =
         finish_row(softmax.stats.ref, softmax.sum(), -std::numeric_limits<double>::infinity());
     const T* src = s.out_rows.data() + r * g.hd;
     T* dst = partial_out + r * g.hd;
+    partial_lse[r] = static_cast<T>(end.lse2);
     if constexpr (kBf16DotDecode<P>) {
       if (s.bf16_dot) {
         unpermute_bf16_decode_row(src, g.head_dim, static_cast<T>(end.out_scale), dst);
-        partial_lse[r] = static_cast<T>(end.lse2);
         continue;
       }
     }
     for (Index d = 0; d < g.head_dim; ++d) dst[d] = src[d] * static_cast<T>(end.out_scale);
-    partial_lse[r] = static_cast<T>(end.lse2);
+  }
+}
+
+// One work unit: the items (g0's batch row, KV heads [g0.kv_head, + n_heads), chunk), all
+// rows of each group against the chunk's keys, leaving normalised outputs and lse in the
+// partial slots (partial_out / partial_lse of the first head's item; the next heads' items
+// follow `chunks` items apart). The groups' row states take turns in the scratch
+// (DecodeRowState); the blocks go in plan_decode_blocks' order.
+template <typename P, typename F>
+void decode_unit(const P& pb, DecodeGroup g, Index n_heads, Index chunk, Index chunks,
+                 const DecodeKeys& keys, DecodeScratch<typename P::Compute>& s, Index slot_rows,
+                 typename P::Compute* partial_out, typename P::Compute* partial_lse) {
+  const Index h0 = g.kv_head;
+  const auto parked = [&](Index head) -> DecodeRowState<typename P::Compute>& {
+    return s.parked[static_cast<std::size_t>(head - h0)];
+  };
+  // The chunk's keys that some row may see (possibly none: the chunk then gives lse -inf),
+  // and those every row may see by position (a block inside needs no positional mask:
+  // causal and window are monotone in the position).
+  const Index key_first = std::max(chunk * kDecodeChunk, keys.span.first);
+  const Index key_last =
+      std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
+  const KeySpan all_rows{g.mask.key_begin(pb.q.dimension(2) - 1), g.mask.key_end(0)};
+  for (Index h = h0; h < h0 + n_heads; ++h) {
+    g.kv_head = h;
+    start_decode_rows<P, F>(pb, g, s);
+    s.swap_with(parked(h));
+  }
+  plan_decode_blocks(pb, h0, n_heads, key_first, key_last, s.order);
+  // The blocks before the stream's first: decode_block asks for each later one while it
+  // works on an earlier one.
+  const Index ahead = s.stream.blocks_ahead;
+  if (g.dense_rows) {
+    for (Index a = 0; a < ahead && !s.order.empty(); ++a) {
+      prefetch_block<simd::ReadAt::kNow>(pb, g.b, block_ahead(pb, s.order, 0, a, key_last),
+                                         g.head_dim);
+    }
+  }
+  for (std::size_t i = 0; i < s.order.size(); ++i) {
+    const DecodeBlockAt& block = s.order[i];
+    if (i == 0 || block.head != g.kv_head) {
+      if (i > 0) s.swap_with(parked(g.kv_head));
+      g.kv_head = block.head;
+      s.swap_with(parked(g.kv_head));
+    }
+    decode_block<P, F>(pb, g, block.j0, block.n, block_ahead(pb, s.order, i, ahead, key_last),
+                       all_rows, F::kMasked && keys.check_keys, s);
+  }
+  if (!s.order.empty()) s.swap_with(parked(g.kv_head));
+  for (Index h = h0; h < h0 + n_heads; ++h) {
+    g.kv_head = h;
+    s.swap_with(parked(h));
+    const Index slot = (h - h0) * chunks * slot_rows;
+    finish_decode_rows<P>(g, s, partial_out + slot * g.hd, partial_lse + slot);
+    s.swap_with(parked(h));
   }
 }
 
@@ -637,6 +728,19 @@ bool decode_applies(Index q_len, Index n_rep) {
 }
 
 template <typename T>
+void reserve_row_state(DecodeRowState<T>& state, Index rows, Index head_dim, bool int8_dot,
+                       bool bf16_dot) {
+  const auto size = [](Index n) { return static_cast<std::size_t>(n); };
+  const Index hd = padded_head_dim(head_dim, simd::kWidth<T>);
+  state.q_rows.resize(size(rows * hd));
+  state.out_rows.resize(size(rows * hd));
+  state.softmax.resize(size(rows));
+  state.q_int8.resize(int8_dot ? size(rows * qint8_row_bytes(head_dim)) : 0);
+  state.q_start.resize(int8_dot ? size(rows * (head_dim / kQInt8Group)) : 0);
+  state.q_bf16.resize(bf16_dot ? size(rows * hd) : 0);
+}
+
+template <typename T>
 void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_dim,
                     bool convert_kv, bool int8_dot, bool bf16_dot, bool full_width_scores,
                     DecodeStreamPlan stream, Index partials) {
@@ -645,10 +749,10 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
   const Index hd = padded_head_dim(head_dim, kP);
   ws.workers.resize(size(workers));
   for (DecodeScratch<T>& s : ws.workers) {
-    s.q_rows.resize(size(rows * hd));
-    s.out_rows.resize(size(rows * hd));
+    reserve_row_state(s, rows, head_dim, int8_dot, bf16_dot);
+    s.parked.resize(size(ws.unit_heads));
+    for (DecodeRowState<T>& state : s.parked) reserve_row_state(state, rows, head_dim, int8_dot, bf16_dot);
     s.weights.resize(size(rows * kP));
-    s.softmax.resize(size(rows));
     s.keys.resize(convert_kv && !int8_dot && !bf16_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
@@ -656,15 +760,12 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.stream = stream;
     s.int8_dot = int8_dot;
     const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
-    s.q_int8.resize(int8_dot ? size(rows * qint8_row_bytes(head_dim)) : 0);
-    s.q_start.resize(size(rows * groups));
     s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
     s.key_scales.resize(size(kInt8DotKeys * groups));
     s.int8_values.resize(s.int8_keys.size());
     s.value_weights.resize(size(rows * value_weight_row_bytes(groups)));
     s.value_units.resize(size(rows * groups));
     s.bf16_dot = bf16_dot;
-    s.q_bf16.resize(bf16_dot ? size(rows * hd) : 0);
     s.weight_pairs.resize(bf16_dot ? size(rows * kP / 2) : 0);
     s.zero_row.assign(bf16_dot ? size(head_dim) : 0, 0);
   }
@@ -696,7 +797,7 @@ DecodeGroup decode_group(const P& pb, const MaskPolicy& policy, Index g) {
 }
 
 // Plans the items of problems [0, n) (each (problem, batch row, KV head, key chunk)) and
-// sizes the scratch. Returns the item count.
+// their work units, and sizes the scratch. Returns the unit count.
 template <typename P>
 Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int workers,
                      DecodeWorkspace<typename P::Compute>& ws, const KernelTuning& tuning) {
@@ -712,6 +813,19 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
     for (Index b = 0; b < batch; ++b) ws.keys.push_back(decode_keys(policies[p].row(b), q_len));
     ws.first_item.push_back(ws.first_item.back() + batch * pb.k.dimension(1) * decode_chunks(pb));
   }
+  // Where the heads share blocks, a unit takes all of them (each pool block is then read
+  // front to back), halved while that would leave fewer than 4 units per worker.
+  ws.unit_heads = 1;
+  if constexpr (kHeadsShareBlocks<decltype(P::k)>) {
+    const Index n_kv_heads = problems[0].k.dimension(1);
+    const auto units = [&](Index heads) { return ws.first_item.back() / n_kv_heads * heads; };
+    ws.unit_heads = n_kv_heads;
+    while (ws.unit_heads % 2 == 0 && units(n_kv_heads / ws.unit_heads) < 4 * workers)
+      ws.unit_heads /= 2;
+  }
+  ws.first_unit.resize(ws.first_item.size());
+  for (std::size_t p = 0; p < ws.first_item.size(); ++p)
+    ws.first_unit[p] = ws.first_item[p] / ws.unit_heads;
   reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
                  !std::is_same_v<typename P::KVScalar, typename P::Compute>,
                  problems[0].params.int8_dot,
@@ -720,23 +834,26 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
                          problems[0].q.dimension(3)),
                  decode_scores_full_width<typename P::Compute>(tuning.decode_score_width),
                  decode_stream_plan(tuning.decode_stream), ws.first_item.back());
-  return ws.first_item.back();
+  return ws.first_unit.back();
 }
 
-// Item `index` of a prepared call, on the scratch of `worker`.
+// Work unit `unit` of a prepared call, on the scratch of `worker`. A problem's units are
+// (batch row, head unit, chunk), chunks fastest; its items (batch row, KV head, chunk).
 template <typename P, typename F>
-void decode_item(const P* problems, const MaskPolicy* policies,
-                 DecodeWorkspace<typename P::Compute>& ws, int worker, Index index) {
-  const auto next = std::upper_bound(ws.first_item.begin(), ws.first_item.end(), index);
-  const auto p = static_cast<std::size_t>(next - ws.first_item.begin() - 1);
+void run_decode_unit(const P* problems, const MaskPolicy* policies,
+                     DecodeWorkspace<typename P::Compute>& ws, int worker, Index unit) {
+  const auto next = std::upper_bound(ws.first_unit.begin(), ws.first_unit.end(), unit);
+  const auto p = static_cast<std::size_t>(next - ws.first_unit.begin() - 1);
   const P& pb = problems[p];
-  const Index chunks = decode_chunks(pb), local = index - ws.first_item[p];
-  const DecodeGroup g = decode_group(pb, policies[p], local / chunks);
-  const Index slot = index * ws.max_rows;
-  decode_chunk<P, F>(pb, g, local % chunks,
-                     ws.keys[static_cast<std::size_t>(ws.first_row[p] + g.b)],
-                     ws.workers[static_cast<std::size_t>(worker)],
-                     ws.partial_out.data() + slot * g.hd, ws.partial_lse.data() + slot);
+  const Index chunks = decode_chunks(pb), local = unit - ws.first_unit[p];
+  const Index chunk = local % chunks, head_unit = local / chunks;
+  const Index group = head_unit * ws.unit_heads;  // b * Hkv + the unit's first KV head
+  const DecodeGroup g = decode_group(pb, policies[p], group);
+  const Index slot = (ws.first_item[p] + group * chunks + chunk) * ws.max_rows;
+  decode_unit<P, F>(pb, g, ws.unit_heads, chunk, chunks,
+                    ws.keys[static_cast<std::size_t>(ws.first_row[p] + g.b)],
+                    ws.workers[static_cast<std::size_t>(worker)], ws.max_rows,
+                    ws.partial_out.data() + slot * g.hd, ws.partial_lse.data() + slot);
 }
 
 // Merges every group's chunks (one pass over rows * D * chunks values per group: done on
@@ -762,15 +879,15 @@ void flash_decode_many(const P* problems, const MaskPolicy* policies, Index n,
                        const Eigen::ThreadPoolDevice* device,
                        DecodeWorkspace<typename P::Compute>& ws, const KernelTuning& tuning,
                        EmptyRows& empty_rows) {
-  const Index items = prepare_decode(problems, policies, n, worker_count(device), ws, tuning);
+  const Index units = prepare_decode(problems, policies, n, worker_count(device), ws, tuning);
   bool masked = false, biased = false;
   for (Index p = 0; p < n; ++p)
     masked |= policies[p].masks_elements(), biased |= policies[p].biases_scores();
   dispatch_features(
       [&](auto features) {
         using F = decltype(features);
-        parallel_for_items(device, items, [&](int worker, Index item) {
-          decode_item<P, F>(problems, policies, ws, worker, item);
+        parallel_for_items(device, units, [&](int worker, Index unit) {
+          run_decode_unit<P, F>(problems, policies, ws, worker, unit);
         });
       },
       problems[0].params.softcap > 0.0, masked, biased);
