@@ -612,7 +612,8 @@ TEST(PagedAttention, DecodeOverEveryKvHeadOfABlockMatchesTheContiguousCache) {
       Tensor<float, 3> again(n_seqs, kHeads, kDim);
       PagedAttention<float> pooled(options, &test::pool_device(threads));
       pooled(q, cache, batch, again);
-      EXPECT_TRUE(test::bitwise_equal(out, again)) << "block " << block << ", " << threads << " threads";
+      EXPECT_TRUE(test::bitwise_equal(out, again))
+          << "block " << block << ", " << threads << " threads";
     }
     Tensor<float, 3> want(n_seqs, kHeads, kDim);  // each sequence on a contiguous cache
     for (Index s = 0; s < n_seqs; ++s) {
@@ -639,7 +640,8 @@ TEST(PagedAttention, DecodeOverEveryKvHeadOfABlockMatchesTheContiguousCache) {
       }
       EXPECT_LE(err / test::max_abs(v), budget.out);
     }
-    EXPECT_TRUE(test::bitwise_equal(out, want)) << "block " << block << " differs from the contiguous cache";
+    EXPECT_TRUE(test::bitwise_equal(out, want))
+        << "block " << block << " differs from the contiguous cache";
   }
 }
 

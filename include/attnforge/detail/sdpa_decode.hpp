@@ -13,9 +13,11 @@
 // Split-KV (flash-decoding): the keys are cut into chunks of kDecodeChunk, computed in
 // parallel, each giving a normalised partial output and its log-sum-exp, merged exactly
 // in chunk order. The chunking depends on Skv only, so any thread count gives the same
-// bits. While a kernel works on one block of keys it asks for the lines of a block ahead
-// (the next, or the one after it, into L2, as the CPU prefers: DecodeStream), a few per
-// key (next_block; docs/design.md, "Decode streams the cache once").
+// bits. A work unit is one (KV head, chunk), or on a paged cache up to every KV head of a
+// chunk, read pool block by pool block (decode_unit). While a kernel works on one block
+// of keys it asks for the lines of a block ahead (the next, or the one after it, into
+// L2, as the CPU prefers: DecodeStream), a few per key (next_block; docs/design.md,
+// "Decode streams the cache once").
 #pragma once
 
 #include <algorithm>
@@ -46,7 +48,7 @@ struct DecodeRowState {
   AlignedBuffer<T> q_rows;                   // rows x D, pre-scaled queries
   AlignedBuffer<T> out_rows;                 // rows x D, unnormalised output accumulator
   std::vector<KeyPacketSoftmax<T>> softmax;  // rows
-  AlignedBuffer<QInt8> q_int8;               // int8 path: rows x qint8_row_bytes(D), quantized queries
+  AlignedBuffer<QInt8> q_int8;               // int8 path: rows x qint8_row_bytes(D)
   AlignedBuffer<std::int32_t> q_start;       // int8 path: rows x D / kQInt8Group
   AlignedBuffer<std::uint16_t> q_bf16;       // bf16 path: rows x padded D, the queries (unscaled)
 
@@ -370,8 +372,9 @@ struct NextBlock {
 };
 
 template <typename P>
-NextBlock next_block(const P& pb, const DecodeGroup& g, const DecodeScratch<typename P::Compute>& s,
-                     const DecodeBlockAt& ahead, Index k_steps, Index v_steps) {
+NextBlock next_block(const P& pb, const DecodeGroup& g,
+                     const DecodeScratch<typename P::Compute>& s, const DecodeBlockAt& ahead,
+                     Index k_steps, Index v_steps) {
   using S = typename P::KVScalar;
   if (ahead.n == 0 || !g.dense_rows) return {};
   const Index bytes = ahead.n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
@@ -547,7 +550,8 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
   // Each block is in flight before it is read: every kernel streams a later block's rows
   // from inside its loops (next_block; decode_unit asks for the first). Rows that are not
   // dense are asked for a block at a time, all at once, front to back.
-  if (!g.dense_rows) prefetch_block<simd::ReadAt::kNow>(pb, g.b, {g.kv_head, j0, n_keys}, g.head_dim);
+  if (!g.dense_rows)
+    prefetch_block<simd::ReadAt::kNow>(pb, g.b, {g.kv_head, j0, n_keys}, g.head_dim);
   const bool check =
       check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
@@ -597,7 +601,8 @@ void plan_decode_blocks(const P& pb, Index h0, Index n_heads, Index key_first, I
   for (Index run = key_first, run_end = 0; run < key_last; run = run_end) {
     run_end = std::min(key_last, run + contiguous_rows(pb.k, run));
     for (Index h = h0; h < h0 + n_heads; ++h) {
-      for (Index j0 = run; j0 < run_end; j0 += kP) order.push_back({h, j0, std::min(kP, run_end - j0)});
+      for (Index j0 = run; j0 < run_end; j0 += kP)
+        order.push_back({h, j0, std::min(kP, run_end - j0)});
     }
   }
 }
@@ -615,8 +620,8 @@ DecodeBlockAt block_ahead(const P& pb, const std::vector<DecodeBlockAt>& order, 
   return {order.front().head, j, std::min({kP, kv_len - j, contiguous_rows(pb.k, j)})};
 }
 
-// Row r's normalised output and lse (log2 units, no sink) of group g's rows into the
-// partial slots of their item.
+// The normalised outputs and lse (log2 units, no sink) of group g's rows into the partial
+// slots of their item.
 template <typename P>
 void finish_decode_rows(const DecodeGroup& g, const DecodeScratch<typename P::Compute>& s,
                         typename P::Compute* partial_out, typename P::Compute* partial_lse) {
@@ -638,11 +643,11 @@ void finish_decode_rows(const DecodeGroup& g, const DecodeScratch<typename P::Co
   }
 }
 
-// One work unit: the items (g0's batch row, KV heads [g0.kv_head, + n_heads), chunk), all
-// rows of each group against the chunk's keys, leaving normalised outputs and lse in the
-// partial slots (partial_out / partial_lse of the first head's item; the next heads' items
-// follow `chunks` items apart). The groups' row states take turns in the scratch
-// (DecodeRowState); the blocks go in plan_decode_blocks' order.
+// One work unit: the items (g's batch row, KV heads [g.kv_head, g.kv_head + n_heads),
+// chunk), all rows of each group against the chunk's keys, leaving normalised outputs and
+// lse in the partial slots (partial_out / partial_lse are the first head's item's; the
+// next heads' items follow `chunks` items apart). The groups' row states take turns in
+// the scratch (DecodeRowState); the blocks go in plan_decode_blocks' order.
 template <typename P, typename F>
 void decode_unit(const P& pb, DecodeGroup g, Index n_heads, Index chunk, Index chunks,
                  const DecodeKeys& keys, DecodeScratch<typename P::Compute>& s, Index slot_rows,
@@ -751,7 +756,8 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
   for (DecodeScratch<T>& s : ws.workers) {
     reserve_row_state(s, rows, head_dim, int8_dot, bf16_dot);
     s.parked.resize(size(ws.unit_heads));
-    for (DecodeRowState<T>& state : s.parked) reserve_row_state(state, rows, head_dim, int8_dot, bf16_dot);
+    for (DecodeRowState<T>& state : s.parked)
+      reserve_row_state(state, rows, head_dim, int8_dot, bf16_dot);
     s.weights.resize(size(rows * kP));
     s.keys.resize(convert_kv && !int8_dot && !bf16_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
