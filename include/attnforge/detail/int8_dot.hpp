@@ -119,6 +119,49 @@ ATTNFORGE_TARGET_VNNI inline void transpose_16x16(__m512i v[16]) {
   }
 }
 
+// scales[16 g + j] = the scale of group g of rows[j] for j in `keep`, else 0: per 4 groups,
+// 16 rows' 16-byte runs of scales transposed in registers.
+ATTNFORGE_TARGET_VNNI inline void gather_group_scales(const QInt8* const* rows, Index head_dim,
+                                                      __mmask16 keep, float* scales) {
+  const Index groups = head_dim / kQInt8Group;
+  const Index offset = qint8_scale_offset(head_dim);
+  const Index whole = groups / 4 * 4;
+  // After the unpacks lane 4 b + i holds row b + 4 i: this puts row j at lane j.
+  const __m512i row_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  for (Index g0 = 0; g0 < whole; g0 += 4) {
+    const auto at = [&](int j) {
+      return reinterpret_cast<const float*>(rows[j] + offset) + g0;  // 4 groups' scales
+    };
+    __m512 quarter[4];  // 128-bit block b of quarter q: row 4 q + b's 4 scales
+    for (int q = 0; q < 4; ++q) {
+      quarter[q] = _mm512_castps128_ps512(_mm_loadu_ps(at(4 * q)));
+      quarter[q] = _mm512_insertf32x4(quarter[q], _mm_loadu_ps(at(4 * q + 1)), 1);
+      quarter[q] = _mm512_insertf32x4(quarter[q], _mm_loadu_ps(at(4 * q + 2)), 2);
+      quarter[q] = _mm512_insertf32x4(quarter[q], _mm_loadu_ps(at(4 * q + 3)), 3);
+    }
+    // Block b of pair_low / pair_high: rows b, 4 + b of groups {0 1} / {2 3} (g0 + ...);
+    // of far_low / far_high the same of rows 8 + b, 12 + b.
+    const __m512 pair_low = _mm512_unpacklo_ps(quarter[0], quarter[1]);
+    const __m512 pair_high = _mm512_unpackhi_ps(quarter[0], quarter[1]);
+    const __m512 far_low = _mm512_unpacklo_ps(quarter[2], quarter[3]);
+    const __m512 far_high = _mm512_unpackhi_ps(quarter[2], quarter[3]);
+    const __m512 group[4] = {
+        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(pair_low), _mm512_castps_pd(far_low))),
+        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(pair_low), _mm512_castps_pd(far_low))),
+        _mm512_castpd_ps(
+            _mm512_unpacklo_pd(_mm512_castps_pd(pair_high), _mm512_castps_pd(far_high))),
+        _mm512_castpd_ps(
+            _mm512_unpackhi_pd(_mm512_castps_pd(pair_high), _mm512_castps_pd(far_high)))};
+    for (int i = 0; i < 4; ++i)
+      _mm512_storeu_ps(scales + (g0 + i) * 16,
+                       _mm512_maskz_permutexvar_ps(keep, row_order, group[i]));
+  }
+  for (Index g = whole; g < groups; ++g) {
+    for (int j = 0; j < 16; ++j)
+      scales[g * 16 + j] = (keep >> j) & 1 ? qint8_scale(rows[j], head_dim, g) : 0.0f;
+  }
+}
+
 // The block's 16 keys in the dot products' layout, once for every row: `keys` holds, for
 // each 4-byte column t of head_dim, the 16 keys' bytes [4t, 4t + 4) made unsigned (lane j =
 // key j), and `scales` the keys' scales per group (16 per group).
@@ -129,6 +172,7 @@ ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, In
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
     __m512i v[16];
+    ATTNFORGE_UNROLL
     for (int j = 0; j < 16; ++j) {
       stream.step();
       v[j] = _mm512_xor_si512(_mm512_loadu_si512(rows[j] + c), sign);
@@ -137,9 +181,7 @@ ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, In
     for (int t = 0; t < 16; ++t) _mm512_storeu_si512(keys + (c + 4 * t) * 16, v[t]);
   }
   ahead = stream;
-  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
-    for (int j = 0; j < 16; ++j) scales[g * 16 + j] = qint8_scale(rows[j], head_dim, g);
-  }
+  gather_group_scales(rows, head_dim, 0xFFFF, scales);
 }
 
 // out[r][0, 16) = q_r . k_j for the 16 prepared keys (log2 units when q was scaled so),
@@ -226,8 +268,8 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
     float group_max[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     __m512 relative_scale[4];  // v_scale[g] / max_j v_scale[g][j], in [0, 1]; 0 past groups
     for (int i = 0; i < 4; ++i) {
-      const __m512 scale =
-          g0 + i < groups ? _mm512_loadu_ps(v_scale + (g0 + i) * kInt8DotKeys) : _mm512_setzero_ps();
+      const __m512 scale = g0 + i < groups ? _mm512_loadu_ps(v_scale + (g0 + i) * kInt8DotKeys)
+                                           : _mm512_setzero_ps();
       group_max[i] = max_or_nan(scale);
       relative_scale[i] =
           _mm512_mul_ps(scale, _mm512_set1_ps(group_max[i] > 0.0f ? 1.0f / group_max[i] : 0.0f));
@@ -248,33 +290,34 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
       const __m512i words_01 = _mm512_packus_epi32(steps[0], steps[1]);
       const __m512i words_23 = _mm512_packus_epi32(steps[2], steps[3]);
       std::uint8_t* to = weights + r * ldw + g0 / 4 * kValueWeightBytesPer4Groups;
-      _mm512_storeu_si512(to, _mm512_packus_epi16(_mm512_srli_epi16(words_01, 8),
-                                                  _mm512_srli_epi16(words_23, 8)));
+      _mm512_storeu_si512(
+          to, _mm512_packus_epi16(_mm512_srli_epi16(words_01, 8), _mm512_srli_epi16(words_23, 8)));
       _mm512_storeu_si512(to + 64, _mm512_packus_epi16(_mm512_and_si512(words_01, low_byte),
                                                        _mm512_and_si512(words_23, low_byte)));
     }
   }
 }
 
-// acc[r][k] += the products of one byte of row r's 16-bit weights (w + r * ldw: dword 4 t
-// for keys 4 t ... 4 t + 3) with the group's prepared values x, 4 keys per vpdpbusd.
+// acc[r][h] += the products of one byte of row r's 16-bit weights (w + r * ldw: dword 4 t
+// for keys 4 t ... 4 t + 3) with the group's prepared values x, 4 keys per vpdpbusd. A
+// 512-bit accumulator h holds the prepared vectors x_{2h} and x_{2h+1} side by side: the
+// weights are the same in every lane, so one instruction serves both.
 template <int R>
-ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m256i (&acc)[R][4],
-                                                                   const __m256i* x,
+ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc)[R][2],
+                                                                   const std::int8_t* x,
                                                                    const std::uint8_t* w,
                                                                    Index ldw) {
   ATTNFORGE_UNROLL
   for (int t = 0; t < 4; ++t) {
-    __m256i v[4];
-    ATTNFORGE_UNROLL
-    for (int k = 0; k < 4; ++k) v[k] = _mm256_loadu_si256(x + 4 * t + k);
+    const __m512i v[2] = {_mm512_loadu_si512(x + (4 * t) * 32),
+                          _mm512_loadu_si512(x + (4 * t + 2) * 32)};
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       std::int32_t quad;
       std::memcpy(&quad, w + r * ldw + 16 * t, sizeof(quad));
-      const __m256i weight = _mm256_set1_epi32(quad);
-      ATTNFORGE_UNROLL
-      for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_dpbusd_epi32(acc[r][k], weight, v[k]);
+      const __m512i weight = _mm512_set1_epi32(quad);
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], weight, v[0]);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], weight, v[1]);
     }
   }
 }
@@ -288,41 +331,36 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m256i (&acc
 // float and scaled by the unit once per block.
 template <int R>
 ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weights, Index ldw,
-                                                      const float* units,
-                                                      const std::int8_t* values, Index head_dim,
-                                                      float* out, Index ldo,
+                                                      const float* units, const std::int8_t* values,
+                                                      Index head_dim, float* out, Index ldo,
                                                       simd::LineStream& ahead) {
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   const Index groups = head_dim / kQInt8Group;
   for (Index g = 0; g < groups; ++g) {
-    const auto* x = reinterpret_cast<const __m256i*>(values + g * kQInt8Group * kInt8DotKeys);
-    __m256i acc[R][4];
+    const std::int8_t* x = values + g * kQInt8Group * kInt8DotKeys;
+    __m512i acc[R][2];
     ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      ATTNFORGE_UNROLL
-      for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_setzero_si256();
-    }
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
     stream.step();
     int8_weighted_quads<R>(acc, x, w, ldw);  // the weights' high bytes
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
-      ATTNFORGE_UNROLL
-      for (int k = 0; k < 4; ++k) acc[r][k] = _mm256_slli_epi32(acc[r][k], 8);
+      acc[r][0] = _mm512_slli_epi32(acc[r][0], 8);
+      acc[r][1] = _mm512_slli_epi32(acc[r][1], 8);
     }
     int8_weighted_quads<R>(acc, x, w + 64, ldw);  // their low bytes
     for (int r = 0; r < R; ++r) {
-      const __m256 unit = _mm256_set1_ps(units[r * groups + g]);
-      __m256 sum[4];
-      for (int k = 0; k < 4; ++k) sum[k] = _mm256_mul_ps(_mm256_cvtepi32_ps(acc[r][k]), unit);
-      // sum[k] half L holds d = 16 L + 4 k + {0 1 2 3}: back to 8 consecutive d per vector.
+      // 128-bit block b of acc[r][h] holds d = 16 (b % 2) + 4 (2 h + b / 2) + {0 1 2 3}:
+      // the even blocks of both, then the odd ones, give d in order.
+      const __m512 sum0 = _mm512_cvtepi32_ps(acc[r][0]), sum1 = _mm512_cvtepi32_ps(acc[r][1]);
+      const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
       float* o = out + r * ldo + g * kQInt8Group;
-      const __m256 natural[4] = {_mm256_permute2f128_ps(sum[0], sum[1], 0x20),
-                                 _mm256_permute2f128_ps(sum[2], sum[3], 0x20),
-                                 _mm256_permute2f128_ps(sum[0], sum[1], 0x31),
-                                 _mm256_permute2f128_ps(sum[2], sum[3], 0x31)};
-      for (int m = 0; m < 4; ++m)
-        _mm256_storeu_ps(o + 8 * m, _mm256_add_ps(_mm256_loadu_ps(o + 8 * m), natural[m]));
+      _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_shuffle_f32x4(sum0, sum1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                          unit, _mm512_loadu_ps(o)));
+      _mm512_storeu_ps(
+          o + 16, _mm512_fmadd_ps(_mm512_shuffle_f32x4(sum0, sum1, _MM_SHUFFLE(3, 1, 3, 1)), unit,
+                                  _mm512_loadu_ps(o + 16)));
     }
   }
   ahead = stream;

@@ -81,9 +81,9 @@ struct DecodeScratch : DecodeRowState<T> {
   DecodeStreamPlan stream{1, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
-  AlignedBuffer<std::uint8_t> int8_keys;  // D x kInt8DotKeys, the block's keys, transposed
-  AlignedBuffer<float> key_scales;        // D / kQInt8Group x kInt8DotKeys
-  AlignedBuffer<std::int8_t> int8_values;  // D x kInt8DotKeys, the block's values interleaved
+  AlignedBuffer<std::uint8_t> int8_keys;      // D x kInt8DotKeys, the block's keys, transposed
+  AlignedBuffer<float> key_scales;            // D / kQInt8Group x kInt8DotKeys
+  AlignedBuffer<std::int8_t> int8_values;     // D x kInt8DotKeys, the block's values interleaved
   AlignedBuffer<std::uint8_t> value_weights;  // rows x the bytes of quantize_value_weights
   AlignedBuffer<float> value_units;           // rows x D / kQInt8Group
   // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
@@ -372,9 +372,8 @@ struct NextBlock {
 };
 
 template <typename P>
-NextBlock next_block(const P& pb, const DecodeGroup& g,
-                     const DecodeScratch<typename P::Compute>& s, const DecodeBlockAt& ahead,
-                     Index k_steps, Index v_steps) {
+NextBlock next_block(const P& pb, const DecodeGroup& g, const DecodeScratch<typename P::Compute>& s,
+                     const DecodeBlockAt& ahead, Index k_steps, Index v_steps) {
   using S = typename P::KVScalar;
   if (ahead.n == 0 || !g.dense_rows) return {};
   const Index bytes = ahead.n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
@@ -386,8 +385,8 @@ NextBlock next_block(const P& pb, const DecodeGroup& g,
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
 // key j0 again when that is null (the dot-product kernels take a whole block of rows).
 template <typename Row, std::size_t kKeys, typename View>
-void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys,
-                Row (&rows)[kKeys], Row past_end = nullptr) {
+void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys, Row (&rows)[kKeys],
+                Row past_end = nullptr) {
   for (Index j = 0; j < static_cast<Index>(kKeys); ++j) {
     rows[j] = j < n_keys ? view.row(g.b, g.kv_head, j0 + j)
                          : (past_end != nullptr ? past_end : view.row(g.b, g.kv_head, j0));
@@ -451,19 +450,15 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   softmax_decode_block(g, s);
   prepare_int8_values(v_rows, g.head_dim, s.int8_values.data());
   float* v_scales = s.key_scales.data();  // the keys' scales are used up: now the values'
-  for (Index gr = 0; gr < groups; ++gr) {
-    for (Index j = 0; j < kInt8DotKeys; ++j)
-      v_scales[gr * kInt8DotKeys + j] = j < n_keys ? qint8_scale(v_rows[j], g.head_dim, gr) : 0.0f;
-  }
+  gather_group_scales(v_rows, g.head_dim, static_cast<__mmask16>((1u << n_keys) - 1), v_scales);
   const Index ldw = value_weight_row_bytes(groups);
   quantize_value_weights(s.weights.data(), g.rows, v_scales, groups, s.value_weights.data(), ldw,
                          s.value_units.data());
   float* out = s.out_rows.data();
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
-    int8_value_products<decltype(rows)::value>(s.value_weights.data() + r0 * ldw, ldw,
-                                               s.value_units.data() + r0 * groups,
-                                               s.int8_values.data(), g.head_dim,
-                                               out + r0 * g.hd, g.hd, next.v);
+    int8_value_products<decltype(rows)::value>(
+        s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups,
+        s.int8_values.data(), g.head_dim, out + r0 * g.hd, g.hd, next.v);
   });
   next.v.finish();
 #else
@@ -485,8 +480,8 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const Index pairs = (n_keys + 1) / 2;
   // The value pass takes head_dim in chunks of (at least) two bf16 packets per row block.
   const Index value_chunks = std::max<Index>(1, g.head_dim / (2 * kBf16DotChunk));
-  NextBlock next = next_block(pb, g, s, ahead, g.rows * kBf16DotKeys,
-                              (g.rows + 3) / 4 * pairs * value_chunks);
+  NextBlock next =
+      next_block(pb, g, s, ahead, g.rows * kBf16DotKeys, (g.rows + 3) / 4 * pairs * value_chunks);
   float* weights = s.weights.data();
   const float scale = decode_query_scale<float, F>(pb.params);
   for (Index r = 0; r < g.rows; ++r) {
