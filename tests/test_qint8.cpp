@@ -655,7 +655,11 @@ INSTANTIATE_TEST_SUITE_P(
                       SdpaCase{"MQA_D128_Softcap", 8, 1, 128, Kind::kSoftcap},
                       SdpaCase{"GQA_D80_Alibi", 8, 2, 80, Kind::kAlibi},
                       SdpaCase{"MHA_D80_Sinks", 4, 4, 80, Kind::kSinks},
-                      SdpaCase{"GQA_D64_EmptyRowsAttendAll", 8, 2, 64, Kind::kEmptyAttendAll}),
+                      SdpaCase{"GQA_D64_EmptyRowsAttendAll", 8, 2, 64, Kind::kEmptyAttendAll},
+                      // Scale groups gathered 4 at a time, then 2 one at a time (D 192);
+                      // two runs of 4 (D 256).
+                      SdpaCase{"GQA_D192_Causal", 8, 2, 192, Kind::kCausal},
+                      SdpaCase{"GQA_D256_Docs", 8, 2, 256, Kind::kDocs}),
     [](const ::testing::TestParamInfo<SdpaCase>& info) { return std::string(info.param.name); });
 
 // A QInt8 row's scales are found from stride(2), so a view whose rows are not stored rows
