@@ -68,15 +68,15 @@
 //    inputs each score moves by at most
 //        delta = scale * max_ij sum_d (|q~[i,d]| |dk[j,d]| + |dq[i,d]| |k[j,d]|)
 //    (q~ k~ - q k = q~ dk + dq k), which takes delta_K's place in E_cache.
-//    Its value products are int8 dot products too: in each block of 16 keys, row i's
-//    weight of key j in group g, p_j s_jg (s_jg the value row's scale), is rounded to a
-//    multiple of the unit u = P S_g / 65535 (P = max_j p_j of the block, S_g = max_j s_jg),
-//    an error of at most u / 2 (plus float rounding of the product that is rounded,
-//    below 0.01 u). The value bytes are |v~_jd| / s_jg <= 127, so one key moves the
-//    unnormalised output by at most 0.51 u 127 <= 0.51 P max|v~| / 65535, a block by 16
-//    times that, and as each block's P is one of the terms of the weight sum l, the
-//    normalised output moves by at most 16 * 0.51 / 65535 max|v~| (1.25e-4): E_out on the
-//    stored values grows by that.
+//    Its value products are int8 dot products too: in each block of K keys
+//    (detail::kInt8DecodeKeys, 32), row i's weight of key j in group g, p_j s_jg (s_jg
+//    the value row's scale), is rounded to a multiple of the unit u = P S_g / 65535
+//    (P = max_j p_j of the block, S_g = max_j s_jg), an error of at most u / 2 (plus float
+//    rounding of the product that is rounded, below 0.01 u). The value bytes are
+//    |v~_jd| / s_jg <= 127, so one key moves the unnormalised output by at most
+//    0.51 u 127 <= 0.51 P max|v~| / 65535, a block by K times that, and as each block's P
+//    is one of the terms of the weight sum l, the normalised output moves by at most
+//    K * 0.51 / 65535 max|v~| (2.5e-4 for K = 32): E_out on the stored values grows by that.
 //
 // 6. The bf16 dot-product decode path (Bf16Kernel, over a bf16 cache) rounds each query
 //    row to bf16 (the scale multiplies the scores afterwards, so bf16 queries stay exact),
@@ -359,7 +359,7 @@ inline AccuracyBudget with_bf16_weights(AccuracyBudget on_stored) {
 // The budget on the stored values of the int8 dot-product decode (5.): the value
 // weights' rounding to 16-bit integers added to E_out.
 inline AccuracyBudget with_int8_value_weights(AccuracyBudget on_stored) {
-  on_stored.out += 16 * 0.51 / 65535;
+  on_stored.out += static_cast<double>(detail::kInt8DecodeKeys) * 0.51 / 65535;
   return on_stored;
 }
 

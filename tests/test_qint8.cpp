@@ -313,6 +313,48 @@ TEST(QInt8Format, NonFiniteInputsMakeOnlyTheirOwnGroupNaN) {
   }
 }
 
+// The int8 decode quantizes its query rows in vectors (int8_dot.hpp): the same bytes and
+// scales as quantize_row, bit for bit, across magnitudes from subnormal to near FLT_MAX,
+// all-zero groups and non-finite values, and each group's accumulator start -128 x (the
+// sum of its steps).
+TEST(QInt8Format, TheDecodesVectorQueryQuantizationGivesQuantizeRowsBytes) {
+#if ATTNFORGE_INT8_DOT
+  if (!detail::cpu_has_avx512_vnni()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
+  const float specials[] = {0.0f, 1e-40f, 1e-44f, 3e38f, kInfinity, -kInfinity, kNaN};
+  for (const Index head_dim : {Index{64}, Index{128}, Index{192}, Index{256}}) {
+    SCOPED_TRACE(head_dim);
+    Tensor<float, 2> x = spread_rows(40, head_dim, 70 + static_cast<std::uint32_t>(head_dim));
+    std::mt19937 gen(static_cast<std::uint32_t>(head_dim));
+    for (Index r = 8; r < x.dimension(0); ++r) {  // rows 0-7 keep their spread groups
+      const Index g = static_cast<Index>(gen() % static_cast<std::uint32_t>(head_dim / kGroup));
+      const float special = specials[(r - 8) % std::size(specials)];
+      const bool whole_group = r % 2 == 0;
+      for (Index d = g * kGroup; d < (g + 1) * kGroup; ++d) {
+        if (whole_group || d == g * kGroup + r % kGroup)
+          x(r, d) = special == 0.0f || std::isnan(special) ? special : x(r, d) * special;
+      }
+    }
+    const Index row_bytes = detail::qint8_row_bytes(head_dim);
+    for (Index r = 0; r < x.dimension(0); ++r) {
+      SCOPED_TRACE(r);
+      const std::vector<QInt8> expected = quantized(&x(r, 0), head_dim);
+      std::vector<QInt8> row(static_cast<std::size_t>(row_bytes));
+      std::vector<std::int32_t> start(static_cast<std::size_t>(head_dim / kGroup));
+      detail::quantize_query_row(&x(r, 0), head_dim, row.data(), start.data());
+      EXPECT_EQ(std::memcmp(row.data(), expected.data(), row.size()), 0);
+      for (Index g = 0; g < head_dim / kGroup; ++g) {
+        std::int32_t sum = 0;
+        for (Index d = g * kGroup; d < (g + 1) * kGroup; ++d)
+          sum += stored_step(expected.data(), d);
+        EXPECT_EQ(start[static_cast<std::size_t>(g)], -128 * sum) << "group " << g;
+      }
+    }
+  }
+#else
+  GTEST_SKIP() << "the int8 dot-product kernels are not compiled for this target";
+#endif
+}
+
 TEST(QInt8Format, StoreAndLoadRowQuantizeForQInt8AndConvertOtherwise) {
   const Index head_dim = 80;
   const Tensor<float, 2> x = spread_rows(1, head_dim, 70);
@@ -696,8 +738,7 @@ TEST(QInt8SdpaValidation, AViewWhoseRowStrideIsNotTheStoredRowIsRejectedNamingKO
     Tensor<float, 4> out127(q127.dimensions());
     test::expect_invalid(
         [&] {
-          sdpa(q127, wide_rows.keys.narrow(3, 1, 127), wide_rows.values.narrow(3, 1, 127),
-               out127);
+          sdpa(q127, wide_rows.keys.narrow(3, 1, 127), wide_rows.values.narrow(3, 1, 127), out127);
         },
         {"scaled_dot_product_attention", "head_dim a multiple of 4", "127"});
     for (Index i = 0; i < out.size(); ++i) ASSERT_EQ(out.data()[i], 7.0f);

@@ -50,6 +50,12 @@ inline constexpr Index kInt8DotKeys = 16;
 // Bytes of head_dim one vpdpbusd covers: two scale groups.
 inline constexpr Index kInt8DotChunk = 64;
 static_assert(kInt8DotChunk == 2 * kQInt8Group, "a 64-byte chunk holds two scale groups");
+// Keys of one decode block: sub-blocks of kInt8DotKeys whose value products are summed in
+// integers before they join the float output (int8_value_products), so that conversion and
+// the block's bookkeeping are paid once per kInt8DecodeKeys. The integer sums stay below
+// 2^31 up to 128 keys.
+inline constexpr Index kInt8DecodeKeys = 32;
+inline constexpr Index kInt8SubBlocks = kInt8DecodeKeys / kInt8DotKeys;
 
 // A query row quantized for the score kernel: its bytes in the QInt8 row layout, and per
 // scale group the start of its accumulators and its scale.
@@ -57,17 +63,6 @@ struct Int8QueryRow {
   const QInt8* row;           // qint8_row_bytes(head_dim) bytes
   const std::int32_t* start;  // head_dim / kQInt8Group: -128 * (sum of the group's bytes)
 };
-
-// Quantizes one (pre-scaled) query row into `row` and `start` (sized as Int8QueryRow says).
-inline void quantize_query_row(const float* q, Index head_dim, QInt8* row, std::int32_t* start) {
-  quantize_row(q, head_dim, row);
-  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
-    std::int32_t sum = 0;
-    for (Index d = g * kQInt8Group; d < (g + 1) * kQInt8Group; ++d)
-      sum += static_cast<std::int8_t>(row[d]);
-    start[g] = -128 * sum;
-  }
-}
 
 // Bytes of one row's quantized value weights per 4 scale groups: 64 of high bytes, then 64
 // of low bytes; dword 4 t + (g % 4) of each holds keys 4t ... 4t + 3 of group g.
@@ -89,6 +84,41 @@ constexpr Index value_weight_row_bytes(Index groups) {
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
+
+// Quantizes one (pre-scaled) query row into `row` and `start` (sized as Int8QueryRow says):
+// the bytes and scales quantize_row gives, group by group in vectors (the same division,
+// rounding in the current mode and clamp), since every decode work unit quantizes its rows.
+ATTNFORGE_TARGET_VNNI inline void quantize_query_row(const float* q, Index head_dim, QInt8* row,
+                                                     std::int32_t* start) {
+  static_assert(kQInt8Group == 32, "a group is two vectors of 16 floats");
+  const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
+  const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
+  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
+    const __m512 x[2] = {_mm512_loadu_ps(q + g * kQInt8Group),
+                         _mm512_loadu_ps(q + g * kQInt8Group + 16)};
+    const __m512 abs_x[2] = {_mm512_abs_ps(x[0]), _mm512_abs_ps(x[1])};
+    // Not (|x| <= FLT_MAX): an infinity or a NaN, which makes the group's scale NaN.
+    const bool finite = (_mm512_cmp_ps_mask(abs_x[0], largest, _CMP_NLE_UQ) |
+                         _mm512_cmp_ps_mask(abs_x[1], largest, _CMP_NLE_UQ)) == 0;
+    const float max_abs = finite ? _mm512_reduce_max_ps(_mm512_max_ps(abs_x[0], abs_x[1]))
+                                 : std::numeric_limits<float>::quiet_NaN();
+    const float scale = max_abs / 127.0f;
+    __m512i sum = _mm512_setzero_si512();
+    for (int h = 0; h < 2; ++h) {
+      const __m512 ratio =
+          max_abs > 0.0f ? _mm512_div_ps(x[h], _mm512_set1_ps(max_abs)) : _mm512_setzero_ps();
+      const __m512 rounded =
+          _mm512_roundscale_ps(_mm512_mul_ps(ratio, top), _MM_FROUND_CUR_DIRECTION);
+      const __m512i value = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, rounded)));
+      sum = _mm512_add_epi32(sum, value);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + g * kQInt8Group + 16 * h),
+                       _mm512_cvtepi32_epi8(value));
+    }
+    std::memcpy(row + qint8_scale_offset(head_dim) + g * Index{sizeof(float)}, &scale,
+                sizeof(float));
+    start[g] = -128 * _mm512_reduce_add_epi32(sum);
+  }
+}
 
 // Transposes 16 rows of 16 int32 in place: v[i] lane j becomes v[j] lane i.
 ATTNFORGE_TARGET_VNNI inline void transpose_16x16(__m512i v[16]) {
@@ -225,9 +255,11 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
 // head_dim) and quad of keys 4t ... 4t + 3: four 32-byte vectors x_k, lane (L, i) of x_k
 // (128-bit half L, dword i) holding the quad's 4 bytes at d = 32 g + 16 L + 4 k + i.
 // Unpacks within 128-bit halves give that order; int8_value_products restores d's order
-// once per block, on the float sums.
-ATTNFORGE_TARGET_VNNI inline void prepare_int8_values(const QInt8* const* rows, Index head_dim,
-                                                      std::int8_t* values) {
+// once per block, on the float sums. Not inlined: called once per 16 keys, its copies
+// inlined into decode_block_int8 ran out of registers there.
+ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE inline void prepare_int8_values(const QInt8* const* rows,
+                                                                        Index head_dim,
+                                                                        std::int8_t* values) {
   for (Index g0 = 0; g0 < head_dim; g0 += kQInt8Group) {
     for (int t = 0; t < 4; ++t) {
       __m256i quad[4];
@@ -251,49 +283,71 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
   return _mm512_reduce_max_ps(x);
 }
 
-// The value products' weights of a block: row r's weight of key j in scale group g is
-// p[r][j] * v_scale[g][j], written as a 16-bit integer w = round(p v_scale / unit[r][g]) with
-// unit[r][g] = max_j p[r][j] * max_j v_scale[g][j] / 65535, split into its high and low
-// bytes (layout above; row stride ldw). A unit from the two maxima rather than the largest
+// The value products' weights of a block of n_sub (<= kInt8SubBlocks) sub-blocks of 16
+// keys: row r's weight of key j of sub-block b in scale group g is p[r][16 b + j] *
+// v_scale[b][g][j] (p: row stride ldp; v_scale[b] at v_scale + b * groups * 16, 16 floats
+// per group), written as a 16-bit integer w = round(p v_scale / unit[r][g]) with unit[r][g]
+// = max p[r] * max v_scale[.][g] / 65535 over the whole block, split into its high and low
+// bytes (layout above; sub-block b of row r at weights + r * ldw + b *
+// value_weight_row_bytes(groups)). One unit for the whole block lets the value products
+// sum its sub-blocks in integers. A unit from the two maxima rather than the largest
 // product costs a bit or two where they fall on different keys, against 16 bits, and needs
 // rows + groups reductions instead of rows x groups. A NaN among a row's weights or a
 // group's scales makes its unit NaN, so those outputs become NaN as a float cache's would.
-ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index rows,
+ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index rows, Index ldp,
                                                          const float* v_scale, Index groups,
-                                                         std::uint8_t* weights, Index ldw,
-                                                         float* units) {
+                                                         Index n_sub, std::uint8_t* weights,
+                                                         Index ldw, float* units) {
   constexpr float kSteps = 65535.0f;
   const __m512i low_byte = _mm512_set1_epi16(255);
+  const Index sub_scales = groups * kInt8DotKeys, sub_weights = value_weight_row_bytes(groups);
   for (Index g0 = 0; g0 < groups; g0 += 4) {  // 4 groups at a time: one pack of 4 dwords
     float group_max[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    __m512 relative_scale[4];  // v_scale[g] / max_j v_scale[g][j], in [0, 1]; 0 past groups
-    for (int i = 0; i < 4; ++i) {
-      const __m512 scale = g0 + i < groups ? _mm512_loadu_ps(v_scale + (g0 + i) * kInt8DotKeys)
-                                           : _mm512_setzero_ps();
-      group_max[i] = max_or_nan(scale);
-      relative_scale[i] =
-          _mm512_mul_ps(scale, _mm512_set1_ps(group_max[i] > 0.0f ? 1.0f / group_max[i] : 0.0f));
+    for (int i = 0; i < 4 && g0 + i < groups; ++i) {
+      __m512 top = _mm512_loadu_ps(v_scale + (g0 + i) * kInt8DotKeys);
+      for (Index b = 1; b < n_sub; ++b)  // max_or_nan below still sees a NaN: max keeps it
+        top =
+            _mm512_max_ps(_mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys), top);
+      group_max[i] = max_or_nan(top);
+    }
+    // v_scale / the group's max, in [0, 1]; 0 past groups, so those words are 0.
+    __m512 relative_scale[kInt8SubBlocks][4];
+    for (Index b = 0; b < n_sub; ++b) {
+      for (int i = 0; i < 4; ++i) {
+        const __m512 scale =
+            g0 + i < groups ? _mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys)
+                            : _mm512_setzero_ps();
+        relative_scale[b][i] =
+            _mm512_mul_ps(scale, _mm512_set1_ps(group_max[i] > 0.0f ? 1.0f / group_max[i] : 0.0f));
+      }
     }
     for (Index r = 0; r < rows; ++r) {
-      const __m512 row = _mm512_loadu_ps(p + r * kInt8DotKeys);
-      const float row_max = max_or_nan(row);
-      const __m512 in_steps =
-          _mm512_mul_ps(row, _mm512_set1_ps(row_max > 0.0f ? kSteps / row_max : 0.0f));
-      __m512i steps[4];
+      __m512 top = _mm512_loadu_ps(p + r * ldp);
+      for (Index b = 1; b < n_sub; ++b)
+        top = _mm512_max_ps(_mm512_loadu_ps(p + r * ldp + b * kInt8DotKeys), top);
+      const float row_max = max_or_nan(top);
+      const __m512 to_steps = _mm512_set1_ps(row_max > 0.0f ? kSteps / row_max : 0.0f);
       for (int i = 0; i < 4; ++i) {
         if (g0 + i < groups) units[r * groups + g0 + i] = row_max * group_max[i] / kSteps;
-        steps[i] = _mm512_cvtps_epi32(_mm512_mul_ps(in_steps, relative_scale[i]));
       }
-      // Packs within 128-bit lanes, saturating to [0, 65535] (a NaN's INT_MIN to 0): lane t
-      // of `words_01` holds keys 4 t ... 4 t + 3 of groups g0 + {0 1}, of `words_23` of groups
-      // g0 + {2 3}; their bytes, packed again, put group g0 + i at dword i of lane t.
-      const __m512i words_01 = _mm512_packus_epi32(steps[0], steps[1]);
-      const __m512i words_23 = _mm512_packus_epi32(steps[2], steps[3]);
-      std::uint8_t* to = weights + r * ldw + g0 / 4 * kValueWeightBytesPer4Groups;
-      _mm512_storeu_si512(
-          to, _mm512_packus_epi16(_mm512_srli_epi16(words_01, 8), _mm512_srli_epi16(words_23, 8)));
-      _mm512_storeu_si512(to + 64, _mm512_packus_epi16(_mm512_and_si512(words_01, low_byte),
-                                                       _mm512_and_si512(words_23, low_byte)));
+      for (Index b = 0; b < n_sub; ++b) {
+        const __m512 in_steps =
+            _mm512_mul_ps(_mm512_loadu_ps(p + r * ldp + b * kInt8DotKeys), to_steps);
+        __m512i steps[4];
+        for (int i = 0; i < 4; ++i)
+          steps[i] = _mm512_cvtps_epi32(_mm512_mul_ps(in_steps, relative_scale[b][i]));
+        // Packs within 128-bit lanes, saturating to [0, 65535] (a NaN's INT_MIN to 0): lane t
+        // of `words_01` holds keys 4 t ... 4 t + 3 of groups g0 + {0 1}, of `words_23` of
+        // groups g0 + {2 3}; their bytes, packed again, put group g0 + i at dword i of lane t.
+        const __m512i words_01 = _mm512_packus_epi32(steps[0], steps[1]);
+        const __m512i words_23 = _mm512_packus_epi32(steps[2], steps[3]);
+        std::uint8_t* to =
+            weights + r * ldw + b * sub_weights + g0 / 4 * kValueWeightBytesPer4Groups;
+        _mm512_storeu_si512(to, _mm512_packus_epi16(_mm512_srli_epi16(words_01, 8),
+                                                    _mm512_srli_epi16(words_23, 8)));
+        _mm512_storeu_si512(to + 64, _mm512_packus_epi16(_mm512_and_si512(words_01, low_byte),
+                                                         _mm512_and_si512(words_23, low_byte)));
+      }
     }
   }
 }
@@ -322,38 +376,53 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc
   }
 }
 
-// out[r][:] += sum_j w[r][j] * v_j[:] over a block's 16 prepared value rows for R rows
-// (row stride ldo), as int8 dot products: per scale group g, the 16-bit weights of row r
-// are row r of `weights` (row stride ldw, layout of quantize_value_weights) with their unit
-// at units[r * groups + g]. vpdpbusd multiplies the unsigned weight bytes by the
-// signed value bytes, 4 keys per lane: the high bytes' sums, shifted up 8 bits, then the
-// low bytes' give each lane's exact integer sum over the block (below 2^28), converted to
-// float and scaled by the unit once per block.
-template <int R>
+// out[r][:] += sum_j w[r][j] * v_j[:] over a block of NSub sub-blocks of 16 prepared value
+// rows (sub-block b at values + b * head_dim * 16) for R rows (row stride ldo), as int8 dot
+// products: per scale group g, the 16-bit weights of row r are row r of `weights` (row
+// stride ldw, layout and sub-blocks of quantize_value_weights) with their unit at
+// units[r * groups + g]. vpdpbusd multiplies the unsigned weight bytes by the signed value
+// bytes, 4 keys per lane: the high bytes' sums, shifted up 8 bits, then the low bytes'
+// give each lane's exact integer sum over a sub-block (below 2^28). The sub-blocks keep
+// their own accumulators, so as many dependency chains run side by side, and their sum
+// is converted to float and scaled by the unit once per block.
+template <int R, int NSub>
 ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weights, Index ldw,
                                                       const float* units, const std::int8_t* values,
                                                       Index head_dim, float* out, Index ldo,
                                                       simd::LineStream& ahead) {
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   const Index groups = head_dim / kQInt8Group;
+  const Index sub_values = head_dim * kInt8DotKeys, sub_weights = value_weight_row_bytes(groups);
   for (Index g = 0; g < groups; ++g) {
     const std::int8_t* x = values + g * kQInt8Group * kInt8DotKeys;
-    __m512i acc[R][2];
-    ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
     const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
-    stream.step();
-    int8_weighted_quads<R>(acc, x, w, ldw);  // the weights' high bytes
+    __m512i acc[NSub][R][2];
     ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = _mm512_slli_epi32(acc[r][0], 8);
-      acc[r][1] = _mm512_slli_epi32(acc[r][1], 8);
+    for (int b = 0; b < NSub; ++b) {
+      ATTNFORGE_UNROLL
+      for (int r = 0; r < R; ++r) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_si512();
+      stream.step();
+      int8_weighted_quads<R>(acc[b], x + b * sub_values, w + b * sub_weights, ldw);  // high bytes
     }
-    int8_weighted_quads<R>(acc, x, w + 64, ldw);  // their low bytes
+    ATTNFORGE_UNROLL
+    for (int b = 0; b < NSub; ++b) {
+      ATTNFORGE_UNROLL
+      for (int r = 0; r < R; ++r) {
+        acc[b][r][0] = _mm512_slli_epi32(acc[b][r][0], 8);
+        acc[b][r][1] = _mm512_slli_epi32(acc[b][r][1], 8);
+      }
+      int8_weighted_quads<R>(acc[b], x + b * sub_values, w + b * sub_weights + 64, ldw);  // low
+    }
     for (int r = 0; r < R; ++r) {
-      // 128-bit block b of acc[r][h] holds d = 16 (b % 2) + 4 (2 h + b / 2) + {0 1 2 3}:
-      // the even blocks of both, then the odd ones, give d in order.
-      const __m512 sum0 = _mm512_cvtepi32_ps(acc[r][0]), sum1 = _mm512_cvtepi32_ps(acc[r][1]);
+      __m512i sum[2] = {acc[0][r][0], acc[0][r][1]};
+      ATTNFORGE_UNROLL
+      for (int b = 1; b < NSub; ++b) {
+        sum[0] = _mm512_add_epi32(sum[0], acc[b][r][0]);
+        sum[1] = _mm512_add_epi32(sum[1], acc[b][r][1]);
+      }
+      // 128-bit block b of sum[h] holds d = 16 (b % 2) + 4 (2 h + b / 2) + {0 1 2 3}: the
+      // even blocks of both, then the odd ones, give d in order.
+      const __m512 sum0 = _mm512_cvtepi32_ps(sum[0]), sum1 = _mm512_cvtepi32_ps(sum[1]);
       const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
       float* o = out + r * ldo + g * kQInt8Group;
       _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_shuffle_f32x4(sum0, sum1, _MM_SHUFFLE(2, 0, 2, 0)),

@@ -74,16 +74,17 @@ template <typename T>
 struct DecodeScratch : DecodeRowState<T> {
   AlignedBuffer<T> keys, values;  // P x D, a key block converted to T (when stored as another type)
   AlignedBuffer<T> merged;        // D, one output row being merged
-  AlignedBuffer<T> weights;       // rows x P, scores and then softmax weights of the current block
+  AlignedBuffer<T> weights;       // rows x block_keys, scores and then softmax weights of a block
   std::vector<DecodeRowState<T>> parked;  // one per group of a unit; see decode_unit
   std::vector<DecodeBlockAt> order;       // the unit's blocks in the order they are read
   bool full_width_scores = false;         // the score packet (DecodeScoreWidth)
+  Index block_keys = 0;                   // keys per block: P, or kInt8DecodeKeys (int8 path)
   DecodeStreamPlan stream{1, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
-  AlignedBuffer<std::uint8_t> int8_keys;      // D x kInt8DotKeys, the block's keys, transposed
-  AlignedBuffer<float> key_scales;            // D / kQInt8Group x kInt8DotKeys
-  AlignedBuffer<std::int8_t> int8_values;     // D x kInt8DotKeys, the block's values interleaved
+  AlignedBuffer<std::uint8_t> int8_keys;      // D x kInt8DotKeys, a sub-block's keys, transposed
+  AlignedBuffer<float> key_scales;            // sub-blocks x D / kQInt8Group x kInt8DotKeys
+  AlignedBuffer<std::int8_t> int8_values;     // sub-blocks x D x kInt8DotKeys, values interleaved
   AlignedBuffer<std::uint8_t> value_weights;  // rows x the bytes of quantize_value_weights
   AlignedBuffer<float> value_units;           // rows x D / kQInt8Group
   // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
@@ -303,6 +304,7 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
     }
 #endif
   }
+#if ATTNFORGE_INT8_DOT
   if constexpr (std::is_same_v<T, float>) {
     if (!s.int8_dot) return;
     for (Index r = 0; r < g.rows; ++r) {
@@ -311,6 +313,7 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
                          s.q_start.data() + r * (g.head_dim / kQInt8Group));
     }
   }
+#endif
 }
 
 // Softcap, score biases and exclusions of row r's scores for keys [j0, j0 + P) (log2
@@ -342,24 +345,28 @@ void mod_decode_scores(const DecodeGroup& g, const SdpaParams& params, Index r, 
   }
 }
 
-// The online softmax of every row over one block of scores, in place into weights.
+// The online softmax of every row over one block of `packets` packets of scores (row
+// stride packets x P), in place into weights: every packet is observed before the first
+// weight, so the whole block shares one reference.
 template <typename T>
-void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s) {
+void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s, Index packets = 1) {
   using Packet = simd::Packet<T>;
   constexpr int kP = simd::kWidth<T>;
   for (Index r = 0; r < g.rows; ++r) {
     KeyPacketSoftmax<T>& softmax = s.softmax[static_cast<std::size_t>(r)];
-    T* row = s.weights.data() + r * kP;
-    const Packet scores = simd::load_aligned<Packet>(row);
-    T alpha = T(1);
-    if (softmax.observe(scores, alpha)) {
-      T* out = s.out_rows.data() + r * g.hd;
-      for (Index d = 0; d < g.hd; d += kP) {
-        simd::store_aligned(
-            out + d, simd::mul(simd::load_aligned<Packet>(out + d), simd::splat<Packet>(alpha)));
+    T* row = s.weights.data() + r * packets * kP;
+    for (Index p = 0; p < packets; ++p) {
+      T alpha = T(1);
+      if (softmax.observe(simd::load_aligned<Packet>(row + p * kP), alpha)) {
+        T* out = s.out_rows.data() + r * g.hd;
+        for (Index d = 0; d < g.hd; d += kP) {
+          simd::store_aligned(
+              out + d, simd::mul(simd::load_aligned<Packet>(out + d), simd::splat<Packet>(alpha)));
+        }
       }
     }
-    simd::store_aligned(row, softmax.weights(scores));
+    for (Index p = 0; p < packets; ++p)
+      simd::store_aligned(row + p * kP, softmax.weights(simd::load_aligned<Packet>(row + p * kP)));
   }
 }
 
@@ -404,9 +411,10 @@ EIGEN_ALWAYS_INLINE void for_each_halving_row_block(Index n, F&& f, Index first 
   if constexpr (R > 1) for_each_halving_row_block<R / 2>(n, f, first);
 }
 
-// The int8 scores of every row of the group against the block's prepared keys, four rows
-// at a time (then two, then one).
-inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
+// The int8 scores of every row of the group against a sub-block's prepared keys, four rows
+// at a time (then two, then one), into out (row stride ldo).
+inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, float* out,
+                              Index ldo) {
 #if ATTNFORGE_INT8_DOT
   const Index groups = g.head_dim / kQInt8Group;
   const auto query = [&](Index r) {
@@ -417,48 +425,71 @@ inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s) {
     constexpr int kRows = decltype(rows)::value;
     Int8QueryRow q[kRows];
     for (int r = 0; r < kRows; ++r) q[r] = query(r0 + r);
-    int8_row_scores<kRows>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
-                           s.weights.data() + r0 * kInt8DotKeys, kInt8DotKeys);
+    int8_row_scores<kRows>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim, out + r0 * ldo,
+                           ldo);
   };
   for_each_halving_row_block<4>(g.rows, scores);
 #else
-  (void)g, (void)s;
+  (void)g, (void)s, (void)out, (void)ldo;
 #endif
 }
 
-// decode_block over a QInt8 cache with int8 dot products: the scores of every row from
-// the quantized queries, their softmax, then the value products from the interleaved
-// value rows and the rows' weights (times each key's group scales) in 16-bit integers.
+// decode_block over a QInt8 cache with int8 dot products, for a block of up to
+// kInt8DecodeKeys keys in sub-blocks of kInt8DotKeys: the scores of every row from the
+// quantized queries, their softmax over the whole block, then the value products from the
+// interleaved value rows and the rows' weights (times each key's group scales) in 16-bit
+// integers.
 template <typename P, typename F>
 void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
                        const DecodeBlockAt& ahead, bool check, DecodeScratch<float>& s) {
 #if ATTNFORGE_INT8_DOT
-  const QInt8* k_rows[kInt8DotKeys];  // keys past n_keys repeat key 0; masked below
-  const QInt8* v_rows[kInt8DotKeys];
-  block_rows(pb.k, g, j0, n_keys, k_rows);
-  block_rows(pb.v, g, j0, n_keys, v_rows);
+  constexpr Index kKeys = kInt8DotKeys;
+  const Index n_sub = (n_keys + kKeys - 1) / kKeys;
+  const auto sub_keys = [&](Index b) { return std::min(kKeys, n_keys - b * kKeys); };
   const Index groups = g.head_dim / kQInt8Group;
   const Index chunks = g.head_dim / kInt8DotChunk;
-  NextBlock next = next_block(pb, g, s, ahead, chunks * kInt8DotKeys, (g.rows + 3) / 4 * groups);
-  prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
-  next.k.finish();
-  int8_block_scores(g, s);
-  for (Index r = 0; r < g.rows; ++r) {
-    mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check,
-                                s.weights.data() + r * kInt8DotKeys);
+  const Index ldp = n_sub * kKeys;  // the scores' and weights' row stride
+  NextBlock next =
+      next_block(pb, g, s, ahead, n_sub * chunks * kKeys, n_sub * (g.rows + 3) / 4 * groups);
+  float* scores = s.weights.data();
+  for (Index b = 0; b < n_sub; ++b) {
+    const QInt8* k_rows[kKeys];  // keys past the sub-block's repeat its key 0; masked below
+    block_rows(pb.k, g, j0 + b * kKeys, sub_keys(b), k_rows);
+    prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
+    int8_block_scores(g, s, scores + b * kKeys, ldp);
   }
-  softmax_decode_block(g, s);
-  prepare_int8_values(v_rows, g.head_dim, s.int8_values.data());
+  next.k.finish();
+  for (Index r = 0; r < g.rows; ++r) {
+    for (Index b = 0; b < n_sub; ++b) {
+      mod_decode_scores<float, F>(g, pb.params, r, j0 + b * kKeys, sub_keys(b), check,
+                                  scores + r * ldp + b * kKeys);
+    }
+  }
+  softmax_decode_block(g, s, n_sub);
   float* v_scales = s.key_scales.data();  // the keys' scales are used up: now the values'
-  gather_group_scales(v_rows, g.head_dim, static_cast<__mmask16>((1u << n_keys) - 1), v_scales);
-  const Index ldw = value_weight_row_bytes(groups);
-  quantize_value_weights(s.weights.data(), g.rows, v_scales, groups, s.value_weights.data(), ldw,
+  for (Index b = 0; b < n_sub; ++b) {
+    const QInt8* v_rows[kKeys];
+    block_rows(pb.v, g, j0 + b * kKeys, sub_keys(b), v_rows);
+    prepare_int8_values(v_rows, g.head_dim, s.int8_values.data() + b * g.head_dim * kKeys);
+    gather_group_scales(v_rows, g.head_dim, static_cast<__mmask16>((1u << sub_keys(b)) - 1),
+                        v_scales + b * groups * kKeys);
+  }
+  const Index ldw = n_sub * value_weight_row_bytes(groups);
+  quantize_value_weights(scores, g.rows, ldp, v_scales, groups, n_sub, s.value_weights.data(), ldw,
                          s.value_units.data());
   float* out = s.out_rows.data();
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
-    int8_value_products<decltype(rows)::value>(
-        s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups,
-        s.int8_values.data(), g.head_dim, out + r0 * g.hd, g.hd, next.v);
+    constexpr int kRows = decltype(rows)::value;
+    const std::uint8_t* weights = s.value_weights.data() + r0 * ldw;
+    const float* units = s.value_units.data() + r0 * groups;
+    float* out_rows = out + r0 * g.hd;
+    if (n_sub == kInt8SubBlocks) {
+      int8_value_products<kRows, kInt8SubBlocks>(weights, ldw, units, s.int8_values.data(),
+                                                 g.head_dim, out_rows, g.hd, next.v);
+    } else {
+      int8_value_products<kRows, 1>(weights, ldw, units, s.int8_values.data(), g.head_dim, out_rows,
+                                    g.hd, next.v);
+    }
   });
   next.v.finish();
 #else
@@ -534,7 +565,8 @@ EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, Index b, const DecodeBlockA
   prefetch_rows<kWhen>(pb.v.row(b, block.head, block.j0), pb.v.stride(2), block.n, row_width);
 }
 
-// One block of P keys starting at j0: scores of every row, their softmax, the values.
+// One block of n_keys (<= s.block_keys) keys starting at j0: scores of every row, their
+// softmax, the values.
 // `ahead` is the block the kernels stream while they work (next_block).
 template <typename P, typename F>
 void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
@@ -547,8 +579,9 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
   // dense are asked for a block at a time, all at once, front to back.
   if (!g.dense_rows)
     prefetch_block<simd::ReadAt::kNow>(pb, g.b, {g.kv_head, j0, n_keys}, g.head_dim);
+  // Keys past n_keys in a block's last packet are masked (a block may hold several packets).
   const bool check =
-      check_keys || n_keys < kP || j0 < all_rows.first || j0 + n_keys > all_rows.last;
+      check_keys || n_keys % kP != 0 || j0 < all_rows.first || j0 + n_keys > all_rows.last;
   if constexpr (std::is_same_v<T, float> && is_qint8_v<typename P::KVScalar>) {
     if (s.int8_dot) {
       decode_block_int8<P, F>(pb, g, j0, n_keys, ahead, check, s);
@@ -583,21 +616,20 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
   next.v.finish();
 }
 
-// The blocks of keys [key_first, key_last) of KV heads [h0, h0 + n_heads), in the order a
-// worker reads them: a run of contiguous rows (a paged cache's block; a whole chunk
-// otherwise) for each head in turn, then the next run. When the heads share blocks
-// (kHeadsShareBlocks) that order reads each pool block front to back. A block never
-// crosses the end of a run.
+// The blocks (of block_keys keys or fewer) of keys [key_first, key_last) of KV heads
+// [h0, h0 + n_heads), in the order a worker reads them: a run of contiguous rows (a paged
+// cache's block; a whole chunk otherwise) for each head in turn, then the next run. When
+// the heads share blocks (kHeadsShareBlocks) that order reads each pool block front to
+// back. A block never crosses the end of a run.
 template <typename P>
 void plan_decode_blocks(const P& pb, Index h0, Index n_heads, Index key_first, Index key_last,
-                        std::vector<DecodeBlockAt>& order) {
-  constexpr Index kP = simd::kWidth<typename P::Compute>;
+                        Index block_keys, std::vector<DecodeBlockAt>& order) {
   order.clear();
   for (Index run = key_first, run_end = 0; run < key_last; run = run_end) {
     run_end = std::min(key_last, run + contiguous_rows(pb.k, run));
     for (Index h = h0; h < h0 + n_heads; ++h) {
-      for (Index j0 = run; j0 < run_end; j0 += kP)
-        order.push_back({h, j0, std::min(kP, run_end - j0)});
+      for (Index j0 = run; j0 < run_end; j0 += block_keys)
+        order.push_back({h, j0, std::min(block_keys, run_end - j0)});
     }
   }
 }
@@ -606,13 +638,13 @@ void plan_decode_blocks(const P& pb, Index h0, Index n_heads, Index key_first, I
 // which the unit of the next chunk starts with (a worker alone takes them in turn).
 template <typename P>
 DecodeBlockAt block_ahead(const P& pb, const std::vector<DecodeBlockAt>& order, std::size_t i,
-                          Index a, Index key_last) {
-  constexpr Index kP = simd::kWidth<typename P::Compute>;
+                          Index a, Index key_last, Index block_keys) {
   const std::size_t at = i + static_cast<std::size_t>(a);
   if (at < order.size()) return order[at];
-  const Index j = key_last + static_cast<Index>(at - order.size()) * kP, kv_len = pb.k.dimension(2);
+  const Index j = key_last + static_cast<Index>(at - order.size()) * block_keys;
+  const Index kv_len = pb.k.dimension(2);
   if (j >= kv_len) return {};
-  return {order.front().head, j, std::min({kP, kv_len - j, contiguous_rows(pb.k, j)})};
+  return {order.front().head, j, std::min({block_keys, kv_len - j, contiguous_rows(pb.k, j)})};
 }
 
 // The normalised outputs and lse (log2 units, no sink) of group g's rows into the partial
@@ -663,14 +695,14 @@ void decode_unit(const P& pb, DecodeGroup g, Index n_heads, Index chunk, Index c
     start_decode_rows<P, F>(pb, g, s);
     s.swap_with(parked(h));
   }
-  plan_decode_blocks(pb, h0, n_heads, key_first, key_last, s.order);
+  plan_decode_blocks(pb, h0, n_heads, key_first, key_last, s.block_keys, s.order);
   // The blocks before the stream's first: decode_block asks for each later one while it
   // works on an earlier one.
   const Index ahead = s.stream.blocks_ahead;
   if (g.dense_rows) {
     for (Index a = 0; a < ahead && !s.order.empty(); ++a) {
-      prefetch_block<simd::ReadAt::kNow>(pb, g.b, block_ahead(pb, s.order, 0, a, key_last),
-                                         g.head_dim);
+      prefetch_block<simd::ReadAt::kNow>(
+          pb, g.b, block_ahead(pb, s.order, 0, a, key_last, s.block_keys), g.head_dim);
     }
   }
   for (std::size_t i = 0; i < s.order.size(); ++i) {
@@ -680,8 +712,9 @@ void decode_unit(const P& pb, DecodeGroup g, Index n_heads, Index chunk, Index c
       g.kv_head = block.head;
       s.swap_with(parked(g.kv_head));
     }
-    decode_block<P, F>(pb, g, block.j0, block.n, block_ahead(pb, s.order, i, ahead, key_last),
-                       all_rows, F::kMasked && keys.check_keys, s);
+    decode_block<P, F>(pb, g, block.j0, block.n,
+                       block_ahead(pb, s.order, i, ahead, key_last, s.block_keys), all_rows,
+                       F::kMasked && keys.check_keys, s);
   }
   if (!s.order.empty()) s.swap_with(parked(g.kv_head));
   for (Index h = h0; h < h0 + n_heads; ++h) {
@@ -753,7 +786,8 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.parked.resize(size(ws.unit_heads));
     for (DecodeRowState<T>& state : s.parked)
       reserve_row_state(state, rows, head_dim, int8_dot, bf16_dot);
-    s.weights.resize(size(rows * kP));
+    s.block_keys = int8_dot ? kInt8DecodeKeys : kP;
+    s.weights.resize(size(rows * s.block_keys));
     s.keys.resize(convert_kv && !int8_dot && !bf16_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
@@ -762,9 +796,9 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.int8_dot = int8_dot;
     const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
     s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
-    s.key_scales.resize(size(kInt8DotKeys * groups));
-    s.int8_values.resize(s.int8_keys.size());
-    s.value_weights.resize(size(rows * value_weight_row_bytes(groups)));
+    s.key_scales.resize(size(kInt8SubBlocks * kInt8DotKeys * groups));
+    s.int8_values.resize(size(kInt8SubBlocks) * s.int8_keys.size());
+    s.value_weights.resize(size(rows * kInt8SubBlocks * value_weight_row_bytes(groups)));
     s.value_units.resize(size(rows * groups));
     s.bf16_dot = bf16_dot;
     s.weight_pairs.resize(bf16_dot ? size(rows * kP / 2) : 0);
