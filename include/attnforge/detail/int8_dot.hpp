@@ -283,7 +283,7 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
   return _mm512_reduce_max_ps(x);
 }
 
-// The value products' weights of a block of n_sub (<= kInt8SubBlocks) sub-blocks of 16
+// The value products' weights of a block of NSub (<= kInt8SubBlocks) sub-blocks of 16
 // keys: row r's weight of key j of sub-block b in scale group g is p[r][16 b + j] *
 // v_scale[b][g][j] (p: row stride ldp; v_scale[b] at v_scale + b * groups * 16, 16 floats
 // per group), written as a 16-bit integer w = round(p v_scale / unit[r][g]) with unit[r][g]
@@ -294,10 +294,12 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
 // product costs a bit or two where they fall on different keys, against 16 bits, and needs
 // rows + groups reductions instead of rows x groups. A NaN among a row's weights or a
 // group's scales makes its unit NaN, so those outputs become NaN as a float cache's would.
+template <int NSub>
 ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index rows, Index ldp,
                                                          const float* v_scale, Index groups,
-                                                         Index n_sub, std::uint8_t* weights,
-                                                         Index ldw, float* units) {
+                                                         std::uint8_t* weights, Index ldw,
+                                                         float* units) {
+  static_assert(NSub >= 1 && NSub <= kInt8SubBlocks, "a block holds 1 ... kInt8SubBlocks");
   constexpr float kSteps = 65535.0f;
   const __m512i low_byte = _mm512_set1_epi16(255);
   const Index sub_scales = groups * kInt8DotKeys, sub_weights = value_weight_row_bytes(groups);
@@ -305,14 +307,14 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
     float group_max[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int i = 0; i < 4 && g0 + i < groups; ++i) {
       __m512 top = _mm512_loadu_ps(v_scale + (g0 + i) * kInt8DotKeys);
-      for (Index b = 1; b < n_sub; ++b)  // max_or_nan below still sees a NaN: max keeps it
+      for (int b = 1; b < NSub; ++b)  // max_or_nan below still sees a NaN: max keeps it
         top =
             _mm512_max_ps(_mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys), top);
       group_max[i] = max_or_nan(top);
     }
     // v_scale / the group's max, in [0, 1]; 0 past groups, so those words are 0.
-    __m512 relative_scale[kInt8SubBlocks][4];
-    for (Index b = 0; b < n_sub; ++b) {
+    __m512 relative_scale[NSub][4];
+    for (int b = 0; b < NSub; ++b) {
       for (int i = 0; i < 4; ++i) {
         const __m512 scale =
             g0 + i < groups ? _mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys)
@@ -323,14 +325,14 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
     }
     for (Index r = 0; r < rows; ++r) {
       __m512 top = _mm512_loadu_ps(p + r * ldp);
-      for (Index b = 1; b < n_sub; ++b)
+      for (int b = 1; b < NSub; ++b)
         top = _mm512_max_ps(_mm512_loadu_ps(p + r * ldp + b * kInt8DotKeys), top);
       const float row_max = max_or_nan(top);
       const __m512 to_steps = _mm512_set1_ps(row_max > 0.0f ? kSteps / row_max : 0.0f);
       for (int i = 0; i < 4; ++i) {
         if (g0 + i < groups) units[r * groups + g0 + i] = row_max * group_max[i] / kSteps;
       }
-      for (Index b = 0; b < n_sub; ++b) {
+      for (int b = 0; b < NSub; ++b) {
         const __m512 in_steps =
             _mm512_mul_ps(_mm512_loadu_ps(p + r * ldp + b * kInt8DotKeys), to_steps);
         __m512i steps[4];

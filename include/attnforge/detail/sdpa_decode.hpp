@@ -475,22 +475,21 @@ void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
                         v_scales + b * groups * kKeys);
   }
   const Index ldw = n_sub * value_weight_row_bytes(groups);
-  quantize_value_weights(scores, g.rows, ldp, v_scales, groups, n_sub, s.value_weights.data(), ldw,
-                         s.value_units.data());
-  float* out = s.out_rows.data();
-  for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
-    constexpr int kRows = decltype(rows)::value;
-    const std::uint8_t* weights = s.value_weights.data() + r0 * ldw;
-    const float* units = s.value_units.data() + r0 * groups;
-    float* out_rows = out + r0 * g.hd;
-    if (n_sub == kInt8SubBlocks) {
-      int8_value_products<kRows, kInt8SubBlocks>(weights, ldw, units, s.int8_values.data(),
-                                                 g.head_dim, out_rows, g.hd, next.v);
-    } else {
-      int8_value_products<kRows, 1>(weights, ldw, units, s.int8_values.data(), g.head_dim, out_rows,
-                                    g.hd, next.v);
-    }
-  });
+  const auto value_pass = [&](auto sub_blocks) {
+    constexpr int kSub = decltype(sub_blocks)::value;
+    quantize_value_weights<kSub>(scores, g.rows, ldp, v_scales, groups, s.value_weights.data(), ldw,
+                                 s.value_units.data());
+    for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
+      int8_value_products<decltype(rows)::value, kSub>(
+          s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups,
+          s.int8_values.data(), g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd, next.v);
+    });
+  };
+  if (n_sub == kInt8SubBlocks) {
+    value_pass(std::integral_constant<int, kInt8SubBlocks>{});
+  } else {
+    value_pass(std::integral_constant<int, 1>{});
+  }
   next.v.finish();
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)ahead, (void)check, (void)s;
