@@ -214,41 +214,60 @@ ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, In
   gather_group_scales(rows, head_dim, 0xFFFF, scales);
 }
 
-// out[r][0, 16) = q_r . k_j for the 16 prepared keys (log2 units when q was scaled so),
-// for R query rows at once: each key load serves every row, and the R dependency chains
-// interleave. R is fixed so the accumulators stay in registers.
-template <int R>
+// out[r][16 b + j] = q_r . k_j for the 16 prepared keys of each of NSub sub-blocks (sub-block
+// b at keys + b * head_dim * 16, its scales at key_scales + b * head_dim / 2; log2 units when
+// q was scaled so), for R query rows at once: each key load serves every row and each
+// broadcast query word every sub-block, and the R x NSub dependency chains interleave. R
+// and NSub are fixed so the accumulators stay in registers.
+template <int R, int NSub>
 ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const std::uint8_t* keys,
                                                   const float* key_scales, Index head_dim,
                                                   float* out, Index ldo) {
-  __m512 score[R];
+  const Index sub_keys = head_dim * kInt8DotKeys, sub_scales = head_dim / kQInt8Group * 16;
+  __m512 score[NSub][R];
   ATTNFORGE_UNROLL
-  for (int r = 0; r < R; ++r) score[r] = _mm512_setzero_ps();
-  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
-    __m512i acc[R];
+  for (int b = 0; b < NSub; ++b) {
     ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_set1_epi32(q[r].start[g]);
+    for (int r = 0; r < R; ++r) score[b][r] = _mm512_setzero_ps();
+  }
+  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
+    __m512i acc[NSub][R];
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      ATTNFORGE_UNROLL
+      for (int b = 0; b < NSub; ++b) acc[b][r] = _mm512_set1_epi32(q[r].start[g]);
+    }
     const Index t0 = g * kQInt8Group / 4;
     ATTNFORGE_UNROLL
     for (Index t = t0; t < t0 + kQInt8Group / 4; ++t) {
-      const __m512i k = _mm512_loadu_si512(keys + t * 64);
+      __m512i k[NSub];
+      ATTNFORGE_UNROLL
+      for (int b = 0; b < NSub; ++b) k[b] = _mm512_loadu_si512(keys + b * sub_keys + t * 64);
       ATTNFORGE_UNROLL
       for (int r = 0; r < R; ++r) {
         std::int32_t bytes;
         std::memcpy(&bytes, q[r].row + 4 * t, sizeof(bytes));
-        acc[r] = _mm512_dpbusd_epi32(acc[r], k, _mm512_set1_epi32(bytes));
+        const __m512i word = _mm512_set1_epi32(bytes);
+        ATTNFORGE_UNROLL
+        for (int b = 0; b < NSub; ++b) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], k[b], word);
       }
     }
-    const __m512 k_scale = _mm512_loadu_ps(key_scales + g * 16);
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       const __m512 q_scale = _mm512_set1_ps(qint8_scale(q[r].row, head_dim, g));
-      score[r] =
-          _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[r]), q_scale), k_scale, score[r]);
+      ATTNFORGE_UNROLL
+      for (int b = 0; b < NSub; ++b) {
+        const __m512 k_scale = _mm512_loadu_ps(key_scales + b * sub_scales + g * 16);
+        score[b][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[b][r]), q_scale),
+                                      k_scale, score[b][r]);
+      }
     }
   }
   ATTNFORGE_UNROLL
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, score[r]);
+  for (int b = 0; b < NSub; ++b) {
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + b * 16, score[b][r]);
+  }
 }
 
 // The block's 16 value rows in the value products' layout, per scale group g (32 bytes of

@@ -82,7 +82,7 @@ struct DecodeScratch : DecodeRowState<T> {
   DecodeStreamPlan stream{1, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
-  AlignedBuffer<std::uint8_t> int8_keys;      // D x kInt8DotKeys, a sub-block's keys, transposed
+  AlignedBuffer<std::uint8_t> int8_keys;      // sub-blocks x D x kInt8DotKeys, keys transposed
   AlignedBuffer<float> key_scales;            // sub-blocks x D / kQInt8Group x kInt8DotKeys
   AlignedBuffer<std::int8_t> int8_values;     // sub-blocks x D x kInt8DotKeys, values interleaved
   AlignedBuffer<std::uint8_t> value_weights;  // rows x the bytes of quantize_value_weights
@@ -411,10 +411,10 @@ EIGEN_ALWAYS_INLINE void for_each_halving_row_block(Index n, F&& f, Index first 
   if constexpr (R > 1) for_each_halving_row_block<R / 2>(n, f, first);
 }
 
-// The int8 scores of every row of the group against a sub-block's prepared keys, four rows
-// at a time (then two, then one), into out (row stride ldo).
-inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, float* out,
-                              Index ldo) {
+// The int8 scores of every row of the group against the block's NSub prepared sub-blocks
+// of keys, four rows at a time (then two, then one), into out (row stride ldo).
+template <int NSub>
+void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, float* out, Index ldo) {
 #if ATTNFORGE_INT8_DOT
   const Index groups = g.head_dim / kQInt8Group;
   const auto query = [&](Index r) {
@@ -425,8 +425,8 @@ inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, flo
     constexpr int kRows = decltype(rows)::value;
     Int8QueryRow q[kRows];
     for (int r = 0; r < kRows; ++r) q[r] = query(r0 + r);
-    int8_row_scores<kRows>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim, out + r0 * ldo,
-                           ldo);
+    int8_row_scores<kRows, NSub>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
+                                 out + r0 * ldo, ldo);
   };
   for_each_halving_row_block<4>(g.rows, scores);
 #else
@@ -434,66 +434,69 @@ inline void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, flo
 #endif
 }
 
-// decode_block over a QInt8 cache with int8 dot products, for a block of up to
-// kInt8DecodeKeys keys in sub-blocks of kInt8DotKeys: the scores of every row from the
-// quantized queries, their softmax over the whole block, then the value products from the
-// interleaved value rows and the rows' weights (times each key's group scales) in 16-bit
-// integers.
-template <typename P, typename F>
-void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
-                       const DecodeBlockAt& ahead, bool check, DecodeScratch<float>& s) {
+// decode_block over a QInt8 cache with int8 dot products, for a block of NSub sub-blocks of
+// kInt8DotKeys keys (n_keys in all): the scores of every row from the quantized queries,
+// their softmax over the whole block, then the value products from the interleaved value
+// rows and the rows' weights (times each key's group scales) in 16-bit integers.
+template <int NSub, typename P, typename F>
+void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
+                            const DecodeBlockAt& ahead, bool check, DecodeScratch<float>& s) {
 #if ATTNFORGE_INT8_DOT
-  constexpr Index kKeys = kInt8DotKeys;
-  const Index n_sub = (n_keys + kKeys - 1) / kKeys;
-  const auto sub_keys = [&](Index b) { return std::min(kKeys, n_keys - b * kKeys); };
+  constexpr Index kKeys = kInt8DotKeys, kLd = NSub * kKeys;  // kLd: the scores' row stride
+  const auto sub_keys = [&](int b) { return std::min(kKeys, n_keys - b * kKeys); };
   const Index groups = g.head_dim / kQInt8Group;
   const Index chunks = g.head_dim / kInt8DotChunk;
-  const Index ldp = n_sub * kKeys;  // the scores' and weights' row stride
   NextBlock next =
-      next_block(pb, g, s, ahead, n_sub * chunks * kKeys, n_sub * (g.rows + 3) / 4 * groups);
-  float* scores = s.weights.data();
-  for (Index b = 0; b < n_sub; ++b) {
+      next_block(pb, g, s, ahead, NSub * chunks * kKeys, NSub * (g.rows + 3) / 4 * groups);
+  for (int b = 0; b < NSub; ++b) {
     const QInt8* k_rows[kKeys];  // keys past the sub-block's repeat its key 0; masked below
     block_rows(pb.k, g, j0 + b * kKeys, sub_keys(b), k_rows);
-    prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data(), s.key_scales.data(), next.k);
-    int8_block_scores(g, s, scores + b * kKeys, ldp);
+    prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data() + b * g.head_dim * kKeys,
+                      s.key_scales.data() + b * groups * kKeys, next.k);
   }
   next.k.finish();
+  float* scores = s.weights.data();
+  int8_block_scores<NSub>(g, s, scores, kLd);
   for (Index r = 0; r < g.rows; ++r) {
-    for (Index b = 0; b < n_sub; ++b) {
+    for (int b = 0; b < NSub; ++b) {
       mod_decode_scores<float, F>(g, pb.params, r, j0 + b * kKeys, sub_keys(b), check,
-                                  scores + r * ldp + b * kKeys);
+                                  scores + r * kLd + b * kKeys);
     }
   }
-  softmax_decode_block(g, s, n_sub);
+  softmax_decode_block(g, s, NSub);
   float* v_scales = s.key_scales.data();  // the keys' scales are used up: now the values'
-  for (Index b = 0; b < n_sub; ++b) {
+  for (int b = 0; b < NSub; ++b) {
     const QInt8* v_rows[kKeys];
     block_rows(pb.v, g, j0 + b * kKeys, sub_keys(b), v_rows);
     prepare_int8_values(v_rows, g.head_dim, s.int8_values.data() + b * g.head_dim * kKeys);
     gather_group_scales(v_rows, g.head_dim, static_cast<__mmask16>((1u << sub_keys(b)) - 1),
                         v_scales + b * groups * kKeys);
   }
-  const Index ldw = n_sub * value_weight_row_bytes(groups);
-  const auto value_pass = [&](auto sub_blocks) {
-    constexpr int kSub = decltype(sub_blocks)::value;
-    quantize_value_weights<kSub>(scores, g.rows, ldp, v_scales, groups, s.value_weights.data(), ldw,
-                                 s.value_units.data());
-    for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
-      int8_value_products<decltype(rows)::value, kSub>(
-          s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups,
-          s.int8_values.data(), g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd, next.v);
-    });
-  };
-  if (n_sub == kInt8SubBlocks) {
-    value_pass(std::integral_constant<int, kInt8SubBlocks>{});
-  } else {
-    value_pass(std::integral_constant<int, 1>{});
-  }
+  const Index ldw = NSub * value_weight_row_bytes(groups);
+  quantize_value_weights<NSub>(scores, g.rows, kLd, v_scales, groups, s.value_weights.data(), ldw,
+                               s.value_units.data());
+  for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
+    int8_value_products<decltype(rows)::value, NSub>(
+        s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups,
+        s.int8_values.data(), g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd, next.v);
+  });
   next.v.finish();
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)ahead, (void)check, (void)s;
 #endif
+}
+
+// decode_block over a QInt8 cache with int8 dot products: a block of up to kInt8DecodeKeys
+// keys, in as many sub-blocks of kInt8DotKeys as it needs.
+template <typename P, typename F>
+void decode_block_int8(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
+                       const DecodeBlockAt& ahead, bool check, DecodeScratch<float>& s) {
+  static_assert(kInt8SubBlocks == 2, "a block is one or two sub-blocks");
+  if (n_keys > kInt8DotKeys) {
+    decode_int8_sub_blocks<2, P, F>(pb, g, j0, n_keys, ahead, check, s);
+  } else {
+    decode_int8_sub_blocks<1, P, F>(pb, g, j0, n_keys, ahead, check, s);
+  }
 }
 
 // decode_block over a bf16 cache with bf16 dot products (bf16_dot.hpp): the scores of
@@ -794,9 +797,9 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.stream = stream;
     s.int8_dot = int8_dot;
     const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
-    s.int8_keys.resize(int8_dot ? size(kInt8DotKeys * head_dim) : 0);
+    s.int8_keys.resize(int8_dot ? size(kInt8SubBlocks * kInt8DotKeys * head_dim) : 0);
     s.key_scales.resize(size(kInt8SubBlocks * kInt8DotKeys * groups));
-    s.int8_values.resize(size(kInt8SubBlocks) * s.int8_keys.size());
+    s.int8_values.resize(s.int8_keys.size());
     s.value_weights.resize(size(rows * kInt8SubBlocks * value_weight_row_bytes(groups)));
     s.value_units.resize(size(rows * groups));
     s.bf16_dot = bf16_dot;
