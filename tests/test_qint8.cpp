@@ -787,6 +787,49 @@ TEST(QInt8SdpaValidation, Int8KernelDotProductRunsWhereItCanAndThrowsElsewhere) 
   }
 }
 
+// A non-finite key or value gives its group a NaN scale (QInt8Format above), and the decode
+// then reads NaN as a float cache would: a NaN key score makes its query rows NaN, a NaN
+// value group those rows' outputs in that group only; every other output stays finite.
+// Positions in either half of a 32-key block of the int8 dot products, and in a partial
+// last block, on both kernels.
+TEST(QInt8SdpaValidation, ANonFiniteKeyOrValueMakesExactlyTheOutputsAFloatCacheWouldNaN) {
+  constexpr Index kKvLen = 72, kHeadDim = 128, kKvHeads = 2, kRep = 4;
+  const auto k = test::random_normal<float, 4>({1, kKvHeads, kKvLen, kHeadDim}, 420);
+  const auto v = test::random_normal<float, 4>({1, kKvHeads, kKvLen, kHeadDim}, 421);
+  const auto q = test::random_normal<float, 4>({1, kKvHeads * kRep, 1, kHeadDim}, 422);
+  for (const float bad : {kNaN, kInfinity}) {
+    for (const bool in_value : {false, true}) {
+      for (const Index at : {Index{3}, Index{20}, Index{47}, Index{70}}) {
+        SCOPED_TRACE(::testing::Message()
+                     << bad << (in_value ? " value" : " key") << " at position " << at);
+        const Index kv_head = at % kKvHeads, d_bad = 40;  // group 1
+        Tensor<float, 4> k_bad = k, v_bad = v;
+        (in_value ? v_bad : k_bad)(0, kv_head, at, d_bad) = bad;
+        KVCache<QInt8> cache(1, kKvLen, kKvHeads, kHeadDim);
+        const KVPrefix<QInt8> rows = cache.update(k_bad, v_bad);
+        for (const Int8Kernel kernel : {Int8Kernel::kAuto, Int8Kernel::kDequantize}) {
+          SdpaOptions options;
+          options.int8_kernel = kernel;
+          Tensor<float, 4> out(q.dimensions());
+          Sdpa<float, QInt8> sdpa(options);
+          sdpa(q, rows.keys, rows.values, out);
+          for (Index h = 0; h < q.dimension(1); ++h) {
+            for (Index d = 0; d < kHeadDim; ++d) {
+              const bool in_group = d / kGroup == d_bad / kGroup;
+              const bool expect_nan = h / kRep == kv_head && (!in_value || in_group);
+              ASSERT_EQ(std::isnan(out(0, h, 0, d)), expect_nan)
+                  << "head " << h << ", d " << d << ", kernel " << static_cast<int>(kernel);
+              if (!expect_nan) {
+                ASSERT_TRUE(std::isfinite(out(0, h, 0, d)));
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Accuracy of each cache format: float queries over a float, bf16, fp16 and QInt8 cache of
 // the same keys and values, against the exact result on the original inputs (the

@@ -223,7 +223,8 @@ template <int R, int NSub>
 ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const std::uint8_t* keys,
                                                   const float* key_scales, Index head_dim,
                                                   float* out, Index ldo) {
-  const Index sub_keys = head_dim * kInt8DotKeys, sub_scales = head_dim / kQInt8Group * 16;
+  const Index sub_keys = head_dim * kInt8DotKeys;
+  const Index sub_scales = head_dim / kQInt8Group * kInt8DotKeys;
   __m512 score[NSub][R];
   ATTNFORGE_UNROLL
   for (int b = 0; b < NSub; ++b) {
@@ -257,7 +258,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
       const __m512 q_scale = _mm512_set1_ps(qint8_scale(q[r].row, head_dim, g));
       ATTNFORGE_UNROLL
       for (int b = 0; b < NSub; ++b) {
-        const __m512 k_scale = _mm512_loadu_ps(key_scales + b * sub_scales + g * 16);
+        const __m512 k_scale = _mm512_loadu_ps(key_scales + b * sub_scales + g * kInt8DotKeys);
         score[b][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[b][r]), q_scale),
                                       k_scale, score[b][r]);
       }
@@ -266,7 +267,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
   ATTNFORGE_UNROLL
   for (int b = 0; b < NSub; ++b) {
     ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + b * 16, score[b][r]);
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + b * kInt8DotKeys, score[b][r]);
   }
 }
 
@@ -275,7 +276,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
 // (128-bit half L, dword i) holding the quad's 4 bytes at d = 32 g + 16 L + 4 k + i.
 // Unpacks within 128-bit halves give that order; int8_value_products restores d's order
 // once per block, on the float sums. Not inlined: called once per 16 keys, its copies
-// inlined into decode_block_int8 ran out of registers there.
+// inlined into decode_int8_sub_blocks ran out of registers there.
 ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE inline void prepare_int8_values(const QInt8* const* rows,
                                                                         Index head_dim,
                                                                         std::int8_t* values) {
@@ -294,6 +295,12 @@ ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE inline void prepare_int8_values(const QI
       _mm256_storeu_si256(to + 3, _mm256_unpackhi_epi16(ab_high, cd_high));
     }
   }
+}
+
+// The lane-wise larger of a and b, NaN where either is NaN (_mm512_max_ps alone returns b
+// where one of them is NaN).
+ATTNFORGE_TARGET_VNNI inline __m512 max_keeping_nan(__m512 a, __m512 b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), _mm512_max_ps(a, b), a);
 }
 
 // The largest of 16 floats, NaN if any is NaN.
@@ -323,29 +330,27 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
   const __m512i low_byte = _mm512_set1_epi16(255);
   const Index sub_scales = groups * kInt8DotKeys, sub_weights = value_weight_row_bytes(groups);
   for (Index g0 = 0; g0 < groups; g0 += 4) {  // 4 groups at a time: one pack of 4 dwords
-    float group_max[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int i = 0; i < 4 && g0 + i < groups; ++i) {
-      __m512 top = _mm512_loadu_ps(v_scale + (g0 + i) * kInt8DotKeys);
-      for (int b = 1; b < NSub; ++b)  // max_or_nan below still sees a NaN: max keeps it
-        top =
-            _mm512_max_ps(_mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys), top);
-      group_max[i] = max_or_nan(top);
-    }
-    // v_scale / the group's max, in [0, 1]; 0 past groups, so those words are 0.
+    // The scales, then v_scale / the group's max, in [0, 1]; 0 past groups, so those words
+    // are 0.
     __m512 relative_scale[NSub][4];
-    for (int b = 0; b < NSub; ++b) {
-      for (int i = 0; i < 4; ++i) {
-        const __m512 scale =
+    float group_max[4];
+    for (int i = 0; i < 4; ++i) {
+      __m512 top = _mm512_setzero_ps();
+      for (int b = 0; b < NSub; ++b) {
+        relative_scale[b][i] =
             g0 + i < groups ? _mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys)
                             : _mm512_setzero_ps();
-        relative_scale[b][i] =
-            _mm512_mul_ps(scale, _mm512_set1_ps(group_max[i] > 0.0f ? 1.0f / group_max[i] : 0.0f));
+        top = b == 0 ? relative_scale[b][i] : max_keeping_nan(top, relative_scale[b][i]);
       }
+      group_max[i] = max_or_nan(top);
+      const __m512 inverse = _mm512_set1_ps(group_max[i] > 0.0f ? 1.0f / group_max[i] : 0.0f);
+      for (int b = 0; b < NSub; ++b)
+        relative_scale[b][i] = _mm512_mul_ps(relative_scale[b][i], inverse);
     }
     for (Index r = 0; r < rows; ++r) {
       __m512 top = _mm512_loadu_ps(p + r * ldp);
       for (int b = 1; b < NSub; ++b)
-        top = _mm512_max_ps(_mm512_loadu_ps(p + r * ldp + b * kInt8DotKeys), top);
+        top = max_keeping_nan(top, _mm512_loadu_ps(p + r * ldp + b * kInt8DotKeys));
       const float row_max = max_or_nan(top);
       const __m512 to_steps = _mm512_set1_ps(row_max > 0.0f ? kSteps / row_max : 0.0f);
       for (int i = 0; i < 4; ++i) {
