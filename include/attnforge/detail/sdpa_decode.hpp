@@ -74,11 +74,10 @@ template <typename T>
 struct DecodeScratch : DecodeRowState<T> {
   AlignedBuffer<T> keys, values;  // P x D, a key block converted to T (when stored as another type)
   AlignedBuffer<T> merged;        // D, one output row being merged
-  AlignedBuffer<T> weights;       // rows x block_keys, scores and then softmax weights of a block
+  AlignedBuffer<T> weights;       // rows x block_keys(), scores and softmax weights of a block
   std::vector<DecodeRowState<T>> parked;  // one per group of a unit; see decode_unit
   std::vector<DecodeBlockAt> order;       // the unit's blocks in the order they are read
   bool full_width_scores = false;         // the score packet (DecodeScoreWidth)
-  Index block_keys = 0;                   // keys per block: P, or kInt8DecodeKeys (int8 path)
   DecodeStreamPlan stream{1, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
@@ -91,6 +90,9 @@ struct DecodeScratch : DecodeRowState<T> {
   bool bf16_dot = false;
   AlignedBuffer<std::uint32_t> weight_pairs;  // rows x kBf16DotKeys / 2
   AlignedBuffer<std::uint16_t> zero_row;      // D zeros: the value row past a block's last key
+
+  // Keys per block: the packet, or kInt8DecodeKeys on the int8 path.
+  Index block_keys() const { return int8_dot ? kInt8DecodeKeys : simd::kWidth<T>; }
 };
 
 // Whether the decode of problem type P can take the bf16 dot products (bf16_dot.hpp).
@@ -567,7 +569,7 @@ EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, Index b, const DecodeBlockA
   prefetch_rows<kWhen>(pb.v.row(b, block.head, block.j0), pb.v.stride(2), block.n, row_width);
 }
 
-// One block of n_keys (<= s.block_keys) keys starting at j0: scores of every row, their
+// One block of n_keys (<= s.block_keys()) keys starting at j0: scores of every row, their
 // softmax, the values.
 // `ahead` is the block the kernels stream while they work (next_block).
 template <typename P, typename F>
@@ -697,14 +699,14 @@ void decode_unit(const P& pb, DecodeGroup g, Index n_heads, Index chunk, Index c
     start_decode_rows<P, F>(pb, g, s);
     s.swap_with(parked(h));
   }
-  plan_decode_blocks(pb, h0, n_heads, key_first, key_last, s.block_keys, s.order);
+  plan_decode_blocks(pb, h0, n_heads, key_first, key_last, s.block_keys(), s.order);
   // The blocks before the stream's first: decode_block asks for each later one while it
   // works on an earlier one.
   const Index ahead = s.stream.blocks_ahead;
   if (g.dense_rows) {
     for (Index a = 0; a < ahead && !s.order.empty(); ++a) {
       prefetch_block<simd::ReadAt::kNow>(
-          pb, g.b, block_ahead(pb, s.order, 0, a, key_last, s.block_keys), g.head_dim);
+          pb, g.b, block_ahead(pb, s.order, 0, a, key_last, s.block_keys()), g.head_dim);
     }
   }
   for (std::size_t i = 0; i < s.order.size(); ++i) {
@@ -715,7 +717,7 @@ void decode_unit(const P& pb, DecodeGroup g, Index n_heads, Index chunk, Index c
       s.swap_with(parked(g.kv_head));
     }
     decode_block<P, F>(pb, g, block.j0, block.n,
-                       block_ahead(pb, s.order, i, ahead, key_last, s.block_keys), all_rows,
+                       block_ahead(pb, s.order, i, ahead, key_last, s.block_keys()), all_rows,
                        F::kMasked && keys.check_keys, s);
   }
   if (!s.order.empty()) s.swap_with(parked(g.kv_head));
@@ -788,14 +790,13 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.parked.resize(size(ws.unit_heads));
     for (DecodeRowState<T>& state : s.parked)
       reserve_row_state(state, rows, head_dim, int8_dot, bf16_dot);
-    s.block_keys = int8_dot ? kInt8DecodeKeys : kP;
-    s.weights.resize(size(rows * s.block_keys));
+    s.int8_dot = int8_dot;
+    s.weights.resize(size(rows * s.block_keys()));
     s.keys.resize(convert_kv && !int8_dot && !bf16_dot ? size(kP * head_dim) : 0);
     s.values.resize(s.keys.size());
     s.merged.resize(size(hd));
     s.full_width_scores = full_width_scores;
     s.stream = stream;
-    s.int8_dot = int8_dot;
     const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
     s.int8_keys.resize(int8_dot ? size(kInt8SubBlocks * kInt8DotKeys * head_dim) : 0);
     s.key_scales.resize(size(kInt8SubBlocks * kInt8DotKeys * groups));
