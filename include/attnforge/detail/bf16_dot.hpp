@@ -70,20 +70,27 @@ ATTNFORGE_TARGET_BF16 inline void pair_dot_block(const std::uint16_t* a, Index a
                                                  const std::uint32_t* b, Index pairs, float* out) {
   constexpr int kLanes = 16 * C;
   __m512 acc[R][C];
+  ATTNFORGE_UNROLL
   for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
     for (int c = 0; c < C; ++c) {
       acc[r][c] = kAccumulate ? _mm512_loadu_ps(out + r * kLanes + 16 * c) : _mm512_setzero_ps();
     }
   }
   for (Index i = 0; i < pairs; ++i) {
     __m512bh bv[C];
+    ATTNFORGE_UNROLL
     for (int c = 0; c < C; ++c) bv[c] = (__m512bh)_mm512_loadu_si512(b + i * kLanes + 16 * c);
+    ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       const __m512bh av = broadcast_pair(a + r * a_row + i * a_pair);
+      ATTNFORGE_UNROLL
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, bv[c]);
     }
   }
+  ATTNFORGE_UNROLL
   for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * kLanes + 16 * c, acc[r][c]);
   }
 }
