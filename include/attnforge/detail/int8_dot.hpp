@@ -335,13 +335,13 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
     __m512 relative_scale[NSub][4];
     float group_max[4];
     for (int i = 0; i < 4; ++i) {
-      __m512 top = _mm512_setzero_ps();
       for (int b = 0; b < NSub; ++b) {
         relative_scale[b][i] =
             g0 + i < groups ? _mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys)
                             : _mm512_setzero_ps();
-        top = b == 0 ? relative_scale[b][i] : max_keeping_nan(top, relative_scale[b][i]);
       }
+      __m512 top = relative_scale[0][i];
+      for (int b = 1; b < NSub; ++b) top = max_keeping_nan(top, relative_scale[b][i]);
       group_max[i] = max_or_nan(top);
       const __m512 inverse = _mm512_set1_ps(group_max[i] > 0.0f ? 1.0f / group_max[i] : 0.0f);
       for (int b = 0; b < NSub; ++b)
