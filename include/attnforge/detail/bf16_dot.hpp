@@ -60,14 +60,16 @@ ATTNFORGE_TARGET_BF16 inline __m512bh broadcast_pair(const void* p) {
   return (__m512bh)_mm512_set1_epi32(bits);
 }
 
-// acc[r][c] += sum over the `pairs` pairs i of a(r, i) * b[i][c], where a(r, i) is the
+// acc[r][c] = sum over the `pairs` pairs i of a(r, i) * b[i][c], where a(r, i) is the
 // bf16 pair at a + r * a_row + i * a_pair (in bf16 elements) and b rows are `lanes`
-// 32-bit pairs (C = lanes / 16 vectors); acc rows are `lanes` floats at out + r * lanes.
-// Used as St = K Qt (a = K rows, pairs along D) and Ot += V^T Pt (a = paired V,
-// pairs along keys).
+// 32-bit pairs (C = lanes / 16 vectors); acc rows are `lanes` floats at out + r * lanes,
+// added to with kAccumulate, else overwritten with out_scale * acc (the multiply done in
+// registers, not in a pass over the tile). Used as St = K Qt (a = K rows, pairs along D)
+// and Ot += V^T Pt (a = paired V, pairs along keys).
 template <int R, int C, bool kAccumulate>
 ATTNFORGE_TARGET_BF16 inline void pair_dot_block(const std::uint16_t* a, Index a_row, Index a_pair,
-                                                 const std::uint32_t* b, Index pairs, float* out) {
+                                                 const std::uint32_t* b, Index pairs, float* out,
+                                                 float out_scale = 1.0f) {
   constexpr int kLanes = 16 * C;
   __m512 acc[R][C];
   ATTNFORGE_UNROLL
@@ -88,10 +90,52 @@ ATTNFORGE_TARGET_BF16 inline void pair_dot_block(const std::uint16_t* a, Index a
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], av, bv[c]);
     }
   }
+  const __m512 scale = _mm512_set1_ps(out_scale);
   ATTNFORGE_UNROLL
   for (int r = 0; r < R; ++r) {
     ATTNFORGE_UNROLL
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * kLanes + 16 * c, acc[r][c]);
+    for (int c = 0; c < C; ++c) {
+      _mm512_storeu_ps(out + r * kLanes + 16 * c,
+                       kAccumulate ? acc[r][c] : _mm512_mul_ps(acc[r][c], scale));
+    }
+  }
+}
+
+// A vpermw / vpermt2w index that interleaves two runs of 16 16-bit elements: output
+// element 2j takes element first + j, element 2j + 1 element second + j (for vpermt2w,
+// elements 32 ... 63 are those of the second source).
+ATTNFORGE_TARGET_BF16 inline __m512i interleave_index(int first, int second) {
+  alignas(64) std::uint16_t index[32];
+  for (int j = 0; j < 16; ++j) {
+    index[2 * j] = static_cast<std::uint16_t>(first + j);
+    index[2 * j + 1] = static_cast<std::uint16_t>(second + j);
+  }
+  return _mm512_load_si512(index);
+}
+
+// pair_value_rows (below) for 16-bit rows, 32 elements of a row pair per step: two
+// vpermt2w give the 32 pairs, where the generic loop widens and shifts each element.
+// Key tiles are paired once per work item that reads them, several times per tile.
+ATTNFORGE_TARGET_BF16 inline void pair_16bit_rows(const std::uint16_t* v, Index ldv,
+                                                  Index n_rows, Index width,
+                                                  std::uint32_t* pairs) {
+  const __m512i low = interleave_index(0, 32), high = interleave_index(16, 48);
+  for (Index i = 0; 2 * i < n_rows; ++i) {
+    const std::uint16_t* even = v + 2 * i * ldv;
+    const std::uint16_t* odd = 2 * i + 1 < n_rows ? even + ldv : nullptr;
+    std::uint32_t* to = pairs + i * width;
+    for (Index d = 0; d < width; d += 32) {
+      const Index left = width - d;
+      const __mmask32 in = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+      const __m512i e = _mm512_maskz_loadu_epi16(in, even + d);
+      const __m512i o = odd != nullptr ? _mm512_maskz_loadu_epi16(in, odd + d)
+                                       : _mm512_setzero_si512();
+      const __mmask16 out_low = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 out_high =
+          left >= 32 ? 0xFFFF : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
+      _mm512_mask_storeu_epi32(to + d, out_low, _mm512_permutex2var_epi16(e, low, o));
+      _mm512_mask_storeu_epi32(to + d + 16, out_high, _mm512_permutex2var_epi16(e, high, o));
+    }
   }
 }
 
@@ -100,22 +144,16 @@ ATTNFORGE_TARGET_BF16 inline void pair_dot_block(const std::uint16_t* a, Index a
 // Ot += V^T Pt. Round to nearest even.
 ATTNFORGE_TARGET_BF16 inline void pair_rows_to_bf16(const float* p, Index n_rows, Index lanes,
                                                     std::uint32_t* pairs) {
-  // vpermt2w index: output 16-bit element 2j takes element j of the first source (row
-  // 2i), element 2j+1 element j of the second (row 2i+1).
-  alignas(64) std::uint16_t index[32];
-  for (int j = 0; j < 16; ++j) {
-    index[2 * j] = static_cast<std::uint16_t>(j);
-    index[2 * j + 1] = static_cast<std::uint16_t>(32 + j);
-  }
-  const __m512i idx = _mm512_loadu_si512(index);
+  // One conversion rounds both rows (row 2i to the low 16 bf16 elements, row 2i+1 to the
+  // high 16), one vpermw interleaves them.
+  const __m512i idx = interleave_index(0, 16);
   for (Index i = 0; 2 * i < n_rows; ++i) {
     for (Index lane = 0; lane < lanes; lane += 16) {
       const __m512 even = _mm512_loadu_ps(p + 2 * i * lanes + lane);
       const __m512 odd = 2 * i + 1 < n_rows ? _mm512_loadu_ps(p + (2 * i + 1) * lanes + lane)
                                             : _mm512_setzero_ps();
-      const __m512i e = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(even));
-      const __m512i o = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(odd));
-      _mm512_storeu_si512(pairs + i * lanes + lane, _mm512_permutex2var_epi16(e, idx, o));
+      _mm512_storeu_si512(pairs + i * lanes + lane,
+                          _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(odd, even)));
     }
   }
 }
@@ -288,6 +326,11 @@ void pair_query_rows(const S* const* rows, Index lanes, Index pairs, std::uint32
 template <typename S>
 void pair_value_rows(const S* v, Index ldv, Index n_rows, Index width, std::uint32_t* pairs) {
   static_assert(sizeof(S) == 2, "pairs of 16-bit values");
+#if ATTNFORGE_BF16_DOT
+  // Only the dot-product kernel pairs rows, and only after cpu_has_avx512_bf16(). The
+  // rows are read by vector loads only, which may read any type.
+  pair_16bit_rows(reinterpret_cast<const std::uint16_t*>(v), ldv, n_rows, width, pairs);
+#else
   const auto bits = [](const S& x) {
     std::uint16_t b;
     std::memcpy(&b, &x, sizeof(b));
@@ -300,6 +343,7 @@ void pair_value_rows(const S* v, Index ldv, Index n_rows, Index width, std::uint
       pairs[i * width + d] = bits(even[d]) | ((odd ? bits(odd[d]) : 0u) << 16);
     }
   }
+#endif
 }
 
 }  // namespace attnforge::detail

@@ -426,15 +426,14 @@ void tile_scores(const TileContext<P>& ctx, const QueryTileState<typename P::Com
     constexpr int kR = kC >= 4 ? 6 : 12;
     const Index ldk = ctx.pb.k.stride(2);
     const std::uint16_t* k_bits = kv.key_bits + (keys.n0 - keys.tile_first) * ldk;
+    // Scaled (and by log2 e, without softcap) as they are stored, the queries having
+    // stayed bf16.
+    const auto scale = static_cast<float>(ctx.pb.params.scale * (F::kSoftcap ? 1.0 : kLog2e));
     for_each_row_block<kR>(keys.n_keys, [&](auto rows, Index r0) {
-      pair_dot_block<decltype(rows)::value, kC, false>(
-          k_bits + r0 * ldk, ldk, 2, state.q_pairs.data(), ctx.head_dim / 2, st + r0 * B::kLanes);
+      pair_dot_block<decltype(rows)::value, kC, false>(k_bits + r0 * ldk, ldk, 2,
+                                                       state.q_pairs.data(), ctx.head_dim / 2,
+                                                       st + r0 * B::kLanes, scale);
     });
-    // Scale (and log2 e, without softcap) here, the queries having stayed bf16.
-    const Packet scale =
-        simd::splat<Packet>(static_cast<T>(ctx.pb.params.scale * (F::kSoftcap ? 1.0 : kLog2e)));
-    for (Index i = 0; i < n_scores; i += B::kPacket)
-      simd::store_aligned(st + i, simd::mul(simd::load_aligned<Packet>(st + i), scale));
 #endif
   } else {
     const Index ldk = kv.key_stride;

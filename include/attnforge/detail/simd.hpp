@@ -411,36 +411,51 @@ EIGEN_ALWAYS_INLINE P exp2(const P& x) {
   constexpr S kMaxExponent = S(std::numeric_limits<S>::max_exponent);      // 128
   constexpr S kMinExponent = S(std::numeric_limits<S>::min_exponent - 1);  // -126
   const P lo = splat<P>(kMinExponent);
-  const P clamped = ei::pmin(ei::pmax(x, lo), splat<P>(kMaxExponent));
+  // Lanes below the range come out 0 whatever the polynomial gives them (the select at
+  // the end), so the lower clamp only keeps their intermediate values tame. Where that
+  // select is the zero-masking of the AVX-512 scale itself, they go in unclamped.
+#if defined(EIGEN_VECTORIZE_AVX512)
+  constexpr bool kMaskedScale = std::is_same_v<P, ei::Packet16f> || std::is_same_v<P, ei::Packet8d>;
+#else
+  constexpr bool kMaskedScale = false;
+#endif
+  const P clamped = ei::pmin(kMaskedScale ? x : ei::pmax(x, lo), splat<P>(kMaxExponent));
   const P n = ei::print(clamped);
   const P f = ei::psub(clamped, n);
   P poly = splat<P>(S(exp2_taylor_coefficient(kExp2Degree<S>)));
   for (int k = kExp2Degree<S> - 1; k >= 0; --k) {
     poly = ei::pmadd(poly, f, splat<P>(S(exp2_taylor_coefficient(k))));
   }
-  P result;
 #if defined(EIGEN_VECTORIZE_AVX512)
   // poly * 2^n in one instruction: exact, like the multiplications below, and n = 128
-  // still overflows to inf. The softmax's exp2 is a visible part of a tile's work.
+  // still overflows to inf. The softmax's exp2 is a visible part of a tile's work, so
+  // the flush below the range (the select at the end) is that instruction's
+  // zero-masking, its compare left in a mask register (the generic select turns it into
+  // a vector and back).
   if constexpr (std::is_same_v<P, ei::Packet16f>) {
-    result = _mm512_scalef_ps(poly, n);
+    return _mm512_maskz_scalef_ps(
+        static_cast<__mmask16>(~_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ)), poly, n);
   } else if constexpr (std::is_same_v<P, ei::Packet8d>) {
-    result = _mm512_scalef_pd(poly, n);
+    return _mm512_maskz_scalef_pd(
+        static_cast<__mmask8>(~_mm512_cmp_pd_mask(x, lo, _CMP_LT_OQ)), poly, n);
   } else
 #endif
-  if constexpr (std::is_same_v<S, float>) {
-    // 2^n built directly in the exponent field; n = 128 (overflow) is split as
-    // 2^(n-1) * 2 so the biased exponent stays representable.
-    using PacketI = typename ei::unpacket_traits<P>::integer_packet;
-    const P n_low = ei::pmin(n, splat<P>(kMaxExponent - 1));
-    const PacketI biased = ei::pcast<P, PacketI>(ei::padd(n_low, splat<P>(127.0f)));
-    const P two_n = ei::preinterpret<P>(ei::plogical_shift_left<23>(biased));
-    result = ei::pmul(ei::pmul(poly, two_n), ei::padd(splat<P>(1.0f), ei::psub(n, n_low)));
-  } else {
-    result = ei::pldexp(poly, n);  // Eigen has no integer packet for double
+  {
+    P result;
+    if constexpr (std::is_same_v<S, float>) {
+      // 2^n built directly in the exponent field; n = 128 (overflow) is split as
+      // 2^(n-1) * 2 so the biased exponent stays representable.
+      using PacketI = typename ei::unpacket_traits<P>::integer_packet;
+      const P n_low = ei::pmin(n, splat<P>(kMaxExponent - 1));
+      const PacketI biased = ei::pcast<P, PacketI>(ei::padd(n_low, splat<P>(127.0f)));
+      const P two_n = ei::preinterpret<P>(ei::plogical_shift_left<23>(biased));
+      result = ei::pmul(ei::pmul(poly, two_n), ei::padd(splat<P>(1.0f), ei::psub(n, n_low)));
+    } else {
+      result = ei::pldexp(poly, n);  // Eigen has no integer packet for double
+    }
+    // Flush everything below the normal range (and -inf) to exactly 0.
+    return ei::pselect(ei::pcmp_lt(x, lo), zero<P>(), result);
   }
-  // Flush everything below the normal range (and -inf) to exactly 0.
-  return ei::pselect(ei::pcmp_lt(x, lo), zero<P>(), result);
 }
 
 // tanh(x) for a packet, used by the logit softcap (s = c * tanh(s / c), so its absolute
