@@ -130,11 +130,11 @@ ATTNFORGE_TARGET_BF16 inline void pair_16bit_rows(const std::uint16_t* v, Index 
       const __m512i e = _mm512_maskz_loadu_epi16(in, even + d);
       const __m512i o = odd != nullptr ? _mm512_maskz_loadu_epi16(in, odd + d)
                                        : _mm512_setzero_si512();
-      const __mmask16 out_low = left >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << left) - 1);
-      const __mmask16 out_high =
-          left >= 32 ? 0xFFFF : left > 16 ? static_cast<__mmask16>((1u << (left - 16)) - 1) : 0;
-      _mm512_mask_storeu_epi32(to + d, out_low, _mm512_permutex2var_epi16(e, low, o));
-      _mm512_mask_storeu_epi32(to + d + 16, out_high, _mm512_permutex2var_epi16(e, high, o));
+      // Pair j of the low (high) 16 exists where element j (16 + j) was loaded.
+      _mm512_mask_storeu_epi32(to + d, static_cast<__mmask16>(in),
+                               _mm512_permutex2var_epi16(e, low, o));
+      _mm512_mask_storeu_epi32(to + d + 16, static_cast<__mmask16>(in >> 16),
+                               _mm512_permutex2var_epi16(e, high, o));
     }
   }
 }
