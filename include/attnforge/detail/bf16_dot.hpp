@@ -14,6 +14,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "attnforge/detail/avx512_transpose.hpp"
 #include "attnforge/detail/cpu_features.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/tensor.hpp"
@@ -135,6 +136,28 @@ ATTNFORGE_TARGET_BF16 inline void pair_16bit_rows(const std::uint16_t* v, Index 
                                _mm512_permutex2var_epi16(e, low, o));
       _mm512_mask_storeu_epi32(to + d + 16, static_cast<__mmask16>(in >> 16),
                                _mm512_permutex2var_epi16(e, high, o));
+    }
+  }
+}
+
+// pair_query_rows (below) for lanes a multiple of 16: per 16 lanes and 16 pairs, the
+// rows' 64-byte runs transposed in registers (a null row reads as zeros, the last
+// pairs % 16 by masked loads and stores). Once per query tile, where the generic loop
+// moves each pair by itself.
+ATTNFORGE_TARGET_BF16 inline void transpose_pair_rows(const void* const* rows, Index lanes,
+                                                      Index pairs, std::uint32_t* qt) {
+  for (Index l0 = 0; l0 < lanes; l0 += 16) {
+    for (Index i0 = 0; i0 < pairs; i0 += 16) {
+      const Index left = pairs - i0;
+      const __mmask16 in = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      __m512i v[16];
+      for (int j = 0; j < 16; ++j) {
+        const auto* row = static_cast<const std::uint32_t*>(rows[l0 + j]);
+        v[j] = row != nullptr ? _mm512_maskz_loadu_epi32(in, row + i0) : _mm512_setzero_si512();
+      }
+      transpose_16x16(v);
+      for (Index t = 0; t < std::min<Index>(left, 16); ++t)
+        _mm512_storeu_si512(qt + (i0 + t) * lanes + l0, v[t]);
     }
   }
 }
@@ -305,20 +328,27 @@ inline void unpermute_bf16_decode_row(const float* src, Index head_dim, float sc
 
 // qt[i][lane] = (q_lane[2i], q_lane[2i+1]) for i < head_dim / 2: the query rows of a
 // tile as bf16 pairs, lanes along the row (0 for lanes whose row is null). A bit copy:
-// the two bf16 of a pair are read as one 32-bit word (std::memcpy, so the rows keep their
-// own type: reading them through a pointer of another type would break aliasing rules).
+// the two bf16 of a pair are one 32-bit word, so this is a transpose of 32-bit words.
 template <typename S>
 void pair_query_rows(const S* const* rows, Index lanes, Index pairs, std::uint32_t* qt) {
   static_assert(sizeof(S) == 2, "pairs of 16-bit values");
+#if ATTNFORGE_BF16_DOT
+  // As pair_value_rows: called only by the dot-product kernel, and the rows are read by
+  // vector loads only.
+  transpose_pair_rows(reinterpret_cast<const void* const*>(rows), lanes, pairs, qt);
+#else
   for (Index lane = 0; lane < lanes; ++lane) {
     const S* row = rows[lane];
     for (Index i = 0; i < pairs; ++i) {
+      // std::memcpy, so the rows keep their own type (a read through a pointer of another
+      // type would break aliasing rules).
       std::uint16_t pair[2] = {0, 0};
       if (row) std::memcpy(pair, row + 2 * i, sizeof(pair));
       qt[i * lanes + lane] =
           static_cast<std::uint32_t>(pair[0]) | (static_cast<std::uint32_t>(pair[1]) << 16);
     }
   }
+#endif
 }
 
 // pairs[i][d] = (v[2i][d], v[2i+1][d]) for i < ceil(n_rows / 2) (0 past the last row):

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <limits>
 
+#include "attnforge/detail/avx512_transpose.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
@@ -117,35 +118,6 @@ ATTNFORGE_TARGET_VNNI inline void quantize_query_row(const float* q, Index head_
     std::memcpy(row + qint8_scale_offset(head_dim) + g * Index{sizeof(float)}, &scale,
                 sizeof(float));
     start[g] = -128 * _mm512_reduce_add_epi32(sum);
-  }
-}
-
-// Transposes 16 rows of 16 int32 in place: v[i] lane j becomes v[j] lane i.
-ATTNFORGE_TARGET_VNNI inline void transpose_16x16(__m512i v[16]) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(v[i], v[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(v[i], v[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    v[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    v[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    v[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    v[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // Each 128-bit block of v[i] now holds 4 consecutive columns of 4 rows: rows 4 (i / 4)
-  // ... + 3 within the block, columns 4 * block + {0 1 2 3} in the order i % 4 picks.
-  for (int i = 0; i < 4; ++i) {
-    t[i] = _mm512_shuffle_i32x4(v[i], v[i + 4], _MM_SHUFFLE(2, 0, 2, 0));
-    t[i + 4] = _mm512_shuffle_i32x4(v[i], v[i + 4], _MM_SHUFFLE(3, 1, 3, 1));
-    t[i + 8] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], _MM_SHUFFLE(2, 0, 2, 0));
-    t[i + 12] = _mm512_shuffle_i32x4(v[i + 8], v[i + 12], _MM_SHUFFLE(3, 1, 3, 1));
-  }
-  for (int i = 0; i < 4; ++i) {
-    v[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], _MM_SHUFFLE(2, 0, 2, 0));
-    v[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], _MM_SHUFFLE(3, 1, 3, 1));
-    v[i + 4] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], _MM_SHUFFLE(2, 0, 2, 0));
-    v[i + 12] = _mm512_shuffle_i32x4(t[i + 4], t[i + 12], _MM_SHUFFLE(3, 1, 3, 1));
   }
 }
 
