@@ -9,13 +9,14 @@
 #include <string>
 #include <vector>
 
+#include "attnforge/detail/bf16_dot.hpp"
 #include "attnforge/detail/online_softmax.hpp"
 #include "attnforge/detail/simd.hpp"
 
 namespace attnforge::detail {
 namespace {
 
-template <typename T>
+template <typename T, int kDegree = simd::kExp2Degree<T>>
 std::vector<T> apply_exp2(const std::vector<T>& xs) {
   using Packet = simd::Packet<T>;
   constexpr int kSize = simd::kWidth<T>;
@@ -23,7 +24,7 @@ std::vector<T> apply_exp2(const std::vector<T>& xs) {
   in.resize((xs.size() + kSize - 1) / kSize * kSize, T(0));
   std::vector<T> out(in.size());
   for (std::size_t i = 0; i < in.size(); i += kSize) {
-    simd::store(out.data() + i, simd::exp2(simd::load<Packet>(in.data() + i)));
+    simd::store(out.data() + i, simd::exp2<Packet, kDegree>(simd::load<Packet>(in.data() + i)));
   }
   out.resize(xs.size());
   return out;
@@ -31,11 +32,11 @@ std::vector<T> apply_exp2(const std::vector<T>& xs) {
 
 // Max relative error of exp2 against std::exp2 in long double over a dense grid of
 // [lo, hi), in units of the type's epsilon (1 ulp of a value in [1, 2)).
-template <typename T>
+template <typename T, int kDegree = simd::kExp2Degree<T>>
 double exp2_max_error_ulp(double lo, double hi, int points) {
   std::vector<T> xs(static_cast<std::size_t>(points));
   for (int i = 0; i < points; ++i) xs[i] = static_cast<T>(lo + (hi - lo) * i / points);
-  const std::vector<T> ys = apply_exp2(xs);
+  const std::vector<T> ys = apply_exp2<T, kDegree>(xs);
   double worst = 0;
   for (int i = 0; i < points; ++i) {
     const long double ref = std::exp2(static_cast<long double>(xs[i]));
@@ -68,6 +69,24 @@ TEST(Simd, Exp2IsExactAtIntegersAndZeroBelowRange) {
   const std::vector<double> flushed_d =
       apply_exp2(std::vector<double>{-1022.5, -std::numeric_limits<double>::infinity()});
   for (double y : flushed_d) EXPECT_EQ(y, 0.0);
+}
+
+// The bf16 prefill's weights (kBf16WeightExp2Degree): the stated 5.6e-5 truncation error
+// plus float rounding, at most 1/32 of the bf16 rounding (2^-9) that follows; still exact
+// at integers and 0 below the range.
+TEST(Simd, Exp2OfTheBf16WeightsDegreeIsWithinItsStatedError) {
+  constexpr int kDegree = kBf16WeightExp2Degree;
+  const double worst = exp2_max_error_ulp<float, kDegree>(-30.0, 8.0, 1 << 20) *
+                       std::numeric_limits<float>::epsilon();
+  EXPECT_LE(worst, 5.6e-5 + 4 * std::numeric_limits<float>::epsilon());
+  EXPECT_LE(worst, std::exp2(-9.0) / 32);
+  EXPECT_GE(worst, 1e-5);  // the degree is the lower one, not the full polynomial
+  const std::vector<float> xs{0.0f, 1.0f, -1.0f, 10.0f, -126.0f, 127.0f};
+  const std::vector<float> ys = apply_exp2<float, kDegree>(xs);
+  for (std::size_t i = 0; i < xs.size(); ++i) EXPECT_EQ(ys[i], std::exp2(xs[i])) << xs[i];
+  const float inf = std::numeric_limits<float>::infinity();
+  for (float y : apply_exp2<float, kDegree>(std::vector<float>{-126.5f, -200.0f, -inf}))
+    EXPECT_EQ(y, 0.0f);
 }
 
 TEST(Simd, TanhFloatWithinStatedAbsoluteError) {

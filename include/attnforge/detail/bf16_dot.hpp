@@ -37,6 +37,11 @@ inline constexpr bool kHasBf16DotKernel = ATTNFORGE_BF16_DOT != 0;
 inline constexpr Index kBf16DotKeys = 16;
 inline constexpr Index kBf16DotChunk = 32;
 
+// Degree of the exp2 (simd::exp2) of the prefill's softmax weights, which are rounded to
+// bf16 (relative error up to 2^-9) before the value products: its error, 5.6e-5, is 1/35
+// of that rounding, and the row sums it also feeds are applied to bf16 outputs.
+inline constexpr int kBf16WeightExp2Degree = 4;
+
 // Whether a decode with Compute over a KVScalar cache can take the bf16 dot products: by
 // its types (float compute over bf16 keys and values, the kernels compiled in, an AVX-512
 // build, where a block of scores is one float packet), and then by head_dim (a multiple of

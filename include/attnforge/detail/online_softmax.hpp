@@ -74,8 +74,8 @@ struct SoftmaxStats {
 
   // The weight function w(s) = exp2(s - base()) for packets P of scores of these rows (V
   // a packet) or of keys of this row (V a scalar), with the base taken once for a block;
-  // the caller adds the weights to `sum`.
-  template <typename P>
+  // the caller adds the weights to `sum`. kDegree: simd::exp2's.
+  template <typename P, int kDegree = simd::kExp2Degree<simd::Scalar<P>>>
   auto weights() const {
     P shift;
     if constexpr (!kAlongLanes) {
@@ -83,7 +83,7 @@ struct SoftmaxStats {
     } else {
       shift = base();
     }
-    return [shift](const P& scores) { return simd::exp2(simd::sub(scores, shift)); };
+    return [shift](const P& scores) { return simd::exp2<P, kDegree>(simd::sub(scores, shift)); };
   }
 };
 

@@ -527,8 +527,8 @@ void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compu
 }
 
 // 4. The online softmax of one key tile: statistics, the (rare) rescale of Ot, and the
-// weights P in place of the scores.
-template <typename T>
+// weights P in place of the scores, their exp2 of degree kDegree (simd::exp2).
+template <typename T, int kDegree = simd::kExp2Degree<T>>
 void softmax_tile(QueryTileState<T>& state, Index n_keys, Index head_dim, T* st) {
   using B = FusedBlocking<T>;
   using Packet = simd::Packet<T>;
@@ -545,7 +545,7 @@ void softmax_tile(QueryTileState<T>& state, Index n_keys, Index head_dim, T* st)
     rescale |= stats.observe(tile_max, alpha);
     simd::store_aligned(state.alpha.data() + lane, alpha);
     Packet sum = simd::zero<Packet>();
-    const auto weight_of = stats.template weights<Packet>();
+    const auto weight_of = stats.template weights<Packet, kDegree>();
     for (Index n = 0; n < n_keys; ++n) {
       T* p = st + n * B::kLanes + lane;
       const Packet weight = weight_of(simd::load_aligned<Packet>(p));
@@ -615,7 +615,12 @@ void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
   tile_scores<P, F>(ctx, state, kv, keys, scores);
   if constexpr (F::kBiased) bias_tile(ctx, state, keys, scores);
   if (cls == TileClass::kPartial) mask_tile(ctx, state, keys, scores);
-  softmax_tile(state, keys.n_keys, ctx.head_dim, scores);
+  if constexpr (F::kBf16Dot) {
+    softmax_tile<typename P::Compute, kBf16WeightExp2Degree>(state, keys.n_keys, ctx.head_dim,
+                                                            scores);
+  } else {
+    softmax_tile(state, keys.n_keys, ctx.head_dim, scores);
+  }
   accumulate_values<P, F>(ctx, state, kv, keys, scores, weight_pairs);
 }
 
