@@ -10,6 +10,7 @@
 // and bf16 tiles are converted to float instead.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
