@@ -615,12 +615,9 @@ void attend_key_tile(const TileContext<P>& ctx, Index kt, TileClass cls,
   tile_scores<P, F>(ctx, state, kv, keys, scores);
   if constexpr (F::kBiased) bias_tile(ctx, state, keys, scores);
   if (cls == TileClass::kPartial) mask_tile(ctx, state, keys, scores);
-  if constexpr (F::kBf16Dot) {
-    softmax_tile<typename P::Compute, kBf16WeightExp2Degree>(state, keys.n_keys, ctx.head_dim,
-                                                            scores);
-  } else {
-    softmax_tile(state, keys.n_keys, ctx.head_dim, scores);
-  }
+  using T = typename P::Compute;
+  constexpr int kDegree = F::kBf16Dot ? kBf16WeightExp2Degree : simd::kExp2Degree<T>;
+  softmax_tile<T, kDegree>(state, keys.n_keys, ctx.head_dim, scores);
   accumulate_values<P, F>(ctx, state, kv, keys, scores, weight_pairs);
 }
 
