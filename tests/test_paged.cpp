@@ -109,6 +109,38 @@ TEST(PagedKVCache, FreedBlocksReturnToThePoolAndAreReused) {
   EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(b), k2));
 }
 
+// Sequences that grow a block at a time in turn, as decode steps grow them, each get
+// their blocks side by side in the pool (FreeBlocks), so the decode streams each one.
+TEST(PagedKVCache, SequencesGrowingInTurnKeepTheirBlocksSideBySide) {
+  constexpr Index kSeqs = 8, kBlocksEach = 16;
+  PagedKVCache<float> cache(kSeqs * kBlocksEach, 16, kKvHeads, kHeadDim);
+  std::vector<SeqId> seqs;
+  for (Index s = 0; s < kSeqs; ++s) seqs.push_back(cache.add_sequence());
+  const Tensor<float, 3> k = rows(16, 80), v = rows(16, 81);
+  for (Index b = 0; b < kBlocksEach; ++b) {
+    for (SeqId id : seqs) cache.append(id, ConstView<float, 3>(k), ConstView<float, 3>(v));
+  }
+  EXPECT_EQ(cache.free_blocks(), 0);
+  std::vector<Index> firsts;
+  for (SeqId id : seqs) {
+    const std::vector<Index>& table = cache.block_table(id);
+    ASSERT_EQ(table.size(), static_cast<std::size_t>(kBlocksEach));
+    for (std::size_t i = 1; i < table.size(); ++i) EXPECT_EQ(table[i], table[i - 1] + 1) << id;
+    firsts.push_back(table.front());
+  }
+  // Each new sequence started in the middle of the longest free run: 0, 64, 32, 96, 16, ...
+  EXPECT_THAT(firsts, ::testing::ElementsAre(0, 64, 32, 96, 16, 48, 80, 112));
+
+  // Freed blocks are found again: a fragmented pool still hands out every free block.
+  for (std::size_t s = 0; s < seqs.size(); s += 2) cache.free_sequence(seqs[s]);
+  const SeqId big = cache.add_sequence();
+  const Tensor<float, 3> k2 = rows(kSeqs / 2 * kBlocksEach * 16, 82),
+                         v2 = rows(kSeqs / 2 * kBlocksEach * 16, 83);
+  cache.append(big, ConstView<float, 3>(k2), ConstView<float, 3>(v2));
+  EXPECT_EQ(cache.free_blocks(), 0);
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(big), k2));
+}
+
 TEST(PagedKVCache, ForkSharesBlocksAndCopiesAPartialLastBlockOnWrite) {
   PagedKVCache<float> cache(8, 16, kKvHeads, kHeadDim);
   const SeqId parent = cache.add_sequence();

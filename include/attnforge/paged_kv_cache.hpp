@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include "attnforge/detail/free_blocks.hpp"
 #include "attnforge/detail/huge_pages.hpp"
 #include "attnforge/detail/paged_rows.hpp"
 #include "attnforge/detail/simd.hpp"
@@ -55,7 +56,8 @@ class PagedKVCache {
       : keys_(checked_dims(n_blocks, block_size, n_kv_heads, head_dim)),
         values_(keys_.dimensions()),
         head_dim_(head_dim),
-        refs_(static_cast<std::size_t>(n_blocks), 0) {
+        refs_(static_cast<std::size_t>(n_blocks), 0),
+        free_(n_blocks) {
     // Before the first touch, which decides the pages.
     detail::advise_huge_pages(keys_.data(), static_cast<std::size_t>(keys_.size()) * sizeof(T));
     detail::advise_huge_pages(values_.data(), static_cast<std::size_t>(values_.size()) * sizeof(T));
@@ -65,8 +67,6 @@ class PagedKVCache {
       doc_ids_ = Tensor<DocId, 2>(n_blocks, block_size);
       doc_ids_.setZero();
     }
-    // Popped from the back: block 0 is handed out first.
-    for (Index b = n_blocks - 1; b >= 0; --b) free_.push_back(b);
   }
 
   Index n_blocks() const { return keys_.dimension(0); }
@@ -74,7 +74,7 @@ class PagedKVCache {
   Index block_size() const { return keys_.dimension(2); }
   Index head_dim() const { return head_dim_; }
   bool records_doc_ids() const { return doc_ids_.size() > 0; }
-  Index free_blocks() const { return static_cast<Index>(free_.size()); }
+  Index free_blocks() const { return free_.count(); }
   Index blocks_in_use() const { return n_blocks() - free_blocks(); }
   // Blocks the sequences would hold if none were shared (the memory sharing saves).
   Index blocks_without_sharing() const {
@@ -299,9 +299,10 @@ class PagedKVCache {
     }
   }
 
-  Index take_block() {
-    const Index block = free_.back();
-    free_.pop_back();
+  // A free block for a sequence whose last block is `after` (-1: none), placed by FreeBlocks
+  // next to it where possible.
+  Index take_block(Index after) {
+    const Index block = free_.take(after);
     refs_[static_cast<std::size_t>(block)] = 1;
     return block;
   }
@@ -310,7 +311,7 @@ class PagedKVCache {
   void release_blocks(const std::vector<Index>& table, std::size_t keep) {
     for (std::size_t i = table.size(); i-- > keep;) {
       Index& refs = refs_[static_cast<std::size_t>(table[i])];
-      if (--refs == 0) free_.push_back(table[i]);
+      if (--refs == 0) free_.release(table[i]);
     }
   }
 
@@ -320,13 +321,13 @@ class PagedKVCache {
     if (n == 0) return;
     if (seq.len % block_size() != 0 && refs_[static_cast<std::size_t>(seq.table.back())] > 1) {
       const Index shared = seq.table.back();
-      const Index copy = take_block();
+      const Index copy = take_block(seq.table.size() >= 2 ? seq.table[seq.table.size() - 2] : -1);
       --refs_[static_cast<std::size_t>(shared)];
       copy_block(shared, copy);
       seq.table.back() = copy;
     }
     while (static_cast<Index>(seq.table.size()) < blocks_for(seq.len + n))
-      seq.table.push_back(take_block());
+      seq.table.push_back(take_block(seq.table.empty() ? -1 : seq.table.back()));
   }
 
   void copy_block(Index from, Index to) {
@@ -387,7 +388,7 @@ class PagedKVCache {
   Index head_dim_;
   Tensor<DocId, 2> doc_ids_;  // (n_blocks, block_size) with record_doc_ids, else empty
   std::vector<Index> refs_;   // per block: sequences holding it
-  std::vector<Index> free_;   // blocks with refs 0
+  detail::FreeBlocks free_;   // blocks with refs 0
   std::map<SeqId, Sequence> seqs_;
   SeqId next_id_ = 0;
 };
