@@ -6,11 +6,16 @@
 // cache also with Bf16Kernel::kConvert, decode_bf16_convert, and the QInt8 cache with
 // Int8Kernel::kDequantize, decode_int8_dequantize). Then a
 // whole Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache,
-// against a streaming read of its bytes (weights + fp32 cache).
+// against a streaming read of its bytes (weights + fp32 cache). decode_in_turns times the
+// fp32, bf16 and int8 decodes and the stream of one shape in turn, for their ratios side by
+// side (bench::time_in_turns).
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <array>
+#include <functional>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "bench_util.hpp"
 
@@ -142,6 +147,42 @@ void run_stream(benchmark::State& state, double bytes, int threads) {
   set_bytes_counter(state, bytes);
 }
 
+// The fp32, bf16-cache and int8-cache decodes and the stream yardstick of one shape timed
+// in turn (bench::time_in_turns), for the ratios the separate rows above give, measured
+// side by side: fp32/stream (the fp32 decode's bytes rate over the stream's), bf16/fp32
+// and int8/fp32 (tokens/s over the fp32 decode's) and int8_bytes/stream (the int8
+// cache's bytes rate, scales included, over the stream's).
+void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int threads) {
+  DecodeInputs& in = decode_inputs(batch, kv_len);
+  af::SdpaOptions options;
+  options.causal = true;
+  af::Sdpa<float> fp32(options, bench::device_for(threads));
+  af::Sdpa<float, Eigen::bfloat16> bf16(options, bench::device_for(threads));
+  af::Sdpa<float, af::QInt8> int8(options, bench::device_for(threads));
+  const af::KVPrefix<float> fp32_kv = in.cache->prefix();
+  const af::KVPrefix<Eigen::bfloat16> bf16_kv = in.bf16_cache->prefix();
+  const af::KVPrefix<af::QInt8> int8_kv = in.int8_cache->prefix();
+  const af::StridedView<float, 4> out(in.out);
+  const Index floats = static_cast<Index>(kv_bytes(batch, kv_len) / sizeof(float));
+  const Tensor<float, 1>& buffer = bench::stream_buffer(floats);
+  std::vector<double> partial;
+  const std::array<std::function<void()>, 4> calls = {
+      [&] { fp32(in.q, fp32_kv.keys, fp32_kv.values, out); },
+      [&] { bf16(in.q, bf16_kv.keys, bf16_kv.values, out); },
+      [&] { int8(in.q, int8_kv.keys, int8_kv.values, out); },
+      [&] {
+        benchmark::DoNotOptimize(
+            bench::stream_sum(buffer.data(), floats, bench::device_for(threads), partial));
+      }};
+  for (const auto& call : calls) call();  // sizes the scratch
+  const auto seconds = bench::time_in_turns(state, calls);
+  state.counters["fp32/stream"] = bench::median_ratio(seconds[3], seconds[0]);
+  state.counters["bf16/fp32"] = bench::median_ratio(seconds[0], seconds[1]);
+  state.counters["int8/fp32"] = bench::median_ratio(seconds[0], seconds[2]);
+  state.counters["int8_bytes/stream"] = bench::median_ratio(
+      seconds[3], seconds[2], kv_bytes<af::QInt8>(batch, kv_len) / kv_bytes(batch, kv_len));
+}
+
 // One decode token per batch row through Attention::forward at dim 4096 with a cache (of
 // storage type CacheT) of kv_len - 1 positions: four projections (matrix-vector products
 // for B = 1, the weights read once for all rows) plus attention over kv_len keys.
@@ -207,6 +248,10 @@ void register_all() {
             "decode_int8_dequantize" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
               run_reduced_cache<af::QInt8>(s, batch, kv_len, threads, af::Int8Kernel::kDequantize);
             });
+      }
+      if ((batch == 1 && kv_len == 32768) || batch == 8) {
+        bench::add("decode_in_turns" + suffix, benchmark::kMicrosecond,
+                   [=](benchmark::State& s) { run_decode_in_turns(s, batch, kv_len, threads); });
       }
       if (batch == 1 && kv_len == 32768) {
         bench::add("decode_sinks" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {

@@ -5,7 +5,7 @@
 //                     existing decode path): the yardstick of paged_decode;
 //   paged_decode      the same shapes and the same keys and values in a PagedKVCache of
 //                     block_size 16, 64 or 256, through PagedAttention;
-//   paged_paired      decode and paged_decode of one shape timed in pairs, each iteration
+//   paged_in_turns    decode and paged_decode of one shape timed in turn, each iteration
 //                     running both: the median of contiguous time / paged time, robust to
 //                     the bandwidth drifting between separate rows on a shared host;
 //   ragged_decode     16 sequences of log-uniform lengths in [256, 32768] (fixed seed),
@@ -41,8 +41,9 @@
 // GB/s = bytes of K and V read / time. GFLOP/s = 4 * H * D * (allowed query-key pairs) /
 // time. tokens/s = new tokens (query rows) / time.
 #include <algorithm>
-#include <chrono>
+#include <array>
 #include <cmath>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -223,14 +224,11 @@ void run_paged_decode(benchmark::State& state, Index batch, Index kv_len, Index 
   set_rate(state, "GB/s", kTokenBytes * static_cast<double>(batch * kv_len) * 1e-9);
 }
 
-// The paged and the contiguous decode of one shape in turn, each iteration timing both
-// (in alternating order), so the two share the machine's moment: on a shared host the
-// memory bandwidth drifts between the separate rows above by more than the targets'
-// margins. Counters: the median over iterations of contiguous time / paged time (the
-// paged rate as a fraction of the contiguous one) and the two median times.
-void run_paged_paired(benchmark::State& state, Index batch, Index kv_len, Index block_size,
+// The paged and the contiguous decode of one shape timed in turn (bench::time_in_turns):
+// paged/contiguous is the median over iterations of contiguous time / paged time, the
+// paged rate as a fraction of the contiguous one.
+void run_paged_in_turns(benchmark::State& state, Index batch, Index kv_len, Index block_size,
                       int threads) {
-  using Clock = std::chrono::steady_clock;
   DecodeInputs& in = decode_inputs(batch, kv_len);
   const af::KVPrefix<float> kv = contiguous_cache(in).prefix();
   const PagedSet& set = decode_paged(in, block_size);
@@ -239,40 +237,12 @@ void run_paged_paired(benchmark::State& state, Index batch, Index kv_len, Index 
   const af::StridedView<float, 3> out(in.out.data(), {batch, kHeads, kHeadDim});
   af::Sdpa<float> sdpa = causal_sdpa(threads);
   af::PagedAttention<float> attention = causal_paged(threads);
-  const auto contiguous_call = [&] {
-    sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
-    benchmark::ClobberMemory();
-  };
-  const auto paged_call = [&] {
-    attention(q, *set.cache, step, out);
-    benchmark::ClobberMemory();
-  };
-  contiguous_call();  // sizes the scratch
-  paged_call();
-  const auto seconds = [](Clock::time_point from, Clock::time_point to) {
-    return std::chrono::duration<double>(to - from).count();
-  };
-  std::vector<double> contiguous, paged, ratio;
-  bool paged_first = false;
-  for (auto _ : state) {
-    const Clock::time_point t0 = Clock::now();
-    paged_first ? paged_call() : contiguous_call();
-    const Clock::time_point t1 = Clock::now();
-    paged_first ? contiguous_call() : paged_call();
-    const Clock::time_point t2 = Clock::now();
-    const double first = seconds(t0, t1), second = seconds(t1, t2);
-    contiguous.push_back(paged_first ? second : first);
-    paged.push_back(paged_first ? first : second);
-    ratio.push_back(contiguous.back() / paged.back());
-    paged_first = !paged_first;
-  }
-  const auto median = [](std::vector<double> v) {
-    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
-    return v[v.size() / 2];
-  };
-  state.counters["paged/contiguous"] = median(ratio);
-  state.counters["contiguous_us"] = median(contiguous) * 1e6;
-  state.counters["paged_us"] = median(paged) * 1e6;
+  const std::array<std::function<void()>, 2> calls = {
+      [&] { sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out)); },
+      [&] { attention(q, *set.cache, step, out); }};
+  for (const auto& call : calls) call();  // sizes the scratch
+  const auto seconds = bench::time_in_turns(state, calls);
+  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
 }
 
 // ---- Ragged decode -------------------------------------------------------------------
@@ -592,10 +562,10 @@ void register_all() {
                    benchmark::kMicrosecond, [=](benchmark::State& s) {
                      run_paged_decode(s, batch, kv_len, block, threads);
                    });
-        bench::add("paged_paired" + shape + "/block:" + std::to_string(block) +
+        bench::add("paged_in_turns" + shape + "/block:" + std::to_string(block) +
                        "/threads:" + std::to_string(threads),
                    benchmark::kMicrosecond, [=](benchmark::State& s) {
-                     run_paged_paired(s, batch, kv_len, block, threads);
+                     run_paged_in_turns(s, batch, kv_len, block, threads);
                    });
       }
     }

@@ -5,10 +5,13 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <array>
 #include <attnforge/attnforge.hpp>
 #include <attnforge/detail/huge_pages.hpp>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -39,6 +42,41 @@ Tensor<T, Rank> random_tensor(const std::array<Index, Rank>& dims, unsigned seed
 template <typename Body>
 void add(const std::string& name, benchmark::TimeUnit unit, Body body) {
   benchmark::RegisterBenchmark(name.c_str(), body)->UseRealTime()->Unit(unit);
+}
+
+// Rows that compare calls in turn: each iteration runs every call once, starting with the
+// next one each time, and times each. Calls measured side by side share the machine's
+// moment, so their ratios hold where the memory bandwidth of a shared host drifts between
+// separate rows by more than a target's margin. Returns each call's times (seconds).
+template <std::size_t N>
+std::array<std::vector<double>, N> time_in_turns(
+    benchmark::State& state, const std::array<std::function<void()>, N>& calls) {
+  using Clock = std::chrono::steady_clock;
+  std::array<std::vector<double>, N> seconds;
+  std::size_t first = 0;
+  for (auto _ : state) {
+    for (std::size_t k = 0; k < N; ++k) {
+      const std::size_t c = (first + k) % N;
+      const Clock::time_point start = Clock::now();
+      calls[c]();
+      benchmark::ClobberMemory();
+      seconds[c].push_back(std::chrono::duration<double>(Clock::now() - start).count());
+    }
+    first = (first + 1) % N;
+  }
+  return seconds;
+}
+
+// The median over iterations of scale * a[i] / b[i]: a ratio of two calls timed in turn.
+inline double median_ratio(const std::vector<double>& a, const std::vector<double>& b,
+                           double scale = 1.0) {
+  std::vector<double> ratio;
+  for (std::size_t i = 0; i < std::min(a.size(), b.size()); ++i)
+    ratio.push_back(scale * a[i] / b[i]);
+  if (ratio.empty()) return 0.0;
+  const auto middle = ratio.begin() + static_cast<std::ptrdiff_t>(ratio.size() / 2);
+  std::nth_element(ratio.begin(), middle, ratio.end());
+  return *middle;
 }
 
 // A pool per thread count, created once per process (pool start-up is not what we time).
@@ -153,18 +191,21 @@ inline double fma_chains(long iterations) {
   using Packet = simd::Packet<float>;
   const Packet a = simd::splat<Packet>(0.999999f);
   const Packet b = simd::splat<Packet>(1e-7f);
-  Packet c0 = simd::splat<Packet>(1.00f), c1 = simd::splat<Packet>(1.01f), c2 = simd::splat<Packet>(1.02f),
-         c3 = simd::splat<Packet>(1.03f), c4 = simd::splat<Packet>(1.04f), c5 = simd::splat<Packet>(1.05f),
-         c6 = simd::splat<Packet>(1.06f), c7 = simd::splat<Packet>(1.07f), c8 = simd::splat<Packet>(1.08f),
-         c9 = simd::splat<Packet>(1.09f), c10 = simd::splat<Packet>(1.10f), c11 = simd::splat<Packet>(1.11f);
+  Packet c0 = simd::splat<Packet>(1.00f), c1 = simd::splat<Packet>(1.01f),
+         c2 = simd::splat<Packet>(1.02f), c3 = simd::splat<Packet>(1.03f),
+         c4 = simd::splat<Packet>(1.04f), c5 = simd::splat<Packet>(1.05f),
+         c6 = simd::splat<Packet>(1.06f), c7 = simd::splat<Packet>(1.07f),
+         c8 = simd::splat<Packet>(1.08f), c9 = simd::splat<Packet>(1.09f),
+         c10 = simd::splat<Packet>(1.10f), c11 = simd::splat<Packet>(1.11f);
   for (long it = 0; it < iterations; ++it) {
 #define ATTNFORGE_BENCH_CHAIN(c) \
   c = simd::fma(c, a, b);        \
   ATTNFORGE_BENCH_OPAQUE(c);
-    ATTNFORGE_BENCH_CHAIN(c0) ATTNFORGE_BENCH_CHAIN(c1) ATTNFORGE_BENCH_CHAIN(c2)
-    ATTNFORGE_BENCH_CHAIN(c3) ATTNFORGE_BENCH_CHAIN(c4) ATTNFORGE_BENCH_CHAIN(c5)
-    ATTNFORGE_BENCH_CHAIN(c6) ATTNFORGE_BENCH_CHAIN(c7) ATTNFORGE_BENCH_CHAIN(c8)
-    ATTNFORGE_BENCH_CHAIN(c9) ATTNFORGE_BENCH_CHAIN(c10) ATTNFORGE_BENCH_CHAIN(c11)
+    ATTNFORGE_BENCH_CHAIN(c0)
+    ATTNFORGE_BENCH_CHAIN(c1) ATTNFORGE_BENCH_CHAIN(c2) ATTNFORGE_BENCH_CHAIN(c3)
+        ATTNFORGE_BENCH_CHAIN(c4) ATTNFORGE_BENCH_CHAIN(c5) ATTNFORGE_BENCH_CHAIN(c6)
+            ATTNFORGE_BENCH_CHAIN(c7) ATTNFORGE_BENCH_CHAIN(c8) ATTNFORGE_BENCH_CHAIN(c9)
+                ATTNFORGE_BENCH_CHAIN(c10) ATTNFORGE_BENCH_CHAIN(c11)
 #undef ATTNFORGE_BENCH_CHAIN
   }
   const Packet sum = simd::add(simd::add(simd::add(simd::add(c0, c1), simd::add(c2, c3)),
@@ -177,18 +218,22 @@ inline constexpr int kFmaChains = 12;
 inline void register_fma_peak() {
   for (int threads : {1, 2}) {
     const std::string name = "fma_peak/threads:" + std::to_string(threads);
-    benchmark::RegisterBenchmark(name.c_str(), [threads](benchmark::State& state) {
-      constexpr long kIterations = 1 << 22;
-      constexpr double kFlops = 2.0 * kFmaChains * detail::simd::kWidth<float> * kIterations;
-      for (auto _ : state) {
-        std::vector<std::thread> workers;
-        for (int t = 1; t < threads; ++t) workers.emplace_back([] { fma_chains(kIterations); });
-        benchmark::DoNotOptimize(fma_chains(kIterations));
-        for (auto& w : workers) w.join();
-      }
-      state.counters["GFLOP/s"] = benchmark::Counter(kFlops * threads * 1e-9 * state.iterations(),
-                                                     benchmark::Counter::kIsRate);
-    })->UseRealTime()->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(
+        name.c_str(),
+        [threads](benchmark::State& state) {
+          constexpr long kIterations = 1 << 22;
+          constexpr double kFlops = 2.0 * kFmaChains * detail::simd::kWidth<float> * kIterations;
+          for (auto _ : state) {
+            std::vector<std::thread> workers;
+            for (int t = 1; t < threads; ++t) workers.emplace_back([] { fma_chains(kIterations); });
+            benchmark::DoNotOptimize(fma_chains(kIterations));
+            for (auto& w : workers) w.join();
+          }
+          state.counters["GFLOP/s"] = benchmark::Counter(
+              kFlops * threads * 1e-9 * state.iterations(), benchmark::Counter::kIsRate);
+        })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   }
 }
 
