@@ -228,7 +228,7 @@ void run_paged_decode(benchmark::State& state, Index batch, Index kv_len, Index 
 // paged/contiguous is the median over iterations of contiguous time / paged time, the
 // paged rate as a fraction of the contiguous one.
 void run_paged_in_turns(benchmark::State& state, Index batch, Index kv_len, Index block_size,
-                      int threads) {
+                        int threads) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   const af::KVPrefix<float> kv = contiguous_cache(in).prefix();
   const PagedSet& set = decode_paged(in, block_size);

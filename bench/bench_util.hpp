@@ -191,21 +191,18 @@ inline double fma_chains(long iterations) {
   using Packet = simd::Packet<float>;
   const Packet a = simd::splat<Packet>(0.999999f);
   const Packet b = simd::splat<Packet>(1e-7f);
-  Packet c0 = simd::splat<Packet>(1.00f), c1 = simd::splat<Packet>(1.01f),
-         c2 = simd::splat<Packet>(1.02f), c3 = simd::splat<Packet>(1.03f),
-         c4 = simd::splat<Packet>(1.04f), c5 = simd::splat<Packet>(1.05f),
-         c6 = simd::splat<Packet>(1.06f), c7 = simd::splat<Packet>(1.07f),
-         c8 = simd::splat<Packet>(1.08f), c9 = simd::splat<Packet>(1.09f),
-         c10 = simd::splat<Packet>(1.10f), c11 = simd::splat<Packet>(1.11f);
+  Packet c0 = simd::splat<Packet>(1.00f), c1 = simd::splat<Packet>(1.01f), c2 = simd::splat<Packet>(1.02f),
+         c3 = simd::splat<Packet>(1.03f), c4 = simd::splat<Packet>(1.04f), c5 = simd::splat<Packet>(1.05f),
+         c6 = simd::splat<Packet>(1.06f), c7 = simd::splat<Packet>(1.07f), c8 = simd::splat<Packet>(1.08f),
+         c9 = simd::splat<Packet>(1.09f), c10 = simd::splat<Packet>(1.10f), c11 = simd::splat<Packet>(1.11f);
   for (long it = 0; it < iterations; ++it) {
 #define ATTNFORGE_BENCH_CHAIN(c) \
   c = simd::fma(c, a, b);        \
   ATTNFORGE_BENCH_OPAQUE(c);
-    ATTNFORGE_BENCH_CHAIN(c0)
-    ATTNFORGE_BENCH_CHAIN(c1) ATTNFORGE_BENCH_CHAIN(c2) ATTNFORGE_BENCH_CHAIN(c3)
-        ATTNFORGE_BENCH_CHAIN(c4) ATTNFORGE_BENCH_CHAIN(c5) ATTNFORGE_BENCH_CHAIN(c6)
-            ATTNFORGE_BENCH_CHAIN(c7) ATTNFORGE_BENCH_CHAIN(c8) ATTNFORGE_BENCH_CHAIN(c9)
-                ATTNFORGE_BENCH_CHAIN(c10) ATTNFORGE_BENCH_CHAIN(c11)
+    ATTNFORGE_BENCH_CHAIN(c0) ATTNFORGE_BENCH_CHAIN(c1) ATTNFORGE_BENCH_CHAIN(c2)
+    ATTNFORGE_BENCH_CHAIN(c3) ATTNFORGE_BENCH_CHAIN(c4) ATTNFORGE_BENCH_CHAIN(c5)
+    ATTNFORGE_BENCH_CHAIN(c6) ATTNFORGE_BENCH_CHAIN(c7) ATTNFORGE_BENCH_CHAIN(c8)
+    ATTNFORGE_BENCH_CHAIN(c9) ATTNFORGE_BENCH_CHAIN(c10) ATTNFORGE_BENCH_CHAIN(c11)
 #undef ATTNFORGE_BENCH_CHAIN
   }
   const Packet sum = simd::add(simd::add(simd::add(simd::add(c0, c1), simd::add(c2, c3)),
@@ -218,22 +215,18 @@ inline constexpr int kFmaChains = 12;
 inline void register_fma_peak() {
   for (int threads : {1, 2}) {
     const std::string name = "fma_peak/threads:" + std::to_string(threads);
-    benchmark::RegisterBenchmark(
-        name.c_str(),
-        [threads](benchmark::State& state) {
-          constexpr long kIterations = 1 << 22;
-          constexpr double kFlops = 2.0 * kFmaChains * detail::simd::kWidth<float> * kIterations;
-          for (auto _ : state) {
-            std::vector<std::thread> workers;
-            for (int t = 1; t < threads; ++t) workers.emplace_back([] { fma_chains(kIterations); });
-            benchmark::DoNotOptimize(fma_chains(kIterations));
-            for (auto& w : workers) w.join();
-          }
-          state.counters["GFLOP/s"] = benchmark::Counter(
-              kFlops * threads * 1e-9 * state.iterations(), benchmark::Counter::kIsRate);
-        })
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
+    benchmark::RegisterBenchmark(name.c_str(), [threads](benchmark::State& state) {
+      constexpr long kIterations = 1 << 22;
+      constexpr double kFlops = 2.0 * kFmaChains * detail::simd::kWidth<float> * kIterations;
+      for (auto _ : state) {
+        std::vector<std::thread> workers;
+        for (int t = 1; t < threads; ++t) workers.emplace_back([] { fma_chains(kIterations); });
+        benchmark::DoNotOptimize(fma_chains(kIterations));
+        for (auto& w : workers) w.join();
+      }
+      state.counters["GFLOP/s"] = benchmark::Counter(kFlops * threads * 1e-9 * state.iterations(),
+                                                     benchmark::Counter::kIsRate);
+    })->UseRealTime()->Unit(benchmark::kMillisecond);
   }
 }
 
