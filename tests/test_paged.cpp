@@ -5,6 +5,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -139,6 +140,35 @@ TEST(PagedKVCache, SequencesGrowingInTurnKeepTheirBlocksSideBySide) {
   cache.append(big, ConstView<float, 3>(k2), ConstView<float, 3>(v2));
   EXPECT_EQ(cache.free_blocks(), 0);
   EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(big), k2));
+}
+
+// The pool's free set on its own, across 64-bit words and a partial last word: every
+// block is handed out once, a sequence continues right after its last block, and a new
+// one starts in the middle of the longest free run.
+TEST(FreeBlocks, HandsOutEveryBlockOnceAndPlacesByTheLongestRun) {
+  constexpr Index kBlocks = 150;
+  detail::FreeBlocks free(kBlocks);
+  std::vector<int> taken(kBlocks, 0);
+  Index last = -1;
+  for (Index i = 0; i < kBlocks; ++i) {
+    last = free.take(last);
+    ASSERT_GE(last, 0);
+    ASSERT_LT(last, kBlocks);
+    ++taken[static_cast<std::size_t>(last)];
+  }
+  EXPECT_EQ(free.count(), 0);
+  EXPECT_EQ(std::count(taken.begin(), taken.end(), 1), kBlocks);
+  EXPECT_EQ(last, kBlocks - 1);  // one sequence from block 0 on: side by side
+
+  // Free runs [10, 20) and [60, 140) (crossing two word boundaries) and block 149.
+  for (Index b = 10; b < 20; ++b) free.release(b);
+  for (Index b = 60; b < 140; ++b) free.release(b);
+  free.release(149);
+  EXPECT_EQ(free.count(), 91);
+  EXPECT_EQ(free.take(-1), 100);  // the middle of [60, 140)
+  EXPECT_EQ(free.take(100), 101);
+  EXPECT_EQ(free.take(148), 149);  // right after the sequence's last block
+  EXPECT_EQ(free.take(149), 80);   // past the pool's end: the middle of [60, 100)
 }
 
 TEST(PagedKVCache, ForkSharesBlocksAndCopiesAPartialLastBlockOnWrite) {
