@@ -196,13 +196,39 @@ const PagedSet& decode_paged(DecodeInputs& in, Index block_size) {
   return set;
 }
 
+// One decode step of a shape, ready to call: Sdpa over the contiguous KVCache, or
+// PagedAttention over the PagedKVCache of one block size (one new token per sequence).
+struct ContiguousDecodeStep {
+  DecodeInputs& in;
+  af::KVPrefix<float> kv;
+  af::Sdpa<float> sdpa;
+  void operator()() { sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out)); }
+};
+ContiguousDecodeStep contiguous_decode_step(DecodeInputs& in, int threads) {
+  return {in, contiguous_cache(in).prefix(), causal_sdpa(threads)};
+}
+
+struct PagedDecodeStep {
+  const PagedSet& set;
+  RaggedBatch step;
+  af::ConstView<float, 3> q;
+  af::StridedView<float, 3> out;
+  af::PagedAttention<float> attention;
+  void operator()() { attention(q, *set.cache, step, out); }
+};
+PagedDecodeStep paged_decode_step(DecodeInputs& in, Index block_size, int threads) {
+  const PagedSet& set = decode_paged(in, block_size);
+  return {set, ragged_batch(set.seqs, std::vector<Index>(set.seqs.size(), 1)),
+          af::ConstView<float, 3>(in.q.data(), {in.batch, kHeads, kHeadDim}),
+          af::StridedView<float, 3>(in.out.data(), {in.batch, kHeads, kHeadDim}),
+          causal_paged(threads)};
+}
+
 void run_decode(benchmark::State& state, Index batch, Index kv_len, int threads) {
-  DecodeInputs& in = decode_inputs(batch, kv_len);
-  const af::KVPrefix<float> kv = contiguous_cache(in).prefix();
-  af::Sdpa<float> sdpa = causal_sdpa(threads);
-  sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));  // sizes the scratch
+  ContiguousDecodeStep decode = contiguous_decode_step(decode_inputs(batch, kv_len), threads);
+  decode();  // sizes the scratch
   for (auto _ : state) {
-    sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out));
+    decode();
     benchmark::ClobberMemory();
   }
   set_rate(state, "GB/s", kTokenBytes * static_cast<double>(batch * kv_len) * 1e-9);
@@ -210,15 +236,10 @@ void run_decode(benchmark::State& state, Index batch, Index kv_len, int threads)
 
 void run_paged_decode(benchmark::State& state, Index batch, Index kv_len, Index block_size,
                       int threads) {
-  DecodeInputs& in = decode_inputs(batch, kv_len);
-  const PagedSet& set = decode_paged(in, block_size);
-  const RaggedBatch step = ragged_batch(set.seqs, std::vector<Index>(set.seqs.size(), 1));
-  const af::ConstView<float, 3> q(in.q.data(), {batch, kHeads, kHeadDim});
-  const af::StridedView<float, 3> out(in.out.data(), {batch, kHeads, kHeadDim});
-  af::PagedAttention<float> attention = causal_paged(threads);
-  attention(q, *set.cache, step, out);
+  PagedDecodeStep decode = paged_decode_step(decode_inputs(batch, kv_len), block_size, threads);
+  decode();
   for (auto _ : state) {
-    attention(q, *set.cache, step, out);
+    decode();
     benchmark::ClobberMemory();
   }
   set_rate(state, "GB/s", kTokenBytes * static_cast<double>(batch * kv_len) * 1e-9);
@@ -230,16 +251,9 @@ void run_paged_decode(benchmark::State& state, Index batch, Index kv_len, Index 
 void run_paged_in_turns(benchmark::State& state, Index batch, Index kv_len, Index block_size,
                         int threads) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
-  const af::KVPrefix<float> kv = contiguous_cache(in).prefix();
-  const PagedSet& set = decode_paged(in, block_size);
-  const RaggedBatch step = ragged_batch(set.seqs, std::vector<Index>(set.seqs.size(), 1));
-  const af::ConstView<float, 3> q(in.q.data(), {batch, kHeads, kHeadDim});
-  const af::StridedView<float, 3> out(in.out.data(), {batch, kHeads, kHeadDim});
-  af::Sdpa<float> sdpa = causal_sdpa(threads);
-  af::PagedAttention<float> attention = causal_paged(threads);
-  const std::array<std::function<void()>, 2> calls = {
-      [&] { sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out)); },
-      [&] { attention(q, *set.cache, step, out); }};
+  ContiguousDecodeStep contiguous = contiguous_decode_step(in, threads);
+  PagedDecodeStep paged = paged_decode_step(in, block_size, threads);
+  const std::array<std::function<void()>, 2> calls = {[&] { contiguous(); }, [&] { paged(); }};
   for (const auto& call : calls) call();  // sizes the scratch
   const auto seconds = bench::time_in_turns(state, calls);
   state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
