@@ -17,6 +17,9 @@
 #   isa-baseline  the unit tests built for the x86-64 baseline (-march=x86-64, SSE2 packets)
 #   portable      the unit tests without the x86 intrinsic kernels (ATTNFORGE_NO_BF16_DOT,
 #                 ATTNFORGE_NO_INT8_DOT, no -march): the code an ARM or MSVC build compiles
+#                 (these two, like isa-avx2, skip the compile-only and packaging tests: they
+#                 check types and installation with the g++ that `ctest` already ran them
+#                 with, and no instruction set changes what they find)
 #   avx2-clang-eigen5
 #                 installs Eigen 5.0.1 from its tarball into build/third_party and runs the
 #                 unit tests built with clang++ for -mavx2 -mfma against it: one build
