@@ -142,6 +142,45 @@ TEST(PagedKVCache, SequencesGrowingInTurnKeepTheirBlocksSideBySide) {
   EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(big), k2));
 }
 
+// Inside a pool block each head's keys and values take turns in runs of one decode block
+// of keys (16 rows; 32 for QInt8 where the block size allows), and the heads follow one
+// another, so a decode step that reads a run of keys, then its values, then the next run,
+// head after head, walks the block front to back.
+template <typename T>
+void expect_runs_of(Index block_size, Index run) {
+  constexpr Index kHeads = 3, kDim = 32;
+  PagedKVCache<T> cache(4, block_size, kHeads, kDim);
+  const SeqId id = cache.add_sequence();
+  const Tensor<float, 3> k = test::random_normal<float, 3>({kHeads, 2 * block_size, kDim}, 84);
+  cache.append(id, ConstView<float, 3>(k), ConstView<float, 3>(k));
+  const auto keys = cache.keys(id);
+  const auto values = cache.values(id);
+  const Index width = keys.stride(2);
+  const auto* next = keys.row(0, 0, 0);  // where the next row read front to back lies
+  for (Index h = 0; h < kHeads; ++h) {
+    for (Index first = 0; first < block_size; first += run) {
+      for (Index p = first; p < first + run; ++p, next += width) {
+        EXPECT_EQ(keys.row(0, h, p), next) << "key row " << p << " of head " << h;
+        EXPECT_EQ(keys.contiguous_rows(p), first + run - p);
+      }
+      for (Index p = first; p < first + run; ++p, next += width)
+        EXPECT_EQ(values.row(0, h, p), next) << "value row " << p << " of head " << h;
+    }
+  }
+  // The second pool block is a block of its own (placed right after the first here).
+  EXPECT_EQ(keys.row(0, 0, block_size), next);
+  EXPECT_EQ(cache.block_table(id), (std::vector<Index>{0, 1}));
+  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(id), cache.gather_values(id)));
+}
+
+TEST(PagedKVCache, EachHeadsKeysAndValuesTakeTurnsInRunsOfADecodeBlock) {
+  expect_runs_of<float>(16, 16);
+  expect_runs_of<float>(64, 16);
+  expect_runs_of<Eigen::bfloat16>(48, 16);
+  expect_runs_of<QInt8>(64, 32);
+  expect_runs_of<QInt8>(48, 16);
+}
+
 // The pool's free set on its own, across 64-bit words and a partial last word: every
 // block is handed out once, a sequence continues right after its last block, and a new
 // one starts in the middle of the longest free run.

@@ -50,28 +50,25 @@ class PagedKVCache {
   // The pool holds n_blocks blocks of block_size positions, each with Hkv x block_size x D
   // keys and as many values (and, with record_doc_ids, the document id of each position).
   // block_size must be a multiple of 16, so the decode kernel's blocks of keys never
-  // straddle two pool blocks.
+  // straddle two pool blocks, nor two runs of keys (detail::paged_run_rows).
   PagedKVCache(Index n_blocks, Index block_size, Index n_kv_heads, Index head_dim,
                bool record_doc_ids = false)
-      : keys_(checked_dims(n_blocks, block_size, n_kv_heads, head_dim)),
-        values_(keys_.dimensions()),
+      : pool_(checked_dims(n_blocks, block_size, n_kv_heads, head_dim)),
         head_dim_(head_dim),
         refs_(static_cast<std::size_t>(n_blocks), 0),
         free_(n_blocks) {
     // Before the first touch, which decides the pages.
-    detail::advise_huge_pages(keys_.data(), static_cast<std::size_t>(keys_.size()) * sizeof(T));
-    detail::advise_huge_pages(values_.data(), static_cast<std::size_t>(values_.size()) * sizeof(T));
-    keys_.setZero();
-    values_.setZero();
+    detail::advise_huge_pages(pool_.data(), static_cast<std::size_t>(pool_.size()) * sizeof(T));
+    pool_.setZero();
     if (record_doc_ids) {
       doc_ids_ = Tensor<DocId, 2>(n_blocks, block_size);
       doc_ids_.setZero();
     }
   }
 
-  Index n_blocks() const { return keys_.dimension(0); }
-  Index n_kv_heads() const { return keys_.dimension(1); }
-  Index block_size() const { return keys_.dimension(2); }
+  Index n_blocks() const { return pool_.dimension(0); }
+  Index n_kv_heads() const { return pool_.dimension(1); }
+  Index block_size() const { return pool_.dimension(2) / 2; }
   Index head_dim() const { return head_dim_; }
   bool records_doc_ids() const { return doc_ids_.size() > 0; }
   Index free_blocks() const { return free_.count(); }
@@ -197,16 +194,16 @@ class PagedKVCache {
 
   // The kernels' view of a sequence's keys / values: (1, Hkv, seq_len, D) through its
   // block table. Valid until the sequence is next changed.
-  detail::PagedRows<const T> keys(SeqId id) const& { return rows(keys_, id); }
-  detail::PagedRows<const T> values(SeqId id) const& { return rows(values_, id); }
+  detail::PagedRows<const T> keys(SeqId id) const& { return rows(kKeys, id); }
+  detail::PagedRows<const T> values(SeqId id) const& { return rows(kValues, id); }
   detail::PagedRows<const T> keys(SeqId id) const&& = delete;
   detail::PagedRows<const T> values(SeqId id) const&& = delete;
 
   // Copies of a sequence's keys / values (Hkv, seq_len, D) and document ids (seq_len):
   // for tests and for the reference path. (For QInt8 the last dimension is the stored
   // row, values then scales, as in the pool.)
-  Tensor<T, 3> gather_keys(SeqId id) const { return gather(keys_, id); }
-  Tensor<T, 3> gather_values(SeqId id) const { return gather(values_, id); }
+  Tensor<T, 3> gather_keys(SeqId id) const { return gather(kKeys, id); }
+  Tensor<T, 3> gather_values(SeqId id) const { return gather(kValues, id); }
   Tensor<DocId, 1> gather_doc_ids(SeqId id) const {
     const Sequence& seq = sequence("PagedKVCache::gather_doc_ids", id);
     if (!records_doc_ids()) {
@@ -220,6 +217,9 @@ class PagedKVCache {
   }
 
  private:
+  // A head's keys or its values (the first run of values follows the first run of keys).
+  enum Half : Index { kKeys = 0, kValues = 1 };
+
   struct Sequence {
     std::vector<Index> table;
     Index len = 0;
@@ -331,9 +331,8 @@ class PagedKVCache {
   }
 
   void copy_block(Index from, Index to) {
-    const auto chunk = static_cast<std::size_t>(n_kv_heads() * block_size() * keys_.dimension(3));
-    std::copy_n(&keys_(from, 0, 0, 0), chunk, &keys_(to, 0, 0, 0));
-    std::copy_n(&values_(from, 0, 0, 0), chunk, &values_(to, 0, 0, 0));
+    const auto chunk = static_cast<std::size_t>(pool_.size() / n_blocks());
+    std::copy_n(&pool_(from, 0, 0, 0), chunk, &pool_(to, 0, 0, 0));
     if (records_doc_ids())
       std::copy_n(&doc_ids_(from, 0), static_cast<std::size_t>(block_size()), &doc_ids_(to, 0));
   }
@@ -343,23 +342,36 @@ class PagedKVCache {
   void write_position(Sequence& seq, const ConstView<S, 3>& k_new, const ConstView<S, 3>& v_new,
                       const DocIdView& doc_ids_new, Index t) {
     const Index block = block_of(seq, seq.len), slot = seq.len % block_size();
+    const detail::PagedRows<T> keys = rows_in(pool_.data(), kKeys, seq);
+    const detail::PagedRows<T> values = rows_in(pool_.data(), kValues, seq);
     for (Index h = 0; h < n_kv_heads(); ++h) {
-      detail::store_row(k_new.row(h, t), head_dim(), &keys_(block, h, slot, 0));
-      detail::store_row(v_new.row(h, t), head_dim(), &values_(block, h, slot, 0));
+      detail::store_row(k_new.row(h, t), head_dim(), keys.row(0, h, seq.len));
+      detail::store_row(v_new.row(h, t), head_dim(), values.row(0, h, seq.len));
     }
     if (doc_ids_new.has_value())
       doc_ids_new.visit([&](const auto& ids) { doc_ids_(block, slot) = ids(0, t); });
     ++seq.len;
   }
 
-  detail::PagedRows<const T> rows(const Tensor<T, 4>& pool, SeqId id) const {
-    const Sequence& seq = sequence("PagedKVCache::keys/values", id);
-    return {pool.data(), seq.table.data(), block_size(), n_kv_heads(), head_dim(), seq.len};
+  // The sequence's keys or values in the pool at `pool` (pool_.data(), const or not).
+  template <typename Stored>
+  detail::PagedRows<Stored> rows_in(Stored* pool, Half half, const Sequence& seq) const {
+    const Index run = detail::paged_run_rows<T>(block_size());
+    return {pool + half * run * pool_.dimension(3),
+            seq.table.data(),
+            block_size(),
+            run,
+            n_kv_heads(),
+            head_dim(),
+            seq.len};
+  }
+  detail::PagedRows<const T> rows(Half half, SeqId id) const {
+    return rows_in(pool_.data(), half, sequence("PagedKVCache::keys/values", id));
   }
 
-  Tensor<T, 3> gather(const Tensor<T, 4>& pool, SeqId id) const {
-    const detail::PagedRows<const T> src = rows(pool, id);
-    const Index width = pool.dimension(3);
+  Tensor<T, 3> gather(Half half, SeqId id) const {
+    const detail::PagedRows<const T> src = rows(half, id);
+    const Index width = pool_.dimension(3);
     Tensor<T, 3> out(n_kv_heads(), src.dimension(2), width);
     for (Index h = 0; h < n_kv_heads(); ++h) {
       for (Index p = 0; p < src.dimension(2); ++p)
@@ -379,12 +391,13 @@ class PagedKVCache {
           head_dim);
     }
     if constexpr (detail::is_qint8_v<T>) detail::check_qint8_head_dim("PagedKVCache", head_dim);
-    return {n_blocks, n_kv_heads, block_size, detail::stored_row_width<T>(head_dim)};
+    return {n_blocks, n_kv_heads, 2 * block_size, detail::stored_row_width<T>(head_dim)};
   }
 
-  // (n_blocks, Hkv, block_size, D), the last dimension wider for QInt8 (stored rows).
-  Tensor<T, 4> keys_;
-  Tensor<T, 4> values_;
+  // (n_blocks, Hkv, 2 x block_size, D), the last dimension wider for QInt8 (stored rows):
+  // per block and head its block_size keys and as many values, in turns of
+  // detail::paged_run_rows rows each (PagedRows).
+  Tensor<T, 4> pool_;
   Index head_dim_;
   Tensor<DocId, 2> doc_ids_;  // (n_blocks, block_size) with record_doc_ids, else empty
   std::vector<Index> refs_;   // per block: sequences holding it

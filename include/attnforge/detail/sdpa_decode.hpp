@@ -621,19 +621,21 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
 }
 
 // The blocks (of block_keys keys or fewer) of keys [key_first, key_last) of KV heads
-// [h0, h0 + n_heads), in the order a worker reads them: a run of contiguous rows (a paged
-// cache's block; a whole chunk otherwise) for each head in turn, then the next run. When
-// the heads share blocks (kHeadsShareBlocks) that order reads each pool block front to
-// back. A block never crosses the end of a run.
+// [h0, h0 + n_heads), in the order a worker reads them: the keys of a paged cache's pool
+// block (of a whole chunk otherwise) for each head in turn, then the next pool block.
+// When the heads share blocks (kHeadsShareBlocks) that order reads each pool block front
+// to back. A block never crosses the end of a run of contiguous rows.
 template <typename P>
 void plan_decode_blocks(const P& pb, Index h0, Index n_heads, Index key_first, Index key_last,
                         Index block_keys, std::vector<DecodeBlockAt>& order) {
   order.clear();
-  for (Index run = key_first, run_end = 0; run < key_last; run = run_end) {
-    run_end = std::min(key_last, run + contiguous_rows(pb.k, run));
+  for (Index first = key_first, last = 0; first < key_last; first = last) {
+    last = std::min(key_last, first + block_rows(pb.k, first));
     for (Index h = h0; h < h0 + n_heads; ++h) {
-      for (Index j0 = run; j0 < run_end; j0 += block_keys)
-        order.push_back({h, j0, std::min(block_keys, run_end - j0)});
+      for (Index j0 = first, n = 0; j0 < last; j0 += n) {
+        n = std::min({block_keys, last - j0, contiguous_rows(pb.k, j0)});
+        order.push_back({h, j0, n});
+      }
     }
   }
 }
