@@ -143,9 +143,10 @@ TEST(PagedKVCache, SequencesGrowingInTurnKeepTheirBlocksSideBySide) {
 }
 
 // Inside a pool block each head's keys and values take turns in runs of one decode block
-// of keys (16 rows; 32 for QInt8 where the block size allows), and the heads follow one
-// another, so a decode step that reads a run of keys, then its values, then the next run,
-// head after head, walks the block front to back.
+// of keys (16 rows; 32 for QInt8; for bf16 and fp16 a fused key tile of 64, where the
+// block size allows), and the heads follow one another, so a decode step that reads a run
+// of keys, then its values, then the next run, head after head, walks the block front to
+// back.
 template <typename T>
 void expect_runs_of(Index block_size, Index run) {
   constexpr Index kHeads = 3, kDim = 32;
@@ -177,6 +178,7 @@ TEST(PagedKVCache, EachHeadsKeysAndValuesTakeTurnsInRunsOfADecodeBlock) {
   expect_runs_of<float>(16, 16);
   expect_runs_of<float>(64, 16);
   expect_runs_of<Eigen::bfloat16>(48, 16);
+  expect_runs_of<Eigen::bfloat16>(128, 64);  // a fused key tile: the bf16 dot products' unit
   expect_runs_of<QInt8>(64, 32);
   expect_runs_of<QInt8>(48, 16);
 }

@@ -8,6 +8,7 @@
 #include <limits>
 
 #include "attnforge/detail/int8_dot.hpp"
+#include "attnforge/detail/kernel_config.hpp"
 #include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -15,12 +16,16 @@ namespace attnforge::detail {
 
 // Rows of a head's keys that lie side by side in a pool block before as many of its values,
 // then the next run of each: one decode block of keys (16, the widest float packet; 32 on
-// the int8 path, kInt8DecodeKeys, where the block size allows). A decode step reads a
-// block's keys and then its values, so it reads a pool block front to back, one stream
-// where keys and values apart would be two.
+// the int8 path, kInt8DecodeKeys), so a decode step, which reads a block's keys and then
+// its values, reads a pool block front to back, one stream where keys and values apart
+// would be two. bf16 and fp16 runs are a fused key tile (kDefaultKeyTile) instead: the
+// bf16 dot products of the fused kernel read a tile's keys and values in place, so they
+// need it in one run. Runs shrink to 16 where the block size is no multiple.
 template <typename T>
 constexpr Index paged_run_rows(Index block_size) {
-  constexpr Index kRun = is_qint8_v<T> ? kInt8DecodeKeys : 16;
+  constexpr Index kRun = is_qint8_v<T>         ? kInt8DecodeKeys
+                         : is_16bit_float_v<T> ? kDefaultKeyTile
+                                               : 16;
   return block_size % kRun == 0 ? kRun : 16;
 }
 
