@@ -104,10 +104,10 @@ Index contiguous_rows(const PagedRows<T>& rows, Index pos) {
 }
 
 // Rows from pos on that lie in one stretch of memory with the other heads' same rows: to
-// the end of a pool block, or of the view's rows.
+// the end of a pool block; for a strided view, its one run.
 template <typename T, int Rank>
 Index block_rows(const StridedView<T, Rank>& view, Index pos) {
-  return view.dimension(2) - pos;
+  return contiguous_rows(view, pos);
 }
 template <typename T>
 Index block_rows(const PagedRows<T>& rows, Index pos) {
