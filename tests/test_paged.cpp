@@ -143,10 +143,9 @@ TEST(PagedKVCache, SequencesGrowingInTurnKeepTheirBlocksSideBySide) {
 }
 
 // Inside a pool block each head's keys and values take turns in runs of one decode block
-// of keys (16 rows; 32 for QInt8; for bf16 and fp16 a fused key tile of 64, where the
-// block size allows), and the heads follow one another, so a decode step that reads a run
-// of keys, then its values, then the next run, head after head, walks the block front to
-// back.
+// of keys (16 rows; 32 for QInt8 where the block size allows), and the heads follow one
+// another, so a decode step that reads a run of keys, then its values, then the next run,
+// head after head, walks the block front to back.
 template <typename T>
 void expect_runs_of(Index block_size, Index run) {
   constexpr Index kHeads = 3, kDim = 32;
@@ -178,7 +177,8 @@ TEST(PagedKVCache, EachHeadsKeysAndValuesTakeTurnsInRunsOfADecodeBlock) {
   expect_runs_of<float>(16, 16);
   expect_runs_of<float>(64, 16);
   expect_runs_of<Eigen::bfloat16>(48, 16);
-  expect_runs_of<Eigen::bfloat16>(128, 64);  // a fused key tile: the bf16 dot products' unit
+  expect_runs_of<Eigen::bfloat16>(128, 16);
+  expect_runs_of<Eigen::half>(64, 16);
   expect_runs_of<QInt8>(64, 32);
   expect_runs_of<QInt8>(48, 16);
 }
@@ -677,6 +677,80 @@ TEST(PagedAttention, Bf16CacheUnderFloatActivationsMatchesTheContiguousBf16Cache
           for (Index d = 0; d < head_dim; ++d)
             err = std::max(err, static_cast<double>(std::abs(got(i, h, d) - want(0, h, i, d))));
       EXPECT_LE(err, 1e-5);
+    }
+  }
+}
+
+// bf16 activations over a bf16 pool take the fused kernel's AVX512-BF16 dot products
+// where the CPU has them (else the conversion). A key tile of 64 keys then spans runs of
+// 16 rows: its key bits are copied and its values paired run by run. Blocks of 16, 48 and
+// 128; new tokens that start mid-tile and at an odd position, so tile products start at
+// odd keys moved back to even ones. Each sequence lies within the bf16 output bound of
+// the double brute force on the same rounded inputs, and matches the contiguous bf16
+// cache's result to float accuracy (the same tiles of the same keys).
+TEST(PagedAttention, Bf16PrefillOverTilesSpanningRunsMatchesTheBruteForceAndTheContiguousCache) {
+  using Eigen::bfloat16;
+  const Index n_heads = 8, head_dim = 64;
+  const std::vector<Index> cached = {0, 71}, fresh = {133, 57};
+  SdpaOptions options;
+  options.causal = true;
+  options.bf16_kernel = detail::kHasBf16DotKernel && detail::cpu_has_avx512_bf16()
+                            ? Bf16Kernel::kDotProduct
+                            : Bf16Kernel::kConvert;
+  for (const Index block : {16, 48, 128}) {
+    SCOPED_TRACE("block " + std::to_string(block));
+    PagedKVCache<bfloat16> cache(32, block, kKvHeads, head_dim);
+    RaggedBatch batch{{}, {0}};
+    std::vector<Tensor<bfloat16, 4>> qs, ks, vs;
+    for (std::size_t s = 0; s < cached.size(); ++s) {
+      const Index len = cached[s] + fresh[s];
+      const auto seed = 500 + 10 * static_cast<std::uint32_t>(s);
+      // Rounded to bf16 first, so the cache, the contiguous path and the brute force all
+      // see the same values.
+      const Tensor<bfloat16, 3> k = rows(len, seed, head_dim).cast<bfloat16>();
+      const Tensor<bfloat16, 3> v = rows(len, seed + 1, head_dim).cast<bfloat16>();
+      const SeqId id = cache.add_sequence();
+      cache.append(id, ConstView<bfloat16, 3>(k), ConstView<bfloat16, 3>(v));
+      batch.seqs.push_back(id);
+      batch.cu_seqlens.push_back(batch.cu_seqlens.back() + fresh[s]);
+      const std::array<Index, 4> kv_dims{1, kKvHeads, len, head_dim};
+      ks.emplace_back(k.reshape(kv_dims));
+      vs.emplace_back(v.reshape(kv_dims));
+      qs.emplace_back(test::random_normal<float, 4>({1, n_heads, fresh[s], head_dim}, seed + 2)
+                          .cast<bfloat16>());
+    }
+    Tensor<bfloat16, 3> q(batch.total_tokens(), n_heads, head_dim);
+    for (std::size_t s = 0; s < qs.size(); ++s) {
+      for (Index i = 0; i < fresh[s]; ++i)
+        for (Index h = 0; h < n_heads; ++h)
+          for (Index d = 0; d < head_dim; ++d)
+            q(batch.first_token(static_cast<Index>(s)) + i, h, d) = qs[s](0, h, i, d);
+    }
+    const Tensor<bfloat16, 3> out = PagedAttention<bfloat16>(options)(q, cache, batch);
+    for (std::size_t s = 0; s < qs.size(); ++s) {
+      SCOPED_TRACE("sequence " + std::to_string(s));
+      test::DenseMasks dense;
+      dense.causal = true;
+      const test::DenseResult exact = test::dense_sdpa(
+          test::to_double(qs[s]), test::to_double(ks[s]), test::to_double(vs[s]), dense);
+      const Tensor<bfloat16, 4> contiguous = Sdpa<bfloat16>(options)(qs[s], ks[s], vs[s]);
+      const double v_scale = test::max_abs(test::to_double(vs[s]));
+      double err = 0, err_contiguous = 0;
+      for (Index i = 0; i < fresh[s]; ++i) {
+        for (Index h = 0; h < n_heads; ++h) {
+          for (Index d = 0; d < head_dim; ++d) {
+            const double got =
+                static_cast<double>(out(batch.first_token(static_cast<Index>(s)) + i, h, d));
+            err = std::max(err, std::abs(got - exact.out(0, h, i, d)));
+            err_contiguous = std::max(err_contiguous,
+                                      std::abs(got - static_cast<double>(contiguous(0, h, i, d))));
+          }
+        }
+      }
+      // Half a bf16 ulp of the output (2^-9 relative) with margin, as test_mixed_precision's
+      // bf16 bound; the contiguous result differs only by float rounding, then bf16's.
+      EXPECT_LE(err / v_scale, 1e-2);
+      EXPECT_LE(err_contiguous / v_scale, 1e-2);
     }
   }
 }

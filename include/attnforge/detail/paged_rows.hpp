@@ -5,10 +5,10 @@
 // are contiguous, so a kernel never reads across a run's end with a single stride.
 #pragma once
 
+#include <algorithm>
 #include <limits>
 
 #include "attnforge/detail/int8_dot.hpp"
-#include "attnforge/detail/kernel_config.hpp"
 #include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
 
@@ -18,14 +18,10 @@ namespace attnforge::detail {
 // then the next run of each: one decode block of keys (16, the widest float packet; 32 on
 // the int8 path, kInt8DecodeKeys), so a decode step, which reads a block's keys and then
 // its values, reads a pool block front to back, one stream where keys and values apart
-// would be two. bf16 and fp16 runs are a fused key tile (kDefaultKeyTile) instead: the
-// bf16 dot products of the fused kernel read a tile's keys and values in place, so they
-// need it in one run. Runs shrink to 16 where the block size is no multiple.
+// would be two. Runs shrink to 16 where the block size is no multiple.
 template <typename T>
 constexpr Index paged_run_rows(Index block_size) {
-  constexpr Index kRun = is_qint8_v<T>         ? kInt8DecodeKeys
-                         : is_16bit_float_v<T> ? kDefaultKeyTile
-                                               : 16;
+  constexpr Index kRun = is_qint8_v<T> ? kInt8DecodeKeys : 16;
   return block_size % kRun == 0 ? kRun : 16;
 }
 
@@ -101,6 +97,16 @@ Index contiguous_rows(const StridedView<T, Rank>& view, Index pos) {
 template <typename T>
 Index contiguous_rows(const PagedRows<T>& rows, Index pos) {
   return rows.contiguous_rows(pos);
+}
+
+// Calls f(offset, n_rows) for each run of contiguous rows that rows [first, first + n)
+// span, in order (offset from first).
+template <typename View, typename F>
+void for_each_run(const View& view, Index first, Index n, F&& f) {
+  for (Index offset = 0, rows = 0; offset < n; offset += rows) {
+    rows = std::min(n - offset, contiguous_rows(view, first + offset));
+    f(offset, rows);
+  }
 }
 
 // Rows from pos on that lie in one stretch of memory with the other heads' same rows: to

@@ -393,13 +393,16 @@ NextBlock next_block(const P& pb, const DecodeGroup& g, const DecodeScratch<type
 
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
 // key j0 again when that is null (the dot-product kernels take a whole block of rows).
+// A block lies in one run (plan_decode_blocks), so one row's address gives the others:
+// a paged view's row() divides, and a row at a time that cost as much as reading a block.
 template <typename Row, std::size_t kKeys, typename View>
 void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys, Row (&rows)[kKeys],
                 Row past_end = nullptr) {
-  for (Index j = 0; j < static_cast<Index>(kKeys); ++j) {
-    rows[j] = j < n_keys ? view.row(g.b, g.kv_head, j0 + j)
-                         : (past_end != nullptr ? past_end : view.row(g.b, g.kv_head, j0));
-  }
+  eigen_assert(contiguous_rows(view, j0) >= n_keys);
+  const auto* first = view.row(g.b, g.kv_head, j0);
+  const Index ld = view.stride(2);
+  for (Index j = 0; j < static_cast<Index>(kKeys); ++j)
+    rows[j] = j < n_keys ? first + j * ld : (past_end != nullptr ? past_end : first);
 }
 
 // Calls f(std::integral_constant<int, rows>, first) over [0, n) in blocks of R rows, then

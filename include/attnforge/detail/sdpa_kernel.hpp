@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -184,7 +185,7 @@ struct KeyValueTile {
   Index key_stride = 0;
   const T* values = nullptr;
   Index value_stride = 0;
-  // bf16 dot products: K straight from storage (bits), V regrouped as key pairs.
+  // bf16 dot products: K as bits (row stride key_stride), V regrouped as key pairs.
   const std::uint16_t* key_bits = nullptr;
   const std::uint32_t* value_pairs = nullptr;
 };
@@ -203,7 +204,27 @@ const T* tile_rows(const Rows& view, Index b, Index head, Index first, Index n,
     }
   }
   const Index width = view.dimension(3);
-  for (Index r = 0; r < n; ++r) load_row(view.row(b, head, first + r), width, buffer.data() + r * width);
+  for (Index r = 0; r < n; ++r)
+    load_row(view.row(b, head, first + r), width, buffer.data() + r * width);
+  stride = width;
+  return buffer.data();
+}
+
+// tile_rows for the bf16 dot products: the rows' bits, in place where they are one run,
+// else copied from their runs into `buffer`.
+template <typename Rows>
+const std::uint16_t* tile_bits(const Rows& view, Index b, Index head, Index first, Index n,
+                               AlignedBuffer<std::uint16_t>& buffer, Index& stride) {
+  static_assert(sizeof(typename Rows::Scalar) == 2, "16-bit rows");
+  if (contiguous_rows(view, first) >= n) {
+    stride = view.stride(2);
+    return reinterpret_cast<const std::uint16_t*>(view.row(b, head, first));
+  }
+  const Index width = view.dimension(3);
+  for (Index r = 0; r < n; ++r) {
+    std::memcpy(buffer.data() + r * width, view.row(b, head, first + r),
+                static_cast<std::size_t>(width) * sizeof(std::uint16_t));
+  }
   stride = width;
   return buffer.data();
 }
@@ -269,12 +290,14 @@ struct KernelScratch {
   AlignedBuffer<T> scores;  // St, key_tile x lanes
   // K and V tiles converted to T, when the caller's storage is another type.
   AlignedBuffer<T> keys, values;
-  // bf16 dot products: V regrouped as key pairs, and the weights P as bf16 pairs.
+  // bf16 dot products: V regrouped as key pairs, and the weights P as bf16 pairs; K's
+  // bits copied when a tile spans runs of a paged cache (tile_bits).
   AlignedBuffer<std::uint32_t> value_pairs, weight_pairs;
+  AlignedBuffer<std::uint16_t> key_bits;
   EmptyRows empty_rows;
 
-  void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv,
-               bool bf16_dot) {
+  void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv, bool bf16_dot,
+               bool gather_key_bits) {
     constexpr std::size_t kLanes = FusedBlocking<T>::kLanes;
     const auto size = [](Index n) { return static_cast<std::size_t>(n); };
     tiles.resize(size(tiles_per_item));
@@ -293,6 +316,7 @@ struct KernelScratch {
     const Index key_pairs = (key_tile + 2) / 2;  // one extra: spans are widened to even starts
     value_pairs.resize(bf16_dot ? size(key_pairs * head_dim) : 0);
     weight_pairs.resize(bf16_dot ? size(key_pairs) * kLanes : 0);
+    key_bits.resize(gather_key_bits ? size(key_tile * head_dim) : 0);
     scores.resize(size(key_tile) * kLanes);
     keys.resize(convert_kv ? size(key_tile * head_dim) : 0);
     values.resize(convert_kv ? size(key_tile * head_dim) : 0);
@@ -424,7 +448,7 @@ void tile_scores(const TileContext<P>& ctx, const QueryTileState<typename P::Com
 #if ATTNFORGE_BF16_DOT
     constexpr int kC = B::kLanes / 16;
     constexpr int kR = kC >= 4 ? 6 : 12;
-    const Index ldk = ctx.pb.k.stride(2);
+    const Index ldk = kv.key_stride;
     const std::uint16_t* k_bits = kv.key_bits + (keys.n0 - keys.tile_first) * ldk;
     // Scaled (and by log2 e, without softcap) as they are stored, the queries having
     // stayed bf16.
@@ -656,9 +680,13 @@ KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index
   const Index n0 = kt * ctx.geo.key_tile;
   const Index n_keys = std::min(ctx.geo.key_tile, ctx.kv_len - n0);
   if constexpr (F::kBf16Dot) {
-    kv.key_bits = reinterpret_cast<const std::uint16_t*>(pb.k.row(ctx.batch, ctx.kv_head, n0));
-    pair_value_rows(pb.v.row(ctx.batch, ctx.kv_head, n0), pb.v.stride(2), n_keys, ctx.head_dim,
-                    s.value_pairs.data());
+    kv.key_bits = tile_bits(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.key_bits, kv.key_stride);
+    // Run by run: a tile starts at an even key and runs hold an even number of rows
+    // (prepare_fused), so no pair of keys straddles two runs.
+    for_each_run(pb.v, n0, n_keys, [&](Index offset, Index rows) {
+      pair_value_rows(pb.v.row(ctx.batch, ctx.kv_head, n0 + offset), pb.v.stride(2), rows,
+                      ctx.head_dim, s.value_pairs.data() + offset / 2 * ctx.head_dim);
+    });
     kv.value_pairs = s.value_pairs.data();
   } else {
     kv.keys = tile_rows(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.keys, kv.key_stride);
@@ -775,12 +803,16 @@ FusedRun prepare_fused(const P* problems, const MaskPolicy* policies, Index n, i
   const TileGeometry geo = tile_geometry<T>(pb.q.dimension(1) / pb.k.dimension(1), tuning);
   plan_work_items(ws, geo, problems, policies, n);
   ws.workers.resize(static_cast<std::size_t>(workers));
-  // The bf16 dot products read key tiles in place, so they need each tile in one run.
+  // Tiles that span runs are copied (or paired) run by run; the bf16 dot products pair
+  // keys from even offsets, so they need tiles that start at even keys.
   const bool contiguous = tiles_contiguous(pb.k, geo.key_tile);
-  const bool bf16_dot = kBf16DotStorage<P> && pb.params.bf16_dot && contiguous;
+  const bool bf16_dot =
+      kBf16DotStorage<P> && pb.params.bf16_dot && (contiguous || geo.key_tile % 2 == 0);
   const bool convert_kv = (!std::is_same_v<typename P::KVScalar, T> || !contiguous) && !bf16_dot;
-  for (KernelScratch<T>& s : ws.workers)
-    s.reserve(head_dim, geo.key_tile, geo.q_tiles_per_item, convert_kv, bf16_dot);
+  for (KernelScratch<T>& s : ws.workers) {
+    s.reserve(head_dim, geo.key_tile, geo.q_tiles_per_item, convert_kv, bf16_dot,
+              bf16_dot && !contiguous);
+  }
   return {geo, bf16_dot, static_cast<Index>(ws.order.size())};
 }
 
