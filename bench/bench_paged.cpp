@@ -8,6 +8,8 @@
 //   paged_in_turns    decode and paged_decode of one shape timed in turn, each iteration
 //                     running both: the median of contiguous time / paged time, robust to
 //                     the bandwidth drifting between separate rows on a shared host;
+//   paged_in_turns_bf16, paged_in_turns_int8  the same at B 1 x 32768 over a bf16 and an
+//                     int8 (QInt8) cache, float queries (the pools' other formats);
 //   ragged_decode     16 sequences of log-uniform lengths in [256, 32768] (fixed seed),
 //                     one new token each, one call;
 //   stream_yardstick  a streaming read of as many bytes as the K/V of a decode shape or
@@ -88,18 +90,21 @@ const KvSource& kv_source() {
   return *source;
 }
 
-// A paged cache holding sequences of the given lengths (block tables exactly as large
-// as needed), filled one block per sequence in turn.
-struct PagedSet {
-  std::unique_ptr<af::PagedKVCache<float>> cache;
+// A paged cache (storage S) holding sequences of the given lengths (block tables exactly
+// as large as needed), filled one block per sequence in turn.
+template <typename S>
+struct PagedSetOf {
+  std::unique_ptr<af::PagedKVCache<S>> cache;
   std::vector<SeqId> seqs;
 };
+using PagedSet = PagedSetOf<float>;
 
-PagedSet paged_set(const std::vector<Index>& lengths, Index block_size) {
+template <typename S = float>
+PagedSetOf<S> paged_set(const std::vector<Index>& lengths, Index block_size) {
   Index n_blocks = 0;
   for (Index len : lengths) n_blocks += (len + block_size - 1) / block_size;
-  PagedSet set;
-  set.cache = std::make_unique<af::PagedKVCache<float>>(n_blocks, block_size, kKvHeads, kHeadDim);
+  PagedSetOf<S> set;
+  set.cache = std::make_unique<af::PagedKVCache<S>>(n_blocks, block_size, kKvHeads, kHeadDim);
   for (std::size_t s = 0; s < lengths.size(); ++s) set.seqs.push_back(set.cache->add_sequence());
   const KvSource& src = kv_source();
   for (bool more = true; more;) {
@@ -170,21 +175,25 @@ DecodeInputs& decode_inputs(Index batch, Index kv_len) {
   });
 }
 
-const af::KVCache<float>& contiguous_cache(DecodeInputs& in) {
-  if (!in.contiguous) {
-    in.contiguous =
-        std::make_unique<af::KVCache<float>>(in.batch, in.kv_len + 1, kKvHeads, kHeadDim);
-    const KvSource& src = kv_source();
-    for (Index p = 0; p < in.kv_len; p += kPeriod) {
-      const Index n = std::min(kPeriod, in.kv_len - p);
-      // Every batch row gets the same keys (batch stride 0), as in the paged cache.
-      const auto rows = [&](const af::ConstView<float, 3>& one) {
-        return af::ConstView<float, 4>(one.data(), {in.batch, kKvHeads, n, kHeadDim},
-                                       {0, one.stride(0), one.stride(1), 1});
-      };
-      in.contiguous->update(rows(src.keys(p, n)), rows(src.values(p, n)));
-    }
+// A contiguous cache (storage S) of kv_len positions per batch row, and one spare.
+template <typename S>
+std::unique_ptr<af::KVCache<S>> filled_cache(Index batch, Index kv_len) {
+  auto cache = std::make_unique<af::KVCache<S>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+  const KvSource& src = kv_source();
+  for (Index p = 0; p < kv_len; p += kPeriod) {
+    const Index n = std::min(kPeriod, kv_len - p);
+    // Every batch row gets the same keys (batch stride 0), as in the paged cache.
+    const auto rows = [&](const af::ConstView<float, 3>& one) {
+      return af::ConstView<float, 4>(one.data(), {batch, kKvHeads, n, kHeadDim},
+                                     {0, one.stride(0), one.stride(1), 1});
+    };
+    cache->update(rows(src.keys(p, n)), rows(src.values(p, n)));
   }
+  return cache;
+}
+
+const af::KVCache<float>& contiguous_cache(DecodeInputs& in) {
+  if (!in.contiguous) in.contiguous = filled_cache<float>(in.batch, in.kv_len);
   return *in.contiguous;
 }
 
@@ -254,6 +263,38 @@ void run_paged_in_turns(benchmark::State& state, Index batch, Index kv_len, Inde
   ContiguousDecodeStep contiguous = contiguous_decode_step(in, threads);
   PagedDecodeStep paged = paged_decode_step(in, block_size, threads);
   const std::array<std::function<void()>, 2> calls = {[&] { contiguous(); }, [&] { paged(); }};
+  for (const auto& call : calls) call();  // sizes the scratch
+  const auto seconds = bench::time_in_turns(state, calls);
+  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
+}
+
+// paged_in_turns for a bf16 or int8 cache (storage S, float queries) at B 1 x
+// kFormatKvLen: its caches, built on first use and kept.
+constexpr Index kFormatKvLen = 32768;
+
+template <typename S>
+struct FormatDecodeInputs {
+  std::unique_ptr<af::KVCache<S>> contiguous = filled_cache<S>(1, kFormatKvLen);
+  std::map<Index, PagedSetOf<S>> paged;  // by block size
+};
+
+template <typename S>
+void run_paged_in_turns_as(benchmark::State& state, Index block_size, int threads) {
+  static const auto formats = std::make_unique<FormatDecodeInputs<S>>();
+  PagedSetOf<S>& set = formats->paged[block_size];
+  if (!set.cache) set = paged_set<S>({kFormatKvLen}, block_size);
+  DecodeInputs& in = decode_inputs(1, kFormatKvLen);
+  af::SdpaOptions options;
+  options.causal = true;
+  af::Sdpa<float, S> sdpa(options, bench::device_for(threads));
+  af::PagedAttention<float, S> attention(options, bench::device_for(threads));
+  const af::KVPrefix<S> kv = formats->contiguous->prefix();
+  const RaggedBatch step = ragged_batch(set.seqs, {1});
+  const af::ConstView<float, 3> q(in.q.data(), {1, kHeads, kHeadDim});
+  const af::StridedView<float, 3> out(in.out.data(), {1, kHeads, kHeadDim});
+  const std::array<std::function<void()>, 2> calls = {
+      [&] { sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out)); },
+      [&] { attention(q, *set.cache, step, out); }};
   for (const auto& call : calls) call();  // sizes the scratch
   const auto seconds = bench::time_in_turns(state, calls);
   state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
@@ -582,6 +623,18 @@ void register_all() {
                      run_paged_in_turns(s, batch, kv_len, block, threads);
                    });
       }
+    }
+  }
+  for (Index block : {16, 64}) {
+    for (int threads : {1, 2}) {
+      const std::string rest = "/Skv:" + std::to_string(kFormatKvLen) +
+                               "/B:1/block:" + std::to_string(block) +
+                               "/threads:" + std::to_string(threads);
+      bench::add("paged_in_turns_bf16" + rest, benchmark::kMicrosecond, [=](benchmark::State& s) {
+        run_paged_in_turns_as<Eigen::bfloat16>(s, block, threads);
+      });
+      bench::add("paged_in_turns_int8" + rest, benchmark::kMicrosecond,
+                 [=](benchmark::State& s) { run_paged_in_turns_as<af::QInt8>(s, block, threads); });
     }
   }
   for (int threads : {1, 2}) {
