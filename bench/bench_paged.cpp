@@ -24,6 +24,8 @@
 //                     the fused kernel's rate on the same work, which ragged_prefill is
 //                     judged against (it charges paging and batching together);
 //   prefill_separate_paged  the same 8 as 8 PagedAttention calls (batching alone);
+//   bf16_prefill_in_turns  2048 new tokens, bf16 activations over a bf16 pool of block 16 or
+//                     64, against Sdpa over contiguous bf16 keys and values, timed in turn;
 //   fork_memory       8 forks of a 4096-token prompt: block counts as counters.
 //
 //   bench_paged --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -551,6 +553,55 @@ void run_prefill_separate_paged(benchmark::State& state, int threads) {
   set_prefill_flops(state);
 }
 
+// ---- bf16 prefill over a bf16 pool ---------------------------------------------------
+
+// One sequence of kBf16PrefillLen new tokens, bf16 activations over a bf16 pool (the fused
+// kernel's AVX512-BF16 dot products where the CPU has them), and Sdpa over contiguous
+// copies of the same keys and values, timed in turn. The pool's runs of 16 rows split
+// every key tile, whose keys the kernel then copies and whose values it pairs run by run.
+// GFLOP/s counts the causal pairs, as the rows above.
+constexpr Index kBf16PrefillLen = 2048;
+
+struct Bf16PrefillInputs {
+  using BF = Eigen::bfloat16;
+  PagedSetOf<BF> set;
+  Tensor<BF, 4> q, k, v, out;  // (1, H or Hkv, L, D); the paged call sees q and out packed
+};
+
+void run_bf16_prefill_in_turns(benchmark::State& state, Index block_size, int threads) {
+  using BF = Eigen::bfloat16;
+  constexpr Index kLen = kBf16PrefillLen;
+  Bf16PrefillInputs& in = bench::built_once(block_size, [](Index block) {
+    Bf16PrefillInputs made;
+    made.set = paged_set<BF>({kLen}, block);
+    const std::array<Index, 4> kv_dims{1, kKvHeads, kLen, kHeadDim};
+    made.k = made.set.cache->gather_keys(made.set.seqs[0]).reshape(kv_dims);
+    made.v = made.set.cache->gather_values(made.set.seqs[0]).reshape(kv_dims);
+    made.q = bench::random_tensor<float, 4>({1, kHeads, kLen, kHeadDim}, 4).cast<BF>();
+    made.out = Tensor<BF, 4>(1, kHeads, kLen, kHeadDim);
+    return made;
+  });
+  af::SdpaOptions options;
+  options.causal = true;
+  af::Sdpa<BF> sdpa(options, bench::device_for(threads));
+  af::PagedAttention<BF> attention(options, bench::device_for(threads));
+  const RaggedBatch batch = ragged_batch(in.set.seqs, {kLen});
+  // (1, H, L, D) seen as the packed (L, H, D).
+  const std::array<Index, 3> packed{kLen, kHeads, kHeadDim}, strides{kHeadDim, kLen * kHeadDim, 1};
+  const af::ConstView<BF, 3> q(in.q.data(), packed, strides);
+  const af::StridedView<BF, 3> out(in.out.data(), packed, strides);
+  const std::array<std::function<void()>, 2> calls = {
+      [&] { sdpa(in.q, in.k, in.v, af::StridedView<BF, 4>(in.out)); },
+      [&] { attention(q, *in.set.cache, batch, out); }};
+  for (const auto& call : calls) call();  // sizes the scratch
+  const auto seconds = bench::time_in_turns(state, calls);
+  const double flops = 4.0 * kHeads * kHeadDim * static_cast<double>(kLen * (kLen + 1) / 2);
+  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
+  // The paged rate: the median over iterations of flops / the paged call's time.
+  const std::vector<double> work(seconds[1].size(), flops * 1e-9);
+  state.counters["paged_GFLOP/s"] = bench::median_ratio(work, seconds[1]);
+}
+
 // ---- Fork memory ---------------------------------------------------------------------
 
 constexpr Index kPrompt = 4096;
@@ -669,6 +720,14 @@ void register_all() {
                [=](benchmark::State& s) { run_prefill_separate(s, threads); });
     bench::add("prefill_separate_paged" + prefill + block + t, benchmark::kMillisecond,
                [=](benchmark::State& s) { run_prefill_separate_paged(s, threads); });
+  }
+  for (Index block : {16, 64}) {
+    for (int threads : {1, 2}) {
+      bench::add("bf16_prefill_in_turns/S:" + std::to_string(kBf16PrefillLen) +
+                     "/block:" + std::to_string(block) + "/threads:" + std::to_string(threads),
+                 benchmark::kMillisecond,
+                 [=](benchmark::State& s) { run_bf16_prefill_in_turns(s, block, threads); });
+    }
   }
   for (Index block_size : {16, 64, 256}) {
     bench::add("fork_memory/prompt:" + std::to_string(kPrompt) +
