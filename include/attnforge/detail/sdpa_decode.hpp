@@ -393,8 +393,9 @@ NextBlock next_block(const P& pb, const DecodeGroup& g, const DecodeScratch<type
 
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
 // key j0 again when that is null (the dot-product kernels take a whole block of rows).
-// A block lies in one run (plan_decode_blocks), so one row's address gives the others:
-// a paged view's row() divides, and a row at a time that cost as much as reading a block.
+// A block lies in one run (plan_decode_blocks), so one row's address gives the others: a
+// paged view's row() divides, and once per row that showed in the decode's time
+// (docs/design.md, "A decode block's rows come from its first row's address").
 template <typename Row, std::size_t kKeys, typename View>
 void block_rows(const View& view, const DecodeGroup& g, Index j0, Index n_keys, Row (&rows)[kKeys],
                 Row past_end = nullptr) {
