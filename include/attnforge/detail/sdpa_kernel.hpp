@@ -16,7 +16,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -210,25 +209,6 @@ const T* tile_rows(const Rows& view, Index b, Index head, Index first, Index n,
   return buffer.data();
 }
 
-// tile_rows for the bf16 dot products: the rows' bits, in place where they are one run,
-// else copied from their runs into `buffer`.
-template <typename Rows>
-const std::uint16_t* tile_bits(const Rows& view, Index b, Index head, Index first, Index n,
-                               AlignedBuffer<std::uint16_t>& buffer, Index& stride) {
-  static_assert(sizeof(typename Rows::Scalar) == 2, "16-bit rows");
-  if (contiguous_rows(view, first) >= n) {
-    stride = view.stride(2);
-    return reinterpret_cast<const std::uint16_t*>(view.row(b, head, first));
-  }
-  const Index width = view.dimension(3);
-  for (Index r = 0; r < n; ++r) {
-    std::memcpy(buffer.data() + r * width, view.row(b, head, first + r),
-                static_cast<std::size_t>(width) * sizeof(std::uint16_t));
-  }
-  stride = width;
-  return buffer.data();
-}
-
 // A work item: `count` consecutive query tiles of one (batch row, KV head, head group)
 // of one problem of the call.
 struct QueryTile {
@@ -291,13 +271,13 @@ struct KernelScratch {
   // K and V tiles converted to T, when the caller's storage is another type.
   AlignedBuffer<T> keys, values;
   // bf16 dot products: V regrouped as key pairs, and the weights P as bf16 pairs; K's
-  // bits copied when a tile spans runs of a paged cache (tile_bits).
+  // rows copied when a tile spans runs of a paged cache.
   AlignedBuffer<std::uint32_t> value_pairs, weight_pairs;
-  AlignedBuffer<std::uint16_t> key_bits;
+  AlignedBuffer<Eigen::bfloat16> bf16_keys;
   EmptyRows empty_rows;
 
   void reserve(Index head_dim, Index key_tile, Index tiles_per_item, bool convert_kv, bool bf16_dot,
-               bool gather_key_bits) {
+               bool gather_bf16_keys) {
     constexpr std::size_t kLanes = FusedBlocking<T>::kLanes;
     const auto size = [](Index n) { return static_cast<std::size_t>(n); };
     tiles.resize(size(tiles_per_item));
@@ -316,7 +296,7 @@ struct KernelScratch {
     const Index key_pairs = (key_tile + 2) / 2;  // one extra: spans are widened to even starts
     value_pairs.resize(bf16_dot ? size(key_pairs * head_dim) : 0);
     weight_pairs.resize(bf16_dot ? size(key_pairs) * kLanes : 0);
-    key_bits.resize(gather_key_bits ? size(key_tile * head_dim) : 0);
+    bf16_keys.resize(gather_bf16_keys ? size(key_tile * head_dim) : 0);
     scores.resize(size(key_tile) * kLanes);
     keys.resize(convert_kv ? size(key_tile * head_dim) : 0);
     values.resize(convert_kv ? size(key_tile * head_dim) : 0);
@@ -680,7 +660,8 @@ KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index
   const Index n0 = kt * ctx.geo.key_tile;
   const Index n_keys = std::min(ctx.geo.key_tile, ctx.kv_len - n0);
   if constexpr (F::kBf16Dot) {
-    kv.key_bits = tile_bits(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.key_bits, kv.key_stride);
+    kv.key_bits = reinterpret_cast<const std::uint16_t*>(
+        tile_rows(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.bf16_keys, kv.key_stride));
     // Run by run: a tile starts at an even key and runs hold an even number of rows
     // (prepare_fused), so no pair of keys straddles two runs.
     for_each_run(pb.v, n0, n_keys, [&](Index offset, Index rows) {

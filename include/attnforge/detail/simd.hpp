@@ -500,10 +500,15 @@ namespace attnforge::detail {
 
 // dst[i] = static_cast<D>(src[i]) for i < n: the storage-to-compute conversion of
 // bf16/fp16 tiles (exact: every bf16 and fp16 value is a float), and the rounding of
-// float into a bf16/fp16 cache (to nearest even), vectorised where Eigen has the cast.
+// float into a bf16/fp16 cache (to nearest even), vectorised where Eigen has the cast; a
+// copy where the types are the same (a float cache's rows, a bf16 tile gathered from runs).
 template <typename S, typename D>
 void convert(const S* src, D* dst, Eigen::Index n) {
   namespace ei = Eigen::internal;
+  if constexpr (std::is_same_v<S, D>) {
+    std::copy(src, src + n, dst);
+    return;
+  }
   Eigen::Index i = 0;
   constexpr bool kWiden = std::is_same_v<D, float> &&
                           (std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half>);
