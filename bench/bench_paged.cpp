@@ -129,16 +129,18 @@ RaggedBatch ragged_batch(const std::vector<SeqId>& seqs, const std::vector<Index
   return batch;
 }
 
-af::PagedAttention<float> causal_paged(int threads) {
+template <typename T = float, typename KV = T>
+af::PagedAttention<T, KV> causal_paged(int threads) {
   af::SdpaOptions options;
   options.causal = true;
-  return af::PagedAttention<float>(options, bench::device_for(threads));
+  return af::PagedAttention<T, KV>(options, bench::device_for(threads));
 }
 
-af::Sdpa<float> causal_sdpa(int threads) {
+template <typename T = float, typename KV = T>
+af::Sdpa<T, KV> causal_sdpa(int threads) {
   af::SdpaOptions options;
   options.causal = true;
-  return af::Sdpa<float>(options, bench::device_for(threads));
+  return af::Sdpa<T, KV>(options, bench::device_for(threads));
 }
 
 double total(const std::vector<Index>& values) {
@@ -256,18 +258,28 @@ void run_paged_decode(benchmark::State& state, Index batch, Index kv_len, Index 
   set_rate(state, "GB/s", kTokenBytes * static_cast<double>(batch * kv_len) * 1e-9);
 }
 
-// The paged and the contiguous decode of one shape timed in turn (bench::time_in_turns):
-// paged/contiguous is the median over iterations of contiguous time / paged time, the
-// paged rate as a fraction of the contiguous one.
+// A contiguous and a paged call timed in turn (bench::time_in_turns), after one call of
+// each (which sizes the scratch): sets paged/contiguous, the median over iterations of
+// contiguous time / paged time (the paged rate as a fraction of the contiguous one), and
+// returns the paged call's times.
+std::vector<double> time_paged_against_contiguous(benchmark::State& state,
+                                                  const std::function<void()>& contiguous,
+                                                  const std::function<void()>& paged) {
+  const std::array<std::function<void()>, 2> calls = {contiguous, paged};
+  for (const auto& call : calls) call();
+  const auto seconds = bench::time_in_turns(state, calls);
+  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
+  return seconds[1];
+}
+
+// The paged and the contiguous decode of one shape timed in turn.
 void run_paged_in_turns(benchmark::State& state, Index batch, Index kv_len, Index block_size,
                         int threads) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   ContiguousDecodeStep contiguous = contiguous_decode_step(in, threads);
   PagedDecodeStep paged = paged_decode_step(in, block_size, threads);
-  const std::array<std::function<void()>, 2> calls = {[&] { contiguous(); }, [&] { paged(); }};
-  for (const auto& call : calls) call();  // sizes the scratch
-  const auto seconds = bench::time_in_turns(state, calls);
-  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
+  time_paged_against_contiguous(
+      state, [&] { contiguous(); }, [&] { paged(); });
 }
 
 // paged_in_turns for a bf16 or int8 cache (storage S, float queries) at B 1 x
@@ -286,20 +298,15 @@ void run_paged_in_turns_as(benchmark::State& state, Index block_size, int thread
   PagedSetOf<S>& set = formats->paged[block_size];
   if (!set.cache) set = paged_set<S>({kFormatKvLen}, block_size);
   DecodeInputs& in = decode_inputs(1, kFormatKvLen);
-  af::SdpaOptions options;
-  options.causal = true;
-  af::Sdpa<float, S> sdpa(options, bench::device_for(threads));
-  af::PagedAttention<float, S> attention(options, bench::device_for(threads));
+  af::Sdpa<float, S> sdpa = causal_sdpa<float, S>(threads);
+  af::PagedAttention<float, S> attention = causal_paged<float, S>(threads);
   const af::KVPrefix<S> kv = formats->contiguous->prefix();
   const RaggedBatch step = ragged_batch(set.seqs, {1});
   const af::ConstView<float, 3> q(in.q.data(), {1, kHeads, kHeadDim});
   const af::StridedView<float, 3> out(in.out.data(), {1, kHeads, kHeadDim});
-  const std::array<std::function<void()>, 2> calls = {
-      [&] { sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out)); },
-      [&] { attention(q, *set.cache, step, out); }};
-  for (const auto& call : calls) call();  // sizes the scratch
-  const auto seconds = bench::time_in_turns(state, calls);
-  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
+  time_paged_against_contiguous(
+      state, [&] { sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out)); },
+      [&] { attention(q, *set.cache, step, out); });
 }
 
 // ---- Ragged decode -------------------------------------------------------------------
@@ -581,25 +588,20 @@ void run_bf16_prefill_in_turns(benchmark::State& state, Index block_size, int th
     made.out = Tensor<BF, 4>(1, kHeads, kLen, kHeadDim);
     return made;
   });
-  af::SdpaOptions options;
-  options.causal = true;
-  af::Sdpa<BF> sdpa(options, bench::device_for(threads));
-  af::PagedAttention<BF> attention(options, bench::device_for(threads));
+  af::Sdpa<BF> sdpa = causal_sdpa<BF>(threads);
+  af::PagedAttention<BF> attention = causal_paged<BF>(threads);
   const RaggedBatch batch = ragged_batch(in.set.seqs, {kLen});
   // (1, H, L, D) seen as the packed (L, H, D).
   const std::array<Index, 3> packed{kLen, kHeads, kHeadDim}, strides{kHeadDim, kLen * kHeadDim, 1};
   const af::ConstView<BF, 3> q(in.q.data(), packed, strides);
   const af::StridedView<BF, 3> out(in.out.data(), packed, strides);
-  const std::array<std::function<void()>, 2> calls = {
-      [&] { sdpa(in.q, in.k, in.v, af::StridedView<BF, 4>(in.out)); },
-      [&] { attention(q, *in.set.cache, batch, out); }};
-  for (const auto& call : calls) call();  // sizes the scratch
-  const auto seconds = bench::time_in_turns(state, calls);
-  const double flops = 4.0 * kHeads * kHeadDim * static_cast<double>(kLen * (kLen + 1) / 2);
-  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
+  const std::vector<double> paged_seconds = time_paged_against_contiguous(
+      state, [&] { sdpa(in.q, in.k, in.v, af::StridedView<BF, 4>(in.out)); },
+      [&] { attention(q, *in.set.cache, batch, out); });
   // The paged rate: the median over iterations of flops / the paged call's time.
-  const std::vector<double> work(seconds[1].size(), flops * 1e-9);
-  state.counters["paged_GFLOP/s"] = bench::median_ratio(work, seconds[1]);
+  const double flops = 4.0 * kHeads * kHeadDim * static_cast<double>(kLen * (kLen + 1) / 2);
+  const std::vector<double> work(paged_seconds.size(), flops * 1e-9);
+  state.counters["paged_GFLOP/s"] = bench::median_ratio(work, paged_seconds);
 }
 
 // ---- Fork memory ---------------------------------------------------------------------
