@@ -24,6 +24,9 @@
 //                     the fused kernel's rate on the same work, which ragged_prefill is
 //                     judged against (it charges paging and batching together);
 //   prefill_separate_paged  the same 8 as 8 PagedAttention calls (batching alone);
+//   ragged_in_turns, mixed_in_turns, ragged_prefill_in_turns  ragged_decode against
+//                     stream_yardstick, mixed_step against mixed_parts, ragged_prefill against
+//                     prefill_separate, timed in turn as paged_in_turns is;
 //   bf16_prefill_in_turns  2048 new tokens, bf16 activations over a bf16 pool of block 16 or
 //                     64, against Sdpa over contiguous bf16 keys and values, timed in turn;
 //   fork_memory       8 forks of a 4096-token prompt: block counts as counters.
@@ -154,6 +157,26 @@ void set_rate(benchmark::State& state, const char* name, double per_iteration) {
                                             benchmark::Counter::kIsRate);
 }
 
+// Calls `call` once (which sizes its scratch), then once per iteration.
+void time_each_iteration(benchmark::State& state, const std::function<void()>& call) {
+  call();
+  for (auto _ : state) {
+    call();
+    benchmark::ClobberMemory();
+  }
+}
+
+// A reference call and a subject call timed in turn (bench::time_in_turns), after one call
+// of each (which sizes the scratch): their times, one per iteration, {reference, subject}.
+// Robust to the bandwidth drifting between separate rows on a shared host.
+std::array<std::vector<double>, 2> time_pair_in_turns(benchmark::State& state,
+                                                      const std::function<void()>& reference,
+                                                      const std::function<void()>& subject) {
+  const std::array<std::function<void()>, 2> calls = {reference, subject};
+  for (const auto& call : calls) call();
+  return bench::time_in_turns(state, calls);
+}
+
 // ---- Decode: contiguous against paged ------------------------------------------------
 
 struct DecodeInputs {
@@ -239,35 +262,24 @@ PagedDecodeStep paged_decode_step(DecodeInputs& in, Index block_size, int thread
 
 void run_decode(benchmark::State& state, Index batch, Index kv_len, int threads) {
   ContiguousDecodeStep decode = contiguous_decode_step(decode_inputs(batch, kv_len), threads);
-  decode();  // sizes the scratch
-  for (auto _ : state) {
-    decode();
-    benchmark::ClobberMemory();
-  }
+  time_each_iteration(state, [&] { decode(); });
   set_rate(state, "GB/s", kTokenBytes * static_cast<double>(batch * kv_len) * 1e-9);
 }
 
 void run_paged_decode(benchmark::State& state, Index batch, Index kv_len, Index block_size,
                       int threads) {
   PagedDecodeStep decode = paged_decode_step(decode_inputs(batch, kv_len), block_size, threads);
-  decode();
-  for (auto _ : state) {
-    decode();
-    benchmark::ClobberMemory();
-  }
+  time_each_iteration(state, [&] { decode(); });
   set_rate(state, "GB/s", kTokenBytes * static_cast<double>(batch * kv_len) * 1e-9);
 }
 
-// A contiguous and a paged call timed in turn (bench::time_in_turns), after one call of
-// each (which sizes the scratch): sets paged/contiguous, the median over iterations of
-// contiguous time / paged time (the paged rate as a fraction of the contiguous one), and
-// returns the paged call's times.
+// A contiguous and a paged call timed in turn: sets paged/contiguous, the median over
+// iterations of contiguous time / paged time (the paged rate as a fraction of the
+// contiguous one), and returns the paged call's times.
 std::vector<double> time_paged_against_contiguous(benchmark::State& state,
                                                   const std::function<void()>& contiguous,
                                                   const std::function<void()>& paged) {
-  const std::array<std::function<void()>, 2> calls = {contiguous, paged};
-  for (const auto& call : calls) call();
-  const auto seconds = bench::time_in_turns(state, calls);
+  const auto seconds = time_pair_in_turns(state, contiguous, paged);
   state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
   return seconds[1];
 }
@@ -344,27 +356,58 @@ RaggedDecodeInputs& ragged_decode_inputs() {
 
 double ragged_decode_bytes() { return kTokenBytes * total(ragged_lengths()); }
 
-void run_ragged_decode(benchmark::State& state, int threads) {
+// One decode step of every ragged sequence, ready to call.
+struct RaggedDecodeStep {
+  RaggedDecodeInputs& in;
+  RaggedBatch step;
+  af::PagedAttention<float> attention;
+  void operator()() { attention(in.q, *in.set.cache, step, in.out); }
+};
+RaggedDecodeStep ragged_decode_step(int threads) {
   RaggedDecodeInputs& in = ragged_decode_inputs();
-  const RaggedBatch step =
-      ragged_batch(in.set.seqs, std::vector<Index>(static_cast<std::size_t>(kRaggedSeqs), 1));
-  af::PagedAttention<float> attention = causal_paged(threads);
-  attention(in.q, *in.set.cache, step, in.out);
-  for (auto _ : state) {
-    attention(in.q, *in.set.cache, step, in.out);
-    benchmark::ClobberMemory();
-  }
+  return {in,
+          ragged_batch(in.set.seqs, std::vector<Index>(static_cast<std::size_t>(kRaggedSeqs), 1)),
+          causal_paged(threads)};
+}
+
+void run_ragged_decode(benchmark::State& state, int threads) {
+  RaggedDecodeStep decode = ragged_decode_step(threads);
+  time_each_iteration(state, [&] { decode(); });
   set_rate(state, "GB/s", ragged_decode_bytes() * 1e-9);
 }
 
-void run_stream(benchmark::State& state, double bytes, int threads) {
-  const Index floats = static_cast<Index>(bytes / sizeof(float));
-  const Tensor<float, 1>& buffer = bench::stream_buffer(floats);
-  std::vector<double> partial;
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(
-        bench::stream_sum(buffer.data(), floats, bench::device_for(threads), partial));
+// A streaming read of `bytes` (bench::stream_sum), ready to call.
+class StreamRead {
+ public:
+  StreamRead(double bytes, int threads)
+      : floats_(static_cast<Index>(bytes / sizeof(float))),
+        device_(bench::device_for(threads)),
+        data_(bench::stream_buffer(floats_).data()) {}
+  void operator()() {
+    benchmark::DoNotOptimize(bench::stream_sum(data_, floats_, device_, partial_));
   }
+
+ private:
+  Index floats_;
+  const Eigen::ThreadPoolDevice* device_;
+  const float* data_;
+  std::vector<double> partial_;
+};
+
+// The ragged decode and a streaming read of as many bytes, timed in turn: ragged/stream is
+// the median over iterations of stream time / ragged time (the ragged decode's rate as a
+// fraction of the stream's).
+void run_ragged_in_turns(benchmark::State& state, int threads) {
+  RaggedDecodeStep decode = ragged_decode_step(threads);
+  StreamRead read(ragged_decode_bytes(), threads);
+  const auto seconds = time_pair_in_turns(
+      state, [&] { read(); }, [&] { decode(); });
+  state.counters["ragged/stream"] = bench::median_ratio(seconds[0], seconds[1]);
+}
+
+void run_stream(benchmark::State& state, double bytes, int threads) {
+  StreamRead read(bytes, threads);
+  time_each_iteration(state, [&] { read(); });
   set_rate(state, "GB/s", bytes * 1e-9);
 }
 
@@ -418,33 +461,50 @@ MixedInputs& mixed_inputs() {
   return *in;
 }
 
-void run_mixed_step(benchmark::State& state, int threads) {
-  MixedInputs& in = mixed_inputs();
-  af::PagedAttention<float> attention = causal_paged(threads);
-  attention(in.q, *in.set.cache, in.all, in.out);
-  for (auto _ : state) {
-    attention(in.q, *in.set.cache, in.all, in.out);
-    benchmark::ClobberMemory();
-  }
-  set_rate(state, "tokens/s", static_cast<double>(in.all.total_tokens()));
-}
+// The whole mixed step as one call, ready to call.
+struct MixedStep {
+  MixedInputs& in;
+  af::PagedAttention<float> attention;
+  void operator()() { attention(in.q, *in.set.cache, in.all, in.out); }
+};
 
 // The two groups as two calls, each on its own PagedAttention (as two engines' steps
 // would be), so neither call re-sizes the other's scratch.
-void run_mixed_parts(benchmark::State& state, int threads) {
-  MixedInputs& in = mixed_inputs();
-  const Index n_prefill = in.prefills.total_tokens(), n_decode = in.decodes.total_tokens();
-  const auto q_prefill = in.q_rows(0, n_prefill), q_decode = in.q_rows(n_prefill, n_decode);
-  const auto out_prefill = in.out_rows(0, n_prefill), out_decode = in.out_rows(n_prefill, n_decode);
-  af::PagedAttention<float> prefill = causal_paged(threads), decode = causal_paged(threads);
-  prefill(q_prefill, *in.set.cache, in.prefills, out_prefill);
-  decode(q_decode, *in.set.cache, in.decodes, out_decode);
-  for (auto _ : state) {
+struct MixedParts {
+  MixedInputs& in;
+  af::PagedAttention<float> prefill, decode;
+  af::ConstView<float, 3> q_prefill = in.q_rows(0, in.prefills.total_tokens());
+  af::ConstView<float, 3> q_decode =
+      in.q_rows(in.prefills.total_tokens(), in.decodes.total_tokens());
+  af::StridedView<float, 3> out_prefill = in.out_rows(0, in.prefills.total_tokens());
+  af::StridedView<float, 3> out_decode =
+      in.out_rows(in.prefills.total_tokens(), in.decodes.total_tokens());
+  void operator()() {
     prefill(q_prefill, *in.set.cache, in.prefills, out_prefill);
     decode(q_decode, *in.set.cache, in.decodes, out_decode);
-    benchmark::ClobberMemory();
   }
-  set_rate(state, "tokens/s", static_cast<double>(in.all.total_tokens()));
+};
+
+void run_mixed_step(benchmark::State& state, int threads) {
+  MixedStep step{mixed_inputs(), causal_paged(threads)};
+  time_each_iteration(state, [&] { step(); });
+  set_rate(state, "tokens/s", static_cast<double>(step.in.all.total_tokens()));
+}
+
+void run_mixed_parts(benchmark::State& state, int threads) {
+  MixedParts parts{mixed_inputs(), causal_paged(threads), causal_paged(threads)};
+  time_each_iteration(state, [&] { parts(); });
+  set_rate(state, "tokens/s", static_cast<double>(parts.in.all.total_tokens()));
+}
+
+// The mixed step and its two parts timed in turn: mixed/parts is the median over
+// iterations of the step's time / the parts' time.
+void run_mixed_in_turns(benchmark::State& state, int threads) {
+  MixedStep step{mixed_inputs(), causal_paged(threads)};
+  MixedParts parts{mixed_inputs(), causal_paged(threads), causal_paged(threads)};
+  const auto seconds = time_pair_in_turns(
+      state, [&] { parts(); }, [&] { step(); });
+  state.counters["mixed/parts"] = bench::median_ratio(seconds[1], seconds[0]);
 }
 
 // ---- Ragged prefill ------------------------------------------------------------------
@@ -499,24 +559,28 @@ void set_prefill_flops(benchmark::State& state) {
   set_rate(state, "GFLOP/s", 4.0 * kHeads * kHeadDim * prefill_pairs() * 1e-9);
 }
 
-void run_ragged_prefill(benchmark::State& state, int threads) {
-  PrefillInputs& in = prefill_inputs();
-  af::PagedAttention<float> attention = causal_paged(threads);
-  attention(in.q, *in.set.cache, in.batch, in.out);
-  for (auto _ : state) {
-    attention(in.q, *in.set.cache, in.batch, in.out);
-    benchmark::ClobberMemory();
-  }
-  set_prefill_flops(state);
-}
+// The 8 sequences' prefill as one ragged call, ready to call.
+struct RaggedPrefill {
+  PrefillInputs& in;
+  af::PagedAttention<float> attention;
+  void operator()() { attention(in.q, *in.set.cache, in.batch, in.out); }
+};
 
-void run_prefill_separate(benchmark::State& state, int threads) {
-  PrefillInputs& in = prefill_inputs();
+// The same 8 through the contiguous fused Sdpa, one call per sequence, ready to call.
+struct SeparatePrefills {
   struct Call {
     af::ConstView<float, 4> q, k, v;
     af::StridedView<float, 4> out;
   };
   std::vector<Call> calls;
+  af::Sdpa<float> sdpa;
+  void operator()() {
+    for (const Call& c : calls) sdpa(c.q, c.k, c.v, c.out);
+  }
+};
+SeparatePrefills separate_prefills(int threads) {
+  PrefillInputs& in = prefill_inputs();
+  SeparatePrefills made{{}, causal_sdpa(threads)};
   const KvSource& src = kv_source();
   const auto batch_of_one = [](const af::ConstView<float, 3>& rows) {
     return af::ConstView<float, 4>(rows.data(), {1, kKvHeads, rows.dimension(1), kHeadDim},
@@ -524,17 +588,34 @@ void run_prefill_separate(benchmark::State& state, int threads) {
   };
   for (Index s = 0; s < kPrefillSeqs; ++s) {
     const Index n = in.batch.new_tokens(s);
-    calls.push_back({in.sequence_view(af::ConstView<float, 3>(in.q), s),
-                     batch_of_one(src.keys(0, n)), batch_of_one(src.values(0, n)),
-                     in.sequence_view(af::StridedView<float, 3>(in.out), s)});
+    made.calls.push_back({in.sequence_view(af::ConstView<float, 3>(in.q), s),
+                          batch_of_one(src.keys(0, n)), batch_of_one(src.values(0, n)),
+                          in.sequence_view(af::StridedView<float, 3>(in.out), s)});
   }
-  af::Sdpa<float> sdpa = causal_sdpa(threads);
-  for (const Call& c : calls) sdpa(c.q, c.k, c.v, c.out);
-  for (auto _ : state) {
-    for (const Call& c : calls) sdpa(c.q, c.k, c.v, c.out);
-    benchmark::ClobberMemory();
-  }
+  return made;
+}
+
+void run_ragged_prefill(benchmark::State& state, int threads) {
+  RaggedPrefill prefill{prefill_inputs(), causal_paged(threads)};
+  time_each_iteration(state, [&] { prefill(); });
   set_prefill_flops(state);
+}
+
+void run_prefill_separate(benchmark::State& state, int threads) {
+  SeparatePrefills prefills = separate_prefills(threads);
+  time_each_iteration(state, [&] { prefills(); });
+  set_prefill_flops(state);
+}
+
+// The ragged prefill and the separate contiguous calls timed in turn: ragged/separate is
+// the median over iterations of the separate calls' time / the ragged call's time (the
+// ragged rate as a fraction of the fused kernel's on the same work).
+void run_ragged_prefill_in_turns(benchmark::State& state, int threads) {
+  RaggedPrefill prefill{prefill_inputs(), causal_paged(threads)};
+  SeparatePrefills prefills = separate_prefills(threads);
+  const auto seconds = time_pair_in_turns(
+      state, [&] { prefills(); }, [&] { prefill(); });
+  state.counters["ragged/separate"] = bench::median_ratio(seconds[0], seconds[1]);
 }
 
 void run_prefill_separate_paged(benchmark::State& state, int threads) {
@@ -552,11 +633,9 @@ void run_prefill_separate_paged(benchmark::State& state, int threads) {
                      af::StridedView<float, 3>(in.out).narrow(0, first, n)});
   }
   af::PagedAttention<float> attention = causal_paged(threads);
-  for (const Call& c : calls) attention(c.q, *in.set.cache, c.one, c.out);
-  for (auto _ : state) {
+  time_each_iteration(state, [&] {
     for (const Call& c : calls) attention(c.q, *in.set.cache, c.one, c.out);
-    benchmark::ClobberMemory();
-  }
+  });
   set_prefill_flops(state);
 }
 
@@ -698,6 +777,9 @@ void register_all() {
                [=](benchmark::State& s) { run_ragged_decode(s, threads); });
     bench::add("stream_yardstick" + seqs + t, benchmark::kMicrosecond,
                [=](benchmark::State& s) { run_stream(s, ragged_decode_bytes(), threads); });
+    bench::add("ragged_in_turns" + seqs + "/block:" + std::to_string(kRaggedBlock) + t,
+               benchmark::kMicrosecond,
+               [=](benchmark::State& s) { run_ragged_in_turns(s, threads); });
   }
   const std::string mixed =
       "/prefill:" + std::to_string(kMixedPrefills) + "x" + std::to_string(kMixedChunk) + "+" +
@@ -709,6 +791,8 @@ void register_all() {
                [=](benchmark::State& s) { run_mixed_step(s, threads); });
     bench::add("mixed_parts" + mixed + t, benchmark::kMillisecond,
                [=](benchmark::State& s) { run_mixed_parts(s, threads); });
+    bench::add("mixed_in_turns" + mixed + t, benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_mixed_in_turns(s, threads); });
   }
   const std::string prefill = "/seqs:" + std::to_string(kPrefillSeqs) +
                               "/len:" + std::to_string(kPrefillMin) + "-" +
@@ -722,6 +806,8 @@ void register_all() {
                [=](benchmark::State& s) { run_prefill_separate(s, threads); });
     bench::add("prefill_separate_paged" + prefill + block + t, benchmark::kMillisecond,
                [=](benchmark::State& s) { run_prefill_separate_paged(s, threads); });
+    bench::add("ragged_prefill_in_turns" + prefill + block + t, benchmark::kMillisecond,
+               [=](benchmark::State& s) { run_ragged_prefill_in_turns(s, threads); });
   }
   for (Index block : {16, 64}) {
     for (int threads : {1, 2}) {
