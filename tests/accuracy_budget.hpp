@@ -205,7 +205,8 @@ BudgetInputs budget_inputs(const Tensor<T, 4>& q, const Tensor<T, 4>& k, const D
   double max_slope = 0.0;
   for (double slope : options.alibi_slopes) max_slope = std::max(max_slope, std::abs(slope));
   const Index q_len = q.dimension(2), kv_len = k.dimension(2);
-  in.max_score = max_score_magnitude(q, k, scale) + max_bias + max_slope * static_cast<double>(kv_len);
+  in.max_score =
+      max_score_magnitude(q, k, scale) + max_bias + max_slope * static_cast<double>(kv_len);
   in.softcap = options.softcap;
   // N: the allowed keys of each (b, h, i) by every rule.
   for (Index b = 0; b < q.dimension(0); ++b) {
@@ -354,6 +355,20 @@ inline Tensor<double, 4> bf16_rounded_queries(const Tensor<float, 4>& q) {
 inline AccuracyBudget with_bf16_weights(AccuracyBudget on_stored) {
   on_stored.out += 0x1.0p-8;
   return on_stored;
+}
+
+// The budget of bf16 activations (queries and outputs) over a bf16 cache, on the float
+// budget of the same bf16 values: the softmax weights' rounding to bf16 where the bf16 dot
+// products take them (with_bf16_weights), the error of those weights' exp2 polynomial
+// (5.6e-5 relative, detail/bf16_dot.hpp: at most twice that in out, which divides by row
+// sums made of the same weights, and that much in lse), and out's own rounding to bf16
+// (half an ulp, 2^-9 of |out| <= max |v|). lse stays float.
+inline AccuracyBudget with_bf16_activations(AccuracyBudget on_rounded) {
+  constexpr double kWeightExp2Err = 5.6e-5;
+  AccuracyBudget budget = with_bf16_weights(on_rounded);
+  budget.out += 2.0 * kWeightExp2Err + 0x1.0p-9;
+  budget.lse += kWeightExp2Err;
+  return budget;
 }
 
 // The budget on the stored values of the int8 dot-product decode (5.): the value

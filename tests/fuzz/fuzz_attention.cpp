@@ -31,7 +31,9 @@
 // runs on the queries it multiplies and the bf16 weights' rounding adds to the budget
 // (accuracy_budget.hpp, 5. and 6.). A reduced cache's head_dim comes from its own sizes
 // (cache_head_dim): for QInt8 rows spanning several scale groups, for bf16 multiples of
-// 32, which the bf16 dot products need, and odd sizes.
+// 32, which the bf16 dot products need, and odd sizes. Over a bf16 pool, every other
+// PagedAttention call takes bf16 queries and outputs (fused: the bf16 dot-product prefill
+// over key tiles split across the pool's runs), held to with_bf16_activations' budget.
 // Every call must either throw std::invalid_argument / std::length_error exactly when the
 // harness's own reading of docs/design.md says the arguments are invalid, leaving outputs and
 // the cache untouched, or succeed with a result within the stated accuracy budget

@@ -48,6 +48,7 @@ struct Stats {
   long compared[kScenarios] = {};
   long rejected[kScenarios] = {};
   long paged_attention_calls = 0, paged_attention_compared = 0, paged_attention_rejected = 0;
+  long paged_bf16_activation_compared = 0;  // of those compared, bf16 queries and outputs
   ReducedCacheStats qint8, bf16;
   ~Stats() {
     if (std::getenv("ATTNFORGE_FUZZ_STATS") == nullptr) return;
@@ -60,8 +61,9 @@ struct Stats {
     }
     std::fprintf(stderr,
                  "fuzz_attention stats: paged     of which PagedAttention calls %ld, checked "
-                 "against the reference %ld, rejected %ld\n",
-                 paged_attention_calls, paged_attention_compared, paged_attention_rejected);
+                 "against the reference %ld (bf16 activations %ld), rejected %ld\n",
+                 paged_attention_calls, paged_attention_compared, paged_bf16_activation_compared,
+                 paged_attention_rejected);
     const auto print = [](const char* storage, const ReducedCacheStats& s, const char* products) {
       std::fprintf(stderr,
                    "fuzz_attention stats: %s caches: kv_cache inputs %ld (Sdpa calls over them "

@@ -260,11 +260,15 @@ af::Tensor<af::DocId, 2> paged_doc_ids(Index cols, std::uint32_t seed) {
 
 // One PagedAttention call over a ragged batch of the cache's sequences (sometimes with a
 // broken argument), checked per sequence against the brute force on the shadow's rows.
-template <typename S>
+// T: the activations, float or (over a bf16 cache) bf16, which the fused prefill multiplies
+// by bf16 dot products reading key tiles split across the pool's runs.
+template <typename T, typename S>
 void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& cache,
-                          const PagedShadow& shadow, af::PagedAttention<float, S>& attn,
+                          const PagedShadow& shadow, af::PagedAttention<T, S>& attn,
                           const std::function<af::SeqId()>& pick_seq, std::uint32_t seed) {
-  using T = float;
+  constexpr bool kBf16Activations = std::is_same_v<T, Eigen::bfloat16>;
+  static_assert(std::is_same_v<T, float> || (kBf16Activations && std::is_same_v<S, T>),
+                "float activations, or bf16 ones over a bf16 cache");
   const Index n_kv_heads = cache.n_kv_heads(), head_dim = cache.head_dim();
   const int broken = fdp.ConsumeIntegralInRange<int>(0, 15);  // 1..6 break one argument
   const int m = fdp.ConsumeIntegralInRange<int>(0, 3);
@@ -299,6 +303,10 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
       fdp.ConsumeBool() ? af::EmptyRowPolicy::kAttendAll : af::EmptyRowPolicy::kZeros;
   options.path = pick<af::SdpaPath>(fdp, {af::SdpaPath::kAuto, af::SdpaPath::kReference,
                                           af::SdpaPath::kFused, af::SdpaPath::kDecode});
+  // With bf16 activations the decode path converts the queries and runs as for float ones;
+  // the fused kernel's bf16 dot products, which read the pool's split tiles, are what is new.
+  if (kBf16Activations && options.path == af::SdpaPath::kDecode)
+    options.path = af::SdpaPath::kFused;
   options.int8_kernel = int8_kernel_for<S>(options);
   options.bf16_kernel = bf16_kernel_for<S>(options);
   const bool use_device = fdp.ConsumeIntegralInRange<int>(0, 3) == 0;
@@ -314,8 +322,8 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
   out.setConstant(T(7));
   e.bad(broken == 3 && out.dimensions() != q.dimensions(), "out shape");
   const bool give_lse = fdp.ConsumeBool() || broken == 4;
-  af::Tensor<T, 2> lse(n_heads, total + (broken == 4 ? 1 : 0));
-  lse.setConstant(T(7));
+  af::Tensor<float, 2> lse(n_heads, total + (broken == 4 ? 1 : 0));  // float for bf16 T too
+  lse.setConstant(7.0f);
   e.bad(give_lse && broken == 4 && lse.size() > 0, "lse shape");
 
   // Document masks: the new tokens' recorded ids as the queries' (the keys' then come
@@ -345,8 +353,8 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
   const PagedSnapshot before(cache);
   attn.set_options(options);
   attn.set_device(use_device ? &pool_device() : nullptr);
-  const af::StridedView<T, 2> lse_view =
-      give_lse ? af::StridedView<T, 2>(lse) : af::StridedView<T, 2>();
+  const af::StridedView<float, 2> lse_view =
+      give_lse ? af::StridedView<float, 2>(lse) : af::StridedView<float, 2>();
   const Outcome o = outcome_of([&] { attn(q, cache, batch, out, masks, lse_view); });
   check_outcome(e, o, "PagedAttention");
   check(PagedSnapshot(cache) == before, "PagedAttention changed the cache");
@@ -356,7 +364,7 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
     for (Index i = 0; i < out.size(); ++i)
       check(out.data()[i] == T(7), "a rejected PagedAttention wrote out");
     for (Index i = 0; i < lse.size(); ++i)
-      check(lse.data()[i] == T(7), "a rejected PagedAttention wrote lse");
+      check(lse.data()[i] == 7.0f, "a rejected PagedAttention wrote lse");
     return;
   }
 
@@ -368,11 +376,12 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
     const af::SeqId id = batch.seqs[static_cast<std::size_t>(s)];
     const Index n = batch.new_tokens(s), first = batch.first_token(s), len = shadow.len(id);
     if (n == 0) continue;
-    af::Tensor<T, 4> q4(1, n_heads, n, head_dim), k4(1, n_kv_heads, len, head_dim),
+    af::Tensor<float, 4> q4(1, n_heads, n, head_dim), k4(1, n_kv_heads, len, head_dim),
         v4(k4.dimensions());
     for (Index h = 0; h < n_heads; ++h)
       for (Index i = 0; i < n; ++i)
-        for (Index d = 0; d < head_dim; ++d) q4(0, h, i, d) = q(first + i, h, d);
+        for (Index d = 0; d < head_dim; ++d)
+          q4(0, h, i, d) = static_cast<float>(q(first + i, h, d));
     af::Tensor<af::DocId, 2> kv_ids(1, len);
     for (Index p = 0; p < len; ++p) {
       const PagedRow& row = shadow.seq(id).rows[static_cast<std::size_t>(p)];
@@ -391,7 +400,14 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
       dense.q_docs = q_ids[static_cast<std::size_t>(s)];
       if (cache.records_doc_ids()) dense.kv_docs = kv_ids;
     }
-    const auto [exact, budget, v_scale] = reference_over_cache<S>(q4, k4, v4, dense, options);
+    Reference reference;
+    if constexpr (kBf16Activations) {
+      reference = reference_of(q4, k4, v4, dense, options);
+      reference.budget = af::test::with_bf16_activations(reference.budget);
+    } else {
+      reference = reference_over_cache<S>(q4, k4, v4, dense, options);
+    }
+    const auto& [exact, budget, v_scale] = reference;
     double out_err = 0.0, lse_err = 0.0;
     for (Index h = 0; h < n_heads; ++h) {
       for (Index i = 0; i < n; ++i) {
@@ -417,6 +433,7 @@ void fuzz_paged_attention(FuzzedDataProvider& fdp, const af::PagedKVCache<S>& ca
     }
   }
   ++stats.paged_attention_compared;
+  if constexpr (kBf16Activations) ++stats.paged_bf16_activation_compared;
   if constexpr (!std::is_same_v<S, float>) {
     ReducedCacheStats& reduced = reduced_cache_stats<S>();
     if (reduced.dot_compared > dots_before) ++reduced.paged_dot_compared;
@@ -459,6 +476,10 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
   std::set<af::SeqId> issued;     // handles are never reused
   std::vector<af::SeqId> freed;   // for calls naming a sequence that is gone
   af::PagedAttention<T, S> attn;  // reused: its scratch outlives calls of other shapes
+  // Over a bf16 cache, bf16 activations too (otherwise an unused second float one).
+  std::conditional_t<std::is_same_v<S, Eigen::bfloat16>, af::PagedAttention<S, S>,
+                     af::PagedAttention<T, S>>
+      attn_16;
   std::uint32_t seed = fdp.ConsumeIntegral<std::uint32_t>();
   // A live sequence, or now and then (always, when none is live) one the cache does not hold.
   const std::function<af::SeqId()> pick_seq = [&]() -> af::SeqId {
@@ -521,7 +542,14 @@ void fuzz_paged(FuzzedDataProvider& fdp) {
     Expected e;
     Outcome o = Outcome::kOk;
     if (kind == 8 || kind == 9) {
-      fuzz_paged_attention(fdp, cache, shadow, attn, pick_seq, ++seed);
+      // Over a bf16 cache every other call takes bf16 activations: the seed decides, so no
+      // input byte is consumed and the seed corpus decodes as before.
+      ++seed;
+      if (std::is_same_v<S, Eigen::bfloat16> && seed % 2 == 0) {
+        fuzz_paged_attention(fdp, cache, shadow, attn_16, pick_seq, seed);
+      } else {
+        fuzz_paged_attention(fdp, cache, shadow, attn, pick_seq, seed);
+      }
       continue;
     }
     if (kind == 0) {
