@@ -137,13 +137,8 @@ void run_reduced_cache(benchmark::State& state, Index batch, Index kv_len, int t
 }
 
 void run_stream(benchmark::State& state, double bytes, int threads) {
-  const Index floats = static_cast<Index>(bytes / sizeof(float));
-  const Tensor<float, 1>& buffer = bench::stream_buffer(floats);
-  std::vector<double> partial;
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(
-        bench::stream_sum(buffer.data(), floats, bench::device_for(threads), partial));
-  }
+  bench::StreamRead read(bytes, threads);
+  for (auto _ : state) read();
   set_bytes_counter(state, bytes);
 }
 
@@ -163,18 +158,11 @@ void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int
   const af::KVPrefix<Eigen::bfloat16> bf16_kv = in.bf16_cache->prefix();
   const af::KVPrefix<af::QInt8> int8_kv = in.int8_cache->prefix();
   const af::StridedView<float, 4> out(in.out);
-  const Index floats = static_cast<Index>(kv_bytes(batch, kv_len) / sizeof(float));
-  const Tensor<float, 1>& buffer = bench::stream_buffer(floats);
-  std::vector<double> partial;
+  bench::StreamRead read(kv_bytes(batch, kv_len), threads);
   const std::array<std::function<void()>, 4> calls = {
       [&] { fp32(in.q, fp32_kv.keys, fp32_kv.values, out); },
       [&] { bf16(in.q, bf16_kv.keys, bf16_kv.values, out); },
-      [&] { int8(in.q, int8_kv.keys, int8_kv.values, out); },
-      [&] {
-        benchmark::DoNotOptimize(
-            bench::stream_sum(buffer.data(), floats, bench::device_for(threads), partial));
-      }};
-  for (const auto& call : calls) call();  // sizes the scratch
+      [&] { int8(in.q, int8_kv.keys, int8_kv.values, out); }, [&] { read(); }};
   const auto seconds = bench::time_in_turns(state, calls);
   state.counters["fp32/stream"] = bench::median_ratio(seconds[3], seconds[0]);
   state.counters["bf16/fp32"] = bench::median_ratio(seconds[0], seconds[1]);

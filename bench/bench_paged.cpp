@@ -166,17 +166,6 @@ void time_each_iteration(benchmark::State& state, const std::function<void()>& c
   }
 }
 
-// A reference call and a subject call timed in turn (bench::time_in_turns), after one call
-// of each (which sizes the scratch): their times, one per iteration, {reference, subject}.
-// Robust to the bandwidth drifting between separate rows on a shared host.
-std::array<std::vector<double>, 2> time_pair_in_turns(benchmark::State& state,
-                                                      const std::function<void()>& reference,
-                                                      const std::function<void()>& subject) {
-  const std::array<std::function<void()>, 2> calls = {reference, subject};
-  for (const auto& call : calls) call();
-  return bench::time_in_turns(state, calls);
-}
-
 // ---- Decode: contiguous against paged ------------------------------------------------
 
 struct DecodeInputs {
@@ -279,7 +268,7 @@ void run_paged_decode(benchmark::State& state, Index batch, Index kv_len, Index 
 std::vector<double> time_paged_against_contiguous(benchmark::State& state,
                                                   const std::function<void()>& contiguous,
                                                   const std::function<void()>& paged) {
-  const auto seconds = time_pair_in_turns(state, contiguous, paged);
+  const auto seconds = bench::time_in_turns<2>(state, {contiguous, paged});
   state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
   return seconds[1];
 }
@@ -376,37 +365,18 @@ void run_ragged_decode(benchmark::State& state, int threads) {
   set_rate(state, "GB/s", ragged_decode_bytes() * 1e-9);
 }
 
-// A streaming read of `bytes` (bench::stream_sum), ready to call.
-class StreamRead {
- public:
-  StreamRead(double bytes, int threads)
-      : floats_(static_cast<Index>(bytes / sizeof(float))),
-        device_(bench::device_for(threads)),
-        data_(bench::stream_buffer(floats_).data()) {}
-  void operator()() {
-    benchmark::DoNotOptimize(bench::stream_sum(data_, floats_, device_, partial_));
-  }
-
- private:
-  Index floats_;
-  const Eigen::ThreadPoolDevice* device_;
-  const float* data_;
-  std::vector<double> partial_;
-};
-
 // The ragged decode and a streaming read of as many bytes, timed in turn: ragged/stream is
 // the median over iterations of stream time / ragged time (the ragged decode's rate as a
 // fraction of the stream's).
 void run_ragged_in_turns(benchmark::State& state, int threads) {
   RaggedDecodeStep decode = ragged_decode_step(threads);
-  StreamRead read(ragged_decode_bytes(), threads);
-  const auto seconds = time_pair_in_turns(
-      state, [&] { read(); }, [&] { decode(); });
+  bench::StreamRead read(ragged_decode_bytes(), threads);
+  const auto seconds = bench::time_in_turns<2>(state, {[&] { read(); }, [&] { decode(); }});
   state.counters["ragged/stream"] = bench::median_ratio(seconds[0], seconds[1]);
 }
 
 void run_stream(benchmark::State& state, double bytes, int threads) {
-  StreamRead read(bytes, threads);
+  bench::StreamRead read(bytes, threads);
   time_each_iteration(state, [&] { read(); });
   set_rate(state, "GB/s", bytes * 1e-9);
 }
@@ -502,8 +472,7 @@ void run_mixed_parts(benchmark::State& state, int threads) {
 void run_mixed_in_turns(benchmark::State& state, int threads) {
   MixedStep step{mixed_inputs(), causal_paged(threads)};
   MixedParts parts{mixed_inputs(), causal_paged(threads), causal_paged(threads)};
-  const auto seconds = time_pair_in_turns(
-      state, [&] { parts(); }, [&] { step(); });
+  const auto seconds = bench::time_in_turns<2>(state, {[&] { parts(); }, [&] { step(); }});
   state.counters["mixed/parts"] = bench::median_ratio(seconds[1], seconds[0]);
 }
 
@@ -613,8 +582,7 @@ void run_prefill_separate(benchmark::State& state, int threads) {
 void run_ragged_prefill_in_turns(benchmark::State& state, int threads) {
   RaggedPrefill prefill{prefill_inputs(), causal_paged(threads)};
   SeparatePrefills prefills = separate_prefills(threads);
-  const auto seconds = time_pair_in_turns(
-      state, [&] { prefills(); }, [&] { prefill(); });
+  const auto seconds = bench::time_in_turns<2>(state, {[&] { prefills(); }, [&] { prefill(); }});
   state.counters["ragged/separate"] = bench::median_ratio(seconds[0], seconds[1]);
 }
 

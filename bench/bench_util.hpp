@@ -44,14 +44,16 @@ void add(const std::string& name, benchmark::TimeUnit unit, Body body) {
   benchmark::RegisterBenchmark(name.c_str(), body)->UseRealTime()->Unit(unit);
 }
 
-// Rows that compare calls in turn: each iteration runs every call once, starting with the
-// next one each time, and times each. Calls measured side by side share the machine's
-// moment, so their ratios hold where the memory bandwidth of a shared host drifts between
-// separate rows by more than a target's margin. Returns each call's times (seconds).
+// Rows that compare calls in turn: after one untimed call of each (which sizes its
+// scratch), each iteration runs every call once, starting with the next one each time, and
+// times each. Calls measured side by side share the machine's moment, so their ratios hold
+// where the memory bandwidth of a shared host drifts between separate rows by more than a
+// target's margin. Returns each call's times (seconds).
 template <std::size_t N>
 std::array<std::vector<double>, N> time_in_turns(
     benchmark::State& state, const std::array<std::function<void()>, N>& calls) {
   using Clock = std::chrono::steady_clock;
+  for (const auto& call : calls) call();
   std::array<std::vector<double>, N> seconds;
   std::size_t first = 0;
   for (auto _ : state) {
@@ -172,6 +174,23 @@ inline const Tensor<float, 1>& stream_buffer(Index floats) {
   }
   return *cached;
 }
+
+// A streaming read of `bytes` (stream_sum over stream_buffer), ready to call: the
+// yardstick as a call, for rows that time it alone or in turn with others.
+class StreamRead {
+ public:
+  StreamRead(double bytes, int threads)
+      : floats_(static_cast<Index>(bytes / sizeof(float))),
+        device_(device_for(threads)),
+        data_(stream_buffer(floats_).data()) {}
+  void operator()() { benchmark::DoNotOptimize(stream_sum(data_, floats_, device_, partial_)); }
+
+ private:
+  Index floats_;
+  const Eigen::ThreadPoolDevice* device_;
+  const float* data_;
+  std::vector<double> partial_;
+};
 
 // Keeps a packet in a register and opaque to the optimiser, without the store to
 // memory that benchmark::DoNotOptimize would force on a vector.
