@@ -82,46 +82,87 @@ void run_sdpa(benchmark::State& state, Index seq_len, Index head_dim, int thread
 //   fused_doc_ids    the same pattern as causal + doc_ids, what the mask is judged against
 //                    for its own cost (short documents cost more per pair than one long one);
 //   fused_alibi      causal with ALiBi slopes 2^(-8 h / H) on every head.
-enum class MaskRow { kBoolMask, kDocIds, kAlibi };
+// masks_in_turns times the plain causal call and the three above in turn
+// (bench::time_in_turns), for their rate ratios measured side by side.
+enum class MaskRow { kCausal, kBoolMask, kDocIds, kAlibi };
+
+// One fused call of a MaskRow over the inputs of its shape, and the pairs it may attend.
+class MaskedPrefill {
+ public:
+  MaskedPrefill(Inputs& in, int threads, MaskRow row)
+      : in_(in), out_(in.out), sdpa_(options_for(row), bench::device_for(threads)) {
+    const Index seq_len = in.seq_len;
+    const Index doc = seq_len / 4;
+    pairs_ = bench::causal_pairs(seq_len, seq_len);
+    if (row == MaskRow::kBoolMask) {
+      mask_ = Tensor<bool, 4>(1, 1, seq_len, seq_len);
+      for (Index i = 0; i < seq_len; ++i) {
+        for (Index j = 0; j < seq_len; ++j) mask_(0, 0, i, j) = j <= i && j / doc == i / doc;
+      }
+      masks_.attn_mask = mask_;
+      pairs_ = 4.0 * bench::causal_pairs(doc, doc);
+    } else if (row == MaskRow::kDocIds) {
+      doc_ids_ = Tensor<af::DocId, 2>(1, seq_len);
+      for (Index j = 0; j < seq_len; ++j) doc_ids_(0, j) = j / doc;
+      masks_.doc_ids = doc_ids_;
+      pairs_ = 4.0 * bench::causal_pairs(doc, doc);
+    }
+  }
+  MaskedPrefill(const MaskedPrefill&) = delete;
+  MaskedPrefill& operator=(const MaskedPrefill&) = delete;
+
+  void operator()() { sdpa_(in_.q, in_.k, in_.v, out_, masks_); }
+  double flops() const { return 4.0 * kHeads * static_cast<double>(in_.head_dim) * pairs_; }
+
+ private:
+  static af::SdpaOptions options_for(MaskRow row) {
+    af::SdpaOptions options;
+    options.path = af::SdpaPath::kFused;
+    options.causal = row != MaskRow::kBoolMask;  // the bool mask carries causality itself
+    if (row == MaskRow::kAlibi) {
+      for (Index h = 1; h <= kHeads; ++h) {
+        options.alibi_slopes.push_back(std::exp2(-8.0 * static_cast<double>(h) / kHeads));
+      }
+    }
+    return options;
+  }
+
+  Inputs& in_;
+  af::StridedView<float, 4> out_;
+  af::Sdpa<float> sdpa_;
+  Tensor<bool, 4> mask_;
+  Tensor<af::DocId, 2> doc_ids_;
+  af::Masks masks_;
+  double pairs_ = 0.0;
+};
 
 void run_mask_row(benchmark::State& state, Index seq_len, Index head_dim, int threads,
                   MaskRow row) {
-  Inputs& in = inputs_for(seq_len, head_dim);
-  af::SdpaOptions options;
-  options.path = af::SdpaPath::kFused;
-  af::Masks masks;
-  Tensor<bool, 4> mask;
-  Tensor<af::DocId, 2> doc_ids(1, seq_len);
-  double pairs = bench::causal_pairs(seq_len, seq_len);
-  const Index doc = seq_len / 4;
-  if (row == MaskRow::kBoolMask) {
-    mask = Tensor<bool, 4>(1, 1, seq_len, seq_len);
-    for (Index i = 0; i < seq_len; ++i) {
-      for (Index j = 0; j < seq_len; ++j) mask(0, 0, i, j) = j <= i && j / doc == i / doc;
-    }
-    masks.attn_mask = mask;
-    pairs = 4.0 * bench::causal_pairs(doc, doc);
-  } else if (row == MaskRow::kDocIds) {
-    options.causal = true;
-    for (Index j = 0; j < seq_len; ++j) doc_ids(0, j) = j / doc;
-    masks.doc_ids = doc_ids;
-    pairs = 4.0 * bench::causal_pairs(doc, doc);
-  } else {
-    options.causal = true;
-    for (Index h = 1; h <= kHeads; ++h) {
-      options.alibi_slopes.push_back(std::exp2(-8.0 * static_cast<double>(h) / kHeads));
-    }
-  }
-  af::Sdpa<float> sdpa(options, bench::device_for(threads));
-  sdpa(in.q, in.k, in.v, af::StridedView<float, 4>(in.out), masks);
+  MaskedPrefill call(inputs_for(seq_len, head_dim), threads, row);
+  call();
   for (auto _ : state) {
-    sdpa(in.q, in.k, in.v, af::StridedView<float, 4>(in.out), masks);
+    call();
     benchmark::ClobberMemory();
   }
-  state.counters["GFLOP/s"] =
-      benchmark::Counter(4.0 * kHeads * static_cast<double>(head_dim) * pairs * 1e-9 *
-                             static_cast<double>(state.iterations()),
-                         benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      call.flops() * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+
+void run_masks_in_turns(benchmark::State& state, Index seq_len, Index head_dim, int threads) {
+  Inputs& in = inputs_for(seq_len, head_dim);
+  MaskedPrefill causal(in, threads, MaskRow::kCausal);
+  MaskedPrefill bool_mask(in, threads, MaskRow::kBoolMask);
+  MaskedPrefill doc_ids(in, threads, MaskRow::kDocIds);
+  MaskedPrefill alibi(in, threads, MaskRow::kAlibi);
+  const auto seconds = bench::time_in_turns<4>(
+      state, {[&] { causal(); }, [&] { bool_mask(); }, [&] { doc_ids(); }, [&] { alibi(); }});
+  // Rate ratio = (flops_x / t_x) / (flops_causal / t_causal).
+  const auto rate_ratio = [&](std::size_t k, const MaskedPrefill& row) {
+    return bench::median_ratio(seconds[0], seconds[k], row.flops() / causal.flops());
+  };
+  state.counters["bool_mask/fused"] = rate_ratio(1, bool_mask);
+  state.counters["doc_ids/fused"] = rate_ratio(2, doc_ids);
+  state.counters["alibi/fused"] = rate_ratio(3, alibi);
 }
 
 // What a user would write with Eigen alone: per head, the full S x S score matrix by
@@ -239,6 +280,12 @@ void register_all() {
                        run_mask_row(s, seq_len, head_dim, threads, row);
                      });
         }
+      }
+      for (int threads : {1, 2}) {
+        bench::add(
+            "masks_in_turns" + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads),
+            benchmark::kMillisecond,
+            [=](benchmark::State& s) { run_masks_in_turns(s, seq_len, head_dim, threads); });
       }
       // bf16 rows beside the fp32 kernel, and what kAuto picks on this CPU. There is no AMX
       // row: AMX-BF16 tiles are not implemented (no CPU here has them to test on).
