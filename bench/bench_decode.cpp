@@ -7,8 +7,8 @@
 // Int8Kernel::kDequantize, decode_int8_dequantize). Then a
 // whole Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache,
 // against a streaming read of its bytes (weights + fp32 cache). decode_in_turns times the
-// fp32, bf16 and int8 decodes and the stream of one shape in turn, for their ratios side by
-// side (bench::time_in_turns).
+// fp32, bf16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
+// shape in turn, for their ratios side by side (bench::time_in_turns).
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <array>
@@ -142,11 +142,14 @@ void run_stream(benchmark::State& state, double bytes, int threads) {
   set_bytes_counter(state, bytes);
 }
 
-// The fp32, bf16-cache and int8-cache decodes and the stream yardstick of one shape timed
-// in turn (bench::time_in_turns), for the ratios the separate rows above give, measured
-// side by side: fp32/stream (the fp32 decode's bytes rate over the stream's), bf16/fp32
-// and int8/fp32 (tokens/s over the fp32 decode's) and int8_bytes/stream (the int8
-// cache's bytes rate, scales included, over the stream's).
+// The fp32, bf16-cache and int8-cache decodes, the stream yardstick, the fp32 decode with
+// attention sinks and streaming reads of the fp32 and int8 caches' own memory, of one
+// shape, timed in turn (bench::time_in_turns), for the ratios the separate rows above
+// give, measured side by side: fp32/stream (the fp32 decode's bytes rate over the
+// stream's), bf16/fp32, int8/fp32 and sinks/fp32 (tokens/s over the fp32 decode's),
+// int8_bytes/stream (the int8 cache's bytes rate, scales included, over the stream's),
+// and fp32/cache_stream and int8/cache_stream: each decode's rate over a read of the
+// very bytes it reads, which takes out how fast the memory the OS gave each buffer is.
 void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int threads) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   af::SdpaOptions options;
@@ -154,21 +157,33 @@ void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int
   af::Sdpa<float> fp32(options, bench::device_for(threads));
   af::Sdpa<float, Eigen::bfloat16> bf16(options, bench::device_for(threads));
   af::Sdpa<float, af::QInt8> int8(options, bench::device_for(threads));
+  af::SdpaOptions sink_options = options;
+  sink_options.sinks.assign(kHeads, 0.5);
+  af::Sdpa<float> fp32_sinks(sink_options, bench::device_for(threads));
   const af::KVPrefix<float> fp32_kv = in.cache->prefix();
   const af::KVPrefix<Eigen::bfloat16> bf16_kv = in.bf16_cache->prefix();
   const af::KVPrefix<af::QInt8> int8_kv = in.int8_cache->prefix();
   const af::StridedView<float, 4> out(in.out);
   bench::StreamRead read(kv_bytes(batch, kv_len), threads);
-  const std::array<std::function<void()>, 4> calls = {
+  bench::StreamRead read_fp32_cache(bench::cache_spans(fp32_kv), threads);
+  bench::StreamRead read_int8_cache(bench::cache_spans(int8_kv), threads);
+  const std::array<std::function<void()>, 7> calls = {
       [&] { fp32(in.q, fp32_kv.keys, fp32_kv.values, out); },
       [&] { bf16(in.q, bf16_kv.keys, bf16_kv.values, out); },
-      [&] { int8(in.q, int8_kv.keys, int8_kv.values, out); }, [&] { read(); }};
+      [&] { int8(in.q, int8_kv.keys, int8_kv.values, out); },
+      [&] { read(); },
+      [&] { fp32_sinks(in.q, fp32_kv.keys, fp32_kv.values, out); },
+      [&] { read_fp32_cache(); },
+      [&] { read_int8_cache(); }};
   const auto seconds = bench::time_in_turns(state, calls);
   state.counters["fp32/stream"] = bench::median_ratio(seconds[3], seconds[0]);
   state.counters["bf16/fp32"] = bench::median_ratio(seconds[0], seconds[1]);
   state.counters["int8/fp32"] = bench::median_ratio(seconds[0], seconds[2]);
   state.counters["int8_bytes/stream"] = bench::median_ratio(
       seconds[3], seconds[2], kv_bytes<af::QInt8>(batch, kv_len) / kv_bytes(batch, kv_len));
+  state.counters["sinks/fp32"] = bench::median_ratio(seconds[0], seconds[4]);
+  state.counters["fp32/cache_stream"] = bench::median_ratio(seconds[5], seconds[0]);
+  state.counters["int8/cache_stream"] = bench::median_ratio(seconds[6], seconds[2]);
 }
 
 // One decode token per batch row through Attention::forward at dim 4096 with a cache (of

@@ -273,14 +273,33 @@ std::vector<double> time_paged_against_contiguous(benchmark::State& state,
   return seconds[1];
 }
 
+// A contiguous and a paged decode timed in turn with streaming reads of the memory each
+// one reads (bench::StreamRead over `cache` and `pool`): paged/contiguous as above, and
+// contiguous/cache_stream and paged/pool_stream, each decode's rate as a fraction of a read
+// of its own bytes. Buffers of one process can stream at rates far apart, so the two
+// decodes' rates can differ by how fast their memory is as well as by their kernels;
+// the last two ratios take that out.
+void time_decodes_in_turns(benchmark::State& state, const std::function<void()>& contiguous,
+                           const std::function<void()>& paged, std::vector<bench::MemorySpan> cache,
+                           std::vector<bench::MemorySpan> pool, int threads) {
+  bench::StreamRead read_cache(std::move(cache), threads);
+  bench::StreamRead read_pool(std::move(pool), threads);
+  const auto seconds = bench::time_in_turns<4>(
+      state, {contiguous, paged, [&] { read_cache(); }, [&] { read_pool(); }});
+  state.counters["paged/contiguous"] = bench::median_ratio(seconds[0], seconds[1]);
+  state.counters["contiguous/cache_stream"] = bench::median_ratio(seconds[2], seconds[0]);
+  state.counters["paged/pool_stream"] = bench::median_ratio(seconds[3], seconds[1]);
+}
+
 // The paged and the contiguous decode of one shape timed in turn.
 void run_paged_in_turns(benchmark::State& state, Index batch, Index kv_len, Index block_size,
                         int threads) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   ContiguousDecodeStep contiguous = contiguous_decode_step(in, threads);
   PagedDecodeStep paged = paged_decode_step(in, block_size, threads);
-  time_paged_against_contiguous(
-      state, [&] { contiguous(); }, [&] { paged(); });
+  time_decodes_in_turns(
+      state, [&] { contiguous(); }, [&] { paged(); }, bench::cache_spans(contiguous.kv),
+      bench::cache_spans(*paged.set.cache, paged.set.seqs), threads);
 }
 
 // paged_in_turns for a bf16 or int8 cache (storage S, float queries) at B 1 x
@@ -305,9 +324,10 @@ void run_paged_in_turns_as(benchmark::State& state, Index block_size, int thread
   const RaggedBatch step = ragged_batch(set.seqs, {1});
   const af::ConstView<float, 3> q(in.q.data(), {1, kHeads, kHeadDim});
   const af::StridedView<float, 3> out(in.out.data(), {1, kHeads, kHeadDim});
-  time_paged_against_contiguous(
+  time_decodes_in_turns(
       state, [&] { sdpa(in.q, kv.keys, kv.values, af::StridedView<float, 4>(in.out)); },
-      [&] { attention(q, *set.cache, step, out); });
+      [&] { attention(q, *set.cache, step, out); }, bench::cache_spans(kv),
+      bench::cache_spans(*set.cache, set.seqs), threads);
 }
 
 // ---- Ragged decode -------------------------------------------------------------------
@@ -365,14 +385,19 @@ void run_ragged_decode(benchmark::State& state, int threads) {
   set_rate(state, "GB/s", ragged_decode_bytes() * 1e-9);
 }
 
-// The ragged decode and a streaming read of as many bytes, timed in turn: ragged/stream is
-// the median over iterations of stream time / ragged time (the ragged decode's rate as a
-// fraction of the stream's).
+// The ragged decode, a streaming read of as many bytes of the yardstick's buffer and one
+// of the pool memory the decode reads, timed in turn: ragged/stream and ragged/pool_stream
+// are the medians over iterations of stream time / ragged time (the ragged decode's rate
+// as a fraction of each stream's).
 void run_ragged_in_turns(benchmark::State& state, int threads) {
   RaggedDecodeStep decode = ragged_decode_step(threads);
   bench::StreamRead read(ragged_decode_bytes(), threads);
-  const auto seconds = bench::time_in_turns<2>(state, {[&] { read(); }, [&] { decode(); }});
+  bench::StreamRead read_pool(bench::cache_spans(*decode.in.set.cache, decode.in.set.seqs),
+                              threads);
+  const auto seconds =
+      bench::time_in_turns<3>(state, {[&] { read(); }, [&] { decode(); }, [&] { read_pool(); }});
   state.counters["ragged/stream"] = bench::median_ratio(seconds[0], seconds[1]);
+  state.counters["ragged/pool_stream"] = bench::median_ratio(seconds[2], seconds[1]);
 }
 
 void run_stream(benchmark::State& state, double bytes, int threads) {

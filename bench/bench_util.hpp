@@ -9,7 +9,9 @@
 #include <attnforge/attnforge.hpp>
 #include <attnforge/detail/huge_pages.hpp>
 #include <chrono>
+#include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <map>
@@ -116,36 +118,6 @@ inline double peak_memory_mib() {
   return -1.0;
 }
 
-// Sums `floats` floats of a buffer with independent packet accumulators, split into
-// fixed 1 MiB pieces over the pool: how fast this machine streams that many bytes (the
-// yardstick of every memory-bound row).
-inline double stream_sum(const float* data, Index floats, const Eigen::ThreadPoolDevice* device,
-                         std::vector<double>& partial) {
-  namespace simd = detail::simd;
-  using Packet = simd::Packet<float>;
-  constexpr Index kPacket = simd::kWidth<float>;
-  constexpr Index kPiece = (1 << 20) / sizeof(float);
-  const Index pieces = (floats + kPiece - 1) / kPiece;
-  partial.assign(static_cast<std::size_t>(pieces), 0.0);
-  detail::parallel_for_items(device, pieces, [&](int, Index piece) {
-    const float* p = data + piece * kPiece;
-    const Index n = std::min(kPiece, floats - piece * kPiece);
-    Packet a0 = simd::zero<Packet>(), a1 = a0, a2 = a0, a3 = a0;
-    Index i = 0;
-    for (; i + 4 * kPacket <= n; i += 4 * kPacket) {
-      a0 = simd::add(a0, simd::load<Packet>(p + i));
-      a1 = simd::add(a1, simd::load<Packet>(p + i + kPacket));
-      a2 = simd::add(a2, simd::load<Packet>(p + i + 2 * kPacket));
-      a3 = simd::add(a3, simd::load<Packet>(p + i + 3 * kPacket));
-    }
-    float tail = 0;
-    for (; i < n; ++i) tail += p[i];
-    partial[static_cast<std::size_t>(piece)] =
-        simd::sum(simd::add(simd::add(a0, a1), simd::add(a2, a3))) + tail;
-  });
-  return std::accumulate(partial.begin(), partial.end(), 0.0);
-}
-
 // The inputs build(key) makes, built on the first call for `key` and kept for the process,
 // so rows of different shapes can take turns (--benchmark_enable_random_interleaving)
 // without rebuilding them. One map per call site (each passes its own lambda type).
@@ -175,21 +147,114 @@ inline const Tensor<float, 1>& stream_buffer(Index floats) {
   return *cached;
 }
 
-// A streaming read of `bytes` (stream_sum over stream_buffer), ready to call: the
-// yardstick as a call, for rows that time it alone or in turn with others.
+// [data, data + bytes): memory a kernel reads.
+struct MemorySpan {
+  const char* data;
+  std::size_t bytes;
+};
+
+// The rows [0, dimension(2)) of every (batch row, head) of a row view (a KVCache prefix,
+// a PagedKVCache sequence's keys or values), row_bytes each.
+template <typename View>
+void add_row_spans(const View& view, std::size_t row_bytes, std::vector<MemorySpan>& spans) {
+  for (Index b = 0; b < view.dimension(0); ++b) {
+    for (Index h = 0; h < view.dimension(1); ++h) {
+      for (Index p = 0; p < view.dimension(2); ++p)
+        spans.push_back({reinterpret_cast<const char*>(view.row(b, h, p)), row_bytes});
+    }
+  }
+}
+
+// The memory of a cache's keys and values, scales included: what a decode over it reads.
+template <typename KV>
+std::size_t stored_row_bytes(Index head_dim) {
+  return static_cast<std::size_t>(detail::stored_row_width<KV>(head_dim)) * sizeof(KV);
+}
+template <typename KV>
+std::vector<MemorySpan> cache_spans(const KVPrefix<KV>& kv) {
+  const std::size_t row_bytes = stored_row_bytes<KV>(kv.keys.dimension(3));
+  std::vector<MemorySpan> spans;
+  add_row_spans(kv.keys, row_bytes, spans);
+  add_row_spans(kv.values, row_bytes, spans);
+  return spans;
+}
+template <typename KV>
+std::vector<MemorySpan> cache_spans(const PagedKVCache<KV>& cache, const std::vector<SeqId>& seqs) {
+  const std::size_t row_bytes = stored_row_bytes<KV>(cache.head_dim());
+  std::vector<MemorySpan> spans;
+  for (SeqId id : seqs) {
+    add_row_spans(cache.keys(id), row_bytes, spans);
+    add_row_spans(cache.values(id), row_bytes, spans);
+  }
+  return spans;
+}
+
+// The sum of the 64-bit words of [data, data + bytes) (and of its trailing bytes): a read
+// of every byte whatever type it holds, in integers, which no bit pattern slows down.
+inline std::uint64_t sum_words(const char* data, std::size_t bytes) {
+  std::uint64_t sum = 0;
+  const std::size_t words = bytes / sizeof(std::uint64_t);
+  for (std::size_t i = 0; i < words; ++i) {
+    std::uint64_t word;
+    std::memcpy(&word, data + i * sizeof word, sizeof word);
+    sum += word;
+  }
+  for (std::size_t i = words * sizeof(std::uint64_t); i < bytes; ++i)
+    sum += static_cast<unsigned char>(data[i]);
+  return sum;
+}
+
+// A streaming read, ready to call: the yardstick of every memory-bound row, for rows that
+// time it alone or in turn with others. It reads its memory in address order, neighbouring
+// spans joined, in pieces of at most 1 MiB spread over the pool.
 class StreamRead {
  public:
+  // `bytes` of a buffer kept for the yardstick rows (stream_buffer).
   StreamRead(double bytes, int threads)
-      : floats_(static_cast<Index>(bytes / sizeof(float))),
-        device_(device_for(threads)),
-        data_(stream_buffer(floats_).data()) {}
-  void operator()() { benchmark::DoNotOptimize(stream_sum(data_, floats_, device_, partial_)); }
+      : StreamRead(buffer_span(static_cast<std::size_t>(bytes)), threads) {}
+  // The given memory: the very bytes a kernel reads, wherever the OS placed them. Buffers
+  // of one process can stream at rates far apart (pages from different memory), so a
+  // kernel is best judged against a read of its own memory.
+  StreamRead(std::vector<MemorySpan> spans, int threads) : device_(device_for(threads)) {
+    std::sort(spans.begin(), spans.end(),
+              [](const MemorySpan& a, const MemorySpan& b) { return a.data < b.data; });
+    constexpr std::size_t kPiece = std::size_t{1} << 20;
+    for (const MemorySpan& span : spans) {
+      bytes_ += static_cast<double>(span.bytes);
+      MemorySpan rest = span;
+      if (!pieces_.empty() && pieces_.back().data + pieces_.back().bytes == rest.data) {
+        const std::size_t join = std::min(rest.bytes, kPiece - pieces_.back().bytes);
+        pieces_.back().bytes += join;
+        rest = {rest.data + join, rest.bytes - join};
+      }
+      for (; rest.bytes > 0;) {
+        const std::size_t take = std::min(rest.bytes, kPiece);
+        pieces_.push_back({rest.data, take});
+        rest = {rest.data + take, rest.bytes - take};
+      }
+    }
+    partial_.resize(pieces_.size());
+  }
+
+  void operator()() {
+    detail::parallel_for_items(device_, static_cast<Index>(pieces_.size()), [&](int, Index i) {
+      const MemorySpan& piece = pieces_[static_cast<std::size_t>(i)];
+      partial_[static_cast<std::size_t>(i)] = sum_words(piece.data, piece.bytes);
+    });
+    benchmark::DoNotOptimize(std::accumulate(partial_.begin(), partial_.end(), std::uint64_t{0}));
+  }
+  double bytes() const { return bytes_; }
 
  private:
-  Index floats_;
+  static std::vector<MemorySpan> buffer_span(std::size_t bytes) {
+    const Index floats = static_cast<Index>(bytes / sizeof(float));
+    return {{reinterpret_cast<const char*>(stream_buffer(floats).data()), bytes}};
+  }
+
   const Eigen::ThreadPoolDevice* device_;
-  const float* data_;
-  std::vector<double> partial_;
+  std::vector<MemorySpan> pieces_;
+  std::vector<std::uint64_t> partial_;
+  double bytes_ = 0.0;
 };
 
 // Keeps a packet in a register and opaque to the optimiser, without the store to
