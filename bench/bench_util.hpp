@@ -220,7 +220,6 @@ class StreamRead {
               [](const MemorySpan& a, const MemorySpan& b) { return a.data < b.data; });
     constexpr std::size_t kPiece = std::size_t{1} << 20;
     for (const MemorySpan& span : spans) {
-      bytes_ += static_cast<double>(span.bytes);
       MemorySpan rest = span;
       if (!pieces_.empty() && pieces_.back().data + pieces_.back().bytes == rest.data) {
         const std::size_t join = std::min(rest.bytes, kPiece - pieces_.back().bytes);
@@ -243,7 +242,6 @@ class StreamRead {
     });
     benchmark::DoNotOptimize(std::accumulate(partial_.begin(), partial_.end(), std::uint64_t{0}));
   }
-  double bytes() const { return bytes_; }
 
  private:
   static std::vector<MemorySpan> buffer_span(std::size_t bytes) {
@@ -254,7 +252,6 @@ class StreamRead {
   const Eigen::ThreadPoolDevice* device_;
   std::vector<MemorySpan> pieces_;
   std::vector<std::uint64_t> partial_;
-  double bytes_ = 0.0;
 };
 
 // Keeps a packet in a register and opaque to the optimiser, without the store to
