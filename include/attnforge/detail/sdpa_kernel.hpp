@@ -394,6 +394,14 @@ void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
     Index h = 0, i = 0;
     lane_rows[lane] = ctx.lane_row(state, lane, h, i) ? ctx.pb.q.row(ctx.batch, h, i) : nullptr;
   }
+  // Rows head by head, each head's positions in order: adjacent rows, which the
+  // transposing pack below would otherwise read one line of each at a time.
+  for (Index hl = 0; hl < ctx.geo.heads_per_tile; ++hl) {
+    for (Index position = 0; position < ctx.geo.positions; ++position) {
+      const auto* row = lane_rows[position * ctx.geo.heads_per_tile + hl];
+      if (row != nullptr) simd::touch_lines(row, ctx.head_dim * Index{sizeof(*row)});
+    }
+  }
   if constexpr (F::kMasked || F::kBiased) set_lane_masks(ctx, state);
   if constexpr (F::kBf16Dot) {
     // The scale is applied to the scores instead: scaling bf16 queries would round them.

@@ -320,6 +320,16 @@ struct LineStream {
   }
 };
 
+// Reads one byte of each cache line of bytes [first, first + bytes), in address order. A
+// run of such loads is what the hardware prefetchers follow, so a later pass that reads
+// the range in another order (a transpose) finds it in cache. Prefetch instructions over
+// the same lines measured slower (docs/design.md, "The query pack reads its rows in
+// address order first").
+inline void touch_lines(const void* first, std::ptrdiff_t bytes) {
+  const auto* p = static_cast<const volatile unsigned char*>(first);
+  for (std::ptrdiff_t at = 0; at < bytes; at += LineStream::kLineBytes) (void)p[at];
+}
+
 // kSize<P> int8 values at `from` as a float packet (exact). A sign-extending load and one
 // conversion where the target has them (AVX-512, AVX2, SSE4.1), lane by lane otherwise.
 template <typename P>
