@@ -350,6 +350,10 @@ struct TileContext {
   Index q_len;
   Index kv_len;
 
+  // The lane of the tile's position p and its head hl of the group: lanes are
+  // position-major (lane_row inverts this).
+  Index lane_at(Index p, Index hl) const { return p * geo.heads_per_tile + hl; }
+
   // The query row of a lane: its head and position, or false for a padding lane.
   bool lane_row(const QueryTileState<typename P::Compute>& state, Index lane, Index& h,
                 Index& i) const {
@@ -398,7 +402,7 @@ void begin_query_tile(const TileContext<P>& ctx, Index q_tile,
   // transposing pack below would otherwise read one line of each at a time.
   for (Index hl = 0; hl < ctx.geo.heads_per_tile; ++hl) {
     for (Index position = 0; position < ctx.geo.positions; ++position) {
-      const auto* row = lane_rows[position * ctx.geo.heads_per_tile + hl];
+      const auto* row = lane_rows[ctx.lane_at(position, hl)];
       if (row != nullptr) simd::touch_lines(row, ctx.head_dim * Index{sizeof(*row)});
     }
   }
