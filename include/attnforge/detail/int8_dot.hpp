@@ -247,24 +247,34 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
 // head_dim) and quad of keys 4t ... 4t + 3: four 32-byte vectors x_k, lane (L, i) of x_k
 // (128-bit half L, dword i) holding the quad's 4 bytes at d = 32 g + 16 L + 4 k + i.
 // Unpacks within 128-bit halves give that order; int8_value_products restores d's order
-// once per block, on the float sums. Not inlined: called once per 16 keys, its copies
-// inlined into decode_int8_sub_blocks ran out of registers there.
+// once per block, on the float sums. The unpacks take a 64-byte chunk of head_dim (two
+// groups; the int8 path's head_dim is a multiple of kInt8DotChunk) per 512-bit vector,
+// whose lower half then holds x_k of the first group and upper half x_k of the second;
+// two such vectors' halves regrouped give (x_k, x_k+1) of one group, one 64-byte store. Not
+// inlined: called once per 16 keys, its copies inlined into decode_int8_sub_blocks ran out of
+// registers there.
 ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE inline void prepare_int8_values(const QInt8* const* rows,
                                                                         Index head_dim,
                                                                         std::int8_t* values) {
-  for (Index g0 = 0; g0 < head_dim; g0 += kQInt8Group) {
+  for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
     for (int t = 0; t < 4; ++t) {
-      __m256i quad[4];
-      for (int j = 0; j < 4; ++j)
-        quad[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[4 * t + j] + g0));
-      const __m256i a = quad[0], b = quad[1], c = quad[2], d = quad[3];
-      const __m256i ab_low = _mm256_unpacklo_epi8(a, b), ab_high = _mm256_unpackhi_epi8(a, b);
-      const __m256i cd_low = _mm256_unpacklo_epi8(c, d), cd_high = _mm256_unpackhi_epi8(c, d);
-      auto* to = reinterpret_cast<__m256i*>(values + g0 * kInt8DotKeys + t * 4 * 32);
-      _mm256_storeu_si256(to, _mm256_unpacklo_epi16(ab_low, cd_low));
-      _mm256_storeu_si256(to + 1, _mm256_unpackhi_epi16(ab_low, cd_low));
-      _mm256_storeu_si256(to + 2, _mm256_unpacklo_epi16(ab_high, cd_high));
-      _mm256_storeu_si256(to + 3, _mm256_unpackhi_epi16(ab_high, cd_high));
+      __m512i quad[4];
+      for (int j = 0; j < 4; ++j) quad[j] = _mm512_loadu_si512(rows[4 * t + j] + c);
+      const __m512i ab_low = _mm512_unpacklo_epi8(quad[0], quad[1]);
+      const __m512i ab_high = _mm512_unpackhi_epi8(quad[0], quad[1]);
+      const __m512i cd_low = _mm512_unpacklo_epi8(quad[2], quad[3]);
+      const __m512i cd_high = _mm512_unpackhi_epi8(quad[2], quad[3]);
+      const __m512i x[4] = {
+          _mm512_unpacklo_epi16(ab_low, cd_low), _mm512_unpackhi_epi16(ab_low, cd_low),
+          _mm512_unpacklo_epi16(ab_high, cd_high), _mm512_unpackhi_epi16(ab_high, cd_high)};
+      std::int8_t* first = values + c * kInt8DotKeys + t * 4 * 32;  // group c / 32
+      std::int8_t* second = first + kQInt8Group * kInt8DotKeys;     // the next group
+      for (int k = 0; k < 4; k += 2) {
+        _mm512_storeu_si512(first + 32 * k,
+                            _mm512_shuffle_i64x2(x[k], x[k + 1], _MM_SHUFFLE(1, 0, 1, 0)));
+        _mm512_storeu_si512(second + 32 * k,
+                            _mm512_shuffle_i64x2(x[k], x[k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+      }
     }
   }
 }
