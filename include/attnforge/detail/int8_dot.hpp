@@ -250,9 +250,9 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
 // once per block, on the float sums. The unpacks take a 64-byte chunk of head_dim (two
 // groups; the int8 path's head_dim is a multiple of kInt8DotChunk) per 512-bit vector,
 // whose lower half then holds x_k of the first group and upper half x_k of the second;
-// two such vectors' halves regrouped give (x_k, x_k+1) of one group, one 64-byte store. Not
-// inlined: called once per 16 keys, its copies inlined into decode_int8_sub_blocks ran out of
-// registers there.
+// two such vectors' halves regrouped give (x_k, x_k+1) of one group, one 64-byte store.
+// Not inlined: called once per 16 keys, its copies inlined into decode_int8_sub_blocks ran
+// out of registers there.
 ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE inline void prepare_int8_values(const QInt8* const* rows,
                                                                         Index head_dim,
                                                                         std::int8_t* values) {
