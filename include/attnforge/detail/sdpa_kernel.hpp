@@ -519,15 +519,13 @@ void mask_tile(const TileContext<P>& ctx, const QueryTileState<typename P::Compu
   constexpr Index kLanes = FusedBlocking<T>::kLanes;
   constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   const BatchMask& mask = ctx.mask;
-  const Index hpt = ctx.geo.heads_per_tile;
   const bool masked_elements = mask.q_docs.has_value() || mask.attn_mask.has_value();
-  const Index lanes_alike = mask.attn_mask_per_head() ? 1 : hpt;
+  const Index lanes_alike = mask.attn_mask_per_head() ? 1 : ctx.geo.heads_per_tile;
   for (Index n = 0; n < keys.n_keys; ++n) {
     const Index j = keys.n0 + n;
     T* row = st + n * kLanes;
-    auto [lane_lo, lane_hi] = mask.rows_seeing(j, state.p0, ctx.geo.positions);
-    lane_lo *= hpt;
-    lane_hi *= hpt;
+    const auto [p_lo, p_hi] = mask.rows_seeing(j, state.p0, ctx.geo.positions);
+    const Index lane_lo = ctx.lane_at(p_lo, 0), lane_hi = ctx.lane_at(p_hi, 0);
     std::fill(row, row + lane_lo, kNegInf);
     std::fill(row + lane_hi, row + kLanes, kNegInf);
     if (!mask.padding_allows(j)) std::fill(row + lane_lo, row + lane_hi, kNegInf);
