@@ -101,21 +101,53 @@ std::string row_mismatch(const QInt8* row, const float* x, Index head_dim) {
   return "";
 }
 
+// A QInt8 cache's tiles of 16 positions, also written out from their definition: in a key
+// tile value d of position s is byte 64 (d / 4) + 4 s + d % 4, plus 128; in a value tile
+// byte 4 head_dim (s / 4) + 4 d + s % 4; the scale of group g of position s is float
+// 16 g + s after the 16 head_dim value bytes.
+enum class Role { kKeys, kValues };
+
+// Position s of the tile at `tile` as one stored row (values, padding, scales).
+std::vector<QInt8> tile_row(const QInt8* tile, Index head_dim, Index s, Role role) {
+  const Index groups = (head_dim + kGroup - 1) / kGroup;
+  std::vector<QInt8> row(static_cast<std::size_t>(scale_offset(head_dim, groups)), QInt8{0});
+  for (Index d = 0; d < head_dim; ++d) {
+    const Index at =
+        role == Role::kKeys ? 64 * (d / 4) + 4 * s + d % 4 : 4 * head_dim * (s / 4) + 4 * d + s % 4;
+    const auto byte = static_cast<std::uint8_t>(tile[at]);
+    row[static_cast<std::size_t>(d)] =
+        static_cast<QInt8>(role == Role::kKeys ? static_cast<std::uint8_t>(byte ^ 0x80u) : byte);
+  }
+  for (Index g = 0; g < groups; ++g) {
+    std::memcpy(row.data() + scale_offset(head_dim, g), tile + 16 * head_dim + 4 * (16 * g + s),
+                sizeof(float));
+  }
+  return row;
+}
+
+// Position s of (b, h) of a cache's QInt8 view (a 4-D view or a paged sequence's rows) as
+// one stored row.
+template <typename Rows>
+std::vector<QInt8> stored_row(const Rows& rows, Index b, Index h, Index s, Role role) {
+  return tile_row(rows.row(b, h, s - s % 16), rows.dimension(3), s % 16, role);
+}
+
 // The values a cache view holds, as floats: widened from bf16/fp16, dequantized from QInt8.
 template <typename KV>
-Tensor<float, 4> stored_values(const ConstView<KV, 4>& rows) {
+Tensor<float, 4> stored_values(const ConstView<KV, 4>& rows, Role role) {
   Tensor<float, 4> out(rows.dimensions());
   const Index head_dim = rows.dimension(3);
   for (Index b = 0; b < rows.dimension(0); ++b) {
     for (Index h = 0; h < rows.dimension(1); ++h) {
       for (Index s = 0; s < rows.dimension(2); ++s) {
-        const KV* row = rows.row(b, h, s);
-        for (Index d = 0; d < head_dim; ++d) {
-          if constexpr (detail::is_qint8_v<KV>) {
-            out(b, h, s, d) = dequantized(row, head_dim, d);
-          } else {
-            out(b, h, s, d) = static_cast<float>(row[d]);
-          }
+        if constexpr (detail::is_qint8_v<KV>) {
+          const std::vector<QInt8> row = stored_row(rows, b, h, s, role);
+          for (Index d = 0; d < head_dim; ++d)
+            out(b, h, s, d) = dequantized(row.data(), head_dim, d);
+        } else {
+          (void)role;
+          for (Index d = 0; d < head_dim; ++d)
+            out(b, h, s, d) = static_cast<float>(rows.row(b, h, s)[d]);
         }
       }
     }
@@ -376,15 +408,88 @@ TEST(QInt8Format, StoreAndLoadRowQuantizeForQInt8AndConvertOtherwise) {
   }
 }
 
+// A tile's 16 positions hold quantize_row's bytes and scales in the tile layout (read back
+// by this file's own reader of it), and every way of reading a tile (a slot; a quad at
+// once, whose byte shuffles differ per instruction set; a range of positions) gives
+// dequantize_row's floats bit for bit.
+TEST(QInt8Format, TilesHoldTheRowsQuantizationAndEveryReaderGivesTheRowsFloats) {
+  for (const Index head_dim : {Index{4}, Index{40}, Index{128}, Index{132}}) {
+    for (const Role role : {Role::kKeys, Role::kValues}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "head_dim " << head_dim << (role == Role::kKeys ? " keys" : " values"));
+      const Tensor<float, 2> x = spread_rows(16, head_dim, 75);
+      std::vector<QInt8> tile(static_cast<std::size_t>(16 * detail::qint8_row_bytes(head_dim)),
+                              QInt8{0});
+      for (Index s = 0; s < 16; ++s) {
+        if (role == Role::kKeys) {
+          detail::store_tile_slot<detail::QInt8Role::kKey>(&x(s, 0), head_dim, tile.data(), s);
+        } else {
+          detail::store_tile_slot<detail::QInt8Role::kValue>(&x(s, 0), head_dim, tile.data(), s);
+        }
+      }
+      std::vector<float> slot(static_cast<std::size_t>(head_dim)),
+          quads(static_cast<std::size_t>(16 * head_dim));
+      for (Index q = 0; q < 4; ++q) {
+        if (role == Role::kKeys) {
+          detail::load_tile_quad<detail::QInt8Role::kKey>(
+              tile.data(), head_dim, q, quads.data() + 4 * q * head_dim, head_dim);
+        } else {
+          detail::load_tile_quad<detail::QInt8Role::kValue>(
+              tile.data(), head_dim, q, quads.data() + 4 * q * head_dim, head_dim);
+        }
+      }
+      for (Index s = 0; s < 16; ++s) {
+        const std::vector<QInt8> row = tile_row(tile.data(), head_dim, s, role);
+        ASSERT_EQ(row_mismatch(row.data(), &x(s, 0), head_dim), "") << "slot " << s;
+        if (role == Role::kKeys) {
+          detail::load_tile_slot<detail::QInt8Role::kKey>(tile.data(), head_dim, s, slot.data());
+        } else {
+          detail::load_tile_slot<detail::QInt8Role::kValue>(tile.data(), head_dim, s, slot.data());
+        }
+        for (Index d = 0; d < head_dim; ++d) {
+          const float expected = dequantized(row.data(), head_dim, d);
+          ASSERT_EQ(bits_of(slot[static_cast<std::size_t>(d)]), bits_of(expected)) << s << " " << d;
+          ASSERT_EQ(bits_of(quads[static_cast<std::size_t>(s * head_dim + d)]), bits_of(expected))
+              << s << " " << d;
+        }
+      }
+    }
+  }
+}
+
+// A cache's positions read as a range from any first position (whole quads at once, the
+// rest one by one) give what each position gives alone.
+TEST(QInt8Format, ARangeOfPositionsReadsWhatEachPositionReads) {
+  const Index head_dim = 64, len = 45;
+  KVCache<QInt8> cache(1, len, 2, head_dim);
+  const auto k = test::random_normal<float, 4>({1, 2, len, head_dim}, 76);
+  const auto v = test::random_normal<float, 4>({1, 2, len, head_dim}, 77);
+  const KVPrefix<QInt8> rows = cache.update(k, v);
+  for (const auto& [first, n] : {std::pair<Index, Index>{0, 45}, {3, 30}, {14, 7}, {32, 13}}) {
+    std::vector<float> keys(static_cast<std::size_t>(n * head_dim)), values(keys.size()),
+        one(static_cast<std::size_t>(head_dim));
+    detail::load_positions<detail::QInt8Role::kKey>(rows.keys, 0, 1, first, n, keys.data());
+    detail::load_positions<detail::QInt8Role::kValue>(rows.values, 0, 1, first, n, values.data());
+    for (Index j = 0; j < n; ++j) {
+      detail::load_position<detail::QInt8Role::kKey>(rows.keys, 0, 1, first + j, one.data());
+      EXPECT_TRUE(std::equal(one.begin(), one.end(), keys.begin() + j * head_dim)) << first + j;
+      detail::load_position<detail::QInt8Role::kValue>(rows.values, 0, 1, first + j, one.data());
+      EXPECT_TRUE(std::equal(one.begin(), one.end(), values.begin() + j * head_dim)) << first + j;
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // KVCache<QInt8>.
 
 TEST(QInt8Cache, UpdateStoresTheQuantizedRowsAndPrefixViewsThemWithTheStoredRowStride) {
-  const Index batch = 2, max_len = 10, kv_heads = 3, head_dim = 40, row_bytes = 48;
+  // The storage holds whole tiles of 16 positions: 10 round up to 16.
+  const Index batch = 2, max_len = 10, capacity = 16, kv_heads = 3, head_dim = 40, row_bytes = 48;
   KVCache<QInt8> cache(batch, max_len, kv_heads, head_dim);
   EXPECT_EQ(cache.head_dim(), head_dim);
+  EXPECT_EQ(cache.max_seq_len(), max_len);
   EXPECT_TRUE(
-      test::same_dims(cache.key_storage(), Tensor<QInt8, 4>(batch, kv_heads, max_len, row_bytes)));
+      test::same_dims(cache.key_storage(), Tensor<QInt8, 4>(batch, kv_heads, capacity, row_bytes)));
   const auto k1 = test::random_normal<float, 4>({batch, kv_heads, 4, head_dim}, 80);
   const auto v1 = test::random_normal<float, 4>({batch, kv_heads, 4, head_dim}, 81);
   const auto k2 = test::random_uniform<float, 4>({batch, kv_heads, 3, head_dim}, 82, -50, 50);
@@ -393,8 +498,8 @@ TEST(QInt8Cache, UpdateStoresTheQuantizedRowsAndPrefixViewsThemWithTheStoredRowS
   const KVPrefix<QInt8> prefix = cache.update(k2, v2);
   for (const ConstView<QInt8, 4>& rows : {prefix.keys, prefix.values}) {
     EXPECT_EQ(rows.dimensions(), (std::array<Index, 4>{batch, kv_heads, 7, head_dim}));
-    EXPECT_EQ(rows.strides(), (std::array<Index, 4>{kv_heads * max_len * row_bytes,
-                                                    max_len * row_bytes, row_bytes, 1}));
+    EXPECT_EQ(rows.strides(), (std::array<Index, 4>{kv_heads * capacity * row_bytes,
+                                                    capacity * row_bytes, row_bytes, 1}));
   }
   EXPECT_EQ(prefix.keys.data(), cache.key_storage().data());
   EXPECT_EQ(prefix.values.data(), cache.value_storage().data());
@@ -404,8 +509,11 @@ TEST(QInt8Cache, UpdateStoresTheQuantizedRowsAndPrefixViewsThemWithTheStoredRowS
         SCOPED_TRACE(::testing::Message() << "b " << b << " h " << h << " s " << s);
         const float* k = s < 4 ? &k1(b, h, s, 0) : &k2(b, h, s - 4, 0);
         const float* v = s < 4 ? &v1(b, h, s, 0) : &v2(b, h, s - 4, 0);
-        EXPECT_EQ(row_mismatch(prefix.keys.row(b, h, s), k, head_dim), "");
-        EXPECT_EQ(row_mismatch(prefix.values.row(b, h, s), v, head_dim), "");
+        EXPECT_EQ(row_mismatch(stored_row(prefix.keys, b, h, s, Role::kKeys).data(), k, head_dim),
+                  "");
+        EXPECT_EQ(
+            row_mismatch(stored_row(prefix.values, b, h, s, Role::kValues).data(), v, head_dim),
+            "");
       }
     }
   }
@@ -425,8 +533,14 @@ TEST(QInt8Cache, TruncateAndResetAppendFromTheKeptLength) {
   for (Index h = 0; h < 2; ++h) {
     for (Index s = 0; s < 5; ++s) {
       const float* expected = s < 2 ? &k(0, h, s, 0) : &k2(0, h, s - 2, 0);
-      EXPECT_EQ(row_mismatch(prefix.keys.row(0, h, s), expected, head_dim), "") << h << " " << s;
-      EXPECT_EQ(row_mismatch(prefix.values.row(0, h, s), expected, head_dim), "") << h << " " << s;
+      EXPECT_EQ(
+          row_mismatch(stored_row(prefix.keys, 0, h, s, Role::kKeys).data(), expected, head_dim),
+          "")
+          << h << " " << s;
+      EXPECT_EQ(row_mismatch(stored_row(prefix.values, 0, h, s, Role::kValues).data(), expected,
+                             head_dim),
+                "")
+          << h << " " << s;
     }
   }
   test::expect_invalid([&] { cache.truncate(6); }, {"KVCache::truncate", "seq_len 6"});
@@ -435,7 +549,9 @@ TEST(QInt8Cache, TruncateAndResetAppendFromTheKeptLength) {
   const KVPrefix<QInt8> again = cache.update(k3, k3);
   ASSERT_EQ(again.keys.dimension(2), 1);
   for (Index h = 0; h < 2; ++h)
-    EXPECT_EQ(row_mismatch(again.keys.row(0, h, 0), &k3(0, h, 0, 0), head_dim), "");
+    EXPECT_EQ(row_mismatch(stored_row(again.keys, 0, h, 0, Role::kKeys).data(), &k3(0, h, 0, 0),
+                           head_dim),
+              "");
 }
 
 TEST(QInt8Cache, RecordsTheDocumentIdsOfItsPositions) {
@@ -449,7 +565,9 @@ TEST(QInt8Cache, RecordsTheDocumentIdsOfItsPositions) {
   more.setValues({{5, 6}, {9, 9}});
   const ConstView<float, 4> first_two = ConstView<float, 4>(k).narrow(2, 0, 2);
   cache.update(first_two, first_two, more);
-  EXPECT_EQ(row_mismatch(cache.prefix().keys.row(1, 1, 4), &k(1, 1, 1, 0), head_dim), "");
+  EXPECT_EQ(row_mismatch(stored_row(cache.prefix().keys, 1, 1, 4, Role::kKeys).data(),
+                         &k(1, 1, 1, 0), head_dim),
+            "");
   const ConstView<DocId, 2> got = cache.doc_ids();
   ASSERT_EQ(got.dimensions(), (std::array<Index, 2>{2, 5}));
   const DocId expected[2][5] = {{4, 4, 5, 5, 6}, {7, 8, 8, 9, 9}};
@@ -588,8 +706,8 @@ void expect_sdpa_within_budgets(const SdpaCase& c, Index batch, Index q_len, Ind
       make_problem(c.kind, batch, c.n_heads, c.n_kv_heads, q_len, kv_len, c.head_dim, seed);
   KVCache<QInt8> cache(batch, kv_len, c.n_kv_heads, c.head_dim);
   const KVPrefix<QInt8> prefix = cache.update(p.k, p.v);
-  const Tensor<float, 4> k_stored = stored_values(prefix.keys);
-  const Tensor<float, 4> v_stored = stored_values(prefix.values);
+  const Tensor<float, 4> k_stored = stored_values(prefix.keys, Role::kKeys);
+  const Tensor<float, 4> v_stored = stored_values(prefix.values, Role::kValues);
   const double scale = 1.0 / std::sqrt(static_cast<double>(c.head_dim));
   const Tensor<double, 4> q_quantized =
       test::quantized_queries(p.q, scale, p.options.softcap > 0.0);
@@ -715,9 +833,6 @@ TEST(QInt8SdpaValidation, AViewWhoseRowStrideIsNotTheStoredRowIsRejectedNamingKO
   // 96 of 128 values: the row stride is 144 bytes, a stored row of 96 values has 108.
   const ConstView<QInt8, 4> narrowed_k = wide_rows.keys.narrow(3, 0, 96);
   const ConstView<QInt8, 4> narrowed_v = wide_rows.values.narrow(3, 0, 96);
-  // Plain int8 steps without scales, as a (B, Hkv, S, D) tensor: row stride 96.
-  Tensor<QInt8, 4> bare(1, 2, 16, 96);
-  bare.setZero();
   for (const SdpaPath path : test::kAllPaths) {
     SCOPED_TRACE(test::path_name(path));
     SdpaOptions options;
@@ -730,8 +845,6 @@ TEST(QInt8SdpaValidation, AViewWhoseRowStrideIsNotTheStoredRowIsRejectedNamingKO
                           "row stride 144", "108 bytes"});
     test::expect_invalid([&] { sdpa(q, rows.keys, narrowed_v, out); },
                          {"v is a QInt8 view (1, 2, 16, 96)", "row stride 144"});
-    test::expect_invalid([&] { scaled_dot_product_attention(q, bare, bare, options); },
-                         {"k is a QInt8 view", "row stride 96", "108 bytes"});
     // Narrowed at an offset: 127 values from value 1 keep a stride that a stored row of
     // 127 values would have, so only the head_dim rule tells them apart.
     const auto q127 = test::random_normal<float, 4>({1, 4, 3, 127}, 403);
@@ -745,6 +858,21 @@ TEST(QInt8SdpaValidation, AViewWhoseRowStrideIsNotTheStoredRowIsRejectedNamingKO
     // The same call on stored rows runs.
     EXPECT_NO_THROW(sdpa(q, rows.keys, rows.values, out));
   }
+}
+
+// A QInt8 view is read a tile of 16 positions at a time, so its positions narrow only
+// from a tile's first; other bytes cannot be viewed as QInt8 at all (compile_fail tests).
+TEST(QInt8SdpaValidation, PositionsNarrowOnlyFromATilesFirstPosition) {
+  KVCache<QInt8> cache(1, 40, 2, 64);
+  const auto k = test::random_normal<float, 4>({1, 2, 40, 64}, 405);
+  const KVPrefix<QInt8> rows = cache.update(k, k);
+  test::expect_invalid([&] { (void)rows.keys.narrow(2, 3, 20); },
+                       {"StridedView::narrow", "QInt8", "multiple of 16", "start 3"});
+  const ConstView<QInt8, 4> from_16 = rows.keys.narrow(2, 16, 20);
+  const std::vector<QInt8> expected = stored_row(rows.keys, 0, 1, 21, Role::kKeys);
+  const std::vector<QInt8> got = stored_row(from_16, 0, 1, 5, Role::kKeys);
+  EXPECT_TRUE(std::equal(expected.begin(), expected.end(), got.begin()));
+  EXPECT_EQ(row_mismatch(got.data(), &k(0, 1, 21, 0), 64), "");
 }
 
 // Int8Kernel::kDotProduct insists on the int8 dot products: where they cannot run (head_dim
@@ -858,8 +986,8 @@ void measure_cache_format(const char* format, const char* shape, const Problem& 
                         test::decodes_by_bf16_dot(SdpaPath::kAuto, bf16, q_len, n_rep, head_dim);
   KVCache<KV> cache(batch, kv_len, p.k.dimension(1), head_dim);
   const KVPrefix<KV> prefix = cache.update(p.k, p.v);
-  const Tensor<float, 4> k_stored = stored_values(prefix.keys);
-  const Tensor<float, 4> v_stored = stored_values(prefix.values);
+  const Tensor<float, 4> k_stored = stored_values(prefix.keys, Role::kKeys);
+  const Tensor<float, 4> v_stored = stored_values(prefix.values, Role::kValues);
   const bool rounds_q = int8_dot || bf16_dot;
   const Tensor<double, 4> q_rounded =
       bf16_dot ? test::bf16_rounded_queries(p.q) : test::quantized_queries(p.q, scale, softcap);
@@ -948,15 +1076,39 @@ Tensor<float, 3> positions(const Tensor<float, 4>& t, Index first, Index n) {
   return out;
 }
 
-// Stored rows [0, n) of a (1, Hkv, max_len, row_bytes) KVCache storage as (Hkv, n, row_bytes),
-// the layout of PagedKVCache::gather_keys.
-Tensor<QInt8, 3> first_rows(const Tensor<QInt8, 4>& storage, Index n) {
-  Tensor<QInt8, 3> out(storage.dimension(1), n, storage.dimension(3));
-  for (Index h = 0; h < storage.dimension(1); ++h)
-    for (Index p = 0; p < n; ++p)
-      std::memcpy(&out(h, p, 0), &storage(0, h, p, 0),
-                  static_cast<std::size_t>(storage.dimension(3)));
+// The head_dim whose stored row is row_bytes long.
+Index head_dim_of(Index row_bytes) {
+  Index head_dim = 4;
+  while (scale_offset(head_dim, (head_dim + kGroup - 1) / kGroup) < row_bytes) head_dim += 4;
+  return head_dim;
+}
+
+// Positions [0, n) of tile bytes (Hkv, >= n positions, row_bytes), head h's tiles at
+// data + h * head_stride, as stored rows (Hkv, n, row_bytes).
+Tensor<QInt8, 3> as_rows(const QInt8* data, Index heads, Index head_stride, Index row_bytes,
+                         Index n, Role role) {
+  Tensor<QInt8, 3> out(heads, n, row_bytes);
+  for (Index h = 0; h < heads; ++h) {
+    for (Index p = 0; p < n; ++p) {
+      const std::vector<QInt8> row = tile_row(data + h * head_stride + (p - p % 16) * row_bytes,
+                                              head_dim_of(row_bytes), p % 16, role);
+      std::copy(row.begin(), row.end(), &out(h, p, 0));
+    }
+  }
   return out;
+}
+
+// Positions [0, n) of a (1, Hkv, capacity, row_bytes) KVCache storage as stored rows.
+Tensor<QInt8, 3> first_rows(const Tensor<QInt8, 4>& storage, Index n, Role role) {
+  return as_rows(storage.data(), storage.dimension(1), storage.dimension(2) * storage.dimension(3),
+                 storage.dimension(3), n, role);
+}
+
+// PagedKVCache::gather_keys / gather_values (whole tiles) of a sequence of length n as
+// stored rows.
+Tensor<QInt8, 3> gathered_rows(const Tensor<QInt8, 3>& tiles, Index n, Role role) {
+  return as_rows(tiles.data(), tiles.dimension(0), tiles.dimension(1) * tiles.dimension(2),
+                 tiles.dimension(2), n, role);
 }
 
 struct PagedCase {
@@ -1020,11 +1172,13 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
     batch.cu_seqlens.push_back(batch.cu_seqlens.back() + shape.n);
     contiguous.emplace_back(1, shape.len, kPagedKvHeads, c.head_dim);
     contiguous.back().update(p.k, p.v);
-    EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(id),
-                                    first_rows(contiguous.back().key_storage(), shape.len)))
+    EXPECT_TRUE(
+        test::bitwise_equal(gathered_rows(cache.gather_keys(id), shape.len, Role::kKeys),
+                            first_rows(contiguous.back().key_storage(), shape.len, Role::kKeys)))
         << "sequence " << s;
-    EXPECT_TRUE(test::bitwise_equal(cache.gather_values(id),
-                                    first_rows(contiguous.back().value_storage(), shape.len)))
+    EXPECT_TRUE(test::bitwise_equal(
+        gathered_rows(cache.gather_values(id), shape.len, Role::kValues),
+        first_rows(contiguous.back().value_storage(), shape.len, Role::kValues)))
         << "sequence " << s;
   }
   // The packed queries (total, H, D); per-sequence masks take the keys' document ids from
@@ -1041,14 +1195,14 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
   for (std::size_t s = 0; s < seqs.size(); ++s) {
     const Problem& p = seqs[s];
     const KVPrefix<QInt8> prefix = contiguous[s].prefix();
-    const Tensor<float, 4> k_stored = stored_values(prefix.keys);
+    const Tensor<float, 4> k_stored = stored_values(prefix.keys, Role::kKeys);
     const Tensor<float, 4> q_quantized =
         test::quantized_queries(p.q, scale, p.options.softcap > 0.0).cast<float>();
     for (int dot = 0; dot < 2; ++dot) {
       const Tensor<float, 4>& q_seen = dot ? q_quantized : p.q;
-      exact[dot].push_back(test::dense_sdpa(test::to_double(q_seen), test::to_double(k_stored),
-                                            test::to_double(stored_values(prefix.values)), p.masks,
-                                            p.options));
+      exact[dot].push_back(test::dense_sdpa(
+          test::to_double(q_seen), test::to_double(k_stored),
+          test::to_double(stored_values(prefix.values, Role::kValues)), p.masks, p.options));
       inputs[dot].push_back(
           test::budget_inputs(q_seen, k_stored, p.masks, p.options, exact[dot].back()));
     }
@@ -1077,7 +1231,7 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
       int8_dot_sequences += dot;
       test::AccuracyBudget budget = test::sdpa_budget<float>(path, inputs[dot][s]);
       if (dot) budget = test::with_int8_value_weights(budget);
-      const double v_scale = test::max_abs(stored_values(prefix.values));
+      const double v_scale = test::max_abs(stored_values(prefix.values, Role::kValues));
       double err = 0, err_contiguous = 0, err_lse = 0, err_lse_contiguous = 0;
       for (Index h = 0; h < n_heads; ++h) {
         for (Index i = 0; i < n; ++i) {
@@ -1145,11 +1299,14 @@ TEST_P(QInt8PagedFork, CopyOnWriteOfASharedPartialBlockKeepsTheParentsBytes) {
   KVCache<QInt8> contiguous(1, parent_len + child_new, kPagedKvHeads, kPagedHeadDim);
   contiguous.update(ConstView<float, 4>(k).narrow(2, 0, parent_len),
                     ConstView<float, 4>(v).narrow(2, 0, parent_len));
-  const Tensor<QInt8, 3> parent_keys = cache.gather_keys(parent);
-  const Tensor<QInt8, 3> parent_values = cache.gather_values(parent);
-  EXPECT_TRUE(test::bitwise_equal(parent_keys, first_rows(contiguous.key_storage(), parent_len)));
-  EXPECT_TRUE(
-      test::bitwise_equal(parent_values, first_rows(contiguous.value_storage(), parent_len)));
+  const Tensor<QInt8, 3> parent_keys =
+      gathered_rows(cache.gather_keys(parent), parent_len, Role::kKeys);
+  const Tensor<QInt8, 3> parent_values =
+      gathered_rows(cache.gather_values(parent), parent_len, Role::kValues);
+  EXPECT_TRUE(test::bitwise_equal(parent_keys,
+                                  first_rows(contiguous.key_storage(), parent_len, Role::kKeys)));
+  EXPECT_TRUE(test::bitwise_equal(
+      parent_values, first_rows(contiguous.value_storage(), parent_len, Role::kValues)));
 
   const SeqId child = cache.fork(parent);
   EXPECT_EQ(cache.blocks_in_use(), 2);  // shared, nothing copied yet
@@ -1157,22 +1314,25 @@ TEST_P(QInt8PagedFork, CopyOnWriteOfASharedPartialBlockKeepsTheParentsBytes) {
   EXPECT_EQ(cache.block_table(child)[0], cache.block_table(parent)[0]);  // full: still shared
   EXPECT_NE(cache.block_table(child)[1], cache.block_table(parent)[1]);  // partial: copied
   EXPECT_EQ(cache.blocks_in_use(), 3);
-  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(parent), parent_keys));
-  EXPECT_TRUE(test::bitwise_equal(cache.gather_values(parent), parent_values));
+  EXPECT_TRUE(test::bitwise_equal(gathered_rows(cache.gather_keys(parent), parent_len, Role::kKeys),
+                                  parent_keys));
+  EXPECT_TRUE(test::bitwise_equal(
+      gathered_rows(cache.gather_values(parent), parent_len, Role::kValues), parent_values));
   contiguous.update(ConstView<float, 4>(k).narrow(2, parent_len, child_new),
                     ConstView<float, 4>(v).narrow(2, parent_len, child_new));
   const Index child_len = parent_len + child_new;
-  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(child),
-                                  first_rows(contiguous.key_storage(), child_len)));
-  EXPECT_TRUE(test::bitwise_equal(cache.gather_values(child),
-                                  first_rows(contiguous.value_storage(), child_len)));
+  EXPECT_TRUE(test::bitwise_equal(gathered_rows(cache.gather_keys(child), child_len, Role::kKeys),
+                                  first_rows(contiguous.key_storage(), child_len, Role::kKeys)));
+  EXPECT_TRUE(
+      test::bitwise_equal(gathered_rows(cache.gather_values(child), child_len, Role::kValues),
+                          first_rows(contiguous.value_storage(), child_len, Role::kValues)));
 
   // The parent's own appends now write in place and leave the child alone.
   const auto more = test::random_normal<float, 3>({kPagedKvHeads, 2, kPagedHeadDim}, 702);
   cache.append(parent, ConstView<float, 3>(more), ConstView<float, 3>(more));
   EXPECT_EQ(cache.blocks_in_use(), 3);
-  EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(child),
-                                  first_rows(contiguous.key_storage(), child_len)));
+  EXPECT_TRUE(test::bitwise_equal(gathered_rows(cache.gather_keys(child), child_len, Role::kKeys),
+                                  first_rows(contiguous.key_storage(), child_len, Role::kKeys)));
 
   // Attention of the child's last 3 tokens reads the copied block like the contiguous cache.
   const Index n_heads = 4, n = 3;
@@ -1186,16 +1346,16 @@ TEST_P(QInt8PagedFork, CopyOnWriteOfASharedPartialBlockKeepsTheParentsBytes) {
   const Tensor<float, 3> got =
       PagedAttention<float, QInt8>(options)(q, cache, RaggedBatch{{child}, {0, n}});
   const KVPrefix<QInt8> prefix = contiguous.prefix();
-  const Tensor<float, 4> k_stored = stored_values(prefix.keys);
+  const Tensor<float, 4> k_stored = stored_values(prefix.keys, Role::kKeys);
   test::DenseMasks dense;
   dense.causal = true;
   const test::DenseResult exact =
       test::dense_sdpa(test::to_double(q4), test::to_double(k_stored),
-                       test::to_double(stored_values(prefix.values)), dense);
+                       test::to_double(stored_values(prefix.values, Role::kValues)), dense);
   const double budget =
       test::sdpa_budget<float>(SdpaPath::kAuto, test::budget_inputs(q4, k_stored, dense, {}, exact))
           .out;
-  const double v_scale = test::max_abs(stored_values(prefix.values));
+  const double v_scale = test::max_abs(stored_values(prefix.values, Role::kValues));
   double err = 0;
   for (Index h = 0; h < n_heads; ++h)
     for (Index i = 0; i < n; ++i)
@@ -1328,8 +1488,12 @@ TEST_P(QInt8Attention, DecodingThroughAQInt8CacheStaysWithinTheQuantizationBudge
   for (Index b = 0; b < kBatch; ++b)
     for (Index h = 0; h < kKvHeads; ++h)
       for (Index s = 0; s < kLen; ++s) {
-        ASSERT_EQ(row_mismatch(stored.keys.row(b, h, s), &k(b, h, s, 0), kModuleHeadDim), "");
-        ASSERT_EQ(row_mismatch(stored.values.row(b, h, s), &v(b, h, s, 0), kModuleHeadDim), "");
+        ASSERT_EQ(row_mismatch(stored_row(stored.keys, b, h, s, Role::kKeys).data(), &k(b, h, s, 0),
+                               kModuleHeadDim),
+                  "");
+        ASSERT_EQ(row_mismatch(stored_row(stored.values, b, h, s, Role::kValues).data(),
+                               &v(b, h, s, 0), kModuleHeadDim),
+                  "");
       }
 
   const double q_norm = query_norm_bound(attn, x);
@@ -1337,8 +1501,9 @@ TEST_P(QInt8Attention, DecodingThroughAQInt8CacheStaysWithinTheQuantizationBudge
   const double delta_k = scale * q_norm * max_row_norm(test::storage_error_bound<QInt8>(k));
   const double v_scale = test::max_abs(v);
   const double value_error = test::max_abs(test::storage_error_bound<QInt8>(v)) / v_scale;
-  const double k_norm = std::max(max_row_norm(test::to_double(k)),
-                                 max_row_norm(test::to_double(stored_values(stored.keys))));
+  const double k_norm =
+      std::max(max_row_norm(test::to_double(k)),
+               max_row_norm(test::to_double(stored_values(stored.keys, Role::kKeys))));
   const double e_out = module_attention_budget(q_norm, k_norm, kLen);
   const double attention =
       test::reduced_cache_budget({e_out, 0.0}, delta_k, value_error).out + e_out;
@@ -1440,12 +1605,14 @@ TEST_P(QInt8Attention, RaggedForwardOverAPagedQInt8CacheMatchesTheContiguousQInt
         for (Index d = 0; d < kDim; ++d) contiguous(0, first + t, d) = y(0, t, d);
       first += n;
     }
-    EXPECT_TRUE(test::bitwise_equal(cache.gather_keys(ids[static_cast<std::size_t>(r)]),
-                                    first_rows(alone.key_storage(), len)));
-    EXPECT_TRUE(test::bitwise_equal(cache.gather_values(ids[static_cast<std::size_t>(r)]),
-                                    first_rows(alone.value_storage(), len)));
-    const Tensor<float, 4> k_stored = stored_values(alone.prefix().keys);
-    const double v_scale = test::max_abs(stored_values(alone.prefix().values));
+    EXPECT_TRUE(test::bitwise_equal(
+        gathered_rows(cache.gather_keys(ids[static_cast<std::size_t>(r)]), len, Role::kKeys),
+        first_rows(alone.key_storage(), len, Role::kKeys)));
+    EXPECT_TRUE(test::bitwise_equal(
+        gathered_rows(cache.gather_values(ids[static_cast<std::size_t>(r)]), len, Role::kValues),
+        first_rows(alone.value_storage(), len, Role::kValues)));
+    const Tensor<float, 4> k_stored = stored_values(alone.prefix().keys, Role::kKeys);
+    const double v_scale = test::max_abs(stored_values(alone.prefix().values, Role::kValues));
     const double e_out =
         module_attention_budget(query_norm_bound(attn, xs[static_cast<std::size_t>(r)]),
                                 max_row_norm(test::to_double(k_stored)), len);

@@ -99,7 +99,8 @@ TEST(Simd, TanhFloatWithinStatedAbsoluteError) {
     for (int l = 0; l < kSize; ++l) in[l] = -20.0f + 40.0f * static_cast<float>(i + l) / 400000.0f;
     simd::store(out, simd::tanh(simd::load<Packet>(in)));
     for (int l = 0; l < kSize; ++l) {
-      worst = std::max(worst, std::abs(static_cast<double>(out[l]) - std::tanh(static_cast<double>(in[l]))));
+      worst = std::max(
+          worst, std::abs(static_cast<double>(out[l]) - std::tanh(static_cast<double>(in[l]))));
     }
   }
   EXPECT_LE(worst, 1.5e-7);
@@ -181,6 +182,53 @@ TEST(Simd, StoreAsRoundsLikeStaticCast) {
 
 // The online softmax over a row fed in blocks, against the two-pass softmax in double:
 // the lazy reference moves only past the threshold, and the result is the same.
+// The byte shuffles that read a QInt8 tile's quads: every length, so the vector steps of
+// each instruction set and the byte-by-byte tail (all an ARM build has) are checked.
+TEST(Simd, DeinterleaveFourBytesGivesEachStreamItsBytes) {
+  for (Index n = 0; n <= 21; ++n) {
+    std::vector<std::int8_t> interleaved(static_cast<std::size_t>(4 * n));
+    for (Index i = 0; i < 4 * n; ++i)
+      interleaved[static_cast<std::size_t>(i)] = static_cast<std::int8_t>(3 * i - 100);
+    std::vector<std::int8_t> streams(static_cast<std::size_t>(4 * n + 4), std::int8_t{7});
+    std::int8_t* const out[4] = {streams.data(), streams.data() + n + 1, streams.data() + 2 * n + 2,
+                                 streams.data() + 3 * n + 3};
+    simd::deinterleave_4_bytes(interleaved.data(), n, out);
+    for (int k = 0; k < 4; ++k) {
+      for (Index i = 0; i < n; ++i)
+        ASSERT_EQ(out[k][i], static_cast<std::int8_t>(3 * (4 * i + k) - 100))
+            << n << " " << k << " " << i;
+      ASSERT_EQ(out[k][n], 7) << "written past stream " << k << " of " << n;  // the gap after it
+    }
+  }
+}
+
+TEST(Simd, GatherWordColumnsGivesEachWordItsColumnsFlipped) {
+  const Index stride = 64;
+  for (Index columns = 0; columns <= 11; ++columns) {
+    for (const std::uint8_t flip : {std::uint8_t{0}, std::uint8_t{0x80}}) {
+      std::vector<std::int8_t> src(static_cast<std::size_t>(columns * stride + 16));
+      for (std::size_t i = 0; i < src.size(); ++i) src[i] = static_cast<std::int8_t>(5 * i + 1);
+      std::vector<std::int8_t> words(static_cast<std::size_t>(4 * (4 * columns + 1)),
+                                     std::int8_t{7});
+      const Index ld = 4 * columns + 1;
+      std::int8_t* const out[4] = {words.data(), words.data() + ld, words.data() + 2 * ld,
+                                   words.data() + 3 * ld};
+      simd::gather_word_columns(src.data(), stride, columns, flip, out);
+      for (int k = 0; k < 4; ++k) {
+        for (Index c = 0; c < columns; ++c) {
+          for (int i = 0; i < 4; ++i) {
+            const auto byte =
+                static_cast<std::uint8_t>(src[static_cast<std::size_t>(c * stride + 4 * k + i)]);
+            ASSERT_EQ(out[k][4 * c + i], static_cast<std::int8_t>(byte ^ flip))
+                << columns << " " << k << " " << c << " " << i;
+          }
+        }
+        ASSERT_EQ(out[k][4 * columns], 7) << "written past word " << k;
+      }
+    }
+  }
+}
+
 TEST(OnlineSoftmax, BlockwiseStatisticsGiveTheExactSoftmaxSumAndLse) {
   // Scores (log2 units): the reference starts at 0.5, stays there for 8 (within the
   // threshold of 8: weights up to 2^7.5), and moves once more for 30.

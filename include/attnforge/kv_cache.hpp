@@ -32,7 +32,8 @@ class KVCache {
           bool record_doc_ids = false)
       : keys_(checked_dims(batch_size, max_seq_len, n_kv_heads, head_dim)),
         values_(keys_.dimensions()),
-        head_dim_(head_dim) {
+        head_dim_(head_dim),
+        max_seq_len_(max_seq_len) {
     // Before the first touch, which decides the pages (see detail/huge_pages.hpp).
     detail::advise_huge_pages(keys_.data(), static_cast<std::size_t>(keys_.size()) * sizeof(T));
     detail::advise_huge_pages(values_.data(), static_cast<std::size_t>(values_.size()) * sizeof(T));
@@ -46,7 +47,7 @@ class KVCache {
 
   Index batch_size() const { return keys_.dimension(0); }
   Index n_kv_heads() const { return keys_.dimension(1); }
-  Index max_seq_len() const { return keys_.dimension(2); }
+  Index max_seq_len() const { return max_seq_len_; }
   Index head_dim() const { return head_dim_; }
   Index seq_len() const { return seq_len_; }
   bool records_doc_ids() const { return doc_ids_.size() > 0; }
@@ -152,8 +153,10 @@ class KVCache {
     for (Index b = 0; b < batch_size(); ++b) {
       for (Index h = 0; h < n_kv_heads(); ++h) {
         for (Index s = 0; s < new_len; ++s) {
-          detail::store_row(k_new.row(b, h, s), head_dim(), &keys_(b, h, seq_len_ + s, 0));
-          detail::store_row(v_new.row(b, h, s), head_dim(), &values_(b, h, seq_len_ + s, 0));
+          detail::store_position<detail::QInt8Role::kKey>(k_new.row(b, h, s), head_dim(),
+                                                          &keys_(b, h, 0, 0), seq_len_ + s);
+          detail::store_position<detail::QInt8Role::kValue>(v_new.row(b, h, s), head_dim(),
+                                                            &values_(b, h, 0, 0), seq_len_ + s);
         }
       }
     }
@@ -202,20 +205,29 @@ class KVCache {
                                      ", max_seq_len ", max_seq_len, ", n_kv_heads ", n_kv_heads,
                                      ", head_dim ", head_dim);
     }
-    if constexpr (detail::is_qint8_v<T>) detail::check_qint8_head_dim("KVCache", head_dim);
-    return {batch_size, n_kv_heads, max_seq_len, detail::stored_row_width<T>(head_dim)};
+    if constexpr (detail::is_qint8_v<T>) {
+      detail::check_qint8_head_dim("KVCache", head_dim);
+      // Whole tiles: the last one is read whole while it fills.
+      const Index tiles = (max_seq_len + detail::kQInt8Tile - 1) / detail::kQInt8Tile;
+      return {batch_size, n_kv_heads, tiles * detail::kQInt8Tile,
+              detail::qint8_row_bytes(head_dim)};
+    } else {
+      return {batch_size, n_kv_heads, max_seq_len, head_dim};
+    }
   }
 
   // The cached prefix of one of the storage tensors as a (B, Hkv, seq_len, head_dim) view.
   ConstView<T, 4> rows(const Tensor<T, 4>& storage) const {
-    const Index width = storage.dimension(3), max_len = max_seq_len();
-    return ConstView<T, 4>(storage.data(), {batch_size(), n_kv_heads(), seq_len_, head_dim_},
-                           {n_kv_heads() * max_len * width, max_len * width, width, 1});
+    const Index width = storage.dimension(3), capacity = storage.dimension(2);
+    return detail::cache_view<const T, 4>(
+        storage.data(), {batch_size(), n_kv_heads(), seq_len_, head_dim_},
+        {n_kv_heads() * capacity * width, capacity * width, width, 1});
   }
 
   Tensor<T, 4> keys_;
   Tensor<T, 4> values_;
   Index head_dim_;
+  Index max_seq_len_;
   Tensor<DocId, 2> doc_ids_;  // (B, max_seq_len) with record_doc_ids, else empty
   Index seq_len_ = 0;
 };

@@ -162,13 +162,13 @@ class PagedAttention {
   void run_reference(const Problem& pb, const PagedKVCache<KV>& cache, const RaggedBatch& batch,
                      bool /*unmasked*/) {
     const SeqId id = batch.seqs[static_cast<std::size_t>(pb.batch_offset)];
-    const Tensor<KV, 4> k = gathered(cache.gather_keys(id)), v = gathered(cache.gather_values(id));
+    const Tensor<KV, 3> k_rows = cache.gather_keys(id), v_rows = cache.gather_values(id);
+    const ConstView<KV, 4> k = gathered(k_rows, pb.k), v = gathered(v_rows, pb.k);
     const detail::MaskPolicy policy(
         pb.params.rules, masks_[static_cast<std::size_t>(pb.batch_offset)], 1, pb.q.dimension(1),
         pb.q.dimension(2), k.dimension(2), pb.params.alibi_slopes);
-    detail::sdpa_reference(pb.q, ConstView<KV, 4>(k), ConstView<KV, 4>(v),
-                           detail::ReferenceOutputs<T, Acc>{pb.out, pb.lse, {}}, pb.params, policy,
-                           device_);
+    detail::sdpa_reference(pb.q, k, v, detail::ReferenceOutputs<T, Acc>{pb.out, pb.lse, {}},
+                           pb.params, policy, device_);
   }
 
   // KempnerForge's guard for a row with no allowed key: it attends to every key of its
@@ -180,7 +180,8 @@ class PagedAttention {
     for (const Problem& pb : reference_) found = pb.batch_offset == s ? &pb : found;
     const Problem& pb = *found;
     const SeqId id = batch.seqs[static_cast<std::size_t>(s)];
-    const Tensor<KV, 4> k = gathered(cache.gather_keys(id)), v = gathered(cache.gather_values(id));
+    const Tensor<KV, 3> k_rows = cache.gather_keys(id), v_rows = cache.gather_values(id);
+    const ConstView<KV, 4> k = gathered(k_rows, pb.k), v = gathered(v_rows, pb.k);
     detail::SdpaParams params = pb.params;
     params.rules = detail::MaskRules{};
     params.alibi_slopes = nullptr;
@@ -192,13 +193,18 @@ class PagedAttention {
         pb.lse.has_value() ? one(pb.lse, h).narrow(2, i, 1) : pb.lse,
         {}};
     const detail::MaskPolicy unmasked(params.rules, Masks{}, 1, 1, 1, k.dimension(2));
-    detail::sdpa_reference(one(pb.q, h).narrow(2, i, 1), one(ConstView<KV, 4>(k), kv_head),
-                           one(ConstView<KV, 4>(v), kv_head), row_out, params, unmasked, nullptr);
+    detail::sdpa_reference(one(pb.q, h).narrow(2, i, 1), one(k, kv_head), one(v, kv_head), row_out,
+                           params, unmasked, nullptr);
   }
 
-  static Tensor<KV, 4> gathered(const Tensor<KV, 3>& rows) {
-    return rows.reshape(
-        std::array<Index, 4>{1, rows.dimension(0), rows.dimension(1), rows.dimension(2)});
+  // A sequence's gathered copy (gather_keys / gather_values) seen as the (1, Hkv, seq_len,
+  // head_dim) view of `rows`, its pool view.
+  template <typename Rows>
+  static ConstView<KV, 4> gathered(const Tensor<KV, 3>& copy, const Rows& rows) {
+    const Index positions = copy.dimension(1), width = copy.dimension(2);
+    return detail::cache_view<const KV, 4>(
+        copy.data(), {1, copy.dimension(0), rows.dimension(2), rows.dimension(3)},
+        {copy.dimension(0) * positions * width, positions * width, width, 1});
   }
 
   bool use_bf16_dot(Index head_dim) const {

@@ -200,8 +200,8 @@ class PagedKVCache {
   detail::PagedRows<const T> values(SeqId id) const&& = delete;
 
   // Copies of a sequence's keys / values (Hkv, seq_len, D) and document ids (seq_len):
-  // for tests and for the reference path. (For QInt8 the last dimension is the stored
-  // row, values then scales, as in the pool.)
+  // for tests and for the reference path. (For QInt8, the pool's bytes: (Hkv, seq_len
+  // rounded up to whole tiles, qint8_row_bytes(D)), the tiles of qint8.hpp.)
   Tensor<T, 3> gather_keys(SeqId id) const { return gather(kKeys, id); }
   Tensor<T, 3> gather_values(SeqId id) const { return gather(kValues, id); }
   Tensor<DocId, 1> gather_doc_ids(SeqId id) const {
@@ -345,8 +345,12 @@ class PagedKVCache {
     const detail::PagedRows<T> keys = rows_in(pool_.data(), kKeys, seq);
     const detail::PagedRows<T> values = rows_in(pool_.data(), kValues, seq);
     for (Index h = 0; h < n_kv_heads(); ++h) {
-      detail::store_row(k_new.row(h, t), head_dim(), keys.row(0, h, seq.len));
-      detail::store_row(v_new.row(h, t), head_dim(), values.row(0, h, seq.len));
+      // Position seq.len of the run that starts at its tile (runs are whole tiles).
+      const Index tile = seq.len - seq.len % detail::kQInt8Tile, at = seq.len - tile;
+      detail::store_position<detail::QInt8Role::kKey>(k_new.row(h, t), head_dim(),
+                                                      keys.row(0, h, tile), at);
+      detail::store_position<detail::QInt8Role::kValue>(v_new.row(h, t), head_dim(),
+                                                        values.row(0, h, tile), at);
     }
     if (doc_ids_new.has_value())
       doc_ids_new.visit([&](const auto& ids) { doc_ids_(block, slot) = ids(0, t); });
@@ -371,10 +375,14 @@ class PagedKVCache {
 
   Tensor<T, 3> gather(Half half, SeqId id) const {
     const detail::PagedRows<const T> src = rows(half, id);
-    const Index width = pool_.dimension(3);
-    Tensor<T, 3> out(n_kv_heads(), src.dimension(2), width);
+    const Index width = pool_.dimension(3), len = src.dimension(2);
+    // QInt8: whole tiles (the last one's block holds them), read as the pool's are.
+    const Index positions = detail::is_qint8_v<T> ? (len + detail::kQInt8Tile - 1) /
+                                                        detail::kQInt8Tile * detail::kQInt8Tile
+                                                  : len;
+    Tensor<T, 3> out(n_kv_heads(), positions, width);
     for (Index h = 0; h < n_kv_heads(); ++h) {
-      for (Index p = 0; p < src.dimension(2); ++p)
+      for (Index p = 0; p < positions; ++p)
         std::copy_n(src.row(0, h, p), static_cast<std::size_t>(width), &out(h, p, 0));
     }
     return out;

@@ -28,9 +28,7 @@ namespace detail {
 
 inline constexpr Index kQInt8Group = 32;
 
-constexpr Index qint8_groups(Index head_dim) {
-  return (head_dim + kQInt8Group - 1) / kQInt8Group;
-}
+constexpr Index qint8_groups(Index head_dim) { return (head_dim + kQInt8Group - 1) / kQInt8Group; }
 // Byte offset of a row's scales: after its values, rounded up so they are 4-aligned.
 constexpr Index qint8_scale_offset(Index head_dim) { return (head_dim + 3) / 4 * 4; }
 // Bytes of one stored row: values, padding, scales.
@@ -43,13 +41,9 @@ constexpr Index qint8_row_bytes(Index head_dim) {
 // that is also a multiple of 4 has a shorter stored row than the stride it keeps).
 inline void check_qint8_head_dim(const char* where, Index head_dim) {
   if (head_dim % 4 != 0) {
-    throw_invalid_argument(where, ": a QInt8 cache needs head_dim a multiple of 4, got ",
-                           head_dim);
+    throw_invalid_argument(where, ": a QInt8 cache needs head_dim a multiple of 4, got ", head_dim);
   }
 }
-
-template <typename T>
-inline constexpr bool is_qint8_v = std::is_same_v<std::remove_const_t<T>, QInt8>;
 
 // Storage types that take float activations and compute in float: bf16 and fp16
 // (rounded) and QInt8 (quantized).
@@ -105,25 +99,139 @@ void quantize_row(const S* src, Index head_dim, QInt8* dst) {
   for (Index d = head_dim; d < qint8_scale_offset(head_dim); ++d) dst[d] = QInt8{0};
 }
 
-// dst[d] = q[d] * scale of its group, for d < head_dim: the float product, so every path
+// dst[d] = q[d] * scale for the n values of one group: the float product, so every path
 // (the double reference too) reads the same dequantized value.
 template <typename D>
-void dequantize_row(const QInt8* row, Index head_dim, D* dst) {
+void dequantize_group(const std::int8_t* q, Index n, float scale, D* dst) {
   using Packet = simd::Packet<float>;
   constexpr int kP = simd::kWidth<float>;
+  Index d = 0;
+  if constexpr (std::is_same_v<D, float> && kP > 1) {
+    const Packet scale_p = simd::splat<Packet>(scale);
+    for (; d + kP <= n; d += kP)
+      simd::store(dst + d, simd::mul(simd::widen_int8<Packet>(q + d), scale_p));
+  }
+  for (; d < n; ++d) dst[d] = static_cast<D>(static_cast<float>(q[d]) * scale);
+}
+
+// dst[d] = q[d] * scale of its group, for d < head_dim.
+template <typename D>
+void dequantize_row(const QInt8* row, Index head_dim, D* dst) {
   // The bytes of QInt8 objects, read by the vector loads (which may alias anything).
   const auto* values = reinterpret_cast<const std::int8_t*>(row);
   for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
-    const Index end = std::min(head_dim, g0 + kQInt8Group);
-    const float scale = qint8_scale(row, head_dim, g);
-    Index d = g0;
-    if constexpr (std::is_same_v<D, float> && kP > 1) {
-      const Packet scale_p = simd::splat<Packet>(scale);
-      for (; d + kP <= end; d += kP)
-        simd::store(dst + d, simd::mul(simd::widen_int8<Packet>(values + d), scale_p));
+    dequantize_group(values + g0, std::min(kQInt8Group, head_dim - g0),
+                     qint8_scale(row, head_dim, g), dst + g0);
+  }
+}
+
+// A QInt8 cache stores each KV head's positions in tiles of kQInt8Tile: the 16 quantized
+// rows of positions 16 i ... 16 i + 15 rearranged, in the same bytes (16 rows' worth,
+// where row 16 i would start), into the layouts the int8 decode kernels read
+// (int8_dot.hpp), so no step rearranges them again. Keys and values differ:
+//   keys:   byte 64 t + 4 s + i = value 4 t + i of position s, plus 128 (unsigned, as
+//           vpdpbusd takes it): a lane of 4 bytes per position, 16 lanes per 4 values;
+//   values: byte 4 head_dim q + 4 d + k = value d of position 4 q + k: per quad of
+//           positions, a lane of their 4 bytes per value d, in d's order;
+// then, for both, the float scale of group g of position s at float 16 g + s after the
+// 16 head_dim value bytes. Slots past a cache's length hold what was last written there.
+// See docs/design.md, "Quantized caches".
+enum class QInt8Role { kKey, kValue };
+
+// Bytes of one tile.
+constexpr Index qint8_tile_bytes(Index head_dim) { return kQInt8Tile * qint8_row_bytes(head_dim); }
+
+// Offset in a tile of value d of position `slot`.
+template <QInt8Role kRole>
+constexpr Index qint8_tile_value_at(Index head_dim, Index slot, Index d) {
+  if constexpr (kRole == QInt8Role::kKey) {
+    return (d / 4) * (4 * kQInt8Tile) + 4 * slot + d % 4;
+  } else {
+    return (slot / 4) * (4 * head_dim) + 4 * d + slot % 4;
+  }
+}
+
+// Scale of group g of position `slot` of a tile.
+inline float qint8_tile_scale(const QInt8* tile, Index head_dim, Index slot, Index g) {
+  float scale;
+  std::memcpy(&scale, tile + kQInt8Tile * head_dim + (g * kQInt8Tile + slot) * Index{sizeof(float)},
+              sizeof(float));
+  return scale;
+}
+
+// The keys' offset of 128, as an xor of the sign bit (int8 q + 128 = uint8 q ^ 0x80).
+template <QInt8Role kRole>
+constexpr std::uint8_t qint8_tile_bias() {
+  return kRole == QInt8Role::kKey ? 0x80 : 0x00;
+}
+
+// Quantizes src[0, head_dim) (as quantize_row) into position `slot` of a tile.
+template <QInt8Role kRole, typename S>
+void store_tile_slot(const S* src, Index head_dim, QInt8* tile, Index slot) {
+  constexpr Index kMaxGroups = 64;  // a stack row up to head_dim 2048; longer rows go in parts
+  QInt8 row[kMaxGroups * kQInt8Group + kMaxGroups * sizeof(float)];
+  for (Index d0 = 0; d0 < head_dim; d0 += kMaxGroups * kQInt8Group) {
+    const Index n = std::min(head_dim - d0, kMaxGroups * kQInt8Group);
+    quantize_row(src + d0, n, row);  // n is a multiple of 4 (check_qint8_head_dim)
+    for (Index d = 0; d < n; ++d) {
+      const auto byte = static_cast<std::uint8_t>(row[d]) ^ qint8_tile_bias<kRole>();
+      tile[qint8_tile_value_at<kRole>(head_dim, slot, d0 + d)] = static_cast<QInt8>(byte);
     }
-    for (; d < end; ++d)
-      dst[d] = static_cast<D>(static_cast<float>(static_cast<std::int8_t>(row[d])) * scale);
+    for (Index g = 0; g < qint8_groups(n); ++g) {
+      const float scale = qint8_scale(row, n, g);
+      const Index tile_g = d0 / kQInt8Group + g;
+      std::memcpy(
+          tile + kQInt8Tile * head_dim + (tile_g * kQInt8Tile + slot) * Index{sizeof(float)},
+          &scale, sizeof(float));
+    }
+  }
+}
+
+// dst[d] = value d of position `slot` of a tile, dequantized as dequantize_row does: the
+// slot's bytes gathered into d's order a group at a time, then dequantize_group.
+template <QInt8Role kRole, typename D>
+void load_tile_slot(const QInt8* tile, Index head_dim, Index slot, D* dst) {
+  std::int8_t q[kQInt8Group];
+  for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
+    const Index n = std::min(kQInt8Group, head_dim - g0);  // a multiple of 4
+    if constexpr (kRole == QInt8Role::kKey) {
+      for (Index d = 0; d < n; d += 4) {  // 4 values of the slot lie side by side
+        std::uint32_t word;
+        std::memcpy(&word, tile + qint8_tile_value_at<kRole>(head_dim, slot, g0 + d), sizeof word);
+        word ^= 0x01010101u * qint8_tile_bias<kRole>();  // the bias in each byte
+        std::memcpy(q + d, &word, sizeof word);
+      }
+    } else {
+      for (Index d = 0; d < n; ++d) {
+        q[d] = static_cast<std::int8_t>(tile[qint8_tile_value_at<kRole>(head_dim, slot, g0 + d)]);
+      }
+    }
+    dequantize_group(q, n, qint8_tile_scale(tile, head_dim, slot, g), dst + g0);
+  }
+}
+
+// Positions 4 quad ... 4 quad + 3 of a tile as 4 rows of dst (row stride ld), dequantized
+// as load_tile_slot does, a group of each at a time: in a key tile the quad's 4-byte words
+// of each 4 values lie side by side, in a value tile its values interleaved a byte each.
+template <QInt8Role kRole, typename D>
+void load_tile_quad(const QInt8* tile, Index head_dim, Index quad, D* dst, Index ld) {
+  std::int8_t q[4][kQInt8Group];
+  std::int8_t* const rows[4] = {q[0], q[1], q[2], q[3]};
+  // The bytes of QInt8 objects, read by the vector loads (which may alias anything).
+  const auto* bytes = reinterpret_cast<const std::int8_t*>(tile);
+  for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
+    const Index n = std::min(kQInt8Group, head_dim - g0);  // a multiple of 4
+    const Index first = qint8_tile_value_at<kRole>(head_dim, 4 * quad, g0);
+    if constexpr (kRole == QInt8Role::kKey) {
+      simd::gather_word_columns(bytes + first, 4 * kQInt8Tile, n / 4, qint8_tile_bias<kRole>(),
+                                rows);
+    } else {
+      simd::deinterleave_4_bytes(bytes + first, n, rows);
+    }
+    for (Index k = 0; k < 4; ++k) {
+      dequantize_group(q[k], n, qint8_tile_scale(tile, head_dim, 4 * quad + k, g),
+                       dst + k * ld + g0);
+    }
   }
 }
 
@@ -146,6 +254,52 @@ void store_row(const S* src, Index head_dim, D* row) {
     quantize_row(src, head_dim, row);
   } else {
     convert(src, row, head_dim);
+  }
+}
+
+// Reads position j of (batch row b, KV head `head`) of a view of a cache's rows (a
+// (B, Hkv, S, head_dim) view or a paged sequence) as D. A QInt8 view holds tiles from its
+// position 0 on, as every cache's view does (a tile's 16 rows are contiguous there).
+template <QInt8Role kRole, typename Rows, typename D>
+void load_position(const Rows& view, Index b, Index head, Index j, D* dst) {
+  const Index head_dim = view.dimension(3);
+  if constexpr (is_qint8_v<typename Rows::Scalar>) {
+    load_tile_slot<kRole>(view.row(b, head, j - j % kQInt8Tile), head_dim, j % kQInt8Tile, dst);
+  } else {
+    convert(view.row(b, head, j), dst, head_dim);
+  }
+}
+
+// Positions [first, first + n) of (b, head) as rows of dst (row stride head_dim), as
+// load_position reads them; a QInt8 tile's whole quads of positions at once.
+template <QInt8Role kRole, typename Rows, typename D>
+void load_positions(const Rows& view, Index b, Index head, Index first, Index n, D* dst) {
+  const Index head_dim = view.dimension(3);
+  for (Index j = first; j < first + n;) {
+    D* row = dst + (j - first) * head_dim;
+    if constexpr (is_qint8_v<typename Rows::Scalar>) {
+      if (j % 4 == 0 && j + 4 <= first + n) {
+        const Index slot = j % kQInt8Tile;
+        load_tile_quad<kRole>(view.row(b, head, j - slot), head_dim, slot / 4, row, head_dim);
+        j += 4;
+        continue;
+      }
+    }
+    load_position<kRole>(view, b, head, j, row);
+    ++j;
+  }
+}
+
+// Writes head_dim values as position j of a run of rows stored from `first` on (row j at
+// first + j * stored_row_width<D>(head_dim); for QInt8 the run starts at a tile): rounded
+// into bf16/fp16, quantized into QInt8's tile, copied otherwise.
+template <QInt8Role kRole, typename S, typename D>
+void store_position(const S* src, Index head_dim, D* first, Index j) {
+  if constexpr (is_qint8_v<D>) {
+    store_tile_slot<kRole>(src, head_dim, first + (j - j % kQInt8Tile) * qint8_row_bytes(head_dim),
+                           j % kQInt8Tile);
+  } else {
+    convert(src, first + j * head_dim, head_dim);
   }
 }
 

@@ -39,7 +39,19 @@ struct Accumulator<double> {
 template <typename T>
 using acc_t = typename Accumulator<std::remove_const_t<T>>::type;
 
+// The element of a quantized KV cache (qint8.hpp).
+enum class QInt8 : std::int8_t;
+
 namespace detail {
+template <typename T>
+inline constexpr bool is_qint8_v = std::is_same_v<std::remove_const_t<T>, QInt8>;
+
+// QInt8 bytes are a cache's tiles of kQInt8Tile positions (qint8.hpp), read a whole tile
+// at a time, so a QInt8 view is made only by a cache (with this tag), and narrowed in
+// positions only at a tile: a view of other bytes would be read past its end.
+struct QInt8Tiles {};
+inline constexpr Index kQInt8Tile = 16;
+
 // bf16 and fp16: storage types that compute in float.
 template <typename T>
 inline constexpr bool is_16bit_float_v =
@@ -61,19 +73,28 @@ class StridedView {
 
   StridedView() = default;
 
+  template <typename U = Scalar, typename = std::enable_if_t<!detail::is_qint8_v<U>>>
   StridedView(T* data, const Dims& dims, const Dims& strides)
       : data_(data), dims_(dims), strides_(strides) {}
 
+  template <typename U = Scalar, typename = std::enable_if_t<!detail::is_qint8_v<U>>>
   StridedView(T* data, const Dims& dims) : data_(data), dims_(dims), strides_(row_major(dims)) {}
+
+  // A cache's view of its QInt8 tiles (see detail::QInt8Tiles).
+  template <typename U = Scalar, typename = std::enable_if_t<detail::is_qint8_v<U>>>
+  StridedView(detail::QInt8Tiles, T* data, const Dims& dims, const Dims& strides)
+      : data_(data), dims_(dims), strides_(strides) {}
 
   // Implicit from Eigen tensors and maps (RowMajor only: a ColMajor tensor does not
   // convert, so a layout mistake is a compile error rather than wrong numbers).
-  template <typename U, typename = std::enable_if_t<std::is_convertible_v<U*, T*>>>
+  template <typename U,
+            typename = std::enable_if_t<std::is_convertible_v<U*, T*> && !detail::is_qint8_v<U>>>
   StridedView(Eigen::Tensor<U, Rank, Eigen::RowMajor, Index>& t)  // NOLINT(runtime/explicit)
       : StridedView(t.data(), to_dims(t.dimensions())) {}
 
-  template <typename U, typename = std::enable_if_t<std::is_const_v<T> &&
-                                                    std::is_same_v<std::remove_const_t<U>, Scalar>>>
+  template <typename U, typename = std::enable_if_t<
+                            std::is_const_v<T> && std::is_same_v<std::remove_const_t<U>, Scalar> &&
+                            !detail::is_qint8_v<U>>>
   StridedView(const Eigen::Tensor<U, Rank, Eigen::RowMajor, Index>& t)  // NOLINT(runtime/explicit)
       : StridedView(t.data(), to_dims(t.dimensions())) {}
 
@@ -88,7 +109,8 @@ class StridedView {
                 PlainT::NumIndices == Rank&& static_cast<int>(PlainT::Layout) ==
                     static_cast<int>(Eigen::RowMajor) &&
                 std::is_convertible_v<decltype(std::declval<Eigen::TensorMap<PlainT>&>().data()),
-                                      T*>>>
+                                      T*> &&
+                !detail::is_qint8_v<Scalar>>>
   StridedView(const Eigen::TensorMap<PlainT>& m)  // NOLINT(runtime/explicit)
       : StridedView(m.data(), to_dims(m.dimensions())) {}
 
@@ -132,6 +154,12 @@ class StridedView {
 
   // Sub-range [start, start + length) of dimension `dim`, as torch.narrow.
   StridedView narrow(int dim, Index start, Index length) const {
+    if (detail::is_qint8_v<T> && dim == Rank - 2 && start % detail::kQInt8Tile != 0) {
+      std::ostringstream os;
+      os << "StridedView::narrow: a QInt8 view narrows its positions (dimension " << dim
+         << ") only from a multiple of " << detail::kQInt8Tile << ", got start " << start;
+      throw std::invalid_argument(os.str());
+    }
     StridedView out = *this;
     out.data_ = data_ + start * strides_[dim];
     out.dims_[dim] = length;
@@ -212,6 +240,19 @@ class StridedView {
 
 template <typename T, int Rank>
 using ConstView = StridedView<const T, Rank>;
+
+namespace detail {
+// A cache's view of its own storage: for QInt8, of its tiles (QInt8Tiles).
+template <typename T, int Rank>
+StridedView<T, Rank> cache_view(T* data, const std::array<Index, Rank>& dims,
+                                const std::array<Index, Rank>& strides) {
+  if constexpr (is_qint8_v<T>) {
+    return StridedView<T, Rank>(QInt8Tiles{}, data, dims, strides);
+  } else {
+    return StridedView<T, Rank>(data, dims, strides);
+  }
+}
+}  // namespace detail
 
 // Turns any accepted tensor argument (Tensor, TensorMap, StridedView) into a const view,
 // so the free functions can deduce the element type from their arguments.

@@ -1,9 +1,9 @@
 // API misuse that must not compile: views (and references) that would outlive the tensor
-// or object they point into, in-place operations on temporaries, and keys of the wrong
-// element type for a cache. Each case is built on its own (ATTNFORGE_MISUSE = case number)
-// by a CTest test that passes only when the compiler rejects it with the expected
-// diagnostic; case 0 is the same code used correctly, so a broken harness cannot pass for
-// a rejected misuse.
+// or object they point into, in-place operations on temporaries, keys of the wrong
+// element type for a cache, and QInt8 views of bytes no cache wrote. Each case is built on its own
+// (ATTNFORGE_MISUSE = case number) by a CTest test that passes only when the compiler rejects it
+// with the expected diagnostic; case 0 is the same code used correctly, so a broken harness cannot
+// pass for a rejected misuse.
 #include <attnforge/attnforge.hpp>
 
 namespace af = attnforge;
@@ -37,24 +37,24 @@ int main() {
   af::Tensor<float, 4> k_float(1, 1, 1, 4);
   k_float.setZero();
   quantized.update(k_float, k_float);
-#elif ATTNFORGE_MISUSE == 1  // doc ids viewing a temporary
+#elif ATTNFORGE_MISUSE == 1   // doc ids viewing a temporary
   af::Masks masks;
   masks.doc_ids = make_ids();
-#elif ATTNFORGE_MISUSE == 2  // a view of a temporary tensor
+#elif ATTNFORGE_MISUSE == 2   // a view of a temporary tensor
   [[maybe_unused]] af::ConstView<float, 2> view = make_matrix();
-#elif ATTNFORGE_MISUSE == 3  // the prefix of a temporary cache
+#elif ATTNFORGE_MISUSE == 3   // the prefix of a temporary cache
   [[maybe_unused]] auto prefix = af::KVCache<float>(1, 4, 1, 4).prefix();
-#elif ATTNFORGE_MISUSE == 4  // the tables of a temporary RotaryEmbedding
+#elif ATTNFORGE_MISUSE == 4   // the tables of a temporary RotaryEmbedding
   [[maybe_unused]] auto cos = af::RotaryEmbedding<float>(4, 8).cos_rows(0, 2);
-#elif ATTNFORGE_MISUSE == 5  // a weight of a temporary module
+#elif ATTNFORGE_MISUSE == 5   // a weight of a temporary module
   [[maybe_unused]] auto wq = af::Attention<float>(8, 2, 2).wq();
-#elif ATTNFORGE_MISUSE == 6  // rotating a temporary in place
+#elif ATTNFORGE_MISUSE == 6   // rotating a temporary in place
   af::apply_rope_inplace(make_matrix(), rope.cos_rows(0, 4), rope.sin_rows(0, 4));
-#elif ATTNFORGE_MISUSE == 7  // forward of a temporary input (bound to a view parameter)
+#elif ATTNFORGE_MISUSE == 7   // forward of a temporary input (bound to a view parameter)
   [[maybe_unused]] auto y = attn.forward(af::Tensor<float, 3>(1, 2, 8), rope, 0);
-#elif ATTNFORGE_MISUSE == 8  // as_const_view of a temporary
+#elif ATTNFORGE_MISUSE == 8   // as_const_view of a temporary
   [[maybe_unused]] auto as_view = af::as_const_view(make_matrix());
-#elif ATTNFORGE_MISUSE == 9  // appending to a temporary cache (the returned views dangle)
+#elif ATTNFORGE_MISUSE == 9   // appending to a temporary cache (the returned views dangle)
   af::Tensor<float, 4> k(1, 1, 1, 4);
   af::KVCache<float>(1, 4, 1, 4).update(k, k);
 #elif ATTNFORGE_MISUSE == 10  // a padding mask viewing a temporary
@@ -69,8 +69,14 @@ int main() {
 #elif ATTNFORGE_MISUSE == 14  // the paged key rows of a temporary paged cache
   [[maybe_unused]] auto keys = af::PagedKVCache<float>(2, 16, 1, 4).keys(seq);
 #elif ATTNFORGE_MISUSE == 15  // QInt8 rows appended to a QInt8 cache (it quantizes floats)
-  af::Tensor<af::QInt8, 4> rows(1, 1, 1, 4);
-  quantized.update(af::ConstView<af::QInt8, 4>(rows), af::ConstView<af::QInt8, 4>(rows));
+  const af::KVPrefix<af::QInt8> rows = quantized.prefix();
+  quantized.update(rows.keys, rows.values);
+#elif ATTNFORGE_MISUSE == 16  // QInt8 bytes of a tensor seen as a cache's tiles
+  af::Tensor<af::QInt8, 4> bytes(1, 1, 16, 8);
+  [[maybe_unused]] af::ConstView<af::QInt8, 4> view(bytes);
+#elif ATTNFORGE_MISUSE == 17  // QInt8 bytes at a pointer seen as a cache's tiles
+  af::Tensor<af::QInt8, 4> bytes(1, 1, 16, 8);
+  [[maybe_unused]] af::ConstView<af::QInt8, 4> view(bytes.data(), {1, 1, 16, 4});
 #endif
   (void)seq;
   return 0;

@@ -234,6 +234,8 @@ inline void check_qint8_row(const float* x, Index head_dim, const float* out) {
 // A row of head_dim float values as a cache of storage S must hold it, read back as float:
 // the values themselves for float; for bf16 and QInt8 stored and read back by the
 // library's row conversions (qint8.hpp), and checked against the format's stated accuracy.
+// (A QInt8 cache holds the same quantized bytes, rearranged into its tiles, and reads them
+// back through load_position as the same floats, bit for bit.)
 template <typename S>
 void stored_row(const float* x, Index head_dim, float* out) {
   if constexpr (std::is_same_v<S, float>) {

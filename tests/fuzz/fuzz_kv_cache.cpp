@@ -172,8 +172,10 @@ void fuzz_kv_cache(FuzzedDataProvider& fdp) {
     for (Index b = 0; b < batch; ++b) {
       for (Index h = 0; h < n_kv_heads; ++h) {
         for (Index s = 0; s < seq_len; ++s) {
-          af::detail::load_row(p.keys.row(b, h, s), head_dim, key_row.data());
-          af::detail::load_row(p.values.row(b, h, s), head_dim, value_row.data());
+          // Position by position: a QInt8 cache holds each head's positions in tiles.
+          af::detail::load_position<af::detail::QInt8Role::kKey>(p.keys, b, h, s, key_row.data());
+          af::detail::load_position<af::detail::QInt8Role::kValue>(p.values, b, h, s,
+                                                                   value_row.data());
           check(std::memcmp(key_row.data(), &keys[static_cast<std::size_t>(at(b, h, s))],
                             sizeof(T) * head_dim) == 0 &&
                     std::memcmp(value_row.data(), &values[static_cast<std::size_t>(at(b, h, s))],

@@ -141,9 +141,31 @@ struct PagedSnapshot {
   std::vector<Index> refs;
   std::vector<af::SeqId> ids;
   std::vector<std::vector<Index>> tables;
-  std::vector<af::Tensor<S, 3>> keys, values;  // stored rows (for QInt8: values, then scales)
+  // The stored bytes (for QInt8 the tiles, whole: gather_keys rounds len up to them).
+  std::vector<af::Tensor<S, 3>> keys, values;
   std::vector<af::Tensor<af::DocId, 1>> docs;
 };
+
+// The positions gather_keys / gather_values return for a sequence of len positions: len,
+// rounded up to whole tiles for QInt8 (qint8.hpp), whose bytes they copy.
+template <typename S>
+Index gathered_positions(Index len) {
+  if constexpr (af::detail::is_qint8_v<S>) {
+    return (len + af::detail::kQInt8Tile - 1) / af::detail::kQInt8Tile * af::detail::kQInt8Tile;
+  } else {
+    return len;
+  }
+}
+
+// A sequence's gathered keys or values t (Hkv, gathered_positions(len), stored row width)
+// as a (1, Hkv, len, head_dim) view of a cache's rows, to read with load_position.
+template <typename S>
+af::ConstView<S, 4> gathered_view(const af::Tensor<S, 3>& t, Index len, Index head_dim) {
+  const Index n_kv_heads = t.dimension(0), positions = t.dimension(1), width = t.dimension(2);
+  return af::detail::cache_view<const S, 4>(
+      t.data(), {1, n_kv_heads, len, head_dim},
+      {n_kv_heads * positions * width, positions * width, width, 1});
+}
 
 // The cache against the shadow: the same sequences with the same rows; block tables that
 // share exactly where the shadow's do (a renaming of its blocks), refs that count the
@@ -176,17 +198,21 @@ void check_paged_pool(const af::PagedKVCache<S>& cache, const PagedShadow& shado
             "(or not shared where they would)");
     }
     const af::Tensor<S, 3> keys = cache.gather_keys(id), values = cache.gather_values(id);
-    check(keys.dimension(0) == n_kv_heads && keys.dimension(1) == len &&
+    check(keys.dimension(0) == n_kv_heads && keys.dimension(1) == gathered_positions<S>(len) &&
               keys.dimension(2) == af::detail::stored_row_width<S>(head_dim) &&
               values.dimensions() == keys.dimensions(),
           "PagedKVCache: gathered keys/values have the wrong shape");
+    // Position by position: a QInt8 cache holds each head's positions in tiles.
+    const af::ConstView<S, 4> key_rows = gathered_view(keys, len, head_dim),
+                              value_rows = gathered_view(values, len, head_dim);
     std::vector<float> key_row(static_cast<std::size_t>(head_dim)), value_row(key_row.size());
     for (Index p = 0; p < len; ++p) {
       const PagedRow& row = seq.rows[static_cast<std::size_t>(p)];
       for (Index h = 0; h < n_kv_heads; ++h) {
         const std::size_t at = static_cast<std::size_t>(h * head_dim);
-        af::detail::load_row(&keys(h, p, 0), head_dim, key_row.data());
-        af::detail::load_row(&values(h, p, 0), head_dim, value_row.data());
+        af::detail::load_position<af::detail::QInt8Role::kKey>(key_rows, 0, h, p, key_row.data());
+        af::detail::load_position<af::detail::QInt8Role::kValue>(value_rows, 0, h, p,
+                                                                 value_row.data());
         if (std::memcmp(key_row.data(), &row.k[at], sizeof(float) * head_dim) != 0 ||
             std::memcmp(value_row.data(), &row.v[at], sizeof(float) * head_dim) != 0) {
           fail(

@@ -3,21 +3,24 @@
 // value products as int8 dot products against 16-bit quantized weights, with no
 // dequantized copy of a block.
 //
+// Both read the cache's tiles of 16 positions (qint8.hpp), which the cache writes in the
+// layouts below as positions are appended, so a step rearranges nothing.
+//
 // Scores: each query row is quantized per step like a cache row (kQInt8Group values per
 // scale), so q . k = sum over groups of (q scale * k scale) * (integer dot of the group).
-// A block of 16 keys is transposed once into the dot products' layout (lane j = key j,
-// 4 consecutive bytes per lane), so one vpdpbusd adds 4 products to each of 16 keys'
-// sums against 4 broadcast query bytes, and a group's 8 of them leave 16 finished integer
-// dot products: no horizontal sums. vpdpbusd multiplies unsigned by signed bytes; the
-// keys are made unsigned by adding 128 (an xor of the sign bit), and the 128 * sum(q)
-// this adds is subtracted by starting each group's accumulators at that correction.
+// A key tile holds its 16 keys' bytes 4 at a time (lane j = key j, 4 consecutive bytes
+// per lane), so one vpdpbusd adds 4 products to each of 16 keys' sums against 4 broadcast
+// query bytes, and a group's 8 of them leave 16 finished integer dot products: no
+// horizontal sums. vpdpbusd multiplies unsigned by signed bytes; the tile holds the keys
+// unsigned (plus 128), and the 128 * sum(q) this adds is subtracted by starting each
+// group's accumulators at that correction.
 //
 // Values: each row's softmax weights times the value rows' group scales are rounded to
-// 16-bit integers per block and group (quantize_value_weights), and the block's value rows
-// interleaved so a lane holds 4 keys' bytes at one d (prepare_int8_values): vpdpbusd then
-// adds 4 keys' products per lane, once for the weights' high bytes and once for their low
-// bytes. 16 bits rather than 8, because 8-bit weights add an error as large as the values'
-// own quantization (docs/design.md, "Quantized caches").
+// 16-bit integers per block and group (quantize_value_weights). A value tile holds, per
+// quad of keys, a lane of the 4 keys' bytes at each d: vpdpbusd then adds 4 keys' products
+// per lane, once for the weights' high bytes and once for their low bytes. 16 bits rather
+// than 8, because 8-bit weights add an error as large as the values' own quantization
+// (docs/design.md, "Quantized caches").
 //
 // Like bf16_dot.hpp, these functions carry their own target attribute, so the library
 // keeps compiling for any target; they are only called after `cpu_has_avx512_vnni()`
@@ -28,7 +31,6 @@
 #include <cstring>
 #include <limits>
 
-#include "attnforge/detail/avx512_transpose.hpp"
 #include "attnforge/detail/simd.hpp"
 #include "attnforge/qint8.hpp"
 #include "attnforge/tensor.hpp"
@@ -48,6 +50,7 @@ inline constexpr bool kHasInt8DotKernel = ATTNFORGE_INT8_DOT != 0;
 
 // Keys per call of the score kernel: one score per lane of a 512-bit float vector.
 inline constexpr Index kInt8DotKeys = 16;
+static_assert(kInt8DotKeys == kQInt8Tile, "a score call covers one tile of the cache");
 // Bytes of head_dim one vpdpbusd covers: two scale groups.
 inline constexpr Index kInt8DotChunk = 64;
 static_assert(kInt8DotChunk == 2 * kQInt8Group, "a 64-byte chunk holds two scale groups");
@@ -121,82 +124,19 @@ ATTNFORGE_TARGET_VNNI inline void quantize_query_row(const float* q, Index head_
   }
 }
 
-// scales[16 g + j] = the scale of group g of rows[j] for j in `keep`, else 0: per 4 groups,
-// 16 rows' 16-byte runs of scales transposed in registers.
-ATTNFORGE_TARGET_VNNI inline void gather_group_scales(const QInt8* const* rows, Index head_dim,
-                                                      __mmask16 keep, float* scales) {
-  const Index groups = head_dim / kQInt8Group;
-  const Index offset = qint8_scale_offset(head_dim);
-  const Index whole = groups / 4 * 4;
-  // After the unpacks lane 4 b + i holds row b + 4 i: this puts row j at lane j.
-  const __m512i row_order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  for (Index g0 = 0; g0 < whole; g0 += 4) {
-    const auto at = [&](int j) {
-      return reinterpret_cast<const float*>(rows[j] + offset) + g0;  // 4 groups' scales
-    };
-    __m512 quarter[4];  // 128-bit block b of quarter q: row 4 q + b's 4 scales
-    for (int q = 0; q < 4; ++q) {
-      quarter[q] = _mm512_castps128_ps512(_mm_loadu_ps(at(4 * q)));
-      quarter[q] = _mm512_insertf32x4(quarter[q], _mm_loadu_ps(at(4 * q + 1)), 1);
-      quarter[q] = _mm512_insertf32x4(quarter[q], _mm_loadu_ps(at(4 * q + 2)), 2);
-      quarter[q] = _mm512_insertf32x4(quarter[q], _mm_loadu_ps(at(4 * q + 3)), 3);
-    }
-    // Block b of pair_low / pair_high: rows b, 4 + b of groups {0 1} / {2 3} (g0 + ...);
-    // of far_low / far_high the same of rows 8 + b, 12 + b.
-    const __m512 pair_low = _mm512_unpacklo_ps(quarter[0], quarter[1]);
-    const __m512 pair_high = _mm512_unpackhi_ps(quarter[0], quarter[1]);
-    const __m512 far_low = _mm512_unpacklo_ps(quarter[2], quarter[3]);
-    const __m512 far_high = _mm512_unpackhi_ps(quarter[2], quarter[3]);
-    const __m512 group[4] = {
-        _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(pair_low), _mm512_castps_pd(far_low))),
-        _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(pair_low), _mm512_castps_pd(far_low))),
-        _mm512_castpd_ps(
-            _mm512_unpacklo_pd(_mm512_castps_pd(pair_high), _mm512_castps_pd(far_high))),
-        _mm512_castpd_ps(
-            _mm512_unpackhi_pd(_mm512_castps_pd(pair_high), _mm512_castps_pd(far_high)))};
-    for (int i = 0; i < 4; ++i)
-      _mm512_storeu_ps(scales + (g0 + i) * 16,
-                       _mm512_maskz_permutexvar_ps(keep, row_order, group[i]));
-  }
-  for (Index g = whole; g < groups; ++g) {
-    for (int j = 0; j < 16; ++j)
-      scales[g * 16 + j] = (keep >> j) & 1 ? qint8_scale(rows[j], head_dim, g) : 0.0f;
-  }
-}
-
-// The block's 16 keys in the dot products' layout, once for every row: `keys` holds, for
-// each 4-byte column t of head_dim, the 16 keys' bytes [4t, 4t + 4) made unsigned (lane j =
-// key j), and `scales` the keys' scales per group (16 per group).
-ATTNFORGE_TARGET_VNNI inline void prepare_int8_keys(const QInt8* const* rows, Index head_dim,
-                                                    std::uint8_t* keys, float* scales,
-                                                    simd::LineStream& ahead) {
-  const __m512i sign = _mm512_set1_epi8(static_cast<char>(0x80));
-  simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
-  for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
-    __m512i v[16];
-    ATTNFORGE_UNROLL
-    for (int j = 0; j < 16; ++j) {
-      stream.step();
-      v[j] = _mm512_xor_si512(_mm512_loadu_si512(rows[j] + c), sign);
-    }
-    transpose_16x16(v);
-    for (int t = 0; t < 16; ++t) _mm512_storeu_si512(keys + (c + 4 * t) * 16, v[t]);
-  }
-  ahead = stream;
-  gather_group_scales(rows, head_dim, 0xFFFF, scales);
-}
-
-// out[r][16 b + j] = q_r . k_j for the 16 prepared keys of each of NSub sub-blocks (sub-block
-// b at keys + b * head_dim * 16, its scales at key_scales + b * head_dim / 2; log2 units when
-// q was scaled so), for R query rows at once: each key load serves every row and each
-// broadcast query word every sub-block, and the R x NSub dependency chains interleave. R
-// and NSub are fixed so the accumulators stay in registers.
+// out[r][16 b + j] = q_r . k_j for the 16 keys of each of NSub consecutive key tiles
+// (qint8.hpp; tile b at tiles + b * tile_bytes; log2 units when q was scaled so), for R
+// query rows at once: each key load serves every row and each broadcast query word every
+// tile, and the R x NSub dependency chains interleave. R and NSub are fixed so the
+// accumulators stay in registers. `ahead` steps once per 4 bytes of head_dim.
 template <int R, int NSub>
-ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const std::uint8_t* keys,
-                                                  const float* key_scales, Index head_dim,
-                                                  float* out, Index ldo) {
-  const Index sub_keys = head_dim * kInt8DotKeys;
-  const Index sub_scales = head_dim / kQInt8Group * kInt8DotKeys;
+ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const QInt8* tiles,
+                                                  Index tile_bytes, Index head_dim, float* out,
+                                                  Index ldo, simd::LineStream& ahead) {
+  simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
+  // The bytes of QInt8 objects, read by the vector loads (which may alias anything).
+  const auto* keys = reinterpret_cast<const std::uint8_t*>(tiles);
+  const Index scales_at = kQInt8Tile * head_dim;
   __m512 score[NSub][R];
   ATTNFORGE_UNROLL
   for (int b = 0; b < NSub; ++b) {
@@ -213,9 +153,10 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
     const Index t0 = g * kQInt8Group / 4;
     ATTNFORGE_UNROLL
     for (Index t = t0; t < t0 + kQInt8Group / 4; ++t) {
+      stream.step();
       __m512i k[NSub];
       ATTNFORGE_UNROLL
-      for (int b = 0; b < NSub; ++b) k[b] = _mm512_loadu_si512(keys + b * sub_keys + t * 64);
+      for (int b = 0; b < NSub; ++b) k[b] = _mm512_loadu_si512(keys + b * tile_bytes + t * 64);
       ATTNFORGE_UNROLL
       for (int r = 0; r < R; ++r) {
         std::int32_t bytes;
@@ -230,7 +171,8 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
       const __m512 q_scale = _mm512_set1_ps(qint8_scale(q[r].row, head_dim, g));
       ATTNFORGE_UNROLL
       for (int b = 0; b < NSub; ++b) {
-        const __m512 k_scale = _mm512_loadu_ps(key_scales + b * sub_scales + g * kInt8DotKeys);
+        const __m512 k_scale = _mm512_loadu_ps(keys + b * tile_bytes + scales_at +
+                                               g * kQInt8Tile * Index{sizeof(float)});
         score[b][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[b][r]), q_scale),
                                       k_scale, score[b][r]);
       }
@@ -241,42 +183,7 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const s
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo + b * kInt8DotKeys, score[b][r]);
   }
-}
-
-// The block's 16 value rows in the value products' layout, per scale group g (32 bytes of
-// head_dim) and quad of keys 4t ... 4t + 3: four 32-byte vectors x_k, lane (L, i) of x_k
-// (128-bit half L, dword i) holding the quad's 4 bytes at d = 32 g + 16 L + 4 k + i.
-// Unpacks within 128-bit halves give that order; int8_value_products restores d's order
-// once per block, on the float sums. The unpacks take a 64-byte chunk of head_dim (two
-// groups; the int8 path's head_dim is a multiple of kInt8DotChunk) per 512-bit vector,
-// whose lower half then holds x_k of the first group and upper half x_k of the second;
-// two such vectors' halves regrouped give (x_k, x_k+1) of one group, one 64-byte store.
-// Not inlined: called once per 16 keys, its copies inlined into decode_int8_sub_blocks ran
-// out of registers there.
-ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE inline void prepare_int8_values(const QInt8* const* rows,
-                                                                        Index head_dim,
-                                                                        std::int8_t* values) {
-  for (Index c = 0; c < head_dim; c += kInt8DotChunk) {
-    for (int t = 0; t < 4; ++t) {
-      __m512i quad[4];
-      for (int j = 0; j < 4; ++j) quad[j] = _mm512_loadu_si512(rows[4 * t + j] + c);
-      const __m512i ab_low = _mm512_unpacklo_epi8(quad[0], quad[1]);
-      const __m512i ab_high = _mm512_unpackhi_epi8(quad[0], quad[1]);
-      const __m512i cd_low = _mm512_unpacklo_epi8(quad[2], quad[3]);
-      const __m512i cd_high = _mm512_unpackhi_epi8(quad[2], quad[3]);
-      const __m512i x[4] = {
-          _mm512_unpacklo_epi16(ab_low, cd_low), _mm512_unpackhi_epi16(ab_low, cd_low),
-          _mm512_unpacklo_epi16(ab_high, cd_high), _mm512_unpackhi_epi16(ab_high, cd_high)};
-      std::int8_t* first = values + c * kInt8DotKeys + t * 4 * 32;  // group c / 32
-      std::int8_t* second = first + kQInt8Group * kInt8DotKeys;     // the next group
-      for (int k = 0; k < 4; k += 2) {
-        _mm512_storeu_si512(first + 32 * k,
-                            _mm512_shuffle_i64x2(x[k], x[k + 1], _MM_SHUFFLE(1, 0, 1, 0)));
-        _mm512_storeu_si512(second + 32 * k,
-                            _mm512_shuffle_i64x2(x[k], x[k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
-      }
-    }
-  }
+  ahead = stream;
 }
 
 // The lane-wise larger of a and b, NaN where either is NaN (_mm512_max_ps alone returns b
@@ -291,10 +198,11 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
   return _mm512_reduce_max_ps(x);
 }
 
-// The value products' weights of a block of NSub (<= kInt8SubBlocks) sub-blocks of 16
-// keys: row r's weight of key j of sub-block b in scale group g is p[r][16 b + j] *
-// v_scale[b][g][j] (p: row stride ldp; v_scale[b] at v_scale + b * groups * 16, 16 floats
-// per group), written as a 16-bit integer w = round(p v_scale / unit[r][g]) with unit[r][g]
+// The value products' weights of a block of NSub (<= kInt8SubBlocks) value tiles of 16
+// keys: row r's weight of key j of tile b in scale group g is p[r][16 b + j] *
+// v_scale[b][g][j] (p: row stride ldp; v_scale[b][g][j] the tile's scale, tile b at tiles +
+// b * tile_bytes; keys outside keep[b] count as scale 0, since slots past the cache's length
+// hold no key), written as a 16-bit integer w = round(p v_scale / unit[r][g]) with unit[r][g]
 // = max p[r] * max v_scale[.][g] / 65535 over the whole block, split into its high and low
 // bytes (layout above; sub-block b of row r at weights + r * ldw + b *
 // value_weight_row_bytes(groups)). One unit for the whole block lets the value products
@@ -304,13 +212,15 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
 // group's scales makes its unit NaN, so those outputs become NaN as a float cache's would.
 template <int NSub>
 ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index rows, Index ldp,
-                                                         const float* v_scale, Index groups,
+                                                         const QInt8* tiles, Index tile_bytes,
+                                                         const __mmask16* keep, Index groups,
                                                          std::uint8_t* weights, Index ldw,
                                                          float* units) {
   static_assert(NSub >= 1 && NSub <= kInt8SubBlocks, "a block holds 1 ... kInt8SubBlocks");
   constexpr float kSteps = 65535.0f;
   const __m512i low_byte = _mm512_set1_epi16(255);
-  const Index sub_scales = groups * kInt8DotKeys, sub_weights = value_weight_row_bytes(groups);
+  const Index sub_weights = value_weight_row_bytes(groups);
+  const QInt8* scales = tiles + kQInt8Tile * groups * kQInt8Group;  // tile 0's, float 16 g + j
   for (Index g0 = 0; g0 < groups; g0 += 4) {  // 4 groups at a time: one pack of 4 dwords
     // The scales, then v_scale / the group's max, in [0, 1]; 0 past groups, so those words
     // are 0.
@@ -319,8 +229,10 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
     for (int i = 0; i < 4; ++i) {
       for (int b = 0; b < NSub; ++b) {
         relative_scale[b][i] =
-            g0 + i < groups ? _mm512_loadu_ps(v_scale + b * sub_scales + (g0 + i) * kInt8DotKeys)
-                            : _mm512_setzero_ps();
+            g0 + i < groups
+                ? _mm512_maskz_loadu_ps(keep[b], scales + b * tile_bytes +
+                                                     (g0 + i) * kQInt8Tile * Index{sizeof(float)})
+                : _mm512_setzero_ps();
       }
       __m512 top = relative_scale[0][i];
       for (int b = 1; b < NSub; ++b) top = max_keeping_nan(top, relative_scale[b][i]);
@@ -360,19 +272,20 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
   }
 }
 
-// acc[r][h] += the products of one byte of row r's 16-bit weights (w + r * ldw: dword 4 t
-// for keys 4 t ... 4 t + 3) with the group's prepared values x, 4 keys per vpdpbusd. A
-// 512-bit accumulator h holds the prepared vectors x_{2h} and x_{2h+1} side by side: the
-// weights are the same in every lane, so one instruction serves both.
+// acc[r][h] += the products of one byte of row r's 16-bit weights (w + r * ldw: dword 4 q
+// for keys 4 q ... 4 q + 3) with one scale group's 32 values of a value tile (qint8.hpp,
+// `x` at the group's lanes of quad 0), 4 keys per vpdpbusd: accumulator h holds the
+// group's values 16 h ... 16 h + 15.
 template <int R>
 ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc)[R][2],
                                                                    const std::int8_t* x,
+                                                                   Index quad_bytes,
                                                                    const std::uint8_t* w,
                                                                    Index ldw) {
   ATTNFORGE_UNROLL
   for (int t = 0; t < 4; ++t) {
-    const __m512i v[2] = {_mm512_loadu_si512(x + (4 * t) * 32),
-                          _mm512_loadu_si512(x + (4 * t + 2) * 32)};
+    const __m512i v[2] = {_mm512_loadu_si512(x + t * quad_bytes),
+                          _mm512_loadu_si512(x + t * quad_bytes + 64)};
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       std::int32_t quad;
@@ -384,25 +297,27 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc
   }
 }
 
-// out[r][:] += sum_j w[r][j] * v_j[:] over a block of NSub sub-blocks of 16 prepared value
-// rows (sub-block b at values + b * head_dim * 16) for R rows (row stride ldo), as int8 dot
-// products: per scale group g, the 16-bit weights of row r are row r of `weights` (row
-// stride ldw, layout and sub-blocks of quantize_value_weights) with their unit at
-// units[r * groups + g]. vpdpbusd multiplies the unsigned weight bytes by the signed value
-// bytes, 4 keys per lane: the high bytes' sums, shifted up 8 bits, then the low bytes'
-// give each lane's exact integer sum over a sub-block (below 2^28). The sub-blocks keep
-// their own accumulators, so as many dependency chains run side by side, and their sum
-// is converted to float and scaled by the unit once per block.
+// out[r][:] += sum_j w[r][j] * v_j[:] over a block of NSub value tiles (tile b at tiles + b *
+// tile_bytes) for R rows (row stride ldo), as int8 dot products: per scale group g, the
+// 16-bit weights of row r are row r of `weights` (row stride ldw, layout and tiles of
+// quantize_value_weights) with their unit at units[r * groups + g]. vpdpbusd multiplies the
+// unsigned weight bytes by the signed value bytes, 4 keys per lane: the high bytes' sums,
+// shifted up 8 bits, then the low bytes' give each lane's exact integer sum over a tile
+// (below 2^28). The tiles keep their own accumulators, so as many dependency chains run
+// side by side, and their sum is converted to float and scaled by the unit once per block.
+// `ahead` steps once per tile and group.
 template <int R, int NSub>
 ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weights, Index ldw,
-                                                      const float* units, const std::int8_t* values,
-                                                      Index head_dim, float* out, Index ldo,
-                                                      simd::LineStream& ahead) {
+                                                      const float* units, const QInt8* tiles,
+                                                      Index tile_bytes, Index head_dim, float* out,
+                                                      Index ldo, simd::LineStream& ahead) {
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
-  const Index groups = head_dim / kQInt8Group;
-  const Index sub_values = head_dim * kInt8DotKeys, sub_weights = value_weight_row_bytes(groups);
+  // The bytes of QInt8 objects, read by the vector loads (which may alias anything).
+  const auto* values = reinterpret_cast<const std::int8_t*>(tiles);
+  const Index groups = head_dim / kQInt8Group, quad_bytes = 4 * head_dim;
+  const Index sub_weights = value_weight_row_bytes(groups);
   for (Index g = 0; g < groups; ++g) {
-    const std::int8_t* x = values + g * kQInt8Group * kInt8DotKeys;
+    const std::int8_t* x = values + 4 * g * kQInt8Group;
     const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
     __m512i acc[NSub][R][2];
     ATTNFORGE_UNROLL
@@ -410,7 +325,8 @@ ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weight
       ATTNFORGE_UNROLL
       for (int r = 0; r < R; ++r) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_si512();
       stream.step();
-      int8_weighted_quads<R>(acc[b], x + b * sub_values, w + b * sub_weights, ldw);  // high bytes
+      int8_weighted_quads<R>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights,
+                             ldw);  // high bytes
     }
     ATTNFORGE_UNROLL
     for (int b = 0; b < NSub; ++b) {
@@ -419,7 +335,8 @@ ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weight
         acc[b][r][0] = _mm512_slli_epi32(acc[b][r][0], 8);
         acc[b][r][1] = _mm512_slli_epi32(acc[b][r][1], 8);
       }
-      int8_weighted_quads<R>(acc[b], x + b * sub_values, w + b * sub_weights + 64, ldw);  // low
+      int8_weighted_quads<R>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights + 64,
+                             ldw);  // low bytes
     }
     for (int r = 0; r < R; ++r) {
       __m512i sum[2] = {acc[0][r][0], acc[0][r][1]};
@@ -428,16 +345,12 @@ ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weight
         sum[0] = _mm512_add_epi32(sum[0], acc[b][r][0]);
         sum[1] = _mm512_add_epi32(sum[1], acc[b][r][1]);
       }
-      // 128-bit block b of sum[h] holds d = 16 (b % 2) + 4 (2 h + b / 2) + {0 1 2 3}: the
-      // even blocks of both, then the odd ones, give d in order.
-      const __m512 sum0 = _mm512_cvtepi32_ps(sum[0]), sum1 = _mm512_cvtepi32_ps(sum[1]);
       const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
       float* o = out + r * ldo + g * kQInt8Group;
-      _mm512_storeu_ps(o, _mm512_fmadd_ps(_mm512_shuffle_f32x4(sum0, sum1, _MM_SHUFFLE(2, 0, 2, 0)),
-                                          unit, _mm512_loadu_ps(o)));
-      _mm512_storeu_ps(
-          o + 16, _mm512_fmadd_ps(_mm512_shuffle_f32x4(sum0, sum1, _MM_SHUFFLE(3, 1, 3, 1)), unit,
-                                  _mm512_loadu_ps(o + 16)));
+      for (int h = 0; h < 2; ++h) {
+        _mm512_storeu_ps(o + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[h]), unit,
+                                                     _mm512_loadu_ps(o + 16 * h)));
+      }
     }
   }
   ahead = stream;

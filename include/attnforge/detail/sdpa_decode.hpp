@@ -81,9 +81,6 @@ struct DecodeScratch : DecodeRowState<T> {
   DecodeStreamPlan stream{1, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
-  AlignedBuffer<std::uint8_t> int8_keys;      // sub-blocks x D x kInt8DotKeys, keys transposed
-  AlignedBuffer<float> key_scales;            // sub-blocks x D / kQInt8Group x kInt8DotKeys
-  AlignedBuffer<std::int8_t> int8_values;     // sub-blocks x D x kInt8DotKeys, values interleaved
   AlignedBuffer<std::uint8_t> value_weights;  // rows x the bytes of quantize_value_weights
   AlignedBuffer<float> value_units;           // rows x D / kQInt8Group
   // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
@@ -417,10 +414,11 @@ EIGEN_ALWAYS_INLINE void for_each_halving_row_block(Index n, F&& f, Index first 
   if constexpr (R > 1) for_each_halving_row_block<R / 2>(n, f, first);
 }
 
-// The int8 scores of every row of the group against the block's NSub prepared sub-blocks
-// of keys, four rows at a time (then two, then one), into out (row stride ldo).
+// The int8 scores of every row of the group against the block's NSub key tiles (from
+// `tiles` on), four rows at a time (then two, then one), into out (row stride ldo).
 template <int NSub>
-void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, float* out, Index ldo) {
+void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, const QInt8* tiles,
+                       float* out, Index ldo, simd::LineStream& ahead) {
 #if ATTNFORGE_INT8_DOT
   const Index groups = g.head_dim / kQInt8Group;
   const auto query = [&](Index r) {
@@ -431,19 +429,23 @@ void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, float* out
     constexpr int kRows = decltype(rows)::value;
     Int8QueryRow q[kRows];
     for (int r = 0; r < kRows; ++r) q[r] = query(r0 + r);
-    int8_row_scores<kRows, NSub>(q, s.int8_keys.data(), s.key_scales.data(), g.head_dim,
-                                 out + r0 * ldo, ldo);
+    int8_row_scores<kRows, NSub>(q, tiles, qint8_tile_bytes(g.head_dim), g.head_dim, out + r0 * ldo,
+                                 ldo, ahead);
   };
   for_each_halving_row_block<4>(g.rows, scores);
 #else
-  (void)g, (void)s, (void)out, (void)ldo;
+  (void)g, (void)s, (void)tiles, (void)out, (void)ldo, (void)ahead;
 #endif
 }
 
-// decode_block over a QInt8 cache with int8 dot products, for a block of NSub sub-blocks of
-// kInt8DotKeys keys (n_keys in all): the scores of every row from the quantized queries,
-// their softmax over the whole block, then the value products from the interleaved value
-// rows and the rows' weights (times each key's group scales) in 16-bit integers.
+// The calls for_each_halving_row_block<4> makes over `rows` rows.
+constexpr Index halving_row_blocks(Index rows) { return rows / 4 + (rows % 4) / 2 + rows % 2; }
+
+// decode_block over a QInt8 cache with int8 dot products, for a block of NSub tiles (n_keys
+// keys in all, from j0, a tile's first key): the scores of every row from the quantized
+// queries, their softmax over the whole block, then the value products from the value
+// tiles and the rows' weights (times each key's group scales) in 16-bit integers. The
+// cache holds the tiles in the kernels' layouts, so nothing of the block is copied.
 template <int NSub, typename P, typename F>
 void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
                             const DecodeBlockAt& ahead, bool check, DecodeScratch<float>& s) {
@@ -451,18 +453,13 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
   constexpr Index kKeys = kInt8DotKeys, kLd = NSub * kKeys;  // kLd: the scores' row stride
   const auto sub_keys = [&](int b) { return std::min(kKeys, n_keys - b * kKeys); };
   const Index groups = g.head_dim / kQInt8Group;
-  const Index chunks = g.head_dim / kInt8DotChunk;
-  NextBlock next =
-      next_block(pb, g, s, ahead, NSub * chunks * kKeys, NSub * (g.rows + 3) / 4 * groups);
-  for (int b = 0; b < NSub; ++b) {
-    const QInt8* k_rows[kKeys];  // keys past the sub-block's repeat its key 0; masked below
-    block_rows(pb.k, g, j0 + b * kKeys, sub_keys(b), k_rows);
-    prepare_int8_keys(k_rows, g.head_dim, s.int8_keys.data() + b * g.head_dim * kKeys,
-                      s.key_scales.data() + b * groups * kKeys, next.k);
-  }
-  next.k.finish();
+  const Index tile_bytes = qint8_tile_bytes(g.head_dim);
+  eigen_assert(j0 % kQInt8Tile == 0 && contiguous_rows(pb.k, j0) >= n_keys);
+  NextBlock next = next_block(pb, g, s, ahead, halving_row_blocks(g.rows) * g.head_dim / 4,
+                              NSub * (g.rows + 3) / 4 * groups);
   float* scores = s.weights.data();
-  int8_block_scores<NSub>(g, s, scores, kLd);
+  int8_block_scores<NSub>(g, s, pb.k.row(g.b, g.kv_head, j0), scores, kLd, next.k);
+  next.k.finish();
   for (Index r = 0; r < g.rows; ++r) {
     for (int b = 0; b < NSub; ++b) {
       mod_decode_scores<float, F>(g, pb.params, r, j0 + b * kKeys, sub_keys(b), check,
@@ -470,21 +467,16 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
     }
   }
   softmax_decode_block(g, s, NSub);
-  float* v_scales = s.key_scales.data();  // the keys' scales are used up: now the values'
-  for (int b = 0; b < NSub; ++b) {
-    const QInt8* v_rows[kKeys];
-    block_rows(pb.v, g, j0 + b * kKeys, sub_keys(b), v_rows);
-    prepare_int8_values(v_rows, g.head_dim, s.int8_values.data() + b * g.head_dim * kKeys);
-    gather_group_scales(v_rows, g.head_dim, static_cast<__mmask16>((1u << sub_keys(b)) - 1),
-                        v_scales + b * groups * kKeys);
-  }
+  const QInt8* value_tiles = pb.v.row(g.b, g.kv_head, j0);
+  __mmask16 keep[NSub];
+  for (int b = 0; b < NSub; ++b) keep[b] = static_cast<__mmask16>((1u << sub_keys(b)) - 1);
   const Index ldw = NSub * value_weight_row_bytes(groups);
-  quantize_value_weights<NSub>(scores, g.rows, kLd, v_scales, groups, s.value_weights.data(), ldw,
-                               s.value_units.data());
+  quantize_value_weights<NSub>(scores, g.rows, kLd, value_tiles, tile_bytes, keep, groups,
+                               s.value_weights.data(), ldw, s.value_units.data());
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     int8_value_products<decltype(rows)::value, NSub>(
-        s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups,
-        s.int8_values.data(), g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd, next.v);
+        s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups, value_tiles,
+        tile_bytes, g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd, next.v);
   });
   next.v.finish();
 #else
@@ -604,7 +596,7 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
   }
   NextBlock next = next_block(pb, g, s, ahead, g.rows * kP, (g.rows + 1) / 2 * n_keys);
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
-  const T* keys = tile_rows(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
+  const T* keys = tile_rows<QInt8Role::kKey>(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
   if (s.full_width_scores) {
     score_rows<T, true>(g, keys, ldk, n_keys, s, next.k);
   } else {
@@ -615,7 +607,7 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
     mod_decode_scores<T, F>(g, pb.params, r, j0, n_keys, check, s.weights.data() + r * kP);
   }
   softmax_decode_block(g, s);
-  const T* values = tile_rows(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
+  const T* values = tile_rows<QInt8Role::kValue>(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
   for_each_halving_row_block<2>(g.rows, [&](auto rows, Index r0) {
     decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, values, ldv, n_keys,
                                                 g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd,
@@ -696,10 +688,15 @@ void decode_unit(const P& pb, DecodeGroup g, Index n_heads, Index chunk, Index c
   // The chunk's keys that some row may see (possibly none: the chunk then gives lse -inf),
   // and those every row may see by position (a block inside needs no positional mask:
   // causal and window are monotone in the position).
-  const Index key_first = std::max(chunk * kDecodeChunk, keys.span.first);
+  // On the int8 path blocks start at a tile of the cache (its keys before the span are
+  // masked: they are outside all_rows).
+  Index key_first = std::max(chunk * kDecodeChunk, keys.span.first);
+  static_assert(kDecodeChunk % kQInt8Tile == 0, "a chunk starts at a tile");
+  if (s.int8_dot) key_first -= key_first % kQInt8Tile;
   const Index key_last =
       std::min(std::min(g.mask.kv_len, (chunk + 1) * kDecodeChunk), keys.span.last);
-  const KeySpan all_rows{g.mask.key_begin(pb.q.dimension(2) - 1), g.mask.key_end(0)};
+  const KeySpan all_rows{std::max(g.mask.key_begin(pb.q.dimension(2) - 1), keys.span.first),
+                         std::min(g.mask.key_end(0), keys.span.last)};
   for (Index h = h0; h < h0 + n_heads; ++h) {
     g.kv_head = h;
     start_decode_rows<P, F>(pb, g, s);
@@ -804,9 +801,6 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.full_width_scores = full_width_scores;
     s.stream = stream;
     const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
-    s.int8_keys.resize(int8_dot ? size(kInt8SubBlocks * kInt8DotKeys * head_dim) : 0);
-    s.key_scales.resize(size(kInt8SubBlocks * kInt8DotKeys * groups));
-    s.int8_values.resize(s.int8_keys.size());
     s.value_weights.resize(size(rows * kInt8SubBlocks * value_weight_row_bytes(groups)));
     s.value_units.resize(size(rows * groups));
     s.bf16_dot = bf16_dot;

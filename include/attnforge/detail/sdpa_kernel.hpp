@@ -193,7 +193,7 @@ struct KeyValueTile {
 // paged sequence, as a tile of type T: the storage itself when it already is T and the
 // rows are contiguous, else converted or dequantized (and gathered from their blocks)
 // into `buffer`.
-template <typename T, typename Rows>
+template <QInt8Role kRole, typename T, typename Rows>
 const T* tile_rows(const Rows& view, Index b, Index head, Index first, Index n,
                    AlignedBuffer<T>& buffer, Index& stride) {
   if constexpr (std::is_same_v<typename Rows::Scalar, T>) {
@@ -202,10 +202,8 @@ const T* tile_rows(const Rows& view, Index b, Index head, Index first, Index n,
       return view.row(b, head, first);
     }
   }
-  const Index width = view.dimension(3);
-  for (Index r = 0; r < n; ++r)
-    load_row(view.row(b, head, first + r), width, buffer.data() + r * width);
-  stride = width;
+  load_positions<kRole>(view, b, head, first, n, buffer.data());
+  stride = view.dimension(3);
   return buffer.data();
 }
 
@@ -670,8 +668,8 @@ KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index
   const Index n0 = kt * ctx.geo.key_tile;
   const Index n_keys = std::min(ctx.geo.key_tile, ctx.kv_len - n0);
   if constexpr (F::kBf16Dot) {
-    kv.key_bits = reinterpret_cast<const std::uint16_t*>(
-        tile_rows(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.bf16_keys, kv.key_stride));
+    kv.key_bits = reinterpret_cast<const std::uint16_t*>(tile_rows<QInt8Role::kKey>(
+        pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.bf16_keys, kv.key_stride));
     // Run by run: a tile starts at an even key and runs hold an even number of rows
     // (prepare_fused), so no pair of keys straddles two runs.
     for_each_run(pb.v, n0, n_keys, [&](Index offset, Index rows) {
@@ -680,8 +678,10 @@ KeyValueTile<typename P::Compute> load_key_tile(const TileContext<P>& ctx, Index
     });
     kv.value_pairs = s.value_pairs.data();
   } else {
-    kv.keys = tile_rows(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.keys, kv.key_stride);
-    kv.values = tile_rows(pb.v, ctx.batch, ctx.kv_head, n0, n_keys, s.values, kv.value_stride);
+    kv.keys =
+        tile_rows<QInt8Role::kKey>(pb.k, ctx.batch, ctx.kv_head, n0, n_keys, s.keys, kv.key_stride);
+    kv.values = tile_rows<QInt8Role::kValue>(pb.v, ctx.batch, ctx.kv_head, n0, n_keys, s.values,
+                                             kv.value_stride);
   }
   return kv;
 }

@@ -48,7 +48,7 @@ void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const Co
   for (Index j = 0; j < kv_len; ++j) {
     scores[static_cast<std::size_t>(j)] = kNegInf;
     if (!attend_all && !mask.allowed(h, i, j)) continue;
-    load_row(k.row(b, kv_head, j), head_dim, kv_row.data());
+    load_position<QInt8Role::kKey>(k, b, kv_head, j, kv_row.data());
     double dot = 0.0;
     for (Index d = 0; d < head_dim; ++d)
       dot += static_cast<double>(q_row[d]) * kv_row[static_cast<std::size_t>(d)];
@@ -66,7 +66,7 @@ void reference_row(const ConstView<T, 4>& q, const ConstView<KV, 4>& k, const Co
     weight = std::exp2(weight - row_max);
     row_sum += weight;
     if (!outputs.out.has_value()) continue;
-    load_row(v.row(b, kv_head, j), head_dim, kv_row.data());
+    load_position<QInt8Role::kValue>(v, b, kv_head, j, kv_row.data());
     for (Index d = 0; d < head_dim; ++d)
       acc[static_cast<std::size_t>(d)] += weight * kv_row[static_cast<std::size_t>(d)];
   }

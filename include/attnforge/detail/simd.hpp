@@ -362,6 +362,75 @@ EIGEN_ALWAYS_INLINE P widen_int8(const std::int8_t* from) {
   }
 }
 
+// out[k][i] = interleaved[4 i + k] for k < 4 and i < n: four byte streams interleaved a
+// byte at a time, apart again. A byte shuffle per 16 (AVX2: 32) bytes where the target has
+// one, byte by byte otherwise.
+inline void deinterleave_4_bytes(const std::int8_t* interleaved, Eigen::Index n,
+                                 std::int8_t* const (&out)[4]) {
+  Eigen::Index i = 0;
+#if defined(EIGEN_VECTORIZE_SSSE3)
+  // Per 16 bytes (4 of each stream), stream k's 4 bytes to dword k.
+  const __m128i by_stream = _mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+#if defined(EIGEN_VECTORIZE_AVX2)
+  for (; i + 8 <= n; i += 8) {
+    const __m256i x = _mm256_shuffle_epi8(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(interleaved + 4 * i)),
+        _mm256_broadcastsi128_si256(by_stream));
+    // Both halves' dword k side by side: stream k's 8 bytes in qword k.
+    std::int64_t words[4];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(words),
+                        _mm256_permutevar8x32_epi32(x, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    for (int k = 0; k < 4; ++k) std::memcpy(out[k] + i, &words[k], sizeof(words[k]));
+  }
+#endif
+  for (; i + 4 <= n; i += 4) {
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(interleaved + 4 * i));
+    std::int32_t words[4];
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(words), _mm_shuffle_epi8(x, by_stream));
+    for (int k = 0; k < 4; ++k) std::memcpy(out[k] + i, &words[k], sizeof(words[k]));
+  }
+#endif
+  for (; i < n; ++i) {
+    for (int k = 0; k < 4; ++k) out[k][i] = interleaved[4 * i + k];
+  }
+}
+
+// out[k][4 c + i] = src[c * stride + 4 k + i] ^ flip for k < 4, i < 4 and c < n_columns:
+// the 4-byte words k of n_columns runs of 16 bytes, `stride` apart, gathered per k. A
+// 4 x 4 transpose of words per 4 runs where the target has SSE2, byte by byte otherwise.
+inline void gather_word_columns(const std::int8_t* src, Eigen::Index stride,
+                                Eigen::Index n_columns, std::uint8_t flip,
+                                std::int8_t* const (&out)[4]) {
+  Eigen::Index c = 0;
+#if defined(EIGEN_VECTORIZE_SSE2)
+  const __m128i flip_bytes = _mm_set1_epi8(static_cast<char>(flip));
+  for (; c + 4 <= n_columns; c += 4) {
+    __m128i run[4];
+    for (int j = 0; j < 4; ++j) {
+      run[j] = _mm_xor_si128(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + (c + j) * stride)), flip_bytes);
+    }
+    const __m128i low01 = _mm_unpacklo_epi32(run[0], run[1]);
+    const __m128i low23 = _mm_unpacklo_epi32(run[2], run[3]);
+    const __m128i high01 = _mm_unpackhi_epi32(run[0], run[1]);
+    const __m128i high23 = _mm_unpackhi_epi32(run[2], run[3]);
+    const __m128i word[4] = {
+        _mm_unpacklo_epi64(low01, low23), _mm_unpackhi_epi64(low01, low23),
+        _mm_unpacklo_epi64(high01, high23), _mm_unpackhi_epi64(high01, high23)};
+    for (int k = 0; k < 4; ++k)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out[k] + 4 * c), word[k]);
+  }
+#endif
+  for (; c < n_columns; ++c) {
+    for (int k = 0; k < 4; ++k) {
+      for (int i = 0; i < 4; ++i) {
+        out[k][4 * c + i] =
+            static_cast<std::int8_t>(static_cast<std::uint8_t>(src[c * stride + 4 * k + i]) ^ flip);
+      }
+    }
+  }
+}
+
 // Stores the kSize<P> floats of x as values of S (float, Eigen::bfloat16 or Eigen::half),
 // each finite value and infinity rounded to nearest even exactly as static_cast<S> rounds
 // it, a NaN kept a NaN of its sign. Whole packets under AVX-512; lane by lane otherwise.
