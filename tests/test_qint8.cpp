@@ -387,24 +387,30 @@ TEST(QInt8Format, TheDecodesVectorQueryQuantizationGivesQuantizeRowsBytes) {
 #endif
 }
 
-TEST(QInt8Format, StoreAndLoadRowQuantizeForQInt8AndConvertOtherwise) {
-  const Index head_dim = 80;
+// store_position quantizes into a QInt8 cache's tile and rounds into a bf16 one;
+// load_position reads back the float product q * s, to float and to double.
+TEST(QInt8Format, StoreAndLoadPositionQuantizeForQInt8AndConvertOtherwise) {
+  const Index head_dim = 80, row_bytes = detail::qint8_row_bytes(head_dim), at = 5;
   const Tensor<float, 2> x = spread_rows(1, head_dim, 70);
-  std::vector<QInt8> stored(static_cast<std::size_t>(detail::qint8_row_bytes(head_dim)));
-  detail::store_row(&x(0, 0), head_dim, stored.data());
+  std::vector<QInt8> tile(static_cast<std::size_t>(16 * row_bytes), QInt8{0});
+  detail::store_position<detail::QInt8Role::kValue>(&x(0, 0), head_dim, tile.data(), at);
+  const std::vector<QInt8> stored = tile_row(tile.data(), head_dim, at, Role::kValues);
   EXPECT_EQ(row_mismatch(stored.data(), &x(0, 0), head_dim), "");
+  const ConstView<QInt8, 4> tile_view = detail::cache_view<const QInt8, 4>(
+      tile.data(), {1, 1, 16, head_dim}, {16 * row_bytes, 16 * row_bytes, row_bytes, 1});
   std::vector<float> as_float(static_cast<std::size_t>(head_dim));
   std::vector<double> as_double(static_cast<std::size_t>(head_dim));
-  detail::load_row(stored.data(), head_dim, as_float.data());
-  detail::load_row(stored.data(), head_dim, as_double.data());
-  std::vector<bfloat16> as_bf16(static_cast<std::size_t>(head_dim));
-  detail::store_row(&x(0, 0), head_dim, as_bf16.data());
+  detail::load_position<detail::QInt8Role::kValue>(tile_view, 0, 0, at, as_float.data());
+  detail::load_position<detail::QInt8Role::kValue>(tile_view, 0, 0, at, as_double.data());
+  std::vector<bfloat16> as_bf16(static_cast<std::size_t>(16 * head_dim));
+  detail::store_position<detail::QInt8Role::kValue>(&x(0, 0), head_dim, as_bf16.data(), at);
   for (Index d = 0; d < head_dim; ++d) {
     const auto i = static_cast<std::size_t>(d);
     // The reference path reads the float product q * s widened, exactly what the kernels read.
     EXPECT_EQ(as_float[i], dequantized(stored.data(), head_dim, d));
     EXPECT_EQ(as_double[i], static_cast<double>(dequantized(stored.data(), head_dim, d)));
-    EXPECT_EQ(static_cast<float>(as_bf16[i]), static_cast<float>(static_cast<bfloat16>(x(0, d))));
+    EXPECT_EQ(static_cast<float>(as_bf16[static_cast<std::size_t>(at * head_dim + d)]),
+              static_cast<float>(static_cast<bfloat16>(x(0, d))));
   }
 }
 

@@ -208,8 +208,7 @@ class KVCache {
     if constexpr (detail::is_qint8_v<T>) {
       detail::check_qint8_head_dim("KVCache", head_dim);
       // Whole tiles: the last one is read whole while it fills.
-      const Index tiles = (max_seq_len + detail::kQInt8Tile - 1) / detail::kQInt8Tile;
-      return {batch_size, n_kv_heads, tiles * detail::kQInt8Tile,
+      return {batch_size, n_kv_heads, detail::qint8_whole_tiles(max_seq_len),
               detail::qint8_row_bytes(head_dim)};
     } else {
       return {batch_size, n_kv_heads, max_seq_len, head_dim};

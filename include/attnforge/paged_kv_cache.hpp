@@ -377,9 +377,7 @@ class PagedKVCache {
     const detail::PagedRows<const T> src = rows(half, id);
     const Index width = pool_.dimension(3), len = src.dimension(2);
     // QInt8: whole tiles (the last one's block holds them), read as the pool's are.
-    const Index positions = detail::is_qint8_v<T> ? (len + detail::kQInt8Tile - 1) /
-                                                        detail::kQInt8Tile * detail::kQInt8Tile
-                                                  : len;
+    const Index positions = detail::is_qint8_v<T> ? detail::qint8_whole_tiles(len) : len;
     Tensor<T, 3> out(n_kv_heads(), positions, width);
     for (Index h = 0; h < n_kv_heads(); ++h) {
       for (Index p = 0; p < positions; ++p)

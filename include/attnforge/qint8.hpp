@@ -1,6 +1,7 @@
 // QInt8: the int8 storage format of a quantized KV cache under float activations
-// (KVCache<QInt8>, PagedKVCache<QInt8>), and the row conversions every path uses to
-// read and write cache rows of any storage type. See docs/design.md, "Quantized caches".
+// (KVCache<QInt8>, PagedKVCache<QInt8>): its rows and tiles, and the position reads and
+// writes every path uses for a cache of any storage type. See docs/design.md, "Quantized
+// caches".
 #pragma once
 
 #include <algorithm>
@@ -141,6 +142,17 @@ enum class QInt8Role { kKey, kValue };
 // Bytes of one tile.
 constexpr Index qint8_tile_bytes(Index head_dim) { return kQInt8Tile * qint8_row_bytes(head_dim); }
 
+// Positions rounded up to whole tiles: what a cache holds room for.
+constexpr Index qint8_whole_tiles(Index positions) {
+  return (positions + kQInt8Tile - 1) / kQInt8Tile * kQInt8Tile;
+}
+
+// Offset in a tile of the scale of group g of position `slot` (g = 0, slot = 0: where the
+// scales start, the 16 head_dim value bytes in).
+constexpr Index qint8_tile_scale_at(Index head_dim, Index slot, Index g) {
+  return kQInt8Tile * head_dim + (g * kQInt8Tile + slot) * Index{sizeof(float)};
+}
+
 // Offset in a tile of value d of position `slot`.
 template <QInt8Role kRole>
 constexpr Index qint8_tile_value_at(Index head_dim, Index slot, Index d) {
@@ -154,8 +166,7 @@ constexpr Index qint8_tile_value_at(Index head_dim, Index slot, Index d) {
 // Scale of group g of position `slot` of a tile.
 inline float qint8_tile_scale(const QInt8* tile, Index head_dim, Index slot, Index g) {
   float scale;
-  std::memcpy(&scale, tile + kQInt8Tile * head_dim + (g * kQInt8Tile + slot) * Index{sizeof(float)},
-              sizeof(float));
+  std::memcpy(&scale, tile + qint8_tile_scale_at(head_dim, slot, g), sizeof(float));
   return scale;
 }
 
@@ -165,25 +176,19 @@ constexpr std::uint8_t qint8_tile_bias() {
   return kRole == QInt8Role::kKey ? 0x80 : 0x00;
 }
 
-// Quantizes src[0, head_dim) (as quantize_row) into position `slot` of a tile.
+// Quantizes src[0, head_dim) (as quantize_row, a group at a time) into position `slot` of
+// a tile.
 template <QInt8Role kRole, typename S>
 void store_tile_slot(const S* src, Index head_dim, QInt8* tile, Index slot) {
-  constexpr Index kMaxGroups = 64;  // a stack row up to head_dim 2048; longer rows go in parts
-  QInt8 row[kMaxGroups * kQInt8Group + kMaxGroups * sizeof(float)];
-  for (Index d0 = 0; d0 < head_dim; d0 += kMaxGroups * kQInt8Group) {
-    const Index n = std::min(head_dim - d0, kMaxGroups * kQInt8Group);
-    quantize_row(src + d0, n, row);  // n is a multiple of 4 (check_qint8_head_dim)
+  QInt8 group[qint8_row_bytes(kQInt8Group)];  // one group's values, then its scale
+  for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
+    const Index n = std::min(kQInt8Group, head_dim - g0);  // a multiple of 4: no padding
+    quantize_row(src + g0, n, group);
     for (Index d = 0; d < n; ++d) {
-      const auto byte = static_cast<std::uint8_t>(row[d]) ^ qint8_tile_bias<kRole>();
-      tile[qint8_tile_value_at<kRole>(head_dim, slot, d0 + d)] = static_cast<QInt8>(byte);
+      const auto byte = static_cast<std::uint8_t>(group[d]) ^ qint8_tile_bias<kRole>();
+      tile[qint8_tile_value_at<kRole>(head_dim, slot, g0 + d)] = static_cast<QInt8>(byte);
     }
-    for (Index g = 0; g < qint8_groups(n); ++g) {
-      const float scale = qint8_scale(row, n, g);
-      const Index tile_g = d0 / kQInt8Group + g;
-      std::memcpy(
-          tile + kQInt8Tile * head_dim + (tile_g * kQInt8Tile + slot) * Index{sizeof(float)},
-          &scale, sizeof(float));
-    }
+    std::memcpy(tile + qint8_tile_scale_at(head_dim, slot, g), group + n, sizeof(float));
   }
 }
 
@@ -232,28 +237,6 @@ void load_tile_quad(const QInt8* tile, Index head_dim, Index quad, D* dst, Index
       dequantize_group(q[k], n, qint8_tile_scale(tile, head_dim, 4 * quad + k, g),
                        dst + k * ld + g0);
     }
-  }
-}
-
-// Reads one stored row of head_dim values as D: the conversion of bf16/fp16 (exact), the
-// dequantization of QInt8, a copy otherwise.
-template <typename S, typename D>
-void load_row(const S* row, Index head_dim, D* dst) {
-  if constexpr (is_qint8_v<S>) {
-    dequantize_row(row, head_dim, dst);
-  } else {
-    convert(row, dst, head_dim);
-  }
-}
-
-// Writes head_dim values into one stored row: rounded into bf16/fp16, quantized into
-// QInt8, copied otherwise.
-template <typename S, typename D>
-void store_row(const S* src, Index head_dim, D* row) {
-  if constexpr (is_qint8_v<D>) {
-    quantize_row(src, head_dim, row);
-  } else {
-    convert(src, row, head_dim);
   }
 }
 

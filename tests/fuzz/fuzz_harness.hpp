@@ -232,18 +232,23 @@ inline void check_qint8_row(const float* x, Index head_dim, const float* out) {
 }
 
 // A row of head_dim float values as a cache of storage S must hold it, read back as float:
-// the values themselves for float; for bf16 and QInt8 stored and read back by the
-// library's row conversions (qint8.hpp), and checked against the format's stated accuracy.
-// (A QInt8 cache holds the same quantized bytes, rearranged into its tiles, and reads them
-// back through load_position as the same floats, bit for bit.)
+// the values themselves for float; for bf16 rounded and widened, for QInt8 quantized and
+// dequantized by the row format (qint8.hpp), and checked against the format's stated
+// accuracy. (A QInt8 cache holds the same quantized bytes, rearranged into its tiles, and
+// reads them back through load_position as the same floats, bit for bit.)
 template <typename S>
 void stored_row(const float* x, Index head_dim, float* out) {
   if constexpr (std::is_same_v<S, float>) {
     std::copy_n(x, head_dim, out);
   } else {
     std::vector<S> row(static_cast<std::size_t>(af::detail::stored_row_width<S>(head_dim)));
-    af::detail::store_row(x, head_dim, row.data());
-    af::detail::load_row(row.data(), head_dim, out);
+    if constexpr (af::detail::is_qint8_v<S>) {
+      af::detail::quantize_row(x, head_dim, row.data());
+      af::detail::dequantize_row(row.data(), head_dim, out);
+    } else {
+      af::detail::convert(x, row.data(), head_dim);
+      af::detail::convert(row.data(), out, head_dim);
+    }
     if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
       check_bf16_row(x, head_dim, out);
     } else {

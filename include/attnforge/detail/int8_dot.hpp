@@ -136,7 +136,6 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const Q
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   // The bytes of QInt8 objects, read by the vector loads (which may alias anything).
   const auto* keys = reinterpret_cast<const std::uint8_t*>(tiles);
-  const Index scales_at = kQInt8Tile * head_dim;
   __m512 score[NSub][R];
   ATTNFORGE_UNROLL
   for (int b = 0; b < NSub; ++b) {
@@ -171,8 +170,8 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const Q
       const __m512 q_scale = _mm512_set1_ps(qint8_scale(q[r].row, head_dim, g));
       ATTNFORGE_UNROLL
       for (int b = 0; b < NSub; ++b) {
-        const __m512 k_scale = _mm512_loadu_ps(keys + b * tile_bytes + scales_at +
-                                               g * kQInt8Tile * Index{sizeof(float)});
+        const __m512 k_scale =
+            _mm512_loadu_ps(keys + b * tile_bytes + qint8_tile_scale_at(head_dim, 0, g));
         score[b][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[b][r]), q_scale),
                                       k_scale, score[b][r]);
       }
@@ -220,8 +219,8 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
   constexpr float kSteps = 65535.0f;
   const __m512i low_byte = _mm512_set1_epi16(255);
   const Index sub_weights = value_weight_row_bytes(groups);
-  const QInt8* scales = tiles + kQInt8Tile * groups * kQInt8Group;  // tile 0's, float 16 g + j
-  for (Index g0 = 0; g0 < groups; g0 += 4) {  // 4 groups at a time: one pack of 4 dwords
+  const Index head_dim = groups * kQInt8Group;  // the int8 path's groups are whole
+  for (Index g0 = 0; g0 < groups; g0 += 4) {    // 4 groups at a time: one pack of 4 dwords
     // The scales, then v_scale / the group's max, in [0, 1]; 0 past groups, so those words
     // are 0.
     __m512 relative_scale[NSub][4];
@@ -230,8 +229,8 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
       for (int b = 0; b < NSub; ++b) {
         relative_scale[b][i] =
             g0 + i < groups
-                ? _mm512_maskz_loadu_ps(keep[b], scales + b * tile_bytes +
-                                                     (g0 + i) * kQInt8Tile * Index{sizeof(float)})
+                ? _mm512_maskz_loadu_ps(
+                      keep[b], tiles + b * tile_bytes + qint8_tile_scale_at(head_dim, 0, g0 + i))
                 : _mm512_setzero_ps();
       }
       __m512 top = relative_scale[0][i];

@@ -438,9 +438,6 @@ void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, const QInt
 #endif
 }
 
-// The calls for_each_halving_row_block<4> makes over `rows` rows.
-constexpr Index halving_row_blocks(Index rows) { return rows / 4 + (rows % 4) / 2 + rows % 2; }
-
 // decode_block over a QInt8 cache with int8 dot products, for a block of NSub tiles (n_keys
 // keys in all, from j0, a tile's first key): the scores of every row from the quantized
 // queries, their softmax over the whole block, then the value products from the value
@@ -455,8 +452,10 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
   const Index groups = g.head_dim / kQInt8Group;
   const Index tile_bytes = qint8_tile_bytes(g.head_dim);
   eigen_assert(j0 % kQInt8Tile == 0 && contiguous_rows(pb.k, j0) >= n_keys);
-  NextBlock next = next_block(pb, g, s, ahead, halving_row_blocks(g.rows) * g.head_dim / 4,
-                              NSub * (g.rows + 3) / 4 * groups);
+  Index score_calls = 0;  // int8_block_scores' calls, each stepping once per 4 bytes of D
+  for_each_halving_row_block<4>(g.rows, [&](auto, Index) { ++score_calls; });
+  NextBlock next =
+      next_block(pb, g, s, ahead, score_calls * g.head_dim / 4, NSub * (g.rows + 3) / 4 * groups);
   float* scores = s.weights.data();
   int8_block_scores<NSub>(g, s, pb.k.row(g.b, g.kv_head, j0), scores, kLd, next.k);
   next.k.finish();
