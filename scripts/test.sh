@@ -30,7 +30,7 @@
 #   asan          configure + build + ctest the `asan` preset (ASan + UBSan, -march=native):
 #                 the unit tests (the compile-only and packaging tests run in `ctest`)
 #   tsan          configure + build the `tsan` preset (-march=native), run the unit tests
-#                 under ThreadSanitizer
+#                 under ThreadSanitizer (as JOBS gtest shards side by side)
 #   fuzz          build the libFuzzer target (`fuzz` preset, clang, -march=native), replay
 #                 its seed corpus, then fuzz for FUZZ_SECONDS (default 60)
 # Every step that builds the unit tests prints the kernel variants they ran (Eigen's
@@ -386,8 +386,21 @@ step_asan() {
 step_tsan() {
   cmake --preset tsan
   cmake --build --preset tsan -j "$JOBS" --target attnforge_tests
-  TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" \
-    build/tsan/tests/attnforge_tests --gtest_brief=1
+  # One process under TSan keeps a single core busy for most of its run, so the tests
+  # run as JOBS gtest shards side by side (each test in exactly one shard).
+  local shards="$JOBS" shard rc=0 pids=()
+  for ((shard = 0; shard < shards; ++shard)); do
+    GTEST_TOTAL_SHARDS="$shards" GTEST_SHARD_INDEX="$shard" \
+      TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1" \
+      build/tsan/tests/attnforge_tests --gtest_brief=1 >"build/tsan/shard${shard}.log" 2>&1 &
+    pids+=("$!")
+  done
+  for ((shard = 0; shard < shards; ++shard)); do
+    wait "${pids[shard]}" || rc=$?
+    echo "---- TSan shard ${shard} of ${shards}:"
+    cat "build/tsan/shard${shard}.log"
+  done
+  return "$rc"
 }
 
 # The libFuzzer target (tests/fuzz): every checked-in seed once, then FUZZ_SECONDS of
