@@ -8,7 +8,8 @@
 #   ctest         the kernel variants the release tests run, then ctest --preset release:
 #                 unit tests, the installed-package consumer test, and the consumer
 #                 warnings tests (tests/warnings: every public entry point compiled by g++
-#                 and by clang++ at -Wall -Wextra -Wpedantic -O2 -march=native -Werror),
+#                 at -O2 and by clang++ at -O0, -Wall -Wextra -Wpedantic -march=native
+#                 -Werror, and again without -march),
 #                 and the MPI tests mpi.attention.P1..P4 (launched by scripts/mpirun.sh)
 #   bench         every bench/bench_*.cpp binary once, briefly (*_mpi on 2 ranks); clang++
 #                 parses each source (-fsyntax-only -Werror), as release builds them with g++

@@ -2,7 +2,8 @@
 // and Eigen::bfloat16 (and the mixed float-over-bf16 and float-over-QInt8 cache
 // combinations), so that every kernel a user can reach is instantiated.
 // run_warnings_test.cmake compiles it with exactly a consumer's flags (-Wall -Wextra
-// -Wpedantic -O2 -march=native -Werror), once with g++ and once with clang++, then runs it.
+// -Wpedantic -march=native -Werror; g++ at -O2, clang++ at -O0, tests/CMakeLists.txt says
+// why), once with g++ and once with clang++, then runs it.
 // Shapes are tiny: the point is the compile; the run only shows that the calls are
 // well-formed.
 #include <attnforge/attnforge.hpp>
