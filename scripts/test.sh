@@ -380,7 +380,7 @@ step_asan() {
   ctest --preset asan
 }
 
-# ThreadSanitizer over the whole unit-test binary in one process: the concurrency tests
+# ThreadSanitizer over the whole unit-test binary (in shards, below): the concurrency tests
 # (several callers, one shared Eigen::ThreadPoolDevice), every thread-count test (pools of
 # 2 and 3 threads) and everything else that runs on a pool. Eigen's ThreadPool is
 # header-only, so it is instrumented as well (README.md, "Reliability").
