@@ -7,12 +7,14 @@
 // the right numbers this time.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <functional>
 #include <thread>
 #include <vector>
 
 #include "attnforge/attnforge.hpp"
+#include "attnforge/detail/parallel.hpp"
 #include "test_util.hpp"
 
 namespace attnforge {
@@ -229,6 +231,49 @@ TEST(ConcurrentSdpa, ReadersOfOneSharedCachePrefixMatchSequentialRuns) {
     return outs;
   };
   expect_bitwise_equal(run_concurrently<Outs>(work), run_sequentially<Outs>(work));
+}
+
+// The two work distributions of detail/parallel.hpp: every item runs exactly once, on a
+// worker the pool has, and each worker meets its items in increasing order (both claim
+// from one increasing counter; parallel_for_item_runs a run of consecutive items at a
+// time). Under TSan this also checks that claiming and the barrier are race-free.
+template <typename Distribute>
+void expect_each_item_once(const Distribute& distribute) {
+  for (const int n_threads : {1, 2, 3}) {
+    for (const Index n_items : {0, 1, 2, 3, 7, 64, 1000}) {
+      SCOPED_TRACE(::testing::Message() << n_threads << " threads, " << n_items << " items");
+      const Eigen::ThreadPoolDevice* device =
+          n_threads == 1 ? nullptr : &test::pool_device(n_threads);
+      std::vector<std::atomic<int>> runs(static_cast<std::size_t>(n_items));
+      std::vector<std::vector<Index>> seen(3);  // per worker, written by that worker only
+      std::atomic<int> bad_worker{0};
+      distribute(device, n_items, [&](int worker, Index item) {
+        if (worker < 0 || worker >= n_threads) {
+          bad_worker.fetch_add(1);
+          return;
+        }
+        runs[static_cast<std::size_t>(item)].fetch_add(1);
+        seen[static_cast<std::size_t>(worker)].push_back(item);
+      });
+      EXPECT_EQ(bad_worker.load(), 0);
+      for (Index item = 0; item < n_items; ++item)
+        EXPECT_EQ(runs[static_cast<std::size_t>(item)].load(), 1) << "item " << item;
+      for (const std::vector<Index>& items : seen)
+        EXPECT_TRUE(std::is_sorted(items.begin(), items.end()));
+    }
+  }
+}
+
+TEST(WorkDistribution, ParallelForItemsRunsEveryItemOnceInIncreasingOrderPerWorker) {
+  expect_each_item_once([](const Eigen::ThreadPoolDevice* device, Index n, const auto& body) {
+    detail::parallel_for_items(device, n, body);
+  });
+}
+
+TEST(WorkDistribution, ParallelForItemRunsRunsEveryItemOnceInIncreasingOrderPerWorker) {
+  expect_each_item_once([](const Eigen::ThreadPoolDevice* device, Index n, const auto& body) {
+    detail::parallel_for_item_runs(device, n, body);
+  });
 }
 
 }  // namespace

@@ -923,7 +923,7 @@ void flash_decode_many(const P* problems, const MaskPolicy* policies, Index n,
   dispatch_features(
       [&](auto features) {
         using F = decltype(features);
-        parallel_for_items(device, units, [&](int worker, Index unit) {
+        parallel_for_item_runs(device, units, [&](int worker, Index unit) {
           run_decode_unit<P, F>(problems, policies, ws, worker, unit);
         });
       },
