@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <thread>
 #include <vector>
@@ -274,6 +275,26 @@ TEST(WorkDistribution, ParallelForItemRunsRunsEveryItemOnceInIncreasingOrderPerW
   expect_each_item_once([](const Eigen::ThreadPoolDevice* device, Index n, const auto& body) {
     detail::parallel_for_item_runs(device, n, body);
   });
+}
+
+// parallel_for_item_runs hands out runs, not single items: with 1000 items of equal cost on
+// 2 workers, each claim takes a quarter of those left, 25 claims in all, so each
+// worker's items fall into few stretches of consecutive items. (Claimed one at a time,
+// workers busy at once alternate items: hundreds of stretches.)
+TEST(WorkDistribution, ParallelForItemRunsGivesEachWorkerFewStretchesOfConsecutiveItems) {
+  constexpr Index kItems = 1000;
+  std::vector<std::vector<Index>> seen(2);
+  detail::parallel_for_item_runs(&test::pool_device(2), kItems, [&](int worker, Index item) {
+    seen[static_cast<std::size_t>(worker)].push_back(item);
+    std::this_thread::sleep_for(std::chrono::microseconds(10));  // both workers take part
+  });
+  Index stretches = 0, items = 0;
+  for (const std::vector<Index>& mine : seen) {
+    items += static_cast<Index>(mine.size());
+    for (std::size_t i = 0; i < mine.size(); ++i) stretches += i == 0 || mine[i] != mine[i - 1] + 1;
+  }
+  EXPECT_EQ(items, kItems);
+  EXPECT_LE(stretches, 40);
 }
 
 }  // namespace
