@@ -246,7 +246,8 @@ void expect_each_item_once(const Distribute& distribute) {
       const Eigen::ThreadPoolDevice* device =
           n_threads == 1 ? nullptr : &test::pool_device(n_threads);
       std::vector<std::atomic<int>> runs(static_cast<std::size_t>(n_items));
-      std::vector<std::vector<Index>> seen(3);  // per worker, written by that worker only
+      // Per worker, written by that worker only.
+      std::vector<std::vector<Index>> seen(static_cast<std::size_t>(n_threads));
       std::atomic<int> bad_worker{0};
       distribute(device, n_items, [&](int worker, Index item) {
         if (worker < 0 || worker >= n_threads) {

@@ -182,13 +182,14 @@ template <QInt8Role kRole, typename S>
 void store_tile_slot(const S* src, Index head_dim, QInt8* tile, Index slot) {
   QInt8 group[qint8_row_bytes(kQInt8Group)];  // one group's values, then its scale
   for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
-    const Index n = std::min(kQInt8Group, head_dim - g0);  // a multiple of 4: no padding
+    const Index n = std::min(kQInt8Group, head_dim - g0);  // a multiple of 4
     quantize_row(src + g0, n, group);
     for (Index d = 0; d < n; ++d) {
       const auto byte = static_cast<std::uint8_t>(group[d]) ^ qint8_tile_bias<kRole>();
       tile[qint8_tile_value_at<kRole>(head_dim, slot, g0 + d)] = static_cast<QInt8>(byte);
     }
-    std::memcpy(tile + qint8_tile_scale_at(head_dim, slot, g), group + n, sizeof(float));
+    const float scale = qint8_scale(group, n, 0);
+    std::memcpy(tile + qint8_tile_scale_at(head_dim, slot, g), &scale, sizeof(float));
   }
 }
 
