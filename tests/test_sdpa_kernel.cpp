@@ -237,8 +237,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, FusedKernel,
 // and the output a whole value row at a time: every head_dim that leaves a tail of
 // packets (or of elements) behind, and odd row counts (rows taken two at a time), against
 // the double brute force on 1 and 2 threads, with a key count that ends mid-block, and
-// with both score packet widths (kAuto takes one of them by build). Both ways of
-// streaming the cache ahead (DecodeStream) give the same bits: they only ask for lines.
+// with both score packet widths (kAuto takes one of them by build). Every way of streaming
+// the cache ahead (DecodeStream) gives the same bits: they only ask for lines.
 class DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {};
 
 TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
@@ -263,12 +263,17 @@ TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
       sdpa(q, k, v, StridedView<float, 4>(out), {}, StridedView<float, 3>(lse));
       EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
       EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
-      sdpa.set_decode_stream(detail::DecodeStream::kL2BlockAfterNext);
-      Tensor<float, 4> out_l2(q.dimensions());
-      Tensor<float, 3> lse_l2(1, q.dimension(1), 1);
-      sdpa(q, k, v, StridedView<float, 4>(out_l2), {}, StridedView<float, 3>(lse_l2));
-      EXPECT_TRUE(bitwise_equal(out_l2, out)) << threads << " threads, streamed into L2";
-      EXPECT_TRUE(bitwise_equal(lse_l2, lse)) << threads << " threads, streamed into L2";
+      for (detail::DecodeStream stream :
+           {detail::DecodeStream::kL2NextBlock, detail::DecodeStream::kL2BlockAfterNext,
+            detail::DecodeStream::kAuto}) {
+        SCOPED_TRACE("decode stream " + std::to_string(static_cast<int>(stream)));
+        sdpa.set_decode_stream(stream);
+        Tensor<float, 4> out_l2(q.dimensions());
+        Tensor<float, 3> lse_l2(1, q.dimension(1), 1);
+        sdpa(q, k, v, StridedView<float, 4>(out_l2), {}, StridedView<float, 3>(lse_l2));
+        EXPECT_TRUE(bitwise_equal(out_l2, out)) << threads << " threads";
+        EXPECT_TRUE(bitwise_equal(lse_l2, lse)) << threads << " threads";
+      }
     }
   }
 }
@@ -281,6 +286,51 @@ INSTANTIATE_TEST_SUITE_P(Tails, DecodeKernel,
                            return "D" + std::to_string(std::get<0>(info.param)) + "_rep" +
                                   std::to_string(std::get<1>(info.param));
                          });
+
+// Every way of streaming the cache ahead (DecodeStream) gives the same bits over each cache
+// format, whose kernels step the stream in loops of their own: kAuto picks a stream by CPU
+// and by format (cpu_prefers_l2_next_block leaves the int8 kernel in L1).
+template <typename KV>
+void expect_same_bits_for_every_decode_stream(const KVPrefix<KV>& kv, const Tensor<float, 4>& q) {
+  using detail::DecodeStream;
+  for (int threads : {1, 2}) {
+    Sdpa<float, KV> sdpa(library_options(DenseMasks{}, {}, SdpaPath::kDecode),
+                         threads == 1 ? nullptr : &pool_device(threads));
+    sdpa.set_decode_stream(DecodeStream::kL1NextBlock);
+    Tensor<float, 4> first(q.dimensions());
+    sdpa(q, kv.keys, kv.values, StridedView<float, 4>(first));
+    for (DecodeStream stream :
+         {DecodeStream::kL2NextBlock, DecodeStream::kL2BlockAfterNext, DecodeStream::kAuto}) {
+      sdpa.set_decode_stream(stream);
+      Tensor<float, 4> out(q.dimensions());
+      sdpa(q, kv.keys, kv.values, StridedView<float, 4>(out));
+      EXPECT_TRUE(bitwise_equal(out, first))
+          << threads << " threads, stream " << static_cast<int>(stream);
+    }
+  }
+}
+
+TEST(DecodeStreams, GiveTheSameBitsOverEveryCacheFormat) {
+  const Index n_kv_heads = 2, n_rep = 4, kv_len = 3001, head_dim = 128;
+  const auto q = random_normal<float, 4>({2, n_kv_heads * n_rep, 1, head_dim}, 41);
+  const auto k = random_normal<float, 4>({2, n_kv_heads, kv_len, head_dim}, 42);
+  const auto v = random_normal<float, 4>({2, n_kv_heads, kv_len, head_dim}, 43);
+  KVCache<float> fp32(2, kv_len, n_kv_heads, head_dim);
+  KVCache<Eigen::bfloat16> bf16(2, kv_len, n_kv_heads, head_dim);
+  KVCache<QInt8> int8(2, kv_len, n_kv_heads, head_dim);
+  {
+    SCOPED_TRACE("fp32 cache");
+    expect_same_bits_for_every_decode_stream(fp32.update(k, v), q);
+  }
+  {
+    SCOPED_TRACE("bf16 cache");
+    expect_same_bits_for_every_decode_stream(bf16.update(k, v), q);
+  }
+  {
+    SCOPED_TRACE("QInt8 cache");
+    expect_same_bits_for_every_decode_stream(int8.update(k, v), q);
+  }
+}
 
 // The bf16 decode kernel (float queries over bf16 keys and values, Bf16Kernel): every
 // head_dim the score and value passes split differently (multiples of 32), row counts
@@ -357,7 +407,7 @@ TEST(Bf16DecodeKernelMasks, EveryMaskKindAndOptionMatchesTheBruteForce) {
     DenseOptions opts;
     dense.causal = kind != 3;
     if (kind == 0) dense.window = 300, opts.softcap = 8.0;  // window and softcap
-    if (kind == 1) {                                       // ALiBi and sinks
+    if (kind == 1) {                                        // ALiBi and sinks
       for (Index h = 0; h < n_heads; ++h) {
         opts.alibi_slopes.push_back(0.01 * static_cast<double>(h + 1));
         opts.sinks.push_back(0.5 - 0.2 * static_cast<double>(h));
@@ -367,7 +417,8 @@ TEST(Bf16DecodeKernelMasks, EveryMaskKindAndOptionMatchesTheBruteForce) {
       Tensor<DocId, 2> docs(batch, kv_len), q_docs(batch, q_len);
       Tensor<bool, 2> padding(batch, kv_len);
       for (Index b = 0; b < batch; ++b) {
-        for (Index j = 0; j < kv_len; ++j) docs(b, j) = (j + 50 * b) / 170, padding(b, j) = j % 9 != 4;
+        for (Index j = 0; j < kv_len; ++j)
+          docs(b, j) = (j + 50 * b) / 170, padding(b, j) = j % 9 != 4;
         for (Index i = 0; i < q_len; ++i) q_docs(b, i) = docs(b, kv_len - q_len + i);
       }
       dense.q_docs = q_docs, dense.kv_docs = docs, dense.key_padding = padding;
@@ -387,7 +438,8 @@ TEST(Bf16DecodeKernelMasks, EveryMaskKindAndOptionMatchesTheBruteForce) {
     // Rows left empty are redone without masks on the reference path, which multiplies
     // the float queries.
     const Tensor<double, 4> q_used = kind == 4 ? to_double(q) : q_seen;
-    const DenseResult exact = dense_sdpa(q_used, to_double(k_stored), to_double(v_stored), dense, opts);
+    const DenseResult exact =
+        dense_sdpa(q_used, to_double(k_stored), to_double(v_stored), dense, opts);
     AccuracyBudget budget = sdpa_budget<float>(
         SdpaPath::kDecode,
         budget_inputs(Tensor<float, 4>(q_used.cast<float>()), k_stored, dense, opts, exact));
@@ -423,8 +475,8 @@ TEST(FusedKernelScratch, DoesNotGrowWithSequenceLength) {
     params.scale = 0.125;
     params.rules.causal = true;
     const detail::MaskPolicy policy(params.rules, Masks{}, 1, 4, len, len);
-    detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params}, policy,
-                            nullptr, ws);
+    detail::flash_attention(detail::KernelProblem<float>{q, k, k, out, {}, params}, policy, nullptr,
+                            ws);
     const auto& s = ws.workers.at(0);
     std::size_t total = s.scores.size();
     for (const auto& tile : s.tiles) total += tile.q_tile.size() + tile.out_tile.size();

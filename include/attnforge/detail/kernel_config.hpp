@@ -101,18 +101,35 @@ inline constexpr int kScoreQueryPackets = (simd::kRegisters >= 32 ? 16 : 8) / (k
 inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
 
 // Where the decode kernels stream the cache they read next (simd::LineStream): into L1,
-// the block after the one they work on, or into L2, the block after that (the next block
-// then arrives from L2 by the time it is read). Which one keeps the memory busier
-// depends on the core's line-fill resources, so kAuto asks the CPU (cpu_prefers_l2_stream).
-enum class DecodeStream { kAuto, kL1NextBlock, kL2BlockAfterNext };
+// the block after the one they work on; into L2, that block (a request into L2 holds
+// none of the L1's few line-fill slots); or into L2, the block after that (the next block
+// then arrives from L2 by the time it is read). Which one keeps the memory busiest
+// depends on the core's line-fill resources, so kAuto asks the CPU (cpu_prefers_l2_stream,
+// cpu_prefers_l2_next_block), and on the kernel: one bound by its arithmetic (the int8
+// dot products) is better served by lines already in L1.
+enum class DecodeStream { kAuto, kL1NextBlock, kL2NextBlock, kL2BlockAfterNext };
 struct DecodeStreamPlan {
   Index blocks_ahead;  // 1: the next block; 2: the one after
   bool into_l2;
 };
-inline DecodeStreamPlan decode_stream_plan(DecodeStream stream) {
-  const bool l2 = stream == DecodeStream::kAuto ? cpu_prefers_l2_stream()
-                                                : stream == DecodeStream::kL2BlockAfterNext;
-  return l2 ? DecodeStreamPlan{2, true} : DecodeStreamPlan{1, false};
+inline DecodeStreamPlan decode_stream_plan(DecodeStream stream, bool arithmetic_bound) {
+  if (stream == DecodeStream::kAuto) {
+    if (cpu_prefers_l2_stream()) {
+      stream = DecodeStream::kL2BlockAfterNext;
+    } else if (cpu_prefers_l2_next_block() && !arithmetic_bound) {
+      stream = DecodeStream::kL2NextBlock;
+    } else {
+      stream = DecodeStream::kL1NextBlock;
+    }
+  }
+  switch (stream) {
+    case DecodeStream::kL2NextBlock:
+      return {1, true};
+    case DecodeStream::kL2BlockAfterNext:
+      return {2, true};
+    default:
+      return {1, false};
+  }
 }
 
 // Tuning knobs of one ScaledDotProductAttention (benchmarks and tests only): every value
