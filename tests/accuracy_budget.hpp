@@ -308,7 +308,8 @@ inline bool decodes_by_bf16_dot(SdpaPath path, Bf16Kernel kernel, Index q_len, I
   options.bf16_kernel = kernel;
   try {
     return decode && detail::simd::kWidth<float> == detail::kBf16DotKeys &&
-           detail::use_bf16_dot<float, Eigen::bfloat16>("decodes_by_bf16_dot", options, head_dim);
+           detail::use_bf16_dot<float, Eigen::bfloat16>("decodes_by_bf16_dot", options, head_dim,
+                                                        /*decode=*/true);
   } catch (const std::invalid_argument&) {
     return false;  // kDotProduct where they cannot run: the call would throw
   }

@@ -139,7 +139,8 @@ TEST(KernelVariants, PrintsTheVariantsThisBinaryRuns) {
   std::printf(
       "[kernel variants] bf16 dot-product decode (float queries over bf16 caches, D 128): %s "
       "(compiled in: %s, AVX-512 decode block: %s)\n",
-      detail::use_bf16_dot<float, Eigen::bfloat16>("kernel variants", SdpaOptions{}, 128)
+      detail::use_bf16_dot<float, Eigen::bfloat16>("kernel variants", SdpaOptions{}, 128,
+                                                   /*decode=*/true)
           ? "USED"
           : "not used (blocks are converted to float)",
       detail::kHasBf16DotKernel ? "yes" : "no",

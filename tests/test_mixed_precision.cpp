@@ -180,6 +180,36 @@ TEST(LowPrecisionKernels, AutoTakesTheDotProductsOnlyWhereTheCpuPrefersThem) {
   }
 }
 
+// In a decode over a bf16 cache kAuto takes the dot products wherever they run (an
+// AVX512-BF16 CPU, an AVX-512 build, head_dim a multiple of 32), whatever the CPU's
+// prefill choice: bit for bit the kDotProduct result there, the conversion's elsewhere.
+TEST(LowPrecisionKernels, AutoDecodesByDotProductsWhereverTheyRun) {
+  const auto q = test::random_normal<float, 4>({2, 8, 1, 64}, 6);
+  const auto k = rounded_normal<bfloat16, 4>({2, 2, 300, 64}, 7);
+  const auto v = rounded_normal<bfloat16, 4>({2, 2, 300, 64}, 8);
+  SdpaOptions options;
+  options.path = SdpaPath::kDecode;
+  const auto run = [&](Bf16Kernel kernel) {
+    options.bf16_kernel = kernel;
+    Tensor<float, 4> out(q.dimensions());
+    Sdpa<float, bfloat16> sdpa(options);
+    sdpa(q, k, v, StridedView<float, 4>(out));
+    return out;
+  };
+  const Tensor<float, 4> automatic = run(Bf16Kernel::kAuto);
+  const Tensor<float, 4> converted = run(Bf16Kernel::kConvert);
+  const bool runs = detail::kHasBf16DotKernel && detail::cpu_has_avx512_bf16() &&
+                    detail::bf16_dot_decode_fits<float, bfloat16>(64);
+  EXPECT_EQ(runs, decodes_by_bf16_dot(SdpaPath::kDecode, Bf16Kernel::kAuto, 1, 4, 64));
+  if (runs) {
+    const Tensor<float, 4> dot = run(Bf16Kernel::kDotProduct);
+    EXPECT_FALSE(test::bitwise_equal(dot, converted));  // else this test could not tell
+    EXPECT_TRUE(test::bitwise_equal(automatic, dot));
+  } else {
+    EXPECT_TRUE(test::bitwise_equal(automatic, converted));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Paths, LowPrecision, ::testing::ValuesIn(kPathCases),
                          [](const auto& info) { return std::string(info.param.name); });
 
@@ -187,9 +217,10 @@ INSTANTIATE_TEST_SUITE_P(Paths, LowPrecision, ::testing::ValuesIn(kPathCases),
 template <typename Q, typename K, typename V, typename = void>
 struct Invocable : std::false_type {};
 template <typename Q, typename K, typename V>
-struct Invocable<Q, K, V,
-                 std::void_t<decltype(scaled_dot_product_attention(
-                     std::declval<const Q&>(), std::declval<const K&>(), std::declval<const V&>()))>>
+struct Invocable<
+    Q, K, V,
+    std::void_t<decltype(scaled_dot_product_attention(
+        std::declval<const Q&>(), std::declval<const K&>(), std::declval<const V&>()))>>
     : std::true_type {};
 using F4 = Tensor<float, 4>;
 using B4 = Tensor<bfloat16, 4>;

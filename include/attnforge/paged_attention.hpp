@@ -131,7 +131,10 @@ class PagedAttention {
       if (n == 0) continue;
       detail::SdpaParams params = params_;
       params.rules.window = std::min(params.rules.window, std::max<Index>(len, 1));
-      params.bf16_dot = use_bf16_dot(head_dim);
+      const bool decode =
+          options_.path == SdpaPath::kDecode ||
+          (options_.path == SdpaPath::kAuto && detail::decode_applies<Compute>(n, n_rep));
+      params.bf16_dot = use_bf16_dot(head_dim, decode);
       const std::array<Index, 4> dims{1, n_heads, n, head_dim};
       Problem pb{
           ConstView<T, 4>(q.data() + first * q.stride(0), dims, {0, q.stride(1), q.stride(0), 1}),
@@ -146,9 +149,6 @@ class PagedAttention {
           s};
       const detail::MaskPolicy policy(params.rules, masks_[static_cast<std::size_t>(s)], 1, n_heads,
                                       n, len, params.alibi_slopes);
-      const bool decode =
-          options_.path == SdpaPath::kDecode ||
-          (options_.path == SdpaPath::kAuto && detail::decode_applies<Compute>(n, n_rep));
       auto& group = decode ? decode_ : fused_;
       group.problems.push_back(pb);
       group.policies.push_back(policy);
@@ -207,8 +207,8 @@ class PagedAttention {
         {copy.dimension(0) * positions * width, positions * width, width, 1});
   }
 
-  bool use_bf16_dot(Index head_dim) const {
-    return detail::use_bf16_dot<T, KV>(kWhere, options_, head_dim);
+  bool use_bf16_dot(Index head_dim, bool decode) const {
+    return detail::use_bf16_dot<T, KV>(kWhere, options_, head_dim, decode);
   }
 
   SdpaOptions options_;

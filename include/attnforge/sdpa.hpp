@@ -121,17 +121,19 @@ SdpaParams validate_sdpa(const char* where, const ConstView<T, 4>& q, const Cons
 // prefill kernel's tiles when q, k and v are bf16 and head_dim is even; the decode
 // kernel's blocks when k and v are bf16 (q bf16 or float), the build is AVX-512 and
 // head_dim is a multiple of 32. kDotProduct insists (std::invalid_argument where neither
-// can run), kConvert declines, and kAuto takes them only on a CPU where they beat
-// converting to float (cpu_prefers_bf16_dot).
+// can run) and kConvert declines. kAuto takes them in a decode (`decode`) wherever they
+// run: it is bound by memory and by widening bf16 to float, which they save on any CPU
+// that has them. In a prefill, bound by the multiplies, it takes them only on a CPU that
+// issues them at twice the fp32 FMA rate (cpu_prefers_bf16_dot).
 template <typename T, typename KV>
-bool use_bf16_dot(const char* where, const SdpaOptions& options, Index head_dim) {
+bool use_bf16_dot(const char* where, const SdpaOptions& options, Index head_dim, bool decode) {
   constexpr bool kBf16Cache =
       std::is_same_v<KV, Eigen::bfloat16> && std::is_same_v<acc_t<T>, float>;
   constexpr bool kBf16 = kBf16Cache && std::is_same_v<T, Eigen::bfloat16>;
   const bool cpu = kHasBf16DotKernel && cpu_has_avx512_bf16();
   const bool prefill = kBf16 && FusedBlocking<acc_t<T>>::kLanes % 16 == 0 && head_dim % 2 == 0;
-  const bool decode = bf16_dot_decode_fits<acc_t<T>, KV>(head_dim);
-  const bool available = cpu && (prefill || decode);
+  const bool decode_fits = bf16_dot_decode_fits<acc_t<T>, KV>(head_dim);
+  const bool available = cpu && (prefill || decode_fits);
   switch (options.bf16_kernel) {
     case Bf16Kernel::kDotProduct:
       if (kBf16Cache && !available) {
@@ -145,7 +147,7 @@ bool use_bf16_dot(const char* where, const SdpaOptions& options, Index head_dim)
       return false;
     case Bf16Kernel::kAuto:
     default:
-      return available && cpu_prefers_bf16_dot();
+      return decode ? cpu && decode_fits : cpu && prefill && cpu_prefers_bf16_dot();
   }
 }
 
@@ -211,12 +213,12 @@ class ScaledDotProductAttention {
                              policy, device_);
       return;
     }
-    params.bf16_dot = use_bf16_dot(q.dimension(3));
-    const detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params};
     const Index n_rep = q.dimension(1) / k.dimension(1);
     const bool decode = options_.path == SdpaPath::kDecode ||
                         (options_.path == SdpaPath::kAuto &&
                          detail::decode_applies<Compute>(q.dimension(2), n_rep));
+    params.bf16_dot = use_bf16_dot(q.dimension(3), decode);
+    const detail::KernelProblem<T, KV> problem{q, k, v, out, lse, params};
     if (decode) {
       detail::flash_decode(problem, policy, device_, decode_workspace_, tuning_, empty_rows_);
     } else {
@@ -250,8 +252,8 @@ class ScaledDotProductAttention {
   void set_decode_stream(detail::DecodeStream stream) { tuning_.decode_stream = stream; }
 
  private:
-  bool use_bf16_dot(Index head_dim) const {
-    return detail::use_bf16_dot<T, KV>("scaled_dot_product_attention", options_, head_dim);
+  bool use_bf16_dot(Index head_dim, bool decode) const {
+    return detail::use_bf16_dot<T, KV>("scaled_dot_product_attention", options_, head_dim, decode);
   }
 
   // KempnerForge's guard for rows whose mask allows no key: such a row attends to every
@@ -303,7 +305,7 @@ template <typename X>
 using scalar_of_t = typename view_traits<X>::scalar;
 // The one mixed combination: float activations over a bf16/fp16/QInt8 cache.
 template <typename T, typename KV>
-inline constexpr bool is_mixed_precision_v = std::is_same_v<T, float> && is_reduced_storage_v<KV>;
+inline constexpr bool is_mixed_precision_v = std::is_same_v<T, float>&& is_reduced_storage_v<KV>;
 template <typename Q, typename K, typename V, typename = void>
 struct is_qkv : std::false_type {};
 template <typename Q, typename K, typename V>

@@ -32,10 +32,11 @@ enum class SdpaPath {
 
 // How bf16 is multiplied: the prefill kernel's tiles when q, k and v are bf16, and the
 // decode kernel's blocks over bf16 keys and values (bf16 or float queries; an AVX-512
-// build, head_dim a multiple of 32). kAuto takes the AVX512-BF16 dot products on CPUs
-// where they are faster than converting (AMD's, which issue them at twice the fp32 FMA
-// rate; checked once at run time) and converts elsewhere; kConvert always converts to
-// float and uses the float kernels; kDotProduct insists on the dot products
+// build, head_dim a multiple of 32). kAuto takes the AVX512-BF16 dot products where the
+// CPU has them (checked once at run time) in the decode, which they spare the widening to
+// float, and in the prefill only on CPUs that issue them at twice the fp32 FMA rate
+// (AMD's; elsewhere the prefill converts, which is faster there); kConvert always
+// converts to float and uses the float kernels; kDotProduct insists on the dot products
 // (std::invalid_argument where they cannot run). The decode by dot products rounds each
 // query row (before the scale, which multiplies the scores) and each softmax weight to
 // bf16 (see docs/design.md, "bf16 caches"). Other element types ignore it.
