@@ -288,8 +288,7 @@ INSTANTIATE_TEST_SUITE_P(Tails, DecodeKernel,
                          });
 
 // Every way of streaming the cache ahead (DecodeStream) gives the same bits over each cache
-// format, whose kernels step the stream in loops of their own: kAuto picks a stream by CPU
-// and by format (cpu_prefers_l2_next_block leaves the int8 kernel in L1).
+// format, whose kernels step the stream in loops of their own.
 template <typename KV>
 void expect_same_bits_for_every_decode_stream(const KVPrefix<KV>& kv, const Tensor<float, 4>& q) {
   using detail::DecodeStream;

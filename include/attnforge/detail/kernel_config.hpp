@@ -105,22 +105,17 @@ inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
 // none of the L1's few line-fill slots); or into L2, the block after that (the next block
 // then arrives from L2 by the time it is read). Which one keeps the memory busiest
 // depends on the core's line-fill resources, so kAuto asks the CPU (cpu_prefers_l2_stream,
-// cpu_prefers_l2_next_block), and on the kernel: one bound by its arithmetic (the int8
-// dot products) is better served by lines already in L1.
+// cpu_prefers_l2_next_block).
 enum class DecodeStream { kAuto, kL1NextBlock, kL2NextBlock, kL2BlockAfterNext };
 struct DecodeStreamPlan {
   Index blocks_ahead;  // 1: the next block; 2: the one after
   bool into_l2;
 };
-inline DecodeStreamPlan decode_stream_plan(DecodeStream stream, bool arithmetic_bound) {
+inline DecodeStreamPlan decode_stream_plan(DecodeStream stream) {
   if (stream == DecodeStream::kAuto) {
-    if (cpu_prefers_l2_stream()) {
-      stream = DecodeStream::kL2BlockAfterNext;
-    } else if (cpu_prefers_l2_next_block() && !arithmetic_bound) {
-      stream = DecodeStream::kL2NextBlock;
-    } else {
-      stream = DecodeStream::kL1NextBlock;
-    }
+    stream = cpu_prefers_l2_stream()       ? DecodeStream::kL2BlockAfterNext
+             : cpu_prefers_l2_next_block() ? DecodeStream::kL2NextBlock
+                                           : DecodeStream::kL1NextBlock;
   }
   switch (stream) {
     case DecodeStream::kL2NextBlock:

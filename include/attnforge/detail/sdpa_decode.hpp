@@ -863,15 +863,14 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
   ws.first_unit.resize(ws.first_item.size());
   for (std::size_t p = 0; p < ws.first_item.size(); ++p)
     ws.first_unit[p] = ws.first_item[p] / ws.unit_heads;
-  reserve_decode(
-      ws, workers, ws.max_rows, problems[0].q.dimension(3),
-      !std::is_same_v<typename P::KVScalar, typename P::Compute>, problems[0].params.int8_dot,
-      problems[0].params.bf16_dot &&
-          bf16_dot_decode_fits<typename P::Compute, typename P::KVScalar>(
-              problems[0].q.dimension(3)),
-      decode_scores_full_width<typename P::Compute>(tuning.decode_score_width),
-      decode_stream_plan(tuning.decode_stream, std::is_same_v<typename P::KVScalar, QInt8>),
-      ws.first_item.back());
+  reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
+                 !std::is_same_v<typename P::KVScalar, typename P::Compute>,
+                 problems[0].params.int8_dot,
+                 problems[0].params.bf16_dot &&
+                     bf16_dot_decode_fits<typename P::Compute, typename P::KVScalar>(
+                         problems[0].q.dimension(3)),
+                 decode_scores_full_width<typename P::Compute>(tuning.decode_score_width),
+                 decode_stream_plan(tuning.decode_stream), ws.first_item.back());
   return ws.first_unit.back();
 }
 
