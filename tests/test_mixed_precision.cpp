@@ -217,10 +217,9 @@ INSTANTIATE_TEST_SUITE_P(Paths, LowPrecision, ::testing::ValuesIn(kPathCases),
 template <typename Q, typename K, typename V, typename = void>
 struct Invocable : std::false_type {};
 template <typename Q, typename K, typename V>
-struct Invocable<
-    Q, K, V,
-    std::void_t<decltype(scaled_dot_product_attention(
-        std::declval<const Q&>(), std::declval<const K&>(), std::declval<const V&>()))>>
+struct Invocable<Q, K, V,
+                 std::void_t<decltype(scaled_dot_product_attention(
+                     std::declval<const Q&>(), std::declval<const K&>(), std::declval<const V&>()))>>
     : std::true_type {};
 using F4 = Tensor<float, 4>;
 using B4 = Tensor<bfloat16, 4>;

@@ -408,8 +408,8 @@ class Attention {
     k_buf_.resize(static_cast<std::size_t>(rows * kv_width));
     v_buf_.resize(static_cast<std::size_t>(rows * kv_width));
     o_buf_.resize(static_cast<std::size_t>(rows * q_width));
-    detail::linear(x, rows, dim_, ldx, w.wq.data(), q_width, w.wq.stride(0), q_buf_.data(), q_width,
-                   device_);
+    detail::linear(x, rows, dim_, ldx, w.wq.data(), q_width, w.wq.stride(0), q_buf_.data(),
+                   q_width, device_);
     detail::linear(x, rows, dim_, ldx, w.wk.data(), kv_width, w.wk.stride(0), k_buf_.data(),
                    kv_width, device_);
     detail::linear(x, rows, dim_, ldx, w.wv.data(), kv_width, w.wv.stride(0), v_buf_.data(),
@@ -566,17 +566,16 @@ class Attention {
       const Index n = batch.new_tokens(s);
       const Index len = cache.seq_len(batch.seqs[static_cast<std::size_t>(s)]);
       if (len + n > rope.max_seq_len()) {
-        detail::throw_invalid_argument(kWhere, ": sequence ",
-                                       batch.seqs[static_cast<std::size_t>(s)],
+        detail::throw_invalid_argument(kWhere, ": sequence ", batch.seqs[static_cast<std::size_t>(s)],
                                        " would reach position ", len + n - 1,
                                        ", past the rope table of max_seq_len ", rope.max_seq_len());
       }
       if (masks.empty()) continue;
       const Masks& m = masks[static_cast<std::size_t>(s)];
       if (m.doc_ids.has_value() || m.kv_doc_ids.has_value()) {
-        detail::throw_invalid_argument(kWhere, ": masks[", s,
-                                       "] has doc_ids or kv_doc_ids; pass the tokens' documents as "
-                                       "doc_ids (1, total_tokens), the keys' come from the cache");
+        detail::throw_invalid_argument(
+            kWhere, ": masks[", s, "] has doc_ids or kv_doc_ids; pass the tokens' documents as "
+            "doc_ids (1, total_tokens), the keys' come from the cache");
       }
       // The keys this sequence will attend to: what it holds plus its new tokens.
       detail::validate_masks(kWhere, detail::MaskRules{true, sdpa_options_.window}, m, 1, n_heads_,

@@ -305,7 +305,7 @@ template <typename X>
 using scalar_of_t = typename view_traits<X>::scalar;
 // The one mixed combination: float activations over a bf16/fp16/QInt8 cache.
 template <typename T, typename KV>
-inline constexpr bool is_mixed_precision_v = std::is_same_v<T, float>&& is_reduced_storage_v<KV>;
+inline constexpr bool is_mixed_precision_v = std::is_same_v<T, float> && is_reduced_storage_v<KV>;
 template <typename Q, typename K, typename V, typename = void>
 struct is_qkv : std::false_type {};
 template <typename Q, typename K, typename V>
