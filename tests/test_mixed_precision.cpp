@@ -157,6 +157,21 @@ TEST(LowPrecisionKernels, Bfloat16DotProductsRejectAnOddHeadDim) {
   EXPECT_NO_THROW((Sdpa<float, bfloat16>(options)(qf, kv, kv)));
 }
 
+// Bf16Kernel::kAuto gives, bit for bit, the kDotProduct result when `dot_expected`, else
+// the kConvert one; run(kernel) makes one call with that kernel.
+template <typename Run>
+void expect_auto_is_one_kernel(bool dot_expected, const Run& run) {
+  const auto automatic = run(Bf16Kernel::kAuto);
+  const auto converted = run(Bf16Kernel::kConvert);
+  if (dot_expected) {
+    const auto dot = run(Bf16Kernel::kDotProduct);
+    EXPECT_FALSE(test::bitwise_equal(dot, converted));  // else this test could not tell
+    EXPECT_TRUE(test::bitwise_equal(automatic, dot));
+  } else {
+    EXPECT_TRUE(test::bitwise_equal(automatic, converted));
+  }
+}
+
 // kAuto is one of the two kernels, bit for bit: the dot products where this CPU runs them
 // faster than the conversion (detail::cpu_prefers_bf16_dot), the conversion elsewhere.
 TEST(LowPrecisionKernels, AutoTakesTheDotProductsOnlyWhereTheCpuPrefersThem) {
@@ -169,15 +184,7 @@ TEST(LowPrecisionKernels, AutoTakesTheDotProductsOnlyWhereTheCpuPrefersThem) {
     options.bf16_kernel = kernel;
     return scaled_dot_product_attention(q, k, v, options);
   };
-  const Tensor<bfloat16, 4> automatic = run(Bf16Kernel::kAuto);
-  const Tensor<bfloat16, 4> converted = run(Bf16Kernel::kConvert);
-  if (detail::kHasBf16DotKernel && detail::cpu_prefers_bf16_dot()) {
-    const Tensor<bfloat16, 4> dot = run(Bf16Kernel::kDotProduct);
-    EXPECT_FALSE(test::bitwise_equal(dot, converted));  // else this test could not tell
-    EXPECT_TRUE(test::bitwise_equal(automatic, dot));
-  } else {
-    EXPECT_TRUE(test::bitwise_equal(automatic, converted));
-  }
+  expect_auto_is_one_kernel(detail::kHasBf16DotKernel && detail::cpu_prefers_bf16_dot(), run);
 }
 
 // In a decode over a bf16 cache kAuto takes the dot products wherever they run (an
@@ -196,18 +203,10 @@ TEST(LowPrecisionKernels, AutoDecodesByDotProductsWhereverTheyRun) {
     sdpa(q, k, v, StridedView<float, 4>(out));
     return out;
   };
-  const Tensor<float, 4> automatic = run(Bf16Kernel::kAuto);
-  const Tensor<float, 4> converted = run(Bf16Kernel::kConvert);
   const bool runs = detail::kHasBf16DotKernel && detail::cpu_has_avx512_bf16() &&
                     detail::bf16_dot_decode_fits<float, bfloat16>(64);
   EXPECT_EQ(runs, decodes_by_bf16_dot(SdpaPath::kDecode, Bf16Kernel::kAuto, 1, 4, 64));
-  if (runs) {
-    const Tensor<float, 4> dot = run(Bf16Kernel::kDotProduct);
-    EXPECT_FALSE(test::bitwise_equal(dot, converted));  // else this test could not tell
-    EXPECT_TRUE(test::bitwise_equal(automatic, dot));
-  } else {
-    EXPECT_TRUE(test::bitwise_equal(automatic, converted));
-  }
+  expect_auto_is_one_kernel(runs, run);
 }
 
 INSTANTIATE_TEST_SUITE_P(Paths, LowPrecision, ::testing::ValuesIn(kPathCases),
