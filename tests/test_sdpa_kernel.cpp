@@ -264,8 +264,8 @@ TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
       EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
       EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
       for (detail::DecodeStream stream :
-           {detail::DecodeStream::kL2NextBlock, detail::DecodeStream::kL2BlockAfterNext,
-            detail::DecodeStream::kAuto}) {
+           {detail::DecodeStream::kL2NextBlock, detail::DecodeStream::kL2NextBlockCrossed,
+            detail::DecodeStream::kL2BlockAfterNext, detail::DecodeStream::kAuto}) {
         SCOPED_TRACE("decode stream " + std::to_string(static_cast<int>(stream)));
         sdpa.set_decode_stream(stream);
         Tensor<float, 4> out_l2(q.dimensions());
@@ -298,8 +298,8 @@ void expect_same_bits_for_every_decode_stream(const KVPrefix<KV>& kv, const Tens
     sdpa.set_decode_stream(DecodeStream::kL1NextBlock);
     Tensor<float, 4> first(q.dimensions());
     sdpa(q, kv.keys, kv.values, StridedView<float, 4>(first));
-    for (DecodeStream stream :
-         {DecodeStream::kL2NextBlock, DecodeStream::kL2BlockAfterNext, DecodeStream::kAuto}) {
+    for (DecodeStream stream : {DecodeStream::kL2NextBlock, DecodeStream::kL2NextBlockCrossed,
+                                DecodeStream::kL2BlockAfterNext, DecodeStream::kAuto}) {
       sdpa.set_decode_stream(stream);
       Tensor<float, 4> out(q.dimensions());
       sdpa(q, kv.keys, kv.values, StridedView<float, 4>(out));

@@ -41,11 +41,10 @@ inline bool cpu_prefers_bf16_dot() {
 // "Decode streams the cache once", has the measurements on both kinds of core.
 inline bool cpu_prefers_l2_stream() { ATTNFORGE_CPU_QUERY(__builtin_cpu_is("amdfam19h")); }
 
-// Whether the decode should stream the next block into L2 rather than into L1
-// (DecodeStream): Intel cores, where asking into L1 left the decode short of the memory's
-// rate out of DRAM, likely because each such request holds one of the L1's few line-fill
-// buffers, which the kernel's own loads need. docs/design.md, "Decode streams the cache
-// once", has the measurements.
+// Whether the decode should stream the next block into L2 rather than into L1, asking for
+// V's lines while it scores and K's while it accumulates (DecodeStream::kL2NextBlockCrossed):
+// Intel cores, where both read DRAM faster than the stream into L1. docs/design.md,
+// "Decode streams the cache once", has the measurements.
 inline bool cpu_prefers_l2_next_block() { ATTNFORGE_CPU_QUERY(__builtin_cpu_is("intel")); }
 
 #undef ATTNFORGE_CPU_QUERY

@@ -101,29 +101,40 @@ inline constexpr int kScoreQueryPackets = (simd::kRegisters >= 32 ? 16 : 8) / (k
 inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;
 
 // Where the decode kernels stream the cache they read next (simd::LineStream): into L1,
-// the block after the one they work on; into L2, that block (a request into L2 holds
-// none of the L1's few line-fill slots); or into L2, the block after that (the next block
-// then arrives from L2 by the time it is read). Which one keeps the memory busiest
-// depends on the core's line-fill resources, so kAuto asks the CPU (cpu_prefers_l2_stream,
-// cpu_prefers_l2_next_block).
-enum class DecodeStream { kAuto, kL1NextBlock, kL2NextBlock, kL2BlockAfterNext };
+// the block after the one they work on; into L2, that block, either K while the kernels
+// score and V while they accumulate values, or crossed (V while they score, K while they
+// accumulate, so each phase's requests go to the other operand's memory); or into L2, the
+// block after that (the next block then arrives from L2 by the time it is read). Which one
+// keeps the memory busiest depends on the core, so kAuto asks the CPU
+// (cpu_prefers_l2_stream, cpu_prefers_l2_next_block); docs/design.md, "Decode streams the
+// cache once", has the measurements.
+enum class DecodeStream {
+  kAuto,
+  kL1NextBlock,
+  kL2NextBlock,
+  kL2NextBlockCrossed,
+  kL2BlockAfterNext
+};
 struct DecodeStreamPlan {
   Index blocks_ahead;  // 1: the next block; 2: the one after
   bool into_l2;
+  bool crossed;  // V's lines asked for during the scores, K's during the values
 };
 inline DecodeStreamPlan decode_stream_plan(DecodeStream stream) {
   if (stream == DecodeStream::kAuto) {
     stream = cpu_prefers_l2_stream()       ? DecodeStream::kL2BlockAfterNext
-             : cpu_prefers_l2_next_block() ? DecodeStream::kL2NextBlock
+             : cpu_prefers_l2_next_block() ? DecodeStream::kL2NextBlockCrossed
                                            : DecodeStream::kL1NextBlock;
   }
   switch (stream) {
     case DecodeStream::kL2NextBlock:
-      return {1, true};
+      return {1, true, false};
+    case DecodeStream::kL2NextBlockCrossed:
+      return {1, true, true};
     case DecodeStream::kL2BlockAfterNext:
-      return {2, true};
+      return {2, true, false};
     default:
-      return {1, false};
+      return {1, false, false};
   }
 }
 

@@ -78,7 +78,7 @@ struct DecodeScratch : DecodeRowState<T> {
   std::vector<DecodeRowState<T>> parked;  // one per group of a unit; see decode_unit
   std::vector<DecodeBlockAt> order;       // the unit's blocks in the order they are read
   bool full_width_scores = false;         // the score packet (DecodeScoreWidth)
-  DecodeStreamPlan stream{1, false};
+  DecodeStreamPlan stream{1, false, false};
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
   AlignedBuffer<std::uint8_t> value_weights;  // rows x the bytes of quantize_value_weights
@@ -370,11 +370,12 @@ void softmax_decode_block(const DecodeGroup& g, DecodeScratch<T>& s, Index packe
 }
 
 // The K and V lines of the block `ahead` (the next block the worker reads, or the one
-// after it: DecodeStreamPlan), for a kernel to ask for while it works on the current one.
-// K spread over k_steps steps (its scores), V over v_steps (its values). None when the
-// rows are not dense or there is no such block.
+// after it: DecodeStreamPlan), for a kernel to ask for while it works on the current one:
+// one stream stepped by its scores (k_steps steps), one by its values (v_steps). K's lines
+// go with the scores and V's with the values, or the other way round for a crossed plan.
+// None when the rows are not dense or there is no such block.
 struct NextBlock {
-  simd::LineStream k, v;
+  simd::LineStream during_scores, during_values;
 };
 
 template <typename P>
@@ -384,8 +385,14 @@ NextBlock next_block(const P& pb, const DecodeGroup& g, const DecodeScratch<type
   if (ahead.n == 0 || !g.dense_rows) return {};
   const Index bytes = ahead.n * stored_row_width<S>(g.head_dim) * Index{sizeof(S)};
   const bool l2 = s.stream.into_l2;
-  return {simd::LineStream::over(pb.k.row(g.b, ahead.head, ahead.j0), bytes, k_steps, l2),
-          simd::LineStream::over(pb.v.row(g.b, ahead.head, ahead.j0), bytes, v_steps, l2)};
+  const auto* keys = pb.k.row(g.b, ahead.head, ahead.j0);
+  const auto* values = pb.v.row(g.b, ahead.head, ahead.j0);
+  if (s.stream.crossed) {
+    return {simd::LineStream::over(values, bytes, k_steps, l2),
+            simd::LineStream::over(keys, bytes, v_steps, l2)};
+  }
+  return {simd::LineStream::over(keys, bytes, k_steps, l2),
+          simd::LineStream::over(values, bytes, v_steps, l2)};
 }
 
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
@@ -457,8 +464,8 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
   NextBlock next =
       next_block(pb, g, s, ahead, score_calls * g.head_dim / 4, NSub * (g.rows + 3) / 4 * groups);
   float* scores = s.weights.data();
-  int8_block_scores<NSub>(g, s, pb.k.row(g.b, g.kv_head, j0), scores, kLd, next.k);
-  next.k.finish();
+  int8_block_scores<NSub>(g, s, pb.k.row(g.b, g.kv_head, j0), scores, kLd, next.during_scores);
+  next.during_scores.finish();
   for (Index r = 0; r < g.rows; ++r) {
     for (int b = 0; b < NSub; ++b) {
       mod_decode_scores<float, F>(g, pb.params, r, j0 + b * kKeys, sub_keys(b), check,
@@ -475,9 +482,9 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     int8_value_products<decltype(rows)::value, NSub>(
         s.value_weights.data() + r0 * ldw, ldw, s.value_units.data() + r0 * groups, value_tiles,
-        tile_bytes, g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd, next.v);
+        tile_bytes, g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd, next.during_values);
   });
-  next.v.finish();
+  next.during_values.finish();
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)ahead, (void)check, (void)s;
 #endif
@@ -516,10 +523,10 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   const float scale = decode_query_scale<float, F>(pb.params);
   for (Index r = 0; r < g.rows; ++r) {
     bf16_key_scores(s.q_bf16.data() + r * g.hd, k_rows, g.head_dim, scale,
-                    weights + r * kBf16DotKeys, next.k);
+                    weights + r * kBf16DotKeys, next.during_scores);
     mod_decode_scores<float, F>(g, pb.params, r, j0, n_keys, check, weights + r * kBf16DotKeys);
   }
-  next.k.finish();
+  next.during_scores.finish();
   softmax_decode_block(g, s);
   pair_decode_weights(weights, g.rows, s.weight_pairs.data());
   const std::uint32_t* w = s.weight_pairs.data();
@@ -527,9 +534,9 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
   float* out = s.out_rows.data();
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     bf16_accumulate_values<decltype(rows)::value>(w + r0 * kW, v_rows, pairs, g.head_dim,
-                                                  out + r0 * g.hd, g.hd, next.v);
+                                                  out + r0 * g.hd, g.hd, next.during_values);
   });
-  next.v.finish();
+  next.during_values.finish();
 #else
   (void)pb, (void)g, (void)j0, (void)n_keys, (void)ahead, (void)check, (void)s;
 #endif
@@ -597,11 +604,11 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
   Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
   const T* keys = tile_rows<QInt8Role::kKey>(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
   if (s.full_width_scores) {
-    score_rows<T, true>(g, keys, ldk, n_keys, s, next.k);
+    score_rows<T, true>(g, keys, ldk, n_keys, s, next.during_scores);
   } else {
-    score_rows<T, false>(g, keys, ldk, n_keys, s, next.k);
+    score_rows<T, false>(g, keys, ldk, n_keys, s, next.during_scores);
   }
-  next.k.finish();
+  next.during_scores.finish();
   for (Index r = 0; r < g.rows; ++r) {
     mod_decode_scores<T, F>(g, pb.params, r, j0, n_keys, check, s.weights.data() + r * kP);
   }
@@ -610,9 +617,9 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
   for_each_halving_row_block<2>(g.rows, [&](auto rows, Index r0) {
     decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, values, ldv, n_keys,
                                                 g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd,
-                                                next.v);
+                                                next.during_values);
   });
-  next.v.finish();
+  next.during_values.finish();
 }
 
 // The blocks (of block_keys keys or fewer) of keys [key_first, key_last) of KV heads
