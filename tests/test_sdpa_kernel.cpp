@@ -233,6 +233,11 @@ INSTANTIATE_TEST_SUITE_P(Cases, FusedKernel,
                                             ::testing::Values<Index>(1, 7, 0)),
                          kernel_case_name);
 
+// The decode streams compared bit for bit with kL1NextBlock.
+constexpr detail::DecodeStream kStreamsBesideL1[] = {
+    detail::DecodeStream::kL2NextBlock, detail::DecodeStream::kL2NextBlockCrossed,
+    detail::DecodeStream::kL2BlockAfterNext, detail::DecodeStream::kAuto};
+
 // The decode kernel holds a query row in registers a fixed number of packets at a time
 // and the output a whole value row at a time: every head_dim that leaves a tail of
 // packets (or of elements) behind, and odd row counts (rows taken two at a time), against
@@ -263,9 +268,7 @@ TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
       sdpa(q, k, v, StridedView<float, 4>(out), {}, StridedView<float, 3>(lse));
       EXPECT_LT(error_relative_to_scale(out, ref.out), 1e-5) << threads << " threads";
       EXPECT_LT(lse_error(lse, ref.lse), 1e-5) << threads << " threads";
-      for (detail::DecodeStream stream :
-           {detail::DecodeStream::kL2NextBlock, detail::DecodeStream::kL2NextBlockCrossed,
-            detail::DecodeStream::kL2BlockAfterNext, detail::DecodeStream::kAuto}) {
+      for (detail::DecodeStream stream : kStreamsBesideL1) {
         SCOPED_TRACE("decode stream " + std::to_string(static_cast<int>(stream)));
         sdpa.set_decode_stream(stream);
         Tensor<float, 4> out_l2(q.dimensions());
@@ -298,8 +301,7 @@ void expect_same_bits_for_every_decode_stream(const KVPrefix<KV>& kv, const Tens
     sdpa.set_decode_stream(DecodeStream::kL1NextBlock);
     Tensor<float, 4> first(q.dimensions());
     sdpa(q, kv.keys, kv.values, StridedView<float, 4>(first));
-    for (DecodeStream stream : {DecodeStream::kL2NextBlock, DecodeStream::kL2NextBlockCrossed,
-                                DecodeStream::kL2BlockAfterNext, DecodeStream::kAuto}) {
+    for (DecodeStream stream : kStreamsBesideL1) {
       sdpa.set_decode_stream(stream);
       Tensor<float, 4> out(q.dimensions());
       sdpa(q, kv.keys, kv.values, StridedView<float, 4>(out));

@@ -387,12 +387,9 @@ NextBlock next_block(const P& pb, const DecodeGroup& g, const DecodeScratch<type
   const bool l2 = s.stream.into_l2;
   const auto* keys = pb.k.row(g.b, ahead.head, ahead.j0);
   const auto* values = pb.v.row(g.b, ahead.head, ahead.j0);
-  if (s.stream.crossed) {
-    return {simd::LineStream::over(values, bytes, k_steps, l2),
-            simd::LineStream::over(keys, bytes, v_steps, l2)};
-  }
-  return {simd::LineStream::over(keys, bytes, k_steps, l2),
-          simd::LineStream::over(values, bytes, v_steps, l2)};
+  const bool crossed = s.stream.crossed;
+  return {simd::LineStream::over(crossed ? values : keys, bytes, k_steps, l2),
+          simd::LineStream::over(crossed ? keys : values, bytes, v_steps, l2)};
 }
 
 // rows[j] = the row of key j0 + j of g's KV head for j < n_keys; past them `past_end`, or
