@@ -1,13 +1,14 @@
 // Decode steps (Sq = 1) against a long KV cache, fp32, H = 32, Hkv = 8, D = 128: the
 // decode kernel against the prefill kernel forced on the same inputs, the reference
 // path, and a streaming read of as many bytes as the K/V cache holds, all in one run;
-// the same keys and values in a bf16 and a QInt8 cache (decode_bf16_cache,
-// decode_int8_cache: GB/s counts the bytes each cache holds, scales included; the bf16
+// the same keys and values in a bf16, an fp16 and a QInt8 cache (decode_bf16_cache,
+// decode_fp16_cache, decode_int8_cache: GB/s counts the bytes each cache holds, scales
+// included; the bf16
 // cache also with Bf16Kernel::kConvert, decode_bf16_convert, and the QInt8 cache with
 // Int8Kernel::kDequantize, decode_int8_dequantize). Then a
 // whole Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache,
 // against a streaming read of its bytes (weights + fp32 cache). decode_in_turns times the
-// fp32, bf16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
+// fp32, bf16, fp16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
 // shape in turn, for their ratios side by side (bench::time_in_turns).
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
@@ -37,8 +38,14 @@ struct DecodeInputs {
   std::unique_ptr<af::KVCache<float>> cache;
   std::unique_ptr<af::KVCache<Eigen::bfloat16>> bf16_cache;  // same keys and values, rounded
   std::unique_ptr<af::KVCache<af::QInt8>> int8_cache;        // and quantized
+  std::unique_ptr<af::KVCache<Eigen::half>> fp16_cache;      // rounded, the issue's shapes only
   Tensor<float, 4> q, out;
 };
+
+// The shapes the issues set the reduced-precision targets for.
+bool issue_shape(Index batch, Index kv_len) {
+  return (batch == 1 && kv_len == 32768) || batch == 8;
+}
 
 // A cache filled to kv_len (one spare position, so its prefix is a strided view as in
 // a real engine) and one query token per batch row; every shape's stay built (about 4 GB
@@ -58,6 +65,11 @@ DecodeInputs& decode_inputs(Index batch, Index kv_len) {
     in.bf16_cache->update(k, v);
     in.int8_cache = std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, kHeadDim);
     in.int8_cache->update(k, v);
+    if (issue_shape(batch, kv_len)) {
+      in.fp16_cache =
+          std::make_unique<af::KVCache<Eigen::half>>(batch, kv_len + 1, kKvHeads, kHeadDim);
+      in.fp16_cache->update(k, v);
+    }
     in.q = bench::random_tensor<float, 4>({batch, kHeads, 1, kHeadDim}, 1);
     in.out = Tensor<float, 4>(batch, kHeads, 1, kHeadDim);
     return in;
@@ -110,7 +122,8 @@ void run_sdpa(benchmark::State& state, Index batch, Index kv_len, int threads, a
   set_tokens_counter(state, batch);
 }
 
-// Float queries over a bf16 or QInt8 cache of the same keys and values (mixed precision).
+// Float queries over a bf16, fp16 or QInt8 cache of the same keys and values (mixed
+// precision).
 template <typename KV>
 void run_reduced_cache(benchmark::State& state, Index batch, Index kv_len, int threads,
                        af::Int8Kernel int8_kernel = af::Int8Kernel::kAuto,
@@ -124,6 +137,8 @@ void run_reduced_cache(benchmark::State& state, Index batch, Index kv_len, int t
   af::KVPrefix<KV> kv;
   if constexpr (std::is_same_v<KV, af::QInt8>) {
     kv = in.int8_cache->prefix();
+  } else if constexpr (std::is_same_v<KV, Eigen::half>) {
+    kv = in.fp16_cache->prefix();
   } else {
     kv = in.bf16_cache->prefix();
   }
@@ -142,11 +157,11 @@ void run_stream(benchmark::State& state, double bytes, int threads) {
   set_bytes_counter(state, bytes);
 }
 
-// The fp32, bf16-cache and int8-cache decodes, the stream yardstick, the fp32 decode with
+// The fp32, bf16-cache, int8-cache and fp16-cache decodes, the stream yardstick, the fp32 decode with
 // attention sinks and streaming reads of the fp32 and int8 caches' own memory, of one
 // shape, timed in turn (bench::time_in_turns), for the ratios the separate rows above
 // give, measured side by side: fp32/stream (the fp32 decode's bytes rate over the
-// stream's), bf16/fp32, int8/fp32 and sinks/fp32 (tokens/s over the fp32 decode's),
+// stream's), bf16/fp32, int8/fp32, fp16/fp32 and sinks/fp32 (tokens/s over the fp32 decode's),
 // int8_bytes/stream (the int8 cache's bytes rate, scales included, over the stream's),
 // and fp32/cache_stream and int8/cache_stream: each decode's rate over a read of the
 // very bytes it reads, which takes out how fast the memory the OS gave each buffer is.
@@ -157,28 +172,32 @@ void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int
   af::Sdpa<float> fp32(options, bench::device_for(threads));
   af::Sdpa<float, Eigen::bfloat16> bf16(options, bench::device_for(threads));
   af::Sdpa<float, af::QInt8> int8(options, bench::device_for(threads));
+  af::Sdpa<float, Eigen::half> fp16(options, bench::device_for(threads));
   af::SdpaOptions sink_options = options;
   sink_options.sinks.assign(kHeads, 0.5);
   af::Sdpa<float> fp32_sinks(sink_options, bench::device_for(threads));
   const af::KVPrefix<float> fp32_kv = in.cache->prefix();
   const af::KVPrefix<Eigen::bfloat16> bf16_kv = in.bf16_cache->prefix();
   const af::KVPrefix<af::QInt8> int8_kv = in.int8_cache->prefix();
+  const af::KVPrefix<Eigen::half> fp16_kv = in.fp16_cache->prefix();
   const af::StridedView<float, 4> out(in.out);
   bench::StreamRead read(kv_bytes(batch, kv_len), threads);
   bench::StreamRead read_fp32_cache(bench::cache_spans(fp32_kv), threads);
   bench::StreamRead read_int8_cache(bench::cache_spans(int8_kv), threads);
-  const std::array<std::function<void()>, 7> calls = {
+  const std::array<std::function<void()>, 8> calls = {
       [&] { fp32(in.q, fp32_kv.keys, fp32_kv.values, out); },
       [&] { bf16(in.q, bf16_kv.keys, bf16_kv.values, out); },
       [&] { int8(in.q, int8_kv.keys, int8_kv.values, out); },
       [&] { read(); },
       [&] { fp32_sinks(in.q, fp32_kv.keys, fp32_kv.values, out); },
       [&] { read_fp32_cache(); },
-      [&] { read_int8_cache(); }};
+      [&] { read_int8_cache(); },
+      [&] { fp16(in.q, fp16_kv.keys, fp16_kv.values, out); }};
   const auto seconds = bench::time_in_turns(state, calls);
   state.counters["fp32/stream"] = bench::median_ratio(seconds[3], seconds[0]);
   state.counters["bf16/fp32"] = bench::median_ratio(seconds[0], seconds[1]);
   state.counters["int8/fp32"] = bench::median_ratio(seconds[0], seconds[2]);
+  state.counters["fp16/fp32"] = bench::median_ratio(seconds[0], seconds[7]);
   state.counters["int8_bytes/stream"] = bench::median_ratio(
       seconds[3], seconds[2], kv_bytes<af::QInt8>(batch, kv_len) / kv_bytes(batch, kv_len));
   state.counters["sinks/fp32"] = bench::median_ratio(seconds[0], seconds[4]);
@@ -233,7 +252,7 @@ void register_all() {
         bench::add(name + suffix, benchmark::kMicrosecond,
                    [=](benchmark::State& s) { run_sdpa(s, batch, kv_len, threads, path); });
       }
-      if ((batch == 1 && kv_len == 32768) || batch == 8) {
+      if (issue_shape(batch, kv_len)) {
         bench::add("decode_bf16_cache" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
           run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads);
         });
@@ -243,6 +262,10 @@ void register_all() {
               run_reduced_cache<Eigen::bfloat16>(s, batch, kv_len, threads, af::Int8Kernel::kAuto,
                                                  af::Bf16Kernel::kConvert);
             });
+        // An fp16 cache: widened to float for the float kernel (F16C where the CPU has it).
+        bench::add("decode_fp16_cache" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
+          run_reduced_cache<Eigen::half>(s, batch, kv_len, threads);
+        });
         bench::add("decode_int8_cache" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
           run_reduced_cache<af::QInt8>(s, batch, kv_len, threads);
         });
@@ -252,7 +275,7 @@ void register_all() {
               run_reduced_cache<af::QInt8>(s, batch, kv_len, threads, af::Int8Kernel::kDequantize);
             });
       }
-      if ((batch == 1 && kv_len == 32768) || batch == 8) {
+      if (issue_shape(batch, kv_len)) {
         bench::add("decode_in_turns" + suffix, benchmark::kMicrosecond,
                    [=](benchmark::State& s) { run_decode_in_turns(s, batch, kv_len, threads); });
       }

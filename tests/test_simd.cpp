@@ -180,6 +180,42 @@ TEST(Simd, StoreAsRoundsLikeStaticCast) {
   check_store_as<Eigen::half>();
 }
 
+// load_as widens every bf16 and fp16 value to the float static_cast gives (exact), and
+// convert() widens and rounds whole rows as static_cast does, vector steps and tail alike:
+// every 16-bit pattern, NaNs as NaNs of their sign.
+template <typename S>
+void check_widening() {
+  using Packet = simd::Packet<float>;
+  constexpr int kSize = simd::kWidth<float>;
+  std::vector<S> all(65536 + 3);  // + 3: convert's scalar tail
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    all[i] = Eigen::numext::bit_cast<S>(static_cast<std::uint16_t>(i));
+  }
+  std::vector<float> loaded(all.size()), converted(all.size());
+  for (std::size_t i = 0; i + kSize <= all.size(); i += kSize)
+    simd::store(loaded.data() + i, simd::load_as<Packet>(all.data() + i));
+  detail::convert(all.data(), converted.data(), static_cast<Index>(all.size()));
+  std::vector<S> rounded(all.size());
+  detail::convert(converted.data(), rounded.data(), static_cast<Index>(all.size()));
+  const auto same = [](float got, float want) {
+    return std::isnan(want) ? std::isnan(got) && std::signbit(got) == std::signbit(want)
+                            : std::memcmp(&got, &want, sizeof(got)) == 0;
+  };
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    const float want = static_cast<float>(all[i]);
+    if (i < all.size() / kSize * kSize) {
+      ASSERT_TRUE(same(loaded[i], want)) << i;
+    }
+    ASSERT_TRUE(same(converted[i], want)) << i;
+    ASSERT_TRUE(same(static_cast<float>(rounded[i]), want)) << i;  // back exactly
+  }
+}
+
+TEST(Simd, LoadAsAndConvertWidenEvery16BitValueExactly) {
+  check_widening<Eigen::half>();
+  check_widening<Eigen::bfloat16>();
+}
+
 // The online softmax over a row fed in blocks, against the two-pass softmax in double:
 // the lazy reference moves only past the threshold, and the result is the same.
 // The byte shuffles that read a QInt8 tile's quads: every length, so the vector steps of

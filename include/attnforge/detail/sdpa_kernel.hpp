@@ -103,22 +103,22 @@ EIGEN_ALWAYS_INLINE void for_each_row_block(Index n, F&& f) {
 }
 
 // qt[d][lane] = rows[lane][d] * scale for d < head_dim (0 for lanes whose row is null),
-// transposing one packet-square block at a time. Rows of another storage type than the
-// compute type T are converted element by element.
+// transposing one packet-square block at a time; bf16/fp16 rows widened to float as they
+// are loaded (simd::load_as).
 template <typename T, typename S>
 void pack_transposed(const S* const* rows, Index head_dim, T scale, T* qt) {
   using B = FusedBlocking<T>;
   using Packet = simd::Packet<T>;
   constexpr int kP = B::kPacket;
   Index d = 0;
-  if constexpr (std::is_same_v<S, T>) {
+  if constexpr (std::is_same_v<S, T> || std::is_same_v<T, float>) {
     const Packet scale_p = simd::splat<Packet>(scale);
     for (; d + kP <= head_dim; d += kP) {
       for (int v = 0; v < B::kLaneVectors; ++v) {
         simd::Block<T> block;
         for (int i = 0; i < kP; ++i) {
-          const T* row = rows[v * kP + i];
-          block.packet[i] = row ? simd::load<Packet>(row + d) : simd::zero<Packet>();
+          const S* row = rows[v * kP + i];
+          block.packet[i] = row ? simd::load_as<Packet>(row + d) : simd::zero<Packet>();
         }
         simd::transpose(block);
         for (int i = 0; i < kP; ++i) {

@@ -362,6 +362,51 @@ EIGEN_ALWAYS_INLINE P widen_int8(const std::int8_t* from) {
   }
 }
 
+// Whether fp16 <-> float conversions run in hardware (F16C, 8 lanes per instruction, 16
+// under AVX-512). Eigen 3.4 uses F16C only under clang (its test of the compiler is false
+// for GCC) and converts lane by lane in software otherwise, so the seam does it here.
+#if defined(__F16C__) && defined(EIGEN_VECTORIZE_SSE)
+#define ATTNFORGE_F16C 1
+// vcvtps2ph's rounding: to nearest even, as static_cast<Eigen::half> rounds.
+inline constexpr int kToNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+#else
+#define ATTNFORGE_F16C 0
+#endif
+
+// kSize<P> values of S at `from` as a packet P: a plain load where S is P's scalar, else
+// bf16 or fp16 widened to float (exact: every bf16 and fp16 value is a float). fp16 in
+// hardware where the target has F16C, bf16 by Eigen's cast where its packet has P's
+// lanes; lane by lane otherwise.
+template <typename P, typename S>
+EIGEN_ALWAYS_INLINE P load_as(const S* from) {
+  if constexpr (std::is_same_v<S, Scalar<P>>) {
+    return load<P>(from);
+  } else {
+    static_assert(std::is_same_v<Scalar<P>, float>, "load_as widens into float packets");
+#if ATTNFORGE_F16C && defined(EIGEN_VECTORIZE_AVX512)
+    if constexpr (std::is_same_v<S, Eigen::half> && kSize<P> == 16) {
+      return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(from)));
+    }
+#endif
+#if ATTNFORGE_F16C && defined(EIGEN_VECTORIZE_AVX)
+    if constexpr (std::is_same_v<S, Eigen::half> && kSize<P> == 8) {
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(from)));
+    }
+#endif
+#if ATTNFORGE_F16C
+    if constexpr (std::is_same_v<S, Eigen::half> && kSize<P> == 4) {
+      return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(from)));
+    }
+#endif
+    if constexpr (std::is_same_v<S, Eigen::bfloat16> && kSize<Packet<S>> == kSize<P>) {
+      return ei::pcast<Packet<S>, P>(ei::ploadu<Packet<S>>(from));
+    }
+    alignas(64) float lanes[kSize<P>];
+    for (int i = 0; i < kSize<P>; ++i) lanes[i] = static_cast<float>(from[i]);
+    return ei::ploadu<P>(lanes);
+  }
+}
+
 // out[k][i] = interleaved[4 i + k] for k < 4 and i < n: four byte streams interleaved a
 // byte at a time, apart again. A byte shuffle per 16 (AVX2: 32) bytes where the target has
 // one, byte by byte otherwise.
@@ -433,7 +478,8 @@ inline void gather_word_columns(const std::int8_t* src, Eigen::Index stride,
 
 // Stores the kSize<P> floats of x as values of S (float, Eigen::bfloat16 or Eigen::half),
 // each finite value and infinity rounded to nearest even exactly as static_cast<S> rounds
-// it, a NaN kept a NaN of its sign. Whole packets under AVX-512; lane by lane otherwise.
+// it, a NaN kept a NaN of its sign. Whole packets for bf16 under AVX-512 and for fp16 with
+// F16C (ATTNFORGE_F16C); lane by lane otherwise.
 template <typename S, typename P>
 EIGEN_ALWAYS_INLINE void store_as(S* to, const P& x) {
   static_assert(std::is_same_v<Scalar<P>, float>, "store_as narrows float packets");
@@ -456,8 +502,22 @@ EIGEN_ALWAYS_INLINE void store_as(S* to, const P& x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtepi32_epi16(out));
     return;
   }
+#endif
+#if ATTNFORGE_F16C && defined(EIGEN_VECTORIZE_AVX512)
   if constexpr (std::is_same_v<S, Eigen::half> && kSize<P> == 16) {
-    ei::pstoreu(to, ei::pcast<P, ei::Packet16h>(x));  // vcvtps2ph, round to nearest even
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm512_cvtps_ph(x, kToNearest));
+    return;
+  }
+#endif
+#if ATTNFORGE_F16C && defined(EIGEN_VECTORIZE_AVX)
+  if constexpr (std::is_same_v<S, Eigen::half> && kSize<P> == 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to), _mm256_cvtps_ph(x, kToNearest));
+    return;
+  }
+#endif
+#if ATTNFORGE_F16C
+  if constexpr (std::is_same_v<S, Eigen::half> && kSize<P> == 4) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to), _mm_cvtps_ph(x, kToNearest));
     return;
   }
 #endif
@@ -582,26 +642,23 @@ namespace attnforge::detail {
 
 // dst[i] = static_cast<D>(src[i]) for i < n: the storage-to-compute conversion of
 // bf16/fp16 tiles (exact: every bf16 and fp16 value is a float), and the rounding of
-// float into a bf16/fp16 cache (to nearest even), vectorised where Eigen has the cast; a
-// copy where the types are the same (a float cache's rows, a bf16 tile gathered from runs).
+// float into a bf16/fp16 cache (to nearest even), a packet at a time (simd::load_as,
+// simd::store_as); a copy where the types are the same (a float cache's rows, a bf16 tile
+// gathered from runs).
 template <typename S, typename D>
 void convert(const S* src, D* dst, Eigen::Index n) {
-  namespace ei = Eigen::internal;
+  using PacketF = simd::Packet<float>;
+  constexpr int kSize = simd::kSize<PacketF>;
+  constexpr bool kSixteenBit = std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half> ||
+                               std::is_same_v<D, Eigen::bfloat16> || std::is_same_v<D, Eigen::half>;
+  Eigen::Index i = 0;
   if constexpr (std::is_same_v<S, D>) {
     std::copy(src, src + n, dst);
     return;
-  }
-  Eigen::Index i = 0;
-  constexpr bool kWiden = std::is_same_v<D, float> &&
-                          (std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half>);
-  if constexpr (kWiden) {
-    using PacketS = simd::Packet<S>;
-    using PacketD = simd::Packet<float>;
-    constexpr int kSize = simd::kSize<PacketS>;
-    if constexpr (kSize > 1 && kSize == simd::kSize<PacketD>) {
-      for (; i + kSize <= n; i += kSize)
-        ei::pstoreu(dst + i, ei::pcast<PacketS, PacketD>(ei::ploadu<PacketS>(src + i)));
-    }
+  } else if constexpr (kSize > 1 && kSixteenBit && std::is_same_v<D, float>) {
+    for (; i + kSize <= n; i += kSize) simd::store(dst + i, simd::load_as<PacketF>(src + i));
+  } else if constexpr (kSize > 1 && kSixteenBit && std::is_same_v<S, float>) {
+    for (; i + kSize <= n; i += kSize) simd::store_as(dst + i, simd::load<PacketF>(src + i));
   }
   for (; i < n; ++i) dst[i] = static_cast<D>(src[i]);
 }
