@@ -1,6 +1,6 @@
 // A consumer translation unit that calls every public entry point of attnforge for float
-// and Eigen::bfloat16 (and the mixed float-over-bf16 and float-over-QInt8 cache
-// combinations), so that every kernel a user can reach is instantiated.
+// and Eigen::bfloat16 (and the mixed float-over-bf16, float-over-fp16 and float-over-QInt8
+// cache combinations), so that every kernel a user can reach is instantiated.
 // run_warnings_test.cmake compiles it with exactly a consumer's flags (-Wall -Wextra
 // -Wpedantic -march=native -Werror; g++ at -O2, clang++ at -O0, tests/CMakeLists.txt says
 // why), once with g++ and once with clang++, then runs it.
@@ -186,8 +186,8 @@ void norm_entry_points() {
   check("RMSNorm::forward_inplace", x);
 }
 
-// KVCache: update (with and without recorded doc ids), prefix, truncate, reset; a bf16
-// cache also takes float keys and values (rounded as they are appended), a QInt8 cache
+// KVCache: update (with and without recorded doc ids), prefix, truncate, reset; a bf16 or
+// fp16 cache also takes float keys and values (rounded as they are appended), a QInt8 cache
 // takes only those (quantized as they are appended).
 template <typename T>
 void kv_cache_entry_points() {
@@ -208,7 +208,7 @@ void kv_cache_entry_points() {
   recording.update(k_new, v_new, ids);
   if (recording.doc_ids().dimension(1) != 5) ++failures;
 
-  if constexpr (std::is_same_v<T, Eigen::bfloat16>) {
+  if constexpr (std::is_same_v<T, Eigen::bfloat16> || std::is_same_v<T, Eigen::half>) {
     af::Tensor<float, 4> k_float(kBatch, kKvHeads, 5, kHeadDim),
         v_float(kBatch, kKvHeads, 5, kHeadDim);
     fill(k_float, 8), fill(v_float, 9);
@@ -371,6 +371,9 @@ int main() {
       sdpa_entry_points<float, af::QInt8>(dev);
       attention_entry_points<float, af::QInt8>(dev);
       paged_entry_points<float, af::QInt8>(dev);
+      sdpa_entry_points<float, Eigen::half>(dev);
+      attention_entry_points<float, Eigen::half>(dev);
+      paged_entry_points<float, Eigen::half>(dev);
     }
     rope_entry_points<float>();
     rope_entry_points<Eigen::bfloat16>();
@@ -379,6 +382,7 @@ int main() {
     kv_cache_entry_points<float>();
     kv_cache_entry_points<Eigen::bfloat16>();
     kv_cache_entry_points<af::QInt8>();
+    kv_cache_entry_points<Eigen::half>();
   } catch (const std::exception& e) {
     std::fprintf(stderr, "consumer_warnings: %s\n", e.what());
     return 1;
@@ -388,7 +392,7 @@ int main() {
     return 1;
   }
   std::printf(
-      "consumer_warnings: every entry point ran (float, bf16, float over a bf16 or a QInt8 "
-      "cache)\n");
+      "consumer_warnings: every entry point ran (float, bf16, float over a bf16, an fp16 or a "
+      "QInt8 cache)\n");
   return 0;
 }
