@@ -157,14 +157,14 @@ void run_stream(benchmark::State& state, double bytes, int threads) {
   set_bytes_counter(state, bytes);
 }
 
-// The fp32, bf16-cache, int8-cache and fp16-cache decodes, the stream yardstick, the fp32 decode with
-// attention sinks and streaming reads of the fp32 and int8 caches' own memory, of one
-// shape, timed in turn (bench::time_in_turns), for the ratios the separate rows above
-// give, measured side by side: fp32/stream (the fp32 decode's bytes rate over the
-// stream's), bf16/fp32, int8/fp32, fp16/fp32 and sinks/fp32 (tokens/s over the fp32 decode's),
-// int8_bytes/stream (the int8 cache's bytes rate, scales included, over the stream's),
-// and fp32/cache_stream and int8/cache_stream: each decode's rate over a read of the
-// very bytes it reads, which takes out how fast the memory the OS gave each buffer is.
+// The fp32, bf16-cache, int8-cache and fp16-cache decodes, the stream yardstick, the fp32 decode
+// with attention sinks and streaming reads of the fp32 and int8 caches' own memory, of one shape,
+// timed in turn (bench::time_in_turns), for the ratios the separate rows above give, measured side
+// by side: fp32/stream (the fp32 decode's bytes rate over the stream's), bf16/fp32, int8/fp32,
+// fp16/fp32 and sinks/fp32 (tokens/s over the fp32 decode's), int8_bytes/stream (the int8 cache's
+// bytes rate, scales included, over the stream's), and fp32/cache_stream and int8/cache_stream:
+// each decode's rate over a read of the very bytes it reads, which takes out how fast the memory
+// the OS gave each buffer is.
 void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int threads) {
   DecodeInputs& in = decode_inputs(batch, kv_len);
   af::SdpaOptions options;

@@ -20,8 +20,10 @@ struct LinearShape {
 };
 
 // Runs linear over padded operands and checks every output against the double sum, with
-// the bound of a sum of in_features products in T (Higham: n u sum |w x|, doubled for
-// the final reduction of the lanes), and that y's padding is not written.
+// the bound of a sum of in_features products in T's accumulator type (Higham: n u sum
+// |w x|, doubled for the final reduction of the lanes; bf16 and fp16 products are exact
+// in float) plus, for a 16-bit T, the one rounding of the result into T, and that y's
+// padding is not written. A 16-bit T summed in 16 bits would miss the bound by far.
 template <typename T>
 void check_linear(const LinearShape& s, const Eigen::ThreadPoolDevice* device) {
   const Index ldx = s.in_features + 3, ldw = s.in_features + 5, ldy = s.out_features + 2;
@@ -34,7 +36,10 @@ void check_linear(const LinearShape& s, const Eigen::ThreadPoolDevice* device) {
   std::vector<T> y(static_cast<std::size_t>(s.rows * ldy), sentinel);
   detail::linear(x.data(), s.rows, s.in_features, ldx, w.data(), s.out_features, ldw, y.data(), ldy,
                  device);
-  const double u = std::numeric_limits<T>::epsilon() / 2;
+  // Unit roundoffs from the digits (Eigen 3.4's numeric_limits<Eigen::half>::epsilon()
+  // is 2^-13, not 2^-10).
+  const double u = std::ldexp(1.0, -std::numeric_limits<acc_t<T>>::digits);
+  const double u_out = std::ldexp(1.0, -std::numeric_limits<T>::digits);
   for (Index r = 0; r < s.rows; ++r) {
     for (Index o = 0; o < ldy; ++o) {
       const T got = y[static_cast<std::size_t>(r * ldy + o)];
@@ -49,7 +54,9 @@ void check_linear(const LinearShape& s, const Eigen::ThreadPoolDevice* device) {
         exact += p;
         magnitude += std::abs(p);
       }
-      const double bound = 2.0 * static_cast<double>(s.in_features) * u * magnitude;
+      const double sum_bound = 2.0 * static_cast<double>(s.in_features) * u * magnitude;
+      const double bound =
+          sum_bound + (u_out > u ? u_out * (std::abs(exact) + sum_bound) : 0.0);
       ASSERT_LE(std::abs(static_cast<double>(got) - exact), bound)
           << "rows " << s.rows << ", in " << s.in_features << ", out " << s.out_features << ": y("
           << r << ", " << o << ")";
@@ -72,6 +79,15 @@ TEST(Linear, MatchesDoubleSumFloat) {
 
 TEST(Linear, MatchesDoubleSumDouble) {
   for (const LinearShape& s : kLinearShapes) check_linear<double>(s, nullptr);
+}
+
+// bf16 and fp16 operands are multiplied and summed in float (widened_linear), on both
+// sides of the streaming range.
+TEST(Linear, MatchesDoubleSumBf16AndFp16InFloat) {
+  for (const LinearShape& s : kLinearShapes) {
+    check_linear<Eigen::bfloat16>(s, nullptr);
+    check_linear<Eigen::half>(s, &test::pool_device(2));
+  }
 }
 
 TEST(Linear, MatchesDoubleSumOnAPool) {

@@ -649,7 +649,8 @@ template <typename S, typename D>
 void convert(const S* src, D* dst, Eigen::Index n) {
   using PacketF = simd::Packet<float>;
   constexpr int kSize = simd::kSize<PacketF>;
-  constexpr bool kSixteenBit = std::is_same_v<S, Eigen::bfloat16> || std::is_same_v<S, Eigen::half> ||
+  constexpr bool kSixteenBit = std::is_same_v<S, Eigen::bfloat16> ||
+                               std::is_same_v<S, Eigen::half> ||
                                std::is_same_v<D, Eigen::bfloat16> || std::is_same_v<D, Eigen::half>;
   Eigen::Index i = 0;
   if constexpr (std::is_same_v<S, D>) {
