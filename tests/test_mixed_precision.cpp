@@ -288,17 +288,18 @@ TEST(MixedPrecisionCache, AttentionDecodesThroughABfloat16AndHalfCache) {
   EXPECT_GT(error_relative_to_scale(bf16_steps, full), 0.0);  // the cache really is bf16
 }
 
-// A whole bf16 module against the float module with the same (bf16-representable)
-// weights and input: bf16 rounds q, k, v, the attention output and the projections'
-// results (2^-9 each), a few times 2^-9 overall.
-TEST(LowPrecisionAttention, Bfloat16ModuleTracksTheFloatModule) {
-  const Index dim = 64, len = 10;
+// A whole 16-bit module against the float module with the same (16-bit-representable)
+// weights and input: the 16-bit module rounds q, k, v, the attention output and the
+// projections' results (2^-9 each for bf16, 2^-12 for fp16), a few times that overall,
+// since its products sum in float (detail/linear.hpp, widened_linear).
+template <typename T>
+double module_error_against_float(Index dim, Index len) {
   Attention<float> reference(dim, 4, 2, 0, /*qk_norm=*/true);
   reference.reset_parameters(8);
-  Attention<bfloat16> attn(dim, 4, 2, 0, /*qk_norm=*/true);
-  const auto round_weights = [](ParameterRef<float, 2> w, ParameterRef<bfloat16, 2> out) {
+  Attention<T> attn(dim, 4, 2, 0, /*qk_norm=*/true);
+  const auto round_weights = [](ParameterRef<float, 2> w, ParameterRef<T, 2> out) {
     for (Index i = 0; i < w.size(); ++i) {
-      out.data()[i] = static_cast<bfloat16>(w.data()[i]);
+      out.data()[i] = static_cast<T>(w.data()[i]);
       w.data()[i] = static_cast<float>(out.data()[i]);
     }
   };
@@ -306,15 +307,29 @@ TEST(LowPrecisionAttention, Bfloat16ModuleTracksTheFloatModule) {
   round_weights(reference.wk(), attn.wk());
   round_weights(reference.wv(), attn.wv());
   round_weights(reference.wo(), attn.wo());
-  const auto xb = rounded_normal<bfloat16, 3>({1, len, dim}, 9);
-  Tensor<float, 3> xf(xb.dimensions());
-  for (Index i = 0; i < xb.size(); ++i) xf.data()[i] = static_cast<float>(xb.data()[i]);
-  RotaryEmbedding<float> rope_f(16, 32);
-  RotaryEmbedding<bfloat16> rope_b(16, 32);
-  KVCache<bfloat16> cache(1, 32, 2, 16);
-  const Tensor<bfloat16, 3> yb = attn.forward(xb, rope_b, 0, &cache);
+  const auto x = rounded_normal<T, 3>({1, len, dim}, 9);
+  Tensor<float, 3> xf(x.dimensions());
+  for (Index i = 0; i < x.size(); ++i) xf.data()[i] = static_cast<float>(x.data()[i]);
+  RotaryEmbedding<float> rope_f(dim / 4, 32);
+  RotaryEmbedding<T> rope_t(dim / 4, 32);
+  KVCache<T> cache(1, 32, 2, dim / 4);
+  const Tensor<T, 3> y = attn.forward(x, rope_t, 0, &cache);
   const Tensor<float, 3> yf = reference.forward(xf, rope_f, 0);
-  EXPECT_LT(error_relative_to_scale(yb, yf), 3e-2);
+  return error_relative_to_scale(y, yf);
+}
+
+TEST(LowPrecisionAttention, SixteenBitModulesTrackTheFloatModule) {
+  // dim 64 (16 features per head); dim 512 sums 512 features per projection output.
+  for (Index dim : {64, 512}) {
+    const double bf16 = module_error_against_float<bfloat16>(dim, 10);
+    const double fp16 = module_error_against_float<half>(dim, 10);
+    // About 3 x the errors of float sums; sums in 16 bits, as Eigen's own 16-bit products
+    // take them, exceed both bounds at both widths.
+    EXPECT_LT(bf16, 1e-2) << dim;
+    EXPECT_LT(fp16, 1.5e-3) << dim;
+    EXPECT_GT(bf16, 0.0) << dim;  // the modules really are 16-bit
+    EXPECT_GT(fp16, 0.0) << dim;
+  }
 }
 
 }  // namespace
