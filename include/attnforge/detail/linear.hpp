@@ -90,17 +90,19 @@ EIGEN_ALWAYS_INLINE void streaming_row_blocks(const C* x, Index n_rows, Index ld
 
 // One chunk of `width` outputs of the streaming product: kStreamingOutputs weight rows at
 // a time (they stay in L2 while every row block of x passes over them), then the rest one
-// by one. While it works on some weight rows it asks for the next ones: the row blocks
-// after the first read only from cache, and without the requests memory would idle
-// through them.
+// by one. With more than one row block it asks for the next weight rows while it works on
+// some: the row blocks after the first read only from cache, and without the requests
+// memory would idle through them. With one row block every weight load streams from
+// memory, which the hardware prefetchers follow faster without the requests.
 template <typename W, typename C = acc_t<W>>
 void streaming_linear_chunk(const C* x, Index n_rows, Index in_features, Index ldx, const W* w,
                             Index width, Index ldw, C* y, Index ldy) {
   const Index steps = (n_rows + kStreamingRows - 1) / kStreamingRows *
                       std::max<Index>(1, in_features / simd::kWidth<C>);
+  const bool one_row_block = n_rows <= kStreamingRows;
   const auto next_rows = [&](Index o, Index rows) {
     const Index n = std::min(rows, width - o);
-    if (n <= 0) return simd::LineStream{};
+    if (n <= 0 || one_row_block) return simd::LineStream{};
     return simd::LineStream::over(w + o * ldw, ((n - 1) * ldw + in_features) * Index{sizeof(W)},
                                   steps, /*into_l2=*/true);
   };
