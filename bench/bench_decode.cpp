@@ -3,12 +3,11 @@
 // path, and a streaming read of as many bytes as the K/V cache holds, all in one run;
 // the same keys and values in a bf16, an fp16 and a QInt8 cache (decode_bf16_cache,
 // decode_fp16_cache, decode_int8_cache: GB/s counts the bytes each cache holds, scales
-// included; the bf16
-// cache also with Bf16Kernel::kConvert, decode_bf16_convert, and the QInt8 cache with
-// Int8Kernel::kDequantize, decode_int8_dequantize). Then a
-// whole Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache,
-// against a streaming read of its bytes (weights + fp32 cache). decode_in_turns times the
-// fp32, bf16, fp16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
+// included; the bf16 cache also with Bf16Kernel::kConvert, decode_bf16_convert, and the
+// QInt8 cache with Int8Kernel::kDequantize, decode_int8_dequantize). Then a whole
+// Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache, against a
+// streaming read of its bytes (weights + fp32 cache). decode_in_turns times the fp32,
+// bf16, fp16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
 // shape in turn, for their ratios side by side (bench::time_in_turns).
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
