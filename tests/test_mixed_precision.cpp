@@ -104,6 +104,21 @@ TEST_P(LowPrecision, FloatActivationsOverBfloat16AndHalfCacheMatchAtFloatAccurac
   expect_matches_reference<float, half>(c.path, c.q_len, c.kv_len, false);
 }
 
+// The decode reads a 16-bit cache as stored and widens each packet as it loads it: every
+// head_dim tail (whole packets, a half-width packet, single elements) and both score
+// widths' blocks, over bf16 (by conversion, not dot products) and fp16 caches.
+TEST(LowPrecisionKernels, DecodeWidensSixteenBitCachesAtEveryHeadDim) {
+  for (const Index head_dim : {Index{8}, Index{20}, Index{36}, Index{80}, Index{128}}) {
+    SCOPED_TRACE(testing::Message() << "head_dim " << head_dim);
+    for (const Index q_len : {Index{1}, Index{3}}) {
+      expect_matches_reference<float, bfloat16>(SdpaPath::kDecode, q_len, 333, true,
+                                                Bf16Kernel::kConvert, head_dim);
+      expect_matches_reference<float, half>(SdpaPath::kDecode, q_len, 333, true, Bf16Kernel::kAuto,
+                                            head_dim);
+    }
+  }
+}
+
 // The AVX512-BF16 dot products round the softmax weights to bf16 before P V (relative
 // error 2^-9 per weight, averaging out over the keys), so the same bf16 bound holds.
 TEST(LowPrecisionKernels, Bfloat16DotProductsAndConversionBothMatchTheReference) {

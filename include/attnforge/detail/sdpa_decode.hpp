@@ -92,6 +92,14 @@ struct DecodeScratch : DecodeRowState<T> {
   Index block_keys() const { return int8_dot ? kInt8DecodeKeys : simd::kWidth<T>; }
 };
 
+// Whether decode_block reads a cache of S as stored, each packet widened to T as it is
+// loaded (simd::load_as), instead of converting every block into scratch first: the
+// conversion pass wrote and reread each block and added its time to the memory's.
+template <typename T, typename S>
+inline constexpr bool kDecodeWidensAsLoaded = std::is_same_v<T, float> &&
+                                              (std::is_same_v<S, Eigen::half> ||
+                                               std::is_same_v<S, Eigen::bfloat16>);
+
 // Whether the decode of problem type P can take the bf16 dot products (bf16_dot.hpp).
 template <typename P>
 inline constexpr bool kBf16DotDecode =
@@ -133,8 +141,8 @@ inline DecodeKeys decode_keys(const BatchMask& mask, Index q_len) {
 // acc[j] += q . key_j over that range. Each key row is read front to back before the
 // next, the order the hardware prefetchers follow (reading the block's rows side by side,
 // a column at a time, streams from DRAM markedly slower).
-template <typename T, bool kFull, int NQ>
-EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
+template <typename T, bool kFull, int NQ, typename K>
+EIGEN_ALWAYS_INLINE void score_pass(const T* q, const K* const* rows, Index d0,
                                     simd::BlockOfWidth<T, kFull>& acc) {
   using Packet = simd::PacketOfWidth<T, kFull>;
   constexpr int kS = simd::kSize<Packet>;
@@ -145,7 +153,7 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
   for (int j = 0; j < kS; ++j) {
     ATTNFORGE_UNROLL
     for (int c = 0; c < NQ; ++c)
-      acc.packet[j] = simd::fma(qv[c], simd::load<Packet>(rows[j] + d0 + c * kS), acc.packet[j]);
+      acc.packet[j] = simd::fma(qv[c], simd::load_as<Packet>(rows[j] + d0 + c * kS), acc.packet[j]);
   }
 }
 
@@ -155,15 +163,15 @@ EIGEN_ALWAYS_INLINE void score_pass(const T* q, const T* const* rows, Index d0,
 // `ahead` (the lines of a block ahead) takes one step per key, all of them before the
 // FMAs: a step inside the unrolled pass puts one copy of the request loop per key among
 // the FMAs, and those copies take the registers that hold the key rows' addresses.
-template <typename T, bool kFull>
-EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Index n_keys,
+template <typename T, bool kFull, typename K>
+EIGEN_ALWAYS_INLINE void block_scores(const T* q, const K* keys, Index ldk, Index n_keys,
                                       Index first, Index head_dim, T* out,
                                       simd::LineStream& ahead) {
   using Packet = simd::PacketOfWidth<T, kFull>;
   constexpr int kS = simd::kSize<Packet>;
   constexpr int kNQ = kScoreQueryPackets<kFull>;
   simd::BlockOfWidth<T, kFull> acc;
-  const T* rows[kS];
+  const K* rows[kS];
   for (int j = 0; j < kS; ++j) {
     acc.packet[j] = simd::zero<Packet>();
     rows[j] = keys + (first + j < n_keys ? first + j : 0) * ldk;
@@ -182,7 +190,7 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
   if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc), d += kS;
   simd::store(out, simd::sum_each(acc));
   for (Index e = d; e < head_dim; ++e) {  // head_dim not a multiple of the packet
-    for (int j = 0; j < kS; ++j) out[j] += q[e] * rows[j][e];
+    for (int j = 0; j < kS; ++j) out[j] += q[e] * static_cast<T>(rows[j][e]);
   }
 }
 
@@ -190,8 +198,8 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, const T* keys, Index ldk, Inde
 // keys of the block, a chunk of head_dim (C packets) at a time. Whole value rows are read
 // one after the other, as the prefetchers like; the rows beyond the first R reread the
 // block from L1. `ahead` steps once per key (the lines of a block ahead).
-template <typename T, int R, int C>
-EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Index ldv,
+template <typename T, int R, int C, typename K>
+EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const K* values, Index ldv,
                                           Index n_keys, T* out, Index ldo,
                                           simd::LineStream& ahead) {
   using Packet = simd::Packet<T>;
@@ -206,7 +214,7 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Ind
     ahead.step();
     Packet v[C];
     ATTNFORGE_UNROLL
-    for (int c = 0; c < C; ++c) v[c] = simd::load<Packet>(values + j * ldv + c * kP);
+    for (int c = 0; c < C; ++c) v[c] = simd::load_as<Packet>(values + j * ldv + c * kP);
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       const Packet w = simd::splat<Packet>(weights[r * kP + j]);
@@ -221,12 +229,12 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const T* values, Ind
   }
 }
 
-template <typename T, int R>
-EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, Index ldv,
+template <typename T, int R, typename K>
+EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const K* values, Index ldv,
                                            Index n_keys, Index head_dim, T* out, Index ldo,
                                            simd::LineStream& ahead) {
   constexpr int kP = simd::kWidth<T>;
-  constexpr int kChunk = kValuePackets;
+  constexpr int kChunk = R > 2 ? kValuePackets / 2 : kValuePackets;  // R x kChunk accumulators
   Index d = 0;
   for (; d + kChunk * kP <= head_dim; d += kChunk * kP) {
     accumulate_chunk<T, R, kChunk>(weights, values + d, ldv, n_keys, out + d, ldo, ahead);
@@ -236,7 +244,8 @@ EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const T* values, In
   for (; d < head_dim; ++d) {
     for (int r = 0; r < R; ++r) {
       T sum = out[r * ldo + d];
-      for (Index j = 0; j < n_keys; ++j) sum += weights[r * kP + j] * values[j * ldv + d];
+      for (Index j = 0; j < n_keys; ++j)
+        sum += weights[r * kP + j] * static_cast<T>(values[j * ldv + d]);
       out[r * ldo + d] = sum;
     }
   }
@@ -543,8 +552,8 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
 // come first, then their softmax: the rows are independent, and keeping each phase in
 // its own loop lets the core overlap their latency chains. The first row reads each key
 // from memory, the others from L1.
-template <typename T, bool kFull>
-void score_rows(const DecodeGroup& g, const T* keys, Index ldk, Index n_keys, DecodeScratch<T>& s,
+template <typename T, bool kFull, typename K>
+void score_rows(const DecodeGroup& g, const K* keys, Index ldk, Index n_keys, DecodeScratch<T>& s,
                 simd::LineStream& ahead) {
   constexpr int kP = simd::kWidth<T>;
   constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
@@ -566,6 +575,39 @@ EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, Index b, const DecodeBlockA
   const Index row_width = stored_row_width<typename P::KVScalar>(head_dim);
   prefetch_rows<kWhen>(pb.k.row(b, block.head, block.j0), pb.k.stride(2), block.n, row_width);
   prefetch_rows<kWhen>(pb.v.row(b, block.head, block.j0), pb.v.stride(2), block.n, row_width);
+}
+
+// decode_block's scores, softmax and value products over keys read as K: T itself, or
+// a 16-bit cache widened packet by packet as the kernels load it. values(ldv) gives the
+// value rows (and their stride) once the scores are done.
+template <typename P, typename F, typename K, typename Values>
+void attend_block_rows(const DecodeGroup& g, const SdpaParams& params, Index j0, Index n_keys,
+                       bool check, const K* keys, Index ldk, const Values& values, NextBlock& next,
+                       DecodeScratch<typename P::Compute>& s) {
+  using T = typename P::Compute;
+  constexpr int kP = simd::kWidth<T>;
+  if (s.full_width_scores) {
+    score_rows<T, true>(g, keys, ldk, n_keys, s, next.during_scores);
+  } else {
+    score_rows<T, false>(g, keys, ldk, n_keys, s, next.during_scores);
+  }
+  next.during_scores.finish();
+  for (Index r = 0; r < g.rows; ++r) {
+    mod_decode_scores<T, F>(g, params, r, j0, n_keys, check, s.weights.data() + r * kP);
+  }
+  softmax_decode_block(g, s);
+  Index ldv = 0;
+  const auto* value_rows = values(ldv);
+  // Values widened as loaded go to four rows per pass, not two: each packet is then
+  // widened once for every four rows.
+  using Value = std::remove_cv_t<std::remove_pointer_t<decltype(value_rows)>>;
+  constexpr int kValueRows = std::is_same_v<Value, T> ? 2 : 4;
+  for_each_halving_row_block<kValueRows>(g.rows, [&](auto rows, Index r0) {
+    decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, value_rows, ldv, n_keys,
+                                                g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd,
+                                                next.during_values);
+  });
+  next.during_values.finish();
 }
 
 // One block of n_keys (<= s.block_keys()) keys starting at j0: scores of every row, their
@@ -598,25 +640,23 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
     }
   }
   NextBlock next = next_block(pb, g, s, ahead, g.rows * kP, (g.rows + 1) / 2 * n_keys);
-  Index ldk = pb.k.stride(2), ldv = pb.v.stride(2);
-  const T* keys = tile_rows<QInt8Role::kKey>(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
-  if (s.full_width_scores) {
-    score_rows<T, true>(g, keys, ldk, n_keys, s, next.during_scores);
+  if constexpr (kDecodeWidensAsLoaded<T, typename P::KVScalar>) {
+    eigen_assert(contiguous_rows(pb.k, j0) >= n_keys && contiguous_rows(pb.v, j0) >= n_keys);
+    const auto values = [&](Index& ldv) {
+      ldv = pb.v.stride(2);
+      return pb.v.row(g.b, g.kv_head, j0);
+    };
+    attend_block_rows<P, F>(g, pb.params, j0, n_keys, check, pb.k.row(g.b, g.kv_head, j0),
+                            pb.k.stride(2), values, next, s);
   } else {
-    score_rows<T, false>(g, keys, ldk, n_keys, s, next.during_scores);
+    Index ldk = pb.k.stride(2);
+    const T* keys = tile_rows<QInt8Role::kKey>(pb.k, g.b, g.kv_head, j0, n_keys, s.keys, ldk);
+    const auto values = [&](Index& ldv) {
+      ldv = pb.v.stride(2);
+      return tile_rows<QInt8Role::kValue>(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
+    };
+    attend_block_rows<P, F>(g, pb.params, j0, n_keys, check, keys, ldk, values, next, s);
   }
-  next.during_scores.finish();
-  for (Index r = 0; r < g.rows; ++r) {
-    mod_decode_scores<T, F>(g, pb.params, r, j0, n_keys, check, s.weights.data() + r * kP);
-  }
-  softmax_decode_block(g, s);
-  const T* values = tile_rows<QInt8Role::kValue>(pb.v, g.b, g.kv_head, j0, n_keys, s.values, ldv);
-  for_each_halving_row_block<2>(g.rows, [&](auto rows, Index r0) {
-    decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, values, ldv, n_keys,
-                                                g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd,
-                                                next.during_values);
-  });
-  next.during_values.finish();
 }
 
 // The blocks (of block_keys keys or fewer) of keys [key_first, key_last) of KV heads
@@ -868,7 +908,8 @@ Index prepare_decode(const P* problems, const MaskPolicy* policies, Index n, int
   for (std::size_t p = 0; p < ws.first_item.size(); ++p)
     ws.first_unit[p] = ws.first_item[p] / ws.unit_heads;
   reserve_decode(ws, workers, ws.max_rows, problems[0].q.dimension(3),
-                 !std::is_same_v<typename P::KVScalar, typename P::Compute>,
+                 !std::is_same_v<typename P::KVScalar, typename P::Compute> &&
+                     !kDecodeWidensAsLoaded<typename P::Compute, typename P::KVScalar>,
                  problems[0].params.int8_dot,
                  problems[0].params.bf16_dot &&
                      bf16_dot_decode_fits<typename P::Compute, typename P::KVScalar>(
