@@ -9,7 +9,9 @@
 //           one packet of P scores;
 //   output: out[r] += p[r][j] * v[j], register-blocked over rows and head_dim.
 // A QInt8 or bf16 cache is multiplied in its stored form where the CPU has the dot
-// products (int8_dot.hpp, bf16_dot.hpp), else converted a block at a time.
+// products (int8_dot.hpp, bf16_dot.hpp). Otherwise a bf16 or fp16 cache is widened to
+// float packet by packet as the kernels load it, and a QInt8 one is dequantized a block
+// at a time.
 // Split-KV (flash-decoding): the keys are cut into chunks of kDecodeChunk, computed in
 // parallel, each giving a normalised partial output and its log-sum-exp, merged exactly
 // in chunk order. The chunking depends on Skv only, so any thread count gives the same
