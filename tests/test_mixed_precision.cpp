@@ -105,8 +105,8 @@ TEST_P(LowPrecision, FloatActivationsOverBfloat16AndHalfCacheMatchAtFloatAccurac
 }
 
 // The decode reads a 16-bit cache as stored and widens each packet as it loads it: every
-// head_dim tail (whole packets, a half-width packet, single elements) and both score
-// widths' blocks, over bf16 (by conversion, not dot products) and fp16 caches.
+// head_dim tail (whole chunks of packets, single packets, single elements), one and
+// several query rows per head, over bf16 (by conversion, not dot products) and fp16.
 TEST(LowPrecisionKernels, DecodeWidensSixteenBitCachesAtEveryHeadDim) {
   for (const Index head_dim : {Index{8}, Index{20}, Index{36}, Index{80}, Index{128}}) {
     SCOPED_TRACE(testing::Message() << "head_dim " << head_dim);

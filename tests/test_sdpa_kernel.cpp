@@ -240,27 +240,36 @@ constexpr detail::DecodeStream kStreamsBesideL1[] = {
 
 // The decode kernel holds a query row in registers a fixed number of packets at a time
 // and the output a whole value row at a time: every head_dim that leaves a tail of
-// packets (or of elements) behind, and odd row counts (rows taken two at a time), against
-// the double brute force on 1 and 2 threads, with a key count that ends mid-block, and
-// with both score packet widths (kAuto takes one of them by build). Every way of streaming
-// the cache ahead (DecodeStream) gives the same bits: they only ask for lines.
+// packets (or of elements) behind, and odd row counts (rows taken two or four at a
+// time), against the double brute force on 1 and 2 threads, with a key count that ends
+// mid-block, and with both score packet widths (kAuto takes one of them by build). Every
+// way of streaming the cache ahead (DecodeStream) gives the same bits: they only ask for
+// lines.
 class DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {};
 
-TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
-  const auto& [head_dim, n_rep] = GetParam();
+// The cache as KV: float, or a 16-bit type the kernels widen as they load it (the bf16
+// one by conversion, not by dot products), against the reference over the same values.
+template <typename KV>
+void expect_decode_matches_dense_reference(Index head_dim, Index n_rep) {
   const Index n_kv_heads = 2, kv_len = 1100 + head_dim % 13;
+  const auto as_kv = [](const Tensor<float, 4>& t) {
+    Tensor<KV, 4> out(t.dimensions());
+    for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<KV>(t.data()[i]);
+    return out;
+  };
   auto q = random_normal<float, 4>({1, n_kv_heads * n_rep, 1, head_dim}, 21);
-  auto k = random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 22);
-  auto v = random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 23);
+  auto k = as_kv(random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 22));
+  auto v = as_kv(random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 23));
   DenseMasks dense;
   dense.causal = true;
   const DenseResult ref = dense_sdpa(to_double(q), to_double(k), to_double(v), dense);
+  SdpaOptions options = library_options(dense, {}, SdpaPath::kDecode);
+  options.bf16_kernel = Bf16Kernel::kConvert;
   using Width = detail::DecodeScoreWidth;
   for (Width width : {Width::kHalfPacket, Width::kFullPacket}) {
     SCOPED_TRACE(width == Width::kFullPacket ? "full-width scores" : "half-width scores");
     for (int threads : {1, 2}) {
-      Sdpa<float> sdpa(library_options(dense, {}, SdpaPath::kDecode),
-                       threads == 1 ? nullptr : &pool_device(threads));
+      Sdpa<float, KV> sdpa(options, threads == 1 ? nullptr : &pool_device(threads));
       sdpa.set_decode_score_width(width);
       sdpa.set_decode_stream(detail::DecodeStream::kL1NextBlock);
       Tensor<float, 4> out(q.dimensions());
@@ -279,6 +288,21 @@ TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
       }
     }
   }
+}
+
+TEST_P(DecodeKernel, MatchesDenseReferenceForHeadDimTailsAndOddRowCounts) {
+  const auto& [head_dim, n_rep] = GetParam();
+  expect_decode_matches_dense_reference<float>(head_dim, n_rep);
+}
+
+TEST_P(DecodeKernel, WidensSixteenBitCachesForHeadDimTailsAndOddRowCounts) {
+  const auto& [head_dim, n_rep] = GetParam();
+  {
+    SCOPED_TRACE("fp16 cache");
+    expect_decode_matches_dense_reference<Eigen::half>(head_dim, n_rep);
+  }
+  SCOPED_TRACE("bf16 cache");
+  expect_decode_matches_dense_reference<Eigen::bfloat16>(head_dim, n_rep);
 }
 
 INSTANTIATE_TEST_SUITE_P(Tails, DecodeKernel,
