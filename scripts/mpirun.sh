@@ -5,7 +5,7 @@
 # cores, the tests run up to 4 ranks), and allows root (CI runs as root).
 # Each launch gets a session directory of its own: two launches that start together
 # race to create the shared default (/tmp/ompi.HOST.UID), and the loser fails in
-# orte_init ("mkdir ... File exists"), as `ctest -j2` showed.
+# orte_init ("mkdir ... File exists"); CTest runs the MPI tests in parallel.
 set -euo pipefail
 np="$1"
 shift
