@@ -579,9 +579,9 @@ EIGEN_ALWAYS_INLINE void prefetch_block(const P& pb, Index b, const DecodeBlockA
   prefetch_rows<kWhen>(pb.v.row(b, block.head, block.j0), pb.v.stride(2), block.n, row_width);
 }
 
-// decode_block's scores, softmax and value products over keys read as K: T itself, or
-// a 16-bit cache widened packet by packet as the kernels load it. values(ldv) gives the
-// value rows (and their stride) once the scores are done.
+// decode_block's scores, softmax and value products over keys and values read as K: T
+// itself, or a 16-bit cache widened packet by packet as the kernels load it. values(ldv)
+// gives the value rows (and their stride) once the scores are done.
 template <typename P, typename F, typename K, typename Values>
 void attend_block_rows(const DecodeGroup& g, const SdpaParams& params, Index j0, Index n_keys,
                        bool check, const K* keys, Index ldk, const Values& values, NextBlock& next,
@@ -599,11 +599,10 @@ void attend_block_rows(const DecodeGroup& g, const SdpaParams& params, Index j0,
   }
   softmax_decode_block(g, s);
   Index ldv = 0;
-  const auto* value_rows = values(ldv);
+  const K* value_rows = values(ldv);
   // Values widened as loaded go to four rows per pass, not two: each packet is then
   // widened once for every four rows.
-  using Value = std::remove_cv_t<std::remove_pointer_t<decltype(value_rows)>>;
-  constexpr int kValueRows = std::is_same_v<Value, T> ? 2 : 4;
+  constexpr int kValueRows = std::is_same_v<K, T> ? 2 : 4;
   for_each_halving_row_block<kValueRows>(g.rows, [&](auto rows, Index r0) {
     decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, value_rows, ldv, n_keys,
                                                 g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd,
