@@ -13,13 +13,6 @@ namespace {
 using Eigen::bfloat16;
 using Eigen::half;
 
-template <typename T, int Rank>
-Tensor<T, Rank> rounded_normal(const std::array<Index, Rank>& dims, std::uint32_t seed) {
-  const Tensor<float, Rank> f = random_normal<float, Rank>(dims, seed);
-  Tensor<T, Rank> t(dims);
-  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(f.data()[i]);
-  return t;
-}
 
 // Error bounds relative to the output's scale. Inputs are exact in both computations
 // (the reference widens the same rounded values), accumulation is float (~1e-6), so the

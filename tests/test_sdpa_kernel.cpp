@@ -252,14 +252,9 @@ class DecodeKernel : public ::testing::TestWithParam<std::tuple<Index, Index>> {
 template <typename KV>
 void expect_decode_matches_dense_reference(Index head_dim, Index n_rep) {
   const Index n_kv_heads = 2, kv_len = 1100 + head_dim % 13;
-  const auto as_kv = [](const Tensor<float, 4>& t) {
-    Tensor<KV, 4> out(t.dimensions());
-    for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<KV>(t.data()[i]);
-    return out;
-  };
   auto q = random_normal<float, 4>({1, n_kv_heads * n_rep, 1, head_dim}, 21);
-  auto k = as_kv(random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 22));
-  auto v = as_kv(random_normal<float, 4>({1, n_kv_heads, kv_len, head_dim}, 23));
+  auto k = rounded_normal<KV, 4>({1, n_kv_heads, kv_len, head_dim}, 22);
+  auto v = rounded_normal<KV, 4>({1, n_kv_heads, kv_len, head_dim}, 23);
   DenseMasks dense;
   dense.causal = true;
   const DenseResult ref = dense_sdpa(to_double(q), to_double(k), to_double(v), dense);

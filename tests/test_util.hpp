@@ -80,6 +80,15 @@ Tensor<T, Rank> random_normal(const std::array<Index, Rank>& dims, std::uint32_t
   return t;
 }
 
+// Normal(0, 1) float values rounded to T (a 16-bit type, or float itself).
+template <typename T, int Rank>
+Tensor<T, Rank> rounded_normal(const std::array<Index, Rank>& dims, std::uint32_t seed) {
+  const Tensor<float, Rank> f = random_normal<float, Rank>(dims, seed);
+  Tensor<T, Rank> t(dims);
+  for (Index i = 0; i < t.size(); ++i) t.data()[i] = static_cast<T>(f.data()[i]);
+  return t;
+}
+
 template <typename T, int Rank>
 Tensor<double, Rank> to_double(const Tensor<T, Rank>& t) {
   Tensor<double, Rank> out(t.dimensions());
