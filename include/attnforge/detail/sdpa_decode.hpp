@@ -231,24 +231,48 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const K* values, Ind
   }
 }
 
+// Packets of head_dim one accumulate_chunk pass of R rows takes: R x kValueChunk
+// accumulators fill the register file. A power of two (kValuePackets is).
+template <int R>
+inline constexpr int kValueChunk = R > 2 ? kValuePackets / 2 : kValuePackets;
+
+// The accumulate_chunk passes over the packets of head_dim from d on, C packets each while
+// they fit, then C / 2, ... 1, so a head_dim such as 64, 80 or 96 ends in one shorter pass
+// rather than one pass per packet (each pass reads every key's weight again). Returns
+// where the whole packets end.
+template <typename T, int R, int C, typename K>
+EIGEN_ALWAYS_INLINE Index accumulate_chunks(const T* weights, const K* values, Index ldv,
+                                            Index n_keys, Index head_dim, Index d, T* out,
+                                            Index ldo, simd::LineStream& ahead) {
+  constexpr int kP = simd::kWidth<T>;
+  for (; d + C * kP <= head_dim; d += C * kP)
+    accumulate_chunk<T, R, C>(weights, values + d, ldv, n_keys, out + d, ldo, ahead);
+  if constexpr (C > 1) {
+    return accumulate_chunks<T, R, C / 2>(weights, values, ldv, n_keys, head_dim, d, out, ldo,
+                                          ahead);
+  } else {
+    return d;
+  }
+}
+
+// accumulate_chunk passes accumulate_chunks<.., C, ..> makes over `packets` packets.
+constexpr Index accumulate_chunk_passes(Index packets, Index c) {
+  return c == 1 ? packets : packets / c + accumulate_chunk_passes(packets % c, c / 2);
+}
+
 template <typename T, int R, typename K>
 EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const K* values, Index ldv,
                                            Index n_keys, Index head_dim, T* out, Index ldo,
                                            simd::LineStream& ahead) {
   constexpr int kP = simd::kWidth<T>;
-  constexpr int kChunk = R > 2 ? kValuePackets / 2 : kValuePackets;  // R x kChunk accumulators
-  Index d = 0;
-  for (; d + kChunk * kP <= head_dim; d += kChunk * kP) {
-    accumulate_chunk<T, R, kChunk>(weights, values + d, ldv, n_keys, out + d, ldo, ahead);
-  }
-  for (; d + kP <= head_dim; d += kP)
-    accumulate_chunk<T, R, 1>(weights, values + d, ldv, n_keys, out + d, ldo, ahead);
-  for (; d < head_dim; ++d) {
+  const Index d = accumulate_chunks<T, R, kValueChunk<R>>(weights, values, ldv, n_keys, head_dim, 0,
+                                                          out, ldo, ahead);
+  for (Index e = d; e < head_dim; ++e) {
     for (int r = 0; r < R; ++r) {
-      T sum = out[r * ldo + d];
+      T sum = out[r * ldo + e];
       for (Index j = 0; j < n_keys; ++j)
-        sum += weights[r * kP + j] * static_cast<T>(values[j * ldv + d]);
-      out[r * ldo + d] = sum;
+        sum += weights[r * kP + j] * static_cast<T>(values[j * ldv + e]);
+      out[r * ldo + e] = sum;
     }
   }
 }
@@ -429,6 +453,22 @@ EIGEN_ALWAYS_INLINE void for_each_halving_row_block(Index n, F&& f, Index first 
   if constexpr (R > 1) for_each_halving_row_block<R / 2>(n, f, first);
 }
 
+// Query rows per value pass over values read as K: two for rows of the compute type T;
+// four for rows widened as loaded, so each packet is widened once for every four rows.
+template <typename T, typename K>
+inline constexpr int kValueRows = std::is_same_v<K, T> ? 2 : 4;
+
+// The steps the value passes of one block take (decode_accumulate: one per key and
+// accumulate_chunk call), so next_block spreads its requests over all of them.
+template <typename T, typename K>
+Index value_pass_steps(Index rows, Index head_dim, Index n_keys) {
+  Index passes = 0;
+  for_each_halving_row_block<kValueRows<T, K>>(rows, [&](auto r, Index) {
+    passes += accumulate_chunk_passes(head_dim / simd::kWidth<T>, kValueChunk<decltype(r)::value>);
+  });
+  return passes * n_keys;
+}
+
 // The int8 scores of every row of the group against the block's NSub key tiles (from
 // `tiles` on), four rows at a time (then two, then one), into out (row stride ldo).
 template <int NSub>
@@ -467,10 +507,12 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
   const Index groups = g.head_dim / kQInt8Group;
   const Index tile_bytes = qint8_tile_bytes(g.head_dim);
   eigen_assert(j0 % kQInt8Tile == 0 && contiguous_rows(pb.k, j0) >= n_keys);
-  Index score_calls = 0;  // int8_block_scores' calls, each stepping once per 4 bytes of D
-  for_each_halving_row_block<4>(g.rows, [&](auto, Index) { ++score_calls; });
+  // Both passes take the rows in the same blocks: each score call steps once per 4 bytes
+  // of head_dim, each value call once per tile and scale group.
+  Index row_blocks = 0;
+  for_each_halving_row_block<4>(g.rows, [&](auto, Index) { ++row_blocks; });
   NextBlock next =
-      next_block(pb, g, s, ahead, score_calls * g.head_dim / 4, NSub * (g.rows + 3) / 4 * groups);
+      next_block(pb, g, s, ahead, row_blocks * g.head_dim / 4, row_blocks * NSub * groups);
   float* scores = s.weights.data();
   int8_block_scores<NSub>(g, s, pb.k.row(g.b, g.kv_head, j0), scores, kLd, next.during_scores);
   next.during_scores.finish();
@@ -600,10 +642,7 @@ void attend_block_rows(const DecodeGroup& g, const SdpaParams& params, Index j0,
   softmax_decode_block(g, s);
   Index ldv = 0;
   const K* value_rows = values(ldv);
-  // Values widened as loaded go to four rows per pass, not two: each packet is then
-  // widened once for every four rows.
-  constexpr int kValueRows = std::is_same_v<K, T> ? 2 : 4;
-  for_each_halving_row_block<kValueRows>(g.rows, [&](auto rows, Index r0) {
+  for_each_halving_row_block<kValueRows<T, K>>(g.rows, [&](auto rows, Index r0) {
     decode_accumulate<T, decltype(rows)::value>(s.weights.data() + r0 * kP, value_rows, ldv, n_keys,
                                                 g.head_dim, s.out_rows.data() + r0 * g.hd, g.hd,
                                                 next.during_values);
@@ -640,7 +679,11 @@ void decode_block(const P& pb, const DecodeGroup& g, Index j0, Index n_keys,
       return;
     }
   }
-  NextBlock next = next_block(pb, g, s, ahead, g.rows * kP, (g.rows + 1) / 2 * n_keys);
+  // The kernels read the values as stored when they widen them as loaded, else as T.
+  using ValueRead =
+      std::conditional_t<kDecodeWidensAsLoaded<T, typename P::KVScalar>, typename P::KVScalar, T>;
+  NextBlock next = next_block(pb, g, s, ahead, g.rows * kP,
+                              value_pass_steps<T, ValueRead>(g.rows, g.head_dim, n_keys));
   if constexpr (kDecodeWidensAsLoaded<T, typename P::KVScalar>) {
     eigen_assert(contiguous_rows(pb.k, j0) >= n_keys && contiguous_rows(pb.v, j0) >= n_keys);
     const auto values = [&](Index& ldv) {
