@@ -8,7 +8,8 @@
 // Attention::forward decode step at dim = 4096, with an fp32 and an int8 cache, against a
 // streaming read of its bytes (weights + fp32 cache). decode_in_turns times the fp32,
 // bf16, fp16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
-// shape in turn, for their ratios side by side (bench::time_in_turns).
+// shape in turn, for their ratios side by side (bench::time_in_turns); head_dims_in_turns
+// times the fp32 decode at head_dim 64, 80, 96 and 128 against the stream in turn.
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <array>
@@ -204,6 +205,49 @@ void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int
   state.counters["int8/cache_stream"] = bench::median_ratio(seconds[6], seconds[2]);
 }
 
+// An fp32 cache of the decode shape at another head_dim (other models: 64, 80, 96), built
+// once; at kHeadDim the decode rows' own cache.
+af::KVCache<float>& head_dim_cache(Index head_dim, Index batch, Index kv_len) {
+  if (head_dim == kHeadDim) return *decode_inputs(batch, kv_len).cache;
+  using Key = std::array<Index, 3>;
+  return *bench::built_once(Key{head_dim, batch, kv_len}, [](const Key& at) {
+    const auto [head_dim, batch, kv_len] = at;
+    auto cache = std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, head_dim);
+    const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, head_dim}, 2);
+    const auto v = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, head_dim}, 3);
+    cache->update(k, v);
+    return cache;
+  });
+}
+
+// The fp32 decode at head_dim 64, 80, 96 and 128 and the stream yardstick (as many bytes as
+// the head_dim 128 cache holds), timed in turn: Dd/stream is the decode's bytes rate at
+// head_dim d over the stream's, so each head_dim's rate is measured against the same
+// memory in the same minutes.
+void run_head_dims_in_turns(benchmark::State& state, Index batch, Index kv_len, int threads) {
+  constexpr std::array<Index, 4> kHeadDims = {64, 80, 96, kHeadDim};
+  af::SdpaOptions options;
+  options.causal = true;
+  af::Sdpa<float> sdpa(options, bench::device_for(threads));
+  std::array<std::function<void()>, kHeadDims.size() + 1> calls;
+  std::array<Tensor<float, 4>, kHeadDims.size()> q, out;
+  for (std::size_t i = 0; i < kHeadDims.size(); ++i) {
+    const Index d = kHeadDims[i];
+    q[i] = bench::random_tensor<float, 4>({batch, kHeads, 1, d}, 1);
+    out[i] = Tensor<float, 4>(batch, kHeads, 1, d);
+    const af::KVPrefix<float> kv = head_dim_cache(d, batch, kv_len).prefix();
+    calls[i] = [&, i, kv] { sdpa(q[i], kv.keys, kv.values, af::StridedView<float, 4>(out[i])); };
+  }
+  bench::StreamRead read(kv_bytes(batch, kv_len), threads);
+  calls.back() = [&] { read(); };
+  const auto seconds = bench::time_in_turns(state, calls);
+  for (std::size_t i = 0; i < kHeadDims.size(); ++i) {
+    const double bytes = static_cast<double>(kHeadDims[i]) / static_cast<double>(kHeadDim);
+    state.counters["D" + std::to_string(kHeadDims[i]) + "/stream"] =
+        bench::median_ratio(seconds.back(), seconds[i], bytes);
+  }
+}
+
 // One decode token per batch row through Attention::forward at dim 4096 with a cache (of
 // storage type CacheT) of kv_len - 1 positions: four projections (matrix-vector products
 // for B = 1, the weights read once for all rows) plus attention over kv_len keys.
@@ -279,6 +323,8 @@ void register_all() {
                    [=](benchmark::State& s) { run_decode_in_turns(s, batch, kv_len, threads); });
       }
       if (batch == 1 && kv_len == 32768) {
+        bench::add("head_dims_in_turns" + suffix, benchmark::kMicrosecond,
+                   [=](benchmark::State& s) { run_head_dims_in_turns(s, batch, kv_len, threads); });
         bench::add("decode_sinks" + suffix, benchmark::kMicrosecond, [=](benchmark::State& s) {
           run_sdpa(s, batch, kv_len, threads, af::SdpaPath::kAuto, /*sinks=*/true);
         });
