@@ -260,21 +260,40 @@ constexpr Index accumulate_chunk_passes(Index packets, Index c) {
   return c == 1 ? packets : packets / c + accumulate_chunk_passes(packets % c, c / 2);
 }
 
+// decode_accumulate past its last whole chunk of C packets: the shorter chunks, then the
+// elements past the last whole packet. Out of line, because only a head_dim that is no
+// multiple of the chunk gets here, and inlined these passes grew the value pass until the
+// compiler no longer inlined it into the block (which then ran slower at every head_dim).
+template <typename T, int R, int C, typename K>
+EIGEN_DONT_INLINE void accumulate_tail(const T* weights, const K* values, Index ldv, Index n_keys,
+                                       Index head_dim, Index d, T* out, Index ldo,
+                                       simd::LineStream& ahead) {
+  constexpr int kP = simd::kWidth<T>;
+  if constexpr (C > 1) {
+    d = accumulate_chunks<T, R, C / 2>(weights, values, ldv, n_keys, head_dim, d, out, ldo, ahead);
+  }
+  for (; d < head_dim; ++d) {
+    for (int r = 0; r < R; ++r) {
+      T sum = out[r * ldo + d];
+      for (Index j = 0; j < n_keys; ++j)
+        sum += weights[r * kP + j] * static_cast<T>(values[j * ldv + d]);
+      out[r * ldo + d] = sum;
+    }
+  }
+}
+
 template <typename T, int R, typename K>
 EIGEN_ALWAYS_INLINE void decode_accumulate(const T* weights, const K* values, Index ldv,
                                            Index n_keys, Index head_dim, T* out, Index ldo,
                                            simd::LineStream& ahead) {
   constexpr int kP = simd::kWidth<T>;
-  const Index d = accumulate_chunks<T, R, kValueChunk<R>>(weights, values, ldv, n_keys, head_dim, 0,
-                                                          out, ldo, ahead);
-  for (Index e = d; e < head_dim; ++e) {
-    for (int r = 0; r < R; ++r) {
-      T sum = out[r * ldo + e];
-      for (Index j = 0; j < n_keys; ++j)
-        sum += weights[r * kP + j] * static_cast<T>(values[j * ldv + e]);
-      out[r * ldo + e] = sum;
-    }
+  constexpr int kChunk = kValueChunk<R>;
+  Index d = 0;
+  for (; d + kChunk * kP <= head_dim; d += kChunk * kP) {
+    accumulate_chunk<T, R, kChunk>(weights, values + d, ldv, n_keys, out + d, ldo, ahead);
   }
+  if (d < head_dim)
+    accumulate_tail<T, R, kChunk>(weights, values, ldv, n_keys, head_dim, d, out, ldo, ahead);
 }
 
 // Asks for rows [0, n_rows) of a row-major matrix (row stride ld, `width` elements per
