@@ -263,7 +263,8 @@ constexpr Index accumulate_chunk_passes(Index packets, Index c) {
 // decode_accumulate past its last whole chunk of C packets: the shorter chunks, then the
 // elements past the last whole packet. Out of line, because only a head_dim that is no
 // multiple of the chunk gets here, and inlined these passes grew the value pass until the
-// compiler no longer inlined it into the block (which then ran slower at every head_dim).
+// compiler no longer inlined it into the block, which then ran slower even at head_dims
+// that never get here (docs/design.md, section 3).
 template <typename T, int R, int C, typename K>
 EIGEN_DONT_INLINE void accumulate_tail(const T* weights, const K* values, Index ldv, Index n_keys,
                                        Index head_dim, Index d, T* out, Index ldo,
