@@ -2,6 +2,8 @@
 // (TilePlan in mask.hpp), against the dense brute force of test_util.hpp.
 #include <gtest/gtest.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -350,6 +352,54 @@ TEST(DecodeStreams, GiveTheSameBitsOverEveryCacheFormat) {
     SCOPED_TRACE("QInt8 cache");
     expect_same_bits_for_every_decode_stream(int8.update(k, v), q);
   }
+}
+
+// The decode asks for the next block's lines over the value passes' steps, as many as
+// value_pass_steps counts (next_block), so the count must be the steps decode_accumulate
+// takes: one per key and chunk pass, over the blocks of rows the block takes. Counted with
+// a stream of one line per step over a long buffer: its first line not yet asked for
+// moves one line a step. Every head_dim from 1 to 300 (every tail of chunks, packets and
+// elements), 1 to 9 rows, a full block of keys and shorter ones; values read as float and
+// values widened from fp16 (four rows per pass).
+template <typename K>
+void expect_value_pass_steps_match_the_kernel() {
+  namespace simd = detail::simd;
+  constexpr Index kP = simd::kWidth<float>;  // a block's keys: at most one packet
+  constexpr std::ptrdiff_t kBufferBytes = std::ptrdiff_t{1} << 20;
+  const std::vector<char> buffer(static_cast<std::size_t>(kBufferBytes));
+  for (Index head_dim = 1; head_dim <= 300; ++head_dim) {
+    const Index padded = (head_dim + kP - 1) / kP * kP;
+    for (Index rows = 1; rows <= 9; ++rows) {
+      for (Index n_keys : {Index{1}, kP - 1, kP}) {
+        const detail::AlignedBuffer<float> weights(static_cast<std::size_t>(rows * kP), 0.5f);
+        detail::AlignedBuffer<float> out(static_cast<std::size_t>(rows * padded), 0.0f);
+        const std::vector<K> values(static_cast<std::size_t>(n_keys * head_dim), K(1.0f));
+        simd::LineStream stream = simd::LineStream::over(
+            buffer.data(), kBufferBytes, kBufferBytes / simd::LineStream::kLineBytes);
+        const std::uintptr_t first = stream.next;
+        detail::for_each_halving_row_block<detail::kValueRows<float, K>>(
+            rows, [&](auto block, Index r0) {
+              detail::decode_accumulate<float, decltype(block)::value>(
+                  weights.data() + r0 * kP, values.data(), head_dim, n_keys, head_dim,
+                  out.data() + r0 * padded, padded, stream);
+            });
+        const auto steps = static_cast<Index>((stream.next - first) / simd::LineStream::kLineBytes);
+        ASSERT_EQ(steps, (detail::value_pass_steps<float, K>(rows, head_dim, n_keys)))
+            << "head_dim " << head_dim << ", " << rows << " rows, " << n_keys << " keys";
+        // Every output is the sum of its n_keys weights times 1.
+        for (Index r = 0; r < rows; ++r) {
+          for (Index d = 0; d < head_dim; ++d)
+            ASSERT_EQ(out[static_cast<std::size_t>(r * padded + d)],
+                      0.5f * static_cast<float>(n_keys));
+        }
+      }
+    }
+  }
+}
+
+TEST(DecodeKernelSteps, ValuePassStepsAreTheStepsTheKernelTakes) {
+  expect_value_pass_steps_match_the_kernel<float>();
+  expect_value_pass_steps_match_the_kernel<Eigen::half>();
 }
 
 // The bf16 decode kernel (float queries over bf16 keys and values, Bf16Kernel): every
