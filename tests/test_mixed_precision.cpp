@@ -13,7 +13,6 @@ namespace {
 using Eigen::bfloat16;
 using Eigen::half;
 
-
 // Error bounds relative to the output's scale. Inputs are exact in both computations
 // (the reference widens the same rounded values), accumulation is float (~1e-6), so the
 // error is the final rounding of each output to T: half an ulp, 2^-9 relative for bf16
