@@ -9,7 +9,7 @@
 // streaming read of its bytes (weights + fp32 cache). decode_in_turns times the fp32,
 // bf16, fp16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
 // shape in turn, for their ratios side by side (bench::time_in_turns); head_dims_in_turns
-// times the fp32 decode at head_dim 64, 80, 96 and 128 against the stream in turn.
+// times the fp32 and the int8 decode at head_dim 64, 80, 96 and 128 and the stream in turn.
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <array>
@@ -205,46 +205,68 @@ void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int
   state.counters["int8/cache_stream"] = bench::median_ratio(seconds[6], seconds[2]);
 }
 
-// An fp32 cache of the decode shape at another head_dim (other models: 64, 80, 96), built
-// once; at kHeadDim the decode rows' own cache.
-af::KVCache<float>& head_dim_cache(Index head_dim, Index batch, Index kv_len) {
-  if (head_dim == kHeadDim) return *decode_inputs(batch, kv_len).cache;
+// The fp32 and QInt8 caches of the decode shape at another head_dim (other models: 64, 80,
+// 96), built once; at kHeadDim the decode rows' own caches.
+struct HeadDimCaches {
+  af::KVCache<float>* fp32 = nullptr;
+  af::KVCache<af::QInt8>* int8 = nullptr;
+};
+
+HeadDimCaches head_dim_caches(Index head_dim, Index batch, Index kv_len) {
+  if (head_dim == kHeadDim) {
+    DecodeInputs& in = decode_inputs(batch, kv_len);
+    return {in.cache.get(), in.int8_cache.get()};
+  }
   using Key = std::array<Index, 3>;
-  return *bench::built_once(Key{head_dim, batch, kv_len}, [](const Key& at) {
+  using Caches =
+      std::pair<std::unique_ptr<af::KVCache<float>>, std::unique_ptr<af::KVCache<af::QInt8>>>;
+  Caches& built = bench::built_once(Key{head_dim, batch, kv_len}, [](const Key& at) {
     const auto [head_dim, batch, kv_len] = at;
-    auto cache = std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, head_dim);
+    Caches caches{std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, head_dim),
+                  std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, head_dim)};
     const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, head_dim}, 2);
     const auto v = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, head_dim}, 3);
-    cache->update(k, v);
-    return cache;
+    caches.first->update(k, v);
+    caches.second->update(k, v);
+    return caches;
   });
+  return {built.first.get(), built.second.get()};
 }
 
-// The fp32 decode at head_dim 64, 80, 96 and 128 and the stream yardstick (as many bytes as
-// the head_dim 128 cache holds), timed in turn: Dd/stream is the decode's bytes rate at
-// head_dim d over the stream's, so each head_dim's rate is measured against the same
-// memory in the same minutes.
+// The fp32 and the int8 decode at head_dim 64, 80, 96 and 128 and the stream yardstick (as
+// many bytes as the head_dim 128 fp32 cache holds), timed in turn: Dd/stream is the fp32
+// decode's bytes rate at head_dim d over the stream's, int8_Dd/fp32 the int8 decode's
+// tokens/s over the fp32 one's at the same head_dim, so each head_dim is measured against
+// the same memory in the same minutes (80 ends mid scale group, 96 has three groups).
 void run_head_dims_in_turns(benchmark::State& state, Index batch, Index kv_len, int threads) {
   constexpr std::array<Index, 4> kHeadDims = {64, 80, 96, kHeadDim};
+  constexpr std::size_t kN = kHeadDims.size();
   af::SdpaOptions options;
   options.causal = true;
   af::Sdpa<float> sdpa(options, bench::device_for(threads));
-  std::array<std::function<void()>, kHeadDims.size() + 1> calls;
-  std::array<Tensor<float, 4>, kHeadDims.size()> q, out;
-  for (std::size_t i = 0; i < kHeadDims.size(); ++i) {
+  af::Sdpa<float, af::QInt8> sdpa_int8(options, bench::device_for(threads));
+  std::array<std::function<void()>, 2 * kN + 1> calls;
+  std::array<Tensor<float, 4>, kN> q, out;
+  for (std::size_t i = 0; i < kN; ++i) {
     const Index d = kHeadDims[i];
     q[i] = bench::random_tensor<float, 4>({batch, kHeads, 1, d}, 1);
     out[i] = Tensor<float, 4>(batch, kHeads, 1, d);
-    const af::KVPrefix<float> kv = head_dim_cache(d, batch, kv_len).prefix();
+    const HeadDimCaches caches = head_dim_caches(d, batch, kv_len);
+    const af::KVPrefix<float> kv = caches.fp32->prefix();
+    const af::KVPrefix<af::QInt8> kv_int8 = caches.int8->prefix();
     calls[i] = [&, i, kv] { sdpa(q[i], kv.keys, kv.values, af::StridedView<float, 4>(out[i])); };
+    calls[kN + i] = [&, i, kv_int8] {
+      sdpa_int8(q[i], kv_int8.keys, kv_int8.values, af::StridedView<float, 4>(out[i]));
+    };
   }
   bench::StreamRead read(kv_bytes(batch, kv_len), threads);
   calls.back() = [&] { read(); };
   const auto seconds = bench::time_in_turns(state, calls);
-  for (std::size_t i = 0; i < kHeadDims.size(); ++i) {
+  for (std::size_t i = 0; i < kN; ++i) {
+    const std::string d = std::to_string(kHeadDims[i]);
     const double bytes = static_cast<double>(kHeadDims[i]) / static_cast<double>(kHeadDim);
-    state.counters["D" + std::to_string(kHeadDims[i]) + "/stream"] =
-        bench::median_ratio(seconds.back(), seconds[i], bytes);
+    state.counters["D" + d + "/stream"] = bench::median_ratio(seconds.back(), seconds[i], bytes);
+    state.counters["int8_D" + d + "/fp32"] = bench::median_ratio(seconds[i], seconds[kN + i]);
   }
 }
 

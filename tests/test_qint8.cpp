@@ -348,21 +348,26 @@ TEST(QInt8Format, NonFiniteInputsMakeOnlyTheirOwnGroupNaN) {
 // The int8 decode quantizes its query rows in vectors (int8_dot.hpp): the same bytes and
 // scales as quantize_row, bit for bit, across magnitudes from subnormal to near FLT_MAX,
 // all-zero groups and non-finite values, and each group's accumulator start -128 x (the
-// sum of its steps).
+// sum of its steps); rows ending on a group and mid-group (by 16 values, by 4), and a row
+// shorter than one group.
 TEST(QInt8Format, TheDecodesVectorQueryQuantizationGivesQuantizeRowsBytes) {
 #if ATTNFORGE_INT8_DOT
   if (!detail::cpu_has_avx512_vnni()) GTEST_SKIP() << "no AVX-512 VNNI on this CPU";
   const float specials[] = {0.0f, 1e-40f, 1e-44f, 3e38f, kInfinity, -kInfinity, kNaN};
-  for (const Index head_dim : {Index{64}, Index{128}, Index{192}, Index{256}}) {
+  for (const Index head_dim : {Index{4}, Index{44}, Index{64}, Index{80}, Index{100}, Index{128},
+                               Index{192}, Index{256}}) {
     SCOPED_TRACE(head_dim);
+    const Index groups = detail::qint8_groups(head_dim);
+    const auto group_end = [&](Index g) { return std::min(head_dim, (g + 1) * kGroup); };
     Tensor<float, 2> x = spread_rows(40, head_dim, 70 + static_cast<std::uint32_t>(head_dim));
     std::mt19937 gen(static_cast<std::uint32_t>(head_dim));
     for (Index r = 8; r < x.dimension(0); ++r) {  // rows 0-7 keep their spread groups
-      const Index g = static_cast<Index>(gen() % static_cast<std::uint32_t>(head_dim / kGroup));
+      const Index g = static_cast<Index>(gen() % static_cast<std::uint32_t>(groups));
       const float special = specials[(r - 8) % std::size(specials)];
       const bool whole_group = r % 2 == 0;
-      for (Index d = g * kGroup; d < (g + 1) * kGroup; ++d) {
-        if (whole_group || d == g * kGroup + r % kGroup)
+      const Index one = std::min(g * kGroup + r % kGroup, group_end(g) - 1);
+      for (Index d = g * kGroup; d < group_end(g); ++d) {
+        if (whole_group || d == one)
           x(r, d) = special == 0.0f || std::isnan(special) ? special : x(r, d) * special;
       }
     }
@@ -371,13 +376,12 @@ TEST(QInt8Format, TheDecodesVectorQueryQuantizationGivesQuantizeRowsBytes) {
       SCOPED_TRACE(r);
       const std::vector<QInt8> expected = quantized(&x(r, 0), head_dim);
       std::vector<QInt8> row(static_cast<std::size_t>(row_bytes));
-      std::vector<std::int32_t> start(static_cast<std::size_t>(head_dim / kGroup));
+      std::vector<std::int32_t> start(static_cast<std::size_t>(groups));
       detail::quantize_query_row(&x(r, 0), head_dim, row.data(), start.data());
       EXPECT_EQ(std::memcmp(row.data(), expected.data(), row.size()), 0);
-      for (Index g = 0; g < head_dim / kGroup; ++g) {
+      for (Index g = 0; g < groups; ++g) {
         std::int32_t sum = 0;
-        for (Index d = g * kGroup; d < (g + 1) * kGroup; ++d)
-          sum += stored_step(expected.data(), d);
+        for (Index d = g * kGroup; d < group_end(g); ++d) sum += stored_step(expected.data(), d);
         EXPECT_EQ(start[static_cast<std::size_t>(g)], -128 * sum) << "group " << g;
       }
     }
@@ -825,7 +829,11 @@ INSTANTIATE_TEST_SUITE_P(
                       // Scale groups gathered 4 at a time, then 2 one at a time (D 192);
                       // two runs of 4 (D 256).
                       SdpaCase{"GQA_D192_Causal", 8, 2, 192, Kind::kCausal},
-                      SdpaCase{"GQA_D256_Docs", 8, 2, 256, Kind::kDocs}),
+                      SdpaCase{"GQA_D256_Docs", 8, 2, 256, Kind::kDocs},
+                      // Rows ending mid-group: by 16 values (D 80 above), by 4 (D 44), and
+                      // three whole groups (D 96).
+                      SdpaCase{"GQA_D96_Causal", 8, 2, 96, Kind::kCausal},
+                      SdpaCase{"GQA_D44_Padding", 8, 2, 44, Kind::kPadding}),
     [](const ::testing::TestParamInfo<SdpaCase>& info) { return std::string(info.param.name); });
 
 // A QInt8 row's scales are found from stride(2), so a view whose rows are not stored rows
@@ -881,11 +889,12 @@ TEST(QInt8SdpaValidation, PositionsNarrowOnlyFromATilesFirstPosition) {
   EXPECT_EQ(row_mismatch(got.data(), &k(0, 1, 21, 0), 64), "");
 }
 
-// Int8Kernel::kDotProduct insists on the int8 dot products: where they cannot run (head_dim
-// not a multiple of 64, or a CPU / build without them) the call throws before writing;
-// where they run it is kAuto's result bit for bit, and kDequantize's float scores differ.
+// Int8Kernel::kDotProduct insists on the int8 dot products: where they cannot run (a CPU
+// or build without them) the call throws before writing; where they run, at every head_dim
+// (rows ending on a scale group or mid-group, by 16 or by 4 values), it is kAuto's result
+// bit for bit, and kDequantize's float scores differ.
 TEST(QInt8SdpaValidation, Int8KernelDotProductRunsWhereItCanAndThrowsElsewhere) {
-  for (const Index head_dim : {Index{96}, Index{128}}) {
+  for (const Index head_dim : {Index{4}, Index{44}, Index{80}, Index{96}, Index{128}}) {
     SCOPED_TRACE(head_dim);
     const auto k = test::random_normal<float, 4>({1, 2, 40, head_dim}, 410);
     const auto v = test::random_normal<float, 4>({1, 2, 40, head_dim}, 411);
@@ -912,7 +921,6 @@ TEST(QInt8SdpaValidation, Int8KernelDotProductRunsWhereItCanAndThrowsElsewhere) 
       }
     }
     if (test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 4, head_dim)) {
-      EXPECT_EQ(head_dim, 128);
       EXPECT_TRUE(test::bitwise_equal(out[0], out[1]));
       EXPECT_FALSE(test::bitwise_equal(out[1], out[2]));
     } else {
@@ -1121,7 +1129,7 @@ struct PagedCase {
   Index block;
   Index n_rep;
   Kind kind;
-  Index head_dim = kPagedHeadDim;  // 64: decode steps score by int8 dot products where they run
+  Index head_dim = kPagedHeadDim;  // 64 too: whole groups as well as a row ending mid-group
 };
 
 std::string paged_case_name(const ::testing::TestParamInfo<PagedCase>& info) {
@@ -1262,9 +1270,9 @@ TEST_P(QInt8PagedRagged, EverySequenceHoldsTheContiguousCacheBytesAndMatchesItsA
       EXPECT_LE(err_lse_contiguous, 2.0 * budget.lse);
     }
   }
-  // The D 64 cases reach the int8 dot products wherever the CPU and build have them.
-  if (c.head_dim % detail::kInt8DotChunk == 0 &&
-      test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 1, c.head_dim)) {
+  // Every case (D 44 and D 64) reaches the int8 dot products wherever the CPU and build have
+  // them.
+  if (test::scores_by_int8_dot(SdpaPath::kDecode, Int8Kernel::kAuto, 1, 1, c.head_dim)) {
     EXPECT_GT(int8_dot_sequences, 0);
   }
 }
@@ -1355,12 +1363,20 @@ TEST_P(QInt8PagedFork, CopyOnWriteOfASharedPartialBlockKeepsTheParentsBytes) {
   const Tensor<float, 4> k_stored = stored_values(prefix.keys, Role::kKeys);
   test::DenseMasks dense;
   dense.causal = true;
+  // Where the int8 dot products score, against the queries as they multiply.
+  const bool int8_dot = test::scores_by_int8_dot(SdpaPath::kAuto, Int8Kernel::kAuto, n,
+                                                 n_heads / kPagedKvHeads, kPagedHeadDim);
+  const double scale = 1.0 / std::sqrt(static_cast<double>(kPagedHeadDim));
+  const Tensor<double, 4> q_seen =
+      int8_dot ? test::quantized_queries(q4, scale, false) : test::to_double(q4);
   const test::DenseResult exact =
-      test::dense_sdpa(test::to_double(q4), test::to_double(k_stored),
+      test::dense_sdpa(q_seen, test::to_double(k_stored),
                        test::to_double(stored_values(prefix.values, Role::kValues)), dense);
-  const double budget =
-      test::sdpa_budget<float>(SdpaPath::kAuto, test::budget_inputs(q4, k_stored, dense, {}, exact))
-          .out;
+  test::AccuracyBudget on_stored = test::sdpa_budget<float>(
+      SdpaPath::kAuto,
+      test::budget_inputs(Tensor<float, 4>(q_seen.cast<float>()), k_stored, dense, {}, exact));
+  if (int8_dot) on_stored = test::with_int8_value_weights(on_stored);
+  const double budget = on_stored.out;
   const double v_scale = test::max_abs(stored_values(prefix.values, Role::kValues));
   double err = 0;
   for (Index h = 0; h < n_heads; ++h)

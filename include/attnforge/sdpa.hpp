@@ -152,17 +152,18 @@ bool use_bf16_dot(const char* where, const SdpaOptions& options, Index head_dim,
 }
 
 // Whether decode calls over a QInt8 cache score with int8 dot products (see Int8Kernel):
-// float queries, an AVX-512 build (the decode block is then the kernel's 16 keys), head_dim
-// a multiple of 64 and AVX-512 VNNI; kDotProduct insists, kDequantize declines.
+// float queries, an AVX-512 build (the decode block is then the kernel's 16 keys) and
+// AVX-512 VNNI, at any head_dim a QInt8 cache holds (a multiple of 4: a row may end
+// mid-group); kDotProduct insists, kDequantize declines.
 template <typename T, typename KV>
 bool use_int8_dot(const char* where, const SdpaOptions& options, Index head_dim) {
   constexpr bool kInt8 = is_qint8_v<KV> && std::is_same_v<acc_t<T>, float>;
   const bool available = kInt8 && kHasInt8DotKernel && simd::kWidth<float> == kInt8DotKeys &&
-                         head_dim % kInt8DotChunk == 0 && cpu_has_avx512_vnni();
+                         head_dim % 4 == 0 && cpu_has_avx512_vnni();
   if (options.int8_kernel == Int8Kernel::kDotProduct && kInt8 && !available) {
     throw_invalid_argument(where,
-                           ": Int8Kernel::kDotProduct needs AVX-512 VNNI, an AVX-512 build and "
-                           "head_dim a multiple of 64 (head_dim ",
+                           ": Int8Kernel::kDotProduct needs AVX-512 VNNI and an AVX-512 build "
+                           "(head_dim ",
                            head_dim, ")");
   }
   return available && options.int8_kernel != Int8Kernel::kDequantize;

@@ -44,7 +44,7 @@ enum class Bf16Kernel { kAuto, kDotProduct, kConvert };
 
 // How the decode path scores float queries against a QInt8 cache. kAuto takes the int8
 // dot products (AVX-512 VNNI, checked once at run time) where they run: an AVX-512 build,
-// head_dim a multiple of 64; they quantize each query row per step like a cache row (see
+// any head_dim; they quantize each query row per step like a cache row (see
 // docs/design.md, "Quantized caches"). kDequantize always dequantizes the keys and scores
 // in float; kDotProduct insists on the dot products (std::invalid_argument where they
 // cannot run). Other cache types ignore it.

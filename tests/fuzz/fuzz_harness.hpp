@@ -261,8 +261,8 @@ void stored_row(const float* x, Index head_dim, float* out) {
 // The head_dim of a cache scenario from its draw in [0, 8] (the KVCache scenario draws the
 // first seven): the draw itself for a float cache (as the seed corpus was written); for
 // QInt8, multiples of 4 (its rule) around and across its scale groups of kQInt8Group = 32
-// values, so rows end mid-group and hold several scales, and 64, where the decode path may
-// take the int8 dot products; for bf16, the multiples of 32 where the decode path may take
+// values, so rows end mid-group and hold several scales (the decode path may take the
+// int8 dot products at each of them); for bf16, the multiples of 32 where the decode path may take
 // the bf16 dot products (32, 64 and 96, all among the first seven) and sizes where it
 // cannot, odd ones and 33 (one past a dot-product chunk), which convert.
 template <typename S>

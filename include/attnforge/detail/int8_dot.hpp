@@ -27,6 +27,7 @@
 // (cpu_features.hpp).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -51,9 +52,6 @@ inline constexpr bool kHasInt8DotKernel = ATTNFORGE_INT8_DOT != 0;
 // Keys per call of the score kernel: one score per lane of a 512-bit float vector.
 inline constexpr Index kInt8DotKeys = 16;
 static_assert(kInt8DotKeys == kQInt8Tile, "a score call covers one tile of the cache");
-// Bytes of head_dim one vpdpbusd covers: two scale groups.
-inline constexpr Index kInt8DotChunk = 64;
-static_assert(kInt8DotChunk == 2 * kQInt8Group, "a 64-byte chunk holds two scale groups");
 // Keys of one decode block: sub-blocks of kInt8DotKeys whose value products are summed in
 // integers before they join the float output (int8_value_products), so that conversion and
 // the block's bookkeeping are paid once per kInt8DecodeKeys. The integer sums stay below
@@ -89,17 +87,29 @@ constexpr Index value_weight_row_bytes(Index groups) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
+// The first n (clamped to [0, 16]) lanes of a 16-lane mask, and bytes of a 64-byte one:
+// the part of a scale group's vectors that a row ending mid-group holds.
+inline __mmask16 first_lanes16(Index n) {
+  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+inline __mmask64 first_bytes64(Index n) {
+  return n >= 64 ? ~__mmask64(0) : n <= 0 ? __mmask64(0) : (__mmask64(1) << n) - 1;
+}
+
 // Quantizes one (pre-scaled) query row into `row` and `start` (sized as Int8QueryRow says):
 // the bytes and scales quantize_row gives, group by group in vectors (the same division,
 // rounding in the current mode and clamp), since every decode work unit quantizes its rows.
+// A last group of fewer than kQInt8Group values is read and written through masks.
 ATTNFORGE_TARGET_VNNI inline void quantize_query_row(const float* q, Index head_dim, QInt8* row,
                                                      std::int32_t* start) {
   static_assert(kQInt8Group == 32, "a group is two vectors of 16 floats");
   const __m512 largest = _mm512_set1_ps(std::numeric_limits<float>::max());
   const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
-  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
-    const __m512 x[2] = {_mm512_loadu_ps(q + g * kQInt8Group),
-                         _mm512_loadu_ps(q + g * kQInt8Group + 16)};
+  for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
+    const Index n = std::min(kQInt8Group, head_dim - g0);
+    const __mmask16 in[2] = {first_lanes16(n), first_lanes16(n - 16)};
+    const __m512 x[2] = {_mm512_maskz_loadu_ps(in[0], q + g0),
+                         _mm512_maskz_loadu_ps(in[1], q + g0 + 16)};
     const __m512 abs_x[2] = {_mm512_abs_ps(x[0]), _mm512_abs_ps(x[1])};
     // Not (|x| <= FLT_MAX): an infinity or a NaN, which makes the group's scale NaN.
     const bool finite = (_mm512_cmp_ps_mask(abs_x[0], largest, _CMP_NLE_UQ) |
@@ -115,13 +125,82 @@ ATTNFORGE_TARGET_VNNI inline void quantize_query_row(const float* q, Index head_
           _mm512_roundscale_ps(_mm512_mul_ps(ratio, top), _MM_FROUND_CUR_DIRECTION);
       const __m512i value = _mm512_cvtps_epi32(_mm512_min_ps(top, _mm512_max_ps(bottom, rounded)));
       sum = _mm512_add_epi32(sum, value);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(row + g * kQInt8Group + 16 * h),
-                       _mm512_cvtepi32_epi8(value));
+      _mm_mask_storeu_epi8(row + g0 + 16 * h, in[h], _mm512_cvtepi32_epi8(value));
     }
     std::memcpy(row + qint8_scale_offset(head_dim) + g * Index{sizeof(float)}, &scale,
                 sizeof(float));
     start[g] = -128 * _mm512_reduce_add_epi32(sum);
   }
+}
+
+// acc[b][r] += the products of word t (4 bytes of head_dim) of q_r with the 16 keys of
+// each of NSub key tiles (int8_row_scores).
+template <int R, int NSub>
+ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_word_scores(const Int8QueryRow* q,
+                                                                const std::uint8_t* keys,
+                                                                Index tile_bytes, Index t,
+                                                                __m512i (&acc)[NSub][R]) {
+  __m512i k[NSub];
+  ATTNFORGE_UNROLL
+  for (int b = 0; b < NSub; ++b) k[b] = _mm512_loadu_si512(keys + b * tile_bytes + t * 64);
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    std::int32_t bytes;
+    std::memcpy(&bytes, q[r].row + 4 * t, sizeof(bytes));
+    const __m512i word = _mm512_set1_epi32(bytes);
+    ATTNFORGE_UNROLL
+    for (int b = 0; b < NSub; ++b) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], k[b], word);
+  }
+}
+
+// score[b][r] += q_r . k_j over scale group g for the 16 keys of each of NSub key tiles
+// (int8_row_scores): a whole group's kQInt8Group / 4 words (kPart false), or the `words`
+// of a row's last group when it ends mid-group (the cache's rows end there too, so no
+// byte past head_dim is read).
+template <int R, int NSub, bool kPart>
+ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_scores(
+    const Int8QueryRow* q, const std::uint8_t* keys, Index tile_bytes, Index head_dim, Index g,
+    Index words, __m512 (&score)[NSub][R], simd::LineStream& stream) {
+  __m512i acc[NSub][R];
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
+    for (int b = 0; b < NSub; ++b) acc[b][r] = _mm512_set1_epi32(q[r].start[g]);
+  }
+  const Index t0 = g * kQInt8Group / 4;
+  if constexpr (kPart) {
+    for (Index t = t0; t < t0 + words; ++t) {
+      stream.step();
+      int8_word_scores<R, NSub>(q, keys, tile_bytes, t, acc);
+    }
+  } else {
+    (void)words;
+    ATTNFORGE_UNROLL
+    for (Index t = t0; t < t0 + kQInt8Group / 4; ++t) {
+      stream.step();
+      int8_word_scores<R, NSub>(q, keys, tile_bytes, t, acc);
+    }
+  }
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    const __m512 q_scale = _mm512_set1_ps(qint8_scale(q[r].row, head_dim, g));
+    ATTNFORGE_UNROLL
+    for (int b = 0; b < NSub; ++b) {
+      const __m512 k_scale =
+          _mm512_loadu_ps(keys + b * tile_bytes + qint8_tile_scale_at(head_dim, 0, g));
+      score[b][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[b][r]), q_scale), k_scale,
+                                    score[b][r]);
+    }
+  }
+}
+
+// int8_group_scores for a row's last group when it ends mid-group, out of line for the
+// reason int8_last_group_values gives.
+template <int R, int NSub>
+ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE void int8_last_group_scores(
+    const Int8QueryRow* q, const std::uint8_t* keys, Index tile_bytes, Index head_dim, Index g,
+    Index words, __m512 (&score)[NSub][R], simd::LineStream& stream) {
+  int8_group_scores<R, NSub, true>(q, keys, tile_bytes, head_dim, g, words, score, stream);
 }
 
 // out[r][16 b + j] = q_r . k_j for the 16 keys of each of NSub consecutive key tiles
@@ -142,41 +221,13 @@ ATTNFORGE_TARGET_VNNI inline void int8_row_scores(const Int8QueryRow* q, const Q
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) score[b][r] = _mm512_setzero_ps();
   }
-  for (Index g = 0; g < head_dim / kQInt8Group; ++g) {
-    __m512i acc[NSub][R];
-    ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      ATTNFORGE_UNROLL
-      for (int b = 0; b < NSub; ++b) acc[b][r] = _mm512_set1_epi32(q[r].start[g]);
-    }
-    const Index t0 = g * kQInt8Group / 4;
-    ATTNFORGE_UNROLL
-    for (Index t = t0; t < t0 + kQInt8Group / 4; ++t) {
-      stream.step();
-      __m512i k[NSub];
-      ATTNFORGE_UNROLL
-      for (int b = 0; b < NSub; ++b) k[b] = _mm512_loadu_si512(keys + b * tile_bytes + t * 64);
-      ATTNFORGE_UNROLL
-      for (int r = 0; r < R; ++r) {
-        std::int32_t bytes;
-        std::memcpy(&bytes, q[r].row + 4 * t, sizeof(bytes));
-        const __m512i word = _mm512_set1_epi32(bytes);
-        ATTNFORGE_UNROLL
-        for (int b = 0; b < NSub; ++b) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], k[b], word);
-      }
-    }
-    ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      const __m512 q_scale = _mm512_set1_ps(qint8_scale(q[r].row, head_dim, g));
-      ATTNFORGE_UNROLL
-      for (int b = 0; b < NSub; ++b) {
-        const __m512 k_scale =
-            _mm512_loadu_ps(keys + b * tile_bytes + qint8_tile_scale_at(head_dim, 0, g));
-        score[b][r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[b][r]), q_scale),
-                                      k_scale, score[b][r]);
-      }
-    }
+  const Index whole = head_dim / kQInt8Group;
+  for (Index g = 0; g < whole; ++g) {
+    int8_group_scores<R, NSub, false>(q, keys, tile_bytes, head_dim, g, kQInt8Group / 4, score,
+                                      stream);
   }
+  if (const Index rest = head_dim % kQInt8Group; rest != 0)
+    int8_last_group_scores<R, NSub>(q, keys, tile_bytes, head_dim, whole, rest / 4, score, stream);
   ATTNFORGE_UNROLL
   for (int b = 0; b < NSub; ++b) {
     ATTNFORGE_UNROLL
@@ -204,23 +255,23 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
 // hold no key), written as a 16-bit integer w = round(p v_scale / unit[r][g]) with unit[r][g]
 // = max p[r] * max v_scale[.][g] / 65535 over the whole block, split into its high and low
 // bytes (layout above; sub-block b of row r at weights + r * ldw + b *
-// value_weight_row_bytes(groups)). One unit for the whole block lets the value products
-// sum its sub-blocks in integers. A unit from the two maxima rather than the largest
-// product costs a bit or two where they fall on different keys, against 16 bits, and needs
-// rows + groups reductions instead of rows x groups. A NaN among a row's weights or a
-// group's scales makes its unit NaN, so those outputs become NaN as a float cache's would.
+// value_weight_row_bytes(groups), groups = qint8_groups(head_dim)). One unit for the whole block
+// lets the value products sum its sub-blocks in integers. A unit from the two maxima rather than
+// the largest product costs a bit or two where they fall on different keys, against 16 bits, and
+// needs rows + groups reductions instead of rows x groups. A NaN among a row's weights or a group's
+// scales makes its unit NaN, so those outputs become NaN as a float cache's would.
 template <int NSub>
 ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index rows, Index ldp,
                                                          const QInt8* tiles, Index tile_bytes,
-                                                         const __mmask16* keep, Index groups,
+                                                         const __mmask16* keep, Index head_dim,
                                                          std::uint8_t* weights, Index ldw,
                                                          float* units) {
   static_assert(NSub >= 1 && NSub <= kInt8SubBlocks, "a block holds 1 ... kInt8SubBlocks");
   constexpr float kSteps = 65535.0f;
   const __m512i low_byte = _mm512_set1_epi16(255);
+  const Index groups = qint8_groups(head_dim);
   const Index sub_weights = value_weight_row_bytes(groups);
-  const Index head_dim = groups * kQInt8Group;  // the int8 path's groups are whole
-  for (Index g0 = 0; g0 < groups; g0 += 4) {    // 4 groups at a time: one pack of 4 dwords
+  for (Index g0 = 0; g0 < groups; g0 += 4) {  // 4 groups at a time: one pack of 4 dwords
     // The scales, then v_scale / the group's max, in [0, 1]; 0 past groups, so those words
     // are 0.
     __m512 relative_scale[NSub][4];
@@ -274,17 +325,22 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
 // acc[r][h] += the products of one byte of row r's 16-bit weights (w + r * ldw: dword 4 q
 // for keys 4 q ... 4 q + 3) with one scale group's 32 values of a value tile (qint8.hpp,
 // `x` at the group's lanes of quad 0), 4 keys per vpdpbusd: accumulator h holds the
-// group's values 16 h ... 16 h + 15.
-template <int R>
+// group's values 16 h ... 16 h + 15. kPart: a row's last group, which ends mid-group; its
+// quads' bytes are read through the masks `in` (the next quad's bytes follow them).
+template <int R, bool kPart>
 ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc)[R][2],
                                                                    const std::int8_t* x,
                                                                    Index quad_bytes,
-                                                                   const std::uint8_t* w,
-                                                                   Index ldw) {
+                                                                   const std::uint8_t* w, Index ldw,
+                                                                   const __mmask64 (&in)[2]) {
   ATTNFORGE_UNROLL
   for (int t = 0; t < 4; ++t) {
-    const __m512i v[2] = {_mm512_loadu_si512(x + t * quad_bytes),
-                          _mm512_loadu_si512(x + t * quad_bytes + 64)};
+    __m512i v[2];
+    ATTNFORGE_UNROLL
+    for (int h = 0; h < 2; ++h) {
+      const std::int8_t* from = x + t * quad_bytes + 64 * h;
+      v[h] = kPart ? _mm512_maskz_loadu_epi8(in[h], from) : _mm512_loadu_si512(from);
+    }
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       std::int32_t quad;
@@ -294,6 +350,74 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc
       acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], weight, v[1]);
     }
   }
+}
+
+// out[r][32 g + i] += the block's products for scale group g's n values (int8_value_products;
+// n = kQInt8Group but in a row's last group when it ends mid-group, kPart, whose values and
+// outputs are read and written through masks).
+template <int R, int NSub, bool kPart>
+ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_values(
+    const std::uint8_t* weights, Index ldw, const float* units, const std::int8_t* values,
+    Index tile_bytes, Index head_dim, Index g, Index n, float* out, Index ldo,
+    simd::LineStream& stream) {
+  const Index groups = qint8_groups(head_dim), quad_bytes = 4 * head_dim;
+  const Index sub_weights = value_weight_row_bytes(groups);
+  const __mmask64 in[2] = {first_bytes64(4 * n), first_bytes64(4 * n - 64)};
+  const std::int8_t* x = values + 4 * g * kQInt8Group;
+  const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
+  __m512i acc[NSub][R][2];
+  ATTNFORGE_UNROLL
+  for (int b = 0; b < NSub; ++b) {
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_si512();
+    stream.step();
+    int8_weighted_quads<R, kPart>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights, ldw,
+                                  in);  // high bytes
+  }
+  ATTNFORGE_UNROLL
+  for (int b = 0; b < NSub; ++b) {
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      acc[b][r][0] = _mm512_slli_epi32(acc[b][r][0], 8);
+      acc[b][r][1] = _mm512_slli_epi32(acc[b][r][1], 8);
+    }
+    int8_weighted_quads<R, kPart>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights + 64,
+                                  ldw, in);  // low bytes
+  }
+  const __mmask16 out_lanes[2] = {first_lanes16(n), first_lanes16(n - 16)};
+  for (int r = 0; r < R; ++r) {
+    __m512i sum[2] = {acc[0][r][0], acc[0][r][1]};
+    ATTNFORGE_UNROLL
+    for (int b = 1; b < NSub; ++b) {
+      sum[0] = _mm512_add_epi32(sum[0], acc[b][r][0]);
+      sum[1] = _mm512_add_epi32(sum[1], acc[b][r][1]);
+    }
+    const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
+    float* o = out + r * ldo + g * kQInt8Group;
+    for (int h = 0; h < 2; ++h) {
+      const __m512 sum_h = _mm512_cvtepi32_ps(sum[h]);
+      if constexpr (kPart) {
+        _mm512_mask_storeu_ps(
+            o + 16 * h, out_lanes[h],
+            _mm512_fmadd_ps(sum_h, unit, _mm512_maskz_loadu_ps(out_lanes[h], o + 16 * h)));
+      } else {
+        _mm512_storeu_ps(o + 16 * h, _mm512_fmadd_ps(sum_h, unit, _mm512_loadu_ps(o + 16 * h)));
+      }
+    }
+  }
+}
+
+// int8_group_values for a row's last group when it ends mid-group, out of line: inlined,
+// the masked copies grew the kernels until GCC no longer inlined some row blocks of them
+// (one row's value products, two rows' scores) into the block, also where no row ends
+// mid-group.
+template <int R, int NSub>
+ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE void int8_last_group_values(
+    const std::uint8_t* weights, Index ldw, const float* units, const std::int8_t* values,
+    Index tile_bytes, Index head_dim, Index g, Index n, float* out, Index ldo,
+    simd::LineStream& stream) {
+  int8_group_values<R, NSub, true>(weights, ldw, units, values, tile_bytes, head_dim, g, n, out,
+                                   ldo, stream);
 }
 
 // out[r][:] += sum_j w[r][j] * v_j[:] over a block of NSub value tiles (tile b at tiles + b *
@@ -313,44 +437,14 @@ ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weight
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   // The bytes of QInt8 objects, read by the vector loads (which may alias anything).
   const auto* values = reinterpret_cast<const std::int8_t*>(tiles);
-  const Index groups = head_dim / kQInt8Group, quad_bytes = 4 * head_dim;
-  const Index sub_weights = value_weight_row_bytes(groups);
-  for (Index g = 0; g < groups; ++g) {
-    const std::int8_t* x = values + 4 * g * kQInt8Group;
-    const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
-    __m512i acc[NSub][R][2];
-    ATTNFORGE_UNROLL
-    for (int b = 0; b < NSub; ++b) {
-      ATTNFORGE_UNROLL
-      for (int r = 0; r < R; ++r) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_si512();
-      stream.step();
-      int8_weighted_quads<R>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights,
-                             ldw);  // high bytes
-    }
-    ATTNFORGE_UNROLL
-    for (int b = 0; b < NSub; ++b) {
-      ATTNFORGE_UNROLL
-      for (int r = 0; r < R; ++r) {
-        acc[b][r][0] = _mm512_slli_epi32(acc[b][r][0], 8);
-        acc[b][r][1] = _mm512_slli_epi32(acc[b][r][1], 8);
-      }
-      int8_weighted_quads<R>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights + 64,
-                             ldw);  // low bytes
-    }
-    for (int r = 0; r < R; ++r) {
-      __m512i sum[2] = {acc[0][r][0], acc[0][r][1]};
-      ATTNFORGE_UNROLL
-      for (int b = 1; b < NSub; ++b) {
-        sum[0] = _mm512_add_epi32(sum[0], acc[b][r][0]);
-        sum[1] = _mm512_add_epi32(sum[1], acc[b][r][1]);
-      }
-      const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
-      float* o = out + r * ldo + g * kQInt8Group;
-      for (int h = 0; h < 2; ++h) {
-        _mm512_storeu_ps(o + 16 * h, _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[h]), unit,
-                                                     _mm512_loadu_ps(o + 16 * h)));
-      }
-    }
+  const Index whole = head_dim / kQInt8Group;
+  for (Index g = 0; g < whole; ++g) {
+    int8_group_values<R, NSub, false>(weights, ldw, units, values, tile_bytes, head_dim, g,
+                                      kQInt8Group, out, ldo, stream);
+  }
+  if (const Index rest = head_dim % kQInt8Group; rest != 0) {
+    int8_last_group_values<R, NSub>(weights, ldw, units, values, tile_bytes, head_dim, whole, rest,
+                                    out, ldo, stream);
   }
   ahead = stream;
 }

@@ -51,7 +51,7 @@ struct DecodeRowState {
   AlignedBuffer<T> out_rows;                 // rows x D, unnormalised output accumulator
   std::vector<KeyPacketSoftmax<T>> softmax;  // rows
   AlignedBuffer<QInt8> q_int8;               // int8 path: rows x qint8_row_bytes(D)
-  AlignedBuffer<std::int32_t> q_start;       // int8 path: rows x D / kQInt8Group
+  AlignedBuffer<std::int32_t> q_start;       // int8 path: rows x qint8_groups(D)
   AlignedBuffer<std::uint16_t> q_bf16;       // bf16 path: rows x padded D, the queries (unscaled)
 
   // O(1): buffers change owners, nothing is copied.
@@ -84,7 +84,7 @@ struct DecodeScratch : DecodeRowState<T> {
   // The int8 dot-product path (QInt8 cache, int8_dot.hpp), else empty.
   bool int8_dot = false;
   AlignedBuffer<std::uint8_t> value_weights;  // rows x the bytes of quantize_value_weights
-  AlignedBuffer<float> value_units;           // rows x D / kQInt8Group
+  AlignedBuffer<float> value_units;           // rows x qint8_groups(D)
   // The bf16 dot-product path (bf16 cache, bf16_dot.hpp), else empty.
   bool bf16_dot = false;
   AlignedBuffer<std::uint32_t> weight_pairs;  // rows x kBf16DotKeys / 2
@@ -364,7 +364,7 @@ void start_decode_rows(const P& pb, const DecodeGroup& g, DecodeScratch<typename
     for (Index r = 0; r < g.rows; ++r) {
       quantize_query_row(s.q_rows.data() + r * g.hd, g.head_dim,
                          s.q_int8.data() + r * qint8_row_bytes(g.head_dim),
-                         s.q_start.data() + r * (g.head_dim / kQInt8Group));
+                         s.q_start.data() + r * qint8_groups(g.head_dim));
     }
   }
 #endif
@@ -495,7 +495,7 @@ template <int NSub>
 void int8_block_scores(const DecodeGroup& g, DecodeScratch<float>& s, const QInt8* tiles,
                        float* out, Index ldo, simd::LineStream& ahead) {
 #if ATTNFORGE_INT8_DOT
-  const Index groups = g.head_dim / kQInt8Group;
+  const Index groups = qint8_groups(g.head_dim);
   const auto query = [&](Index r) {
     return Int8QueryRow{s.q_int8.data() + r * qint8_row_bytes(g.head_dim),
                         s.q_start.data() + r * groups};
@@ -524,7 +524,7 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
 #if ATTNFORGE_INT8_DOT
   constexpr Index kKeys = kInt8DotKeys, kLd = NSub * kKeys;  // kLd: the scores' row stride
   const auto sub_keys = [&](int b) { return std::min(kKeys, n_keys - b * kKeys); };
-  const Index groups = g.head_dim / kQInt8Group;
+  const Index groups = qint8_groups(g.head_dim);
   const Index tile_bytes = qint8_tile_bytes(g.head_dim);
   eigen_assert(j0 % kQInt8Tile == 0 && contiguous_rows(pb.k, j0) >= n_keys);
   // Both passes take the rows in the same blocks: each score call steps once per 4 bytes
@@ -547,7 +547,7 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
   __mmask16 keep[NSub];
   for (int b = 0; b < NSub; ++b) keep[b] = static_cast<__mmask16>((1u << sub_keys(b)) - 1);
   const Index ldw = NSub * value_weight_row_bytes(groups);
-  quantize_value_weights<NSub>(scores, g.rows, kLd, value_tiles, tile_bytes, keep, groups,
+  quantize_value_weights<NSub>(scores, g.rows, kLd, value_tiles, tile_bytes, keep, g.head_dim,
                                s.value_weights.data(), ldw, s.value_units.data());
   for_each_halving_row_block<4>(g.rows, [&](auto rows, Index r0) {
     int8_value_products<decltype(rows)::value, NSub>(
@@ -883,7 +883,7 @@ void reserve_row_state(DecodeRowState<T>& state, Index rows, Index head_dim, boo
   state.out_rows.resize(size(rows * hd));
   state.softmax.resize(size(rows));
   state.q_int8.resize(int8_dot ? size(rows * qint8_row_bytes(head_dim)) : 0);
-  state.q_start.resize(int8_dot ? size(rows * (head_dim / kQInt8Group)) : 0);
+  state.q_start.resize(int8_dot ? size(rows * qint8_groups(head_dim)) : 0);
   state.q_bf16.resize(bf16_dot ? size(rows * hd) : 0);
 }
 
@@ -907,7 +907,7 @@ void reserve_decode(DecodeWorkspace<T>& ws, int workers, Index rows, Index head_
     s.merged.resize(size(hd));
     s.full_width_scores = full_width_scores;
     s.stream = stream;
-    const Index groups = int8_dot ? head_dim / kQInt8Group : 0;
+    const Index groups = int8_dot ? qint8_groups(head_dim) : 0;
     s.value_weights.resize(size(rows * kInt8SubBlocks * value_weight_row_bytes(groups)));
     s.value_units.resize(size(rows * groups));
     s.bf16_dot = bf16_dot;
