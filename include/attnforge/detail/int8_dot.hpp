@@ -326,8 +326,9 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
 // for keys 4 q ... 4 q + 3) with one scale group's 32 values of a value tile (qint8.hpp,
 // `x` at the group's lanes of quad 0), 4 keys per vpdpbusd: accumulator h holds the
 // group's values 16 h ... 16 h + 15. kPart: a row's last group, which ends mid-group; its
-// quads' bytes are read through the masks `in` (the next quad's bytes follow them).
-template <int R, bool kPart>
+// quads' bytes are read through the masks `in` (the next quad's bytes follow them), and
+// only its first kHalves of 16 values are multiplied.
+template <int R, bool kPart, int kHalves>
 ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc)[R][2],
                                                                    const std::int8_t* x,
                                                                    Index quad_bytes,
@@ -335,9 +336,9 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc
                                                                    const __mmask64 (&in)[2]) {
   ATTNFORGE_UNROLL
   for (int t = 0; t < 4; ++t) {
-    __m512i v[2];
+    __m512i v[kHalves];
     ATTNFORGE_UNROLL
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kHalves; ++h) {
       const std::int8_t* from = x + t * quad_bytes + 64 * h;
       v[h] = kPart ? _mm512_maskz_loadu_epi8(in[h], from) : _mm512_loadu_si512(from);
     }
@@ -346,20 +347,22 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc
       std::int32_t quad;
       std::memcpy(&quad, w + r * ldw + 16 * t, sizeof(quad));
       const __m512i weight = _mm512_set1_epi32(quad);
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], weight, v[0]);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], weight, v[1]);
+      ATTNFORGE_UNROLL
+      for (int h = 0; h < kHalves; ++h) acc[r][h] = _mm512_dpbusd_epi32(acc[r][h], weight, v[h]);
     }
   }
 }
 
 // out[r][32 g + i] += the block's products for scale group g's n values (int8_value_products;
 // n = kQInt8Group but in a row's last group when it ends mid-group, kPart, whose values and
-// outputs are read and written through masks).
-template <int R, int NSub, bool kPart>
+// outputs are read and written through masks, and whose second 16 values are skipped
+// when it has none: kHalves = 1).
+template <int R, int NSub, bool kPart, int kHalves = 2>
 ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_values(
     const std::uint8_t* weights, Index ldw, const float* units, const std::int8_t* values,
     Index tile_bytes, Index head_dim, Index g, Index n, float* out, Index ldo,
     simd::LineStream& stream) {
+  static_assert(kHalves == 2 || (kPart && kHalves == 1), "a whole group has two halves");
   const Index groups = qint8_groups(head_dim), quad_bytes = 4 * head_dim;
   const Index sub_weights = value_weight_row_bytes(groups);
   const __mmask64 in[2] = {first_bytes64(4 * n), first_bytes64(4 * n - 64)};
@@ -371,31 +374,28 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_values(
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_si512();
     stream.step();
-    int8_weighted_quads<R, kPart>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights, ldw,
-                                  in);  // high bytes
+    int8_weighted_quads<R, kPart, kHalves>(acc[b], x + b * tile_bytes, quad_bytes,
+                                           w + b * sub_weights, ldw, in);  // high bytes
   }
   ATTNFORGE_UNROLL
   for (int b = 0; b < NSub; ++b) {
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
-      acc[b][r][0] = _mm512_slli_epi32(acc[b][r][0], 8);
-      acc[b][r][1] = _mm512_slli_epi32(acc[b][r][1], 8);
+      ATTNFORGE_UNROLL
+      for (int h = 0; h < kHalves; ++h) acc[b][r][h] = _mm512_slli_epi32(acc[b][r][h], 8);
     }
-    int8_weighted_quads<R, kPart>(acc[b], x + b * tile_bytes, quad_bytes, w + b * sub_weights + 64,
-                                  ldw, in);  // low bytes
+    int8_weighted_quads<R, kPart, kHalves>(acc[b], x + b * tile_bytes, quad_bytes,
+                                           w + b * sub_weights + 64, ldw, in);  // low bytes
   }
   const __mmask16 out_lanes[2] = {first_lanes16(n), first_lanes16(n - 16)};
   for (int r = 0; r < R; ++r) {
-    __m512i sum[2] = {acc[0][r][0], acc[0][r][1]};
-    ATTNFORGE_UNROLL
-    for (int b = 1; b < NSub; ++b) {
-      sum[0] = _mm512_add_epi32(sum[0], acc[b][r][0]);
-      sum[1] = _mm512_add_epi32(sum[1], acc[b][r][1]);
-    }
     const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
     float* o = out + r * ldo + g * kQInt8Group;
-    for (int h = 0; h < 2; ++h) {
-      const __m512 sum_h = _mm512_cvtepi32_ps(sum[h]);
+    for (int h = 0; h < kHalves; ++h) {
+      __m512i sum = acc[0][r][h];
+      ATTNFORGE_UNROLL
+      for (int b = 1; b < NSub; ++b) sum = _mm512_add_epi32(sum, acc[b][r][h]);
+      const __m512 sum_h = _mm512_cvtepi32_ps(sum);
       if constexpr (kPart) {
         _mm512_mask_storeu_ps(
             o + 16 * h, out_lanes[h],
@@ -416,8 +416,13 @@ ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE void int8_last_group_values(
     const std::uint8_t* weights, Index ldw, const float* units, const std::int8_t* values,
     Index tile_bytes, Index head_dim, Index g, Index n, float* out, Index ldo,
     simd::LineStream& stream) {
-  int8_group_values<R, NSub, true>(weights, ldw, units, values, tile_bytes, head_dim, g, n, out,
-                                   ldo, stream);
+  if (n <= 16) {
+    int8_group_values<R, NSub, true, 1>(weights, ldw, units, values, tile_bytes, head_dim, g, n,
+                                        out, ldo, stream);
+  } else {
+    int8_group_values<R, NSub, true, 2>(weights, ldw, units, values, tile_bytes, head_dim, g, n,
+                                        out, ldo, stream);
+  }
 }
 
 // out[r][:] += sum_j w[r][j] * v_j[:] over a block of NSub value tiles (tile b at tiles + b *
