@@ -830,10 +830,11 @@ INSTANTIATE_TEST_SUITE_P(
                       // two runs of 4 (D 256).
                       SdpaCase{"GQA_D192_Causal", 8, 2, 192, Kind::kCausal},
                       SdpaCase{"GQA_D256_Docs", 8, 2, 256, Kind::kDocs},
-                      // Rows ending mid-group: by 16 values (D 80 above), by 4 (D 44), and
-                      // three whole groups (D 96).
+                      // Rows ending mid-group: after 16 values (D 80 above), 12 (D 44) and 24
+                      // (D 56); three whole groups (D 96).
                       SdpaCase{"GQA_D96_Causal", 8, 2, 96, Kind::kCausal},
-                      SdpaCase{"GQA_D44_Padding", 8, 2, 44, Kind::kPadding}),
+                      SdpaCase{"GQA_D44_Padding", 8, 2, 44, Kind::kPadding},
+                      SdpaCase{"MHA_D56_Causal", 4, 4, 56, Kind::kCausal}),
     [](const ::testing::TestParamInfo<SdpaCase>& info) { return std::string(info.param.name); });
 
 // A QInt8 row's scales are found from stride(2), so a view whose rows are not stored rows
