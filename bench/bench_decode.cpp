@@ -9,12 +9,15 @@
 // streaming read of its bytes (weights + fp32 cache). decode_in_turns times the fp32,
 // bf16, fp16 and int8 decodes, the stream and the fp32 decode with attention sinks of one
 // shape in turn, for their ratios side by side (bench::time_in_turns); head_dims_in_turns
-// times the fp32 and the int8 decode at head_dim 64, 80, 96 and 128 and the stream in turn.
+// times the fp32, bf16 and int8 decodes at head_dim 64, 80, 96 and 128 and the stream in
+// turn.
 //
 //   bench_decode --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <array>
 #include <functional>
 #include <memory>
+#include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -205,47 +208,54 @@ void run_decode_in_turns(benchmark::State& state, Index batch, Index kv_len, int
   state.counters["int8/cache_stream"] = bench::median_ratio(seconds[6], seconds[2]);
 }
 
-// The fp32 and QInt8 caches of the decode shape at another head_dim (other models: 64, 80,
-// 96), built once; at kHeadDim the decode rows' own caches.
+// The fp32, bf16 and QInt8 caches of the decode shape at another head_dim (other models:
+// 64, 80, 96), built once; at kHeadDim the decode rows' own caches.
 struct HeadDimCaches {
   af::KVCache<float>* fp32 = nullptr;
+  af::KVCache<Eigen::bfloat16>* bf16 = nullptr;
   af::KVCache<af::QInt8>* int8 = nullptr;
 };
 
 HeadDimCaches head_dim_caches(Index head_dim, Index batch, Index kv_len) {
   if (head_dim == kHeadDim) {
     DecodeInputs& in = decode_inputs(batch, kv_len);
-    return {in.cache.get(), in.int8_cache.get()};
+    return {in.cache.get(), in.bf16_cache.get(), in.int8_cache.get()};
   }
   using Key = std::array<Index, 3>;
   using Caches =
-      std::pair<std::unique_ptr<af::KVCache<float>>, std::unique_ptr<af::KVCache<af::QInt8>>>;
+      std::tuple<std::unique_ptr<af::KVCache<float>>, std::unique_ptr<af::KVCache<Eigen::bfloat16>>,
+                 std::unique_ptr<af::KVCache<af::QInt8>>>;
   Caches& built = bench::built_once(Key{head_dim, batch, kv_len}, [](const Key& at) {
     const auto [head_dim, batch, kv_len] = at;
-    Caches caches{std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, head_dim),
-                  std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, head_dim)};
+    Caches caches{
+        std::make_unique<af::KVCache<float>>(batch, kv_len + 1, kKvHeads, head_dim),
+        std::make_unique<af::KVCache<Eigen::bfloat16>>(batch, kv_len + 1, kKvHeads, head_dim),
+        std::make_unique<af::KVCache<af::QInt8>>(batch, kv_len + 1, kKvHeads, head_dim)};
     const auto k = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, head_dim}, 2);
     const auto v = bench::random_tensor<float, 4>({batch, kKvHeads, kv_len, head_dim}, 3);
-    caches.first->update(k, v);
-    caches.second->update(k, v);
+    std::get<0>(caches)->update(k, v);
+    std::get<1>(caches)->update(k, v);
+    std::get<2>(caches)->update(k, v);
     return caches;
   });
-  return {built.first.get(), built.second.get()};
+  return {std::get<0>(built).get(), std::get<1>(built).get(), std::get<2>(built).get()};
 }
 
-// The fp32 and the int8 decode at head_dim 64, 80, 96 and 128 and the stream yardstick (as
-// many bytes as the head_dim 128 fp32 cache holds), timed in turn: Dd/stream is the fp32
-// decode's bytes rate at head_dim d over the stream's, int8_Dd/fp32 the int8 decode's
-// tokens/s over the fp32 one's at the same head_dim, so each head_dim is measured against
-// the same memory in the same minutes (80 ends mid scale group, 96 has three groups).
+// The fp32, bf16 and int8 decodes at head_dim 64, 80, 96 and 128 and the stream yardstick
+// (as many bytes as the head_dim 128 fp32 cache holds), timed in turn: Dd/stream is the
+// fp32 decode's bytes rate at head_dim d over the stream's, bf16_Dd/fp32 and int8_Dd/fp32
+// the bf16 and int8 decodes' tokens/s over the fp32 one's at the same head_dim, so each
+// head_dim is measured against the same memory in the same minutes (80 ends mid scale
+// group and is no multiple of the bf16 dot products' 32 values, 96 has three groups).
 void run_head_dims_in_turns(benchmark::State& state, Index batch, Index kv_len, int threads) {
   constexpr std::array<Index, 4> kHeadDims = {64, 80, 96, kHeadDim};
   constexpr std::size_t kN = kHeadDims.size();
   af::SdpaOptions options;
   options.causal = true;
   af::Sdpa<float> sdpa(options, bench::device_for(threads));
+  af::Sdpa<float, Eigen::bfloat16> sdpa_bf16(options, bench::device_for(threads));
   af::Sdpa<float, af::QInt8> sdpa_int8(options, bench::device_for(threads));
-  std::array<std::function<void()>, 2 * kN + 1> calls;
+  std::array<std::function<void()>, 3 * kN + 1> calls;
   std::array<Tensor<float, 4>, kN> q, out;
   for (std::size_t i = 0; i < kN; ++i) {
     const Index d = kHeadDims[i];
@@ -253,9 +263,13 @@ void run_head_dims_in_turns(benchmark::State& state, Index batch, Index kv_len, 
     out[i] = Tensor<float, 4>(batch, kHeads, 1, d);
     const HeadDimCaches caches = head_dim_caches(d, batch, kv_len);
     const af::KVPrefix<float> kv = caches.fp32->prefix();
+    const af::KVPrefix<Eigen::bfloat16> kv_bf16 = caches.bf16->prefix();
     const af::KVPrefix<af::QInt8> kv_int8 = caches.int8->prefix();
     calls[i] = [&, i, kv] { sdpa(q[i], kv.keys, kv.values, af::StridedView<float, 4>(out[i])); };
-    calls[kN + i] = [&, i, kv_int8] {
+    calls[kN + i] = [&, i, kv_bf16] {
+      sdpa_bf16(q[i], kv_bf16.keys, kv_bf16.values, af::StridedView<float, 4>(out[i]));
+    };
+    calls[2 * kN + i] = [&, i, kv_int8] {
       sdpa_int8(q[i], kv_int8.keys, kv_int8.values, af::StridedView<float, 4>(out[i]));
     };
   }
@@ -266,7 +280,8 @@ void run_head_dims_in_turns(benchmark::State& state, Index batch, Index kv_len, 
     const std::string d = std::to_string(kHeadDims[i]);
     const double bytes = static_cast<double>(kHeadDims[i]) / static_cast<double>(kHeadDim);
     state.counters["D" + d + "/stream"] = bench::median_ratio(seconds.back(), seconds[i], bytes);
-    state.counters["int8_D" + d + "/fp32"] = bench::median_ratio(seconds[i], seconds[kN + i]);
+    state.counters["bf16_D" + d + "/fp32"] = bench::median_ratio(seconds[i], seconds[kN + i]);
+    state.counters["int8_D" + d + "/fp32"] = bench::median_ratio(seconds[i], seconds[2 * kN + i]);
   }
 }
 
