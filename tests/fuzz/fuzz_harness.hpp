@@ -337,8 +337,8 @@ af::Bf16Kernel bf16_kernel_for(const af::SdpaOptions& options) {
 // budget is the float one: the storage error is the cache's, not the kernels'). Where the
 // decode path multiplies the stored form, the brute force runs on the queries it
 // multiplies (accuracy_budget.hpp, 5. and 6.): q~ quantized for the int8 dot products,
-// q rounded to bf16 for the bf16 ones (exact in float), whose rounding of the softmax
-// weights to bf16 also adds to the budget.
+// q rounded to bf16 for the bf16 ones (exact in float); the rounding of the softmax
+// weights (to 16-bit integers, to bf16) also adds to the budget.
 template <typename S>
 Reference reference_over_cache(const af::Tensor<float, 4>& q, const af::Tensor<float, 4>& k,
                                const af::Tensor<float, 4>& v, const af::test::DenseMasks& dense,
@@ -352,7 +352,9 @@ Reference reference_over_cache(const af::Tensor<float, 4>& q, const af::Tensor<f
           1.0 / std::sqrt(static_cast<double>(std::max<Index>(head_dim, 1))));
       const af::Tensor<float, 4> q_quantized =
           af::test::quantized_queries(q, scale, options.softcap > 0.0).cast<float>();
-      return reference_of(q_quantized, k, v, dense, options);
+      Reference r = reference_of(q_quantized, k, v, dense, options);
+      r.budget = af::test::with_int8_value_weights(r.budget);
+      return r;
     }
   } else if constexpr (std::is_same_v<S, Eigen::bfloat16>) {
     if (af::test::decodes_by_bf16_dot(options.path, options.bf16_kernel, q_len, n_rep, head_dim)) {
