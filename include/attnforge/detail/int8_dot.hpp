@@ -255,11 +255,12 @@ ATTNFORGE_TARGET_VNNI inline float max_or_nan(__m512 x) {
 // hold no key), written as a 16-bit integer w = round(p v_scale / unit[r][g]) with unit[r][g]
 // = max p[r] * max v_scale[.][g] / 65535 over the whole block, split into its high and low
 // bytes (layout above; sub-block b of row r at weights + r * ldw + b *
-// value_weight_row_bytes(groups), groups = qint8_groups(head_dim)). One unit for the whole block
-// lets the value products sum its sub-blocks in integers. A unit from the two maxima rather than
-// the largest product costs a bit or two where they fall on different keys, against 16 bits, and
-// needs rows + groups reductions instead of rows x groups. A NaN among a row's weights or a group's
-// scales makes its unit NaN, so those outputs become NaN as a float cache's would.
+// value_weight_row_bytes(groups), groups = qint8_groups(head_dim)). One unit for the whole
+// block lets the value products sum its sub-blocks in integers. A unit from the two maxima
+// rather than the largest product costs a bit or two where they fall on different keys,
+// against 16 bits, and needs rows + groups reductions instead of rows x groups. A NaN among
+// a row's weights or a group's scales makes its unit NaN, so those outputs become NaN as a
+// float cache's would.
 template <int NSub>
 ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index rows, Index ldp,
                                                          const QInt8* tiles, Index tile_bytes,
