@@ -262,9 +262,9 @@ void stored_row(const float* x, Index head_dim, float* out) {
 // first seven): the draw itself for a float cache (as the seed corpus was written); for
 // QInt8, multiples of 4 (its rule) around and across its scale groups of kQInt8Group = 32
 // values, so rows end mid-group and hold several scales (the decode path may take the
-// int8 dot products at each of them); for bf16, the multiples of 32 where the decode path may take
-// the bf16 dot products (32, 64 and 96, all among the first seven) and sizes where it
-// cannot, odd ones and 33 (one past a dot-product chunk), which convert.
+// int8 dot products at each of them); for bf16, the multiples of 32 where the decode path
+// may take the bf16 dot products (32, 64 and 96, all among the first seven) and sizes
+// where it cannot, odd ones and 33 (one past a dot-product chunk), which convert.
 template <typename S>
 Index cache_head_dim(Index draw) {
   if constexpr (af::detail::is_qint8_v<S>) {
