@@ -133,7 +133,7 @@ ATTNFORGE_TARGET_BF16 inline void pair_16bit_rows(const std::uint16_t* v, Index 
     std::uint32_t* to = pairs + i * width;
     for (Index d = 0; d < width; d += 32) {
       const Index left = width - d;
-      const __mmask32 in = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1;
+      const __mmask32 in = simd::first_lanes<__mmask32>(left);
       const __m512i e = _mm512_maskz_loadu_epi16(in, even + d);
       const __m512i o = odd != nullptr ? _mm512_maskz_loadu_epi16(in, odd + d)
                                        : _mm512_setzero_si512();
@@ -155,7 +155,7 @@ ATTNFORGE_TARGET_BF16 inline void transpose_pair_rows(const void* const* rows, I
   for (Index l0 = 0; l0 < lanes; l0 += 16) {
     for (Index i0 = 0; i0 < pairs; i0 += 16) {
       const Index left = pairs - i0;
-      const __mmask16 in = left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+      const __mmask16 in = simd::first_lanes<__mmask16>(left);
       __m512i v[16];
       for (int j = 0; j < 16; ++j) {
         const auto* row = static_cast<const std::uint32_t*>(rows[l0 + j]);

@@ -87,15 +87,6 @@ constexpr Index value_weight_row_bytes(Index groups) {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
 
-// The first n (clamped to [0, 16]) lanes of a 16-lane mask, and bytes of a 64-byte one:
-// the part of a scale group's vectors that a row ending mid-group holds.
-inline __mmask16 first_lanes16(Index n) {
-  return n >= 16 ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
-}
-inline __mmask64 first_bytes64(Index n) {
-  return n >= 64 ? ~__mmask64(0) : n <= 0 ? __mmask64(0) : (__mmask64(1) << n) - 1;
-}
-
 // Quantizes one (pre-scaled) query row into `row` and `start` (sized as Int8QueryRow says):
 // the bytes and scales quantize_row gives, group by group in vectors (the same division,
 // rounding in the current mode and clamp), since every decode work unit quantizes its rows.
@@ -107,7 +98,7 @@ ATTNFORGE_TARGET_VNNI inline void quantize_query_row(const float* q, Index head_
   const __m512 top = _mm512_set1_ps(127.0f), bottom = _mm512_set1_ps(-127.0f);
   for (Index g0 = 0, g = 0; g0 < head_dim; g0 += kQInt8Group, ++g) {
     const Index n = std::min(kQInt8Group, head_dim - g0);
-    const __mmask16 in[2] = {first_lanes16(n), first_lanes16(n - 16)};
+    const __mmask16 in[2] = {simd::first_lanes<__mmask16>(n), simd::first_lanes<__mmask16>(n - 16)};
     const __m512 x[2] = {_mm512_maskz_loadu_ps(in[0], q + g0),
                          _mm512_maskz_loadu_ps(in[1], q + g0 + 16)};
     const __m512 abs_x[2] = {_mm512_abs_ps(x[0]), _mm512_abs_ps(x[1])};
@@ -366,7 +357,8 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_values(
   static_assert(kHalves == 2 || (kPart && kHalves == 1), "a whole group has two halves");
   const Index groups = qint8_groups(head_dim), quad_bytes = 4 * head_dim;
   const Index sub_weights = value_weight_row_bytes(groups);
-  const __mmask64 in[2] = {first_bytes64(4 * n), first_bytes64(4 * n - 64)};
+  const __mmask64 in[2] = {simd::first_lanes<__mmask64>(4 * n),
+                           simd::first_lanes<__mmask64>(4 * n - 64)};
   const std::int8_t* x = values + 4 * g * kQInt8Group;
   const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
   __m512i acc[NSub][R][2];
@@ -388,7 +380,8 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_values(
     int8_weighted_quads<R, kPart, kHalves>(acc[b], x + b * tile_bytes, quad_bytes,
                                            w + b * sub_weights + 64, ldw, in);  // low bytes
   }
-  const __mmask16 out_lanes[2] = {first_lanes16(n), first_lanes16(n - 16)};
+  const __mmask16 out_lanes[2] = {simd::first_lanes<__mmask16>(n),
+                                  simd::first_lanes<__mmask16>(n - 16)};
   for (int r = 0; r < R; ++r) {
     const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
     float* o = out + r * ldo + g * kQInt8Group;

@@ -545,7 +545,7 @@ void decode_int8_sub_blocks(const P& pb, const DecodeGroup& g, Index j0, Index n
   softmax_decode_block(g, s, NSub);
   const QInt8* value_tiles = pb.v.row(g.b, g.kv_head, j0);
   __mmask16 keep[NSub];
-  for (int b = 0; b < NSub; ++b) keep[b] = static_cast<__mmask16>((1u << sub_keys(b)) - 1);
+  for (int b = 0; b < NSub; ++b) keep[b] = simd::first_lanes<__mmask16>(sub_keys(b));
   const Index ldw = NSub * value_weight_row_bytes(groups);
   quantize_value_weights<NSub>(scores, g.rows, kLd, value_tiles, tile_bytes, keep, g.head_dim,
                                s.value_weights.data(), ldw, s.value_units.data());

@@ -205,6 +205,16 @@ EIGEN_ALWAYS_INLINE void transpose(PacketBlock& block) {
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// The first n lanes (n clamped to [0, lanes]) of an AVX-512 mask type (__mmask16,
+// __mmask32, __mmask64): the part of a vector that a row, a run or a block ending inside
+// it holds.
+template <typename Mask>
+constexpr Mask first_lanes(Eigen::Index n) {
+  constexpr Eigen::Index kLanes = 8 * sizeof(Mask);
+  if (n >= kLanes) return static_cast<Mask>(~Mask{0});
+  return n <= 0 ? Mask{0} : static_cast<Mask>((Mask{1} << n) - 1);
+}
+
 #define ATTNFORGE_SUM_EACH_OF_16 1
 // Lane j of the result = the sum of the 16 lanes of acc[j]. A tree that adds while it
 // shuffles (45 instructions) rather than a full 16 x 16 transpose followed by 15 adds.
