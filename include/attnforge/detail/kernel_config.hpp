@@ -91,11 +91,10 @@ bool decode_scores_full_width(DecodeScoreWidth width) {
   if (width != DecodeScoreWidth::kAuto) return width == DecodeScoreWidth::kFullPacket;
   return simd::kWidth<T> * sizeof(T) == 64;
 }
-// Packets of one query row a score pass holds in registers; the rest of the register
-// file holds one accumulator per key of the score packet (half or full width) and the
-// key loads.
-template <bool kFullWidth>
-inline constexpr int kScoreQueryPackets = (simd::kRegisters >= 32 ? 16 : 8) / (kFullWidth ? 2 : 1);
+// Query rows one decode score pass takes: each key packet it loads (and widens, for a
+// 16-bit cache) serves them all. Their sums for 4 keys, the 4 key packets and a query
+// packet fill the register file: 4 rows with 32 registers, 2 with 16.
+inline constexpr int kScoreRows = simd::kRegisters >= 32 ? 4 : 2;
 // Packets of head_dim one value pass holds per row: 2 rows of them, their key's values
 // and the weights fill the register file.
 inline constexpr int kValuePackets = simd::kRegisters >= 32 ? 8 : 4;

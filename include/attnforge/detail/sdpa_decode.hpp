@@ -4,9 +4,10 @@
 // from memory. The kernel therefore reads every K and V row exactly once per KV head
 // (all n_rep query heads of the group and all Sq positions share it), straight from
 // the cache's storage, with the SIMD lanes along head_dim:
-//   scores: for a block of P keys (P = packet size), each query row accumulates one
-//           packet per key, and a lane sum (simd::sum_each) turns the P packets into
-//           one packet of P scores;
+//   scores: for a block of P keys (P = packet size), the query rows accumulate one
+//           packet per key and row, a few rows at a time sharing each key packet
+//           loaded, and a lane sum (simd::sum_each) turns a row's P packets into one
+//           packet of P scores;
 //   output: out[r] += p[r][j] * v[j], register-blocked over rows and head_dim.
 // A QInt8 or bf16 cache is multiplied in its stored form where the CPU has the dot
 // products (int8_dot.hpp, bf16_dot.hpp). Otherwise a bf16 or fp16 cache is widened to
@@ -138,61 +139,70 @@ inline DecodeKeys decode_keys(const BatchMask& mask, Index q_len) {
   return {mask.key_span(0, q_len - 1, q_min, q_max), mask.excludes_inside_span(q_min, q_max)};
 }
 
-// Keys [first, first + S) of a block of n_keys keys (S = size of the score packet),
-// against head_dim elements [d0, d0 + NQ * S) of one query row held in registers:
-// acc[j] += q . key_j over that range. Each key row is read front to back before the
-// next, the order the hardware prefetchers follow (reading the block's rows side by side,
-// a column at a time, streams from DRAM markedly slower).
-template <typename T, bool kFull, int NQ, typename K>
-EIGEN_ALWAYS_INLINE void score_pass(const T* q, const K* const* rows, Index d0,
-                                    simd::BlockOfWidth<T, kFull>& acc) {
+// sum[r][i] += q_r . key_(g + i) over head_dim's whole packets (`whole` elements), for R
+// query rows (row stride ldq) and the kG keys from g of a score packet's rows: each key
+// packet is loaded (and widened) once for all R rows, so a 16-bit cache is widened once
+// per key rather than once per row, and the block's new lines are read by one pass, not
+// by the first of R. kG key rows are read side by side, a packet of each in turn (all
+// the packet's rows side by side streamed markedly slower from DRAM).
+template <typename T, bool kFull, int R, int kG, typename K>
+EIGEN_ALWAYS_INLINE void key_group_scores(const T* q, Index ldq, const K* const* rows, int g,
+                                          Index whole, simd::BlockOfWidth<T, kFull> (&acc)[R]) {
   using Packet = simd::PacketOfWidth<T, kFull>;
   constexpr int kS = simd::kSize<Packet>;
-  Packet qv[NQ];
+  Packet sum[R][kG];
   ATTNFORGE_UNROLL
-  for (int c = 0; c < NQ; ++c) qv[c] = simd::load<Packet>(q + d0 + c * kS);
-  ATTNFORGE_UNROLL
-  for (int j = 0; j < kS; ++j) {
+  for (int r = 0; r < R; ++r) {
     ATTNFORGE_UNROLL
-    for (int c = 0; c < NQ; ++c)
-      acc.packet[j] = simd::fma(qv[c], simd::load_as<Packet>(rows[j] + d0 + c * kS), acc.packet[j]);
+    for (int i = 0; i < kG; ++i) sum[r][i] = simd::zero<Packet>();
+  }
+  for (Index d = 0; d < whole; d += kS) {
+    Packet key[kG];
+    ATTNFORGE_UNROLL
+    for (int i = 0; i < kG; ++i) key[i] = simd::load_as<Packet>(rows[g + i] + d);
+    ATTNFORGE_UNROLL
+    for (int r = 0; r < R; ++r) {
+      const Packet query = simd::load<Packet>(q + r * ldq + d);
+      ATTNFORGE_UNROLL
+      for (int i = 0; i < kG; ++i) sum[r][i] = simd::fma(query, key[i], sum[r][i]);
+    }
+  }
+  ATTNFORGE_UNROLL
+  for (int r = 0; r < R; ++r) {
+    ATTNFORGE_UNROLL
+    for (int i = 0; i < kG; ++i) acc[r].packet[g + i] = sum[r][i];
   }
 }
 
-// Scores of one query row against keys [first, first + S) of a block of n_keys keys
-// (S = size of the score packet, full or half width: see DecodeScoreWidth), written to
-// out[0, S). Keys past n_keys read the block's key 0 again; the caller masks them.
-// `ahead` (the lines of a block ahead) takes one step per key, all of them before the
-// FMAs: a step inside the unrolled pass puts one copy of the request loop per key among
-// the FMAs, and those copies take the registers that hold the key rows' addresses.
-template <typename T, bool kFull, typename K>
-EIGEN_ALWAYS_INLINE void block_scores(const T* q, const K* keys, Index ldk, Index n_keys,
-                                      Index first, Index head_dim, T* out,
-                                      simd::LineStream& ahead) {
-  using Packet = simd::PacketOfWidth<T, kFull>;
-  constexpr int kS = simd::kSize<Packet>;
-  constexpr int kNQ = kScoreQueryPackets<kFull>;
-  simd::BlockOfWidth<T, kFull> acc;
+// Scores of R query rows (row stride ldq) against keys [first, first + S) of a block of
+// n_keys keys (S = size of the score packet, full or half width: see DecodeScoreWidth),
+// written to out[r * ldo, r * ldo + S). Keys past n_keys read the block's key 0 again;
+// the caller masks them. The keys go 4 at a time (key_group_scores), so R x 4 sums stay
+// in registers; a row's S sums, one accumulator per key, become its S scores by a lane
+// sum (simd::sum_each). `ahead` (the lines of a block ahead) takes one step per key and
+// row, a group's steps before its FMAs: a step inside the pass's loop would put one copy
+// of the request loop among the FMAs per unrolled key.
+template <typename T, bool kFull, int R, typename K>
+EIGEN_ALWAYS_INLINE void block_scores(const T* q, Index ldq, const K* keys, Index ldk,
+                                      Index n_keys, Index first, Index head_dim, T* out,
+                                      Index ldo, simd::LineStream& ahead) {
+  constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
+  constexpr int kG = kS < 4 ? kS : 4;
+  static_assert(kS % kG == 0, "a score packet holds whole groups of keys");
   const K* rows[kS];
-  for (int j = 0; j < kS; ++j) {
-    acc.packet[j] = simd::zero<Packet>();
-    rows[j] = keys + (first + j < n_keys ? first + j : 0) * ldk;
+  for (int j = 0; j < kS; ++j) rows[j] = keys + (first + j < n_keys ? first + j : 0) * ldk;
+  const Index whole = head_dim / kS * kS;
+  simd::BlockOfWidth<T, kFull> acc[R];
+  for (int g = 0; g < kS; g += kG) {
+    ahead.steps(kG * R);
+    key_group_scores<T, kFull, R, kG>(q, ldq, rows, g, whole, acc);
   }
-  ahead.steps(kS);
-  Index d = 0;
-  for (; d + kNQ * kS <= head_dim; d += kNQ * kS) score_pass<T, kFull, kNQ>(q, rows, d, acc);
-  // The tail of head_dim, one power of two of packets at a time (head_dim 64, 80, 96 ...).
-  if constexpr (kNQ >= 16) {
-    if (d + 8 * kS <= head_dim) score_pass<T, kFull, 8>(q, rows, d, acc), d += 8 * kS;
-  }
-  if constexpr (kNQ >= 8) {
-    if (d + 4 * kS <= head_dim) score_pass<T, kFull, 4>(q, rows, d, acc), d += 4 * kS;
-  }
-  if (d + 2 * kS <= head_dim) score_pass<T, kFull, 2>(q, rows, d, acc), d += 2 * kS;
-  if (d + kS <= head_dim) score_pass<T, kFull, 1>(q, rows, d, acc), d += kS;
-  simd::store(out, simd::sum_each(acc));
-  for (Index e = d; e < head_dim; ++e) {  // head_dim not a multiple of the packet
-    for (int j = 0; j < kS; ++j) out[j] += q[e] * static_cast<T>(rows[j][e]);
+  for (int r = 0; r < R; ++r) {
+    T* o = out + r * ldo;
+    simd::store(o, simd::sum_each(acc[r]));
+    for (Index e = whole; e < head_dim; ++e) {  // head_dim not a multiple of the packet
+      for (int j = 0; j < kS; ++j) o[j] += q[r * ldq + e] * static_cast<T>(rows[j][e]);
+    }
   }
 }
 
@@ -612,10 +622,10 @@ void decode_block_bf16(const P& pb, const DecodeGroup& g, Index j0, Index n_keys
 #endif
 }
 
-// Every row's scores against a block of n_keys keys, into s.weights. All rows' scores
-// come first, then their softmax: the rows are independent, and keeping each phase in
-// its own loop lets the core overlap their latency chains. The first row reads each key
-// from memory, the others from L1.
+// Every row's scores against a block of n_keys keys, into s.weights, kScoreRows rows at a
+// time (then half as many ...), each pass reading every key once for all its rows. All
+// rows' scores come first, then their softmax: the rows are independent, and keeping each
+// phase in its own loop lets the core overlap their latency chains.
 template <typename T, bool kFull, typename K>
 void score_rows(const DecodeGroup& g, const K* keys, Index ldk, Index n_keys, DecodeScratch<T>& s,
                 simd::LineStream& ahead) {
@@ -623,10 +633,11 @@ void score_rows(const DecodeGroup& g, const K* keys, Index ldk, Index n_keys, De
   constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
   simd::LineStream stream = ahead;  // a local, so its state stays in registers (simd.hpp)
   for (int first = 0; first < kP; first += kS) {
-    for (Index r = 0; r < g.rows; ++r) {
-      block_scores<T, kFull>(s.q_rows.data() + r * g.hd, keys, ldk, n_keys, first, g.head_dim,
-                             s.weights.data() + r * kP + first, stream);
-    }
+    for_each_halving_row_block<kScoreRows>(g.rows, [&](auto rows, Index r0) {
+      block_scores<T, kFull, decltype(rows)::value>(s.q_rows.data() + r0 * g.hd, g.hd, keys, ldk,
+                                                    n_keys, first, g.head_dim,
+                                                    s.weights.data() + r0 * kP + first, kP, stream);
+    });
   }
   ahead = stream;
 }
