@@ -93,7 +93,7 @@ bool decode_scores_full_width(DecodeScoreWidth width) {
 }
 // Query rows one decode score pass takes: each key packet it loads (and widens, for a
 // 16-bit cache) serves them all. Their sums for 4 keys, the 4 key packets and a query
-// packet fill the register file: 4 rows with 32 registers, 2 with 16.
+// packet fit in the register file: 4 rows with 32 registers, 2 with 16.
 inline constexpr int kScoreRows = simd::kRegisters >= 32 ? 4 : 2;
 // Packets of head_dim one value pass holds per row: 2 rows of them, their key's values
 // and the weights fill the register file.
