@@ -177,15 +177,15 @@ EIGEN_ALWAYS_INLINE void key_group_scores(const T* q, Index ldq, const K* const*
 // Scores of R query rows (row stride ldq) against keys [first, first + S) of a block of
 // n_keys keys (S = size of the score packet, full or half width: see DecodeScoreWidth),
 // written to out[r * ldo, r * ldo + S). Keys past n_keys read the block's key 0 again;
-// the caller masks them. The keys go 4 at a time (key_group_scores), so R x 4 sums stay
-// in registers; a row's S sums, one accumulator per key, become its S scores by a lane
-// sum (simd::sum_each). `ahead` (the lines of a block ahead) takes one step per key and
-// row, a group's steps before its FMAs: a step inside the pass's loop would put one copy
-// of the request loop among the FMAs per unrolled key.
+// the caller masks them. The keys go kG at a time (key_group_scores; 4, or S if smaller),
+// so R x kG sums stay in registers; a row's S sums, one accumulator per key, become its
+// S scores by a lane sum (simd::sum_each). `ahead` (the lines of a block ahead) takes one
+// step per key and row, a group's steps before its FMAs: a step inside the pass's loop
+// would put one copy of the request loop among the FMAs per unrolled key.
 template <typename T, bool kFull, int R, typename K>
-EIGEN_ALWAYS_INLINE void block_scores(const T* q, Index ldq, const K* keys, Index ldk,
-                                      Index n_keys, Index first, Index head_dim, T* out,
-                                      Index ldo, simd::LineStream& ahead) {
+EIGEN_ALWAYS_INLINE void block_scores(const T* q, Index ldq, const K* keys, Index ldk, Index n_keys,
+                                      Index first, Index head_dim, T* out, Index ldo,
+                                      simd::LineStream& ahead) {
   constexpr int kS = simd::kSize<simd::PacketOfWidth<T, kFull>>;
   constexpr int kG = kS < 4 ? kS : 4;
   static_assert(kS % kG == 0, "a score packet holds whole groups of keys");
