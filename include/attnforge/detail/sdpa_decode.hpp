@@ -159,10 +159,10 @@ EIGEN_ALWAYS_INLINE void key_group_scores(const T* q, Index ldq, const K* const*
   for (Index d = 0; d < whole; d += kS) {
     Packet key[kG];
     ATTNFORGE_UNROLL
-    for (int i = 0; i < kG; ++i) key[i] = simd::load_as<Packet>(rows[g + i] + d);
+    for (int i = 0; i < kG; ++i) key[i] = simd::in_register(simd::load_as<Packet>(rows[g + i] + d));
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
-      const Packet query = simd::load<Packet>(q + r * ldq + d);
+      const Packet query = simd::in_register(simd::load<Packet>(q + r * ldq + d));
       ATTNFORGE_UNROLL
       for (int i = 0; i < kG; ++i) sum[r][i] = simd::fma(query, key[i], sum[r][i]);
     }
@@ -226,7 +226,8 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const K* values, Ind
     ahead.step();
     Packet v[C];
     ATTNFORGE_UNROLL
-    for (int c = 0; c < C; ++c) v[c] = simd::load_as<Packet>(values + j * ldv + c * kP);
+    for (int c = 0; c < C; ++c)
+      v[c] = simd::in_register(simd::load_as<Packet>(values + j * ldv + c * kP));
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       const Packet w = simd::splat<Packet>(weights[r * kP + j]);

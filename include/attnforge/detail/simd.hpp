@@ -383,6 +383,19 @@ inline constexpr int kToNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 #define ATTNFORGE_F16C 0
 #endif
 
+// x, held in a register from here on. A packet loaded once for several FMAs is otherwise
+// often read again by each of them (the compiler folds the load into every FMA as a
+// memory operand), which costs nothing on cores that load two vectors per cycle but
+// makes the loads, not the FMAs, the limit on cores that load one 512-bit vector per
+// cycle. Only with 32 vector registers, where the kernels' operands fit.
+template <typename P>
+EIGEN_ALWAYS_INLINE P in_register(P x) {
+#if defined(EIGEN_VECTORIZE_AVX512) && (defined(__GNUC__) || defined(__clang__))
+  __asm__("" : "+v"(x));
+#endif
+  return x;
+}
+
 // kSize<P> values of S at `from` as a packet P: a plain load where S is P's scalar, else
 // bf16 or fp16 widened to float (exact: every bf16 and fp16 value is a float). fp16 in
 // hardware where the target has F16C, bf16 by Eigen's cast where its packet has P's
