@@ -209,7 +209,10 @@ EIGEN_ALWAYS_INLINE void block_scores(const T* q, Index ldq, const K* keys, Inde
 // out[r][:] += sum_j weights[r][j] * v_j[:] for R rows (row stride ldo), the n_keys
 // keys of the block, a chunk of head_dim (C packets) at a time. Whole value rows are read
 // one after the other, as the prefetchers like; the rows beyond the first R reread the
-// block from L1. `ahead` steps once per key (the lines of a block ahead).
+// block from L1. `ahead` steps once per key (the lines of a block ahead). The value
+// packets are left for the compiler to fold into the FMAs: held in registers
+// (simd::in_register), as the score pass holds its operands, they made the decode slower
+// out of DRAM (docs/design.md).
 template <typename T, int R, int C, typename K>
 EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const K* values, Index ldv,
                                           Index n_keys, T* out, Index ldo,
@@ -226,8 +229,7 @@ EIGEN_ALWAYS_INLINE void accumulate_chunk(const T* weights, const K* values, Ind
     ahead.step();
     Packet v[C];
     ATTNFORGE_UNROLL
-    for (int c = 0; c < C; ++c)
-      v[c] = simd::in_register(simd::load_as<Packet>(values + j * ldv + c * kP));
+    for (int c = 0; c < C; ++c) v[c] = simd::load_as<Packet>(values + j * ldv + c * kP);
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
       const Packet w = simd::splat<Packet>(weights[r * kP + j]);

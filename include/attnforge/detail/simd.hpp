@@ -385,9 +385,9 @@ inline constexpr int kToNearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 
 // x, held in a register from here on. A packet loaded once for several FMAs is otherwise
 // often read again by each of them (the compiler folds the load into every FMA as a
-// memory operand), which costs nothing on cores that load two vectors per cycle but
-// makes the loads, not the FMAs, the limit on cores that load one 512-bit vector per
-// cycle. Only with 32 vector registers, where the kernels' operands fit.
+// memory operand), which costs little on cores that load two 512-bit vectors per cycle
+// but makes the loads, not the FMAs, the limit on cores that load one. Only in AVX-512
+// builds, whose 32 vector registers hold the kernels' operands.
 template <typename P>
 EIGEN_ALWAYS_INLINE P in_register(P x) {
 #if defined(EIGEN_VECTORIZE_AVX512) && (defined(__GNUC__) || defined(__clang__))
