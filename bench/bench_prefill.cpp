@@ -221,32 +221,73 @@ void run_gemm_yardstick(benchmark::State& state, Index seq_len, Index head_dim) 
 
 // The same causal prefill with bf16 q, k, v and out (accumulation in float), on the
 // AVX512-BF16 dot products (kDotProduct) or converting tiles to float (kConvert).
-void run_bf16(benchmark::State& state, Index seq_len, Index head_dim, int threads,
-              af::Bf16Kernel kernel) {
-  if (kernel == af::Bf16Kernel::kDotProduct &&
-      !(af::detail::kHasBf16DotKernel && af::detail::cpu_has_avx512_bf16())) {
-    state.SkipWithError("no AVX512-BF16 kernel here (CPU or build)");
-    return;
-  }
+bool bf16_dot_here() { return af::detail::kHasBf16DotKernel && af::detail::cpu_has_avx512_bf16(); }
+
+class Bf16Prefill {
+ public:
   using Bf16 = Eigen::bfloat16;
-  Inputs& in = inputs_for(seq_len, head_dim);
-  const auto to_bf16 = [](const Tensor<float, 4>& t) {
+  Bf16Prefill(const Inputs& in, int threads, af::Bf16Kernel kernel)
+      : q_(to_bf16(in.q)),
+        k_(to_bf16(in.k)),
+        v_(to_bf16(in.v)),
+        out_(q_.dimensions()),
+        sdpa_(options_for(kernel), bench::device_for(threads)) {}
+
+  void operator()() { sdpa_(q_, k_, v_, af::StridedView<Bf16, 4>(out_)); }
+
+ private:
+  static Tensor<Bf16, 4> to_bf16(const Tensor<float, 4>& t) {
     Tensor<Bf16, 4> out(t.dimensions());
     for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<Bf16>(t.data()[i]);
     return out;
-  };
-  const Tensor<Bf16, 4> q = to_bf16(in.q), k = to_bf16(in.k), v = to_bf16(in.v);
-  Tensor<Bf16, 4> out(q.dimensions());
-  af::SdpaOptions options;
-  options.causal = true;
-  options.bf16_kernel = kernel;
-  af::Sdpa<Bf16> sdpa(options, bench::device_for(threads));
-  sdpa(q, k, v, af::StridedView<Bf16, 4>(out));
+  }
+  static af::SdpaOptions options_for(af::Bf16Kernel kernel) {
+    af::SdpaOptions options;
+    options.causal = true;
+    options.bf16_kernel = kernel;
+    return options;
+  }
+
+  Tensor<Bf16, 4> q_, k_, v_, out_;
+  af::Sdpa<Bf16> sdpa_;
+};
+
+void run_bf16(benchmark::State& state, Index seq_len, Index head_dim, int threads,
+              af::Bf16Kernel kernel) {
+  if (kernel == af::Bf16Kernel::kDotProduct && !bf16_dot_here()) {
+    state.SkipWithError("no AVX512-BF16 kernel here (CPU or build)");
+    return;
+  }
+  Bf16Prefill call(inputs_for(seq_len, head_dim), threads, kernel);
+  call();
   for (auto _ : state) {
-    sdpa(q, k, v, af::StridedView<Bf16, 4>(out));
+    call();
     benchmark::ClobberMemory();
   }
   set_attention_counters(state, seq_len, head_dim);
+}
+
+// The fp32 fused call and the bf16 calls (dot products where the CPU has them, the
+// conversion fallback, kAuto's choice) in turn (bench::time_in_turns): bf16_dot/fused,
+// bf16_fallback/fused and bf16_auto/fused are their rate ratios measured side by side.
+void run_bf16_in_turns(benchmark::State& state, Index seq_len, Index head_dim, int threads) {
+  Inputs& in = inputs_for(seq_len, head_dim);
+  af::SdpaOptions options;
+  options.causal = true;
+  options.path = af::SdpaPath::kFused;
+  af::Sdpa<float> fused(options, bench::device_for(threads));
+  Bf16Prefill fallback(in, threads, af::Bf16Kernel::kConvert);
+  Bf16Prefill automatic(in, threads, af::Bf16Kernel::kAuto);
+  // Without the dot products, kAuto's call stands in for them (and is the fallback).
+  Bf16Prefill dot(in, threads,
+                  bf16_dot_here() ? af::Bf16Kernel::kDotProduct : af::Bf16Kernel::kAuto);
+  const auto seconds = bench::time_in_turns<4>(
+      state, {[&] { fused(in.q, in.k, in.v, af::StridedView<float, 4>(in.out)); }, [&] { dot(); },
+              [&] { fallback(); }, [&] { automatic(); }});
+  if (bf16_dot_here())
+    state.counters["bf16_dot/fused"] = bench::median_ratio(seconds[0], seconds[1]);
+  state.counters["bf16_fallback/fused"] = bench::median_ratio(seconds[0], seconds[2]);
+  state.counters["bf16_auto/fused"] = bench::median_ratio(seconds[0], seconds[3]);
 }
 
 std::string shape(Index seq_len, Index head_dim) {
@@ -298,6 +339,12 @@ void register_all() {
         const af::Bf16Kernel kernel = name_and_kernel.second;
         bench::add(name + shape(seq_len, head_dim) + "/threads:1", benchmark::kMillisecond,
                    [=](benchmark::State& s) { run_bf16(s, seq_len, head_dim, 1, kernel); });
+      }
+      for (int threads : {1, 2}) {
+        bench::add(
+            "bf16_in_turns" + shape(seq_len, head_dim) + "/threads:" + std::to_string(threads),
+            benchmark::kMillisecond,
+            [=](benchmark::State& s) { run_bf16_in_turns(s, seq_len, head_dim, threads); });
       }
     }
     // The reference is scalar double arithmetic (~10 s per call at S = 2048); at

@@ -314,18 +314,17 @@ ATTNFORGE_TARGET_VNNI inline void quantize_value_weights(const float* p, Index r
   }
 }
 
-// acc[r][h] += the products of one byte of row r's 16-bit weights (w + r * ldw: dword 4 q
-// for keys 4 q ... 4 q + 3) with one scale group's 32 values of a value tile (qint8.hpp,
-// `x` at the group's lanes of quad 0), 4 keys per vpdpbusd: accumulator h holds the
-// group's values 16 h ... 16 h + 15. kPart: a row's last group, which ends mid-group; its
-// quads' bytes are read through the masks `in` (the next quad's bytes follow them), and
-// only its first kHalves of 16 values are multiplied.
+// high[r][h] and low[r][h] += the products of the high and the low bytes of row r's
+// 16-bit weights (w + r * ldw: dword 4 q for keys 4 q ... 4 q + 3, the low bytes 64 bytes
+// on) with one scale group's 32 values of a value tile (qint8.hpp, `x` at the group's
+// lanes of quad 0), 4 keys per vpdpbusd: accumulator h holds the group's values 16 h ...
+// 16 h + 15. Each value packet is loaded once for both bytes of every row. kPart: a row's
+// last group, which ends mid-group; its quads' bytes are read through the masks `in` (the
+// next quad's bytes follow them), and only its first kHalves of 16 values are multiplied.
 template <int R, bool kPart, int kHalves>
-ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc)[R][2],
-                                                                   const std::int8_t* x,
-                                                                   Index quad_bytes,
-                                                                   const std::uint8_t* w, Index ldw,
-                                                                   const __mmask64 (&in)[2]) {
+ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(
+    __m512i (&high)[R][2], __m512i (&low)[R][2], const std::int8_t* x, Index quad_bytes,
+    const std::uint8_t* w, Index ldw, const __mmask64 (&in)[2]) {
   ATTNFORGE_UNROLL
   for (int t = 0; t < 4; ++t) {
     __m512i v[kHalves];
@@ -336,11 +335,16 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_weighted_quads(__m512i (&acc
     }
     ATTNFORGE_UNROLL
     for (int r = 0; r < R; ++r) {
-      std::int32_t quad;
-      std::memcpy(&quad, w + r * ldw + 16 * t, sizeof(quad));
-      const __m512i weight = _mm512_set1_epi32(quad);
+      std::int32_t quad[2];
+      std::memcpy(&quad[0], w + r * ldw + 16 * t, sizeof(quad[0]));
+      std::memcpy(&quad[1], w + r * ldw + 64 + 16 * t, sizeof(quad[1]));
+      const __m512i high_bytes = _mm512_set1_epi32(quad[0]);
+      const __m512i low_bytes = _mm512_set1_epi32(quad[1]);
       ATTNFORGE_UNROLL
-      for (int h = 0; h < kHalves; ++h) acc[r][h] = _mm512_dpbusd_epi32(acc[r][h], weight, v[h]);
+      for (int h = 0; h < kHalves; ++h) {
+        high[r][h] = _mm512_dpbusd_epi32(high[r][h], high_bytes, v[h]);
+        low[r][h] = _mm512_dpbusd_epi32(low[r][h], low_bytes, v[h]);
+      }
     }
   }
 }
@@ -361,24 +365,17 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_values(
                            simd::first_lanes<__mmask64>(4 * n - 64)};
   const std::int8_t* x = values + 4 * g * kQInt8Group;
   const std::uint8_t* w = weights + g / 4 * kValueWeightBytesPer4Groups + g % 4 * 4;
-  __m512i acc[NSub][R][2];
+  __m512i high[R][2], low[R][2];
   ATTNFORGE_UNROLL
-  for (int b = 0; b < NSub; ++b) {
+  for (int r = 0; r < R; ++r) {
     ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) acc[b][r][0] = acc[b][r][1] = _mm512_setzero_si512();
-    stream.step();
-    int8_weighted_quads<R, kPart, kHalves>(acc[b], x + b * tile_bytes, quad_bytes,
-                                           w + b * sub_weights, ldw, in);  // high bytes
+    for (int h = 0; h < 2; ++h) high[r][h] = low[r][h] = _mm512_setzero_si512();
   }
   ATTNFORGE_UNROLL
   for (int b = 0; b < NSub; ++b) {
-    ATTNFORGE_UNROLL
-    for (int r = 0; r < R; ++r) {
-      ATTNFORGE_UNROLL
-      for (int h = 0; h < kHalves; ++h) acc[b][r][h] = _mm512_slli_epi32(acc[b][r][h], 8);
-    }
-    int8_weighted_quads<R, kPart, kHalves>(acc[b], x + b * tile_bytes, quad_bytes,
-                                           w + b * sub_weights + 64, ldw, in);  // low bytes
+    stream.step();
+    int8_weighted_quads<R, kPart, kHalves>(high, low, x + b * tile_bytes, quad_bytes,
+                                           w + b * sub_weights, ldw, in);
   }
   const __mmask16 out_lanes[2] = {simd::first_lanes<__mmask16>(n),
                                   simd::first_lanes<__mmask16>(n - 16)};
@@ -386,10 +383,8 @@ ATTNFORGE_TARGET_VNNI EIGEN_ALWAYS_INLINE void int8_group_values(
     const __m512 unit = _mm512_set1_ps(units[r * groups + g]);
     float* o = out + r * ldo + g * kQInt8Group;
     for (int h = 0; h < kHalves; ++h) {
-      __m512i sum = acc[0][r][h];
-      ATTNFORGE_UNROLL
-      for (int b = 1; b < NSub; ++b) sum = _mm512_add_epi32(sum, acc[b][r][h]);
-      const __m512 sum_h = _mm512_cvtepi32_ps(sum);
+      const __m512 sum_h =
+          _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(high[r][h], 8), low[r][h]));
       if constexpr (kPart) {
         _mm512_mask_storeu_ps(
             o + 16 * h, out_lanes[h],
@@ -423,11 +418,11 @@ ATTNFORGE_TARGET_VNNI EIGEN_DONT_INLINE void int8_last_group_values(
 // tile_bytes) for R rows (row stride ldo), as int8 dot products: per scale group g, the
 // 16-bit weights of row r are row r of `weights` (row stride ldw, layout and tiles of
 // quantize_value_weights) with their unit at units[r * groups + g]. vpdpbusd multiplies the
-// unsigned weight bytes by the signed value bytes, 4 keys per lane: the high bytes' sums,
-// shifted up 8 bits, then the low bytes' give each lane's exact integer sum over a tile
-// (below 2^28). The tiles keep their own accumulators, so as many dependency chains run
-// side by side, and their sum is converted to float and scaled by the unit once per block.
-// `ahead` steps once per tile and group.
+// unsigned weight bytes by the signed value bytes, 4 keys per lane, the high and the low
+// bytes into separate accumulators over the whole block: the high sums shifted up 8 bits
+// plus the low sums are each lane's exact integer sum (below 2^29 for kInt8DecodeKeys keys),
+// converted to float and scaled by the unit once per block. `ahead` steps once per tile
+// and group.
 template <int R, int NSub>
 ATTNFORGE_TARGET_VNNI inline void int8_value_products(const std::uint8_t* weights, Index ldw,
                                                       const float* units, const QInt8* tiles,
