@@ -219,10 +219,12 @@ void run_gemm_yardstick(benchmark::State& state, Index seq_len, Index head_dim) 
       flops * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 
-// The same causal prefill with bf16 q, k, v and out (accumulation in float), on the
-// AVX512-BF16 dot products (kDotProduct) or converting tiles to float (kConvert).
+// Whether this build and CPU have the AVX512-BF16 prefill kernel.
 bool bf16_dot_here() { return af::detail::kHasBf16DotKernel && af::detail::cpu_has_avx512_bf16(); }
 
+// The same causal prefill with bf16 q, k, v and out (accumulation in float), on the
+// AVX512-BF16 dot products (kDotProduct) or converting tiles to float (kConvert): one call
+// over bf16 copies of the shape's inputs.
 class Bf16Prefill {
  public:
   using Bf16 = Eigen::bfloat16;
