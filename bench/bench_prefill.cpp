@@ -222,27 +222,34 @@ void run_gemm_yardstick(benchmark::State& state, Index seq_len, Index head_dim) 
 // Whether this build and CPU have the AVX512-BF16 prefill kernel.
 bool bf16_dot_here() { return af::detail::kHasBf16DotKernel && af::detail::cpu_has_avx512_bf16(); }
 
-// The same causal prefill with bf16 q, k, v and out (accumulation in float), on the
-// AVX512-BF16 dot products (kDotProduct) or converting tiles to float (kConvert): one call
-// over bf16 copies of the shape's inputs.
-class Bf16Prefill {
- public:
+// bf16 copies of a shape's q, k and v, made once for every bf16 call that reads them.
+struct Bf16Inputs {
   using Bf16 = Eigen::bfloat16;
-  Bf16Prefill(const Inputs& in, int threads, af::Bf16Kernel kernel)
-      : q_(to_bf16(in.q)),
-        k_(to_bf16(in.k)),
-        v_(to_bf16(in.v)),
-        out_(q_.dimensions()),
-        sdpa_(options_for(kernel), bench::device_for(threads)) {}
+  explicit Bf16Inputs(const Inputs& in) : q(to_bf16(in.q)), k(to_bf16(in.k)), v(to_bf16(in.v)) {}
 
-  void operator()() { sdpa_(q_, k_, v_, af::StridedView<Bf16, 4>(out_)); }
-
- private:
   static Tensor<Bf16, 4> to_bf16(const Tensor<float, 4>& t) {
     Tensor<Bf16, 4> out(t.dimensions());
     for (Index i = 0; i < t.size(); ++i) out.data()[i] = static_cast<Bf16>(t.data()[i]);
     return out;
   }
+
+  Tensor<Bf16, 4> q, k, v;
+};
+
+// The same causal prefill with bf16 q, k, v and out (accumulation in float), on the
+// AVX512-BF16 dot products (kDotProduct) or converting tiles to float (kConvert): one call
+// over the bf16 inputs, into its own output.
+class Bf16Prefill {
+ public:
+  using Bf16 = Eigen::bfloat16;
+  Bf16Prefill(const Bf16Inputs& in, int threads, af::Bf16Kernel kernel)
+      : in_(in), out_(in.q.dimensions()), sdpa_(options_for(kernel), bench::device_for(threads)) {}
+  // It keeps a reference to its inputs: none to a temporary.
+  Bf16Prefill(Bf16Inputs&&, int, af::Bf16Kernel) = delete;
+
+  void operator()() { sdpa_(in_.q, in_.k, in_.v, af::StridedView<Bf16, 4>(out_)); }
+
+ private:
   static af::SdpaOptions options_for(af::Bf16Kernel kernel) {
     af::SdpaOptions options;
     options.causal = true;
@@ -250,7 +257,8 @@ class Bf16Prefill {
     return options;
   }
 
-  Tensor<Bf16, 4> q_, k_, v_, out_;
+  const Bf16Inputs& in_;
+  Tensor<Bf16, 4> out_;
   af::Sdpa<Bf16> sdpa_;
 };
 
@@ -260,7 +268,8 @@ void run_bf16(benchmark::State& state, Index seq_len, Index head_dim, int thread
     state.SkipWithError("no AVX512-BF16 kernel here (CPU or build)");
     return;
   }
-  Bf16Prefill call(inputs_for(seq_len, head_dim), threads, kernel);
+  const Bf16Inputs in(inputs_for(seq_len, head_dim));
+  Bf16Prefill call(in, threads, kernel);
   call();
   for (auto _ : state) {
     call();
@@ -274,18 +283,15 @@ void run_bf16(benchmark::State& state, Index seq_len, Index head_dim, int thread
 // bf16_fallback/fused and bf16_auto/fused are their rate ratios measured side by side.
 void run_bf16_in_turns(benchmark::State& state, Index seq_len, Index head_dim, int threads) {
   Inputs& in = inputs_for(seq_len, head_dim);
-  af::SdpaOptions options;
-  options.causal = true;
-  options.path = af::SdpaPath::kFused;
-  af::Sdpa<float> fused(options, bench::device_for(threads));
-  Bf16Prefill fallback(in, threads, af::Bf16Kernel::kConvert);
-  Bf16Prefill automatic(in, threads, af::Bf16Kernel::kAuto);
+  MaskedPrefill fused(in, threads, MaskRow::kCausal);
+  const Bf16Inputs bf16_in(in);
+  Bf16Prefill fallback(bf16_in, threads, af::Bf16Kernel::kConvert);
+  Bf16Prefill automatic(bf16_in, threads, af::Bf16Kernel::kAuto);
   // Without the dot products, kAuto's call stands in for them (and is the fallback).
-  Bf16Prefill dot(in, threads,
+  Bf16Prefill dot(bf16_in, threads,
                   bf16_dot_here() ? af::Bf16Kernel::kDotProduct : af::Bf16Kernel::kAuto);
   const auto seconds = bench::time_in_turns<4>(
-      state, {[&] { fused(in.q, in.k, in.v, af::StridedView<float, 4>(in.out)); }, [&] { dot(); },
-              [&] { fallback(); }, [&] { automatic(); }});
+      state, {[&] { fused(); }, [&] { dot(); }, [&] { fallback(); }, [&] { automatic(); }});
   if (bf16_dot_here())
     state.counters["bf16_dot/fused"] = bench::median_ratio(seconds[0], seconds[1]);
   state.counters["bf16_fallback/fused"] = bench::median_ratio(seconds[0], seconds[2]);
